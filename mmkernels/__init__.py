@@ -1,0 +1,39 @@
+"""mmkernels: Triton kernels for the multimodal glue of VLMs and audio LLMs.
+
+``mmkernels.ops`` holds the ops (each with a PyTorch reference of the same signature);
+``mmkernels.patch(model)`` swaps them into live Hugging Face models.
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from mmkernels import backend, ops  # noqa: E402
+from mmkernels.backend import Backend  # noqa: E402
+
+
+def patch(model, *, kernels=None, quantize_projector=None, strict=False):
+    """Swap mmkernels' ops into a live model; returns a :class:`PatchReport`.
+
+    See :func:`mmkernels.integrations.patch`.
+    """
+    from mmkernels.integrations import patch as _patch
+
+    return _patch(model, kernels=kernels, quantize_projector=quantize_projector, strict=strict)
+
+
+def unpatch(model):
+    """Restore exactly what :func:`patch` replaced."""
+    from mmkernels.integrations import unpatch as _unpatch
+
+    return _unpatch(model)
+
+
+def supported_models():
+    """The coverage table, generated from the patch rules."""
+    from mmkernels.integrations import supported_models as _supported
+
+    return _supported()
+
+
+__all__ = ["Backend", "backend", "ops", "patch", "unpatch", "supported_models", "__version__"]

@@ -1,0 +1,237 @@
+"""Where an op runs, and why.
+
+One place decides, per call, between
+
+* ``Backend.TRITON``: the compiled Triton kernel (CUDA tensors, supported dtype and GPU);
+* ``Backend.INTERPRETER``: the same Triton kernel run by Triton's interpreter (CPU
+  tensors with ``TRITON_INTERPRET=1`` set before mmkernels was imported); this is how
+  kernels are checked on machines without a GPU;
+* ``Backend.REFERENCE``: the PyTorch reference, with the reasons the kernel could not
+  run. Those reasons are logged (logger ``mmkernels``, DEBUG) and kept in
+  :func:`recent_decisions` so the patch report can state them. Never a silent wrong
+  answer: anything a kernel does not declare support for goes to the reference.
+
+Kernels declare what they support with :class:`Capabilities` (the xformers
+``not_supported_reasons`` habit) and what to compile ahead of time with
+:class:`AotCase` (read by ``tools/kernel_report.py``).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import enum
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import torch
+
+log = logging.getLogger("mmkernels")
+
+__all__ = [
+    "AotCase",
+    "Backend",
+    "Capabilities",
+    "Decision",
+    "aot_cases",
+    "choose_backend",
+    "empty_output",
+    "force_backend",
+    "interpreter_enabled",
+    "poison_outputs",
+    "recent_decisions",
+    "register_aot",
+]
+
+
+class Backend(str, enum.Enum):
+    TRITON = "triton"
+    INTERPRETER = "triton-interpreter"
+    REFERENCE = "reference"
+
+
+def interpreter_enabled() -> bool:
+    """True when Triton's interpreter is on.
+
+    Triton reads ``TRITON_INTERPRET`` when ``@triton.jit`` decorates a function, so the
+    kernels' mode is fixed when mmkernels' kernel modules are imported; this reads the
+    same variable and is checked against each kernel object in :func:`choose_backend`.
+    """
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+def _is_interpreted(kernel: Any) -> bool:
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # pragma: no cover - every supported triton has it
+        return False
+    return isinstance(kernel, InterpretedFunction)
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What one kernel supports; anything else runs the reference.
+
+    ``dtypes``: floating dtypes of the data the kernel moves or computes with.
+    ``min_compute_capability``: for compiled runs on CUDA.
+    """
+
+    dtypes: frozenset
+    min_compute_capability: tuple[int, int] = (8, 0)
+
+    def not_supported_reasons(self, device: torch.device, dtypes: Iterable[torch.dtype]) -> list[str]:
+        reasons = []
+        for dt in dtypes:
+            if dt not in self.dtypes:
+                names = ", ".join(sorted(str(d).replace("torch.", "") for d in self.dtypes))
+                reasons.append(f"dtype {str(dt).replace('torch.', '')} not supported (supported: {names})")
+        if device.type == "cuda":
+            cc = torch.cuda.get_device_capability(device)
+            if cc < self.min_compute_capability:
+                reasons.append(
+                    f"compute capability {cc[0]}.{cc[1]} < required "
+                    f"{self.min_compute_capability[0]}.{self.min_compute_capability[1]}"
+                )
+        elif device.type == "cpu":
+            if not interpreter_enabled():
+                reasons.append("CPU tensors and TRITON_INTERPRET is not set (the kernel needs CUDA or the interpreter)")
+        else:
+            reasons.append(f"device type {device.type!r} has no Triton backend here")
+        return reasons
+
+
+@dataclass(frozen=True)
+class Decision:
+    op: str
+    backend: Backend
+    reasons: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        if not self.reasons:
+            return f"{self.op}: {self.backend.value}"
+        return f"{self.op}: {self.backend.value} ({'; '.join(self.reasons)})"
+
+
+_RECENT: collections.deque[Decision] = collections.deque(maxlen=64)
+_FORCED = threading.local()
+
+
+def recent_decisions() -> list[Decision]:
+    """The most recent backend decisions (newest last), fallbacks and kernel runs alike."""
+    return list(_RECENT)
+
+
+class force_backend:
+    """Scoped override, for tests and benchmarks: ``with force_backend(Backend.REFERENCE): ...``.
+
+    Forcing a kernel backend the inputs cannot use still falls back, with the reason.
+    """
+
+    def __init__(self, backend: Backend | str | None):
+        self.backend = Backend(backend) if backend is not None else None
+
+    def __enter__(self):
+        self._prev = getattr(_FORCED, "value", None)
+        _FORCED.value = self.backend
+        return self
+
+    def __exit__(self, *exc):
+        _FORCED.value = self._prev
+        return False
+
+
+def choose_backend(
+    op: str,
+    kernel: Any,
+    caps: Capabilities,
+    device: torch.device,
+    dtypes: Iterable[torch.dtype],
+    extra_reasons: Iterable[str] = (),
+) -> Decision:
+    """Pick the backend for one call of ``op`` and record the decision."""
+    reasons = list(extra_reasons)
+    reasons += caps.not_supported_reasons(device, dtypes)
+    forced = getattr(_FORCED, "value", None)
+    if not reasons:
+        interpreted = _is_interpreted(kernel)
+        if device.type == "cpu" and not interpreted:
+            reasons.append(
+                "TRITON_INTERPRET=1 was set after mmkernels' kernels were imported "
+                "(Triton reads it when a kernel is decorated)"
+            )
+        elif device.type == "cuda" and interpreted:
+            reasons.append("kernels were imported with TRITON_INTERPRET=1; CUDA tensors would be copied to the host")
+    if forced is Backend.REFERENCE:
+        reasons.append("forced by force_backend(REFERENCE)")
+    if reasons:
+        decision = Decision(op, Backend.REFERENCE, tuple(reasons))
+        log.debug("mmkernels: %s", decision)
+    else:
+        decision = Decision(op, Backend.INTERPRETER if device.type == "cpu" else Backend.TRITON)
+    _RECENT.append(decision)
+    return decision
+
+
+_POISON = threading.local()
+
+
+@contextlib.contextmanager
+def poison_outputs():
+    """Within this block, outputs allocated by mmkernels' launchers start as NaN, so an
+    element a kernel forgot to write shows (see :mod:`mmkernels.testing`)."""
+    prev = getattr(_POISON, "on", False)
+    _POISON.on = True
+    try:
+        yield
+    finally:
+        _POISON.on = prev
+
+
+def empty_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """How launchers allocate outputs: ``torch.empty``, or NaN under :func:`poison_outputs`."""
+    if getattr(_POISON, "on", False):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------------------
+# Ahead-of-time compile cases, read by tools/kernel_report.py
+
+
+@dataclass(frozen=True)
+class AotCase:
+    """One kernel launch to compile ahead of time for sm_80 and sm_90.
+
+    ``make_launch()`` returns ``(args, meta, grid)``: the positional arguments as CPU
+    tensors of the shapes that matter (the JIT specializes on divisibility by 16, so use
+    the real shapes), the keyword meta-parameters (constexprs plus ``num_warps`` /
+    ``num_stages``) exactly as the op's launcher would pass them, and the grid. The op
+    builds them with the same heuristic its launcher uses, so the report sees the real
+    configuration. ``tensor_cores``: the kernel is a GEMM that must use mma/wgmma.
+    """
+
+    name: str
+    kernel: Any
+    make_launch: Callable[[], tuple[tuple, dict, tuple]]
+    tensor_cores: bool = False
+    notes: str = ""
+
+
+_AOT: dict[str, AotCase] = {}
+
+
+def register_aot(case: AotCase) -> AotCase:
+    if case.name in _AOT:
+        raise ValueError(f"AOT case {case.name!r} is already registered")
+    _AOT[case.name] = case
+    return case
+
+
+def aot_cases() -> list[AotCase]:
+    """Every registered AOT case (importing :mod:`mmkernels.ops` registers them all)."""
+    import mmkernels.ops  # noqa: F401  (registration happens at import)
+
+    return list(_AOT.values())

@@ -1,0 +1,6 @@
+"""mmkernels' ops. Each has a PyTorch reference of the same signature beside it, declared
+capabilities, and a ``torch.library`` registration under ``mmkernels::``."""
+
+from mmkernels.ops.merge import merge_multimodal_embeddings, merge_multimodal_embeddings_reference
+
+__all__ = ["merge_multimodal_embeddings", "merge_multimodal_embeddings_reference"]

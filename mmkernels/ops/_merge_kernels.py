@@ -1,0 +1,130 @@
+"""Triton bodies of the multimodal token merge (see :mod:`mmkernels.ops.merge`).
+
+Two launches, no host sync:
+
+1. ``merge_count_kernel``: per block of ``BLOCK_T`` tokens, how many positions hold each
+   placeholder id (and, for the fused lookup, how many text ids fall outside the table).
+   The launcher turns the (blocks, kinds) table into exclusive prefix sums on the device.
+2. ``merge_rows_kernel``: each program owns ``BLOCK_T`` output rows x ``BLOCK_D``
+   columns and writes every element exactly once: placeholder rows from the features
+   (rank = block prefix + in-block cumsum, then a binary search over the feature
+   segments), text rows from ``inputs_embeds`` or gathered from the embedding table.
+   Rows that cannot be filled (more placeholders than features, a text id outside the
+   table) are written as NaN so an unchecked mismatch is visible, never read out of
+   bounds.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def merge_count_kernel(
+    ids_ptr,  # (T,) int32/int64
+    kind_ids_ptr,  # (NUM_KINDS,) int64: the placeholder id of each kind
+    counts_ptr,  # (num_blocks, NUM_KINDS + 1) int32, out; last column: text ids outside [0, V)
+    T,
+    V,  # rows of the embedding table; ignored unless FUSED_LOOKUP
+    NUM_KINDS: tl.constexpr,
+    FUSED_LOOKUP: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    block = tl.program_id(0)
+    rows = block * BLOCK_T + tl.arange(0, BLOCK_T)
+    in_range = rows < T
+    ids = tl.load(ids_ptr + rows, mask=in_range, other=0).to(tl.int64)
+    is_placeholder = tl.zeros([BLOCK_T], dtype=tl.int1)
+    for k in tl.static_range(NUM_KINDS):
+        hit = (ids == tl.load(kind_ids_ptr + k)) & in_range
+        is_placeholder = is_placeholder | hit
+        tl.store(counts_ptr + block * (NUM_KINDS + 1) + k, tl.sum(hit.to(tl.int32), axis=0))
+    if FUSED_LOOKUP:
+        bad = in_range & (~is_placeholder) & ((ids < 0) | (ids >= V))
+        tl.store(counts_ptr + block * (NUM_KINDS + 1) + NUM_KINDS, tl.sum(bad.to(tl.int32), axis=0))
+    else:
+        tl.store(counts_ptr + block * (NUM_KINDS + 1) + NUM_KINDS, 0)
+
+
+@triton.jit
+def merge_rows_kernel(
+    ids_ptr,  # (T,) int32/int64
+    kind_ids_ptr,  # (NUM_KINDS,) int64
+    kind_rows_ptr,  # (NUM_KINDS,) int64: feature rows given for each kind
+    kind_first_row_ptr,  # (NUM_KINDS,) int64: global index of each kind's first feature row
+    block_prefix_ptr,  # (num_blocks, NUM_KINDS + 1) int32: placeholders of each kind before this block
+    seg_addr_ptr,  # (NUM_SEGS,) int64: address of each feature tensor
+    seg_first_row_ptr,  # (NUM_SEGS,) int64: global index of each segment's first row (non-decreasing)
+    seg_row_stride_ptr,  # (NUM_SEGS,) int64: row stride of each feature tensor, in elements
+    feat_type_ptr,  # any tensor of the features' dtype; only its element type is used
+    src_ptr,  # inputs_embeds rows (T, D) or the embedding table (V, D)
+    src_row_stride,
+    out_ptr,  # (T, D)
+    out_row_stride,
+    T,
+    D,
+    V,
+    NUM_KINDS: tl.constexpr,
+    NUM_SEGS: tl.constexpr,
+    SEARCH_STEPS: tl.constexpr,  # ceil(log2(NUM_SEGS))
+    FUSED_LOOKUP: tl.constexpr,
+    CAST_FEATURES: tl.constexpr,  # features dtype != output dtype
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    block = tl.program_id(0)
+    rows = block * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < T
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    col_ok = cols < D
+    ids = tl.load(ids_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+
+    # Which kind each row is, and its global feature index (-1: none).
+    is_placeholder = tl.zeros([BLOCK_T], dtype=tl.int1)
+    feat_index = tl.full([BLOCK_T], -1, dtype=tl.int64)
+    for k in tl.static_range(NUM_KINDS):
+        hit = (ids == tl.load(kind_ids_ptr + k)) & row_ok
+        before = tl.load(block_prefix_ptr + block * (NUM_KINDS + 1) + k).to(tl.int64)
+        rank = before + tl.cumsum(hit.to(tl.int64), axis=0) - 1
+        has_feature = hit & (rank < tl.load(kind_rows_ptr + k))
+        feat_index = tl.where(has_feature, tl.load(kind_first_row_ptr + k) + rank, feat_index)
+        is_placeholder = is_placeholder | hit
+    has_feature = feat_index >= 0
+
+    tile_ok = col_ok[None, :]
+    if NUM_SEGS > 0:
+        # Last segment whose first row <= feat_index: seg_first_row[lo] <= g < seg_first_row[hi].
+        g = tl.maximum(feat_index, 0)
+        lo = tl.zeros([BLOCK_T], dtype=tl.int64)
+        hi = tl.full([BLOCK_T], NUM_SEGS, dtype=tl.int64)
+        for _ in tl.static_range(SEARCH_STEPS):
+            mid = (lo + hi) // 2
+            go_right = tl.load(seg_first_row_ptr + mid, mask=mid < NUM_SEGS, other=0) <= g
+            lo = tl.where(go_right, mid, lo)
+            hi = tl.where(go_right, hi, mid)
+        seg_addr = tl.load(seg_addr_ptr + lo, mask=has_feature, other=0)
+        seg_base = seg_addr.to(tl.pointer_type(feat_type_ptr.dtype.element_ty))
+        local_row = g - tl.load(seg_first_row_ptr + lo, mask=has_feature, other=0)
+        row_stride = tl.load(seg_row_stride_ptr + lo, mask=has_feature, other=0)
+        feat_ptrs = seg_base[:, None] + (local_row * row_stride)[:, None] + cols[None, :]
+        feat = tl.load(feat_ptrs, mask=has_feature[:, None] & tile_ok, other=0)
+        if CAST_FEATURES:
+            feat = feat.to(tl.float32).to(out_ptr.dtype.element_ty)
+
+    if FUSED_LOOKUP:
+        src_rows = ids
+        text_ok = row_ok & (~is_placeholder) & (ids >= 0) & (ids < V)
+    else:
+        src_rows = rows.to(tl.int64)
+        text_ok = row_ok & (~is_placeholder)
+    text = tl.load(
+        src_ptr + src_rows[:, None] * src_row_stride + cols[None, :],
+        mask=text_ok[:, None] & tile_ok,
+        other=float("nan"),
+    )
+    if NUM_SEGS > 0:
+        text = tl.where(has_feature[:, None], feat, text)
+    tl.store(
+        out_ptr + rows.to(tl.int64)[:, None] * out_row_stride + cols[None, :],
+        text,
+        mask=row_ok[:, None] & tile_ok,
+    )

@@ -1,0 +1,256 @@
+"""The multimodal token merge: Triton kernel (interpreter) against its reference, the
+reference against an independent loop, bad inputs, host syncs, torch.compile."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmkernels.backend import Backend, force_backend, recent_decisions
+from mmkernels.ops import merge_multimodal_embeddings as merge
+from mmkernels.ops import merge_multimodal_embeddings_reference as reference
+from mmkernels.testing import (
+    HostSyncCounter,
+    assert_bitwise_equal,
+    assert_deterministic,
+    nan_padded,
+    poison_outputs,
+)
+
+IMAGE, VIDEO, AUDIO = 90, 91, 92
+VOCAB = 89  # text ids are drawn from [0, VOCAB)
+
+
+def make_ids(batch_lengths, segments, *, seed=0, flat=False, dtype=torch.int64):
+    """ids with placeholder runs: segments[b] is a list of (start, length, id) for row b."""
+    g = torch.Generator().manual_seed(seed)
+    seq = max(batch_lengths)
+    ids = torch.randint(0, VOCAB, (len(batch_lengths), seq), generator=g)
+    for b, runs in enumerate(segments):
+        for start, length, pid in runs:
+            ids[b, start : start + length] = pid
+    ids = ids.to(dtype)
+    return ids.reshape(-1) if flat else ids
+
+
+def loop_merge(ids, embeds, features_by_id):
+    """Independent definition: walk positions in order, hand out feature rows."""
+    flat_ids = ids.reshape(-1).tolist()
+    out = embeds.reshape(len(flat_ids), -1).clone()
+    cursor = {pid: 0 for pid in features_by_id}
+    for t, tok in enumerate(flat_ids):
+        if tok in features_by_id:
+            out[t] = features_by_id[tok][cursor[tok]].to(out.dtype)
+            cursor[tok] += 1
+    return out.reshape(embeds.shape)
+
+
+def run_kernel(*args, **kwargs):
+    with poison_outputs():
+        out = merge(*args, **kwargs)
+    decision = recent_decisions()[-1]
+    assert decision.backend is Backend.INTERPRETER, decision
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("dim", [64, 1152, 4096])
+def test_many_images_of_different_lengths(dtype, dim):
+    # three images of 7, 1 and 13 tokens; text before, between and after; batch of 2.
+    ids = make_ids([37, 37], [[(2, 7, IMAGE), (12, 1, IMAGE)], [(20, 13, IMAGE)]])
+    embeds = torch.randn(2, 37, dim, dtype=torch.float64).to(dtype)
+    feats = [torch.randn(n, dim, dtype=torch.float64).to(dtype) for n in (7, 1, 13)]
+    out = run_kernel(ids, embeds, feats, IMAGE)
+    ref = reference(ids, embeds, feats, IMAGE)
+    assert_bitwise_equal(out, ref)
+    assert_bitwise_equal(ref, loop_merge(ids, embeds, {IMAGE: torch.cat(feats)}))
+    assert not out.isnan().any()
+
+
+@pytest.mark.parametrize("flat", [False, True])
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+def test_ids_layouts_and_one_tensor_of_features(flat, id_dtype):
+    ids = make_ids([129], [[(0, 1, IMAGE), (5, 63, IMAGE), (128, 1, IMAGE)]], flat=flat, dtype=id_dtype)
+    embeds = torch.randn(*ids.shape, 96)
+    feats = torch.randn(65, 96)
+    out = run_kernel(ids, embeds, feats, IMAGE)
+    assert out.shape == embeds.shape
+    assert_bitwise_equal(out, loop_merge(ids, embeds, {IMAGE: feats}))
+
+
+@pytest.mark.parametrize("case", ["zero-images", "one-image", "all-placeholders", "one-token"])
+def test_edge_counts(case):
+    runs, length, n = {
+        "zero-images": ([], 7, 0),
+        "one-image": ([(3, 577 - 10, IMAGE)], 577, 567),
+        "all-placeholders": ([(0, 9, IMAGE)], 9, 9),
+        "one-token": ([], 1, 0),
+    }[case]
+    ids = make_ids([length], [runs])
+    embeds = torch.randn(1, length, 64)
+    feats = torch.randn(n, 64)
+    out = run_kernel(ids, embeds, feats, IMAGE)
+    assert_bitwise_equal(out, loop_merge(ids, embeds, {IMAGE: feats}))
+
+
+def test_fused_lookup_matches_embedding_then_merge():
+    ids = make_ids([41, 41], [[(4, 9, IMAGE)], [(0, 2, IMAGE), (30, 11, IMAGE)]])
+    table = torch.randn(VOCAB, 72, dtype=torch.bfloat16)
+    feats = [torch.randn(9, 72, dtype=torch.bfloat16), torch.randn(13, 72, dtype=torch.bfloat16)]
+    out = run_kernel(ids, None, feats, IMAGE, embedding_weight=table)
+    unfused = torch.nn.functional.embedding(ids.clamp(max=VOCAB - 1), table)
+    assert_bitwise_equal(out, loop_merge(ids, unfused, {IMAGE: torch.cat(feats)}))
+    assert_bitwise_equal(out, reference(ids, None, feats, IMAGE, embedding_weight=table))
+
+
+def test_several_placeholder_kinds_in_one_call():
+    # Qwen2-VL style: two images, one video; Qwen2-Audio style audio too.
+    ids = make_ids(
+        [50, 50],
+        [[(1, 5, IMAGE), (8, 12, VIDEO), (30, 3, AUDIO)], [(0, 4, IMAGE), (10, 6, VIDEO), (40, 7, AUDIO)]],
+    )
+    embeds = torch.randn(2, 50, 64, dtype=torch.float16)
+    image = [torch.randn(5, 64, dtype=torch.float16), torch.randn(4, 64, dtype=torch.float16)]
+    video = torch.randn(18, 64, dtype=torch.float16)
+    audio = [torch.randn(3, 64, dtype=torch.float16), torch.randn(7, 64, dtype=torch.float16)]
+    out = run_kernel(ids, embeds, [image, video, audio], [IMAGE, VIDEO, AUDIO])
+    expected = loop_merge(ids, embeds, {IMAGE: torch.cat(image), VIDEO: video, AUDIO: torch.cat(audio)})
+    assert_bitwise_equal(out, expected)
+    assert_bitwise_equal(out, reference(ids, embeds, [image, video, audio], [IMAGE, VIDEO, AUDIO]))
+
+
+def test_nan_padded_strided_inputs_never_read_out_of_bounds():
+    ids = make_ids([23, 23], [[(2, 6, IMAGE)], [(10, 9, IMAGE)]])
+    embeds = nan_padded(torch.randn(2, 23, 80))
+    feats = [nan_padded(torch.randn(6, 80)), nan_padded(torch.randn(9, 80), rows_before=1, extra_cols=3)]
+    assert embeds.stride(-2) != 80 and feats[0].stride(0) != 80
+    out = run_kernel(ids, embeds, feats, IMAGE)
+    assert not out.isnan().any()
+    assert_bitwise_equal(out, loop_merge(ids, embeds, {IMAGE: torch.cat(feats)}))
+    table = nan_padded(torch.randn(VOCAB, 80))
+    out = run_kernel(ids, None, feats, IMAGE, embedding_weight=table)
+    assert not out.isnan().any()
+
+
+def test_features_cast_to_output_dtype_in_the_kernel():
+    ids = make_ids([30], [[(3, 10, IMAGE)]])
+    embeds = torch.randn(1, 30, 64, dtype=torch.bfloat16)
+    feats = torch.randn(10, 64, dtype=torch.float32)
+    out = run_kernel(ids, embeds, feats, IMAGE)
+    ref = reference(ids, embeds, feats, IMAGE)
+    text = ids[0] != IMAGE
+    assert_bitwise_equal(out[0, text], ref[0, text])
+    # The interpreter rounds fp32 -> bf16 toward zero (a GPU rounds to nearest): one ulp.
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2**-7, atol=0)
+
+
+def test_deterministic():
+    ids = make_ids([40, 40], [[(1, 17, IMAGE)], [(5, 20, IMAGE)]])
+    embeds, feats = torch.randn(2, 40, 64), torch.randn(37, 64)
+    assert_deterministic(lambda: run_kernel(ids, embeds, feats, IMAGE))
+
+
+@pytest.mark.parametrize("features_given", [5, 12])
+def test_unchecked_mismatch_is_visible_and_in_bounds(features_given):
+    ids = make_ids([20], [[(2, 8, IMAGE)]])
+    embeds = torch.randn(1, 20, 64)
+    feats = nan_padded(torch.randn(features_given, 64), rows_after=0)
+    out = run_kernel(ids, embeds, feats, IMAGE, check=False)
+    assert_bitwise_equal(out, reference(ids, embeds, feats, IMAGE, check=False))
+    placeholder_rows = out[0, 2:10]
+    filled = min(features_given, 8)
+    assert not placeholder_rows[:filled].isnan().any()
+    assert placeholder_rows[filled:].isnan().all()
+    assert not out[0, 10:].isnan().any()
+
+
+def test_unchecked_out_of_table_ids_are_nan():
+    ids = make_ids([12], [[(2, 3, IMAGE)]])
+    ids[0, 7] = VOCAB + 5
+    ids[0, 8] = -3
+    table, feats = torch.randn(VOCAB, 64), torch.randn(3, 64)
+    out = run_kernel(ids, None, feats, IMAGE, embedding_weight=table, check=False)
+    assert out[0, 7:9].isnan().all() and not out[0, :7].isnan().any()
+    assert_bitwise_equal(out, reference(ids, None, feats, IMAGE, embedding_weight=table, check=False))
+    with pytest.raises(ValueError, match=r"input_ids: 2 text token ids outside the embedding table \[0, 89\)"):
+        merge(ids, None, feats, IMAGE, embedding_weight=table)
+
+
+@pytest.mark.parametrize("fn", [merge, reference], ids=["op", "reference"])
+@pytest.mark.parametrize("given,expected", [(7, 8), (9, 8)])
+def test_count_mismatch_raises_with_both_counts(fn, given, expected):
+    ids = make_ids([20], [[(2, expected, IMAGE)]])
+    with pytest.raises(ValueError, match=rf"{expected} placeholder tokens in input_ids but {given} feature rows"):
+        fn(ids, torch.randn(1, 20, 64), torch.randn(given, 64), IMAGE)
+
+
+def test_host_syncs_one_with_check_zero_without():
+    ids = make_ids([40], [[(3, 20, IMAGE)]])
+    embeds, feats = torch.randn(1, 40, 64), torch.randn(20, 64)
+    with HostSyncCounter() as checked:
+        merge(ids, embeds, feats, IMAGE, check=True)
+    with HostSyncCounter() as unchecked:
+        merge(ids, embeds, feats, IMAGE, check=False)
+    with HostSyncCounter() as hf_style:
+        mask = ids == IMAGE
+        assert int(mask.sum()) == feats.shape[0]
+        embeds.masked_scatter(mask.unsqueeze(-1), feats)
+    assert checked.count == 1, checked
+    assert unchecked.count == 0, unchecked
+    assert hf_style.count >= 1, hf_style
+
+
+BAD_INPUTS = [
+    ("ids dtype", dict(input_ids=torch.zeros(1, 4, dtype=torch.float32)), TypeError, "input_ids: expected dtype int32 or int64"),
+    ("ids dims", dict(input_ids=torch.zeros(1, 1, 4, dtype=torch.long)), ValueError, r"input_ids: expected shape \(B, S\) or \(T,\)"),
+    ("embeds shape", dict(inputs_embeds=torch.zeros(1, 5, 8)), ValueError, "inputs_embeds: expected shape"),
+    ("embeds dtype", dict(inputs_embeds=torch.zeros(1, 4, 8, dtype=torch.int32)), TypeError, "inputs_embeds: expected a floating dtype"),
+    ("feature dim", dict(features=torch.zeros(2, 9)), ValueError, r"features: expected shape \(n, 8\)"),
+    ("feature 3d", dict(features=torch.zeros(1, 2, 8)), ValueError, r"reshape\(-1, D\)"),
+    ("feature dtype", dict(features=torch.zeros(2, 8, dtype=torch.int64)), TypeError, "features: expected a floating dtype"),
+    ("mixed feature dtypes", dict(features=[torch.zeros(1, 8), torch.zeros(1, 8, dtype=torch.float16)]), TypeError, "share one dtype"),
+    ("feature device", dict(features=torch.zeros(2, 8, device="meta")), ValueError, "features: expected device cpu"),
+    ("feature type", dict(features="no"), TypeError, "features: expected a Tensor or a list"),
+    ("no embeddings", dict(inputs_embeds=None), ValueError, "pass inputs_embeds or embedding_weight"),
+    ("both embeddings", dict(embedding_weight=torch.zeros(10, 8)), ValueError, "not both"),
+    ("kinds vs features", dict(placeholder_id=[IMAGE, VIDEO]), ValueError, "expected a sequence of 2 entries"),
+    ("duplicate ids", dict(placeholder_id=[IMAGE, IMAGE], features=[torch.zeros(2, 8), torch.zeros(0, 8)]), ValueError, "distinct"),
+    ("id type", dict(placeholder_id=1.5), TypeError, "placeholder_id: expected an int"),
+]
+
+
+@pytest.mark.parametrize("fn", [merge, reference], ids=["op", "reference"])
+@pytest.mark.parametrize("name,override,error,message", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_inputs_name_the_argument(fn, name, override, error, message):
+    args = dict(
+        input_ids=torch.tensor([[1, IMAGE, IMAGE, 2]]),
+        inputs_embeds=torch.zeros(1, 4, 8),
+        features=torch.zeros(2, 8),
+        placeholder_id=IMAGE,
+    )
+    args.update(override)
+    weight = args.pop("embedding_weight", None)
+    with pytest.raises(error, match=message):
+        fn(args["input_ids"], args["inputs_embeds"], args["features"], args["placeholder_id"], embedding_weight=weight)
+
+
+def test_reference_backend_when_forced_and_reasons_recorded():
+    ids = make_ids([10], [[(1, 2, IMAGE)]])
+    embeds, feats = torch.randn(1, 10, 64), torch.randn(2, 64)
+    with force_backend(Backend.REFERENCE):
+        out = merge(ids, embeds, feats, IMAGE)
+    decision = recent_decisions()[-1]
+    assert decision.backend is Backend.REFERENCE and "forced" in str(decision)
+    assert_bitwise_equal(out, loop_merge(ids, embeds, {IMAGE: feats}))
+
+
+def test_torch_compile_fullgraph():
+    ids = make_ids([30], [[(3, 10, IMAGE)]])
+    table, feats = torch.randn(VOCAB, 64), torch.randn(10, 64)
+
+    def f(ids, table, feats):
+        return merge(ids, None, [feats[:4], feats[4:]], IMAGE, embedding_weight=table, check=False) * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    assert_bitwise_equal(compiled(ids, table, feats), f(ids, table, feats))
+    assert torch.ops.mmkernels.merge_multimodal_embeddings.default is not None
