@@ -4,7 +4,7 @@ Two launches, no host sync:
 
 1. ``merge_count_kernel``: per block of ``BLOCK_T`` tokens, how many positions hold each
    placeholder id (and, for the fused lookup, how many text ids fall outside the table).
-   The launcher turns the (blocks, kinds) table into exclusive prefix sums on the device.
+   The launcher takes its cumulative sum over blocks on the device (one torch.cumsum).
 2. ``merge_rows_kernel``: each program owns ``BLOCK_T`` output rows x ``BLOCK_D``
    columns and writes every element exactly once: placeholder rows from the features
    (rank = block prefix + in-block cumsum, then a binary search over the feature
@@ -51,11 +51,12 @@ def merge_rows_kernel(
     kind_ids_ptr,  # (NUM_KINDS,) int64
     kind_rows_ptr,  # (NUM_KINDS,) int64: feature rows given for each kind
     kind_first_row_ptr,  # (NUM_KINDS,) int64: global index of each kind's first feature row
-    block_prefix_ptr,  # (num_blocks, NUM_KINDS + 1) int32: placeholders of each kind before this block
-    seg_addr_ptr,  # (NUM_SEGS,) int64: address of each feature tensor
+    counts_ptr,  # (num_blocks, NUM_KINDS + 1) int32: from merge_count_kernel
+    block_cumsum_ptr,  # (num_blocks, NUM_KINDS + 1) int32: inclusive cumsum of counts over blocks
+    seg_offset_ptr,  # (NUM_SEGS,) int64: start of each feature tensor, in elements from feat_base_ptr
     seg_first_row_ptr,  # (NUM_SEGS,) int64: global index of each segment's first row (non-decreasing)
     seg_row_stride_ptr,  # (NUM_SEGS,) int64: row stride of each feature tensor, in elements
-    feat_type_ptr,  # any tensor of the features' dtype; only its element type is used
+    feat_base_ptr,  # the first feature tensor; every segment is addressed relative to it
     src_ptr,  # inputs_embeds rows (T, D) or the embedding table (V, D)
     src_row_stride,
     out_ptr,  # (T, D)
@@ -68,6 +69,8 @@ def merge_rows_kernel(
     SEARCH_STEPS: tl.constexpr,  # ceil(log2(NUM_SEGS))
     FUSED_LOOKUP: tl.constexpr,
     CAST_FEATURES: tl.constexpr,  # features dtype != output dtype
+    FEAT_BYTES: tl.constexpr,  # element size of the features
+    FEATURES_ALIGNED: tl.constexpr,  # every segment base and row stride is 16-byte aligned
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -83,7 +86,9 @@ def merge_rows_kernel(
     feat_index = tl.full([BLOCK_T], -1, dtype=tl.int64)
     for k in tl.static_range(NUM_KINDS):
         hit = (ids == tl.load(kind_ids_ptr + k)) & row_ok
-        before = tl.load(block_prefix_ptr + block * (NUM_KINDS + 1) + k).to(tl.int64)
+        before = tl.load(block_cumsum_ptr + block * (NUM_KINDS + 1) + k).to(tl.int64) - tl.load(
+            counts_ptr + block * (NUM_KINDS + 1) + k
+        ).to(tl.int64)
         rank = before + tl.cumsum(hit.to(tl.int64), axis=0) - 1
         has_feature = hit & (rank < tl.load(kind_rows_ptr + k))
         feat_index = tl.where(has_feature, tl.load(kind_first_row_ptr + k) + rank, feat_index)
@@ -101,11 +106,14 @@ def merge_rows_kernel(
             go_right = tl.load(seg_first_row_ptr + mid, mask=mid < NUM_SEGS, other=0) <= g
             lo = tl.where(go_right, mid, lo)
             hi = tl.where(go_right, hi, mid)
-        seg_addr = tl.load(seg_addr_ptr + lo, mask=has_feature, other=0)
-        seg_base = seg_addr.to(tl.pointer_type(feat_type_ptr.dtype.element_ty))
         local_row = g - tl.load(seg_first_row_ptr + lo, mask=has_feature, other=0)
         row_stride = tl.load(seg_row_stride_ptr + lo, mask=has_feature, other=0)
-        feat_ptrs = seg_base[:, None] + (local_row * row_stride)[:, None] + cols[None, :]
+        row_offset = tl.load(seg_offset_ptr + lo, mask=has_feature, other=0) + local_row * row_stride
+        if FEATURES_ALIGNED:
+            # Offsets read from a table carry no alignment the compiler can see; the launcher
+            # checked that every segment start and row stride is a multiple of 16 bytes.
+            row_offset = tl.multiple_of(row_offset, 16 // FEAT_BYTES)
+        feat_ptrs = feat_base_ptr + row_offset[:, None] + cols[None, :]
         feat = tl.load(feat_ptrs, mask=has_feature[:, None] & tile_ok, other=0)
         if CAST_FEATURES:
             feat = feat.to(tl.float32).to(out_ptr.dtype.element_ty)

@@ -268,25 +268,29 @@ class _Launch:
 
 
 def _segment_table(args: _MergeArgs, device: torch.device):
+    """Feature tensors as segments addressed relative to the first one (in elements), so
+    the kernel takes one real pointer and the per-image tensors are never concatenated."""
     feats = [f if f.stride(-1) == 1 or f.shape[0] == 0 else f.contiguous() for f in args.all_features]
-    first_rows, total = [], 0
+    es = feats[0].element_size() if feats else 1
+    base = feats[0].data_ptr() if feats else 0
+    feats = [f if (f.data_ptr() - base) % es == 0 else f.clone() for f in feats]
+    offsets, first_rows, strides, total = [], [], [], 0
     for f in feats:
+        offsets.append((f.data_ptr() - base) // es)
         first_rows.append(total)
+        strides.append(f.stride(0))
         total += f.shape[0]
     kind_first_row, acc = [], 0
     for rows in args.kind_rows:
         kind_first_row.append(acc)
         acc += rows
-    host = torch.tensor(
-        [[f.data_ptr() for f in feats], first_rows, [max(f.stride(0), 1) for f in feats]], dtype=torch.int64
-    ).reshape(3, len(feats))
-    kind_table = torch.tensor([args.kind_ids, args.kind_rows, kind_first_row], dtype=torch.int64)
+    seg = torch.tensor([offsets, first_rows, strides], dtype=torch.int64).reshape(3, len(feats))
+    kind = torch.tensor([args.kind_ids, args.kind_rows, kind_first_row], dtype=torch.int64)
     if device.type == "cuda":
         # Pinned + non_blocking: a plain H2D copy from pageable memory syncs the stream.
-        host, kind_table = host.pin_memory().to(device, non_blocking=True), kind_table.pin_memory().to(
-            device, non_blocking=True
-        )
-    return feats, host, kind_table
+        seg = seg.pin_memory().to(device, non_blocking=True)
+        kind = kind.pin_memory().to(device, non_blocking=True)
+    return feats, seg, kind
 
 
 def _build_launch(args: _MergeArgs, out: torch.Tensor) -> tuple[_Launch, list[torch.Tensor]]:
@@ -302,12 +306,12 @@ def _build_launch(args: _MergeArgs, out: torch.Tensor) -> tuple[_Launch, list[to
     src = args.table if fused else args.embeds
     vocab = args.table.shape[0] if fused else 0
     counts = torch.empty(num_blocks, len(args.kind_ids) + 1, dtype=torch.int32, device=device)
-    feat_type = feats[0] if feats else out
+    feat_base = feats[0] if feats else out
     count_args = (args.ids, kind[0], counts, T, vocab)
     count_meta = dict(NUM_KINDS=len(args.kind_ids), FUSED_LOOKUP=fused, BLOCK_T=cfg.block_t, num_warps=1)
     rows_args = (
-        args.ids, kind[0], kind[1], kind[2], None,  # block_prefix filled in by the caller
-        seg[0], seg[1], seg[2], feat_type,
+        args.ids, kind[0], kind[1], kind[2], counts, None,  # block cumsum: filled in by the caller
+        seg[0], seg[1], seg[2], feat_base,
         src, src.stride(0), out, out.stride(0), T, D, vocab,
     )  # fmt: skip
     rows_meta = dict(
@@ -316,6 +320,8 @@ def _build_launch(args: _MergeArgs, out: torch.Tensor) -> tuple[_Launch, list[to
         SEARCH_STEPS=max(math.ceil(math.log2(num_segs)), 0) if num_segs else 0,
         FUSED_LOOKUP=fused,
         CAST_FEATURES=bool(feats) and feats[0].dtype != out.dtype,
+        FEAT_BYTES=feat_base.element_size(),
+        FEATURES_ALIGNED=all(f.data_ptr() % 16 == 0 and (f.stride(0) * f.element_size()) % 16 == 0 for f in feats),
         BLOCK_T=cfg.block_t,
         BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps,
@@ -335,17 +341,15 @@ def _triton_impl(args: _MergeArgs, check: bool) -> torch.Tensor:
     launch, _keepalive = _build_launch(args, out2d)
     counts = launch.count_args[2]
     kernels.merge_count_kernel[(launch.num_blocks,)](*launch.count_args, **launch.count_meta)
+    block_cumsum = counts.cumsum(0, dtype=torch.int32)
     if check:
-        # The one host sync of check=True: placeholder counts per kind and bad text ids,
-        # compared on the device with the expected counts (the kind table is there already).
-        totals = counts.sum(0, dtype=torch.int64)
-        expected = torch.nn.functional.pad(launch.rows_args[2], (0, 1))
-        if not torch.equal(totals, expected):
+        # The one host sync of check=True: placeholder counts per kind and out-of-table text
+        # ids, compared on the device with the expected counts (the kind table is there).
+        totals = block_cumsum[-1].to(torch.int64)
+        if not torch.equal(totals, torch.nn.functional.pad(launch.rows_args[2], (0, 1))):
             _check_counts(args, totals)
-    # Exclusive prefix over blocks, on the device.
-    block_prefix = (counts.cumsum(0, dtype=torch.int32) - counts).contiguous()
     rows_args = list(launch.rows_args)
-    rows_args[4] = block_prefix
+    rows_args[5] = block_cumsum
     kernels.merge_rows_kernel[launch.grid_rows](*rows_args, **launch.rows_meta)
     return out
 
@@ -466,7 +470,7 @@ def _aot_case(name: str, tokens: int, images: int, tokens_per_image: int, dim: i
         if not rows:
             return launch.count_args, launch.count_meta, (launch.num_blocks,)
         rows_args = list(launch.rows_args)
-        rows_args[4] = launch.count_args[2]
+        rows_args[5] = launch.count_args[2]
         # Keep the feature tensors referenced: the segment table holds their addresses.
         make_launch.keep = keep
         return tuple(rows_args), launch.rows_meta, launch.grid_rows
