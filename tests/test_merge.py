@@ -254,3 +254,21 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(f, fullgraph=True, backend="eager")
     assert_bitwise_equal(compiled(ids, table, feats), f(ids, table, feats))
     assert torch.ops.mmkernels.merge_multimodal_embeddings.default is not None
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_gradients_match_reference_autograd(fused):
+    ids = make_ids([21, 21], [[(2, 5, IMAGE), (9, 3, VIDEO)], [(0, 4, IMAGE)]])
+    image = [torch.randn(5, 16, dtype=torch.float64, requires_grad=True), torch.randn(4, 16, dtype=torch.float64, requires_grad=True)]
+    video = torch.randn(3, 16, dtype=torch.float64, requires_grad=True)
+    base = torch.randn(VOCAB if fused else 42, 16, dtype=torch.float64)
+    base = (base if fused else base.reshape(2, 21, 16)).requires_grad_(True)
+    upstream = torch.randn(2, 21, 16, dtype=torch.float64)
+
+    def grads(fn):
+        kwargs = dict(embedding_weight=base) if fused else {}
+        out = fn(ids, None if fused else base, [image, video], [IMAGE, VIDEO], **kwargs)
+        return torch.autograd.grad((out * upstream).sum(), [base, *image, video])
+
+    for got, want in zip(grads(merge), grads(reference)):
+        assert_bitwise_equal(got, want, name="gradient")

@@ -396,6 +396,49 @@ def _merge_op_fake(input_ids, inputs_embeds, features, features_per_kind, placeh
     return base.new_empty(tuple(input_ids.shape) + (base.shape[-1],))
 
 
+def _merge_setup_context(ctx, inputs, output):
+    input_ids, inputs_embeds, features, features_per_kind, placeholder_ids, embedding_weight, check = inputs
+    ctx.features_per_kind = features_per_kind
+    ctx.placeholder_ids = placeholder_ids
+    ctx.feature_rows = [f.shape[0] for f in features]
+    ctx.has_embeds = inputs_embeds is not None
+    ctx.vocab = embedding_weight.shape[0] if embedding_weight is not None else None
+    ctx.save_for_backward(input_ids)
+
+
+def _merge_backward(ctx, grad_out):
+    """Gradients by gather/scatter in PyTorch (training is not the hot path).
+
+    Text rows flow to ``inputs_embeds`` (or are scattered into the table's rows),
+    placeholder rows to the feature rows they came from; rows written as NaN (unfilled
+    placeholders, out-of-table ids) pass no gradient."""
+    (input_ids,) = ctx.saved_tensors
+    ids = input_ids.reshape(-1).long()
+    grad = grad_out.reshape(ids.shape[0], -1)
+    is_placeholder = torch.zeros_like(ids, dtype=torch.bool)
+    for kid in ctx.placeholder_ids:
+        is_placeholder |= ids == kid
+    grad_embeds = grad_weight = None
+    if ctx.has_embeds:
+        grad_embeds = grad.masked_fill(is_placeholder[:, None], 0).reshape(grad_out.shape)
+    else:
+        text = ~is_placeholder & (ids >= 0) & (ids < ctx.vocab)
+        grad_weight = grad.new_zeros(ctx.vocab, grad.shape[1]).index_add_(0, ids[text], grad[text])
+    grad_features, start = [], 0
+    for kid, n_tensors in zip(ctx.placeholder_ids, ctx.features_per_kind):
+        rows = ctx.feature_rows[start : start + n_tensors]
+        positions = (ids == kid).nonzero().flatten()
+        given = grad.new_zeros(sum(rows), grad.shape[1])
+        n = min(len(positions), given.shape[0])
+        given[:n] = grad[positions[:n]]
+        grad_features += list(given.split(rows))
+        start += n_tensors
+    return None, grad_embeds, grad_features, None, None, grad_weight, None
+
+
+_merge_op.register_autograd(_merge_backward, setup_context=_merge_setup_context)
+
+
 def merge_multimodal_embeddings(
     input_ids: torch.Tensor,
     inputs_embeds: torch.Tensor | None,
