@@ -1,10 +1,12 @@
 """Test setup. Triton reads TRITON_INTERPRET when a kernel is decorated, so it is set
 here, before anything imports mmkernels: kernel tests run the real Triton kernels in the
-interpreter on CPU tensors. Nothing is downloaded (HF_HUB_OFFLINE)."""
+interpreter on CPU tensors. The GPU suite sets MMK_TEST_GPU=1 and runs `-m gpu` with
+compiled kernels instead. Nothing is downloaded (HF_HUB_OFFLINE)."""
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("MMK_TEST_GPU") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -16,3 +18,12 @@ import torch  # noqa: E402
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    reason = "needs a CUDA device and compiled kernels (run by tools/gpu_suite.py with MMK_TEST_GPU=1)"
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
