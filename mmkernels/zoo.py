@@ -1,0 +1,907 @@
+"""Tiny random-init multimodal models, built from configs in code: the model zoo.
+
+Each family is a real Hugging Face ``*ForConditionalGeneration`` class with a config
+shrunk to a few layers of width 64 (head_dim 32, which vLLM's CPU attention accepts), a
+~256-word vocabulary, 28-112 pixel images and sub-second audio, so that a forward pass
+takes milliseconds on a CPU. Nothing is downloaded: tokenizers are made with the
+``tokenizers`` library (a WordLevel vocabulary with the family's placeholder tokens as
+special tokens) and image processors / feature extractors from constructor arguments.
+
+``build(family)`` returns the model together with a batch of *valid* inputs: the number
+of placeholder tokens in ``input_ids`` equals the number of features the vision or audio
+tower produces, because the counts come from the family's own processor (or, where that
+processor cannot be built offline, from the model's own helpers; see
+:func:`_qwen_vl_inputs` and :func:`_llava_onevision_inputs`). The batch is left padded
+and mixes prompts: text before, between and after the media, several images of
+different token counts in one sample.
+
+``save(family, path)`` writes a folder that ``AutoConfig``, the model class's
+``from_pretrained`` and ``AutoProcessor`` load offline. The processors of Qwen2-VL,
+Qwen2.5-VL and LLaVA-OneVision hold a video processor, which transformers builds only
+with torchvision; without it their folders load through ``AutoTokenizer`` and
+``AutoImageProcessor``.
+
+Aria is left out: its processor defaults to 980-pixel crops (4900 patches) whatever its
+image processor says, so a tiny Aria would need every caller to pass ``max_image_size``.
+
+    >>> tiny = build("llava")
+    >>> logits = tiny.model(**tiny.inputs).logits
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import pathlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["FAMILIES", "TinyModel", "build", "save"]
+
+# Shared sizes. head_dim 32: vLLM's CPU attention takes 32/64/80 (16 fails).
+HIDDEN = 64
+INTERMEDIATE = 128
+HEADS = 2
+KV_HEADS = 1  # GQA ratio 2, so merges and attention see grouped heads
+HEAD_DIM = HIDDEN // HEADS
+LAYERS = 2
+PATCH = 14
+VOCAB_SIZE = 256
+MAX_POSITIONS = 2048
+
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+
+# Ordinary words of the tiny vocabulary (prompts use only these, so no <unk> appears).
+_WORDS = tuple(
+    """user assistant system describe the image images video audio picture pictures
+    photo frame frames clip sound what is are in this these and compare two which one
+    brighter larger left right show me a an of on with hear listen first second then
+    after before color red green blue cat dog tree sky car house person scene say
+    about do you see how many there here it its caption answer question please briefly
+    detail details more less same different between both""".split()
+)
+_PUNCTUATION = tuple(":?.,!;'\"()-")
+
+
+# ----------------------------------------------------------------------------- API
+
+
+@dataclass
+class TinyModel:
+    """A tiny model and a batch of valid inputs for it."""
+
+    family: str
+    model: torch.nn.Module  # the *ForConditionalGeneration, in eval mode, on the CPU
+    inputs: dict[str, torch.Tensor]  # model(**inputs) and model.generate(**inputs) run as is
+    placeholder_ids: dict[str, int]  # modality ("image", "video", "audio") -> token id
+    inner_model_class: str  # class name of the module that merges features into the text
+    tokenizer: Any = field(default=None, repr=False)
+    processor: Any = field(default=None, repr=False)  # None where it needs torchvision
+
+
+def build(family: str, *, seed: int = 0, dtype: torch.dtype = torch.float32, batch: int = 2) -> TinyModel:
+    """Build the tiny model of ``family`` with random weights and ``batch`` prompts.
+
+    The same ``seed`` gives the same weights and the same pixels / audio.
+    """
+    return _build(family, _recipe(family), seed=seed, dtype=dtype, batch=batch)
+
+
+def save(family: str, path, *, seed: int = 0) -> pathlib.Path:
+    """Write the tiny model of ``family`` (weights, config, tokenizer, processor) to ``path``."""
+    recipe = _recipe(family)
+    tiny = _build(family, recipe, seed=seed, dtype=torch.float32, batch=1)
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tiny.model.save_pretrained(path)
+    if recipe.processor is not None:
+        recipe.processor.save_pretrained(path)
+    else:
+        recipe.tokenizer.save_pretrained(path)
+        (path / "processor_config.json").write_text(json.dumps(recipe.processor_config, indent=2) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------ shared pieces
+
+
+def _build(family: str, recipe: _Recipe, *, seed: int, dtype: torch.dtype, batch: int) -> TinyModel:
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    # Weight init draws from torch's global generator: seed it, and leave the caller's
+    # generator state as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = recipe.model_class(recipe.config).eval()
+    _set_generation_ids(model, recipe.tokenizer)
+    samples = [recipe.samples[i % len(recipe.samples)] for i in range(batch)]
+    inputs = recipe.make_inputs(recipe, model, samples, np.random.default_rng(seed))
+    model.to(dtype)
+    inputs = {name: value.to(dtype) if value.is_floating_point() else value for name, value in inputs.items()}
+    return TinyModel(
+        family=family,
+        model=model,
+        inputs=inputs,
+        placeholder_ids={
+            modality: recipe.tokenizer.convert_tokens_to_ids(token)
+            for modality, token in recipe.placeholders.items()
+        },
+        inner_model_class=recipe.inner_model_class,
+        tokenizer=recipe.tokenizer,
+        processor=recipe.processor,
+    )
+
+
+@dataclass(frozen=True)
+class _Sample:
+    """One prompt and the media its placeholders stand for."""
+
+    text: str
+    image_sizes: tuple[tuple[int, int], ...] = ()  # (height, width) per image
+    videos: tuple[tuple[int, int, int], ...] = ()  # (frames, height, width) per video
+    audio_seconds: tuple[float, ...] = ()
+
+
+@dataclass
+class _Recipe:
+    """What :func:`build` needs to make one family."""
+
+    config: Any
+    model_class: type
+    inner_model_class: str
+    tokenizer: Any
+    placeholders: dict[str, str]  # modality -> placeholder token string
+    samples: tuple[_Sample, ...]
+    make_inputs: Callable[[_Recipe, Any, list[_Sample], np.random.Generator], dict]
+    processor: Any = None  # the family's own processor, where it builds without torchvision
+    image_processor: Any = None  # used directly where ``processor`` is None
+    processor_config: dict | None = None  # processor_config.json to save where ``processor`` is None
+
+
+def _tokenizer(
+    special_tokens: Sequence[str] = (),
+    *,
+    named_tokens: dict[str, str] | None = None,
+    add_bos: bool = True,
+    extra_words: Sequence[str] = (),
+    vocab_size: int = VOCAB_SIZE,
+):
+    """A WordLevel tokenizer: special tokens first, then words, filled to ``vocab_size``.
+
+    ``named_tokens`` become tokenizer attributes (``image_token`` -> ``tokenizer.image_token``
+    and ``tokenizer.image_token_id``), which the families' processors look up.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    named_tokens = named_tokens or {}
+    specials = list(dict.fromkeys([PAD, BOS, EOS, UNK, *special_tokens, *named_tokens.values()]))
+    words = list(dict.fromkeys([*_PUNCTUATION, *_WORDS, *extra_words]))
+    fillers = [f"w{i}" for i in range(max(0, vocab_size - len(specials) - len(words)))]
+    vocab = {token: i for i, token in enumerate(specials + words + fillers)}
+
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    backend.add_special_tokens(specials)  # matched before splitting, even when repeated back to back
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token=PAD,
+        bos_token=BOS,
+        eos_token=EOS,
+        unk_token=UNK,
+        padding_side="left",
+        extra_special_tokens=named_tokens,
+    )
+
+
+def _token_ids(tokenizer) -> dict[str, int]:
+    """pad/bos/eos ids for a text config."""
+    return {
+        "vocab_size": len(tokenizer),
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+
+
+def _set_generation_ids(model, tokenizer) -> None:
+    # Composite configs do not always carry the text config's ids up to the generation
+    # config; generate() needs pad_token_id for the left-padded batch.
+    generation_config = model.generation_config
+    generation_config.pad_token_id = tokenizer.pad_token_id
+    generation_config.bos_token_id = tokenizer.bos_token_id
+    generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+def _text_config(config_class_name: str, tokenizer, **overrides):
+    """A 2-layer decoder config of width 64 (2 query heads, 1 KV head, head_dim 32)."""
+    import transformers
+
+    kwargs = dict(
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        max_position_embeddings=MAX_POSITIONS,
+        **_token_ids(tokenizer),
+    )
+    kwargs.update(overrides)
+    return getattr(transformers, config_class_name)(**kwargs)
+
+
+def _vision_config(config_class_name: str, image_size: int, **overrides):
+    """A 2-layer ViT config (CLIP, SigLIP, Idefics3) of width 64 with 14-pixel patches."""
+    import transformers
+
+    kwargs = dict(
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        image_size=image_size,
+        patch_size=PATCH,
+    )
+    kwargs.update(overrides)
+    return getattr(transformers, config_class_name)(**kwargs)
+
+
+def _image_processor(class_name: str, **kwargs):
+    """The family's image processor, PIL backend when it exists.
+
+    The PIL backend needs no torchvision and gives the same pixels on every machine.
+    """
+    import transformers
+
+    pil_class = getattr(transformers, f"{class_name}Pil", None)
+    return (pil_class or getattr(transformers, class_name))(**kwargs)
+
+
+def _random_image(rng: np.random.Generator, height: int, width: int):
+    from PIL import Image
+
+    return Image.fromarray(rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8))
+
+
+def _images(samples: Sequence[_Sample], rng: np.random.Generator) -> list[list]:
+    return [[_random_image(rng, h, w) for h, w in sample.image_sizes] for sample in samples]
+
+
+def _as_tensors(batch) -> dict[str, torch.Tensor]:
+    # Processors also return bookkeeping (labels for training, num_audio_tokens): keep
+    # only tensors the forward consumes.
+    dropped = {"labels", "num_audio_tokens", "num_crops"}
+    return {
+        name: value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+        for name, value in batch.items()
+        if name not in dropped
+    }
+
+
+def _processor_inputs(recipe: _Recipe, model, samples: list[_Sample], rng) -> dict:
+    """Inputs through the family's own processor: its token expansion is the real one."""
+    call: dict[str, Any] = {"text": [sample.text for sample in samples]}
+    if any(sample.image_sizes for sample in samples):
+        call["images"] = _images(samples, rng)
+    if any(sample.audio_seconds for sample in samples):
+        rate = call["sampling_rate"] = recipe.processor.feature_extractor.sampling_rate
+        call["audio"] = [
+            (0.1 * rng.standard_normal(int(seconds * rate))).astype(np.float32)
+            for sample in samples
+            for seconds in sample.audio_seconds
+        ]
+    # NumPy out: PaliGemma's processor builds labels with np.array(input_ids), which warns on tensors.
+    return _as_tensors(recipe.processor(**call, padding=True, return_tensors="np"))
+
+
+# What the video processors of Qwen2-VL and LLaVA-OneVision share with their image processor.
+_VIDEO_PROCESSOR_KEYS = (
+    "do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
+    "image_std", "do_convert_rgb", "patch_size", "temporal_patch_size", "merge_size",
+)  # fmt: skip
+
+
+def _processor_config(processor_class: str, image_processor, video_processor_type: str, **options) -> dict:
+    """processor_config.json for a processor that cannot be built here (it needs torchvision
+    for its video processor), in the nested form ``ProcessorMixin.save_pretrained`` writes;
+    the video processor resizes and normalizes as the image processor does."""
+    image = json.loads(image_processor.to_json_string())
+    video = {key: image[key] for key in _VIDEO_PROCESSOR_KEYS if key in image}
+    video.update(video_processor_type=video_processor_type, do_sample_frames=False)
+    return {"processor_class": processor_class, **options, "image_processor": image, "video_processor": video}
+
+
+def _expand(text: str, token: str, counts: Iterator[int]) -> str:
+    """Repeat each ``token`` in ``text`` by the next count (what processors do)."""
+    head, *rest = text.split(token)
+    return head + "".join(token * next(counts) + tail for tail in rest)
+
+
+def _tokenize_expanded(recipe: _Recipe, samples, counts: dict[str, list[int]]) -> dict:
+    """Tokenize prompts after expanding each modality's placeholder by its counts.
+
+    Also returns ``mm_token_type_ids`` (0 text, 1 image, 2 video), as
+    ``ProcessorMixin.create_mm_token_type_ids`` does.
+    """
+    texts = []
+    iterators = {modality: iter(values) for modality, values in counts.items()}
+    for sample in samples:
+        text = sample.text
+        for modality, iterator in iterators.items():
+            text = _expand(text, recipe.placeholders[modality], iterator)
+        texts.append(text)
+    encoded = recipe.tokenizer(texts, padding=True, return_tensors="pt")
+    type_ids = torch.zeros_like(encoded["input_ids"])
+    for type_id, modality in ((1, "image"), (2, "video")):
+        if modality in recipe.placeholders:
+            placeholder = recipe.tokenizer.convert_tokens_to_ids(recipe.placeholders[modality])
+            type_ids[encoded["input_ids"] == placeholder] = type_id
+    return {**encoded, "mm_token_type_ids": type_ids}
+
+
+# ------------------------------------------------------------------------ families
+#
+# Samples: sample 0 is the simple one (batch=1 gets only it); sample 1 has several
+# media with text before, between and after them; a shorter/longer pair gives left padding.
+
+
+def _llava() -> _Recipe:
+    """LLaVA-1.5: CLIP (CLS dropped, 'default' strategy), 2-layer MLP projector, Llama."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    image_size = 56  # 4x4 patches -> 16 tokens per image
+    tokenizer = _tokenizer(named_tokens={"image_token": "<image>"})
+    processor = LlavaProcessor(
+        image_processor=_image_processor(
+            "CLIPImageProcessor",
+            size={"shortest_edge": image_size},
+            crop_size={"height": image_size, "width": image_size},
+        ),
+        tokenizer=tokenizer,
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,  # the CLS token, dropped by the 'default' strategy
+    )
+    config = LlavaConfig(
+        vision_config=_vision_config("CLIPVisionConfig", image_size, projection_dim=HIDDEN),
+        text_config=_text_config("LlamaConfig", tokenizer),
+        image_token_index=tokenizer.image_token_id,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=(image_size // PATCH) ** 2,
+    )
+    return _Recipe(
+        config=config,
+        model_class=LlavaForConditionalGeneration,
+        inner_model_class="LlavaModel",
+        tokenizer=tokenizer,
+        placeholders={"image": "<image>"},
+        samples=(
+            _Sample("user : <image> describe the image . assistant :", ((40, 60),)),
+            _Sample(
+                "user : compare <image> and <image> , which one is brighter ? assistant :",
+                ((56, 56), (70, 50)),
+            ),
+        ),
+        make_inputs=_processor_inputs,
+        processor=processor,
+    )
+
+
+def _llava_next() -> _Recipe:
+    """LLaVA-NeXT anyres: base tile + grid tiles, unpadded, with a newline per row."""
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
+
+    tile = 28  # 2x2 patches per tile; grids of up to 2x2 tiles
+    pinpoints = [[28, 56], [56, 28], [56, 56]]
+    tokenizer = _tokenizer(named_tokens={"image_token": "<image>"})
+    processor = LlavaNextProcessor(
+        image_processor=_image_processor(
+            "LlavaNextImageProcessor",
+            size={"shortest_edge": tile},
+            crop_size={"height": tile, "width": tile},
+            image_grid_pinpoints=pinpoints,
+        ),
+        tokenizer=tokenizer,
+        patch_size=PATCH,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    config = LlavaNextConfig(
+        vision_config=_vision_config("CLIPVisionConfig", tile, projection_dim=HIDDEN),
+        text_config=_text_config("LlamaConfig", tokenizer),
+        image_token_index=tokenizer.image_token_id,
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=(tile // PATCH) ** 2,
+    )
+    return _Recipe(
+        config=config,
+        model_class=LlavaNextForConditionalGeneration,
+        inner_model_class="LlavaNextModel",
+        tokenizer=tokenizer,
+        placeholders={"image": "<image>"},
+        samples=(
+            # wide, tall and square images pick different grids -> different token counts
+            _Sample("user : <image> describe the image . assistant :", ((30, 50),)),
+            _Sample(
+                "user : compare <image> and <image> , which one is larger ? assistant :",
+                ((50, 24), (44, 44)),
+            ),
+        ),
+        make_inputs=_processor_inputs,
+        processor=processor,
+    )
+
+
+def _qwen_vl(version: str) -> _Recipe:
+    """Qwen2-VL / Qwen2.5-VL: dynamic-resolution ViT over pre-flattened patches,
+    2x2 patch merger, multimodal RoPE (mrope) in the text model; images and video."""
+    import transformers
+
+    prefix = {"2": "Qwen2VL", "2.5": "Qwen2_5_VL"}[version]
+    tokenizer = _tokenizer(
+        ["<|vision_start|>", "<|vision_end|>"],
+        named_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+        add_bos=False,
+    )
+    merge = 2
+    image_processor = _image_processor(
+        "Qwen2VLImageProcessor",  # Qwen2.5-VL ships the same image processor
+        # each 28x28 pixel unit is one token after the 2x2 merge: 4 to 16 tokens per image
+        min_pixels=4 * (PATCH * merge) ** 2,
+        max_pixels=16 * (PATCH * merge) ** 2,
+        patch_size=PATCH,
+        temporal_patch_size=2,
+        merge_size=merge,
+    )
+    vision = dict(
+        depth=LAYERS, num_heads=HEADS, patch_size=PATCH, spatial_merge_size=merge, temporal_patch_size=2
+    )
+    if version == "2":
+        vision.update(embed_dim=HIDDEN, hidden_size=HIDDEN, mlp_ratio=2)
+    else:
+        # window_size 56 = 2x2 merged units per window, so window attention and the
+        # window reordering really happen; the last block attends fully.
+        vision.update(
+            hidden_size=HIDDEN,
+            out_hidden_size=HIDDEN,
+            intermediate_size=INTERMEDIATE,
+            window_size=2 * PATCH * merge,
+            fullatt_block_indexes=[LAYERS - 1],
+            tokens_per_second=2,
+        )
+    # mrope splits head_dim/2 rotary frequencies into (temporal, height, width) sections.
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}
+    config = getattr(transformers, f"{prefix}Config")(
+        vision_config=getattr(transformers, f"{prefix}VisionConfig")(**vision),
+        text_config=_text_config(f"{prefix}TextConfig", tokenizer, rope_parameters=rope),
+        image_token_id=tokenizer.image_token_id,
+        video_token_id=tokenizer.video_token_id,
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+    )
+    image = "<|vision_start|><|image_pad|><|vision_end|>"
+    video = "<|vision_start|><|video_pad|><|vision_end|>"
+    return _Recipe(
+        config=config,
+        model_class=getattr(transformers, f"{prefix}ForConditionalGeneration"),
+        inner_model_class=f"{prefix}Model",
+        tokenizer=tokenizer,
+        placeholders={"image": "<|image_pad|>", "video": "<|video_pad|>"},
+        samples=(
+            _Sample(
+                f"user : {image} describe the image , then the clip {video} . assistant :",
+                image_sizes=((50, 80),),
+                videos=((4, 56, 56),),
+            ),
+            _Sample(
+                f"user : compare {image} and {image} , which one is brighter ? assistant :",
+                ((56, 56), (90, 60)),
+            ),
+        ),
+        make_inputs=_qwen_vl_inputs,
+        image_processor=image_processor,
+        processor_config=_processor_config(
+            f"{prefix}Processor",
+            image_processor,
+            "Qwen2VLVideoProcessor",  # both versions use it
+        ),
+    )
+
+
+def _qwen_vl_inputs(recipe: _Recipe, model, samples: list[_Sample], rng) -> dict:
+    """Qwen2(.5)-VL inputs without Qwen2VLProcessor.
+
+    The processor cannot be built without torchvision (its video processor slot is
+    type-checked against a class that only exists with torchvision), so: images go
+    through the real image processor, video frames through the same image processor
+    (laid out as the video processor does: temporal pairs of frames per patch), and the
+    placeholder counts are the processor's own formula, grid_t*grid_h*grid_w / merge**2.
+    """
+    image_processor = recipe.image_processor
+    merge_length = image_processor.merge_size**2
+    inputs: dict[str, torch.Tensor] = {}
+    counts: dict[str, list[int]] = {"image": [], "video": []}
+
+    images = [image for per_sample in _images(samples, rng) for image in per_sample]
+    if images:
+        processed = image_processor(images=images, return_tensors="pt")
+        inputs["pixel_values"] = processed["pixel_values"]
+        inputs["image_grid_thw"] = processed["image_grid_thw"]
+        counts["image"] = (processed["image_grid_thw"].prod(-1) // merge_length).tolist()
+
+    videos = [video for sample in samples for video in sample.videos]
+    if videos:
+        patches, grids = zip(
+            *(_qwen_video_patches(image_processor, shape, rng) for shape in videos), strict=True
+        )
+        inputs["pixel_values_videos"] = torch.cat(patches)
+        inputs["video_grid_thw"] = torch.tensor(grids, dtype=torch.long)
+        counts["video"] = (inputs["video_grid_thw"].prod(-1) // merge_length).tolist()
+        if "second_per_grid_ts" in inspect.signature(model.forward).parameters:  # Qwen2.5-VL
+            # seconds per temporal patch = temporal_patch_size / fps, here 2 frames at 2 fps
+            inputs["second_per_grid_ts"] = torch.ones(len(videos))
+
+    return {**_tokenize_expanded(recipe, samples, counts), **inputs}
+
+
+def _qwen_video_patches(image_processor, shape: tuple[int, int, int], rng) -> tuple[torch.Tensor, list[int]]:
+    """(grid_t*grid_h*grid_w, C*T*P*P) patches of a random video and its grid (t, h, w)."""
+    frames, height, width = shape
+    temporal = image_processor.temporal_patch_size
+    if frames % temporal:
+        raise ValueError(f"video frames ({frames}) must be a multiple of temporal_patch_size ({temporal})")
+    processed = image_processor(
+        images=[_random_image(rng, height, width) for _ in range(frames)], return_tensors="pt"
+    )
+    _, grid_h, grid_w = processed["image_grid_thw"][0].tolist()
+    # The image processor repeats each frame over the temporal axis; keep one copy per
+    # frame and put consecutive frames on that axis instead.
+    per_frame = processed["pixel_values"].view(frames, grid_h * grid_w, 3, temporal, -1)[:, :, :, 0]
+    pairs = per_frame.view(frames // temporal, temporal, grid_h * grid_w, 3, -1).permute(0, 2, 3, 1, 4)
+    return pairs.reshape(frames // temporal * grid_h * grid_w, -1), [frames // temporal, grid_h, grid_w]
+
+
+def _paligemma() -> _Recipe:
+    """PaliGemma: SigLIP (no CLS), linear projector, Gemma with a bidirectional prefix."""
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+    from transformers.models.paligemma.processing_paligemma import EXTRA_TOKENS
+
+    image_size = 56
+    # The processor adds 1024 <locXXXX> and 128 <segXXX> tokens to the tokenizer; put them
+    # in the vocabulary up front so that len(tokenizer) == vocab_size.
+    tokenizer = _tokenizer(
+        named_tokens={"image_token": "<image>"},
+        extra_words=EXTRA_TOKENS,
+        add_bos=False,  # the processor writes BOS after the image tokens itself
+        vocab_size=VOCAB_SIZE + len(EXTRA_TOKENS),
+    )
+    processor = PaliGemmaProcessor(
+        image_processor=_image_processor(
+            "SiglipImageProcessor",
+            size={"height": image_size, "width": image_size},
+            image_seq_length=(image_size // PATCH) ** 2,
+        ),
+        tokenizer=tokenizer,
+    )
+    config = PaliGemmaConfig(
+        vision_config=_vision_config("SiglipVisionConfig", image_size, vision_use_head=False),
+        text_config=_text_config("GemmaConfig", tokenizer, head_dim=HEAD_DIM),
+        image_token_index=tokenizer.image_token_id,
+        projection_dim=HIDDEN,
+        hidden_size=HIDDEN,
+        vocab_size=len(tokenizer),
+    )
+    return _Recipe(
+        config=config,
+        model_class=PaliGemmaForConditionalGeneration,
+        inner_model_class="PaliGemmaModel",
+        tokenizer=tokenizer,
+        placeholders={"image": "<image>"},
+        samples=(
+            # PaliGemma prompts are images first, then BOS and the prefix text
+            _Sample("<image> caption the image", ((40, 60),)),
+            _Sample(
+                "<image><image> answer : which one of these two pictures is brighter ?", ((56, 56), (70, 50))
+            ),
+        ),
+        make_inputs=_processor_inputs,
+        processor=processor,
+    )
+
+
+def _gemma3() -> _Recipe:
+    """Gemma 3: SigLIP, 2x2 average pooling to mm_tokens_per_image, soft image tokens
+    between <start_of_image> / <end_of_image>, bidirectional attention inside an image."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
+
+    image_size = 112  # 8x8 patches, average-pooled 2x2 -> 16 tokens per image
+    tokens_per_image = 16
+    tokenizer = _tokenizer(
+        named_tokens={
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+            "image_token": "<image_soft_token>",
+        }
+    )
+    processor = Gemma3Processor(
+        image_processor=_image_processor(
+            "Gemma3ImageProcessor", size={"height": image_size, "width": image_size}
+        ),
+        tokenizer=tokenizer,
+        image_seq_length=tokens_per_image,
+    )
+    text_config = _text_config(
+        "Gemma3TextConfig",
+        tokenizer,
+        head_dim=HEAD_DIM,
+        query_pre_attn_scalar=HEAD_DIM,
+        # one local (sliding) and one global layer, the window shorter than the prompts
+        layer_types=["sliding_attention", "full_attention"],
+        sliding_window=32,
+    )
+    config = Gemma3Config(
+        vision_config=_vision_config("SiglipVisionConfig", image_size, vision_use_head=False),
+        text_config=text_config,
+        mm_tokens_per_image=tokens_per_image,
+        boi_token_index=tokenizer.boi_token_id,
+        eoi_token_index=tokenizer.eoi_token_id,
+        image_token_index=tokenizer.image_token_id,
+    )
+    return _Recipe(
+        config=config,
+        model_class=Gemma3ForConditionalGeneration,
+        inner_model_class="Gemma3Model",
+        tokenizer=tokenizer,
+        placeholders={"image": "<image_soft_token>"},
+        samples=(
+            _Sample("user : <start_of_image> describe the image . assistant :", ((40, 60),)),
+            _Sample(
+                "user : compare <start_of_image> and <start_of_image> , which one is brighter ? assistant :",
+                ((56, 56), (70, 50)),
+            ),
+        ),
+        make_inputs=_processor_inputs,
+        processor=processor,
+    )
+
+
+def _llava_onevision() -> _Recipe:
+    """LLaVA-OneVision: SigLIP + Qwen2; anyres for a single image, base tile only for
+    each image of a multi-image prompt, 2x2-pooled frames for video."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+    tile = 56  # 4x4 patches = 16 tokens per tile
+    pinpoints = [[56, 56], [56, 112], [112, 56], [112, 112]]
+    tokenizer = _tokenizer(named_tokens={"image_token": "<image>", "video_token": "<video>"}, add_bos=False)
+    image_processor = _image_processor(
+        "LlavaOnevisionImageProcessor",
+        size={"height": tile, "width": tile},
+        image_grid_pinpoints=pinpoints,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=_vision_config("SiglipVisionConfig", tile, vision_use_head=False),
+        text_config=_text_config("Qwen2Config", tokenizer),
+        image_token_index=tokenizer.image_token_id,
+        video_token_index=tokenizer.video_token_id,
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio="anyres_max_9",
+    )
+    return _Recipe(
+        config=config,
+        model_class=LlavaOnevisionForConditionalGeneration,
+        inner_model_class="LlavaOnevisionModel",
+        tokenizer=tokenizer,
+        placeholders={"image": "<image>", "video": "<video>"},
+        samples=(
+            _Sample(
+                "user : <image> describe the image , then the clip <video> . assistant :",
+                image_sizes=((40, 90),),
+                videos=((4, 56, 56),),
+            ),
+            _Sample(
+                "user : compare <image> and <image> , which one is brighter ? assistant :",
+                ((56, 56), (70, 50)),
+            ),
+        ),
+        make_inputs=_llava_onevision_inputs,
+        image_processor=image_processor,
+        processor_config=_processor_config(
+            "LlavaOnevisionProcessor",
+            image_processor,
+            "LlavaOnevisionVideoProcessor",
+            num_image_tokens=(tile // PATCH) ** 2,
+            vision_feature_select_strategy="full",
+            vision_aspect_ratio="anyres_max_9",
+            image_token="<image>",
+            video_token="<video>",
+        ),
+    )
+
+
+def _llava_onevision_inputs(recipe: _Recipe, model, samples: list[_Sample], rng) -> dict:
+    """LLaVA-OneVision inputs without LlavaOnevisionProcessor.
+
+    The processor cannot be built without torchvision (see :func:`_qwen_vl_inputs`), so
+    images go through the real image processor (which also decides anyres vs. base tile
+    per prompt via ``batch_num_images``) and frames through the same processor, one tile
+    each. Image placeholder counts are the lengths of the packed features the model's own
+    ``get_image_features`` returns (anyres unpadding is too long to restate); video counts
+    are the processor's formula, frames * ceil(side / 2)**2 + 1 newline token (the
+    model's ``get_video_features`` includes that newline from 5.2x on, not in 5.17).
+    """
+    inputs: dict[str, torch.Tensor] = {}
+    counts: dict[str, list[int]] = {"image": [], "video": []}
+    images = [per_sample for per_sample in _images(samples, rng) if per_sample]
+    if images:
+        processed = recipe.image_processor(images=images, return_tensors="pt")
+        inputs.update(_as_tensors(processed))
+        with torch.no_grad():
+            features = model.model.get_image_features(
+                inputs["pixel_values"], inputs["image_sizes"], batch_num_images=inputs["batch_num_images"]
+            )
+        counts["image"] = [len(feature) for feature in getattr(features, "pooler_output", features)]
+
+    videos = [video for sample in samples for video in sample.videos]
+    if videos:
+        frames = {frame_count for frame_count, _, _ in videos}
+        if len(frames) != 1:
+            raise ValueError("videos of one batch are stacked, so they need the same frame count")
+        # Frames of a video: a multi-image prompt for the image processor, one tile each.
+        inputs["pixel_values_videos"] = torch.stack(
+            [
+                recipe.image_processor(
+                    images=[[_random_image(rng, h, w) for _ in range(n)]], return_tensors="pt"
+                )["pixel_values"][:, 0]
+                for n, h, w in videos
+            ]
+        )
+        side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+        counts["video"] = [n * math.ceil(side / 2) ** 2 + 1 for n, _, _ in videos]
+
+    encoded = _tokenize_expanded(recipe, samples, counts)
+    del encoded["mm_token_type_ids"]  # LLaVA-OneVision places features by token id only
+    return {**encoded, **inputs}
+
+
+def _qwen2_audio() -> _Recipe:
+    """Qwen2-Audio: Whisper-style encoder (two convs, stride 2, then 2x average pooling)
+    over log-mel features padded to a fixed length, linear projector, Qwen2."""
+    from transformers import (
+        Qwen2AudioConfig,
+        Qwen2AudioEncoderConfig,
+        Qwen2AudioForConditionalGeneration,
+        Qwen2AudioProcessor,
+        WhisperFeatureExtractor,
+    )
+
+    mel_bins = 16
+    # 1-second windows: 100 mel frames -> 50 encoder positions -> at most 25 audio tokens
+    feature_extractor = WhisperFeatureExtractor(
+        feature_size=mel_bins, sampling_rate=16000, chunk_length=1, hop_length=160, n_fft=400
+    )
+    tokenizer = _tokenizer(
+        named_tokens={
+            "audio_token": "<|AUDIO|>",
+            "audio_bos_token": "<|audio_bos|>",
+            "audio_eos_token": "<|audio_eos|>",
+        },
+        add_bos=False,
+    )
+    processor = Qwen2AudioProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer)
+    audio_config = Qwen2AudioEncoderConfig(
+        num_mel_bins=mel_bins,
+        encoder_layers=LAYERS,
+        encoder_attention_heads=HEADS,
+        encoder_ffn_dim=INTERMEDIATE,
+        d_model=HIDDEN,
+        max_source_positions=feature_extractor.nb_max_frames // 2,
+    )
+    config = Qwen2AudioConfig(
+        audio_config=audio_config,
+        text_config=_text_config("Qwen2Config", tokenizer),
+        audio_token_index=tokenizer.audio_token_id,
+    )
+    audio = "<|audio_bos|><|AUDIO|><|audio_eos|>"
+    return _Recipe(
+        config=config,
+        model_class=Qwen2AudioForConditionalGeneration,
+        inner_model_class="Qwen2AudioModel",
+        tokenizer=tokenizer,
+        placeholders={"audio": "<|AUDIO|>"},
+        samples=(
+            _Sample(f"user : {audio} what is this sound ? assistant :", audio_seconds=(0.45,)),
+            _Sample(
+                f"user : first {audio} then {audio} , which one is larger ? assistant :",
+                audio_seconds=(0.8, 0.3),
+            ),
+        ),
+        make_inputs=_processor_inputs,
+        processor=processor,
+    )
+
+
+def _idefics3() -> _Recipe:
+    """Idefics3 (SmolVLM's architecture): SigLIP-like encoder over crops of a split image
+    plus a global view, pixel shuffle by scale_factor, linear connector, Llama."""
+    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
+
+    crop = 56  # 4x4 patches, pixel-shuffled 2x2 -> 4 tokens per crop
+    scale_factor = 2
+    tokenizer = _tokenizer(
+        [
+            "<fake_token_around_image>",
+            "<end_of_utterance>",
+            "<global-img>",
+            *(f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)),
+        ],
+        named_tokens={"image_token": "<image>"},
+    )
+    processor = Idefics3Processor(
+        image_processor=_image_processor(
+            "Idefics3ImageProcessor",
+            size={"longest_edge": 2 * crop},  # at most 2x2 crops plus the global view
+            max_image_size={"longest_edge": crop},
+        ),
+        tokenizer=tokenizer,
+        image_seq_len=(crop // PATCH) ** 2 // scale_factor**2,
+    )
+    config = Idefics3Config(
+        vision_config=_vision_config("Idefics3VisionConfig", crop),
+        text_config=_text_config("LlamaConfig", tokenizer),
+        image_token_id=tokenizer.image_token_id,
+        scale_factor=scale_factor,
+    )
+    return _Recipe(
+        config=config,
+        model_class=Idefics3ForConditionalGeneration,
+        inner_model_class="Idefics3Model",
+        tokenizer=tokenizer,
+        placeholders={"image": "<image>"},
+        samples=(
+            _Sample("user : <image> describe the image . assistant :", ((40, 90),)),
+            _Sample(
+                "user : compare <image> and <image> , which one is brighter ? assistant :",
+                ((50, 50), (112, 70)),
+            ),
+        ),
+        make_inputs=_processor_inputs,
+        processor=processor,
+    )
+
+
+_RECIPES: dict[str, Callable[[], _Recipe]] = {
+    "llava": _llava,
+    "llava_next": _llava_next,
+    "llava_onevision": _llava_onevision,
+    "qwen2_vl": lambda: _qwen_vl("2"),
+    "qwen2_5_vl": lambda: _qwen_vl("2.5"),
+    "paligemma": _paligemma,
+    "gemma3": _gemma3,
+    "qwen2_audio": _qwen2_audio,
+    "idefics3": _idefics3,
+}
+
+FAMILIES: tuple[str, ...] = tuple(_RECIPES)
+
+
+def _recipe(family: str) -> _Recipe:
+    try:
+        make = _RECIPES[family]
+    except KeyError:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}") from None
+    return make()
