@@ -272,3 +272,18 @@ def test_gradients_match_reference_autograd(fused):
 
     for got, want in zip(grads(merge), grads(reference)):
         assert_bitwise_equal(got, want, name="gradient")
+
+
+def test_image_count_does_not_change_the_compiled_variant():
+    """Serving sees a new image count every batch: it must not mean a new compile."""
+    from mmkernels.ops.merge import _build_launch, _validate
+
+    def meta(images):
+        ids = make_ids([200], [[(i * 20, 5, IMAGE) for i in range(images)]])
+        feats = [torch.randn(5, 64) for _ in range(images)]
+        args = _validate(ids, torch.randn(1, 200, 64), feats, IMAGE, None)
+        launch, _ = _build_launch(args, torch.empty(200, 64))
+        return launch.rows_meta
+
+    assert meta(5) == meta(7) == meta(8)
+    assert meta(2) != meta(9)  # bucketed search depth: a handful of variants in all

@@ -53,9 +53,9 @@ def merge_rows_kernel(
     kind_first_row_ptr,  # (NUM_KINDS,) int64: global index of each kind's first feature row
     counts_ptr,  # (num_blocks, NUM_KINDS + 1) int32: from merge_count_kernel
     block_cumsum_ptr,  # (num_blocks, NUM_KINDS + 1) int32: inclusive cumsum of counts over blocks
-    seg_offset_ptr,  # (NUM_SEGS,) int64: start of each feature tensor, in elements from feat_base_ptr
-    seg_first_row_ptr,  # (NUM_SEGS,) int64: global index of each segment's first row (non-decreasing)
-    seg_row_stride_ptr,  # (NUM_SEGS,) int64: row stride of each feature tensor, in elements
+    seg_offset_ptr,  # (num_segs,) int64: start of each feature tensor, in elements from feat_base_ptr
+    seg_first_row_ptr,  # (num_segs,) int64: global index of each segment's first row (non-decreasing)
+    seg_row_stride_ptr,  # (num_segs,) int64: row stride of each feature tensor, in elements
     feat_base_ptr,  # the first feature tensor; every segment is addressed relative to it
     src_ptr,  # inputs_embeds rows (T, D) or the embedding table (V, D)
     src_row_stride,
@@ -64,9 +64,10 @@ def merge_rows_kernel(
     T,
     D,
     V,
+    num_segs,  # feature tensors given (runtime: a new image count must not recompile)
     NUM_KINDS: tl.constexpr,
-    NUM_SEGS: tl.constexpr,
-    SEARCH_STEPS: tl.constexpr,  # ceil(log2(NUM_SEGS))
+    HAS_FEATURES: tl.constexpr,  # num_segs > 0
+    SEARCH_STEPS: tl.constexpr,  # >= ceil(log2(num_segs)), bucketed to a power of two
     FUSED_LOOKUP: tl.constexpr,
     CAST_FEATURES: tl.constexpr,  # features dtype != output dtype
     FEAT_BYTES: tl.constexpr,  # element size of the features
@@ -96,14 +97,15 @@ def merge_rows_kernel(
     has_feature = feat_index >= 0
 
     tile_ok = col_ok[None, :]
-    if NUM_SEGS > 0:
+    if HAS_FEATURES:
         # Last segment whose first row <= feat_index: seg_first_row[lo] <= g < seg_first_row[hi].
+        # Extra steps (SEARCH_STEPS is bucketed) leave lo unchanged once hi - lo == 1.
         g = tl.maximum(feat_index, 0)
         lo = tl.zeros([BLOCK_T], dtype=tl.int64)
-        hi = tl.full([BLOCK_T], NUM_SEGS, dtype=tl.int64)
+        hi = tl.zeros([BLOCK_T], dtype=tl.int64) + num_segs
         for _ in tl.static_range(SEARCH_STEPS):
             mid = (lo + hi) // 2
-            go_right = tl.load(seg_first_row_ptr + mid, mask=mid < NUM_SEGS, other=0) <= g
+            go_right = tl.load(seg_first_row_ptr + mid, mask=mid < num_segs, other=0) <= g
             lo = tl.where(go_right, mid, lo)
             hi = tl.where(go_right, hi, mid)
         local_row = g - tl.load(seg_first_row_ptr + lo, mask=has_feature, other=0)
@@ -129,7 +131,7 @@ def merge_rows_kernel(
         mask=text_ok[:, None] & tile_ok,
         other=float("nan"),
     )
-    if NUM_SEGS > 0:
+    if HAS_FEATURES:
         text = tl.where(has_feature[:, None], feat, text)
     tl.store(
         out_ptr + rows.to(tl.int64)[:, None] * out_row_stride + cols[None, :],

@@ -312,12 +312,13 @@ def _build_launch(args: _MergeArgs, out: torch.Tensor) -> tuple[_Launch, list[to
     rows_args = (
         args.ids, kind[0], kind[1], kind[2], counts, None,  # block cumsum: filled in by the caller
         seg[0], seg[1], seg[2], feat_base,
-        src, src.stride(0), out, out.stride(0), T, D, vocab,
+        src, src.stride(0), out, out.stride(0), T, D, vocab, num_segs,
     )  # fmt: skip
     rows_meta = dict(
         NUM_KINDS=len(args.kind_ids),
-        NUM_SEGS=num_segs,
-        SEARCH_STEPS=max(math.ceil(math.log2(num_segs)), 0) if num_segs else 0,
+        HAS_FEATURES=num_segs > 0,
+        # Bucketed: 1, 2, 4, 8, 16 steps cover up to 65536 feature tensors with five compiles.
+        SEARCH_STEPS=triton.next_power_of_2(max(math.ceil(math.log2(num_segs)), 1)) if num_segs > 1 else 0,
         FUSED_LOOKUP=fused,
         CAST_FEATURES=bool(feats) and feats[0].dtype != out.dtype,
         FEAT_BYTES=feat_base.element_size(),

@@ -1,0 +1,1168 @@
+"""Benchmark harness: GPU-synchronized timing, providers, a roofline measured in the same
+run, a device stamp, and a results folder (JSON, Markdown, PNG).
+
+Timing (:func:`time_device`)
+    CUDA events around every call, a 256 MB write between calls to flush the L2 cache,
+    and the inputs rotated through several independently allocated copies, so neither
+    cache nor allocator flatter a kernel. Like ``triton.testing.do_bench``: five calls
+    estimate the cost, then warmup and repetitions are sized from ``warmup_ms`` /
+    ``rep_ms`` (clamped to ``[min_runs, max_runs]``); the result is the median and the
+    20th / 80th percentiles of the per-call times, in ms. Events measure the time the
+    GPU spends from the start of a call to its end, so a host sync inside a call shows
+    as the bubble it leaves on the GPU.
+
+Providers (:class:`Provider`)
+    One implementation under comparison: a name, a factory that builds the callable
+    once (``torch.compile`` happens there or on the first call), and ``skip_reason()``
+    that names why it cannot run here (a missing optional baseline such as flash-attn,
+    xformers or vLLM, or an op not landed yet). Optional providers that fail to build or
+    run are skipped by name; nothing a provider does stops the run.
+
+Benchmarks (:class:`Benchmark`, :func:`run_benchmark`)
+    A shape table, the providers (the first is the baseline for speedups), an input
+    factory, an independent oracle for the expected output, and the bytes and FLOPs each
+    shape declares. Every row reports median / p20 / p80 ms, GB/s and TFLOP/s from the
+    declared bytes and FLOPs, the percentage of the copy bandwidth and bf16 matmul rate
+    measured on the same device in the same run (:func:`measure_roofline`), the speedup
+    over the baseline, whether the output matched, and the host syncs of one call.
+
+Host syncs
+    Counted apart from timing, with ``mmkernels.testing.HostSyncCounter`` around one
+    call on the scaled-down shape. They are counted on the device being benchmarked: on
+    a machine without CUDA that is the CPU; on a GPU it is the GPU, because on the CPU
+    mmkernels' ops run their PyTorch reference unless Triton's interpreter is on, and the
+    reference's syncs are not the kernel's. Each row records where it counted and which
+    mmkernels backend ran.
+
+Without CUDA
+    Nothing is timed (the interpreter's speed means nothing). :func:`validate_on_cpu`
+    builds every shape, scales it down, runs every provider that can run on the CPU
+    once against the oracle, counts host syncs, and the results folder says
+    "not timed: no CUDA device" and why.
+
+Results (:class:`ResultsFolder`)
+    One folder: ``results.json`` (stamp, roofline, rows per benchmark, suite steps),
+    ``results.md`` (a table per benchmark) and ``<benchmark>.png`` (GB/s per provider
+    and shape). Several benchmarks write into the same folder; each update merges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+__all__ = [
+    "Benchmark",
+    "BenchmarkResult",
+    "BenchSession",
+    "CudaClock",
+    "DEADLINE_ENV",
+    "NOT_TIMED",
+    "Provider",
+    "ResultRow",
+    "ResultsFolder",
+    "Roofline",
+    "Timing",
+    "TimingConfig",
+    "compare_bitwise",
+    "count_host_syncs",
+    "cuda_available",
+    "deadline_from_env",
+    "device_stamp",
+    "git_commit",
+    "gpu_stamp",
+    "measure_roofline",
+    "run_benchmark",
+    "run_timed",
+    "short_gpu_name",
+    "time_device",
+    "validate_on_cpu",
+]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+NOT_TIMED = "not timed"
+NO_CUDA = "no CUDA device"
+# Seconds since the epoch after which a benchmark stops timing new cells (set by the GPU
+# suite so a step ends inside its budget with its results written).
+DEADLINE_ENV = "MMKERNELS_BENCH_DEADLINE"
+L2_FLUSH_BYTES = 256 * 2**20
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def deadline_from_env() -> float | None:
+    value = os.environ.get(DEADLINE_ENV)
+    return float(value) if value else None
+
+
+# ======================================================================================
+# Timing
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Per-call device time in ms over ``runs`` timed calls (after ``warmup_runs``)."""
+
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    runs: int
+    warmup_runs: int
+
+
+@dataclass(frozen=True)
+class TimingConfig:
+    """How long to warm up and measure; see :func:`time_device`."""
+
+    warmup_ms: float = 25.0
+    rep_ms: float = 100.0
+    min_runs: int = 10
+    max_runs: int = 300
+    flush_l2: bool = True
+    input_copies: int = 3  # distinct input sets rotated through
+
+    @classmethod
+    def quick(cls) -> "TimingConfig":
+        return cls(warmup_ms=10.0, rep_ms=40.0, min_runs=5, max_runs=100, input_copies=2)
+
+
+class CudaClock:
+    """CUDA events on the current stream, and an L2 flush (a write of ``flush_bytes``)."""
+
+    def __init__(self, device: torch.device | str = "cuda", flush_bytes: int = L2_FLUSH_BYTES):
+        self.device = torch.device(device)
+        self._flush_buffer = (
+            torch.empty(flush_bytes, dtype=torch.int8, device=self.device) if flush_bytes > 0 else None
+        )
+
+    def event(self):
+        return torch.cuda.Event(enable_timing=True)
+
+    @staticmethod
+    def elapsed_ms(start, end) -> float:
+        return start.elapsed_time(end)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def flush_l2(self) -> None:
+        if self._flush_buffer is not None:
+            self._flush_buffer.zero_()
+
+
+def _quantile(sorted_values: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (as ``torch.quantile``)."""
+    if not sorted_values:
+        raise ValueError("sorted_values: expected at least one value")
+    pos = q * (len(sorted_values) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+def _clamp(value: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, value))
+
+
+def time_device(fn: Callable[[Any], Any], arg_sets: Sequence[Any], *, clock, config: TimingConfig = TimingConfig()) -> Timing:
+    """Time ``fn(arg_sets[i % len(arg_sets)])`` with device events, rotating inputs.
+
+    ``clock`` provides ``event()`` (objects with ``record()``), ``elapsed_ms(a, b)``,
+    ``synchronize()`` and ``flush_l2()``: :class:`CudaClock` on a GPU.
+    """
+    if not arg_sets:
+        raise ValueError("arg_sets: expected at least one input set")
+    n_sets = len(arg_sets)
+
+    def call(i: int):
+        return fn(arg_sets[i % n_sets])
+
+    call(0)
+    clock.synchronize()
+    est_calls = 5
+    est_start, est_end = clock.event(), clock.event()
+    est_start.record()
+    for i in range(est_calls):
+        if config.flush_l2:
+            clock.flush_l2()
+        call(i)
+    est_end.record()
+    clock.synchronize()
+    per_call_ms = max(clock.elapsed_ms(est_start, est_end) / est_calls, 1e-4)
+
+    warmup_runs = _clamp(int(config.warmup_ms / per_call_ms), 1, config.max_runs)
+    runs = _clamp(int(config.rep_ms / per_call_ms), config.min_runs, config.max_runs)
+    for i in range(warmup_runs):
+        call(i)
+    starts = [clock.event() for _ in range(runs)]
+    ends = [clock.event() for _ in range(runs)]
+    for i in range(runs):
+        if config.flush_l2:
+            clock.flush_l2()
+        starts[i].record()
+        call(i)
+        ends[i].record()
+    clock.synchronize()
+    times = sorted(clock.elapsed_ms(s, e) for s, e in zip(starts, ends))
+    return Timing(
+        median_ms=_quantile(times, 0.5),
+        p20_ms=_quantile(times, 0.2),
+        p80_ms=_quantile(times, 0.8),
+        runs=runs,
+        warmup_runs=warmup_runs,
+    )
+
+
+# ======================================================================================
+# Roofline measured on the device of the run
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """Device-to-device copy bandwidth and bf16 matmul rate, measured in this run.
+
+    ``copy_gbps``: bytes read + written per second by a large ``copy_`` (GB = 1e9 B).
+    ``matmul_tflops``: ``2 * n**3`` FLOPs per second of an ``n x n x n`` bf16
+    ``torch.matmul``. Both from the median call. ``None`` with ``reason`` when not
+    measured (no CUDA device).
+    """
+
+    copy_gbps: float | None
+    matmul_tflops: float | None
+    device_name: str
+    copy_bytes: int = 0
+    matmul_size: int = 0
+    reason: str = ""
+
+    @property
+    def measured(self) -> bool:
+        return self.copy_gbps is not None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Roofline":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def not_measured(cls, reason: str) -> "Roofline":
+        return cls(copy_gbps=None, matmul_tflops=None, device_name="", reason=reason)
+
+
+def _copy_timing(device: torch.device, nbytes: int, clock, config: TimingConfig) -> Timing:
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    return time_device(lambda s: dst.copy_(s), [src], clock=clock, config=config)
+
+
+def _matmul_timing(device: torch.device, n: int, clock, config: TimingConfig) -> Timing:
+    a = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    b = torch.randn(n, n, dtype=torch.bfloat16, device=device)
+    return time_device(lambda ab: torch.matmul(*ab), [(a, b)], clock=clock, config=config)
+
+
+def measure_roofline(device: torch.device | str = "cuda", *, quick: bool = False) -> Roofline:
+    """Measure the copy bandwidth and the bf16 matmul rate of ``device`` (CUDA)."""
+    device = torch.device(device)
+    if device.type != "cuda" or not cuda_available():
+        return Roofline.not_measured(f"not measured: {NO_CUDA}")
+    clock = CudaClock(device, flush_bytes=0)  # both working sets dwarf the L2
+    config = TimingConfig(warmup_ms=20.0, rep_ms=80.0 if quick else 200.0, min_runs=5, max_runs=200, flush_l2=False)
+    copy_elems, n = (256 if quick else 1024) * 2**20, 8192
+    copy_t = _copy_timing(device, copy_elems, clock, config)
+    mm_t = _matmul_timing(device, n, clock, config)
+    torch.cuda.empty_cache()
+    copy_bytes = 2 * copy_elems  # read + write
+    return Roofline(
+        copy_gbps=copy_bytes / (copy_t.median_ms * 1e-3) / 1e9,
+        matmul_tflops=2 * n**3 / (mm_t.median_ms * 1e-3) / 1e12,
+        device_name=torch.cuda.get_device_name(device),
+        copy_bytes=copy_bytes,
+        matmul_size=n,
+    )
+
+
+# ======================================================================================
+# Device stamp
+
+
+def _nvml_value(fn: Callable, *args, scale: float | None = None):
+    try:
+        value = fn(*args)
+    except Exception as exc:  # NVMLError_NotSupported and friends: record, go on
+        return f"unavailable: {exc}"
+    if isinstance(value, bytes):
+        value = value.decode()
+    return value / scale if scale else value
+
+
+def _nvml_handle(pynvml, device_index: int):
+    """The NVML handle of CUDA device ``device_index`` (by PCI bus id when torch knows it,
+    since CUDA_VISIBLE_DEVICES may renumber devices)."""
+    if cuda_available():
+        try:
+            props = torch.cuda.get_device_properties(device_index)
+        except Exception:
+            return pynvml.nvmlDeviceGetHandleByIndex(device_index)
+        bus = getattr(props, "pci_bus_id", None)
+        domain = getattr(props, "pci_domain_id", 0)
+        device = getattr(props, "pci_device_id", None)
+        if bus is not None and device is not None:
+            try:
+                return pynvml.nvmlDeviceGetHandleByPciBusId(f"{domain:08X}:{bus:02X}:{device:02X}.0")
+            except Exception:
+                pass
+    return pynvml.nvmlDeviceGetHandleByIndex(device_index)
+
+
+def _torch_device_name(device_index: int) -> str:
+    if not cuda_available():
+        return "no CUDA device"
+    try:
+        return torch.cuda.get_device_name(device_index)
+    except Exception as exc:  # a broken driver must not stop the stamp
+        return f"unknown CUDA device ({type(exc).__name__}: {exc})"
+
+
+def gpu_stamp(device_index: int = 0) -> dict:
+    """Name, driver, clocks and power limit of the GPU via nvidia-ml-py (``pynvml``).
+
+    Always returns a dict with ``name`` and ``nvml`` ("ok" or why not).
+    """
+    fallback_name = _torch_device_name(device_index)
+    try:
+        import pynvml
+    except ImportError as exc:
+        return {"name": fallback_name, "nvml": f"unavailable: nvidia-ml-py not installed ({exc})"}
+    try:
+        pynvml.nvmlInit()
+    except Exception as exc:
+        return {"name": fallback_name, "nvml": f"unavailable: {exc}"}
+    try:
+        handle = _nvml_handle(pynvml, device_index)
+        stamp = {
+            "name": _nvml_value(pynvml.nvmlDeviceGetName, handle),
+            "nvml": "ok",
+            "driver": _nvml_value(pynvml.nvmlSystemGetDriverVersion),
+            "uuid": _nvml_value(pynvml.nvmlDeviceGetUUID, handle),
+            "sm_clock_mhz": _nvml_value(pynvml.nvmlDeviceGetClockInfo, handle, pynvml.NVML_CLOCK_SM),
+            "memory_clock_mhz": _nvml_value(pynvml.nvmlDeviceGetClockInfo, handle, pynvml.NVML_CLOCK_MEM),
+            "max_sm_clock_mhz": _nvml_value(pynvml.nvmlDeviceGetMaxClockInfo, handle, pynvml.NVML_CLOCK_SM),
+            "max_memory_clock_mhz": _nvml_value(pynvml.nvmlDeviceGetMaxClockInfo, handle, pynvml.NVML_CLOCK_MEM),
+            "power_limit_w": _nvml_value(pynvml.nvmlDeviceGetPowerManagementLimit, handle, scale=1000.0),
+            "enforced_power_limit_w": _nvml_value(pynvml.nvmlDeviceGetEnforcedPowerLimit, handle, scale=1000.0),
+            "temperature_c": _nvml_value(pynvml.nvmlDeviceGetTemperature, handle, pynvml.NVML_TEMPERATURE_GPU),
+        }
+        memory = _nvml_value(pynvml.nvmlDeviceGetMemoryInfo, handle)
+        stamp["memory_total_gib"] = memory.total / 2**30 if hasattr(memory, "total") else memory
+    except Exception as exc:
+        return {"name": fallback_name, "nvml": f"unavailable: {exc}"}
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+    if cuda_available():
+        try:
+            stamp["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability(device_index)))
+        except Exception as exc:
+            stamp["compute_capability"] = f"unavailable: {exc}"
+    return stamp
+
+
+def git_commit() -> str:
+    """``git rev-parse HEAD`` of the repository ("unknown" outside a git checkout).
+
+    ``MMKERNELS_GIT_COMMIT`` overrides it (for copies of the tree without ``.git``).
+    """
+    override = os.environ.get("MMKERNELS_GIT_COMMIT")
+    if override:
+        return override
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+
+
+def _package_version(name: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def device_stamp(device_index: int = 0) -> dict:
+    """Who measured: GPU (via NVML), versions, git commit, date, host."""
+    return {
+        "gpu": gpu_stamp(device_index),
+        "cuda_available": cuda_available(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda or "none",
+        "triton": _package_version("triton"),
+        "transformers": _package_version("transformers"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "git_commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "hostname": socket.gethostname(),
+    }
+
+
+def short_gpu_name(stamp: dict) -> str:
+    """A folder-friendly GPU name: "NVIDIA H100 80GB HBM3" -> "H100"; "nogpu" without one."""
+    if not stamp.get("cuda_available"):
+        return "nogpu"
+    name = str(stamp.get("gpu", {}).get("name", ""))
+    words = [w for w in name.replace("NVIDIA", "").split() if w]
+    token = "".join(c for c in (words[0] if words else "") if c.isalnum() or c in "-_")
+    return token or "gpu"
+
+
+# ======================================================================================
+# Providers and benchmarks
+
+
+def _always_available() -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class Provider:
+    """One implementation under comparison.
+
+    ``factory()`` builds the callable ``fn(inputs) -> output`` once per run.
+    ``requires()`` returns why it cannot run here (an optional package missing, an op
+    not available), or None. ``check_factory``: the callable used for the CPU check and
+    for counting host syncs when it must differ from the timed one (e.g. ``torch.compile``
+    with the eager backend, since inductor's CPU compile is slow); None: ``factory``.
+    ``optional``: a baseline whose failure to build or run is a skip, not a failure.
+    ``timed_backend``: for mmkernels ops, the backend a timed (CUDA) run must use
+    ("triton"); a row whose calls fell back to another backend fails, naming the
+    reasons, instead of timing the fallback under the kernel's name.
+    """
+
+    name: str
+    factory: Callable[[], Callable[[Any], Any]]
+    requires: Callable[[], str | None] = _always_available
+    check_factory: Callable[[], Callable[[Any], Any]] | None = None
+    runs_on_cpu: bool = True
+    optional: bool = False
+    timed_backend: str | None = None
+    notes: str = ""
+
+    def skip_reason(self, device_type: str = "cuda") -> str | None:
+        try:
+            reason = self.requires()
+        except Exception as exc:
+            reason = f"availability check raised {type(exc).__name__}: {exc}"
+        if reason:
+            return reason
+        if device_type == "cpu" and not self.runs_on_cpu:
+            return "runs on CUDA only"
+        return None
+
+    def build(self, *, for_check: bool = False) -> Callable[[Any], Any]:
+        if for_check and self.check_factory is not None:
+            return self.check_factory()
+        return self.factory()
+
+
+def compare_bitwise(out: torch.Tensor, expected: torch.Tensor) -> str | None:
+    """None when ``out`` equals ``expected`` exactly (shape, dtype, values); else why not."""
+    if not isinstance(out, torch.Tensor):
+        return f"returned {type(out).__name__}, expected a Tensor"
+    if out.shape != expected.shape or out.dtype != expected.dtype:
+        return f"returned {out.dtype}{tuple(out.shape)}, expected {expected.dtype}{tuple(expected.shape)}"
+    if not torch.equal(out, expected):
+        wrong = int((out != expected).sum())
+        return f"{wrong} of {out.numel()} elements differ from the expected output"
+    return None
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A kernel's benchmark: shapes, providers (the first is the baseline) and its model
+    of work (declared bytes and FLOPs per shape).
+
+    ``make_inputs(case, device, seed)`` returns one input set (deterministic per seed);
+    ``expected_output(inputs)`` is an oracle independent of every provider;
+    ``small_case(case)`` is the CPU-scale version of a case. Cases need ``.name`` and
+    ``.params()``.
+    """
+
+    name: str
+    description: str
+    cases: Sequence[Any]
+    providers: Sequence[Provider]
+    make_inputs: Callable[[Any, torch.device, int], Any]
+    expected_output: Callable[[Any], torch.Tensor]
+    bytes_moved: Callable[[Any], int]
+    flops: Callable[[Any], int] = lambda case: 0
+    small_case: Callable[[Any], Any] = lambda case: case
+    quick_cases: Sequence[Any] | None = None
+    compare: Callable[[Any, torch.Tensor], str | None] = compare_bitwise
+    bytes_model: str = ""
+
+    def cases_for(self, quick: bool) -> Sequence[Any]:
+        return self.quick_cases if quick and self.quick_cases is not None else self.cases
+
+
+@dataclass
+class ResultRow:
+    """One (case, provider) cell. ``status``: "ok" (timed, output correct), "not timed"
+    (validated on the CPU), "skipped" (provider unavailable), "failed" (raised or wrong)."""
+
+    benchmark: str
+    case: str
+    provider: str
+    status: str
+    reason: str = ""
+    median_ms: float | None = None
+    p20_ms: float | None = None
+    p80_ms: float | None = None
+    runs: int | None = None
+    bytes: int = 0
+    flops: int = 0
+    gbps: float | None = None
+    tflops: float | None = None
+    pct_copy_bw: float | None = None
+    pct_matmul: float | None = None
+    speedup: float | None = None
+    correct: bool | None = None
+    host_syncs: int | None = None
+    host_sync_ops: dict = field(default_factory=dict)
+    host_syncs_device: str = ""
+    backend: str = ""
+    params: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class BenchmarkResult:
+    """Rows of one benchmark run, and whether (and why not) they were timed."""
+
+    benchmark: str
+    description: str
+    bytes_model: str
+    timed: bool
+    not_timed_reason: str
+    rows: list[ResultRow]
+    roofline: Roofline | None = None
+    providers: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {
+            "benchmark": self.benchmark,
+            "description": self.description,
+            "bytes_model": self.bytes_model,
+            "timed": self.timed,
+            "not_timed_reason": self.not_timed_reason,
+            "providers": self.providers,
+            "rows": [r.to_dict() for r in self.rows],
+        }
+
+    @property
+    def failed_rows(self) -> list[ResultRow]:
+        return [r for r in self.rows if r.status == "failed"]
+
+
+def _provider_descriptions(bench: Benchmark) -> list[dict]:
+    return [{"name": p.name, "optional": p.optional, "notes": p.notes} for p in bench.providers]
+
+
+# ======================================================================================
+# Host syncs
+
+
+def _host_sync_counter_class():
+    try:
+        from mmkernels.testing import HostSyncCounter
+    except Exception as exc:  # not landed, or broken: rows say so
+        return None, f"mmkernels.testing.HostSyncCounter unavailable ({type(exc).__name__}: {exc})"
+    return HostSyncCounter, ""
+
+
+def _recent_decisions() -> list:
+    try:
+        from mmkernels.backend import recent_decisions
+    except Exception:
+        return []
+    return recent_decisions()
+
+
+def _decision_mark():
+    """The newest recorded mmkernels backend decision (an object, compared by identity:
+    the log is a bounded deque, so positions shift once it is full)."""
+    recent = _recent_decisions()
+    return recent[-1] if recent else None
+
+
+def _mmkernels_decisions_since(mark) -> str:
+    """The distinct backend decisions recorded after ``mark``, joined by "; "."""
+    recent = _recent_decisions()
+    start = 0
+    for i in range(len(recent) - 1, -1, -1):
+        if recent[i] is mark:
+            start = i + 1
+            break
+    return "; ".join(dict.fromkeys(str(d) for d in recent[start:]))
+
+
+def _unexpected_backends(decisions: str, expected: str) -> list[str]:
+    """The recorded decisions (``"op: backend (reasons)"``) whose backend is not ``expected``."""
+    return [d for d in decisions.split("; ") if d and d.split(": ", 1)[-1].split(" (", 1)[0] != expected]
+
+
+@dataclass(frozen=True)
+class SyncCount:
+    count: int | None
+    ops: dict
+    note: str = ""
+
+
+def count_host_syncs(fn: Callable[[Any], Any], inputs: Any, counter_class=None) -> SyncCount:
+    """Host syncs of one ``fn(inputs)`` call, with ``HostSyncCounter`` (or ``counter_class``:
+    a context manager with ``.count`` and ``.ops``)."""
+    note = ""
+    if counter_class is None:
+        counter_class, note = _host_sync_counter_class()
+        if counter_class is None:
+            return SyncCount(None, {}, note)
+    try:
+        with counter_class() as counter:
+            fn(inputs)
+    except Exception as exc:
+        return SyncCount(None, {}, f"counting raised {type(exc).__name__}: {exc}")
+    return SyncCount(int(counter.count), dict(counter.ops))
+
+
+# ======================================================================================
+# Running a benchmark
+
+
+def _error_text(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+class BenchSession:
+    """Device state shared by the cells of one run: the clock, the roofline, built
+    providers (``torch.compile`` happens once), the current case's inputs and oracle.
+
+    Used by :func:`run_benchmark` and by the pytest-benchmark cells.
+    """
+
+    def __init__(self, bench: Benchmark, device: torch.device | str = "cuda", *, quick: bool = False,
+                 roofline: Roofline | None = None, timing: TimingConfig | None = None,
+                 counter_class=None, clock=None):  # fmt: skip
+        self.bench = bench
+        self.device = torch.device(device)
+        self.quick = quick
+        self.timing = timing or (TimingConfig.quick() if quick else TimingConfig())
+        self.counter_class = counter_class
+        self._roofline = roofline
+        self._clock = clock  # CudaClock unless given (tests pass a stand-in)
+        self._built: dict[tuple[str, bool], Callable | BaseException] = {}
+        self._case_name: str | None = None
+        self._case_state: dict = {}
+
+    # -- shared state ---------------------------------------------------------------
+    @property
+    def roofline(self) -> Roofline:
+        if self._roofline is None:
+            self._roofline = measure_roofline(self.device, quick=self.quick)
+        return self._roofline
+
+    @property
+    def clock(self):
+        if self._clock is None:
+            self._clock = CudaClock(self.device, L2_FLUSH_BYTES if self.timing.flush_l2 else 0)
+        return self._clock
+
+    def built(self, provider: Provider, *, for_check: bool = False) -> Callable:
+        """The provider's callable, built once; raises what the factory raised."""
+        key = (provider.name, for_check and provider.check_factory is not None)
+        if key not in self._built:
+            try:
+                self._built[key] = provider.build(for_check=for_check)
+            except Exception as exc:
+                self._built[key] = exc
+        value = self._built[key]
+        if isinstance(value, BaseException):
+            raise value
+        return value
+
+    def _case(self, case) -> dict:
+        """Inputs and expected output of ``case`` on the device (one case kept at a time)."""
+        if self._case_name != case.name:
+            self._case_state = {}
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self._case_name = case.name
+            self._case_state["expected"] = self.bench.expected_output(self.bench.make_inputs(case, self.device, 0))
+        return self._case_state
+
+    def arg_sets(self, case) -> list:
+        state = self._case(case)
+        if "arg_sets" not in state:
+            copies = max(1, self.timing.input_copies)
+            state["arg_sets"] = [self.bench.make_inputs(case, self.device, 1 + i) for i in range(copies)]
+        return state["arg_sets"]
+
+    def release(self) -> None:
+        self._case_state = {}
+        self._case_name = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    # -- one cell -------------------------------------------------------------------
+    def _base_row(self, case, provider: Provider) -> ResultRow:
+        return ResultRow(
+            benchmark=self.bench.name,
+            case=case.name,
+            provider=provider.name,
+            status="",
+            bytes=int(self.bench.bytes_moved(case)),
+            flops=int(self.bench.flops(case)),
+            params=case.params(),
+        )
+
+    def _skip_or_fail(self, row: ResultRow, provider: Provider, what: str, exc: BaseException) -> ResultRow:
+        row.status = "skipped" if provider.optional else "failed"
+        row.reason = f"{what}: {_error_text(exc)}"
+        return row
+
+    def count_syncs(self, row: ResultRow, provider: Provider, case) -> None:
+        """Host syncs of one call on ``case``, on this session's device (the CPU check
+        passes the scaled-down case; on CUDA the full case reuses compiled kernels)."""
+        try:
+            fn = self.built(provider, for_check=True)
+            inputs = self.bench.make_inputs(case, self.device, 0)
+        except Exception as exc:
+            row.host_sync_ops = {}
+            row.reason = (row.reason + "; " if row.reason else "") + f"host syncs not counted: {_error_text(exc)}"
+            return
+        mark = _decision_mark()
+        synced = count_host_syncs(fn, inputs, self.counter_class)
+        row.host_syncs, row.host_sync_ops, row.host_syncs_device = synced.count, synced.ops, self.device.type
+        row.backend = row.backend or _mmkernels_decisions_since(mark)
+        if synced.note:
+            row.reason = (row.reason + "; " if row.reason else "") + f"host syncs not counted: {synced.note}"
+
+    def run_cell(self, case, provider: Provider) -> ResultRow:
+        """Check the provider's output on ``case`` and time it (CUDA)."""
+        row = self._base_row(case, provider)
+        reason = provider.skip_reason(self.device.type)
+        if reason:
+            row.status, row.reason = "skipped", reason
+            return row
+        try:
+            fn = self.built(provider)
+        except Exception as exc:
+            return self._skip_or_fail(row, provider, "could not build", exc)
+        state = self._case(case)
+        mark = _decision_mark()
+        try:
+            with torch.inference_mode():
+                out = fn(self.bench.make_inputs(case, self.device, 0))
+                mismatch = self.bench.compare(out, state["expected"])
+        except Exception as exc:
+            return self._skip_or_fail(row, provider, "first call raised", exc)
+        row.backend = _mmkernels_decisions_since(mark)
+        del out
+        wrong_backend = _unexpected_backends(row.backend, provider.timed_backend) if provider.timed_backend else []
+        if provider.timed_backend and (wrong_backend or not row.backend):
+            row.status = "failed"
+            row.reason = f"expected backend {provider.timed_backend!r}, ran: {row.backend or 'no recorded decision'}"
+            return row
+        if mismatch:
+            row.status, row.correct, row.reason = "failed", False, f"wrong output: {mismatch}"
+            return row
+        row.correct = True
+        try:
+            with torch.inference_mode():
+                timing = time_device(fn, self.arg_sets(case), clock=self.clock, config=self.timing)
+        except Exception as exc:
+            return self._skip_or_fail(row, provider, "timing raised", exc)
+        self._fill_metrics(row, timing)
+        row.status = "ok"
+        self.count_syncs(row, provider, case)
+        return row
+
+    def _fill_metrics(self, row: ResultRow, timing: Timing) -> None:
+        seconds = timing.median_ms * 1e-3
+        row.median_ms, row.p20_ms, row.p80_ms, row.runs = timing.median_ms, timing.p20_ms, timing.p80_ms, timing.runs
+        row.gbps = row.bytes / seconds / 1e9 if row.bytes else None
+        row.tflops = row.flops / seconds / 1e12 if row.flops else None
+        roof = self.roofline
+        if roof.measured and row.gbps is not None:
+            row.pct_copy_bw = 100.0 * row.gbps / roof.copy_gbps
+        if roof.measured and row.tflops is not None:
+            row.pct_matmul = 100.0 * row.tflops / roof.matmul_tflops
+
+    def check_cell_on_cpu(self, case, provider: Provider, reason: str) -> ResultRow:
+        """The CPU self-check of one cell: run once on the scaled-down case, compare with
+        the oracle, count host syncs. Never timed."""
+        row = self._base_row(case, provider)
+        skip = provider.skip_reason("cpu")
+        if skip:
+            row.status, row.reason = "skipped", skip
+            return row
+        small = self.bench.small_case(case)
+        try:
+            fn = self.built(provider, for_check=True)
+        except Exception as exc:
+            return self._skip_or_fail(row, provider, "could not build", exc)
+        mark = _decision_mark()
+        try:
+            expected = self.bench.expected_output(self.bench.make_inputs(small, self.device, 0))
+            out = fn(self.bench.make_inputs(small, self.device, 0))
+            mismatch = self.bench.compare(out, expected)
+        except Exception as exc:
+            return self._skip_or_fail(row, provider, "CPU check raised", exc)
+        row.backend = _mmkernels_decisions_since(mark)
+        if mismatch:
+            row.status, row.correct, row.reason = "failed", False, f"wrong output on the CPU check: {mismatch}"
+            return row
+        row.status, row.correct, row.reason = NOT_TIMED, True, reason
+        self.count_syncs(row, provider, small)
+        return row
+
+
+def _fill_speedups(rows: list[ResultRow], baseline: str) -> None:
+    base = {r.case: r.median_ms for r in rows if r.provider == baseline and r.status == "ok"}
+    for r in rows:
+        if r.status == "ok" and base.get(r.case):
+            r.speedup = base[r.case] / r.median_ms
+
+
+def _not_timed_reason(detail: str) -> str:
+    return f"{NOT_TIMED}: {NO_CUDA} ({detail})"
+
+
+def validate_on_cpu(bench: Benchmark, *, quick: bool = False, reason: str | None = None,
+                    counter_class=None) -> BenchmarkResult:  # fmt: skip
+    """The harness's self-check without CUDA: every case scaled down, every provider that
+    can run on the CPU run once against the oracle, host syncs counted. Nothing timed."""
+    reason = reason or _not_timed_reason("harness validated on the CPU: shapes built, outputs checked, syncs counted")
+    session = BenchSession(bench, "cpu", quick=quick, counter_class=counter_class)
+    rows = [
+        session.check_cell_on_cpu(case, provider, reason)
+        for case in bench.cases_for(quick)
+        for provider in bench.providers
+    ]
+    return BenchmarkResult(
+        benchmark=bench.name,
+        description=bench.description,
+        bytes_model=bench.bytes_model,
+        timed=False,
+        not_timed_reason=reason,
+        rows=rows,
+        roofline=Roofline.not_measured(f"not measured: {NO_CUDA}"),
+        providers=_provider_descriptions(bench),
+    )
+
+
+def _deadline_rows(session: BenchSession, case, reason: str) -> list[ResultRow]:
+    rows = []
+    for provider in session.bench.providers:
+        row = session._base_row(case, provider)
+        row.status, row.reason = NOT_TIMED, reason
+        rows.append(row)
+    return rows
+
+
+def run_benchmark(bench: Benchmark, *, quick: bool = False, device: torch.device | str | None = None,
+                  roofline: Roofline | None = None, deadline: float | None = None,
+                  on_progress: Callable[[BenchmarkResult], None] | None = None,
+                  counter_class=None) -> BenchmarkResult:  # fmt: skip
+    """Run ``bench``: timed on CUDA (:func:`run_timed`), else :func:`validate_on_cpu`.
+
+    ``deadline`` (seconds since the epoch; default from ``$MMKERNELS_BENCH_DEADLINE``):
+    cases not started by then are recorded as not timed. ``on_progress`` is called with
+    the partial result after every case (so a killed run leaves its results written).
+    """
+    device = torch.device(device) if device is not None else torch.device("cuda" if cuda_available() else "cpu")
+    if device.type != "cuda" or not cuda_available():
+        result = validate_on_cpu(bench, quick=quick, counter_class=counter_class)
+        if on_progress:
+            on_progress(result)
+        return result
+    session = BenchSession(bench, device, quick=quick, roofline=roofline, counter_class=counter_class)
+    deadline = deadline if deadline is not None else deadline_from_env()
+    return run_timed(session, deadline=deadline, on_progress=on_progress)
+
+
+def run_timed(session: BenchSession, *, deadline: float | None = None,
+              on_progress: Callable[[BenchmarkResult], None] | None = None) -> BenchmarkResult:  # fmt: skip
+    """Check and time every (case, provider) cell of ``session.bench``, case by case."""
+    bench = session.bench
+    result = BenchmarkResult(
+        benchmark=bench.name,
+        description=bench.description,
+        bytes_model=bench.bytes_model,
+        timed=True,
+        not_timed_reason="",
+        rows=[],
+        roofline=session.roofline,
+        providers=_provider_descriptions(bench),
+    )
+    for case in bench.cases_for(session.quick):
+        if deadline is not None and time.time() > deadline:
+            result.rows += _deadline_rows(session, case, f"{NOT_TIMED}: the step's time budget ran out")
+            continue
+        result.rows += [session.run_cell(case, provider) for provider in bench.providers]
+        session.release()
+        _fill_speedups(result.rows, bench.providers[0].name)
+        if on_progress:
+            on_progress(result)
+    if on_progress:
+        on_progress(result)
+    return result
+
+
+# ======================================================================================
+# Results folder
+
+
+def _fmt(value, spec: str, missing: str = "") -> str:
+    return missing if value is None else format(value, spec)
+
+
+def _stamp_line(stamp: dict) -> str:
+    gpu = stamp.get("gpu", {})
+    if gpu.get("nvml") == "ok":
+        gpu_text = (
+            f"{gpu.get('name')} (driver {gpu.get('driver')}, SM {gpu.get('sm_clock_mhz')}/"
+            f"{gpu.get('max_sm_clock_mhz')} MHz, memory {gpu.get('memory_clock_mhz')}/"
+            f"{gpu.get('max_memory_clock_mhz')} MHz, power limit {gpu.get('power_limit_w')} W)"
+        )
+    else:
+        gpu_text = f"{gpu.get('name', 'unknown')} (NVML {gpu.get('nvml', 'not queried')})"
+    return (
+        f"- GPU: {gpu_text}\n"
+        f"- torch {stamp.get('torch')} (CUDA {stamp.get('torch_cuda')}), triton {stamp.get('triton')}, "
+        f"transformers {stamp.get('transformers')}, Python {stamp.get('python')}\n"
+        f"- commit `{stamp.get('git_commit')}`, {stamp.get('date')}, host {stamp.get('hostname')}\n"
+    )
+
+
+def _roofline_line(roof: dict | None) -> str:
+    if not roof:
+        return "- Roofline: not measured\n"
+    if roof.get("copy_gbps") is None:
+        return f"- Roofline: {roof.get('reason') or 'not measured'}\n"
+    return (
+        f"- Roofline measured in this run: copy {roof['copy_gbps']:.0f} GB/s "
+        f"({roof['copy_bytes'] / 2**30:.1f} GiB moved per copy), bf16 matmul "
+        f"{roof['matmul_tflops']:.0f} TFLOP/s ({roof['matmul_size']}^3)\n"
+    )
+
+
+_TABLE_HEADER = (
+    "| case | provider | status | median ms | p20-p80 ms | GB/s | % copy BW | TFLOP/s | % matmul "
+    "| speedup | host syncs | correct | note |\n"
+    "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n"
+)
+
+
+def _md_cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _row_line(r: dict) -> str:
+    spread = "" if r.get("p20_ms") is None else f"{r['p20_ms']:.4f}-{r['p80_ms']:.4f}"
+    syncs = "" if r.get("host_syncs") is None else f"{r['host_syncs']} ({r.get('host_syncs_device', '')})"
+    correct = {True: "yes", False: "NO", None: ""}[r.get("correct")]
+    note = r.get("reason", "")
+    if r.get("status") == NOT_TIMED and note.startswith(NOT_TIMED):
+        note = ""  # said once above the table
+    cells = [
+        r["case"], r["provider"], r["status"], _fmt(r.get("median_ms"), ".4f"), spread,
+        _fmt(r.get("gbps"), ".1f"), _fmt(r.get("pct_copy_bw"), ".1f"), _fmt(r.get("tflops"), ".2f"),
+        _fmt(r.get("pct_matmul"), ".1f"), _fmt(r.get("speedup"), ".2f", ""), syncs, correct, note,
+    ]  # fmt: skip
+    return "| " + " | ".join(_md_cell(c) for c in cells) + " |\n"
+
+
+def render_markdown(data: dict) -> str:
+    """``results.md`` from the ``results.json`` content."""
+    out = ["# mmkernels benchmark results\n\n"]
+    if not data.get("timed", False):
+        out.append(f"**{data.get('not_timed_reason') or NOT_TIMED}**\n\n")
+    out.append(_stamp_line(data.get("stamp", {})))
+    out.append(_roofline_line(data.get("roofline")))
+    for name, bench in sorted(data.get("benchmarks", {}).items()):
+        out.append(f"\n## {name}\n\n{bench.get('description', '')}\n\n")
+        if bench.get("bytes_model"):
+            out.append(f"Bytes counted for GB/s: {bench['bytes_model']}\n\n")
+        if not bench.get("timed"):
+            out.append(f"**{bench.get('not_timed_reason') or NOT_TIMED}**\n\n")
+        for p in bench.get("providers", []):
+            if p.get("notes"):
+                out.append(f"- `{p['name']}`: {p['notes']}\n")
+        out.append("\n" + _TABLE_HEADER)
+        out.extend(_row_line(r) for r in bench.get("rows", []))
+        plot = bench.get("plot", "")
+        out.append(f"\n![{name}]({plot})\n" if plot.endswith(".png") else f"\n{plot}\n")
+    suite = data.get("suite")
+    if suite:
+        out.append("\n## GPU suite steps\n\n| step | status | seconds | budget s | detail |\n|---|---|---:|---:|---|\n")
+        for step in suite.get("steps", []):
+            out.append(
+                f"| {step['name']} | {step['status']} | {step['seconds']:.1f} | {step['budget_s']:.0f} "
+                f"| {_md_cell(step.get('detail', ''))} |\n"
+            )
+    return "".join(out)
+
+
+def plot_benchmark(bench: dict, roofline: dict | None, path: Path) -> str | None:
+    """Bars of GB/s per provider, grouped by case; the measured copy bandwidth as a line.
+    Without timings the figure says why. Returns None, or why no plot was written."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        return f"plot not written: matplotlib not installed ({exc})"
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in bench.get("rows", []) if r.get("gbps") is not None]
+    cases = list(dict.fromkeys(r["case"] for r in bench.get("rows", [])))
+    providers = [p["name"] for p in bench.get("providers", [])] or list(dict.fromkeys(r["provider"] for r in rows))
+    size = (max(8.0, 1.2 * len(cases) + 3), 5.0) if rows else (8.0, 2.5)
+    fig, ax = plt.subplots(figsize=size)
+    if not rows:
+        ax.axis("off")
+        ax.text(0.5, 0.5, f"{bench.get('benchmark', '')}\n{bench.get('not_timed_reason') or NOT_TIMED}",
+                ha="center", va="center", wrap=True)  # fmt: skip
+    else:
+        width = 0.8 / max(len(providers), 1)
+        by_cell = {(r["case"], r["provider"]): r["gbps"] for r in rows}
+        for j, provider in enumerate(providers):
+            xs = [i + (j - (len(providers) - 1) / 2) * width for i in range(len(cases))]
+            ys = [by_cell.get((c, provider), 0.0) for c in cases]
+            ax.bar(xs, ys, width=width, label=provider)
+        if roofline and roofline.get("copy_gbps"):
+            ax.axhline(roofline["copy_gbps"], color="black", linestyle="--", linewidth=1, label="measured copy BW")
+        ax.set_xticks(range(len(cases)))
+        ax.set_xticklabels(cases, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("GB/s (declared bytes / median time)")
+        ax.legend(fontsize=8)
+    ax.set_title(f"{bench.get('benchmark', '')}: effective bandwidth")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+class ResultsFolder:
+    """One results folder: ``results.json``, ``results.md``, ``<benchmark>.png``.
+
+    Every update re-reads ``results.json``, merges, and rewrites all three, so several
+    benchmarks (run in separate processes) share one folder.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    @property
+    def json_path(self) -> Path:
+        return self.path / "results.json"
+
+    @property
+    def md_path(self) -> Path:
+        return self.path / "results.md"
+
+    def load(self) -> dict:
+        if self.json_path.exists():
+            return json.loads(self.json_path.read_text())
+        return {"timed": False, "not_timed_reason": "", "benchmarks": {}}
+
+    def update(self, *, stamp: dict | None = None, roofline: Roofline | None = None,
+               benchmark: BenchmarkResult | None = None, suite: dict | None = None) -> dict:  # fmt: skip
+        """Merge what is given into the folder; a stamp is taken if the folder has none."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        data = self.load()
+        if stamp is not None or "stamp" not in data:
+            data["stamp"] = stamp if stamp is not None else device_stamp()
+        if roofline is not None:
+            data["roofline"] = roofline.to_dict()
+        elif benchmark is not None and benchmark.roofline is not None and not (data.get("roofline") or {}).get("copy_gbps"):
+            data["roofline"] = benchmark.roofline.to_dict()
+        if benchmark is not None:
+            data.setdefault("benchmarks", {})[benchmark.benchmark] = benchmark.to_dict()
+        if suite is not None:
+            data["suite"] = suite
+        self._set_timed(data)
+        self._write(data, benchmark.benchmark if benchmark is not None else None)
+        return data
+
+    @staticmethod
+    def _set_timed(data: dict) -> None:
+        benches = list(data.get("benchmarks", {}).values())
+        data["timed"] = bool(benches) and all(b.get("timed") for b in benches)
+        reasons = list(dict.fromkeys(b["not_timed_reason"] for b in benches if not b.get("timed")))
+        if not benches:
+            reasons = [data.get("not_timed_reason") or f"{NOT_TIMED}: no benchmark has run yet"]
+        data["not_timed_reason"] = "; ".join(r for r in reasons if r)
+
+    def _write(self, data: dict, plotted: str | None) -> None:
+        if plotted is not None:
+            bench = data["benchmarks"][plotted]
+            problem = plot_benchmark(bench, data.get("roofline"), self.path / f"{plotted}.png")
+            bench["plot"] = problem or f"{plotted}.png"
+        tmp = self.json_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+        tmp.replace(self.json_path)
+        self.md_path.write_text(render_markdown(data))
+
+
+def roofline_from_folder(out_dir: str | os.PathLike, device: torch.device | str = "cuda") -> Roofline | None:
+    """The roofline already measured into ``out_dir`` in this run on this device, if any."""
+    data = ResultsFolder(out_dir).load()
+    roof = data.get("roofline")
+    if not roof or roof.get("copy_gbps") is None or not cuda_available():
+        return None
+    if roof.get("device_name") != torch.cuda.get_device_name(torch.device(device)):
+        return None
+    return Roofline.from_dict(roof)
+
+
+def run_into_folder(bench: Benchmark, out_dir: str | os.PathLike, *, quick: bool = False,
+                    counter_class=None) -> BenchmarkResult:  # fmt: skip
+    """What each ``benchmarks/bench_*.py`` module's ``run()`` does: run ``bench`` (timed
+    on CUDA, validated on the CPU otherwise) and merge its rows into ``out_dir``, after
+    every case. Reuses a roofline the folder already holds for this device."""
+    folder = ResultsFolder(out_dir)
+    roofline = roofline_from_folder(out_dir) if cuda_available() else None
+    return run_benchmark(
+        bench,
+        quick=quick,
+        roofline=roofline,
+        on_progress=lambda partial: folder.update(benchmark=partial),
+        counter_class=counter_class,
+    )
+

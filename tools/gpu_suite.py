@@ -1,0 +1,397 @@
+#!/usr/bin/env python3
+"""The GPU suite: one command for a lent H100/H200, finished inside 9 minutes.
+
+    python tools/gpu_suite.py [--out DIR] [--quick] [--dry-run]
+
+Steps, in order; each has a time budget, runs in its own process (a hang or a crash
+costs that step only), and is recorded in the summary however it ends:
+
+1. ``stamp``: the device stamp (GPU name, driver, clocks, power limit via nvidia-ml-py;
+   torch / triton / transformers versions, git commit, date, host).
+2. ``roofline``: device-to-device copy bandwidth and bf16 8192^3 matmul rate, measured
+   once; the benchmarks read it from the folder for their "% of roofline" columns.
+3. ``gpu-tests``: ``pytest -m gpu tests/`` with ``MMK_TEST_GPU=1`` (compiled kernels);
+   JUnit XML and the log go into the folder.
+4. ``bench:<name>``: ``run(out_dir, quick)`` of every ``benchmarks/bench_*.py``.
+
+Budget: 540 s in all, of which 30 s are kept for teardown and the summary. Roofline gets
+at most 45 s, the GPU tests at most 180 s (less when the benchmarks would otherwise get
+under 90 s each), and the benchmarks share what is left equally. A benchmark stops
+starting new shapes 20 s before its budget ends and has written its results after every
+shape, so a step cut short still leaves rows. A step over budget is stopped (SIGINT,
+then SIGTERM, then SIGKILL to its process group) and recorded as ``timeout``.
+
+Everything lands in one folder, by default ``benchmarks/results/<GPU>-<date>-<commit>``
+(e.g. ``benchmarks/results/H100-2026-11-24-abc1234``): ``results.json``,
+``results.md``, a PNG per benchmark, ``gpu-tests.junit.xml`` and one log per step.
+
+Without a CUDA device the suite refuses (exit code 2) unless ``--dry-run``: then every
+step runs on the CPU (the benchmarks validate the harness and write "not timed", the
+GPU tests are only collected, kernels run in Triton's interpreter) into a folder whose
+name ends in ``-dryrun``. Exit code 0 when every step succeeded, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # a CLI run from anywhere: `benchmarks`, `mmkernels`
+
+TOTAL_BUDGET_S = 540.0
+FINISH_MARGIN_S = 30.0
+ROOFLINE_CAP_S = 45.0
+GPU_TESTS_CAP_S = 180.0
+MIN_BENCH_S = 90.0
+BENCH_GRACE_S = 20.0
+EXIT_NO_CUDA = 2
+EXIT_ROWS_FAILED = 3
+
+
+# ======================================================================================
+# Budget and steps
+
+
+class Budget:
+    """Seconds left of the suite's total, after the finishing margin."""
+
+    def __init__(self, total_s: float = TOTAL_BUDGET_S, margin_s: float = FINISH_MARGIN_S):
+        self.started = time.monotonic()
+        self.total_s = total_s
+        self.margin_s = margin_s
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def remaining(self) -> float:
+        return max(0.0, self.total_s - self.margin_s - self.elapsed())
+
+    def allot(self, cap_s: float, reserve_s: float = 0.0) -> float:
+        """At most ``cap_s``, leaving ``reserve_s`` for the steps after this one."""
+        return max(0.0, min(cap_s, self.remaining() - reserve_s))
+
+
+@dataclass
+class StepResult:
+    name: str
+    status: str  # "ok" | "failed" | "timeout" | "skipped"
+    seconds: float
+    budget_s: float
+    detail: str = ""
+    log: str = ""
+
+
+def _log_name(step: str) -> str:
+    return step.replace(":", "-").replace("/", "-") + ".log"
+
+
+def _terminate_group(proc: subprocess.Popen) -> None:
+    """Stop a step's process group: SIGINT (pytest writes its reports), SIGTERM, SIGKILL."""
+    for sig, wait_s in ((signal.SIGINT, 15), (signal.SIGTERM, 5), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def run_process_step(name: str, cmd: list[str], *, budget_s: float, out_dir: Path, env: dict) -> tuple[StepResult, int | None]:
+    """Run ``cmd`` (its own process group, output to the step's log) within ``budget_s``."""
+    log_name = _log_name(name)
+    started = time.monotonic()
+    if budget_s <= 1.0:
+        return StepResult(name, "skipped", 0.0, budget_s, "no time left in the suite's budget"), None
+    with open(out_dir / log_name, "w") as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=budget_s)
+        except subprocess.TimeoutExpired:
+            _terminate_group(proc)
+            seconds = time.monotonic() - started
+            return StepResult(name, "timeout", seconds, budget_s, f"stopped after {budget_s:.0f} s", log_name), None
+        except BaseException:
+            _terminate_group(proc)
+            raise
+    seconds = time.monotonic() - started
+    status = "ok" if rc == 0 else "failed"
+    detail = "" if rc == 0 else f"exit code {rc}; last lines: {_tail(out_dir / log_name)}"
+    return StepResult(name, status, seconds, budget_s, detail, log_name), rc
+
+
+def _tail(path: Path, lines: int = 3, chars: int = 400) -> str:
+    try:
+        text = path.read_text(errors="replace").strip().splitlines()[-lines:]
+    except OSError:
+        return ""
+    joined = " / ".join(text)
+    return joined[-chars:]
+
+
+def step_env(*, dry_run: bool, interpret: bool = False, gpu_tests: bool = False, deadline: float | None = None) -> dict:
+    """The environment of a step's process.
+
+    On a GPU: kernels compiled (``TRITON_INTERPRET`` removed), and ``MMK_TEST_GPU=1`` for
+    the GPU tests (tests/conftest.py otherwise turns the interpreter on). Dry run: CUDA
+    hidden (the CPU path is validated even on a GPU machine), kernels interpreted.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.pop("TRITON_INTERPRET", None)
+    env.pop("MMK_TEST_GPU", None)
+    if dry_run:
+        env["CUDA_VISIBLE_DEVICES"] = ""
+        if interpret:
+            env["TRITON_INTERPRET"] = "1"
+    elif gpu_tests:
+        env["MMK_TEST_GPU"] = "1"
+    if deadline is not None:
+        env["MMKERNELS_BENCH_DEADLINE"] = f"{deadline:.3f}"
+    return env
+
+
+def _self_cmd(*args: str) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "_step", *args]
+
+
+# ======================================================================================
+# GPU tests
+
+
+def junit_summary(path: Path) -> dict:
+    """Counts (and up to 20 failing test ids) from a JUnit XML file."""
+    if not path.exists():
+        return {"junit": "missing"}
+    try:
+        root = ET.parse(path).getroot()
+    except ET.ParseError as exc:
+        return {"junit": f"unreadable: {exc}"}
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    counts = {key: sum(int(s.get(key, 0)) for s in suites) for key in ("tests", "failures", "errors", "skipped")}
+    failing = [
+        f"{case.get('classname')}::{case.get('name')}"
+        for case in root.iter("testcase")
+        if case.find("failure") is not None or case.find("error") is not None
+    ]
+    return {**counts, "failing": failing[:20]}
+
+
+def run_gpu_tests(out_dir: Path, *, budget_s: float, dry_run: bool) -> StepResult:
+    junit = out_dir / "gpu-tests.junit.xml"
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/", "-p", "no:cacheprovider", "-q", "-rfEs"]
+    if dry_run:
+        cmd.append("--collect-only")
+    else:
+        cmd += [f"--junitxml={junit}", "--durations=10"]
+    env = step_env(dry_run=dry_run, gpu_tests=True)
+    step, rc = run_process_step("gpu-tests", cmd, budget_s=budget_s, out_dir=out_dir, env=env)
+    if rc == 5:  # pytest: no tests collected
+        step.status, step.detail = "ok", "no tests marked gpu were collected"
+    if dry_run and step.status == "ok" and rc == 0:
+        step.detail = "dry run: GPU tests collected, not run"
+    elif not dry_run:
+        summary = junit_summary(junit)
+        counts = ", ".join(f"{k} {v}" for k, v in summary.items() if k != "failing")
+        failing = "; failing: " + ", ".join(summary["failing"]) if summary.get("failing") else ""
+        step.detail = "; ".join(x for x in (step.detail, counts + failing) if x)
+        if step.status == "ok" and summary.get("tests") and summary.get("skipped") == summary["tests"]:
+            step.status = "failed"
+            step.detail = "every GPU test was skipped (are CUDA and compiled kernels visible?); " + step.detail
+    return step
+
+
+# ======================================================================================
+# Steps run in their own process (`gpu_suite.py _step ...`)
+
+
+def _step_roofline(out_dir: Path, quick: bool) -> int:
+    from benchmarks import harness
+
+    roofline = harness.measure_roofline("cuda", quick=quick) if harness.cuda_available() else harness.Roofline.not_measured(
+        f"not measured: {harness.NO_CUDA}"
+    )
+    harness.ResultsFolder(out_dir).update(roofline=roofline)
+    print(json.dumps(roofline.to_dict()))
+    return 0
+
+
+def _step_bench(out_dir: Path, module_name: str, quick: bool) -> int:
+    module = importlib.import_module(module_name)
+    result = module.run(out_dir, quick=quick)
+    failed = result.failed_rows
+    for row in failed:
+        print(f"FAILED {row.case} / {row.provider}: {row.reason}")
+    counts = {}
+    for row in result.rows:
+        counts[row.status] = counts.get(row.status, 0) + 1
+    print(f"{result.benchmark}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
+    return EXIT_ROWS_FAILED if failed else 0
+
+
+def step_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="gpu_suite.py _step")
+    parser.add_argument("kind", choices=["roofline", "bench"])
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--module")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    if args.kind == "roofline":
+        return _step_roofline(args.out, args.quick)
+    return _step_bench(args.out, args.module, args.quick)
+
+
+# ======================================================================================
+# The suite
+
+
+def discover_benchmarks() -> list[str]:
+    return sorted(f"benchmarks.{p.stem}" for p in (REPO_ROOT / "benchmarks").glob("bench_*.py"))
+
+
+def default_out_dir(stamp: dict, dry_run: bool) -> Path:
+    from benchmarks import harness
+
+    date = stamp.get("date", "")[:10] or datetime.date.today().isoformat()
+    commit = stamp.get("git_commit", "unknown")
+    short = commit[:7] if commit != "unknown" else "nogit"
+    base = f"{harness.short_gpu_name(stamp)}-{date}-{short}" + ("-dryrun" if dry_run else "")
+    root = REPO_ROOT / "benchmarks" / "results"
+    candidate, n = root / base, 2
+    while candidate.exists():
+        candidate, n = root / f"{base}-{n}", n + 1
+    return candidate
+
+
+def _bench_step(module: str, out_dir: Path, *, budget: Budget, benches_left: int, quick: bool, dry_run: bool) -> StepResult:
+    budget_s = budget.allot(budget.remaining() / max(benches_left, 1))
+    grace = min(BENCH_GRACE_S, 0.25 * budget_s)
+    deadline = time.time() + budget_s - grace
+    cmd = _self_cmd("bench", "--out", str(out_dir), "--module", module, *(["--quick"] if quick else []))
+    env = step_env(dry_run=dry_run, interpret=True, deadline=deadline)
+    name = "bench:" + module.rsplit(".", 1)[-1].removeprefix("bench_")
+    step, rc = run_process_step(name, cmd, budget_s=budget_s, out_dir=out_dir, env=env)
+    if rc == EXIT_ROWS_FAILED:
+        step.detail = "rows failed their correctness check; " + step.detail
+    elif rc == 0:
+        step.detail = _tail(out_dir / step.log, lines=1)
+    return step
+
+
+def take_stamp() -> tuple[dict, StepResult]:
+    from benchmarks import harness
+
+    started = time.monotonic()
+    try:
+        stamp = harness.device_stamp()
+    except Exception as exc:  # record and go on: the other steps stamp nothing themselves
+        stamp = {"gpu": {"name": "unknown", "nvml": "not queried"}, "cuda_available": True,
+                 "git_commit": harness.git_commit(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+        return stamp, StepResult("stamp", "failed", time.monotonic() - started, 0.0, f"{type(exc).__name__}: {exc}")
+    gpu = stamp.get("gpu", {})
+    detail = f"{gpu.get('name')}; NVML {gpu.get('nvml')}; commit {stamp.get('git_commit', 'unknown')[:12]}"
+    return stamp, StepResult("stamp", "ok", time.monotonic() - started, 0.0, detail)
+
+
+def run_suite(out_dir: Path, *, quick: bool, dry_run: bool, stamp: dict, stamp_step: StepResult,
+              budget: Budget) -> list[StepResult]:  # fmt: skip
+    from benchmarks import harness
+
+    folder = harness.ResultsFolder(out_dir)
+    steps: list[StepResult] = [stamp_step]
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+    def record(status: str) -> None:
+        folder.update(suite={
+            "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "dry_run": dry_run, "quick": quick, "budget_s": TOTAL_BUDGET_S, "started": started,
+            "elapsed_s": round(budget.elapsed(), 1), "status": status,
+            "steps": [dataclasses.asdict(s) for s in steps],
+        })  # fmt: skip
+
+    folder.update(stamp=stamp)
+    record("running")
+    benches = discover_benchmarks()
+    bench_reserve = MIN_BENCH_S * len(benches)
+
+    roofline_cap = ROOFLINE_CAP_S * (0.7 if quick else 1.0)
+    step, _ = run_process_step(
+        "roofline",
+        _self_cmd("roofline", "--out", str(out_dir), *(["--quick"] if quick else [])),
+        budget_s=budget.allot(roofline_cap, reserve_s=bench_reserve),
+        out_dir=out_dir,
+        env=step_env(dry_run=dry_run),
+    )
+    roof = folder.load().get("roofline") or {}
+    if roof.get("copy_gbps"):
+        step.detail = f"copy {roof['copy_gbps']:.0f} GB/s, bf16 matmul {roof['matmul_tflops']:.0f} TFLOP/s"
+    elif step.status == "ok":
+        step.detail = roof.get("reason", "")
+    steps.append(step)
+    record("running")
+
+    tests_cap = GPU_TESTS_CAP_S * (0.5 if quick else 1.0)
+    steps.append(run_gpu_tests(out_dir, budget_s=budget.allot(tests_cap, reserve_s=bench_reserve), dry_run=dry_run))
+    record("running")
+
+    for i, module in enumerate(benches):
+        steps.append(_bench_step(module, out_dir, budget=budget, benches_left=len(benches) - i, quick=quick, dry_run=dry_run))
+        record("running")
+    if not benches:
+        steps.append(StepResult("benchmarks", "skipped", 0.0, 0.0, "no benchmarks/bench_*.py found"))
+    record("ok" if all(s.status in ("ok", "skipped") for s in steps) else "failed")
+    return steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["_step"]:
+        return step_main(argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<GPU>-<date>-<commit>)")
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
+    parser.add_argument("--dry-run", action="store_true", help="validate everything on the CPU; nothing is timed")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    if not args.dry_run and not torch.cuda.is_available():
+        print(
+            "gpu_suite: no CUDA device here, so nothing can be timed. Run it on a GPU machine, or pass "
+            "--dry-run to validate the suite on the CPU (results marked 'not timed').",
+            file=sys.stderr,
+        )
+        return EXIT_NO_CUDA
+
+    budget = Budget()
+    stamp, stamp_step = take_stamp()
+    out_dir = (args.out if args.out is not None else default_out_dir(stamp, args.dry_run)).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"gpu_suite: {stamp['gpu'].get('name')} -> {out_dir}", flush=True)
+    steps = run_suite(out_dir, quick=args.quick, dry_run=args.dry_run, stamp=stamp, stamp_step=stamp_step, budget=budget)
+    for s in steps:
+        print(f"  {s.name:16s} {s.status:8s} {s.seconds:6.1f} s / {s.budget_s:5.0f} s  {s.detail}", flush=True)
+    print(f"gpu_suite: results in {out_dir}", flush=True)
+    return 0 if all(s.status in ("ok", "skipped") for s in steps) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
