@@ -146,7 +146,6 @@ SYNC_OPS = frozenset(
         "aten.unique_consecutive",
         "aten.unique_dim",
         "aten.equal",
-        "aten.is_nonzero",
         "aten.repeat_interleave",
     }
 )
@@ -156,6 +155,8 @@ SYNC_METHODS = {torch.Tensor.tolist: "Tensor.tolist", torch.Tensor.numpy: "Tenso
 
 
 def _custom_op_def(func):
+    if not isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return None
     if func.namespace in ("aten", "prim", "prims"):
         return None
     try:
@@ -173,12 +174,6 @@ class _SyncDispatchMode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = f"{func.namespace}.{func._overloadpacket.__name__}"
-        opdef = _custom_op_def(func)
-        if opdef is not None:
-            # A torch.library.custom_op (ours included): run its Python body with this
-            # mode still active, so the aten ops inside it are counted too.
-            with self:
-                return opdef._init_fn(*args, **kwargs)
         if self.counter._inside_method == 0:
             if name in SYNC_OPS and not (name == "aten.repeat_interleave" and kwargs.get("output_size") is not None):
                 self.counter._record(name)
@@ -198,6 +193,13 @@ class _SyncFunctionMode(TorchFunctionMode):
         kwargs = kwargs or {}
         label = SYNC_METHODS.get(func)
         if label is None:
+            opdef = _custom_op_def(func)
+            if opdef is not None:
+                # A torch.library.custom_op (ours included) runs Python inside: run its
+                # body directly, outside this handler, so both modes see what it does.
+                # (Autograd of the op is not recorded inside a HostSyncCounter block.)
+                with self:
+                    return opdef._init_fn(*args, **kwargs)
             return func(*args, **kwargs)
         self.counter._record(label)
         self.counter._inside_method += 1
