@@ -12,14 +12,20 @@ from mmkernels import backend, ops  # noqa: E402
 from mmkernels.backend import Backend  # noqa: E402
 
 
-def patch(model, *, kernels=None, quantize_projector=None, strict=False):
+def patch(model, *, kernels=None, quantize_projector=None, strict=False, check_placeholders=True):
     """Swap mmkernels' ops into a live model; returns a :class:`PatchReport`.
 
     See :func:`mmkernels.integrations.patch`.
     """
     from mmkernels.integrations import patch as _patch
 
-    return _patch(model, kernels=kernels, quantize_projector=quantize_projector, strict=strict)
+    return _patch(
+        model,
+        kernels=kernels,
+        quantize_projector=quantize_projector,
+        strict=strict,
+        check_placeholders=check_placeholders,
+    )
 
 
 def unpatch(model):

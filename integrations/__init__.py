@@ -1,0 +1,131 @@
+"""mmkernels' integrations: patch the ops into live models, report what was done, undo it.
+
+Installed as ``mmkernels.integrations`` (see pyproject's ``package-dir``).
+
+* :func:`patch` / :func:`unpatch`: swap methods on the live sub-models that a spec covers
+  (matched by their own ``config.model_type`` and class), and restore them exactly.
+* :func:`supported_models`: the coverage table (Markdown), generated from the specs.
+
+One generic engine (:mod:`.engine`), the generic merge pre-step (:mod:`.hf_merge`) and a
+short declarative spec per model family (:mod:`.hf_specs`). transformers is never
+imported here; the specs only name classes, methods and config fields.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from .engine import (
+    NO_MATCH,
+    PatchOptions,
+    PatchReport,
+    Replacement,
+    Rule,
+    Skip,
+    coverage_table,
+    patch_model,
+    unpatch_model,
+)
+from .hf_merge import MergeRule
+from .hf_specs import MERGE_SPECS
+
+__all__ = ["KERNELS", "PatchReport", "Replacement", "Skip", "patch", "rules", "supported_models", "unpatch"]
+
+# Every kernel a model can be patched with; ``patch(kernels=None)`` applies all of them.
+KERNELS: tuple[str, ...] = ("merge",)
+
+_RULES: tuple[Rule, ...] = tuple(MergeRule(spec) for spec in MERGE_SPECS)
+
+
+def rules() -> tuple[Rule, ...]:
+    """The patch rules, in the coverage table's order."""
+    return _RULES
+
+
+def _kernel_names(kernels: Iterable[str] | None) -> tuple[str, ...]:
+    if kernels is None:
+        return KERNELS
+    if isinstance(kernels, str):
+        # A bare string would iterate by characters; one name is still a valid choice.
+        kernels = (kernels,)
+    try:
+        names = tuple(kernels)
+    except TypeError:
+        raise TypeError(
+            f"kernels: expected None or an iterable of kernel names, got {type(kernels).__name__}"
+        ) from None
+    unknown = [name for name in names if name not in KERNELS]
+    if unknown:
+        raise ValueError(f"kernels: unknown kernel name(s) {unknown}; known: {list(KERNELS)}")
+    return names
+
+
+def patch(model: torch.nn.Module, *, kernels: Iterable[str] | None = None, quantize_projector=None,
+          strict: bool = False, check_placeholders: bool = True) -> PatchReport:  # fmt: skip
+    """Swap mmkernels' ops into the live sub-models of ``model`` that a spec covers.
+
+    Args:
+        model: a Hugging Face model (``LlavaForConditionalGeneration``, ``Qwen2VLModel``,
+            ...); sub-models are found by their own ``config.model_type`` and class.
+        kernels: None for every known kernel, else an iterable of names from
+            :data:`KERNELS` (``"merge"``: the multimodal token merge).
+        quantize_projector: reserved; only None is accepted until the quantized
+            projector kernel is available.
+        strict: raise ``ValueError`` when nothing in the model could be patched (the
+            message lists the model types found, the supported ones and the reasons).
+        check_placeholders: the merge checks that each placeholder count equals the
+            feature rows (one host sync, as Hugging Face's own check); False makes the
+            merge sync-free, and a mismatch then yields NaN rows instead of an error.
+
+    Returns:
+        A :class:`PatchReport`: what was replaced (module path, class, method, op) and what
+        was skipped and why. Patching a patched model again changes nothing and the report
+        says "already patched"; :func:`unpatch` restores the original methods exactly.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    names = _kernel_names(kernels)
+    if quantize_projector is not None:
+        raise NotImplementedError(
+            f"quantize_projector={quantize_projector!r}: the quantized projector kernel is not available yet; "
+            "pass quantize_projector=None"
+        )
+    if not isinstance(check_placeholders, bool):
+        raise TypeError(f"check_placeholders: expected a bool, got {type(check_placeholders).__name__}")
+    report = patch_model(model, _RULES, kernels=names, options=PatchOptions(check_placeholders=check_placeholders))
+    if strict and not report.replaced and not report.already_patched:
+        reasons = "; ".join(
+            f"{s.module_path or '<root>'} ({s.class_name}): {s.reason}" for s in report.skipped if s.code != NO_MATCH
+        )
+        raise ValueError(
+            f"model: strict=True and nothing in {type(model).__name__} was patched. "
+            f"model_types found: {report.model_types or 'none'}; supported: {report.supported_model_types}"
+            + (f". Skipped: {reasons}" if reasons else "")
+        )
+    return report
+
+
+def unpatch(model: torch.nn.Module) -> None:
+    """Restore every method :func:`patch` replaced on ``model`` (exactly: the instance
+    ``__dict__`` is as before patching). A no-op on an unpatched model."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    unpatch_model(model)
+
+
+_COLUMNS = (
+    ("family", "family"),
+    ("model_type", "HF `model_type`"),
+    ("class", "patched class"),
+    ("method", "method"),
+    ("op", "op"),
+    ("features", "features from"),
+    ("modalities", "modalities (placeholder config fields)"),
+)
+
+
+def supported_models() -> str:
+    """The coverage table as Markdown, one row per spec (deterministic, README-ready)."""
+    return coverage_table(_RULES, _COLUMNS)

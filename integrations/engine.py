@@ -1,0 +1,340 @@
+"""The generic patch engine: find the sub-models a rule covers, swap methods on the live
+instances, record what was done, report it, and undo it exactly.
+
+Nothing here knows a model family. A :class:`Rule` says which sub-models it covers (their
+own ``config.model_type`` and class name), which method it replaces and with which op,
+why it cannot apply to a given instance (:meth:`Rule.not_applicable_reasons`), and builds
+the replacement function. Family knowledge lives in the specs (:mod:`.hf_specs`).
+
+How a method is replaced, and why this way:
+
+* On the instance, never the class: ``module.forward = MethodType(fn, module)``. The class,
+  other instances, ``isinstance`` and ``state_dict`` (keys and values) are untouched.
+  ``MethodType`` (not a closure over the module) keeps ``copy.deepcopy(model)`` right: the
+  copy's method is bound to the copy.
+* What the instance held before goes into one dict on the module,
+  ``module._mmkernels_originals`` (method name -> previous instance attribute, or
+  :data:`ABSENT` when the method came from the class), so :func:`unpatch` restores the
+  instance ``__dict__`` exactly: re-set what was there, delete what was not.
+* A replacement finds the behaviour it wraps with :func:`original_method`, so it wraps
+  whatever was there (the class method or another library's instance patch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+
+__all__ = [
+    "ABSENT",
+    "ORIGINALS_ATTR",
+    "PatchOptions",
+    "PatchReport",
+    "Replacement",
+    "Rule",
+    "Skip",
+    "coverage_table",
+    "is_patched",
+    "original_method",
+    "patch_model",
+    "unpatch_model",
+]
+
+# The one attribute patch() adds to a module: method name -> what the instance held before.
+ORIGINALS_ATTR = "_mmkernels_originals"
+
+
+class _Absent:
+    """Marks a method that was not in the instance ``__dict__`` before patching (it came
+    from the class): unpatch deletes the instance attribute instead of setting it."""
+
+    _instance = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    # One object, also across copies of a patched model.
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return (_Absent, ())
+
+    def __repr__(self) -> str:
+        return "ABSENT"
+
+
+ABSENT = _Absent()
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchOptions:
+    """What the caller asked for, handed to every replacement a rule builds."""
+
+    check_placeholders: bool = True
+
+
+class Rule:
+    """One replacement of one method on the sub-models a spec covers.
+
+    Subclasses set the class attributes and implement :meth:`make_replacement`; the engine
+    does the rest (walking, matching, recording, reporting, undoing).
+    """
+
+    kernel: str = ""  # the kernel name users pass in patch(kernels=...)
+    family: str = ""  # a human name for the family ("LLaVA")
+    model_type: str = ""  # the sub-model's own config.model_type
+    model_class: str = ""  # the sub-model's class name (matched anywhere in its MRO)
+    method: str = ""  # the method replaced on the instance
+    op: str = ""  # the op the replacement calls (for the report and the coverage table)
+
+    def matches(self, module: torch.nn.Module) -> bool:
+        return _model_type(module) == self.model_type and any(
+            cls.__name__ == self.model_class for cls in type(module).__mro__
+        )
+
+    def not_applicable_reasons(self, module: torch.nn.Module) -> list[str]:
+        """Why this rule cannot patch this (matching) instance; empty when it can."""
+        if not callable(getattr(module, self.method, None)):
+            return [f"{type(module).__name__} has no method {self.method!r}"]
+        return []
+
+    def notes(self, module: torch.nn.Module, options: PatchOptions) -> list[str]:
+        """Facts the report should state about a patched instance (which backend will
+        run, what stays on the original path)."""
+        return []
+
+    def make_replacement(self, options: PatchOptions) -> Callable:
+        """A function ``(self, *args, **kwargs)`` that replaces :attr:`method`; it reaches
+        the behaviour it wraps through :func:`original_method`."""
+        raise NotImplementedError
+
+    def coverage_row(self) -> dict[str, str]:
+        """Cells of the coverage table (see :func:`coverage_table`)."""
+        return {
+            "family": self.family,
+            "model_type": self.model_type,
+            "class": self.model_class,
+            "method": self.method,
+            "op": self.op,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class Replacement:
+    module_path: str
+    class_name: str
+    method: str
+    op: str
+    family: str
+    notes: tuple[str, ...] = ()
+
+
+# Why something was skipped, as a code (the reason text says it for people).
+ALREADY_PATCHED = "already_patched"
+NOT_REQUESTED = "not_requested"
+NOT_APPLICABLE = "not_applicable"
+NO_MATCH = "no_match"
+
+
+@dataclasses.dataclass(frozen=True)
+class Skip:
+    module_path: str
+    class_name: str
+    reason: str
+    code: str = NOT_APPLICABLE
+
+
+def _display_path(path: str) -> str:
+    return path if path else "<root>"
+
+
+class PatchReport:
+    """What :func:`patch_model` replaced and what it skipped, and why.
+
+    ``replaced``: one :class:`Replacement` per swapped method; ``skipped``: one
+    :class:`Skip` per sub-model (or kernel, or the whole model) left alone, with the
+    reason. ``model_types``: the ``config.model_type`` of every sub-model seen.
+    ``str(report)`` is a readable table.
+    """
+
+    def __init__(self, model_name: str, replaced: Sequence[Replacement], skipped: Sequence[Skip],
+                 model_types: Sequence[str], supported_model_types: Sequence[str]):  # fmt: skip
+        self.model_name = model_name
+        self.replaced = list(replaced)
+        self.skipped = list(skipped)
+        self.model_types = list(model_types)
+        self.supported_model_types = list(supported_model_types)
+
+    @property
+    def already_patched(self) -> list[Skip]:
+        return [s for s in self.skipped if s.code == ALREADY_PATCHED]
+
+    def __repr__(self) -> str:
+        return f"PatchReport(model={self.model_name!r}, replaced={len(self.replaced)}, skipped={len(self.skipped)})"
+
+    def __str__(self) -> str:
+        lines = [f"mmkernels.patch({self.model_name}): replaced {len(self.replaced)}, skipped {len(self.skipped)}"]
+        if self.replaced:
+            rows = [(_display_path(r.module_path), r.class_name, r.method, r.op) for r in self.replaced]
+            lines += ["", "replaced:"] + _text_table(("module", "class", "method", "op"), rows)
+            noted = [r for r in self.replaced if r.notes]
+            if noted:
+                lines += ["", "notes:"]
+                for r in noted:
+                    lines.append(f"  {_display_path(r.module_path)} ({r.class_name}.{r.method}):")
+                    lines += [f"    - {note}" for note in r.notes]
+        if self.skipped:
+            rows = [(_display_path(s.module_path), s.class_name, s.reason) for s in self.skipped]
+            lines += ["", "skipped:"] + _text_table(("module", "class", "reason"), rows)
+        return "\n".join(lines)
+
+
+def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+
+    def fmt(row):
+        return "  " + "  ".join(str(cell).ljust(w) for cell, w in zip(row, widths)).rstrip()
+
+    return [fmt(header), fmt(["-" * w for w in widths])] + [fmt(row) for row in rows]
+
+
+# --------------------------------------------------------------------------------------
+# Recording and undoing
+
+
+def is_patched(module: torch.nn.Module) -> bool:
+    return ORIGINALS_ATTR in module.__dict__
+
+
+def original_method(module: torch.nn.Module, name: str) -> Callable:
+    """The behaviour a replacement of ``name`` on ``module`` wraps: the instance attribute
+    that was there before patching, else the class's method bound to ``module``."""
+    previous = module.__dict__.get(ORIGINALS_ATTR, {}).get(name, ABSENT)
+    if previous is ABSENT:
+        return getattr(type(module), name).__get__(module, type(module))
+    return previous
+
+
+def _replace_method(module: torch.nn.Module, name: str, function: Callable) -> None:
+    originals = module.__dict__.get(ORIGINALS_ATTR)
+    if originals is None:
+        originals = {}
+        # Plain instance attribute (a dict is neither a Parameter, a buffer nor a Module),
+        # so it never reaches state_dict.
+        object.__setattr__(module, ORIGINALS_ATTR, originals)
+    originals[name] = module.__dict__.get(name, ABSENT)
+    object.__setattr__(module, name, types.MethodType(function, module))
+
+
+def _restore(module: torch.nn.Module) -> None:
+    originals = module.__dict__.pop(ORIGINALS_ATTR)
+    for name, previous in originals.items():
+        if previous is ABSENT:
+            module.__dict__.pop(name, None)
+        else:
+            module.__dict__[name] = previous
+
+
+def unpatch_model(model: torch.nn.Module) -> int:
+    """Undo every replacement on ``model`` and its sub-modules; returns how many modules
+    were restored (0 on an unpatched model)."""
+    restored = 0
+    for module in model.modules():
+        if is_patched(module):
+            _restore(module)
+            restored += 1
+    return restored
+
+
+# --------------------------------------------------------------------------------------
+# Patching
+
+
+def _model_type(module: torch.nn.Module) -> str | None:
+    config = getattr(module, "config", None)
+    model_type = getattr(config, "model_type", None)
+    return model_type if isinstance(model_type, str) and model_type else None
+
+
+def _modules_with_config(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module, str]]:
+    for path, module in model.named_modules():
+        model_type = _model_type(module)
+        if model_type is not None:
+            yield path, module, model_type
+
+
+def patch_model(model: torch.nn.Module, rules: Sequence[Rule], *, kernels: Iterable[str],
+                options: PatchOptions) -> PatchReport:  # fmt: skip
+    """Apply every rule whose kernel is in ``kernels`` to the matching sub-models of ``model``.
+
+    A sub-model already patched is left as it is ("already patched"); a matching sub-model a
+    rule cannot handle is skipped with the rule's reasons.
+    """
+    wanted = set(kernels)
+    replaced: list[Replacement] = []
+    skipped: list[Skip] = []
+    seen_types: list[str] = []
+    matched_any = False
+    for path, module, model_type in _modules_with_config(model):
+        if model_type not in seen_types:
+            seen_types.append(model_type)
+        for rule in rules:
+            if not rule.matches(module):
+                continue
+            matched_any = True
+            cls_name = type(module).__name__
+            if rule.kernel not in wanted:
+                skipped.append(Skip(path, cls_name, f"kernel {rule.kernel!r} not requested", NOT_REQUESTED))
+                continue
+            if rule.method in module.__dict__.get(ORIGINALS_ATTR, {}):
+                skipped.append(Skip(path, cls_name, "already patched (call mmkernels.unpatch first to re-patch)",
+                                    ALREADY_PATCHED))
+                continue
+            reasons = rule.not_applicable_reasons(module)
+            if reasons:
+                skipped.append(Skip(path, cls_name, f"{rule.family} {rule.kernel}: " + "; ".join(reasons)))
+                continue
+            _replace_method(module, rule.method, rule.make_replacement(options))
+            replaced.append(Replacement(path, cls_name, rule.method, rule.op, rule.family,
+                                        tuple(rule.notes(module, options))))
+
+    supported = sorted({rule.model_type for rule in rules})
+    if not matched_any:
+        found = ", ".join(seen_types) if seen_types else "none (no sub-module has a config.model_type)"
+        skipped.append(
+            Skip("", type(model).__name__,
+                 f"no sub-model matches a spec: model_types found: {found}; supported: {', '.join(supported)}",
+                 NO_MATCH)
+        )  # fmt: skip
+    return PatchReport(type(model).__name__, replaced, skipped, seen_types, supported)
+
+
+# --------------------------------------------------------------------------------------
+# Coverage table
+
+
+def coverage_table(rules: Sequence[Rule], columns: Sequence[tuple[str, str]]) -> str:
+    """A Markdown table with one row per rule, in the rules' order (deterministic, so a
+    generator can paste it into the README). ``columns``: (key in
+    :meth:`Rule.coverage_row`, header)."""
+
+    def cell(text: str) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    lines = [
+        "| " + " | ".join(header for _, header in columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
+    for rule in rules:
+        row = rule.coverage_row()
+        lines.append("| " + " | ".join(cell(row.get(key, "")) for key, _ in columns) + " |")
+    return "\n".join(lines) + "\n"

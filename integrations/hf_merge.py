@@ -1,0 +1,506 @@
+"""The multimodal merge patch for Hugging Face VLM / audio-LLM inner models, written once
+for every family: a thin pre-step in front of the model's own ``forward``.
+
+What Hugging Face does (``LlavaModel.forward`` and its siblings)::
+
+    inputs_embeds = self.get_input_embeddings()(input_ids)
+    features = self.get_image_features(pixel_values, ...).pooler_output
+    mask = self.get_placeholder_mask(input_ids, inputs_embeds, features)  # count check: a host sync
+    inputs_embeds = inputs_embeds.masked_scatter(mask, features)         # more syncs, another pass
+    ... language model on inputs_embeds ...
+
+What the patched ``forward`` does, when ``input_ids`` and media inputs are given and
+``inputs_embeds`` is not:
+
+1. binds the call to the original signature (so positional and keyword calls look alike);
+2. computes each modality's features with the model's OWN feature method (the spec names
+   it and the forward arguments it takes), or takes them from precomputed encoder outputs
+   (``mm_encoder_outputs``: what ``generate`` passes since transformers 5.18), normalized
+   to a list of ``(n_i, D)`` tensors;
+3. builds the merged embeddings with ONE call of
+   :func:`mmkernels.ops.merge_multimodal_embeddings`, all kinds at once; the embedding
+   lookup is fused into it when the input embedding is a plain ``nn.Embedding`` (a
+   subclass such as Gemma's scaled embedding runs its own module first);
+4. calls the original ``forward`` with ``inputs_embeds=merged`` and the media inputs
+   removed, so everything after the merge (position ids, masks, the language model, the
+   output class) is the model's own code; then fills the output fields that carry the
+   features, as the unpatched forward does.
+
+The op is differentiable (features, ``inputs_embeds`` and the embedding table get their
+gradients), so training runs the merge too. Every other call (text only,
+``inputs_embeds`` given, a decode step, media the spec does not cover on this transformers version,
+a case a spec marks as the original's) goes to the original ``forward`` untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .engine import PatchOptions, Rule, original_method
+
+__all__ = ["Call", "Features", "MergeRule", "MergeSpec", "Modality", "placeholder_id"]
+
+MERGE_OP = "merge_multimodal_embeddings"
+
+# What an output field receives (the unpatched forward's value for it, by version):
+#   "encoder_output": what the feature method returned (transformers >= 5.24: image_outputs)
+#   "features":       its pooler_output cast to the embedding dtype, a list concatenated
+#                     (transformers <= 5.23: image_hidden_states)
+#   "flat_features":  the same, reshaped to (N, D)
+OUTPUT_VALUE_KINDS = ("encoder_output", "features", "flat_features")
+
+
+@dataclasses.dataclass
+class Call:
+    """One call of the original ``forward``, bound to its signature: ``named`` holds the
+    named parameters, ``extra`` what went into its ``**kwargs``."""
+
+    named: dict[str, Any]
+    extra: dict[str, Any]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        if name in self.named:
+            return self.named[name]
+        return self.extra.get(name, default)
+
+
+@dataclasses.dataclass
+class Features:
+    """One modality's features as the model's own code produced them.
+
+    ``rows``: ``(n_i, D)`` tensors in placeholder order (a list, so nothing is concatenated
+    before the merge); ``encoder_output``: what the feature method returned (None for a
+    feature function that has no such object); ``pooled``: the pooler output before
+    normalization (a tensor or a list), for the output fields of older transformers.
+    """
+
+    rows: list[torch.Tensor]
+    encoder_output: Any = None
+    pooled: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Modality:
+    """One kind of media a family merges (image, video, audio), as data.
+
+    ``trigger``: the forward argument whose presence means this kind is in the call.
+    ``consumed``: forward arguments only the feature step uses; they are removed from the
+    forward call (an argument the rest of the forward also reads, such as Qwen2-VL's
+    ``image_grid_thw`` for M-RoPE, is not listed and stays).
+    ``feature_method`` is called as ``method(*[call[a] for a in positional],
+    **{k: call[k] for k in keywords}, return_dict=True, **forward_kwargs)``, the last only
+    with ``passes_forward_kwargs`` (mirroring what the Hugging Face forward passes).
+    ``feature_function(model, call) -> Features | None`` replaces that call when a family
+    has no feature method; returning None sends the call to the original forward.
+    ``output_fields``: (field of the forward's output, one of :data:`OUTPUT_VALUE_KINDS`),
+    filled where the output class has the field.
+    ``transformers``: the versions this kind is covered on (a PEP 440 specifier, "" = all);
+    elsewhere a call carrying it goes to the original forward.
+    """
+
+    kind: str
+    placeholder_fields: tuple[str, ...]
+    trigger: str
+    consumed: tuple[str, ...]
+    feature_method: str | None = None
+    positional: tuple[str, ...] = ()
+    keywords: tuple[str, ...] = ()
+    passes_forward_kwargs: bool = False
+    feature_function: Callable[[torch.nn.Module, Call], Features | None] | None = None
+    output_fields: tuple[tuple[str, str], ...] = ()
+    transformers: str = ""
+
+    def __post_init__(self):
+        if (self.feature_method is None) == (self.feature_function is None):
+            raise ValueError(f"{self.kind}: give exactly one of feature_method and feature_function")
+        for field, value_kind in self.output_fields:
+            if value_kind not in OUTPUT_VALUE_KINDS:
+                raise ValueError(
+                    f"{self.kind}: output field {field!r}: value kind {value_kind!r} not in {OUTPUT_VALUE_KINDS}"
+                )
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeSpec:
+    """The merge patch for one family: which inner model, which media, and the few facts
+    about its ``forward`` the pre-step must respect.
+
+    ``keeps_input_ids``: the forward needs ``input_ids`` next to ``inputs_embeds`` (Qwen2-VL
+    computes M-RoPE positions from them) and accepts both; otherwise they are dropped.
+    ``media_ignored_on_single_token``: the forward skips media when the sequence has one
+    token (a decode step), so the pre-step does too.
+    ``encoder_outputs_input``: the forward argument carrying already-computed encoder
+    outputs as ``{kind: output}`` (``mm_encoder_outputs``; ``generate`` encodes the media
+    before the prefill and passes them there since transformers 5.18); their
+    ``pooler_output`` is merged instead of calling the feature method.
+    ``original_inputs``: forward arguments whose presence sends the call to the original
+    (other forms of precomputed features).
+    ``needs_original(model, call) -> str | None``: a reason this call must run the original
+    forward (a case dropping the media inputs would change), or None.
+    """
+
+    family: str
+    model_type: str
+    model_class: str
+    modalities: tuple[Modality, ...]
+    keeps_input_ids: bool = False
+    media_ignored_on_single_token: bool = False
+    encoder_outputs_input: str | None = "mm_encoder_outputs"
+    original_inputs: tuple[str, ...] = ()
+    needs_original: Callable[[torch.nn.Module, Call], str | None] | None = None
+
+
+def placeholder_id(config: Any, fields: Sequence[str]) -> int | None:
+    """The placeholder token id: the first of ``fields`` the config has (``image_token_id``
+    or the older ``image_token_index``, ...)."""
+    for field in fields:
+        value = getattr(config, field, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def _transformers_version() -> str | None:
+    try:
+        import transformers
+    except ImportError:
+        return None
+    return transformers.__version__
+
+
+def _version_covered(specifier: str) -> bool:
+    if not specifier:
+        return True
+    version = _transformers_version()
+    if version is None:
+        return False
+    from packaging.specifiers import SpecifierSet
+
+    return SpecifierSet(specifier).contains(version, prereleases=True)
+
+
+# --------------------------------------------------------------------------------------
+# Binding a call
+
+
+_SIGNATURES: dict[Any, tuple[inspect.Signature, str | None]] = {}
+
+
+def _signature(function: Callable) -> tuple[inspect.Signature, str | None]:
+    """The signature of ``function`` (following ``__wrapped__`` through HF's decorators) and
+    the name of its ``**kwargs`` parameter; cached per underlying function."""
+    key = getattr(function, "__func__", function)
+    cached = _SIGNATURES.get(key)
+    if cached is None:
+        signature = inspect.signature(function)
+        var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+        cached = _SIGNATURES[key] = (signature, var_keyword)
+    return cached
+
+
+def _bind(function: Callable, args: tuple, kwargs: dict) -> Call | None:
+    signature, var_keyword = _signature(function)
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError:
+        return None  # let the original raise its own error
+    named = dict(bound.arguments)
+    extra = named.pop(var_keyword, {}) if var_keyword else {}
+    return Call(named, dict(extra))
+
+
+def _present(value: Any) -> bool:
+    """Media is present: not None and not an empty batch (HF skips ``size(0) == 0``)."""
+    if value is None:
+        return False
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 or value.shape[0] > 0
+    if isinstance(value, (list, tuple)):
+        return len(value) > 0
+    return True
+
+
+# --------------------------------------------------------------------------------------
+# Features
+
+
+def _rows(pooled: Any) -> list[torch.Tensor]:
+    """Normalize a pooler output (a tensor (N, D) or (B, n, D), or a list of such) to
+    (n_i, D) tensors; reshape only (views where the layout allows), no concatenation."""
+    if isinstance(pooled, torch.Tensor):
+        pooled = [pooled]
+    if not isinstance(pooled, (list, tuple)):
+        raise TypeError(f"features: expected a tensor or a list of tensors, got {type(pooled).__name__}")
+    return [t if t.dim() == 2 else t.reshape(-1, t.shape[-1]) for t in pooled]
+
+
+def encoder_output_features(result: Any) -> Features:
+    """Features from what a feature method returned: an output with ``pooler_output``, or
+    (older getters) the features themselves."""
+    if isinstance(result, (torch.Tensor, list, tuple)):
+        return Features(rows=_rows(result), encoder_output=None, pooled=result)
+    pooled = result.pooler_output
+    return Features(rows=_rows(pooled), encoder_output=result, pooled=pooled)
+
+
+def method_features(model: torch.nn.Module, modality: Modality, call: Call) -> Features:
+    """Call the model's own feature method as its forward would."""
+    method = getattr(model, modality.feature_method)
+    args = [call.get(name) for name in modality.positional]
+    kwargs = {name: call.get(name) for name in modality.keywords}
+    if modality.passes_forward_kwargs:
+        kwargs.update(call.extra)
+    kwargs["return_dict"] = True
+    return encoder_output_features(method(*args, **kwargs))
+
+
+def _output_value(features: Features, value_kind: str, like: torch.Tensor) -> Any:
+    if value_kind == "encoder_output":
+        return features.encoder_output
+    pooled = features.pooled
+    if isinstance(pooled, (list, tuple)) or value_kind == "flat_features":
+        tensor = torch.cat(features.rows, dim=0)
+    else:
+        tensor = pooled
+    return tensor.to(like.device, like.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# The rule
+
+
+class MergeRule(Rule):
+    """The merge patch of one :class:`MergeSpec`: replaces the inner model's ``forward``."""
+
+    kernel = "merge"
+    method = "forward"
+    op = f"mmkernels.ops.{MERGE_OP}"
+
+    def __init__(self, spec: MergeSpec):
+        self.spec = spec
+        self.family = spec.family
+        self.model_type = spec.model_type
+        self.model_class = spec.model_class
+
+    def __repr__(self) -> str:
+        return f"MergeRule({self.spec.family}: {self.spec.model_class}.forward)"
+
+    def covered_modalities(self) -> list[Modality]:
+        return [m for m in self.spec.modalities if _version_covered(m.transformers)]
+
+    def not_applicable_reasons(self, module: torch.nn.Module) -> list[str]:
+        reasons = super().not_applicable_reasons(module)
+        if reasons:
+            return reasons
+        covered = self.covered_modalities()
+        if not covered:
+            ranges = ", ".join(f"{m.kind} {m.transformers}" for m in self.spec.modalities)
+            return [f"transformers {_transformers_version()} is outside the covered versions ({ranges})"]
+        if not callable(getattr(module, "get_input_embeddings", None)):
+            reasons.append(f"{type(module).__name__} has no get_input_embeddings()")
+        signature, _ = _signature(original_method(module, "forward"))
+        params = signature.parameters
+        if any(p.kind is p.VAR_POSITIONAL for p in params.values()):
+            reasons.append("forward takes *args; the pre-step binds calls by name")
+        for name in ("input_ids", "inputs_embeds"):
+            if name not in params:
+                reasons.append(f"forward has no {name!r} argument")
+        for m in covered:
+            if m.trigger not in params:
+                reasons.append(f"forward has no {m.trigger!r} argument ({m.kind})")
+            if m.feature_method is not None and not callable(getattr(module, m.feature_method, None)):
+                reasons.append(f"no {m.feature_method}() ({m.kind})")
+            if placeholder_id(module.config, m.placeholder_fields) is None:
+                reasons.append(f"config has none of {', '.join(m.placeholder_fields)} ({m.kind} placeholder id)")
+        return reasons
+
+    def notes(self, module: torch.nn.Module, options: PatchOptions) -> list[str]:
+        notes = [
+            "count check on (1 host sync)"
+            if options.check_placeholders
+            else "count check off (no host sync; a count mismatch gives NaN rows)"
+        ]
+        embedding = module.get_input_embeddings()
+        if _fusable(embedding):
+            notes.append("embedding lookup fused")
+        else:
+            notes.append(f"{type(embedding).__name__} runs first (not a plain nn.Embedding)")
+        notes.append(_backend_note(embedding))
+        for m in self.spec.modalities:
+            if not _version_covered(m.transformers):
+                notes.append(f"{m.kind}: original path (covered on transformers {m.transformers})")
+        return notes
+
+    def coverage_row(self) -> dict[str, str]:
+        row = super().coverage_row()
+        row["op"] = MERGE_OP
+        row["modalities"] = "; ".join(
+            f"{m.kind} ({' / '.join(f'`{f}`' for f in m.placeholder_fields)})"
+            + (f" transformers {m.transformers}" if m.transformers else "")
+            for m in self.spec.modalities
+        )
+        row["features"] = "; ".join(
+            f"`{m.feature_method}`" if m.feature_method else f"`{m.feature_function.__name__}` (spec)"
+            for m in self.spec.modalities
+        )
+        return row
+
+    def make_replacement(self, options: PatchOptions) -> Callable:
+        spec = self.spec
+        covered = tuple(self.covered_modalities())
+        uncovered = tuple(m for m in spec.modalities if m not in covered)
+        check = options.check_placeholders
+
+        def forward(model, *args, **kwargs):
+            original = original_method(model, "forward")
+            call = _bind(original, args, kwargs)
+            if call is None:
+                return original(*args, **kwargs)
+            media = _media_to_merge(model, spec, covered, uncovered, call)
+            if not media:
+                return original(*args, **kwargs)
+            features = []
+            for modality, encoded in media:
+                if encoded is not None:
+                    found = encoder_output_features(encoded)
+                elif modality.feature_function is not None:
+                    found = modality.feature_function(model, call)
+                else:
+                    found = method_features(model, modality, call)
+                if found is None:  # the feature function says: the original handles this call
+                    return original(*args, **kwargs)
+                features.append(found)
+            present = [modality for modality, _ in media]
+            merged = _merge(model, present, features, call.get("input_ids"), check)
+            return _call_original(model, original, spec, present, features, call, merged)
+
+        forward.__name__ = "forward"
+        forward.__qualname__ = f"mmkernels_merge_forward[{spec.family}]"
+        forward.__doc__ = (
+            f"mmkernels: {spec.model_class}.forward with the multimodal merge done by "
+            f"mmkernels.ops.{MERGE_OP} (check={check}); see mmkernels.integrations.hf_merge."
+        )
+        return forward
+
+
+def _media_to_merge(model, spec: MergeSpec, covered, uncovered, call: Call) -> list[tuple[Modality, Any]]:
+    """The modalities the pre-step merges for this call, each with its precomputed encoder
+    output (None: compute the features). Empty sends the call to the original."""
+    input_ids = call.get("input_ids")
+    if not isinstance(input_ids, torch.Tensor) or call.get("inputs_embeds") is not None:
+        return []
+    if any(call.get(name) is not None for name in spec.original_inputs):
+        return []
+    encoded = call.get(spec.encoder_outputs_input) if spec.encoder_outputs_input else None
+    if encoded is None:
+        encoded = {}
+    elif not isinstance(encoded, dict) or any(
+        value is not None and kind not in {m.kind for m in covered} for kind, value in encoded.items()
+    ):
+        return []  # a form or a kind the pre-step does not cover
+    if any(_present(call.get(m.trigger)) for m in uncovered):
+        return []
+    media = []
+    for m in covered:
+        given, raw = encoded.get(m.kind), _present(call.get(m.trigger))
+        if given is not None and raw:
+            return []  # both: the original raises its own error
+        if given is not None or raw:
+            media.append((m, given))
+    if not media:
+        return []
+    if spec.media_ignored_on_single_token and input_ids.shape[-1] == 1:
+        return []
+    if spec.needs_original is not None and spec.needs_original(model, call) is not None:
+        return []
+    return media
+
+
+def _fusable(embedding: torch.nn.Module) -> bool:
+    # Only the exact class: a subclass (Gemma's scaled embedding) changes what forward
+    # computes. max_norm renormalizes the table inside forward, so it is not a lookup.
+    return type(embedding) is torch.nn.Embedding and embedding.max_norm is None
+
+
+def _backend_note(embedding: torch.nn.Module) -> str:
+    weight = getattr(embedding, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return "backend decided per call"
+    try:
+        from mmkernels.ops.merge import CAPABILITIES
+    except ImportError:  # the op module is not there: every call would fail loudly anyway
+        return "mmkernels.ops.merge not importable"
+    reasons = CAPABILITIES.not_supported_reasons(weight.device, [weight.dtype])
+    if reasons:
+        return "runs the PyTorch reference: " + "; ".join(reasons)
+    return "Triton kernel" + (" (interpreter)" if weight.device.type == "cpu" else "")
+
+
+def _merge(model, present: Sequence[Modality], features: Sequence[Features], input_ids: torch.Tensor,
+           check: bool) -> torch.Tensor:  # fmt: skip
+    from mmkernels.ops import merge_multimodal_embeddings
+
+    ids = [placeholder_id(model.config, m.placeholder_fields) for m in present]
+    device = input_ids.device
+    rows = [[r if r.device == device else r.to(device) for r in f.rows] for f in features]
+    embedding = model.get_input_embeddings()
+    if _fusable(embedding) and embedding.weight.device == device:
+        return merge_multimodal_embeddings(input_ids, None, rows, ids, embedding_weight=embedding.weight, check=check)
+    lookup_ids = input_ids
+    vocab = getattr(embedding, "num_embeddings", None)
+    if vocab is not None and any(not 0 <= i < vocab for i in ids):
+        # A placeholder id outside the table (PaliGemma, Gemma 3 do this) would fail the
+        # lookup; its rows are overwritten by the merge, so look up row 0 there instead.
+        is_placeholder = torch.zeros_like(input_ids, dtype=torch.bool)
+        for i in ids:
+            is_placeholder |= input_ids == i
+        lookup_ids = input_ids.masked_fill(is_placeholder, 0)
+    text_embeds = embedding(lookup_ids)
+    return merge_multimodal_embeddings(input_ids, text_embeds.to(device), rows, ids, check=check)
+
+
+def _call_original(model, original: Callable, spec: MergeSpec, present: Sequence[Modality],
+                   features: Sequence[Features], call: Call, merged: torch.Tensor) -> Any:  # fmt: skip
+    named, extra = dict(call.named), dict(call.extra)
+    named["inputs_embeds"] = merged
+    if not spec.keeps_input_ids:
+        named["input_ids"] = None
+    if spec.encoder_outputs_input in named:
+        named[spec.encoder_outputs_input] = None
+    for modality in present:
+        for name in modality.consumed:
+            if name in named:
+                named[name] = None
+            else:
+                extra.pop(name, None)
+
+    fills = [(field, kind, f) for m, f in zip(present, features) for field, kind in m.output_fields]
+    if not fills:
+        return original(**named, **extra)
+
+    # The output must be an object to fill; HF's can_return_tuple turns it into a tuple when
+    # return_dict is False, so ask for the object and make the tuple here, as it would.
+    requested = call.get("return_dict")
+    wants_object = requested if requested is not None else getattr(model.config, "return_dict", True)
+    if "return_dict" in named:
+        named["return_dict"] = True
+    else:
+        extra["return_dict"] = True
+    output = original(**named, **extra)
+    if dataclasses.is_dataclass(output):
+        names = [f.name for f in dataclasses.fields(output)]
+        updates = {
+            field: _output_value(f, kind, merged)
+            for field, kind, f in fills
+            if field in names and getattr(output, field, None) is None
+        }
+        if updates:
+            # Rebuilt in field order, as the unpatched forward builds it (tuple order too).
+            output = type(output)(**{name: updates.get(name, getattr(output, name)) for name in names})
+    if not wants_object and hasattr(output, "to_tuple"):
+        return output.to_tuple()
+    return output

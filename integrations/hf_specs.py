@@ -1,0 +1,250 @@
+"""Hugging Face specs for the multimodal merge: one small declaration per family.
+
+Each spec says which inner model (its own ``config.model_type`` and class), which media it
+merges, which of its OWN methods computes each medium's features and with which forward
+arguments (mirroring the call in its ``forward``), which forward arguments the feature step
+consumes, and where the forward's output carries the features. The engine
+(:mod:`.engine`) and the generic pre-step (:mod:`.hf_merge`) do the rest.
+
+Read against ``transformers/models/<family>/modeling_<family>.py``, versions 5.17 to 5.24.
+Version facts that matter here:
+
+* 5.24 returns the encoder outputs as ``image_outputs`` / ``video_outputs``; up to 5.23 the
+  outputs had ``image_hidden_states`` / ``video_hidden_states`` (the cast pooled features).
+  Both are listed; the engine fills whichever field the output class has.
+* LLaVA-OneVision moved the video newline token into ``get_video_features`` in 5.18; on
+  5.17 its forward appends it, so video is covered from 5.18 (5.17 video calls run the
+  original forward).
+* Since 5.18 the forwards take ``mm_encoder_outputs`` ({kind: encoder output}), and
+  ``generate`` encodes the media before the prefill and passes them there: the pre-step
+  merges those too (:attr:`MergeSpec.encoder_outputs_input`, on by default).
+
+Qwen2-Audio has no feature method; :func:`qwen2_audio_features` is its short feature
+function, built from the model's own submodules, and decides the legacy (unexpanded audio
+tokens) path with the one host sync it needs anyway.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .hf_merge import Call, Features, MergeSpec, Modality, placeholder_id
+
+__all__ = ["MERGE_SPECS", "qwen2_audio_features"]
+
+IMAGE_TOKEN = ("image_token_id", "image_token_index")
+VIDEO_TOKEN = ("video_token_id", "video_token_index")
+AUDIO_TOKEN = ("audio_token_id", "audio_token_index")
+
+# Where the unpatched forward puts the features (5.24 fields first, then the older ones).
+IMAGE_OUTPUTS = (("image_outputs", "encoder_output"), ("image_hidden_states", "features"))
+VIDEO_OUTPUTS = (("video_outputs", "encoder_output"), ("video_hidden_states", "flat_features"))
+
+
+def _llava_like_image(positional, keywords, consumed, passes_forward_kwargs=False) -> Modality:
+    return Modality(
+        kind="image",
+        placeholder_fields=IMAGE_TOKEN,
+        trigger="pixel_values",
+        consumed=consumed,
+        feature_method="get_image_features",
+        positional=positional,
+        keywords=keywords,
+        passes_forward_kwargs=passes_forward_kwargs,
+        output_fields=IMAGE_OUTPUTS,
+    )
+
+
+def _qwen2_vl_modalities() -> tuple[Modality, ...]:
+    # image_grid_thw / video_grid_thw stay in the forward call: M-RoPE positions need them.
+    return (
+        Modality(
+            kind="image",
+            placeholder_fields=IMAGE_TOKEN,
+            trigger="pixel_values",
+            consumed=("pixel_values",),
+            feature_method="get_image_features",
+            positional=("pixel_values", "image_grid_thw"),
+            passes_forward_kwargs=True,
+            output_fields=(("image_outputs", "encoder_output"),),
+        ),
+        Modality(
+            kind="video",
+            placeholder_fields=VIDEO_TOKEN,
+            trigger="pixel_values_videos",
+            consumed=("pixel_values_videos",),
+            feature_method="get_video_features",
+            positional=("pixel_values_videos", "video_grid_thw"),
+            passes_forward_kwargs=True,
+            output_fields=(("video_outputs", "encoder_output"),),
+        ),
+    )
+
+
+def _paligemma_prefix_mask_needs_pixels(model, call: Call) -> str | None:
+    # PaliGemma builds its bidirectional prefix mask when `pixel_values is not None` even if
+    # the cache already holds tokens (prefix caching); dropping pixel_values would change it.
+    cache = call.get("cache", call.get("past_key_values"))
+    if call.get("token_type_ids") is not None and cache is not None and getattr(cache, "is_initialized", False):
+        return "cache already initialized: the prefix mask depends on pixel_values"
+    return None
+
+
+def qwen2_audio_features(model, call: Call) -> Features | None:
+    """Qwen2-Audio's audio features, as ``Qwen2AudioModel.forward`` computes them, per audio.
+
+    Returns None (the original forward runs) for the legacy input format, where each audio
+    is one unexpanded ``<|AUDIO|>`` token that the original forward expands itself.
+    """
+    tower = model.audio_tower
+    input_ids = call.get("input_ids")
+    input_features = call.get("input_features").to(tower.device)
+    feature_attention_mask = call.get("feature_attention_mask").to(tower.device)
+
+    audio_feat_lengths, audio_output_lengths = tower._get_feat_extract_output_lengths(feature_attention_mask.sum(-1))
+    audio_tokens = input_ids == placeholder_id(model.config, AUDIO_TOKEN)
+    is_legacy = (audio_tokens[:, :-1] & audio_tokens[:, 1:]).sum() == 0
+    # The one host sync: the legacy decision and the per-audio lengths together (the
+    # original makes three: the legacy test, a boolean-mask select and a count .item()).
+    legacy, *lengths = torch.cat([is_legacy.reshape(1).to(audio_output_lengths.dtype), audio_output_lengths]).tolist()
+    if legacy:
+        return None
+
+    from transformers.masking_utils import create_bidirectional_mask
+
+    batch_size, _, max_mel_seq_len = input_features.shape
+    max_seq_len = (max_mel_seq_len - 2) // 2 + 1
+    seq_range = torch.arange(max_seq_len, dtype=audio_feat_lengths.dtype, device=audio_feat_lengths.device)
+    audio_attention_mask_2d = (seq_range[None, :] < audio_feat_lengths[:, None]).to(torch.long)
+    embed_dtype = model.get_input_embeddings().weight.dtype
+    dummy_embeds = torch.zeros((batch_size, max_seq_len, 1), dtype=embed_dtype, device=input_ids.device)
+    audio_attention_mask = create_bidirectional_mask(
+        config=tower.config, inputs_embeds=dummy_embeds, attention_mask=audio_attention_mask_2d
+    )
+    audio_outputs = tower(input_features, attention_mask=audio_attention_mask)
+    audio_features = model.multi_modal_projector(audio_outputs.last_hidden_state)
+    # Audio i's valid frames are its first lengths[i] rows: slices, not a boolean select.
+    return Features(rows=[audio_features[i, :n] for i, n in enumerate(lengths)])
+
+
+MERGE_SPECS: tuple[MergeSpec, ...] = (
+    MergeSpec(
+        family="LLaVA",
+        model_type="llava",
+        model_class="LlavaModel",
+        modalities=(
+            _llava_like_image(
+                positional=(),
+                keywords=("pixel_values", "vision_feature_layer", "vision_feature_select_strategy", "image_sizes"),
+                consumed=("pixel_values", "image_sizes"),
+                passes_forward_kwargs=True,
+            ),
+        ),
+    ),
+    MergeSpec(
+        family="LLaVA-NeXT",
+        model_type="llava_next",
+        model_class="LlavaNextModel",
+        modalities=(
+            _llava_like_image(
+                positional=("pixel_values", "image_sizes"),
+                keywords=("vision_feature_layer", "vision_feature_select_strategy"),
+                consumed=("pixel_values", "image_sizes"),
+            ),
+        ),
+    ),
+    MergeSpec(
+        family="LLaVA-OneVision",
+        model_type="llava_onevision",
+        model_class="LlavaOnevisionModel",
+        modalities=(
+            _llava_like_image(
+                positional=("pixel_values", "image_sizes"),
+                keywords=("vision_feature_layer", "vision_feature_select_strategy", "batch_num_images"),
+                consumed=("pixel_values", "image_sizes", "batch_num_images"),
+            ),
+            Modality(
+                kind="video",
+                placeholder_fields=VIDEO_TOKEN,
+                trigger="pixel_values_videos",
+                consumed=("pixel_values_videos", "image_sizes_videos"),
+                feature_method="get_video_features",
+                positional=("pixel_values_videos",),
+                keywords=("vision_feature_layer", "vision_feature_select_strategy"),
+                output_fields=VIDEO_OUTPUTS,
+                transformers=">=5.18",
+            ),
+        ),
+    ),
+    MergeSpec(
+        family="Qwen2-VL",
+        model_type="qwen2_vl",
+        model_class="Qwen2VLModel",
+        modalities=_qwen2_vl_modalities(),
+        keeps_input_ids=True,
+    ),
+    MergeSpec(
+        family="Qwen2.5-VL",
+        model_type="qwen2_5_vl",
+        model_class="Qwen2_5_VLModel",
+        modalities=_qwen2_vl_modalities(),
+        keeps_input_ids=True,
+    ),
+    MergeSpec(
+        family="PaliGemma",
+        model_type="paligemma",
+        model_class="PaliGemmaModel",
+        modalities=(_llava_like_image(positional=("pixel_values",), keywords=(), consumed=("pixel_values",)),),
+        needs_original=_paligemma_prefix_mask_needs_pixels,
+    ),
+    MergeSpec(
+        family="Gemma 3",
+        model_type="gemma3",
+        model_class="Gemma3Model",
+        modalities=(_llava_like_image(positional=("pixel_values",), keywords=(), consumed=("pixel_values",)),),
+    ),
+    MergeSpec(
+        family="Idefics3 / SmolVLM",
+        model_type="idefics3",
+        model_class="Idefics3Model",
+        modalities=(
+            _llava_like_image(
+                positional=("pixel_values", "pixel_attention_mask"),
+                keywords=(),
+                consumed=("pixel_values", "pixel_attention_mask"),
+            ),
+        ),
+        # 5.17 took precomputed features as image_hidden_states.
+        original_inputs=("image_hidden_states",),
+    ),
+    MergeSpec(
+        family="Aria",
+        model_type="aria",
+        model_class="AriaModel",
+        modalities=(
+            _llava_like_image(
+                positional=(),
+                keywords=("pixel_values", "pixel_mask"),
+                consumed=("pixel_values", "pixel_mask"),
+                passes_forward_kwargs=True,
+            ),
+        ),
+        media_ignored_on_single_token=True,
+    ),
+    MergeSpec(
+        family="Qwen2-Audio",
+        model_type="qwen2_audio",
+        model_class="Qwen2AudioModel",
+        modalities=(
+            Modality(
+                kind="audio",
+                placeholder_fields=AUDIO_TOKEN,
+                trigger="input_features",
+                consumed=("input_features", "feature_attention_mask"),
+                feature_function=qwen2_audio_features,
+            ),
+        ),
+        media_ignored_on_single_token=True,
+        encoder_outputs_input=None,
+    ),
+)
