@@ -13,6 +13,7 @@ the op), :data:`CAPABILITIES`.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence, Union
@@ -56,12 +57,13 @@ class _MergeArgs:
     dim: int
     out_dtype: torch.dtype
 
-    @property
+    @functools.cached_property
     def kind_rows(self) -> list[int]:
         return [sum(f.shape[0] for f in feats) for feats in self.kind_features]
 
     @property
     def all_features(self) -> list[torch.Tensor]:
+        """A new list each time (callers may replace entries)."""
         return [f for feats in self.kind_features for f in feats]
 
 
@@ -267,30 +269,47 @@ class _Launch:
     grid_rows: tuple
 
 
-def _segment_table(args: _MergeArgs, device: torch.device):
-    """Feature tensors as segments addressed relative to the first one (in elements), so
-    the kernel takes one real pointer and the per-image tensors are never concatenated."""
-    feats = [f if f.stride(-1) == 1 or f.shape[0] == 0 else f.contiguous() for f in args.all_features]
-    es = feats[0].element_size() if feats else 1
+@dataclass
+class _Tables:
+    """The small int64 tables the rows kernel reads, built in one pass and sent to the
+    device in one copy: per kind (id, rows, first row) and per feature tensor (offset in
+    elements from the first one, first row, row stride)."""
+
+    feats: list[torch.Tensor]  # the feature tensors the offsets refer to (keep alive)
+    kinds: torch.Tensor  # (3, K)
+    segs: torch.Tensor  # (3, S)
+    aligned: bool  # every segment start and row stride is a multiple of 16 bytes
+
+
+def _tables(args: _MergeArgs, device: torch.device) -> _Tables:
+    """Feature tensors as segments addressed relative to the first one, so the kernel takes
+    one real pointer and the per-image tensors are never concatenated."""
+    feats = args.all_features
     base = feats[0].data_ptr() if feats else 0
-    feats = [f if (f.data_ptr() - base) % es == 0 else f.clone() for f in feats]
-    offsets, first_rows, strides, total = [], [], [], 0
-    for f in feats:
-        offsets.append((f.data_ptr() - base) // es)
+    es = feats[0].element_size() if feats else 1
+    offsets, first_rows, strides, aligned, total = [], [], [], True, 0
+    for i, f in enumerate(feats):
+        row_stride, col_stride = f.stride()
+        if col_stride != 1 and f.shape[0] > 0:
+            f = feats[i] = f.contiguous()
+            row_stride = f.stride(0)
+        ptr = f.data_ptr()
+        if (ptr - base) % es:
+            f = feats[i] = f.clone()
+            ptr = f.data_ptr()
+        offsets.append((ptr - base) // es)
         first_rows.append(total)
-        strides.append(f.stride(0))
+        strides.append(row_stride)
+        aligned = aligned and ptr % 16 == 0 and (row_stride * es) % 16 == 0
         total += f.shape[0]
-    kind_first_row, acc = [], 0
-    for rows in args.kind_rows:
-        kind_first_row.append(acc)
-        acc += rows
-    seg = torch.tensor([offsets, first_rows, strides], dtype=torch.int64).reshape(3, len(feats))
-    kind = torch.tensor([args.kind_ids, args.kind_rows, kind_first_row], dtype=torch.int64)
+    kind_rows = args.kind_rows
+    kind_first_row = [sum(kind_rows[:k]) for k in range(len(kind_rows))]
+    table = torch.tensor(args.kind_ids + kind_rows + kind_first_row + offsets + first_rows + strides, dtype=torch.int64)
     if device.type == "cuda":
         # Pinned + non_blocking: a plain H2D copy from pageable memory syncs the stream.
-        seg = seg.pin_memory().to(device, non_blocking=True)
-        kind = kind.pin_memory().to(device, non_blocking=True)
-    return feats, seg, kind
+        table = table.pin_memory().to(device, non_blocking=True)
+    k = len(args.kind_ids)
+    return _Tables(feats, table[: 3 * k].view(3, k), table[3 * k :].view(3, len(feats)), aligned)
 
 
 def _build_launch(args: _MergeArgs, out: torch.Tensor) -> tuple[_Launch, list[torch.Tensor]]:
@@ -300,7 +319,8 @@ def _build_launch(args: _MergeArgs, out: torch.Tensor) -> tuple[_Launch, list[to
     T, D = args.ids.shape[0], args.dim
     cfg = merge_config(D, out.element_size())
     num_blocks = max(triton.cdiv(T, cfg.block_t), 1)
-    feats, seg, kind = _segment_table(args, device)
+    tables = _tables(args, device)
+    feats, kind, seg = tables.feats, tables.kinds, tables.segs
     num_segs = len(feats)
     fused = args.table is not None
     src = args.table if fused else args.embeds
@@ -322,7 +342,7 @@ def _build_launch(args: _MergeArgs, out: torch.Tensor) -> tuple[_Launch, list[to
         FUSED_LOOKUP=fused,
         CAST_FEATURES=bool(feats) and feats[0].dtype != out.dtype,
         FEAT_BYTES=feat_base.element_size(),
-        FEATURES_ALIGNED=all(f.data_ptr() % 16 == 0 and (f.stride(0) * f.element_size()) % 16 == 0 for f in feats),
+        FEATURES_ALIGNED=tables.aligned,
         BLOCK_T=cfg.block_t,
         BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps,
