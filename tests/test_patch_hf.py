@@ -36,6 +36,7 @@ from mmkernels import patch, supported_models, unpatch  # noqa: E402  (the front
 from mmkernels.integrations import PatchReport  # noqa: E402
 from mmkernels.integrations.engine import ORIGINALS_ATTR  # noqa: E402
 from mmkernels.testing import HostSyncCounter  # noqa: E402
+from zoo_helpers import build_or_skip  # noqa: E402
 
 RULES = integrations.rules()
 SPEC_MODEL_TYPES = {rule.model_type for rule in RULES}
@@ -156,7 +157,7 @@ class Baseline:
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def baseline(request) -> Baseline:
-    tiny = zoo.build(request.param)
+    tiny = build_or_skip(request.param)
     model = tiny.model
     (rule,) = [rule for rule in RULES if rule.model_type == request.param]
     covered = rule.covered_modalities()

@@ -10,6 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from mmkernels import zoo  # noqa: E402
+from zoo_helpers import build_or_skip  # noqa: E402
 
 # Keyword names under which the merge methods take each modality's features; a
 # positional argument after (input_ids, inputs_embeds) is the image features.
@@ -19,13 +20,7 @@ MERGE_METHODS = ("get_placeholder_mask", "inputs_merger")  # Idefics3 merges in 
 
 @pytest.fixture(scope="module", params=zoo.FAMILIES)
 def tiny(request) -> zoo.TinyModel:
-    try:
-        return zoo.build(request.param)
-    except ImportError as error:
-        # transformers 5.17 declares Idefics3's PIL image processor torchvision-only
-        if "torchvision" not in str(error).lower():
-            raise
-        pytest.skip(f"{request.param} needs torchvision with this transformers: {error}")
+    return build_or_skip(request.param)
 
 
 @pytest.fixture(scope="module")
