@@ -287,3 +287,16 @@ def test_image_count_does_not_change_the_compiled_variant():
 
     assert meta(5) == meta(7) == meta(8)
     assert meta(2) != meta(9)  # bucketed search depth: a handful of variants in all
+
+
+def test_empty_feature_tensors_among_real_ones():
+    """An image with no tokens (an empty tensor, whose data pointer may be null) first,
+    between and last, with several kinds; fused and not."""
+    ids = make_ids([30], [[(2, 4, IMAGE), (10, 3, VIDEO), (20, 5, IMAGE)]])
+    image = [torch.empty(0, 64), torch.randn(4, 64), torch.empty(0, 64), torch.randn(5, 64)]
+    video = [torch.randn(3, 64), torch.empty(0, 64)]
+    embeds, table = torch.randn(1, 30, 64), torch.randn(VOCAB, 64)
+    expected = loop_merge(ids, embeds, {IMAGE: torch.cat(image), VIDEO: torch.cat(video)})
+    assert_bitwise_equal(run_kernel(ids, embeds, [image, video], [IMAGE, VIDEO]), expected)
+    fused = run_kernel(ids, None, [image, video], [IMAGE, VIDEO], embedding_weight=table)
+    assert_bitwise_equal(fused, reference(ids, None, [image, video], [IMAGE, VIDEO], embedding_weight=table))

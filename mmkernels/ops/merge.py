@@ -284,13 +284,14 @@ class _Tables:
 def _tables(args: _MergeArgs, device: torch.device) -> _Tables:
     """Feature tensors as segments addressed relative to the first one, so the kernel takes
     one real pointer and the per-image tensors are never concatenated."""
-    feats = args.all_features
+    # Empty tensors hold no rows (and may have a null data pointer): not segments.
+    feats = [f for f in args.all_features if f.shape[0] > 0]
     base = feats[0].data_ptr() if feats else 0
     es = feats[0].element_size() if feats else 1
     offsets, first_rows, strides, aligned, total = [], [], [], True, 0
     for i, f in enumerate(feats):
         row_stride, col_stride = f.stride()
-        if col_stride != 1 and f.shape[0] > 0:
+        if col_stride != 1:
             f = feats[i] = f.contiguous()
             row_stride = f.stride(0)
         ptr = f.data_ptr()
