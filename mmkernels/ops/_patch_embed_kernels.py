@@ -1,0 +1,124 @@
+"""Triton body of the fused patch embedding (see :mod:`mmkernels.ops.patch_embed`).
+
+One GEMM ``out[m, d] = sum_k A[m, k] * W[d, k]`` where row ``m`` is a patch and ``A`` is
+never materialized: each (BLOCK_M, BLOCK_K) tile is gathered straight from the image
+(im2col addressing: patch (b, ph, pw), element (c, i, j) -> pixels[b, c, ph*P+i, pw*P+j])
+or read from pre-flattened patches (Qwen2-VL), normalized per channel in fp32 when asked
+((x*scale - mean)/std, so uint8 pixels can come straight from the decoder) and cast to
+the weight dtype, as Hugging Face casts ``pixel_values`` to the conv weight's dtype. The
+epilogue adds bias and the position embedding and stores each row at its place in the
+output; programs that own a patch 0 also write that image's class row (class embedding
++ position 0), so the whole embedding is one launch.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def patch_embed_kernel(
+    pix_ptr,
+    w_ptr,  # (D, K) row-major: the conv weight flattened over (C, [T,] P, P)
+    bias_ptr,
+    cls_ptr,  # (D,)
+    pos_ptr,  # (num_positions, D) or (B, num_positions, D)
+    norm_ptr,  # (3, C) fp32: scale, mean, std
+    out_ptr,  # (B, CLS + N, D) or (N, D)
+    M,  # GEMM rows: B * N patches
+    N,  # patches per image
+    D,
+    K,
+    patches_w,  # patches per image row (W // P)
+    channels,  # C
+    k_per_channel,  # GEMM columns per channel: P*P, or T*P*P for pre-flattened Conv3d patches
+    stride_pb,  # image form: pixel strides (b, c, h, w); flat form: (row, col, 0, 0)
+    stride_pc,
+    stride_ph,
+    stride_pw,
+    pos_stride_b,  # 0 when the position table is shared by all images
+    pos_stride_n,
+    out_stride_b,
+    out_stride_n,
+    P: tl.constexpr,
+    IMAGE_FORM: tl.constexpr,  # (B, C, H, W) pixels; else pre-flattened (M, K)
+    HAS_BIAS: tl.constexpr,
+    HAS_CLASS: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,  # interpreter only: bf16 tl.dot is wrong there
+    DOT_PRECISION: tl.constexpr,  # "ieee" for exact fp32 GEMMs, "tf32" where torch allows it
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grouped ordering: consecutive programs share weight tiles in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(D, BLOCK_N)
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_size
+    pid_n = (pid % group) // group_size
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < D
+    image = rows // N
+    patch = rows % N
+    if IMAGE_FORM:
+        row_base = (
+            image.to(tl.int64) * stride_pb
+            + ((patch // patches_w) * P).to(tl.int64) * stride_ph
+            + ((patch % patches_w) * P).to(tl.int64) * stride_pw
+        )
+    else:
+        row_base = rows.to(tl.int64) * stride_pb
+
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        channel = ks // k_per_channel
+        if IMAGE_FORM:
+            within = ks % (P * P)
+            k_off = channel.to(tl.int64) * stride_pc + (within // P) * stride_ph + (within % P) * stride_pw
+        else:
+            k_off = ks.to(tl.int64) * stride_pc
+        a = tl.load(pix_ptr + row_base[:, None] + k_off[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0)
+        if NORMALIZE:
+            scale = tl.load(norm_ptr + channel, mask=k_ok, other=1.0)
+            mean = tl.load(norm_ptr + channels + channel, mask=k_ok, other=0.0)
+            std = tl.load(norm_ptr + 2 * channels + channel, mask=k_ok, other=1.0)
+            a = (a.to(tl.float32) * scale[None, :] - mean[None, :]) / std[None, :]
+        a = a.to(w_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + cols[None, :].to(tl.int64) * K + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0)
+        if UPCAST_DOT:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0).to(tl.float32)[None, :]
+    out_rows = patch + HAS_CLASS
+    tile_ok = row_ok[:, None] & col_ok[None, :]
+    if HAS_POS:
+        pos = tl.load(
+            pos_ptr + image.to(tl.int64)[:, None] * pos_stride_b + out_rows[:, None] * pos_stride_n + cols[None, :],
+            mask=tile_ok,
+            other=0,
+        )
+        acc += pos.to(tl.float32)
+    out_base = out_ptr + image.to(tl.int64)[:, None] * out_stride_b + cols[None, :]
+    tl.store(out_base + out_rows.to(tl.int64)[:, None] * out_stride_n, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)
+    if HAS_CLASS:
+        first = tile_ok & (patch == 0)[:, None]
+        cls_row = tl.load(cls_ptr + cols, mask=col_ok, other=0).to(tl.float32)[None, :] + tl.zeros(
+            [BLOCK_M, BLOCK_N], dtype=tl.float32
+        )
+        if HAS_POS:
+            pos0 = tl.load(pos_ptr + image.to(tl.int64)[:, None] * pos_stride_b + cols[None, :], mask=first, other=0)
+            cls_row += pos0.to(tl.float32)
+        tl.store(out_base, cls_row.to(out_ptr.dtype.element_ty), mask=first)

@@ -1,0 +1,425 @@
+"""Fused patch embedding: pixels (float or uint8) to position-embedded patch tokens in one
+launch.
+
+Replaces the vision tower's first steps, each a pass over memory in Hugging Face: host-side
+normalization, ``Conv2d``/``Conv3d`` with stride == kernel (a GEMM in disguise), class
+token concat and position-embedding add.
+
+Public: :func:`patch_embed` (registered as ``mmkernels::patch_embed``), its reference
+:func:`patch_embed_reference` (same signature; it defines the op), :data:`CAPABILITIES`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from mmkernels.backend import (
+    AotCase,
+    Backend,
+    Capabilities,
+    choose_backend,
+    empty_output,
+    interpreter_enabled,
+    register_aot,
+)
+from mmkernels.ops import _patch_embed_kernels as kernels
+
+__all__ = ["CAPABILITIES", "patch_embed", "patch_embed_reference"]
+
+OP_NAME = "patch_embed"
+# Weight (= output) dtypes the kernel computes with; float64 runs the reference.
+CAPABILITIES = Capabilities(dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}), min_compute_capability=(8, 0))
+_PIXEL_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass
+class _EmbedArgs:
+    pixels: torch.Tensor
+    weight2d: torch.Tensor  # (D, K)
+    bias: torch.Tensor | None
+    class_embedding: torch.Tensor | None
+    position_embedding: torch.Tensor | None  # (B or 1, positions, D)
+    norm: torch.Tensor | None  # (3, C) float32: scale, mean, std
+    image_form: bool
+    batch: int
+    patches: int  # per image (image form) or rows (flat form)
+    patches_w: int
+    patch: int
+    channels: int
+    k_per_channel: int
+    dim: int
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        if not self.image_form:
+            return (self.patches, self.dim)
+        return (self.batch, self.patches + (self.class_embedding is not None), self.dim)
+
+
+def _per_channel(value, channels: int, name: str, device) -> torch.Tensor:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.full((channels,), float(value), dtype=torch.float32, device=device)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected a float or a tensor of shape ({channels},), got {type(value).__name__}")
+    if value.shape != (channels,):
+        raise ValueError(f"{name}: expected shape ({channels},) (one value per channel), got {tuple(value.shape)}")
+    if value.device != device:
+        raise ValueError(f"{name}: expected device {device} (that of pixels), got {value.device}")
+    return value.to(torch.float32)
+
+
+def _validate(pixels, weight, bias, class_embedding, position_embedding, pixel_mean, pixel_std, pixel_scale) -> _EmbedArgs:
+    for name, t in (("pixels", pixels), ("weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if pixels.dtype not in _PIXEL_DTYPES:
+        raise TypeError(f"pixels: expected uint8 or a float dtype, got {pixels.dtype}")
+    if not weight.is_floating_point():
+        raise TypeError(f"weight: expected a floating dtype, got {weight.dtype}")
+    device = pixels.device
+    if weight.device != device:
+        raise ValueError(f"weight: expected device {device} (that of pixels), got {weight.device}")
+    if weight.dim() == 4:
+        dim, channels, p, p2 = weight.shape
+        if p != p2:
+            raise ValueError(f"weight: expected square patches (D, C, P, P), got {tuple(weight.shape)}")
+        if pixels.dim() != 4:
+            raise ValueError(f"pixels: with a (D, C, P, P) weight expected (B, C, H, W), got {tuple(pixels.shape)}")
+        batch, c, height, width = pixels.shape
+        if c != channels:
+            raise ValueError(f"pixels: expected {channels} channels (weight has C={channels}), got {c}")
+        image_form, patches_w, patches = True, width // p, (height // p) * (width // p)
+        k_per_channel = p * p
+    elif weight.dim() == 5:
+        dim, channels, frames, p, p2 = weight.shape
+        if p != p2:
+            raise ValueError(f"weight: expected square patches (D, C, T, P, P), got {tuple(weight.shape)}")
+        k = channels * frames * p * p
+        if pixels.dim() != 2 or pixels.shape[1] != k:
+            raise ValueError(
+                f"pixels: with a (D, C, T, P, P) weight expected pre-flattened patches (N, {k}) = (N, C*T*P*P), "
+                f"got {tuple(pixels.shape)}"
+            )
+        image_form, batch, patches, patches_w = False, 1, pixels.shape[0], 0
+        k_per_channel = frames * p * p
+    else:
+        raise ValueError(f"weight: expected (D, C, P, P) or (D, C, T, P, P), got {tuple(weight.shape)}")
+
+    def vector(t, name):
+        if t is None:
+            return None
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+        if t.shape != (dim,):
+            raise ValueError(f"{name}: expected shape ({dim},) (D of weight), got {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{name}: expected device {device} (that of pixels), got {t.device}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
+        return t
+
+    bias = vector(bias, "bias")
+    class_embedding = vector(class_embedding, "class_embedding")
+    if not image_form and (class_embedding is not None or position_embedding is not None):
+        bad = "class_embedding" if class_embedding is not None else "position_embedding"
+        raise ValueError(f"{bad}: only the image form (B, C, H, W) takes a class or position embedding")
+    rows = patches + (class_embedding is not None)
+    if position_embedding is not None:
+        if not isinstance(position_embedding, torch.Tensor):
+            raise TypeError(f"position_embedding: expected a torch.Tensor, got {type(position_embedding).__name__}")
+        pe = position_embedding
+        ok_shape = (pe.dim() == 2 and pe.shape == (rows, dim)) or (pe.dim() == 3 and pe.shape == (batch, rows, dim))
+        if not ok_shape:
+            raise ValueError(
+                f"position_embedding: expected ({rows}, {dim}) or ({batch}, {rows}, {dim}) "
+                f"({patches} patches{' + class row' if class_embedding is not None else ''}), got {tuple(pe.shape)}"
+            )
+        if pe.device != device:
+            raise ValueError(f"position_embedding: expected device {device} (that of pixels), got {pe.device}")
+        if not pe.is_floating_point():
+            raise TypeError(f"position_embedding: expected a floating dtype, got {pe.dtype}")
+        if pe.dim() == 2:
+            pe = pe.unsqueeze(0)
+        position_embedding = pe if pe.stride(-1) == 1 else pe.contiguous()
+
+    given = [v is not None for v in (pixel_mean, pixel_std)]
+    if pixels.dtype == torch.uint8 and not all(given):
+        raise ValueError("pixels: uint8 pixels need pixel_mean and pixel_std (normalization happens in the kernel)")
+    norm = None
+    if any(given) or pixel_scale is not None:
+        if any(given) and not all(given):
+            missing = "pixel_std" if given[0] else "pixel_mean"
+            raise ValueError(f"{missing}: pixel_mean and pixel_std come together")
+        norm = torch.stack(
+            [
+                _per_channel(1.0 if pixel_scale is None else pixel_scale, channels, "pixel_scale", device),
+                _per_channel(0.0 if pixel_mean is None else pixel_mean, channels, "pixel_mean", device),
+                _per_channel(1.0 if pixel_std is None else pixel_std, channels, "pixel_std", device),
+            ]
+        )
+    return _EmbedArgs(
+        pixels=pixels,
+        weight2d=weight.reshape(dim, -1),
+        bias=bias,
+        class_embedding=class_embedding,
+        position_embedding=position_embedding,
+        norm=norm,
+        image_form=image_form,
+        batch=batch,
+        patches=patches,
+        patches_w=patches_w,
+        patch=p,
+        channels=channels,
+        k_per_channel=k_per_channel,
+        dim=dim,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Reference
+
+
+def patch_embed_reference(pixels, weight, bias=None, *, class_embedding=None, position_embedding=None,
+                          pixel_mean=None, pixel_std=None, pixel_scale=None) -> torch.Tensor:  # fmt: skip
+    """PyTorch reference of :func:`patch_embed` (it defines the op), in float64.
+
+    The only roundings are the ones the op defines: normalized pixels are converted to the
+    weight dtype (as Hugging Face converts ``pixel_values``), and the result to the weight
+    dtype at the end. The projection is ``F.conv2d`` / ``F.conv3d`` with stride == kernel.
+    """
+    args = _validate(pixels, weight, bias, class_embedding, position_embedding, pixel_mean, pixel_std, pixel_scale)
+    return _reference_impl(args, weight)
+
+
+def _reference_impl(args: _EmbedArgs, weight: torch.Tensor) -> torch.Tensor:
+    f64 = torch.float64
+    x = args.pixels.to(f64)
+    if args.norm is not None:
+        scale, mean, std = args.norm.to(f64)
+        shape = (1, -1, 1, 1) if args.image_form else (-1, 1)
+        if args.image_form:
+            x = (x * scale.view(shape) - mean.view(shape)) / std.view(shape)
+        else:
+            x = x.view(args.patches, args.channels, -1)
+            x = ((x * scale.view(-1, 1) - mean.view(-1, 1)) / std.view(-1, 1)).reshape(args.patches, -1)
+    x = x.to(weight.dtype).to(f64)
+    w = weight.to(f64)
+    bias = args.bias.to(f64) if args.bias is not None else None
+    if args.image_form:
+        out = torch.nn.functional.conv2d(x, w, bias, stride=args.patch).flatten(2).transpose(1, 2)
+        if args.class_embedding is not None:
+            cls = args.class_embedding.to(f64).expand(args.batch, 1, -1)
+            out = torch.cat([cls, out], dim=1)
+        if args.position_embedding is not None:
+            out = out + args.position_embedding.to(f64)
+    else:
+        frames = args.k_per_channel // (args.patch * args.patch)
+        x = x.view(-1, args.channels, frames, args.patch, args.patch)
+        out = torch.nn.functional.conv3d(x, w, bias, stride=(frames, args.patch, args.patch)).view(-1, args.dim)
+    return out.to(weight.dtype).contiguous()
+
+
+# --------------------------------------------------------------------------------------
+# Launcher
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+def embed_config(rows: int, dim: int, k: int, element_size: int) -> EmbedConfig:
+    """Deterministic tiles: 128x128 output tiles with 32-deep K steps for large problems
+    (K = 588 or 1176 in real towers, so 32 wastes little on the ragged last step), 64-row
+    tiles when there are few patches so more SMs get work."""
+    block_m = 128 if rows >= 4096 else 64
+    block_n = 128 if dim >= 128 else max(16, triton.next_power_of_2(dim))
+    block_k = 32 if element_size <= 2 else 16
+    num_warps = 8 if block_m * block_n >= 128 * 128 else 4
+    return EmbedConfig(block_m, block_n, block_k, group_m=8, num_warps=num_warps, num_stages=3)
+
+
+def _launch(args: _EmbedArgs, out: torch.Tensor):
+    """(args, meta, grid) of the one launch; also used by the AOT report."""
+    w = args.weight2d if args.weight2d.is_contiguous() else args.weight2d.contiguous()
+    rows = args.batch * args.patches if args.image_form else args.patches
+    k = w.shape[1]
+    cfg = embed_config(rows, args.dim, k, w.element_size())
+    pix = args.pixels
+    if args.image_form:
+        strides = pix.stride()
+    else:
+        strides = (pix.stride(0), pix.stride(1), 0, 0)
+    pe = args.position_embedding
+    dummy = w  # never read: the matching HAS_* flag is off
+    launch_args = (
+        pix, w,
+        args.bias if args.bias is not None else dummy,
+        args.class_embedding if args.class_embedding is not None else dummy,
+        pe if pe is not None else dummy,
+        args.norm if args.norm is not None else dummy,
+        out, rows, max(args.patches, 1), args.dim, k, max(args.patches_w, 1), args.channels, args.k_per_channel,
+        *strides,
+        (pe.stride(0) if pe.shape[0] > 1 else 0) if pe is not None else 0,
+        pe.stride(1) if pe is not None else 0,
+        out.stride(0) if args.image_form else 0,
+        out.stride(1) if args.image_form else out.stride(0),
+    )  # fmt: skip
+    fp32 = w.dtype == torch.float32
+    meta = dict(
+        P=args.patch,
+        IMAGE_FORM=args.image_form,
+        HAS_BIAS=args.bias is not None,
+        HAS_CLASS=args.class_embedding is not None,
+        HAS_POS=pe is not None,
+        NORMALIZE=args.norm is not None,
+        UPCAST_DOT=interpreter_enabled() and not fp32,
+        # fp32 weights: exact fp32 products unless torch itself allows TF32 convolutions.
+        DOT_PRECISION="tf32" if fp32 and torch.backends.cudnn.allow_tf32 and w.is_cuda else "ieee",
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    grid = (triton.cdiv(rows, cfg.block_m) * triton.cdiv(args.dim, cfg.block_n),)
+    return launch_args, meta, grid
+
+
+def _triton_impl(args: _EmbedArgs) -> torch.Tensor:
+    out = empty_output(args.out_shape, args.weight2d.dtype, args.pixels.device)
+    rows = args.batch * args.patches
+    if rows == 0 or args.dim == 0:
+        if args.image_form and args.class_embedding is not None and args.dim:
+            # No patches: only the class row (nothing for the GEMM to do).
+            cls = args.class_embedding.to(torch.float32).expand(args.batch, 1, -1)
+            if args.position_embedding is not None:
+                cls = cls + args.position_embedding[:, :1].to(torch.float32)
+            out.copy_(cls)
+        return out
+    launch_args, meta, grid = _launch(args, out)
+    kernels.patch_embed_kernel[grid](*launch_args, **meta)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# The op
+
+
+@torch.library.custom_op("mmkernels::patch_embed", mutates_args=())
+def _patch_embed_op(
+    pixels: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    class_embedding: torch.Tensor | None,
+    position_embedding: torch.Tensor | None,
+    pixel_mean: torch.Tensor | None,
+    pixel_std: torch.Tensor | None,
+    pixel_scale: torch.Tensor | None,
+) -> torch.Tensor:
+    args = _validate(pixels, weight, bias, class_embedding, position_embedding, pixel_mean, pixel_std, pixel_scale)
+    dtypes = {weight.dtype} | {t.dtype for t in (pixels,) if t.is_floating_point() and t.dtype != torch.float64}
+    decision = choose_backend(OP_NAME, kernels.patch_embed_kernel, CAPABILITIES, pixels.device, dtypes)
+    if decision.backend is Backend.REFERENCE:
+        return _reference_impl(args, weight)
+    return _triton_impl(args)
+
+
+@_patch_embed_op.register_fake
+def _patch_embed_fake(pixels, weight, bias, class_embedding, position_embedding, pixel_mean, pixel_std, pixel_scale):
+    args = _validate(pixels, weight, bias, class_embedding, position_embedding, pixel_mean, pixel_std, pixel_scale)
+    return weight.new_empty(args.out_shape)
+
+
+def _as_tensor(value, device) -> torch.Tensor | None:
+    if value is None or isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.tensor([float(value)], device=device)
+    return value  # wrong types are reported by _validate with the argument's name
+
+
+def patch_embed(pixels, weight, bias=None, *, class_embedding=None, position_embedding=None,
+                pixel_mean=None, pixel_std=None, pixel_scale=None) -> torch.Tensor:  # fmt: skip
+    """Patch embedding of images (or pre-flattened patches) in one launch.
+
+    Args:
+        pixels: ``(B, C, H, W)`` float32/float16/bfloat16, or uint8 (then ``pixel_mean``
+            and ``pixel_std`` are required); or pre-flattened patches ``(N, C*T*P*P)``
+            with a Conv3d weight (Qwen2-VL's ``PatchEmbed``).
+        weight: ``(D, C, P, P)``: a Conv2d with stride == kernel size == P and no padding;
+            ``H`` and ``W`` are floor-divided by ``P`` as Conv2d does (non-square images
+            work). Or ``(D, C, T, P, P)`` for the pre-flattened form. Its dtype is the
+            compute and output dtype; normalized pixels are converted to it first.
+        bias: ``(D,)`` or None.
+        class_embedding: ``(D,)``, prepended as row 0 of every image (image form only).
+        position_embedding: ``(N, D)`` / ``(1+N, D)`` shared by all images, or
+            ``(B, N|1+N, D)`` per image (interpolated or tile-gated tables); added to
+            every output row, the class row included.
+        pixel_mean, pixel_std, pixel_scale: ``(C,)`` (``pixel_scale`` also a float):
+            normalize in the kernel, ``x' = (x * scale - mean) / std`` (the CLIP/SigLIP
+            processor's rescale + normalize), so uint8 pixels skip the host entirely.
+
+    Returns:
+        ``(B, N, D)``, ``(B, 1+N, D)`` with a class embedding, or ``(N, D)`` for the
+        pre-flattened form; dtype of ``weight``; N = (H // P) * (W // P) in row-major
+        patch order (what ``conv(x).flatten(2).transpose(1, 2)`` gives).
+
+    One Triton launch on CUDA (and on CPU under ``TRITON_INTERPRET=1``): the GEMM on tensor
+    cores with fp32 accumulation, bias and position embedding in the epilogue, the class
+    row written by the same launch. Otherwise the reference. Registered as
+    ``torch.ops.mmkernels.patch_embed``.
+    """
+    device = pixels.device if isinstance(pixels, torch.Tensor) else None
+    mean, std, scale = (_as_tensor(v, device) for v in (pixel_mean, pixel_std, pixel_scale))
+    if isinstance(scale, torch.Tensor) and scale.numel() == 1 and isinstance(weight, torch.Tensor) and weight.dim() >= 4:
+        scale = scale.expand(weight.shape[1]).contiguous()
+    # Validated here too: a tensor on another device would route the op by that device.
+    _validate(pixels, weight, bias, class_embedding, position_embedding, mean, std, scale)
+    return _patch_embed_op(pixels, weight, bias, class_embedding, position_embedding, mean, std, scale)
+
+
+# --------------------------------------------------------------------------------------
+# Ahead-of-time cases: real towers, bf16.
+
+
+def _aot_case(name, pixels_shape, weight_shape, *, uint8=False, cls=False, pos=False, bias=False):
+    def make_launch():
+        weight = torch.empty(weight_shape, dtype=torch.bfloat16)
+        pixels = torch.empty(pixels_shape, dtype=torch.uint8 if uint8 else torch.bfloat16)
+        dim = weight_shape[0]
+        n = (pixels_shape[2] // weight_shape[-1]) * (pixels_shape[3] // weight_shape[-1]) if len(pixels_shape) == 4 else 0
+        args = _validate(
+            pixels, weight,
+            torch.empty(dim, dtype=torch.bfloat16) if bias else None,
+            torch.empty(dim, dtype=torch.bfloat16) if cls else None,
+            torch.empty(n + cls, dim, dtype=torch.bfloat16) if pos else None,
+            torch.empty(weight_shape[1]) if uint8 else None,
+            torch.empty(weight_shape[1]) if uint8 else None,
+            torch.empty(weight_shape[1]) if uint8 else None,
+        )  # fmt: skip
+        out = torch.empty(args.out_shape, dtype=torch.bfloat16)
+        launch_args, meta, grid = _launch(args, out)
+        meta["UPCAST_DOT"] = False  # compiled for a GPU, never the interpreter
+        return launch_args, meta, grid
+
+    return register_aot(AotCase(name, kernels.patch_embed_kernel, make_launch, tensor_cores=True))
+
+
+# CLIP-L/14-336, batch 8: 576 patches, D=1024, class token and 577 positions.
+_aot_case("patch_embed/clip-l-14-336/bf16", (8, 3, 336, 336), (1024, 3, 14, 14), cls=True, pos=True)
+# The same from uint8 pixels, normalized in the kernel.
+_aot_case("patch_embed/clip-l-14-336/uint8", (8, 3, 336, 336), (1024, 3, 14, 14), uint8=True, cls=True, pos=True)
+# SigLIP-so400m/14-384: bias, 729 positions, no class token.
+_aot_case("patch_embed/siglip-so400m-14-384/bf16", (8, 3, 384, 384), (1152, 3, 14, 14), pos=True, bias=True)
+# Qwen2-VL-7B vision: 4096 pre-flattened 2x14x14 patches, D=1280.
+_aot_case("patch_embed/qwen2-vl-7b/bf16", (4096, 1176), (1280, 3, 2, 14, 14))
