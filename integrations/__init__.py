@@ -7,8 +7,9 @@ Installed as ``mmkernels.integrations`` (see pyproject's ``package-dir``).
 * :func:`supported_models`: the coverage table (Markdown), generated from the specs.
 
 One generic engine (:mod:`.engine`), the generic merge pre-step (:mod:`.hf_merge`) and a
-short declarative spec per model family (:mod:`.hf_specs`). transformers is never
-imported here; the specs only name classes, methods and config fields.
+short declarative spec per model family (:mod:`.hf_specs`); the patch-embed rule and its
+specs (:mod:`.hf_patch_embed`). transformers is never imported here; the specs only name
+classes, methods and config fields.
 """
 
 from __future__ import annotations
@@ -29,14 +30,17 @@ from .engine import (
     unpatch_model,
 )
 from .hf_merge import MergeRule
+from .hf_patch_embed import PATCH_EMBED_SPECS, PatchEmbedRule
 from .hf_specs import MERGE_SPECS
 
 __all__ = ["KERNELS", "PatchReport", "Replacement", "Skip", "patch", "rules", "supported_models", "unpatch"]
 
 # Every kernel a model can be patched with; ``patch(kernels=None)`` applies all of them.
-KERNELS: tuple[str, ...] = ("merge",)
+KERNELS: tuple[str, ...] = ("merge", "patch_embed")
 
-_RULES: tuple[Rule, ...] = tuple(MergeRule(spec) for spec in MERGE_SPECS)
+_RULES: tuple[Rule, ...] = tuple(MergeRule(spec) for spec in MERGE_SPECS) + tuple(
+    PatchEmbedRule(spec) for spec in PATCH_EMBED_SPECS
+)
 
 
 def rules() -> tuple[Rule, ...]:
@@ -70,7 +74,8 @@ def patch(model: torch.nn.Module, *, kernels: Iterable[str] | None = None, quant
         model: a Hugging Face model (``LlavaForConditionalGeneration``, ``Qwen2VLModel``,
             ...); sub-models are found by their own ``config.model_type`` and class.
         kernels: None for every known kernel, else an iterable of names from
-            :data:`KERNELS` (``"merge"``: the multimodal token merge).
+            :data:`KERNELS` (``"merge"``: the multimodal token merge; ``"patch_embed"``:
+            the vision embeddings' patch projection, class row and position add).
         quantize_projector: reserved; only None is accepted until the quantized
             projector kernel is available.
         strict: raise ``ValueError`` when nothing in the model could be patched (the

@@ -2,9 +2,14 @@
 instances, record what was done, report it, and undo it exactly.
 
 Nothing here knows a model family. A :class:`Rule` says which sub-models it covers (their
-own ``config.model_type`` and class name), which method it replaces and with which op,
+``config.model_type`` and class name), which method it replaces and with which op,
 why it cannot apply to a given instance (:meth:`Rule.not_applicable_reasons`), and builds
 the replacement function. Family knowledge lives in the specs (:mod:`.hf_specs`).
+
+The ``model_type`` that governs a module is its own ``config.model_type``; a module without
+a config (a small block such as Qwen2-VL's ``PatchEmbed``) is governed by its nearest
+ancestor's. So a rule names such a block by its class within its tower's ``model_type``,
+never by a (possibly generic) class name alone.
 
 How a method is replaced, and why this way:
 
@@ -91,13 +96,17 @@ class Rule:
 
     kernel: str = ""  # the kernel name users pass in patch(kernels=...)
     family: str = ""  # a human name for the family ("LLaVA")
-    model_type: str = ""  # the sub-model's own config.model_type
+    model_type: str = ""  # the governing config.model_type (the module's own, else its nearest ancestor's)
     model_class: str = ""  # the sub-model's class name (matched anywhere in its MRO)
     method: str = ""  # the method replaced on the instance
     op: str = ""  # the op the replacement calls (for the report and the coverage table)
 
-    def matches(self, module: torch.nn.Module) -> bool:
-        return _model_type(module) == self.model_type and any(
+    def matches(self, module: torch.nn.Module, model_type: str | None = None) -> bool:
+        """``model_type``: the one governing ``module`` (see :func:`patch_model`); None
+        reads the module's own config."""
+        if model_type is None:
+            model_type = _model_type(module)
+        return model_type == self.model_type and any(
             cls.__name__ == self.model_class for cls in type(module).__mro__
         )
 
@@ -265,11 +274,16 @@ def _model_type(module: torch.nn.Module) -> str | None:
     return model_type if isinstance(model_type, str) and model_type else None
 
 
-def _modules_with_config(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module, str]]:
-    for path, module in model.named_modules():
-        model_type = _model_type(module)
+def _modules_with_model_type(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module, str, bool]]:
+    """(path, module, governing model_type, whether it is the module's own) for every module
+    governed by a model_type: its own config's, else its nearest ancestor's."""
+    governing: dict[str, str | None] = {}
+    for path, module in model.named_modules():  # parents come before their children
+        own = _model_type(module)
+        model_type = own if own is not None else governing.get(path.rpartition(".")[0]) if path else None
+        governing[path] = model_type
         if model_type is not None:
-            yield path, module, model_type
+            yield path, module, model_type, own is not None
 
 
 def patch_model(model: torch.nn.Module, rules: Sequence[Rule], *, kernels: Iterable[str],
@@ -284,11 +298,11 @@ def patch_model(model: torch.nn.Module, rules: Sequence[Rule], *, kernels: Itera
     skipped: list[Skip] = []
     seen_types: list[str] = []
     matched_any = False
-    for path, module, model_type in _modules_with_config(model):
-        if model_type not in seen_types:
+    for path, module, model_type, own in _modules_with_model_type(model):
+        if own and model_type not in seen_types:
             seen_types.append(model_type)
         for rule in rules:
-            if not rule.matches(module):
+            if not rule.matches(module, model_type):
                 continue
             matched_any = True
             cls_name = type(module).__name__

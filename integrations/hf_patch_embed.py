@@ -1,0 +1,368 @@
+"""The fused patch-embed patch for Hugging Face vision embeddings, and its specs.
+
+What Hugging Face does (``CLIPVisionEmbeddings.forward``; SigLIP without the class row)::
+
+    patch_embeds = self.patch_embedding(pixel_values.to(dtype=target_dtype))  # Conv2d, stride == kernel
+    patch_embeds = patch_embeds.flatten(2).transpose(1, 2)                    # (B, N, D)
+    embeddings = torch.cat([class_embeds, patch_embeds], dim=1)               # another pass
+    embeddings = embeddings + self.position_embedding(self.position_ids)      # and another
+
+and Qwen2-VL's ``PatchEmbed`` (a ``Conv3d`` over pre-flattened ``(N, C*T*P*P)`` patches)::
+
+    hidden_states = self.proj(hidden_states.view(-1, C, T, P, P).to(dtype=target_dtype)).view(-1, D)
+
+The patched ``forward`` makes ONE call of :func:`mmkernels.ops.patch_embed` with the
+module's own parameters (projection weight and bias, class embedding) and its own position
+table (``self.position_embedding(self.position_ids)``, or with
+``interpolate_pos_encoding=True`` what the module's own ``interpolate_pos_encoding``
+returns). Nothing of the model's code is copied: a spec names the submodules and the
+method; every call the op does not cover goes to the original ``forward`` untouched:
+
+* an argument the spec does not know, pixels that are not a floating tensor of the
+  expected rank, or on another device than the weight (the original raises its own error);
+* a call that needs gradients (the op has no backward yet);
+* a projection that is no longer a plain ``Conv2d`` / ``Conv3d`` with stride == kernel
+  (wrapped by an adapter, or carrying hooks, such as accelerate's offloading);
+* parameters of mixed dtypes (the original's type promotion decides the output dtype);
+* an image size the module rejects (CLIP without interpolation) or a position table whose
+  length does not match the patches (the original raises).
+
+Matching: CLIP and SigLIP embeddings carry their vision config (``clip_vision_model``,
+``siglip_vision_model``); Qwen2-VL's ``PatchEmbed`` has no config and is matched under its
+vision tower's (``qwen2_vl_vision``), see :mod:`.engine`.
+
+Read against ``transformers/models/{clip,siglip,qwen2_vl,qwen2_5_vl}/modeling_*.py``,
+versions 5.17 to 5.24 (the forwards are the same in that range).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+
+from .engine import PatchOptions, Rule, original_method
+from .hf_merge import Call, _bind, _signature
+
+__all__ = ["PATCH_EMBED_SPECS", "PatchEmbedRule", "PatchEmbedSpec"]
+
+PATCH_EMBED_OP = "patch_embed"
+IMAGE_FORM = "image"  # (B, C, H, W) pixels, Conv2d
+FLAT_FORM = "flat"  # (N, C*T*P*P) pre-flattened patches, Conv3d (Qwen2-VL)
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchEmbedSpec:
+    """The patch-embed patch for one embeddings class, as data: attribute names only.
+
+    ``form``: :data:`IMAGE_FORM` (``Conv2d`` over ``(B, C, H, W)``) or :data:`FLAT_FORM`
+    (``Conv3d`` over pre-flattened patches; the module's ``in_channels``,
+    ``temporal_patch_size``, ``patch_size`` and ``embed_dim`` must match the weight).
+    ``pixels``: the forward argument carrying the pixels; ``flag_arguments``: the other
+    arguments the forward takes (only ``interpolate_pos_encoding`` here).
+    ``projection``: the conv submodule; ``class_embedding``: a ``(D,)`` parameter prepended
+    as row 0; ``position_embedding`` / ``position_ids``: the table module and the ids it is
+    looked up with; ``interpolation``: the module's method ``(embeddings, height, width)``
+    that returns the position table when ``interpolate_pos_encoding`` is true (it reads
+    only the shape of ``embeddings``); ``image_size``: the attribute the forward checks the
+    image size against when not interpolating (None: no check).
+    """
+
+    family: str
+    model_type: str
+    model_class: str
+    form: str
+    pixels: str
+    projection: str
+    flag_arguments: tuple[str, ...] = ()
+    class_embedding: str | None = None
+    position_embedding: str | None = None
+    position_ids: str | None = None
+    interpolation: str | None = None
+    image_size: str | None = None
+
+    def __post_init__(self):
+        if self.form not in (IMAGE_FORM, FLAT_FORM):
+            raise ValueError(f"{self.family}: form {self.form!r} not in {(IMAGE_FORM, FLAT_FORM)}")
+        if (self.position_embedding is None) != (self.position_ids is None):
+            raise ValueError(f"{self.family}: position_embedding and position_ids come together")
+        if self.form == FLAT_FORM and (self.class_embedding or self.position_embedding or self.interpolation):
+            raise ValueError(f"{self.family}: the flat form takes no class or position embedding")
+
+
+# --------------------------------------------------------------------------------------
+# What the op can stand in for
+
+
+def _conv_reasons(conv: Any, form: str) -> list[str]:
+    """Why ``conv`` is not a projection the op computes (empty when it is)."""
+    conv_type = torch.nn.Conv2d if form == IMAGE_FORM else torch.nn.Conv3d
+    if not isinstance(conv, conv_type):
+        return [f"projection is {type(conv).__name__}, not a {conv_type.__name__}"]
+    reasons = []
+    if type(conv).forward is not conv_type.forward or "forward" in conv.__dict__:
+        reasons.append(f"projection {type(conv).__name__} has its own forward")
+    if conv._forward_hooks or conv._forward_pre_hooks:
+        reasons.append("projection has forward hooks")
+    kernel = tuple(conv.kernel_size)
+    if tuple(conv.stride) != kernel:
+        reasons.append(f"stride {tuple(conv.stride)} != kernel {kernel}")
+    if kernel[-1] != kernel[-2]:
+        reasons.append(f"kernel {kernel} is not square")
+    if conv.padding != "valid" and any(conv.padding):
+        reasons.append(f"padding {conv.padding}")
+    if any(d != 1 for d in conv.dilation):
+        reasons.append(f"dilation {tuple(conv.dilation)}")
+    if conv.groups != 1:
+        reasons.append(f"groups {conv.groups}")
+    return reasons
+
+
+def _flat_shape_reasons(module: torch.nn.Module, conv: torch.nn.Conv3d) -> list[str]:
+    dim, channels, frames, patch, _ = conv.weight.shape
+    reasons = []
+    for name, want in (("in_channels", channels), ("temporal_patch_size", frames), ("patch_size", patch),
+                       ("embed_dim", dim)):  # fmt: skip
+        value = getattr(module, name, None)
+        if value != want:
+            reasons.append(f"{name} is {value!r}, the weight says {want}")
+    return reasons
+
+
+def _needs_grad(tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _backend_note(weight: torch.Tensor) -> str:
+    try:
+        from mmkernels.ops.patch_embed import CAPABILITIES
+    except ImportError:  # the op module is not there: every call would fail loudly anyway
+        return "mmkernels.ops.patch_embed not importable"
+    reasons = CAPABILITIES.not_supported_reasons(weight.device, [weight.dtype])
+    if reasons:
+        return "runs the PyTorch reference: " + "; ".join(reasons)
+    return "Triton kernel" + (" (interpreter)" if weight.device.type == "cpu" else "")
+
+
+# --------------------------------------------------------------------------------------
+# The op's arguments for one call (None: the original runs)
+
+
+def _image_arguments(module: torch.nn.Module, spec: PatchEmbedSpec, call: Call) -> dict | None:
+    pixels = call.get(spec.pixels)
+    interpolate = bool(call.get("interpolate_pos_encoding", False))
+    conv = getattr(module, spec.projection, None)
+    if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or not pixels.is_floating_point():
+        return None
+    if _conv_reasons(conv, IMAGE_FORM):
+        return None
+    weight, bias = conv.weight, conv.bias
+    if pixels.device != weight.device or pixels.shape[1] != weight.shape[1]:
+        return None
+    batch, _, height, width = pixels.shape
+    if spec.image_size is not None and not interpolate:
+        size = getattr(module, spec.image_size)
+        if height != size or width != size:
+            return None  # the original raises its own error
+    class_embedding = getattr(module, spec.class_embedding) if spec.class_embedding else None
+    parameters = [t for t in (bias, class_embedding) if t is not None]
+    if _needs_grad([pixels, weight, *parameters]) or any(t.dtype != weight.dtype for t in parameters):
+        return None
+    dim, patch = weight.shape[0], weight.shape[-1]
+    rows = (height // patch) * (width // patch) + (class_embedding is not None)
+
+    position = None
+    if spec.position_embedding is not None:
+        if interpolate:
+            if spec.interpolation is None:
+                return None
+            # The method reads only the shape of the embeddings: a zero-stride stand-in.
+            shape_of_embeddings = weight.new_zeros(()).expand(batch, rows, dim)
+            position = getattr(module, spec.interpolation)(shape_of_embeddings, height, width)
+        else:
+            position = getattr(module, spec.position_embedding)(getattr(module, spec.position_ids))
+        if _needs_grad([position]) or position.dtype != weight.dtype or position.device != weight.device:
+            return None
+        if position.dim() == 3 and position.shape[0] == 1:
+            position = position[0]
+        if position.shape not in ((rows, dim), (batch, rows, dim)):
+            return None  # a table that does not fit the patches: the original raises
+    return dict(pixels=pixels, weight=weight, bias=bias, class_embedding=class_embedding,
+                position_embedding=position)  # fmt: skip
+
+
+def _flat_arguments(module: torch.nn.Module, spec: PatchEmbedSpec, call: Call) -> dict | None:
+    patches = call.get(spec.pixels)
+    conv = getattr(module, spec.projection, None)
+    if not isinstance(patches, torch.Tensor) or patches.dim() != 2 or not patches.is_floating_point():
+        return None
+    if _conv_reasons(conv, FLAT_FORM) or _flat_shape_reasons(module, conv):
+        return None
+    weight, bias = conv.weight, conv.bias
+    if patches.device != weight.device or patches.shape[1] != weight[0].numel():
+        return None
+    if _needs_grad([patches, weight, bias]) or (bias is not None and bias.dtype != weight.dtype):
+        return None
+    return dict(pixels=patches, weight=weight, bias=bias)
+
+
+# --------------------------------------------------------------------------------------
+# The rule
+
+
+class PatchEmbedRule(Rule):
+    """The patch-embed patch of one :class:`PatchEmbedSpec`: replaces the embeddings'
+    ``forward`` on the live instance."""
+
+    kernel = "patch_embed"
+    method = "forward"
+    op = f"mmkernels.ops.{PATCH_EMBED_OP}"
+
+    def __init__(self, spec: PatchEmbedSpec):
+        self.spec = spec
+        self.family = spec.family
+        self.model_type = spec.model_type
+        self.model_class = spec.model_class
+
+    def __repr__(self) -> str:
+        return f"PatchEmbedRule({self.spec.family}: {self.spec.model_class}.forward)"
+
+    def not_applicable_reasons(self, module: torch.nn.Module) -> list[str]:
+        reasons = super().not_applicable_reasons(module)
+        if reasons:
+            return reasons
+        spec = self.spec
+        signature = _bind_signature(module)
+        if signature is None or spec.pixels not in signature:
+            return [f"forward has no {spec.pixels!r} argument"]
+        unknown = [name for name in signature if name not in (spec.pixels, *spec.flag_arguments)]
+        if unknown:
+            reasons.append(f"forward takes arguments the spec does not know: {', '.join(unknown)}")
+        conv = getattr(module, spec.projection, None)
+        reasons += [f"{spec.projection}: {r}" for r in _conv_reasons(conv, spec.form)]
+        if reasons:
+            return reasons
+        if spec.form == FLAT_FORM:
+            reasons += _flat_shape_reasons(module, conv)
+        dim = conv.weight.shape[0]
+        if spec.class_embedding is not None:
+            cls = getattr(module, spec.class_embedding, None)
+            if not isinstance(cls, torch.Tensor) or tuple(cls.shape) != (dim,):
+                reasons.append(f"{spec.class_embedding} is not a ({dim},) tensor")
+        if spec.position_embedding is not None:
+            if not callable(getattr(module, spec.position_embedding, None)):
+                reasons.append(f"no {spec.position_embedding} module")
+            if not isinstance(getattr(module, spec.position_ids, None), torch.Tensor):
+                reasons.append(f"no {spec.position_ids} tensor")
+        if spec.image_size is not None and not isinstance(getattr(module, spec.image_size, None), int):
+            reasons.append(f"no integer {spec.image_size}")
+        return reasons
+
+    def notes(self, module: torch.nn.Module, options: PatchOptions) -> list[str]:
+        spec = self.spec
+        weight = getattr(module, spec.projection).weight
+        notes = [_backend_note(weight)]
+        if spec.form == IMAGE_FORM:
+            fused = ["bias" if getattr(module, spec.projection).bias is not None else None,
+                     "class row" if spec.class_embedding else None,
+                     "position-embedding add" if spec.position_embedding else None]  # fmt: skip
+            fused = [f for f in fused if f]
+            if fused:
+                notes.append("fused into the projection: " + ", ".join(fused))
+        if spec.interpolation is not None:
+            if callable(getattr(module, spec.interpolation, None)):
+                notes.append(f"interpolate_pos_encoding=True: the table from the module's own {spec.interpolation}")
+            else:
+                notes.append("interpolate_pos_encoding=True: original path")
+        notes.append("calls that need gradients run the original (the op has no backward yet)")
+        return notes
+
+    def coverage_row(self) -> dict[str, str]:
+        row = super().coverage_row()
+        row["op"] = PATCH_EMBED_OP
+        return row
+
+    def make_replacement(self, options: PatchOptions) -> Callable:
+        spec = self.spec
+        arguments = _image_arguments if spec.form == IMAGE_FORM else _flat_arguments
+
+        def forward(module, *args, **kwargs):
+            original = original_method(module, "forward")
+            call = _bind(original, args, kwargs)
+            if call is None or call.extra or any(n not in (spec.pixels, *spec.flag_arguments) for n in call.named):
+                return original(*args, **kwargs)
+            found = arguments(module, spec, call)
+            if found is None:
+                return original(*args, **kwargs)
+            from mmkernels.ops import patch_embed
+
+            return patch_embed(**found)
+
+        forward.__name__ = "forward"
+        forward.__qualname__ = f"mmkernels_patch_embed_forward[{spec.family}]"
+        forward.__doc__ = (
+            f"mmkernels: {spec.model_class}.forward computed by mmkernels.ops.{PATCH_EMBED_OP}; "
+            "see mmkernels.integrations.hf_patch_embed."
+        )
+        return forward
+
+
+def _bind_signature(module: torch.nn.Module) -> list[str] | None:
+    """The names of the original forward's parameters (None when it takes ``*args`` or
+    ``**kwargs``)."""
+    signature, _ = _signature(original_method(module, "forward"))
+    parameters = signature.parameters.values()
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters):
+        return None
+    return [p.name for p in parameters]
+
+
+# --------------------------------------------------------------------------------------
+# The specs
+
+
+PATCH_EMBED_SPECS: tuple[PatchEmbedSpec, ...] = (
+    PatchEmbedSpec(
+        family="CLIP vision",
+        model_type="clip_vision_model",
+        model_class="CLIPVisionEmbeddings",
+        form=IMAGE_FORM,
+        pixels="pixel_values",
+        flag_arguments=("interpolate_pos_encoding",),
+        projection="patch_embedding",
+        class_embedding="class_embedding",
+        position_embedding="position_embedding",
+        position_ids="position_ids",
+        interpolation="interpolate_pos_encoding",
+        image_size="image_size",
+    ),
+    PatchEmbedSpec(
+        family="SigLIP vision",
+        model_type="siglip_vision_model",
+        model_class="SiglipVisionEmbeddings",
+        form=IMAGE_FORM,
+        pixels="pixel_values",
+        flag_arguments=("interpolate_pos_encoding",),
+        projection="patch_embedding",
+        position_embedding="position_embedding",
+        position_ids="position_ids",
+        interpolation="interpolate_pos_encoding",
+    ),
+    PatchEmbedSpec(
+        family="Qwen2-VL vision",
+        model_type="qwen2_vl_vision",
+        model_class="PatchEmbed",
+        form=FLAT_FORM,
+        pixels="hidden_states",
+        projection="proj",
+    ),
+    PatchEmbedSpec(
+        family="Qwen2.5-VL vision",
+        model_type="qwen2_5_vl_vision",
+        model_class="Qwen2_5_VisionPatchEmbed",
+        form=FLAT_FORM,
+        pixels="hidden_states",
+        projection="proj",
+    ),
+)

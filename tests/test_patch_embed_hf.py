@@ -1,0 +1,412 @@
+"""mmkernels.patch(kernels=["patch_embed"]) on live Hugging Face models: the vision
+embeddings of the tiny models of :mod:`mmkernels.zoo` (CLIP, SigLIP, Qwen2-VL and
+Qwen2.5-VL ``PatchEmbed``) computed by :func:`mmkernels.ops.patch_embed` (Triton's
+interpreter on the CPU).
+
+For every zoo family with a wired module: the report names exactly that module, patched
+and unpatched outputs agree within fp32 rounding (relative error <= 1e-5 on every output
+tensor; not bit-identical, the GEMM sums in another order), greedy generation gives the
+same tokens, ``state_dict`` is unchanged, ``unpatch`` restores the instance exactly, and
+``patch(model)`` with every kernel patches the merge and the embeddings together.
+
+Then the cases the patched forward leaves to the original (gradients, a wrong image size,
+a hooked projection, unknown arguments, other input shapes), interpolated position
+embeddings, bf16, and the engine's matching of config-less modules (Qwen2-VL's
+``PatchEmbed``) under their vision tower's ``model_type`` only.
+"""
+
+import os
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated; conftest sets it too.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import copy  # noqa: E402
+import dataclasses  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
+from typing import Any  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+transformers = pytest.importorskip("transformers")
+
+import mmkernels  # noqa: E402
+import mmkernels.ops  # noqa: E402
+from mmkernels import integrations, patch, unpatch, zoo  # noqa: E402
+from mmkernels.integrations.engine import ORIGINALS_ATTR  # noqa: E402
+from mmkernels.testing import HostSyncCounter, assert_close, relative_error  # noqa: E402
+from zoo_helpers import build_or_skip  # noqa: E402
+
+KERNEL = "patch_embed"
+RTOL = 1e-5  # fp32: the op's GEMM sums in another order than the convolution
+NEW_TOKENS = 4
+
+# The modules each zoo family's patch-embed rules match: (path, class).
+EXPECTED = {
+    "llava": [("model.vision_tower.embeddings", "CLIPVisionEmbeddings")],
+    "llava_next": [("model.vision_tower.embeddings", "CLIPVisionEmbeddings")],
+    "llava_onevision": [("model.vision_tower.embeddings", "SiglipVisionEmbeddings")],
+    "qwen2_vl": [("model.visual.patch_embed", "PatchEmbed")],
+    "qwen2_5_vl": [("model.visual.patch_embed", "Qwen2_5_VisionPatchEmbed")],
+    "paligemma": [("model.vision_tower.embeddings", "SiglipVisionEmbeddings")],
+    "gemma3": [("model.vision_tower.embeddings", "SiglipVisionEmbeddings")],
+}
+FAMILIES = [family for family in zoo.FAMILIES if family in EXPECTED]
+UNWIRED = [family for family in zoo.FAMILIES if family not in EXPECTED]  # Idefics3: its own embeddings
+
+
+# --------------------------------------------------------------------------------------
+# Helpers
+
+
+@contextmanager
+def patched(model, **options):
+    options.setdefault("kernels", [KERNEL])
+    report = patch(model, **options)
+    try:
+        yield report
+    finally:
+        unpatch(model)
+
+
+class Spy:
+    """Counts calls of ``mmkernels.ops.<name>`` (the patches import it at call time)."""
+
+    def __init__(self, monkeypatch, name):
+        self.calls = 0
+        self._op = getattr(mmkernels.ops, name)
+        monkeypatch.setattr(mmkernels.ops, name, self)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self._op(*args, **kwargs)
+
+
+@pytest.fixture
+def embed_spy(monkeypatch):
+    return Spy(monkeypatch, "patch_embed")
+
+
+def tensor_leaves(value: Any, where: str = "output"):
+    """(where, tensor) for every tensor in a model output, caches included."""
+    if isinstance(value, torch.Tensor):
+        yield where, value
+    elif isinstance(value, transformers.utils.ModelOutput):
+        for key in value.keys():
+            yield from tensor_leaves(value[key], f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from tensor_leaves(item, f"{where}[{i}]")
+    elif isinstance(value, transformers.Cache):
+        for i, layer in enumerate(value.layers):
+            pair = [getattr(layer, "keys", None), getattr(layer, "values", None)]
+            yield from tensor_leaves(pair, f"{where}.layers[{i}]")
+
+
+def assert_outputs_close(got: Any, want: Any) -> None:
+    got_leaves, want_leaves = dict(tensor_leaves(got)), dict(tensor_leaves(want))
+    assert got_leaves.keys() == want_leaves.keys()
+    for where, w in want_leaves.items():
+        g = got_leaves[where]
+        assert (g.dtype, g.shape) == (w.dtype, w.shape), (
+            f"{where}: {g.dtype}{tuple(g.shape)} vs {w.dtype}{tuple(w.shape)}"
+        )
+        if not w.is_floating_point():
+            assert torch.equal(g, w), where
+            continue
+        error = relative_error(g, w)
+        assert error <= RTOL, f"{where}: relative error {error:.3e} > {RTOL}"
+
+
+def instance_dicts(model) -> dict[str, dict]:
+    return {path: dict(module.__dict__) for path, module in model.named_modules()}
+
+
+def assert_same_instance_dicts(got: dict[str, dict], want: dict[str, dict]) -> None:
+    assert got.keys() == want.keys()
+    for path in want:
+        assert got[path].keys() == want[path].keys(), path or "<root>"
+        for name, value in want[path].items():
+            assert got[path][name] is value, f"{path or '<root>'}.{name} is a different object"
+
+
+def generate(tiny) -> torch.Tensor:
+    return tiny.model.generate(**tiny.inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+
+
+@dataclasses.dataclass
+class Baseline:
+    tiny: Any
+    output: Any
+    tokens: torch.Tensor
+    state_keys: list[str]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def baseline(request) -> Baseline:
+    tiny = build_or_skip(request.param)
+    with torch.no_grad():
+        output = tiny.model(**tiny.inputs)
+        tokens = generate(tiny)
+    return Baseline(tiny, output, tokens, list(tiny.model.state_dict().keys()))
+
+
+# --------------------------------------------------------------------------------------
+# Per family
+
+
+def test_the_zoo_has_wired_families():
+    assert FAMILIES, f"no zoo family has a patch-embed rule (zoo: {zoo.FAMILIES})"
+    assert KERNEL in integrations.KERNELS
+
+
+def test_forward_close_and_report(baseline, embed_spy):
+    tiny = baseline.tiny
+    with torch.no_grad(), patched(tiny.model) as report:
+        assert [(r.module_path, r.class_name, r.method) for r in report.replaced] == [
+            (path, cls, "forward") for path, cls in EXPECTED[tiny.family]
+        ]
+        assert {r.op for r in report.replaced} == {"mmkernels.ops.patch_embed"}
+        assert [s.code for s in report.skipped] == ["not_requested"]  # the merge
+        text = str(report)
+        for path, cls in EXPECTED[tiny.family]:
+            assert path in text and cls in text
+        assert "patch_embed" in text and "Triton kernel (interpreter)" in text
+        output = tiny.model(**tiny.inputs)
+    # One call per encoded medium (Qwen2-VL, LLaVA-OneVision: images and videos).
+    assert embed_spy.calls >= 1
+    assert_outputs_close(output, baseline.output)
+
+
+def test_generate_same_tokens(baseline, embed_spy):
+    tiny = baseline.tiny
+    with torch.no_grad(), patched(tiny.model):
+        tokens = generate(tiny)
+    assert embed_spy.calls >= 1
+    assert torch.equal(tokens, baseline.tokens), f"{tokens} vs {baseline.tokens}"
+
+
+def test_state_dict_unchanged_and_unpatch_restores(baseline):
+    tiny = baseline.tiny
+    model = tiny.model
+    before = instance_dicts(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with patched(model) as report:
+        assert list(model.state_dict().keys()) == baseline.state_keys
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, state[key]), key
+        module = model.get_submodule(report.replaced[0].module_path)
+        assert "forward" in module.__dict__ and ORIGINALS_ATTR in module.__dict__
+    assert_same_instance_dicts(instance_dicts(model), before)
+    assert module.forward.__func__ is type(module).forward
+
+    # After patched calls too (the model's own state, such as Qwen2-VL's rope_deltas, may change).
+    with torch.no_grad():
+        with patched(model):
+            model(**tiny.inputs)
+        assert {p: d.keys() for p, d in instance_dicts(model).items()} == {p: d.keys() for p, d in before.items()}
+        assert module.forward.__func__ is type(module).forward
+        for where, tensor in tensor_leaves(model(**tiny.inputs)):
+            assert torch.equal(tensor, dict(tensor_leaves(baseline.output))[where]), where
+
+
+def test_all_kernels_patch_merge_and_embeddings(baseline, embed_spy, monkeypatch):
+    tiny = baseline.tiny
+    merge_spy = Spy(monkeypatch, "merge_multimodal_embeddings")
+    with torch.no_grad(), patched(tiny.model, kernels=None) as report:
+        replaced = [(r.module_path, r.class_name) for r in report.replaced]
+        inner = [p for p, m in tiny.model.named_modules() if type(m).__name__ == tiny.inner_model_class]
+        assert replaced == [(inner[0], tiny.inner_model_class)] + EXPECTED[tiny.family]
+        assert report.skipped == []
+        output = tiny.model(**tiny.inputs)
+    # The merge runs where it covers every medium in the inputs on this transformers
+    # (LLaVA-OneVision video from 5.18); elsewhere its original forward does.
+    (merge_rule,) = [r for r in integrations.rules() if r.kernel == "merge" and r.model_type == tiny.family]
+    covered = merge_rule.covered_modalities()
+    uncovered = [m for m in merge_rule.spec.modalities if m not in covered and m.trigger in tiny.inputs]
+    assert merge_spy.calls == (0 if uncovered else 1)
+    assert embed_spy.calls >= 1
+    assert_outputs_close(output, baseline.output)
+
+
+@pytest.mark.parametrize("family", UNWIRED)
+def test_families_without_a_wired_module_patch_nothing(family):
+    tiny = build_or_skip(family, batch=1)
+    with patched(tiny.model) as report:
+        assert report.replaced == []
+
+
+# --------------------------------------------------------------------------------------
+# One embeddings module
+
+
+@pytest.fixture(scope="module")
+def llava():
+    return zoo.build("llava", batch=1)
+
+
+@pytest.fixture(scope="module")
+def paligemma():
+    return zoo.build("paligemma", batch=1)
+
+
+def embeddings(tiny):
+    (path, _), *_ = EXPECTED[tiny.family]
+    return tiny.model.get_submodule(path)
+
+
+def pixels(shape, seed=1):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", ["llava", "paligemma"])
+@pytest.mark.parametrize("size", [(56, 56), (70, 42), (63, 57)], ids=["same", "non-square", "ragged"])
+def test_interpolated_position_embedding(request, name, size, embed_spy):
+    """interpolate_pos_encoding=True: the table comes from the module's own method; the
+    op adds it (per-image-size tables, H and W floor-divided by the patch)."""
+    tiny = request.getfixturevalue(name)
+    module = embeddings(tiny)
+    x = pixels((2, 3, *size))
+    with torch.no_grad():
+        want = module(x, interpolate_pos_encoding=True)
+        with patched(tiny.model):
+            got = module(x, interpolate_pos_encoding=True)
+    assert embed_spy.calls == 1
+    assert got.shape == want.shape
+    assert_close(got, want, reduction_length=module.patch_embedding.weight[0].numel())
+
+
+@pytest.mark.parametrize("name", ["llava", "paligemma"])
+def test_bf16(request, name, embed_spy):
+    tiny = request.getfixturevalue(name)
+    module = copy.deepcopy(embeddings(tiny)).to(torch.bfloat16)
+    x = pixels((2, 3, 56, 56))  # float32 pixels: converted to the weight dtype, as HF does
+    with torch.no_grad():
+        want = module(x)
+        with patched(module) as report:
+            assert [r.module_path for r in report.replaced] == [""]
+            got = module(x)
+    assert embed_spy.calls == 1
+    assert got.dtype == want.dtype == torch.bfloat16
+    # Both round the fp32-accumulated result to bf16 once; the sums' order differs.
+    assert_close(got, want, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("name", ["llava", "paligemma", "qwen2_vl"])
+def test_no_host_sync(request, name, embed_spy):
+    tiny = request.getfixturevalue(name)
+    module = embeddings(tiny)
+    x = pixels((7, module.proj.weight[0].numel())) if name == "qwen2_vl" else pixels((2, 3, 56, 56))
+    with torch.no_grad(), patched(tiny.model):
+        with HostSyncCounter() as syncs:
+            module(x)
+    assert embed_spy.calls == 1
+    assert syncs.count == 0, syncs
+
+
+def test_wrong_image_size_runs_the_original(llava, embed_spy):
+    module = embeddings(llava)
+    with torch.no_grad(), patched(llava.model):
+        with pytest.raises(ValueError, match="doesn't match model"):
+            module(pixels((1, 3, 70, 70)))
+    assert embed_spy.calls == 0
+
+
+def test_calls_needing_gradients_run_the_original(llava, embed_spy):
+    module = embeddings(llava)
+    x = pixels((2, 3, 56, 56))
+    want = module(x)
+    with patched(llava.model):
+        got = module(x)
+        got.sum().backward()
+    assert embed_spy.calls == 0
+    assert torch.equal(got, want)
+    assert module.patch_embedding.weight.grad is not None
+    llava.model.zero_grad(set_to_none=True)
+
+
+def test_hooked_projection_runs_the_original(llava, embed_spy):
+    module = embeddings(llava)
+    x = pixels((1, 3, 56, 56))
+    seen = []
+    with torch.no_grad(), patched(llava.model):
+        handle = module.patch_embedding.register_forward_hook(lambda *args: seen.append(1))
+        try:
+            module(x)
+        finally:
+            handle.remove()
+        assert seen == [1] and embed_spy.calls == 0
+        module(x)
+    assert embed_spy.calls == 1
+
+
+def test_positional_and_keyword_calls(llava, embed_spy):
+    module = embeddings(llava)
+    x = pixels((1, 3, 56, 56))
+    with torch.no_grad():
+        want = module(x)
+        with patched(llava.model):
+            results = [module(x), module(pixel_values=x), module(x, False), module(x, interpolate_pos_encoding=False)]
+    assert embed_spy.calls == 4
+    for got in results:
+        assert_close(got, want, reduction_length=module.patch_embedding.weight[0].numel())
+
+
+def test_a_patched_projection_is_not_applicable(paligemma):
+    """A rule checks the projection before patching: here a strided conv with overlap."""
+    module = copy.deepcopy(embeddings(paligemma))
+    module.patch_embedding.stride = (7, 7)
+    report = patch(module, kernels=[KERNEL])
+    assert report.replaced == []
+    (skip,) = report.skipped
+    assert "stride (7, 7) != kernel (14, 14)" in skip.reason
+    assert ORIGINALS_ATTR not in module.__dict__
+
+
+@pytest.fixture(scope="module")
+def qwen2_vl():
+    return zoo.build("qwen2_vl", batch=1)
+
+
+def test_qwen2_vl_patch_embed_shapes(qwen2_vl, embed_spy):
+    """Pre-flattened (N, C*T*P*P) patches run the op; any other shape the original."""
+    module = embeddings(qwen2_vl)
+    k = module.proj.weight[0].numel()
+    flat = pixels((7, k))
+    with torch.no_grad():
+        want = module(flat)
+        with patched(qwen2_vl.model):
+            got = module(flat)
+            assert embed_spy.calls == 1
+            assert got.shape == want.shape == (7, module.embed_dim)
+            assert_close(got, want, reduction_length=k)
+            shaped = flat.view(7, module.in_channels, module.temporal_patch_size, module.patch_size, -1)
+            assert torch.equal(module(shaped), want)  # 5-D input: the original's view
+            assert embed_spy.calls == 1
+            empty = module(pixels((0, k)))
+            assert empty.shape == (0, module.embed_dim)
+
+
+def test_config_less_modules_match_only_under_their_tower(qwen2_vl):
+    """Qwen2-VL's PatchEmbed has no config: it is matched under its vision tower's
+    model_type, never by its (generic) class name alone."""
+    tower = qwen2_vl.model.model.visual
+    assert tower.config.model_type == "qwen2_vl_vision"
+    with patched(tower) as report:
+        assert [(r.module_path, r.class_name) for r in report.replaced] == [("patch_embed", "PatchEmbed")]
+    alone = copy.deepcopy(tower.patch_embed)
+    report = patch(alone, kernels=[KERNEL])
+    assert report.replaced == [] and [s.code for s in report.skipped] == ["no_match"]
+    assert "qwen2_vl_vision" in str(report)
+    assert ORIGINALS_ATTR not in alone.__dict__
+
+
+def test_coverage_table_lists_the_rules():
+    table = mmkernels.supported_models()
+    for row in (
+        "| CLIP vision | clip_vision_model | CLIPVisionEmbeddings | forward | patch_embed |",
+        "| SigLIP vision | siglip_vision_model | SiglipVisionEmbeddings | forward | patch_embed |",
+        "| Qwen2-VL vision | qwen2_vl_vision | PatchEmbed | forward | patch_embed |",
+        "| Qwen2.5-VL vision | qwen2_5_vl_vision | Qwen2_5_VisionPatchEmbed | forward | patch_embed |",
+    ):
+        assert row in table
