@@ -20,7 +20,6 @@ method; every call the op does not cover goes to the original ``forward`` untouc
 
 * an argument the spec does not know, pixels that are not a floating tensor of the
   expected rank, or on another device than the weight (the original raises its own error);
-* a call that needs gradients (the op has no backward yet);
 * a projection that is no longer a plain ``Conv2d`` / ``Conv3d`` with stride == kernel
   (wrapped by an adapter, or carrying hooks, such as accelerate's offloading);
 * parameters of mixed dtypes (the original's type promotion decides the output dtype);
@@ -130,10 +129,6 @@ def _flat_shape_reasons(module: torch.nn.Module, conv: torch.nn.Conv3d) -> list[
     return reasons
 
 
-def _needs_grad(tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def _backend_note(weight: torch.Tensor) -> str:
     try:
         from mmkernels.ops.patch_embed import CAPABILITIES
@@ -167,7 +162,7 @@ def _image_arguments(module: torch.nn.Module, spec: PatchEmbedSpec, call: Call) 
             return None  # the original raises its own error
     class_embedding = getattr(module, spec.class_embedding) if spec.class_embedding else None
     parameters = [t for t in (bias, class_embedding) if t is not None]
-    if _needs_grad([pixels, weight, *parameters]) or any(t.dtype != weight.dtype for t in parameters):
+    if any(t.dtype != weight.dtype for t in parameters):
         return None
     dim, patch = weight.shape[0], weight.shape[-1]
     rows = (height // patch) * (width // patch) + (class_embedding is not None)
@@ -182,7 +177,7 @@ def _image_arguments(module: torch.nn.Module, spec: PatchEmbedSpec, call: Call) 
             position = getattr(module, spec.interpolation)(shape_of_embeddings, height, width)
         else:
             position = getattr(module, spec.position_embedding)(getattr(module, spec.position_ids))
-        if _needs_grad([position]) or position.dtype != weight.dtype or position.device != weight.device:
+        if position.dtype != weight.dtype or position.device != weight.device:
             return None
         if position.dim() == 3 and position.shape[0] == 1:
             position = position[0]
@@ -202,7 +197,7 @@ def _flat_arguments(module: torch.nn.Module, spec: PatchEmbedSpec, call: Call) -
     weight, bias = conv.weight, conv.bias
     if patches.device != weight.device or patches.shape[1] != weight[0].numel():
         return None
-    if _needs_grad([patches, weight, bias]) or (bias is not None and bias.dtype != weight.dtype):
+    if bias is not None and bias.dtype != weight.dtype:
         return None
     return dict(pixels=patches, weight=weight, bias=bias)
 
@@ -275,7 +270,6 @@ class PatchEmbedRule(Rule):
                 notes.append(f"interpolate_pos_encoding=True: the table from the module's own {spec.interpolation}")
             else:
                 notes.append("interpolate_pos_encoding=True: original path")
-        notes.append("calls that need gradients run the original (the op has no backward yet)")
         return notes
 
     def coverage_row(self) -> dict[str, str]:

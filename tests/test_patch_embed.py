@@ -163,3 +163,33 @@ def test_torch_compile_fullgraph():
 
     compiled = torch.compile(f, fullgraph=True, backend="eager")
     torch.testing.assert_close(compiled(pixels, weight, pos), f(pixels, weight, pos), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("form", ["image", "flat"])
+def test_gradients_match_the_conv_modules(form, dtype):
+    if form == "image":
+        pixels = torch.randn(2, 3, 21, 28, dtype=torch.float64)
+        weight = torch.randn(16, 3, 7, 7, dtype=torch.float64, requires_grad=True)
+        extra = dict(class_embedding=torch.randn(16, dtype=torch.float64, requires_grad=True),
+                     position_embedding=torch.randn(13, 16, dtype=torch.float64, requires_grad=True))
+    else:
+        pixels = torch.randn(11, 3 * 2 * 4 * 4, dtype=torch.float64)
+        weight = torch.randn(16, 3, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+        extra = {}
+    bias = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    leaves = [weight, bias, *extra.values()]
+    upstream = None
+
+    def grads(fn):
+        nonlocal upstream
+        out = fn(pixels, weight, bias, **extra)
+        upstream = torch.randn_like(out) if upstream is None else upstream
+        return torch.autograd.grad((out * upstream).sum(), leaves)
+
+    if dtype == torch.float32:  # the forward runs the kernel (interpreter); same backward
+        pixels, weight, bias = pixels.float(), weight.detach().float().requires_grad_(), bias.detach().float().requires_grad_()
+        extra = {k: v.detach().float().requires_grad_() for k, v in extra.items()}
+        leaves[:] = [weight, bias, *extra.values()]
+    for got, want in zip(grads(patch_embed), grads(reference)):
+        torch.testing.assert_close(got, want.to(got.dtype))

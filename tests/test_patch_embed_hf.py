@@ -312,17 +312,27 @@ def test_wrong_image_size_runs_the_original(llava, embed_spy):
     assert embed_spy.calls == 0
 
 
-def test_calls_needing_gradients_run_the_original(llava, embed_spy):
+def test_training_runs_the_op_with_the_same_gradients(llava, embed_spy):
+    """The op is differentiable: gradients of the projection, class and position tables
+    match the original module's."""
     module = embeddings(llava)
     x = pixels((2, 3, 56, 56))
-    want = module(x)
+
+    def run():
+        llava.model.zero_grad(set_to_none=True)
+        out = module(x)
+        out.square().mean().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+    want, want_grads = run()
     with patched(llava.model):
-        got = module(x)
-        got.sum().backward()
-    assert embed_spy.calls == 0
-    assert torch.equal(got, want)
-    assert module.patch_embedding.weight.grad is not None
+        got, grads = run()
     llava.model.zero_grad(set_to_none=True)
+    assert embed_spy.calls == 1
+    assert_close(got, want.double(), dtype=torch.float32)
+    assert grads.keys() == want_grads.keys() and "patch_embedding.weight" in grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_hooked_projection_runs_the_original(llava, embed_spy):

@@ -2,8 +2,9 @@
 
 For every tiny model family in :mod:`mmkernels.zoo` (real transformers classes, random
 weights, nothing downloaded): run the unpatched forward, ``mmkernels.patch`` the model,
-print the patch report, run the patched forward, and check that the logits are
-bit-identical and greedy generation gives the same tokens; count host syncs of both.
+print the patch report, run the patched forward, and check the logits (bit-identical with
+the merge alone, within 1e-5 in fp32 with every kernel) and that greedy generation gives
+the same tokens; count host syncs.
 
 On a machine with a CUDA GPU the kernels run compiled and the demo also times the merge
 against Hugging Face's path (``--no-bench`` skips that). Without a GPU the kernels run in
@@ -28,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import mmkernels  # noqa: E402
 from mmkernels import zoo  # noqa: E402
-from mmkernels.testing import HostSyncCounter  # noqa: E402
+from mmkernels.testing import HostSyncCounter, relative_error  # noqa: E402
 
 
 def _logits(model, inputs):
@@ -41,6 +42,17 @@ def _generate(model, inputs, n):
         return model.generate(**inputs, max_new_tokens=n, do_sample=False)
 
 
+def _patched(model, inputs, new_tokens, **options):
+    """Logits, greedy tokens and host syncs with ``mmkernels.patch(model, **options)``."""
+    report = mmkernels.patch(model, **options)
+    try:
+        with HostSyncCounter() as syncs:
+            logits = _logits(model, inputs)
+        return report, logits, _generate(model, inputs, new_tokens), syncs.count
+    finally:
+        mmkernels.unpatch(model)
+
+
 def check_family(family: str, device: torch.device, new_tokens: int) -> dict:
     tiny = zoo.build(family)
     model = tiny.model.to(device)
@@ -48,28 +60,22 @@ def check_family(family: str, device: torch.device, new_tokens: int) -> dict:
     with HostSyncCounter() as before:
         ref = _logits(model, inputs)
     ref_tokens = _generate(model, inputs, new_tokens)
-    report = mmkernels.patch(model)
-    try:
-        print(report)
-        with HostSyncCounter() as after:
-            out = _logits(model, inputs)
-        tokens = _generate(model, inputs, new_tokens)
-    finally:
-        mmkernels.unpatch(model)
-    mmkernels.patch(model, check_placeholders=False)
-    try:
-        with HostSyncCounter() as unchecked:
-            out_unchecked = _logits(model, inputs)
-    finally:
-        mmkernels.unpatch(model)
+    # The merge alone is a copy: bit-identical. All kernels: the patch-embed GEMM sums in
+    # another order than the convolution, so fp32 agreement within 1e-5 relative.
+    _, merged, merged_tokens, merge_syncs = _patched(model, inputs, new_tokens, kernels=["merge"])
+    _, _, _, unchecked_syncs = _patched(model, inputs, new_tokens, kernels=["merge"], check_placeholders=False)
+    report, full, full_tokens, _ = _patched(model, inputs, new_tokens)
+    print(report)
     restored = _logits(model, inputs)
     return {
         "family": family,
-        "logits bit-identical": torch.equal(out, ref) and torch.equal(out_unchecked, ref),
-        "greedy tokens equal": torch.equal(tokens, ref_tokens),
+        "merge: logits bit-identical": torch.equal(merged, ref),
+        "all kernels: logits rel. error": f"{relative_error(full, ref):.1e}",
+        "all within 1e-5": relative_error(full, ref) <= 1e-5,
+        "greedy tokens equal": torch.equal(merged_tokens, ref_tokens) and torch.equal(full_tokens, ref_tokens),
         "unpatch restores": torch.equal(restored, ref),
-        "host syncs: HF / patched / patched, check_placeholders=False": (
-            f"{before.count} / {after.count} / {unchecked.count}"
+        "host syncs: HF / merge / merge, check_placeholders=False": (
+            f"{before.count} / {merge_syncs} / {unchecked_syncs}"
         ),
     }
 
@@ -111,7 +117,7 @@ def main(argv=None) -> int:
         print((out_dir / "results.md").read_text())
     elif not cuda:
         print(
-            "No CUDA device: the Triton kernels ran in the interpreter and were checked bit-exactly "
+            "No CUDA device: the Triton kernels ran in the interpreter and were checked "
             "against the unpatched models above; nothing was timed (interpreter timings mean nothing). "
             "On a GPU, `python tools/gpu_suite.py` runs the GPU tests and all benchmarks."
         )

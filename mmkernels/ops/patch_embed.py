@@ -340,6 +340,56 @@ def _patch_embed_fake(pixels, weight, bias, class_embedding, position_embedding,
     return weight.new_empty(args.out_shape)
 
 
+def _differentiable_forward(args: _EmbedArgs, weight, bias, class_embedding, position_embedding):
+    """The op's math in PyTorch, in the weight dtype, differentiable in the parameters: the
+    backward takes its gradients from here (training is not the kernel's hot path)."""
+    x = args.pixels
+    if args.norm is not None:
+        scale, mean, std = args.norm
+        if args.image_form:
+            x = (x.to(torch.float32) * scale.view(1, -1, 1, 1) - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+        else:
+            x = x.to(torch.float32).view(args.patches, args.channels, -1)
+            x = ((x * scale.view(-1, 1) - mean.view(-1, 1)) / std.view(-1, 1)).reshape(args.patches, -1)
+    x = x.to(weight.dtype)
+    if not args.image_form:
+        return torch.nn.functional.linear(x, weight.reshape(args.dim, -1), bias)
+    out = torch.nn.functional.conv2d(x, weight, bias, stride=args.patch).flatten(2).transpose(1, 2)
+    if class_embedding is not None:
+        out = torch.cat([class_embedding.to(out.dtype).expand(args.batch, 1, -1), out], dim=1)
+    if position_embedding is not None:
+        out = out + position_embedding
+    return out
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_out):
+    pixels, weight, bias, cls, pos, mean, std, scale = ctx.saved_tensors
+    args = _validate(pixels, weight, bias, cls, pos, mean, std, scale)
+    wanted = {"pixels": pixels, "weight": weight, "bias": bias, "class_embedding": cls, "position_embedding": pos}
+    leaves = {k: v.detach().requires_grad_(True) for k, v in wanted.items()
+              if v is not None and v.is_floating_point() and ctx.needs_input_grad[list(wanted).index(k)]}  # fmt: skip
+    with torch.enable_grad():
+        if "pixels" in leaves:
+            args.pixels = leaves["pixels"]
+        out = _differentiable_forward(
+            args,
+            leaves.get("weight", weight),
+            leaves.get("bias", bias),
+            leaves.get("class_embedding", cls),
+            leaves.get("position_embedding", pos),
+        )
+        grads = torch.autograd.grad(out, list(leaves.values()), grad_out.to(out.dtype)) if leaves else ()
+    found = dict(zip(leaves, grads))
+    return tuple(found.get(k) for k in wanted) + (None, None, None)
+
+
+_patch_embed_op.register_autograd(_backward, setup_context=_setup_context)
+
+
 def _as_tensor(value, device) -> torch.Tensor | None:
     if value is None or isinstance(value, torch.Tensor):
         return value
