@@ -33,7 +33,18 @@ from .hf_merge import MergeRule
 from .hf_patch_embed import PATCH_EMBED_SPECS, PatchEmbedRule
 from .hf_specs import MERGE_SPECS
 
-__all__ = ["KERNELS", "PatchReport", "Replacement", "Skip", "patch", "rules", "supported_models", "unpatch"]
+__all__ = [
+    "KERNELS",
+    "PatchReport",
+    "Replacement",
+    "Skip",
+    "normalization_constants",
+    "patch",
+    "raw_pixel_inputs",
+    "rules",
+    "supported_models",
+    "unpatch",
+]
 
 # Every kernel a model can be patched with; ``patch(kernels=None)`` applies all of them.
 KERNELS: tuple[str, ...] = ("merge", "patch_embed")
@@ -66,8 +77,48 @@ def _kernel_names(kernels: Iterable[str] | None) -> tuple[str, ...]:
     return names
 
 
+def normalization_constants(source) -> tuple[tuple[float, ...], tuple[float, ...], float]:
+    """``(mean, std, scale)`` per channel from a Hugging Face image processor (or a processor
+    holding one: ``image_mean``, ``image_std``, ``rescale_factor``) or a dict with keys
+    ``mean``, ``std`` and optional ``scale`` (default 1/255)."""
+    if isinstance(source, dict):
+        unknown = set(source) - {"mean", "std", "scale"}
+        if unknown or not {"mean", "std"} <= set(source):
+            raise ValueError(
+                f"pixel_normalization: expected a dict with keys mean, std (and scale), got keys {sorted(source)}"
+            )
+        mean, std, scale = source["mean"], source["std"], source.get("scale", 1 / 255)
+    else:
+        processor = getattr(source, "image_processor", source)
+        mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+        if mean is None or std is None:
+            raise TypeError(
+                "pixel_normalization: expected an image processor (with image_mean and image_std) or a dict, "
+                f"got {type(source).__name__}"
+            )
+        scale = getattr(processor, "rescale_factor", 1 / 255) if getattr(processor, "do_rescale", True) else 1.0
+    mean = tuple(float(v) for v in (mean if isinstance(mean, (list, tuple)) else [mean]))
+    std = tuple(float(v) for v in (std if isinstance(std, (list, tuple)) else [std]))
+    if len(mean) != len(std):
+        raise ValueError(f"pixel_normalization: mean has {len(mean)} channels but std has {len(std)}")
+    if any(v == 0 for v in std):
+        raise ValueError(f"pixel_normalization: std must be non-zero, got {std}")
+    return mean, std, float(scale)
+
+
+def raw_pixel_inputs(processor, **call) -> dict:
+    """Run a Hugging Face processor without its rescale and normalize steps and return its
+    outputs with ``pixel_values`` as uint8: what a model patched with
+    ``pixel_normalization=processor`` takes (4x fewer bytes to the GPU than float32, and
+    no normalization pass on the host)."""
+    outputs = processor(**call, do_rescale=False, do_normalize=False, return_tensors="pt")
+    pixels = outputs["pixel_values"]
+    outputs["pixel_values"] = pixels.round().clamp(0, 255).to(torch.uint8)
+    return outputs
+
+
 def patch(model: torch.nn.Module, *, kernels: Iterable[str] | None = None, quantize_projector=None,
-          strict: bool = False, check_placeholders: bool = True) -> PatchReport:  # fmt: skip
+          strict: bool = False, check_placeholders: bool = True, pixel_normalization=None) -> PatchReport:  # fmt: skip
     """Swap mmkernels' ops into the live sub-models of ``model`` that a spec covers.
 
     Args:
@@ -83,6 +134,10 @@ def patch(model: torch.nn.Module, *, kernels: Iterable[str] | None = None, quant
         check_placeholders: the merge checks that each placeholder count equals the
             feature rows (one host sync, as Hugging Face's own check); False makes the
             merge sync-free, and a mismatch then yields NaN rows instead of an error.
+        pixel_normalization: an image processor (or ``dict(mean=, std=, scale=)``): the
+            patched patch embeddings then take RAW pixels (uint8, e.g. from
+            :func:`raw_pixel_inputs`) and normalize them in the kernel,
+            ``(x * scale - mean) / std``, instead of receiving normalized floats.
 
     Returns:
         A :class:`PatchReport`: what was replaced (module path, class, method, op) and what
@@ -99,7 +154,9 @@ def patch(model: torch.nn.Module, *, kernels: Iterable[str] | None = None, quant
         )
     if not isinstance(check_placeholders, bool):
         raise TypeError(f"check_placeholders: expected a bool, got {type(check_placeholders).__name__}")
-    report = patch_model(model, _RULES, kernels=names, options=PatchOptions(check_placeholders=check_placeholders))
+    normalization = None if pixel_normalization is None else normalization_constants(pixel_normalization)
+    options = PatchOptions(check_placeholders=check_placeholders, pixel_normalization=normalization)
+    report = patch_model(model, _RULES, kernels=names, options=options)
     if strict and not report.replaced and not report.already_patched:
         reasons = "; ".join(
             f"{s.module_path or '<root>'} ({s.class_name}): {s.reason}" for s in report.skipped if s.code != NO_MATCH

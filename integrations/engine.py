@@ -85,6 +85,9 @@ class PatchOptions:
     """What the caller asked for, handed to every replacement a rule builds."""
 
     check_placeholders: bool = True
+    # (mean, std, scale) per channel: the patched embeddings take raw pixels (uint8, or
+    # floats in 0..255) and normalize them in the kernel; None: pixels come normalized.
+    pixel_normalization: tuple[tuple[float, ...], tuple[float, ...], float] | None = None
 
 
 class Rule:

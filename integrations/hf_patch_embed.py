@@ -37,6 +37,7 @@ versions 5.17 to 5.24 (the forwards are the same in that range).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import torch
@@ -129,6 +130,26 @@ def _flat_shape_reasons(module: torch.nn.Module, conv: torch.nn.Conv3d) -> list[
     return reasons
 
 
+def _pixel_dtype_ok(pixels: torch.Tensor) -> bool:
+    # uint8 only reaches the op with normalization (the replacement adds it, or declines).
+    return pixels.is_floating_point() or pixels.dtype == torch.uint8
+
+
+def _normalization_tensors(normalization, channels: int, device) -> dict | None:
+    """The op's pixel_mean / pixel_std / pixel_scale for ``patch(pixel_normalization=...)``."""
+    if normalization is None or len(normalization[0]) != channels:
+        return None
+    mean, std = _constants_on(normalization, torch.device(device))
+    return dict(pixel_mean=mean, pixel_std=std, pixel_scale=float(normalization[2]))
+
+
+@functools.lru_cache(maxsize=32)
+def _constants_on(normalization, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Made once per device: a host-to-device copy on every forward would block the host.
+    mean, std, _ = normalization
+    return (torch.tensor(mean, dtype=torch.float32, device=device), torch.tensor(std, dtype=torch.float32, device=device))
+
+
 def _backend_note(weight: torch.Tensor) -> str:
     try:
         from mmkernels.ops.patch_embed import CAPABILITIES
@@ -148,7 +169,7 @@ def _image_arguments(module: torch.nn.Module, spec: PatchEmbedSpec, call: Call) 
     pixels = call.get(spec.pixels)
     interpolate = bool(call.get("interpolate_pos_encoding", False))
     conv = getattr(module, spec.projection, None)
-    if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or not pixels.is_floating_point():
+    if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or not _pixel_dtype_ok(pixels):
         return None
     if _conv_reasons(conv, IMAGE_FORM):
         return None
@@ -190,7 +211,7 @@ def _image_arguments(module: torch.nn.Module, spec: PatchEmbedSpec, call: Call) 
 def _flat_arguments(module: torch.nn.Module, spec: PatchEmbedSpec, call: Call) -> dict | None:
     patches = call.get(spec.pixels)
     conv = getattr(module, spec.projection, None)
-    if not isinstance(patches, torch.Tensor) or patches.dim() != 2 or not patches.is_floating_point():
+    if not isinstance(patches, torch.Tensor) or patches.dim() != 2 or not _pixel_dtype_ok(patches):
         return None
     if _conv_reasons(conv, FLAT_FORM) or _flat_shape_reasons(module, conv):
         return None
@@ -258,6 +279,9 @@ class PatchEmbedRule(Rule):
         spec = self.spec
         weight = getattr(module, spec.projection).weight
         notes = [_backend_note(weight)]
+        if options.pixel_normalization is not None:
+            mean, std, scale = options.pixel_normalization
+            notes.append(f"raw pixels normalized in the kernel: (x * {scale:g} - mean {list(mean)}) / std {list(std)}")
         if spec.form == IMAGE_FORM:
             fused = ["bias" if getattr(module, spec.projection).bias is not None else None,
                      "class row" if spec.class_embedding else None,
@@ -287,6 +311,13 @@ class PatchEmbedRule(Rule):
             if call is None or call.extra or any(n not in (spec.pixels, *spec.flag_arguments) for n in call.named):
                 return original(*args, **kwargs)
             found = arguments(module, spec, call)
+            if found is not None:
+                channels = found["weight"].shape[1]
+                norm = _normalization_tensors(options.pixel_normalization, channels, found["weight"].device)
+                if norm is not None:
+                    found.update(norm)
+                elif found["pixels"].dtype == torch.uint8 or options.pixel_normalization is not None:
+                    found = None  # raw pixels without usable constants: the original decides
             if found is None:
                 return original(*args, **kwargs)
             from mmkernels.ops import patch_embed

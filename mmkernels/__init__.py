@@ -12,7 +12,8 @@ from mmkernels import backend, ops  # noqa: E402
 from mmkernels.backend import Backend  # noqa: E402
 
 
-def patch(model, *, kernels=None, quantize_projector=None, strict=False, check_placeholders=True):
+def patch(model, *, kernels=None, quantize_projector=None, strict=False, check_placeholders=True,
+          pixel_normalization=None):
     """Swap mmkernels' ops into a live model; returns a :class:`PatchReport`.
 
     See :func:`mmkernels.integrations.patch`.
@@ -25,6 +26,7 @@ def patch(model, *, kernels=None, quantize_projector=None, strict=False, check_p
         quantize_projector=quantize_projector,
         strict=strict,
         check_placeholders=check_placeholders,
+        pixel_normalization=pixel_normalization,
     )
 
 
