@@ -26,11 +26,19 @@ method; every call the op does not cover goes to the original ``forward`` untouc
 * an image size the module rejects (CLIP without interpolation) or a position table whose
   length does not match the patches (the original raises).
 
-Matching: CLIP and SigLIP embeddings carry their vision config (``clip_vision_model``,
-``siglip_vision_model``); Qwen2-VL's ``PatchEmbed`` has no config and is matched under its
-vision tower's (``qwen2_vl_vision``), see :mod:`.engine`.
+BLIP-2's ``Blip2VisionEmbeddings`` and ViT's ``ViTEmbeddings`` keep the class token as a
+``(1, 1, D)`` parameter and the position table as a ``(1, 1+N, D)`` parameter
+(``position_table``); BLIP-2 adds the table's first rows (``position_prefix``), ViT checks
+the image size, runs its conv inside ``ViTPatchEmbeddings`` (a dotted ``projection``),
+takes ``bool_masked_pos`` (mask tokens: the original runs) and ends with a dropout (the op
+runs while it is the identity).
 
-Read against ``transformers/models/{clip,siglip,qwen2_vl,qwen2_5_vl}/modeling_*.py``,
+Matching: CLIP, SigLIP and BLIP-2 embeddings carry their vision config
+(``clip_vision_model``, ``siglip_vision_model``, ``blip_2_vision_model``); ViT's embeddings
+and Qwen2-VL's ``PatchEmbed`` have none and are matched under their tower's (``vit``,
+``qwen2_vl_vision``), see :mod:`.engine`.
+
+Read against ``transformers/models/{clip,siglip,blip_2,vit,qwen2_vl,qwen2_5_vl}/modeling_*.py``,
 versions 5.17 to 5.24 (the forwards are the same in that range).
 """
 
@@ -61,12 +69,20 @@ class PatchEmbedSpec:
     ``temporal_patch_size``, ``patch_size`` and ``embed_dim`` must match the weight).
     ``pixels``: the forward argument carrying the pixels; ``flag_arguments``: the other
     arguments the forward takes (only ``interpolate_pos_encoding`` here).
-    ``projection``: the conv submodule; ``class_embedding``: a ``(D,)`` parameter prepended
-    as row 0; ``position_embedding`` / ``position_ids``: the table module and the ids it is
-    looked up with; ``interpolation``: the module's method ``(embeddings, height, width)``
-    that returns the position table when ``interpolate_pos_encoding`` is true (it reads
-    only the shape of ``embeddings``); ``image_size``: the attribute the forward checks the
-    image size against when not interpolating (None: no check).
+    ``projection``: the conv submodule (a dotted path through plain modules, such as ViT's
+    ``patch_embeddings.projection``); ``class_embedding``: a parameter of ``D`` elements
+    (``(D,)`` or ``(1, 1, D)``) prepended as row 0; ``position_embedding`` /
+    ``position_ids``: the table module and the ids it is looked up with, or
+    ``position_table``: a ``(1, positions, D)`` parameter added as is (BLIP-2, ViT);
+    ``position_prefix``: the forward adds the table's first rows only (BLIP-2 slices
+    ``[:, :rows]``; a smaller image takes a prefix); ``interpolation``: the module's method
+    ``(embeddings, height, width)`` that returns the position table when
+    ``interpolate_pos_encoding`` is true (it reads only the shape of ``embeddings``);
+    ``image_size``: the attribute (an int or ``(height, width)``) the forward checks the
+    image size against when not interpolating (None: no check). ``none_arguments``: forward
+    arguments the op covers only when they are None (ViT's ``bool_masked_pos``: mask
+    tokens run the original); ``dropout``: a ``Dropout`` submodule applied to the result,
+    covered only while it is the identity (eval mode or ``p == 0``).
     """
 
     family: str
@@ -81,14 +97,31 @@ class PatchEmbedSpec:
     position_ids: str | None = None
     interpolation: str | None = None
     image_size: str | None = None
+    position_table: str | None = None
+    position_prefix: bool = False
+    none_arguments: tuple[str, ...] = ()
+    dropout: str | None = None
 
     def __post_init__(self):
         if self.form not in (IMAGE_FORM, FLAT_FORM):
             raise ValueError(f"{self.family}: form {self.form!r} not in {(IMAGE_FORM, FLAT_FORM)}")
         if (self.position_embedding is None) != (self.position_ids is None):
             raise ValueError(f"{self.family}: position_embedding and position_ids come together")
-        if self.form == FLAT_FORM and (self.class_embedding or self.position_embedding or self.interpolation):
+        if self.position_embedding is not None and self.position_table is not None:
+            raise ValueError(f"{self.family}: position_embedding (a module) or position_table (a tensor), not both")
+        if self.position_prefix and self.position_table is None:
+            raise ValueError(f"{self.family}: position_prefix slices a position_table")
+        if self.form == FLAT_FORM and (self.class_embedding or self.has_position or self.interpolation):
             raise ValueError(f"{self.family}: the flat form takes no class or position embedding")
+
+    @property
+    def has_position(self) -> bool:
+        return self.position_embedding is not None or self.position_table is not None
+
+    @property
+    def arguments(self) -> tuple[str, ...]:
+        """Every forward argument the patched forward may see and still run the op."""
+        return (self.pixels, *self.flag_arguments, *self.none_arguments)
 
 
 # --------------------------------------------------------------------------------------
@@ -117,6 +150,54 @@ def _conv_reasons(conv: Any, form: str) -> list[str]:
     if conv.groups != 1:
         reasons.append(f"groups {conv.groups}")
     return reasons
+
+
+def _projection(module: torch.nn.Module, spec: PatchEmbedSpec) -> Any:
+    """The conv at ``spec.projection`` (a dotted path), or None."""
+    try:
+        return module.get_submodule(spec.projection)
+    except AttributeError:
+        return None
+
+
+def _path_reasons(module: torch.nn.Module, spec: PatchEmbedSpec) -> list[str]:
+    """Why the modules between the embeddings and the conv (ViT's ``ViTPatchEmbeddings``)
+    do not just run their class ``forward``: the op stands in for them too."""
+    reasons = []
+    path = ""
+    for part in spec.projection.split(".")[:-1]:
+        path = f"{path}.{part}" if path else part
+        inner = getattr(module, part, None)
+        if not isinstance(inner, torch.nn.Module):
+            return reasons + [f"no module {path}"]
+        if "forward" in inner.__dict__ or inner._forward_hooks or inner._forward_pre_hooks:
+            reasons.append(f"{path} has forward hooks or its own forward")
+        module = inner
+    return reasons
+
+
+def _dropout_reasons(module: torch.nn.Module, spec: PatchEmbedSpec, *, now: bool) -> list[str]:
+    """Why the dropout after the embeddings is not one the op may leave out (``now``: also
+    whether it is the identity at this moment: eval mode or ``p == 0``)."""
+    if spec.dropout is None:
+        return []
+    dropout = getattr(module, spec.dropout, None)
+    if not isinstance(dropout, torch.nn.Dropout) or type(dropout).forward is not torch.nn.Dropout.forward:
+        return [f"{spec.dropout} is {type(dropout).__name__}, not a plain Dropout"]
+    if "forward" in dropout.__dict__ or dropout._forward_hooks or dropout._forward_pre_hooks:
+        return [f"{spec.dropout} has forward hooks or its own forward"]
+    if now and dropout.training and dropout.p > 0:
+        return [f"{spec.dropout} is active (training, p={dropout.p})"]
+    return []
+
+
+def _image_size(value: Any) -> tuple[int, int] | None:
+    """``image_size`` as (height, width): an int or a pair of ints (ViT's ``to_2tuple``)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return tuple(value)
+    return None
 
 
 def _flat_shape_reasons(module: torch.nn.Module, conv: torch.nn.Conv3d) -> list[str]:
@@ -168,40 +249,51 @@ def _backend_note(weight: torch.Tensor) -> str:
 def _image_arguments(module: torch.nn.Module, spec: PatchEmbedSpec, call: Call) -> dict | None:
     pixels = call.get(spec.pixels)
     interpolate = bool(call.get("interpolate_pos_encoding", False))
-    conv = getattr(module, spec.projection, None)
+    conv = _projection(module, spec)
     if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or not _pixel_dtype_ok(pixels):
         return None
-    if _conv_reasons(conv, IMAGE_FORM):
+    if any(call.get(name) is not None for name in spec.none_arguments):
+        return None  # ViT's mask tokens: the original
+    if _conv_reasons(conv, IMAGE_FORM) or _path_reasons(module, spec) or _dropout_reasons(module, spec, now=True):
         return None
     weight, bias = conv.weight, conv.bias
     if pixels.device != weight.device or pixels.shape[1] != weight.shape[1]:
         return None
     batch, _, height, width = pixels.shape
     if spec.image_size is not None and not interpolate:
-        size = getattr(module, spec.image_size)
-        if height != size or width != size:
+        if (height, width) != _image_size(getattr(module, spec.image_size)):
             return None  # the original raises its own error
+    dim, patch = weight.shape[0], weight.shape[-1]
     class_embedding = getattr(module, spec.class_embedding) if spec.class_embedding else None
+    if class_embedding is not None:
+        if class_embedding.numel() != dim or class_embedding.shape[-1] != dim:
+            return None
+        class_embedding = class_embedding.reshape(dim)  # BLIP-2 and ViT keep it as (1, 1, D)
     parameters = [t for t in (bias, class_embedding) if t is not None]
     if any(t.dtype != weight.dtype for t in parameters):
         return None
-    dim, patch = weight.shape[0], weight.shape[-1]
     rows = (height // patch) * (width // patch) + (class_embedding is not None)
 
     position = None
-    if spec.position_embedding is not None:
+    if spec.has_position:
         if interpolate:
             if spec.interpolation is None:
                 return None
             # The method reads only the shape of the embeddings: a zero-stride stand-in.
             shape_of_embeddings = weight.new_zeros(()).expand(batch, rows, dim)
             position = getattr(module, spec.interpolation)(shape_of_embeddings, height, width)
+        elif spec.position_table is not None:
+            position = getattr(module, spec.position_table)
         else:
             position = getattr(module, spec.position_embedding)(getattr(module, spec.position_ids))
+        if not isinstance(position, torch.Tensor):
+            return None
         if position.dtype != weight.dtype or position.device != weight.device:
             return None
         if position.dim() == 3 and position.shape[0] == 1:
             position = position[0]
+        if spec.position_prefix and position.shape[-2] > rows:
+            position = position[..., :rows, :]  # BLIP-2 adds table[:, :rows]
         if position.shape not in ((rows, dim), (batch, rows, dim)):
             return None  # a table that does not fit the patches: the original raises
     return dict(pixels=pixels, weight=weight, bias=bias, class_embedding=class_embedding,
@@ -210,7 +302,7 @@ def _image_arguments(module: torch.nn.Module, spec: PatchEmbedSpec, call: Call) 
 
 def _flat_arguments(module: torch.nn.Module, spec: PatchEmbedSpec, call: Call) -> dict | None:
     patches = call.get(spec.pixels)
-    conv = getattr(module, spec.projection, None)
+    conv = _projection(module, spec)
     if not isinstance(patches, torch.Tensor) or patches.dim() != 2 or not _pixel_dtype_ok(patches):
         return None
     if _conv_reasons(conv, FLAT_FORM) or _flat_shape_reasons(module, conv):
@@ -252,11 +344,13 @@ class PatchEmbedRule(Rule):
         signature = _bind_signature(module)
         if signature is None or spec.pixels not in signature:
             return [f"forward has no {spec.pixels!r} argument"]
-        unknown = [name for name in signature if name not in (spec.pixels, *spec.flag_arguments)]
+        unknown = [name for name in signature if name not in spec.arguments]
         if unknown:
             reasons.append(f"forward takes arguments the spec does not know: {', '.join(unknown)}")
-        conv = getattr(module, spec.projection, None)
+        reasons += _path_reasons(module, spec)
+        conv = _projection(module, spec)
         reasons += [f"{spec.projection}: {r}" for r in _conv_reasons(conv, spec.form)]
+        reasons += _dropout_reasons(module, spec, now=False)
         if reasons:
             return reasons
         if spec.form == FLAT_FORM:
@@ -264,28 +358,32 @@ class PatchEmbedRule(Rule):
         dim = conv.weight.shape[0]
         if spec.class_embedding is not None:
             cls = getattr(module, spec.class_embedding, None)
-            if not isinstance(cls, torch.Tensor) or tuple(cls.shape) != (dim,):
-                reasons.append(f"{spec.class_embedding} is not a ({dim},) tensor")
+            if not isinstance(cls, torch.Tensor) or cls.numel() != dim or cls.shape[-1] != dim:
+                reasons.append(f"{spec.class_embedding} is not a ({dim},) or (1, 1, {dim}) tensor")
         if spec.position_embedding is not None:
             if not callable(getattr(module, spec.position_embedding, None)):
                 reasons.append(f"no {spec.position_embedding} module")
             if not isinstance(getattr(module, spec.position_ids, None), torch.Tensor):
                 reasons.append(f"no {spec.position_ids} tensor")
-        if spec.image_size is not None and not isinstance(getattr(module, spec.image_size, None), int):
-            reasons.append(f"no integer {spec.image_size}")
+        if spec.position_table is not None:
+            table = getattr(module, spec.position_table, None)
+            if not isinstance(table, torch.Tensor) or table.dim() not in (2, 3) or table.shape[-1] != dim:
+                reasons.append(f"{spec.position_table} is not a (1, positions, {dim}) tensor")
+        if spec.image_size is not None and _image_size(getattr(module, spec.image_size, None)) is None:
+            reasons.append(f"no integer (or (height, width)) {spec.image_size}")
         return reasons
 
     def notes(self, module: torch.nn.Module, options: PatchOptions) -> list[str]:
         spec = self.spec
-        weight = getattr(module, spec.projection).weight
+        weight = _projection(module, spec).weight
         notes = [_backend_note(weight)]
         if options.pixel_normalization is not None:
             mean, std, scale = options.pixel_normalization
             notes.append(f"raw pixels normalized in the kernel: (x * {scale:g} - mean {list(mean)}) / std {list(std)}")
         if spec.form == IMAGE_FORM:
-            fused = ["bias" if getattr(module, spec.projection).bias is not None else None,
+            fused = ["bias" if _projection(module, spec).bias is not None else None,
                      "class row" if spec.class_embedding else None,
-                     "position-embedding add" if spec.position_embedding else None]  # fmt: skip
+                     "position-embedding add" if spec.has_position else None]  # fmt: skip
             fused = [f for f in fused if f]
             if fused:
                 notes.append("fused into the projection: " + ", ".join(fused))
@@ -294,6 +392,10 @@ class PatchEmbedRule(Rule):
                 notes.append(f"interpolate_pos_encoding=True: the table from the module's own {spec.interpolation}")
             else:
                 notes.append("interpolate_pos_encoding=True: original path")
+        for name in spec.none_arguments:
+            notes.append(f"{name} given (not None): original path")
+        if spec.dropout is not None:
+            notes.append(f"{spec.dropout} active (training with p > 0): original path")
         return notes
 
     def coverage_row(self) -> dict[str, str]:
@@ -308,7 +410,7 @@ class PatchEmbedRule(Rule):
         def forward(module, *args, **kwargs):
             original = original_method(module, "forward")
             call = _bind(original, args, kwargs)
-            if call is None or call.extra or any(n not in (spec.pixels, *spec.flag_arguments) for n in call.named):
+            if call is None or call.extra or any(n not in spec.arguments for n in call.named):
                 return original(*args, **kwargs)
             found = arguments(module, spec, call)
             if found is not None:
@@ -373,6 +475,34 @@ PATCH_EMBED_SPECS: tuple[PatchEmbedSpec, ...] = (
         position_embedding="position_embedding",
         position_ids="position_ids",
         interpolation="interpolate_pos_encoding",
+    ),
+    PatchEmbedSpec(
+        family="BLIP-2 vision",
+        model_type="blip_2_vision_model",
+        model_class="Blip2VisionEmbeddings",
+        form=IMAGE_FORM,
+        pixels="pixel_values",
+        flag_arguments=("interpolate_pos_encoding",),
+        projection="patch_embedding",
+        class_embedding="class_embedding",
+        position_table="position_embedding",
+        position_prefix=True,
+        interpolation="interpolate_pos_encoding",
+    ),
+    PatchEmbedSpec(
+        family="ViT",
+        model_type="vit",
+        model_class="ViTEmbeddings",
+        form=IMAGE_FORM,
+        pixels="pixel_values",
+        flag_arguments=("interpolate_pos_encoding",),
+        none_arguments=("bool_masked_pos",),
+        projection="patch_embeddings.projection",
+        class_embedding="cls_token",
+        position_table="position_embeddings",
+        interpolation="interpolate_pos_encoding",
+        image_size="image_size",
+        dropout="dropout",
     ),
     PatchEmbedSpec(
         family="Qwen2-VL vision",

@@ -884,6 +884,173 @@ def _idefics3() -> _Recipe:
     )
 
 
+def _blip_2() -> _Recipe:
+    """BLIP-2: a ViT with a class row (``Blip2VisionEmbeddings``: conv with bias, class
+    token, learned position table), a Q-Former whose ``num_query_tokens`` query outputs are
+    projected into OPT's embedding space and replace as many ``<image>`` tokens in front
+    of the text (before BOS), as ``Blip2Processor`` lays them out.
+
+    ``Blip2Processor`` builds offline and expands the tokens; it pads the text *before* it
+    prepends the query tokens (padding would land between the image tokens and the text),
+    so each prompt goes through the processor alone and the rows are left-padded here.
+    """
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        OPTConfig,
+    )
+
+    image_size = 56  # 4x4 patches + the class row
+    query_tokens = 8
+    # <image> in the vocabulary but not as tokenizer.image_token: Blip2Processor adds it as an
+    # AddedToken itself (already there, so the vocabulary does not grow) and reads its
+    # .content, which a named token (a str) lacks.
+    tokenizer = _tokenizer(["<image>"])
+    processor = Blip2Processor(
+        image_processor=_image_processor("BlipImageProcessor", size={"height": image_size, "width": image_size}),
+        tokenizer=tokenizer,
+        num_query_tokens=query_tokens,
+    )
+    vision = Blip2VisionConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        image_size=image_size,
+        patch_size=PATCH,
+    )
+    qformer = Blip2QFormerConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        cross_attention_frequency=1,
+        encoder_hidden_size=HIDDEN,
+        vocab_size=VOCAB_SIZE,
+    )
+    text = OPTConfig(
+        hidden_size=HIDDEN,
+        word_embed_proj_dim=HIDDEN,
+        ffn_dim=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        max_position_embeddings=MAX_POSITIONS,
+        **_token_ids(tokenizer),
+    )
+    config = Blip2Config(
+        vision_config=vision,
+        qformer_config=qformer,
+        text_config=text,
+        num_query_tokens=query_tokens,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    return _Recipe(
+        config=config,
+        model_class=Blip2ForConditionalGeneration,
+        inner_model_class="Blip2ForConditionalGeneration",
+        tokenizer=tokenizer,
+        placeholders={"image": "<image>"},
+        samples=(
+            # The processor puts the query tokens in front; prompts carry no <image>.
+            _Sample("question : what is in the picture ? answer :", ((40, 60),)),
+            _Sample("describe the image in more detail , please .", ((70, 50),)),
+        ),
+        make_inputs=_blip_2_inputs,
+        processor=processor,
+    )
+
+
+def _left_pad(rows: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask) of 1-D id rows, left-padded to the longest."""
+    length = max(len(row) for row in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, length - len(row) :] = row
+        mask[i, length - len(row) :] = 1
+    return ids, mask
+
+
+def _blip_2_inputs(recipe: _Recipe, model, samples: list[_Sample], rng) -> dict:
+    """One image per prompt through ``Blip2Processor`` one prompt at a time (it expands the
+    query tokens), then left padding of whole rows (see :func:`_blip_2`)."""
+    rows, pixels = [], []
+    for sample in samples:
+        if len(sample.image_sizes) != 1:
+            raise ValueError(f"BLIP-2 takes one image per prompt, got {len(sample.image_sizes)}")
+        (height, width), = sample.image_sizes
+        out = recipe.processor(images=[_random_image(rng, height, width)], text=sample.text, return_tensors="pt")
+        rows.append(out["input_ids"][0])
+        pixels.append(out["pixel_values"])
+    ids, mask = _left_pad(rows, recipe.tokenizer.pad_token_id)
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat(pixels)}
+
+
+def _vision_encoder_decoder() -> _Recipe:
+    """VisionEncoderDecoder (TrOCR / ViT-GPT2 captioning): a ViT encoder (``ViTEmbeddings``:
+    conv with bias, class row, learned position table) and a GPT-2 decoder that reads it
+    through cross-attention. No placeholder tokens: the decoder prompt
+    (``decoder_input_ids``, left-padded) is text only; ``TrOCRProcessor`` pairs the image
+    processor and the tokenizer.
+    """
+    from transformers import (
+        GPT2Config,
+        TrOCRProcessor,
+        ViTConfig,
+        VisionEncoderDecoderConfig,
+        VisionEncoderDecoderModel,
+    )
+
+    image_size = 56  # 4x4 patches + the class row
+    tokenizer = _tokenizer()
+    image_processor = _image_processor("ViTImageProcessor", size={"height": image_size, "width": image_size})
+    processor = TrOCRProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    encoder = _vision_config("ViTConfig", image_size)
+    decoder = GPT2Config(
+        n_embd=HIDDEN,
+        n_inner=INTERMEDIATE,
+        n_layer=LAYERS,
+        n_head=HEADS,
+        n_positions=MAX_POSITIONS,
+        **_token_ids(tokenizer),
+    )
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id = tokenizer.bos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    return _Recipe(
+        config=config,
+        model_class=VisionEncoderDecoderModel,
+        inner_model_class="VisionEncoderDecoderModel",
+        tokenizer=tokenizer,
+        placeholders={},
+        samples=(
+            _Sample("a photo of", ((40, 60),)),
+            _Sample("the picture is a red car on the left and", ((70, 50),)),
+        ),
+        make_inputs=_vision_encoder_decoder_inputs,
+        processor=processor,
+    )
+
+
+def _vision_encoder_decoder_inputs(recipe: _Recipe, model, samples: list[_Sample], rng) -> dict:
+    """Pixels through the image processor (one image per prompt), the decoder prompts
+    through the tokenizer (BOS first, the decoder's start token), left-padded."""
+    if any(len(sample.image_sizes) != 1 for sample in samples):
+        raise ValueError("VisionEncoderDecoder takes one image per prompt")
+    images = [_random_image(rng, *sample.image_sizes[0]) for sample in samples]
+    pixels = recipe.processor(images=images, return_tensors="pt")["pixel_values"]
+    encoded = recipe.tokenizer([sample.text for sample in samples], padding=True, return_tensors="pt")
+    return {
+        "pixel_values": pixels,
+        "decoder_input_ids": encoded["input_ids"],
+        "decoder_attention_mask": encoded["attention_mask"],
+    }
+
+
 _RECIPES: dict[str, Callable[[], _Recipe]] = {
     "llava": _llava,
     "llava_next": _llava_next,
@@ -894,6 +1061,8 @@ _RECIPES: dict[str, Callable[[], _Recipe]] = {
     "gemma3": _gemma3,
     "qwen2_audio": _qwen2_audio,
     "idefics3": _idefics3,
+    "blip_2": _blip_2,
+    "vision_encoder_decoder": _vision_encoder_decoder,
 }
 
 FAMILIES: tuple[str, ...] = tuple(_RECIPES)

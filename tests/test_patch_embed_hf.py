@@ -1,6 +1,6 @@
 """mmkernels.patch(kernels=["patch_embed"]) on live Hugging Face models: the vision
-embeddings of the tiny models of :mod:`mmkernels.zoo` (CLIP, SigLIP, Qwen2-VL and
-Qwen2.5-VL ``PatchEmbed``) computed by :func:`mmkernels.ops.patch_embed` (Triton's
+embeddings of the tiny models of :mod:`mmkernels.zoo` (CLIP, SigLIP, BLIP-2, ViT in
+VisionEncoderDecoder, Qwen2-VL and Qwen2.5-VL ``PatchEmbed``) computed by :func:`mmkernels.ops.patch_embed` (Triton's
 interpreter on the CPU).
 
 For every zoo family with a wired module: the report names exactly that module, patched
@@ -50,6 +50,8 @@ EXPECTED = {
     "qwen2_5_vl": [("model.visual.patch_embed", "Qwen2_5_VisionPatchEmbed")],
     "paligemma": [("model.vision_tower.embeddings", "SiglipVisionEmbeddings")],
     "gemma3": [("model.vision_tower.embeddings", "SiglipVisionEmbeddings")],
+    "blip_2": [("vision_model.embeddings", "Blip2VisionEmbeddings")],
+    "vision_encoder_decoder": [("encoder.embeddings", "ViTEmbeddings")],
 }
 FAMILIES = [family for family in zoo.FAMILIES if family in EXPECTED]
 UNWIRED = [family for family in zoo.FAMILIES if family not in EXPECTED]  # Idefics3: its own embeddings
@@ -97,6 +99,9 @@ def tensor_leaves(value: Any, where: str = "output"):
     elif isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
             yield from tensor_leaves(item, f"{where}[{i}]")
+    elif isinstance(value, transformers.EncoderDecoderCache):  # VisionEncoderDecoder's decoder
+        yield from tensor_leaves(value.self_attention_cache, f"{where}.self_attention_cache")
+        yield from tensor_leaves(value.cross_attention_cache, f"{where}.cross_attention_cache")
     elif isinstance(value, transformers.Cache):
         for i, layer in enumerate(value.layers):
             pair = [getattr(layer, "keys", None), getattr(layer, "values", None)]
@@ -128,6 +133,11 @@ def assert_same_instance_dicts(got: dict[str, dict], want: dict[str, dict]) -> N
         assert got[path].keys() == want[path].keys(), path or "<root>"
         for name, value in want[path].items():
             assert got[path][name] is value, f"{path or '<root>'}.{name} is a different object"
+
+
+def merge_rules(tiny) -> list:
+    """The merge rules of the family (none for BLIP-2 and VisionEncoderDecoder)."""
+    return [r for r in integrations.rules() if r.kernel == "merge" and r.model_type == tiny.family]
 
 
 def generate(tiny) -> torch.Tensor:
@@ -167,7 +177,7 @@ def test_forward_close_and_report(baseline, embed_spy):
             (path, cls, "forward") for path, cls in EXPECTED[tiny.family]
         ]
         assert {r.op for r in report.replaced} == {"mmkernels.ops.patch_embed"}
-        assert [s.code for s in report.skipped] == ["not_requested"]  # the merge
+        assert [s.code for s in report.skipped] == ["not_requested"] * len(merge_rules(tiny))  # the merge
         text = str(report)
         for path, cls in EXPECTED[tiny.family]:
             assert path in text and cls in text
@@ -216,15 +226,19 @@ def test_all_kernels_patch_merge_and_embeddings(baseline, embed_spy, monkeypatch
     with torch.no_grad(), patched(tiny.model, kernels=None) as report:
         replaced = [(r.module_path, r.class_name) for r in report.replaced]
         inner = [p for p, m in tiny.model.named_modules() if type(m).__name__ == tiny.inner_model_class]
-        assert replaced == [(inner[0], tiny.inner_model_class)] + EXPECTED[tiny.family]
+        merged = [(inner[0], tiny.inner_model_class)] if merge_rules(tiny) else []
+        assert replaced == merged + EXPECTED[tiny.family]
         assert report.skipped == []
         output = tiny.model(**tiny.inputs)
-    # The merge runs where it covers every medium in the inputs on this transformers
-    # (LLaVA-OneVision video from 5.18); elsewhere its original forward does.
-    (merge_rule,) = [r for r in integrations.rules() if r.kernel == "merge" and r.model_type == tiny.family]
-    covered = merge_rule.covered_modalities()
-    uncovered = [m for m in merge_rule.spec.modalities if m not in covered and m.trigger in tiny.inputs]
-    assert merge_spy.calls == (0 if uncovered else 1)
+    if merge_rules(tiny):
+        # The merge runs where it covers every medium in the inputs on this transformers
+        # (LLaVA-OneVision video from 5.18); elsewhere its original forward does.
+        (merge_rule,) = merge_rules(tiny)
+        covered = merge_rule.covered_modalities()
+        uncovered = [m for m in merge_rule.spec.modalities if m not in covered and m.trigger in tiny.inputs]
+        assert merge_spy.calls == (0 if uncovered else 1)
+    else:
+        assert merge_spy.calls == 0
     assert embed_spy.calls >= 1
     assert_outputs_close(output, baseline.output)
 
@@ -250,16 +264,32 @@ def paligemma():
     return zoo.build("paligemma", batch=1)
 
 
+@pytest.fixture(scope="module")
+def blip_2():
+    return zoo.build("blip_2", batch=1)
+
+
+@pytest.fixture(scope="module")
+def vit():
+    return zoo.build("vision_encoder_decoder", batch=1)
+
+
 def embeddings(tiny):
     (path, _), *_ = EXPECTED[tiny.family]
     return tiny.model.get_submodule(path)
+
+
+def reduction_length(module) -> int:
+    """The conv's K = C*P*P (ViT's conv sits in ViTPatchEmbeddings)."""
+    conv = module.patch_embeddings.projection if hasattr(module, "patch_embeddings") else module.patch_embedding
+    return conv.weight[0].numel()
 
 
 def pixels(shape, seed=1):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("name", ["llava", "paligemma"])
+@pytest.mark.parametrize("name", ["llava", "paligemma", "blip_2", "vit"])
 @pytest.mark.parametrize("size", [(56, 56), (70, 42), (63, 57)], ids=["same", "non-square", "ragged"])
 def test_interpolated_position_embedding(request, name, size, embed_spy):
     """interpolate_pos_encoding=True: the table comes from the module's own method; the
@@ -273,7 +303,7 @@ def test_interpolated_position_embedding(request, name, size, embed_spy):
             got = module(x, interpolate_pos_encoding=True)
     assert embed_spy.calls == 1
     assert got.shape == want.shape
-    assert_close(got, want, reduction_length=module.patch_embedding.weight[0].numel())
+    assert_close(got, want, reduction_length=reduction_length(module))
 
 
 @pytest.mark.parametrize("name", ["llava", "paligemma"])
@@ -362,6 +392,50 @@ def test_positional_and_keyword_calls(llava, embed_spy):
         assert_close(got, want, reduction_length=module.patch_embedding.weight[0].numel())
 
 
+def test_blip_2_smaller_image_adds_the_table_prefix(blip_2, embed_spy):
+    """BLIP-2 checks no image size: it adds the position table's first rows (a smaller
+    image takes a prefix), and a larger image fails in the original's broadcast."""
+    module = embeddings(blip_2)
+    x = pixels((2, 3, 42, 28))  # 3x2 patches + class row: 7 of the 17 rows
+    with torch.no_grad():
+        want = module(x)
+        with patched(blip_2.model):
+            got = module(x)
+            assert embed_spy.calls == 1
+            with pytest.raises(RuntimeError):
+                module(pixels((1, 3, 70, 70)))
+    assert embed_spy.calls == 1
+    assert got.shape == want.shape == (2, 7, module.embed_dim)
+    assert_close(got, want, reduction_length=module.patch_embedding.weight[0].numel())
+
+
+def test_vit_cases_the_op_does_not_cover_run_the_original(vit, embed_spy):
+    """ViT: mask tokens (bool_masked_pos), a wrong image size and an active dropout run
+    the original; bool_masked_pos=None (what ViTModel passes) runs the op."""
+    encoder = copy.deepcopy(vit.model.encoder)  # a ViTModel: the embeddings' governing config
+    module = encoder.embeddings
+    module.mask_token = torch.nn.Parameter(torch.randn(1, 1, module.cls_token.shape[-1]))  # use_mask_token=True
+    x = pixels((2, 3, 56, 56))
+    masked = torch.zeros(2, 16, dtype=torch.bool)
+    masked[:, ::3] = True
+    with torch.no_grad():
+        want, want_masked = module(x), module(x, bool_masked_pos=masked)
+        with patched(encoder):
+            got = module(x, bool_masked_pos=None)
+            assert embed_spy.calls == 1
+            assert torch.equal(module(x, bool_masked_pos=masked), want_masked)
+            with pytest.raises(ValueError, match="doesn't match model"):
+                module(pixels((1, 3, 70, 70)))
+            module.dropout.p = 0.5
+            module.train()
+            torch.manual_seed(0)
+            dropped = module(x)
+            torch.manual_seed(0)
+            assert torch.equal(dropped, module.dropout(want))
+            assert embed_spy.calls == 1
+    assert_close(got, want, reduction_length=reduction_length(module))
+
+
 def test_a_patched_projection_is_not_applicable(paligemma):
     """A rule checks the projection before patching: here a strided conv with overlap."""
     module = copy.deepcopy(embeddings(paligemma))
@@ -416,6 +490,8 @@ def test_coverage_table_lists_the_rules():
     for row in (
         "| CLIP vision | clip_vision_model | CLIPVisionEmbeddings | forward | patch_embed |",
         "| SigLIP vision | siglip_vision_model | SiglipVisionEmbeddings | forward | patch_embed |",
+        "| BLIP-2 vision | blip_2_vision_model | Blip2VisionEmbeddings | forward | patch_embed |",
+        "| ViT | vit | ViTEmbeddings | forward | patch_embed |",
         "| Qwen2-VL vision | qwen2_vl_vision | PatchEmbed | forward | patch_embed |",
         "| Qwen2.5-VL vision | qwen2_5_vl_vision | Qwen2_5_VisionPatchEmbed | forward | patch_embed |",
     ):
