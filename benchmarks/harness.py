@@ -23,8 +23,12 @@ Benchmarks (:class:`Benchmark`, :func:`run_benchmark`)
     factory, an independent oracle for the expected output, and the bytes and FLOPs each
     shape declares. Every row reports median / p20 / p80 ms, GB/s and TFLOP/s from the
     declared bytes and FLOPs, the percentage of the copy bandwidth and bf16 matmul rate
-    measured on the same device in the same run (:func:`measure_roofline`), the speedup
-    over the baseline, whether the output matched, and the host syncs of one call.
+    measured on the same device in the same run (:func:`measure_roofline`), the
+    percentage of the roofline (:func:`roofline_floor_ms`: the larger of the two floors,
+    bytes / bandwidth and FLOPs / matmul rate, over the median), the speedup over the
+    baseline, whether the output matched, and the host syncs of one call. A provider
+    that moves other bytes than the benchmark declares (uint8 pixels instead of float)
+    declares its own (``Provider.bytes_moved``).
 
 Host syncs
     Counted apart from timing, with ``mmkernels.testing.HostSyncCounter`` around one
@@ -84,6 +88,7 @@ __all__ = [
     "git_commit",
     "gpu_stamp",
     "measure_roofline",
+    "roofline_floor_ms",
     "run_benchmark",
     "run_timed",
     "short_gpu_name",
@@ -262,6 +267,21 @@ class Roofline:
     @classmethod
     def not_measured(cls, reason: str) -> "Roofline":
         return cls(copy_gbps=None, matmul_tflops=None, device_name="", reason=reason)
+
+
+def roofline_floor_ms(nbytes: int, flops: int, roofline: Roofline) -> float | None:
+    """The least time a call moving ``nbytes`` and doing ``flops`` can take on the measured
+    device: ``max(nbytes / copy bandwidth, flops / matmul rate)``, in ms. None when the
+    roofline was not measured or neither is declared. ``100 * floor / median`` is a row's
+    "% of roofline"."""
+    if not roofline.measured:
+        return None
+    floors = []
+    if nbytes:
+        floors.append(nbytes / (roofline.copy_gbps * 1e9))
+    if flops and roofline.matmul_tflops:
+        floors.append(flops / (roofline.matmul_tflops * 1e12))
+    return max(floors) * 1e3 if floors else None
 
 
 def _copy_timing(device: torch.device, nbytes: int, clock, config: TimingConfig) -> Timing:
@@ -459,6 +479,9 @@ class Provider:
     ``timed_backend``: for mmkernels ops, the backend a timed (CUDA) run must use
     ("triton"); a row whose calls fell back to another backend fails, naming the
     reasons, instead of timing the fallback under the kernel's name.
+    ``bytes_moved(case)``: this provider's declared bytes when they differ from the
+    benchmark's (e.g. it reads uint8 pixels where the others read float); None: the
+    benchmark's.
     """
 
     name: str
@@ -469,6 +492,7 @@ class Provider:
     optional: bool = False
     timed_backend: str | None = None
     notes: str = ""
+    bytes_moved: Callable[[Any], int] | None = None
 
     def skip_reason(self, device_type: str = "cuda") -> str | None:
         try:
@@ -554,6 +578,7 @@ class ResultRow:
     host_syncs_device: str = ""
     backend: str = ""
     params: dict = field(default_factory=dict)
+    pct_roofline: float | None = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -744,7 +769,7 @@ class BenchSession:
             case=case.name,
             provider=provider.name,
             status="",
-            bytes=int(self.bench.bytes_moved(case)),
+            bytes=int((provider.bytes_moved or self.bench.bytes_moved)(case)),
             flops=int(self.bench.flops(case)),
             params=case.params(),
         )
@@ -821,6 +846,9 @@ class BenchSession:
             row.pct_copy_bw = 100.0 * row.gbps / roof.copy_gbps
         if roof.measured and row.tflops is not None:
             row.pct_matmul = 100.0 * row.tflops / roof.matmul_tflops
+        floor_ms = roofline_floor_ms(row.bytes, row.flops, roof)
+        if floor_ms is not None:
+            row.pct_roofline = 100.0 * floor_ms / timing.median_ms
 
     def check_cell_on_cpu(self, case, provider: Provider, reason: str) -> ResultRow:
         """The CPU self-check of one cell: run once on the scaled-down case, compare with
@@ -977,14 +1005,15 @@ def _roofline_line(roof: dict | None) -> str:
     return (
         f"- Roofline measured in this run: copy {roof['copy_gbps']:.0f} GB/s "
         f"({roof['copy_bytes'] / 2**30:.1f} GiB moved per copy), bf16 matmul "
-        f"{roof['matmul_tflops']:.0f} TFLOP/s ({roof['matmul_size']}^3)\n"
+        f"{roof['matmul_tflops']:.0f} TFLOP/s ({roof['matmul_size']}^3); % roofline = "
+        "max(bytes / copy BW, FLOPs / matmul rate) / median\n"
     )
 
 
 _TABLE_HEADER = (
     "| case | provider | status | median ms | p20-p80 ms | GB/s | % copy BW | TFLOP/s | % matmul "
-    "| speedup | host syncs | correct | note |\n"
-    "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n"
+    "| % roofline | speedup | host syncs | correct | note |\n"
+    "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n"
 )
 
 
@@ -1002,7 +1031,8 @@ def _row_line(r: dict) -> str:
     cells = [
         r["case"], r["provider"], r["status"], _fmt(r.get("median_ms"), ".4f"), spread,
         _fmt(r.get("gbps"), ".1f"), _fmt(r.get("pct_copy_bw"), ".1f"), _fmt(r.get("tflops"), ".2f"),
-        _fmt(r.get("pct_matmul"), ".1f"), _fmt(r.get("speedup"), ".2f", ""), syncs, correct, note,
+        _fmt(r.get("pct_matmul"), ".1f"), _fmt(r.get("pct_roofline"), ".1f"), _fmt(r.get("speedup"), ".2f", ""),
+        syncs, correct, note,
     ]  # fmt: skip
     return "| " + " | ".join(_md_cell(c) for c in cells) + " |\n"
 

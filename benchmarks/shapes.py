@@ -1,6 +1,6 @@
 """Shape tables taken from real models, one table per kernel.
 
-Only the merge table has entries so far; the patch-embed, attention and projector tables
+The merge and patch-embed tables have entries so far; the attention and projector tables
 are declared (empty) so their benchmarks have one obvious place to put theirs.
 
 Merge shapes
@@ -27,6 +27,33 @@ Layouts: ``"batch"`` is Hugging Face's padded ``(B, S)`` ``input_ids`` (sequence
 on the right with ``pad_id``); ``"packed"`` is vLLM's flat ``(T,)`` token stream of all
 requests. The goal shape (``goal=True``) is LLaVA-1.5-7B with 16 images of 576 tokens,
 D = 4096, bf16, and 16 text tokens around each image (9472 tokens in all).
+
+Patch-embed shapes
+------------------
+A :class:`PatchEmbedShape` is the first layer of a vision tower: a Conv2d with stride ==
+kernel == P over ``(B, C, H, W)`` images (the *image form*), or Qwen2-VL's Conv3d over
+pre-flattened ``(N, C*T*P*P)`` patches (the *flat form*, ``temporal`` set), plus the
+class token and the position table the tower adds. The GEMM behind it has M rows
+(``gemm_rows``: B * N patches, or the N flat patches), K = C * T * P * P
+(``gemm_k``) and D columns. From each checkpoint's config and processor:
+
+* CLIP-L/14-336 (LLaVA-1.5's tower): 336 x 336, P = 14 -> 24 x 24 = 576 patches,
+  D = 1024, no conv bias, class token, 577 positions; batch 1, 8, 64.
+* SigLIP-so400m/14-384 (PaliGemma, Idefics3, LLaVA-OneVision): 384 x 384, P = 14 ->
+  27 x 27 = 729 patches (Conv2d floors: the last 6 px of each row and column are never
+  read), D = 1152, conv bias, no class token, 729 positions; batch 1, 8.
+* Qwen2-VL-7B vision: pre-flattened 3 x 2 x 14 x 14 patches (K = 1176), D = 1280, no
+  bias, no class token or position table (rotary positions come later); 1024, 4096 and
+  16384 patches (one 448 x 448, 896 x 896 and 1792 x 1792 image).
+* Llama-3.2-11B-Vision (Mllama): 4 tiles of 560 x 560, P = 14 -> 40 x 40 = 1600
+  patches per tile, D = 1280, no bias, class token, and a position table per tile
+  ((4, 1601, 1280): the gated position, tile-position and pre-tile embeddings of the
+  tile's aspect ratio folded into one table).
+
+Weights, class token and position tables are bf16. Pixels arrive either normalized on
+the host in float32 (what the processors return: ``pixel_dtype``) or as uint8 with the
+processor's rescale (1/255), mean and std (``pixel_mean`` / ``pixel_std``) applied in the
+kernel.
 """
 
 from __future__ import annotations
@@ -41,7 +68,9 @@ __all__ = [
     "MergeShape",
     "PATCH_EMBED_SHAPES",
     "PROJECTOR_SHAPES",
+    "PatchEmbedShape",
     "QUICK_MERGE_SHAPES",
+    "QUICK_PATCH_EMBED_SHAPES",
     "SHAPE_TABLES",
     "Segment",
     "audio",
@@ -287,9 +316,197 @@ QUICK_MERGE_SHAPES: tuple[MergeShape, ...] = tuple(
     in ("llava-1.5-7b/16x1img", "llava-1.5-7b/packed-16img", "llava-next-34b/4x1img-anyres", "qwen2-vl-7b/image+video")
 )
 
-# Later issues fill these (CLIP-L/14-336, SigLIP-so400m/14-384, Qwen2-VL-7B vision,
-# Llama-3.2-11B-Vision, LLaVA-1.5-7B and -NeXT-34B projectors; see DESIGN.md).
-PATCH_EMBED_SHAPES: tuple = ()
+# ======================================================================================
+# Patch embedding
+
+_ITEMSIZE = {"bfloat16": 2, "float16": 2, "float32": 4, "uint8": 1}
+# The processors' normalization constants (rescale 1/255 first).
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class PatchEmbedShape:
+    """One patch-embed workload from a real model (see the module docstring).
+
+    Image form (``temporal is None``): ``batch`` images of ``image_size`` (H, W), a
+    ``(dim, channels, patch, patch)`` Conv2d weight. Flat form (``temporal`` = T):
+    ``flat_patches`` rows of C * T * P * P pixels, a ``(dim, channels, T, patch, patch)``
+    Conv3d weight. ``position``: ``"none"``, ``"shared"`` (one ``(rows, D)`` table for
+    every image) or ``"per_image"`` (``(batch, rows, D)``, e.g. Mllama's per-tile tables).
+    """
+
+    name: str
+    model: str
+    dim: int
+    patch: int
+    channels: int = 3
+    batch: int = 1
+    image_size: tuple[int, int] = (0, 0)
+    temporal: int | None = None
+    flat_patches: int = 0
+    class_token: bool = False
+    position: str = "none"
+    bias: bool = False
+    dtype: str = "bfloat16"
+    pixel_dtype: str = "float32"
+    pixel_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+    pixel_std: tuple[float, ...] = OPENAI_CLIP_STD
+    pixel_scale: float = 1.0 / 255.0
+    notes: str = ""
+
+    def __post_init__(self):
+        if self.position not in ("none", "shared", "per_image"):
+            raise ValueError(f"position: expected 'none', 'shared' or 'per_image', got {self.position!r}")
+        if self.temporal is not None and (self.class_token or self.position != "none"):
+            raise ValueError(f"{self.name}: the flat form has no class token or position table")
+        if len(self.pixel_mean) != self.channels or len(self.pixel_std) != self.channels:
+            raise ValueError(f"{self.name}: expected one pixel mean and std per channel ({self.channels})")
+
+    # -- sizes ---------------------------------------------------------------------
+    @property
+    def image_form(self) -> bool:
+        return self.temporal is None
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """Patches along H and W (image form; floor division, as Conv2d)."""
+        return (self.image_size[0] // self.patch, self.image_size[1] // self.patch)
+
+    @property
+    def patches_per_image(self) -> int:
+        """N: patches of one image (image form) or all flat patches (flat form)."""
+        return math.prod(self.grid) if self.image_form else self.flat_patches
+
+    @property
+    def gemm_rows(self) -> int:
+        """M: rows of the GEMM (every patch of every image)."""
+        return self.batch * self.patches_per_image if self.image_form else self.flat_patches
+
+    @property
+    def gemm_k(self) -> int:
+        """K = C * T * P * P (T = 1 for the image form)."""
+        return self.channels * (self.temporal or 1) * self.patch * self.patch
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Output rows per image: N, or 1 + N with the class token."""
+        return self.patches_per_image + int(self.class_token)
+
+    @property
+    def pixels_shape(self) -> tuple[int, ...]:
+        if self.image_form:
+            return (self.batch, self.channels, *self.image_size)
+        return (self.flat_patches, self.gemm_k)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        if self.image_form:
+            return (self.dim, self.channels, self.patch, self.patch)
+        return (self.dim, self.channels, self.temporal, self.patch, self.patch)
+
+    @property
+    def position_shape(self) -> tuple[int, ...] | None:
+        if self.position == "shared":
+            return (self.tokens_per_image, self.dim)
+        if self.position == "per_image":
+            return (self.batch, self.tokens_per_image, self.dim)
+        return None
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        if self.image_form:
+            return (self.batch, self.tokens_per_image, self.dim)
+        return (self.flat_patches, self.dim)
+
+    @property
+    def flops(self) -> int:
+        """2 * M * K * D: the GEMM's multiply-adds (the epilogue's adds are not counted)."""
+        return 2 * self.gemm_rows * self.gemm_k * self.dim
+
+    def bytes_moved(self, pixel_dtype: str | None = None) -> int:
+        """Bytes one call must move: read the pixels the patches cover (M * K, in
+        ``pixel_dtype``, default the shape's; SigLIP's 384 px leave 6 px per row and column
+        that Conv2d never reads), the weight, the bias and class token when present, the
+        position table; write the output. Every parameter in the model dtype."""
+        size = _ITEMSIZE[self.dtype]
+        params = self.dim * self.gemm_k + self.dim * (int(self.bias) + int(self.class_token))
+        position = math.prod(self.position_shape) if self.position_shape else 0
+        return (
+            self.gemm_rows * self.gemm_k * _ITEMSIZE[pixel_dtype or self.pixel_dtype]
+            + (params + position + math.prod(self.output_shape)) * size
+        )
+
+    def params(self) -> dict:
+        """What a results row records about this shape."""
+        return {
+            "model": self.model,
+            "form": "image" if self.image_form else "flat",
+            "pixels_shape": list(self.pixels_shape),
+            "weight_shape": list(self.weight_shape),
+            "output_shape": list(self.output_shape),
+            "M": self.gemm_rows,
+            "K": self.gemm_k,
+            "D": self.dim,
+            "class_token": self.class_token,
+            "position": self.position,
+            "bias": self.bias,
+            "dtype": self.dtype,
+            "pixel_dtype": self.pixel_dtype,
+        }
+
+    def scaled(self, *, patch: int = 4, grid: int = 3, dim: int = 40, max_batch: int = 2,
+               flat_patches: int = 21) -> "PatchEmbedShape":  # fmt: skip
+        """A small version for CPU checks: same form, class token, position layout, bias
+        and normalization; P = ``patch``, a ``grid`` x (``grid`` + 1) patch grid (not
+        square, to catch a swapped H and W), D = ``dim``, at most ``max_batch`` images,
+        ``flat_patches`` rows in the flat form."""
+        return replace(
+            self,
+            name=f"{self.name}[small]",
+            dim=dim,
+            patch=patch,
+            batch=min(self.batch, max_batch),
+            image_size=(grid * patch, (grid + 1) * patch) if self.image_form else self.image_size,
+            flat_patches=flat_patches if not self.image_form else 0,
+        )
+
+
+_CLIP_L_336 = dict(model="openai/clip-vit-large-patch14-336", dim=1024, patch=14, image_size=(336, 336),
+                   class_token=True, position="shared")  # fmt: skip
+_SIGLIP_SO400M_384 = dict(model="google/siglip-so400m-patch14-384", dim=1152, patch=14, image_size=(384, 384),
+                          position="shared", bias=True, pixel_mean=SIGLIP_MEAN, pixel_std=SIGLIP_STD)  # fmt: skip
+_QWEN2_VL_7B_VISION = dict(model="Qwen/Qwen2-VL-7B-Instruct", dim=1280, patch=14, temporal=2)
+_MLLAMA_11B = dict(model="meta-llama/Llama-3.2-11B-Vision", dim=1280, patch=14, image_size=(560, 560),
+                   class_token=True, position="per_image")  # fmt: skip
+
+PATCH_EMBED_SHAPES: tuple[PatchEmbedShape, ...] = (
+    PatchEmbedShape(name="clip-l-14-336/b1", batch=1, notes="one image (latency)", **_CLIP_L_336),
+    PatchEmbedShape(name="clip-l-14-336/b8", batch=8, **_CLIP_L_336),
+    PatchEmbedShape(name="clip-l-14-336/b64", batch=64, notes="a large batch: the GEMM dominates", **_CLIP_L_336),
+    PatchEmbedShape(name="siglip-so400m-14-384/b1", batch=1, notes="one image (latency)", **_SIGLIP_SO400M_384),
+    PatchEmbedShape(name="siglip-so400m-14-384/b8", batch=8, **_SIGLIP_SO400M_384),
+    PatchEmbedShape(name="qwen2-vl-7b/1024p", flat_patches=1024, notes="one 448x448 image",
+                    **_QWEN2_VL_7B_VISION),  # fmt: skip
+    PatchEmbedShape(name="qwen2-vl-7b/4096p", flat_patches=4096, notes="one 896x896 image",
+                    **_QWEN2_VL_7B_VISION),  # fmt: skip
+    PatchEmbedShape(name="qwen2-vl-7b/16384p", flat_patches=16384, notes="one 1792x1792 image",
+                    **_QWEN2_VL_7B_VISION),  # fmt: skip
+    PatchEmbedShape(name="mllama-11b/4tiles", batch=4, notes="one image as 4 tiles of 560x560, a position "
+                    "table per tile", **_MLLAMA_11B),  # fmt: skip
+)
+
+# What `--quick` runs: one shape per tower (batch 8, 4096 patches, 4 tiles).
+QUICK_PATCH_EMBED_SHAPES: tuple[PatchEmbedShape, ...] = tuple(
+    s
+    for s in PATCH_EMBED_SHAPES
+    if s.name in ("clip-l-14-336/b8", "siglip-so400m-14-384/b8", "qwen2-vl-7b/4096p", "mllama-11b/4tiles")
+)
+
+# Later issues fill these (Llama-3.2-11B-Vision attention, LLaVA-1.5-7B and -NeXT-34B
+# projectors; see DESIGN.md).
 ATTENTION_SHAPES: tuple = ()
 PROJECTOR_SHAPES: tuple = ()
 
