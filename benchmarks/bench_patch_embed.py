@@ -433,51 +433,10 @@ def run(out_dir: str | Path, quick: bool = False) -> harness.BenchmarkResult:
 # ======================================================================================
 # pytest-benchmark cells
 
-_PROVIDERS_BY_NAME = {p.name: p for p in PROVIDERS}
-NOT_TIMED_SKIP = "no CUDA device: harness validated, not timed"
+patch_embed_session = pytest.fixture(scope="module")(harness.pytest_session(PATCH_EMBED_BENCHMARK))
 
 
-@pytest.fixture(scope="module")
-def patch_embed_session():
-    """One session for all cells: on CUDA it times them; without CUDA each cell runs the
-    harness's CPU self-check (scaled-down shape, output against the oracle, host syncs)."""
-    session = harness.BenchSession(PATCH_EMBED_BENCHMARK, "cuda" if harness.cuda_available() else "cpu")
-    yield session
-    session.release()
-
-
-_baseline_ms: dict[str, float] = {}
-
-
-@pytest.mark.parametrize("provider", list(_PROVIDERS_BY_NAME))
+@pytest.mark.parametrize("provider", [p.name for p in PROVIDERS])
 @pytest.mark.parametrize("shape", PATCH_EMBED_SHAPES, ids=lambda s: s.name.replace("/", "-"))
-def test_patch_embed(benchmark, patch_embed_session: harness.BenchSession, shape: PatchEmbedShape, provider: str):
-    if patch_embed_session.device.type != "cuda":
-        row = patch_embed_session.check_cell_on_cpu(shape, _PROVIDERS_BY_NAME[provider], NOT_TIMED_SKIP)
-        if row.status == "failed":
-            pytest.fail(f"CPU check of {provider} on {shape.name}: {row.reason}")
-        detail = f" ({provider} skipped on the CPU: {row.reason})" if row.status == "skipped" else ""
-        pytest.skip(NOT_TIMED_SKIP + detail)
-
-    row = patch_embed_session.run_cell(shape, _PROVIDERS_BY_NAME[provider])
-    if row.status == "skipped":
-        pytest.skip(f"{provider}: {row.reason}")
-    if row.status == "failed":
-        pytest.fail(f"{provider} on {shape.name}: {row.reason}")
-    if provider == PROVIDERS[0].name:
-        _baseline_ms[shape.name] = row.median_ms
-    if shape.name in _baseline_ms:
-        row.speedup = _baseline_ms[shape.name] / row.median_ms
-    # The harness's CUDA-event numbers; pytest-benchmark's own statistics below are
-    # wall-clock of synchronized calls (host overhead included).
-    benchmark.extra_info.update({k: v for k, v in row.to_dict().items() if k not in ("params", "host_sync_ops")})
-    benchmark.extra_info["shape"] = shape.params()
-    fn = patch_embed_session.built(_PROVIDERS_BY_NAME[provider])
-    inputs = patch_embed_session.arg_sets(shape)[0]
-
-    def synchronized_call():
-        with torch.inference_mode():
-            fn(inputs)
-        torch.cuda.synchronize()
-
-    benchmark.pedantic(synchronized_call, rounds=10, warmup_rounds=2, iterations=1)
+def test_patch_embed(benchmark, patch_embed_session: harness.BenchSession, shape, provider: str):
+    harness.run_pytest_cell(benchmark, patch_embed_session, shape, provider)
