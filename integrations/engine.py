@@ -41,6 +41,8 @@ __all__ = [
     "Replacement",
     "Rule",
     "Skip",
+    "SpecRule",
+    "backend_note",
     "coverage_table",
     "is_patched",
     "original_method",
@@ -138,6 +140,29 @@ class Rule:
             "method": self.method,
             "op": self.op,
         }
+
+
+class SpecRule(Rule):
+    """A rule built from a declarative spec that carries ``family``, ``model_type`` and
+    ``model_class`` (the merge and patch-embed specs)."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.family = spec.family
+        self.model_type = spec.model_type
+        self.model_class = spec.model_class
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec.family}: {self.spec.model_class}.{self.method})"
+
+
+def backend_note(capabilities, tensor: torch.Tensor) -> str:
+    """The report's line on which backend a patched call will take for ``tensor``'s device
+    and dtype, from an op's declared capabilities."""
+    reasons = capabilities.not_supported_reasons(tensor.device, [tensor.dtype])
+    if reasons:
+        return "runs the PyTorch reference: " + "; ".join(reasons)
+    return "Triton kernel" + (" (interpreter)" if tensor.device.type == "cpu" else "")
 
 
 @dataclasses.dataclass(frozen=True)

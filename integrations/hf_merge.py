@@ -40,7 +40,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .engine import PatchOptions, Rule, original_method
+from mmkernels.ops.merge import CAPABILITIES as MERGE_CAPABILITIES
+
+from .engine import PatchOptions, SpecRule, backend_note, original_method
 
 __all__ = ["Call", "Features", "MergeRule", "MergeSpec", "Modality", "placeholder_id"]
 
@@ -273,21 +275,12 @@ def _output_value(features: Features, value_kind: str, like: torch.Tensor) -> An
 # The rule
 
 
-class MergeRule(Rule):
+class MergeRule(SpecRule):
     """The merge patch of one :class:`MergeSpec`: replaces the inner model's ``forward``."""
 
     kernel = "merge"
     method = "forward"
     op = f"mmkernels.ops.{MERGE_OP}"
-
-    def __init__(self, spec: MergeSpec):
-        self.spec = spec
-        self.family = spec.family
-        self.model_type = spec.model_type
-        self.model_class = spec.model_class
-
-    def __repr__(self) -> str:
-        return f"MergeRule({self.spec.family}: {self.spec.model_class}.forward)"
 
     def covered_modalities(self) -> list[Modality]:
         return [m for m in self.spec.modalities if _version_covered(m.transformers)]
@@ -329,7 +322,11 @@ class MergeRule(Rule):
             notes.append("embedding lookup fused")
         else:
             notes.append(f"{type(embedding).__name__} runs first (not a plain nn.Embedding)")
-        notes.append(_backend_note(embedding))
+        weight = getattr(embedding, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            notes.append(backend_note(MERGE_CAPABILITIES, weight))
+        else:
+            notes.append("backend decided per call")
         for m in self.spec.modalities:
             if not _version_covered(m.transformers):
                 notes.append(f"{m.kind}: original path (covered on transformers {m.transformers})")
@@ -424,20 +421,6 @@ def _fusable(embedding: torch.nn.Module) -> bool:
     # Only the exact class: a subclass (Gemma's scaled embedding) changes what forward
     # computes. max_norm renormalizes the table inside forward, so it is not a lookup.
     return type(embedding) is torch.nn.Embedding and embedding.max_norm is None
-
-
-def _backend_note(embedding: torch.nn.Module) -> str:
-    weight = getattr(embedding, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        return "backend decided per call"
-    try:
-        from mmkernels.ops.merge import CAPABILITIES
-    except ImportError:  # the op module is not there: every call would fail loudly anyway
-        return "mmkernels.ops.merge not importable"
-    reasons = CAPABILITIES.not_supported_reasons(weight.device, [weight.dtype])
-    if reasons:
-        return "runs the PyTorch reference: " + "; ".join(reasons)
-    return "Triton kernel" + (" (interpreter)" if weight.device.type == "cpu" else "")
 
 
 def _merge(model, present: Sequence[Modality], features: Sequence[Features], input_ids: torch.Tensor,

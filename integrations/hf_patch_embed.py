@@ -50,7 +50,9 @@ from typing import Any, Callable
 
 import torch
 
-from .engine import PatchOptions, Rule, original_method
+from mmkernels.ops.patch_embed import CAPABILITIES as PATCH_EMBED_CAPABILITIES
+
+from .engine import PatchOptions, SpecRule, backend_note, original_method
 from .hf_merge import Call, _bind, _signature
 
 __all__ = ["PATCH_EMBED_SPECS", "PatchEmbedRule", "PatchEmbedSpec"]
@@ -231,17 +233,6 @@ def _constants_on(normalization, device: torch.device) -> tuple[torch.Tensor, to
     return (torch.tensor(mean, dtype=torch.float32, device=device), torch.tensor(std, dtype=torch.float32, device=device))
 
 
-def _backend_note(weight: torch.Tensor) -> str:
-    try:
-        from mmkernels.ops.patch_embed import CAPABILITIES
-    except ImportError:  # the op module is not there: every call would fail loudly anyway
-        return "mmkernels.ops.patch_embed not importable"
-    reasons = CAPABILITIES.not_supported_reasons(weight.device, [weight.dtype])
-    if reasons:
-        return "runs the PyTorch reference: " + "; ".join(reasons)
-    return "Triton kernel" + (" (interpreter)" if weight.device.type == "cpu" else "")
-
-
 # --------------------------------------------------------------------------------------
 # The op's arguments for one call (None: the original runs)
 
@@ -319,22 +310,13 @@ def _flat_arguments(module: torch.nn.Module, spec: PatchEmbedSpec, call: Call) -
 # The rule
 
 
-class PatchEmbedRule(Rule):
+class PatchEmbedRule(SpecRule):
     """The patch-embed patch of one :class:`PatchEmbedSpec`: replaces the embeddings'
     ``forward`` on the live instance."""
 
     kernel = "patch_embed"
     method = "forward"
     op = f"mmkernels.ops.{PATCH_EMBED_OP}"
-
-    def __init__(self, spec: PatchEmbedSpec):
-        self.spec = spec
-        self.family = spec.family
-        self.model_type = spec.model_type
-        self.model_class = spec.model_class
-
-    def __repr__(self) -> str:
-        return f"PatchEmbedRule({self.spec.family}: {self.spec.model_class}.forward)"
 
     def not_applicable_reasons(self, module: torch.nn.Module) -> list[str]:
         reasons = super().not_applicable_reasons(module)
@@ -376,7 +358,7 @@ class PatchEmbedRule(Rule):
     def notes(self, module: torch.nn.Module, options: PatchOptions) -> list[str]:
         spec = self.spec
         weight = _projection(module, spec).weight
-        notes = [_backend_note(weight)]
+        notes = [backend_note(PATCH_EMBED_CAPABILITIES, weight)]
         if options.pixel_normalization is not None:
             mean, std, scale = options.pixel_normalization
             notes.append(f"raw pixels normalized in the kernel: (x * {scale:g} - mean {list(mean)}) / std {list(std)}")
