@@ -3,10 +3,13 @@ capabilities, and a ``torch.library`` registration under ``mmkernels::``."""
 
 from mmkernels.ops.merge import merge_multimodal_embeddings, merge_multimodal_embeddings_reference
 from mmkernels.ops.patch_embed import patch_embed, patch_embed_reference
+from mmkernels.ops.varlen_attention import varlen_attention, varlen_attention_reference
 
 __all__ = [
     "merge_multimodal_embeddings",
     "merge_multimodal_embeddings_reference",
     "patch_embed",
     "patch_embed_reference",
+    "varlen_attention",
+    "varlen_attention_reference",
 ]

@@ -1,0 +1,412 @@
+"""Variable-length attention over packed sequences, with per-query key ranges.
+
+Replaces what multimodal models run around their images: SDPA with a materialized 4-D
+float mask (Mllama's text-to-image cross-attention builds (B, 1, S, images x tiles x
+1601)), per-image attention loops over ``cu_seqlens`` with ``.tolist()`` (Qwen2-VL's
+vision tower without flash-attn), and padded cross-attention (BLIP-2 Q-Former, GPT-2 in
+VisionEncoderDecoder, Whisper's decoder).
+
+Public: :func:`varlen_attention` (registered as ``mmkernels::varlen_attention``), its
+reference :func:`varlen_attention_reference` (same signature; it defines the op),
+:func:`varlen_attention_torch` (the same math in a chosen precision: flash-attn's "same
+precision PyTorch" yardstick, and the differentiable path of the backward), and
+:data:`CAPABILITIES`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from mmkernels.backend import (
+    AotCase,
+    Backend,
+    Capabilities,
+    choose_backend,
+    empty_output,
+    interpreter_enabled,
+    register_aot,
+)
+from mmkernels.ops import _varlen_attention_kernels as kernels
+
+__all__ = [
+    "CAPABILITIES",
+    "MAX_HEAD_DIM",
+    "varlen_attention",
+    "varlen_attention_reference",
+    "varlen_attention_torch",
+]
+
+OP_NAME = "varlen_attention"
+CAPABILITIES = Capabilities(dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}), min_compute_capability=(8, 0))
+# Head dims are padded to the next power of two inside the kernel (72, 80, 96 -> 128).
+MAX_HEAD_DIM = 256
+
+
+@dataclass
+class _AttnArgs:
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    cu_seqlens_k: torch.Tensor
+    max_seqlen_q: int
+    max_seqlen_k: int
+    softmax_scale: float
+    causal: bool
+    kv_ranges: torch.Tensor | None
+
+    @property
+    def batch(self) -> int:
+        return self.cu_seqlens_q.shape[0] - 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[-1]
+
+
+def _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+              kv_ranges) -> _AttnArgs:  # fmt: skip
+    for name, t in (("q", q), ("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(f"{name}: expected (total_tokens, heads, head_dim), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        bad = "k" if k.dtype != q.dtype else "v"
+        raise TypeError(f"{bad}: expected dtype {q.dtype} (that of q), got {(k if bad == 'k' else v).dtype}")
+    device = q.device
+    for name, t in (("k", k), ("v", v), ("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if t.device != device:
+            raise ValueError(f"{name}: expected device {device} (that of q), got {t.device}")
+    total_q, hq, d = q.shape
+    total_k, hkv, dk = k.shape
+    if dk != d:
+        raise ValueError(f"k: expected head_dim {d} (that of q), got shape {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v: expected shape {tuple(k.shape)} (that of k), got {tuple(v.shape)}")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"k: query heads ({hq}) must be a multiple of key/value heads ({hkv}) (GQA)")
+    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if t.dtype != torch.int32:
+            raise TypeError(f"{name}: expected dtype int32 (flash-attn's contract), got {t.dtype}")
+        if t.dim() != 1 or t.shape[0] < 1:
+            raise ValueError(f"{name}: expected shape (batch + 1,), got {tuple(t.shape)}")
+    if cu_seqlens_k.shape != cu_seqlens_q.shape:
+        raise ValueError(
+            f"cu_seqlens_k: expected shape {tuple(cu_seqlens_q.shape)} (one entry per sequence, as cu_seqlens_q), "
+            f"got {tuple(cu_seqlens_k.shape)}"
+        )
+    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name}: expected a Python int (no host sync), got {type(value).__name__}")
+        if value < 0:
+            raise ValueError(f"{name}: expected >= 0, got {value}")
+    if softmax_scale is None:
+        softmax_scale = 1.0 / math.sqrt(d) if d else 1.0
+    elif isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale: expected a float or None, got {type(softmax_scale).__name__}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal: expected a bool, got {type(causal).__name__}")
+    if kv_ranges is not None:
+        if not isinstance(kv_ranges, torch.Tensor):
+            raise TypeError(f"kv_ranges: expected a torch.Tensor or None, got {type(kv_ranges).__name__}")
+        if kv_ranges.dtype != torch.int32:
+            raise TypeError(f"kv_ranges: expected dtype int32, got {kv_ranges.dtype}")
+        if kv_ranges.shape != (total_q, 2):
+            raise ValueError(f"kv_ranges: expected shape ({total_q}, 2) = (total_q, [start, end)), got {tuple(kv_ranges.shape)}")
+        if kv_ranges.device != device:
+            raise ValueError(f"kv_ranges: expected device {device} (that of q), got {kv_ranges.device}")
+    return _AttnArgs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, float(softmax_scale), causal,
+                     kv_ranges)  # fmt: skip
+
+
+def _check_seqlens(args: _AttnArgs) -> tuple[list[int], list[int]]:
+    """Host-side check of cu_seqlens values (the reference reads them anyway)."""
+    cq, ck = args.cu_seqlens_q.tolist(), args.cu_seqlens_k.tolist()
+    for name, cu, total in (("cu_seqlens_q", cq, args.q.shape[0]), ("cu_seqlens_k", ck, args.k.shape[0])):
+        if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])) or cu[-1] > total:
+            raise ValueError(f"{name}: expected non-decreasing offsets from 0 to at most {total}, got {cu}")
+    return cq, ck
+
+
+# --------------------------------------------------------------------------------------
+# Reference
+
+
+def _visible(q_len: int, k_len: int, causal: bool, ranges: torch.Tensor | None, device) -> torch.Tensor:
+    """(q_len, k_len) bool: which keys each query of one sequence sees."""
+    cols = torch.arange(k_len, device=device)
+    rows = torch.arange(q_len, device=device)
+    mask = torch.ones(q_len, k_len, dtype=torch.bool, device=device)
+    if causal:
+        mask &= cols[None, :] <= rows[:, None] + (k_len - q_len)
+    if ranges is not None:
+        ranges = ranges.to(torch.int64)
+        mask &= (cols[None, :] >= ranges[:, :1]) & (cols[None, :] < ranges[:, 1:])
+    return mask
+
+
+def varlen_attention_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, softmax_scale=None,
+                           causal=False, kv_ranges=None, compute_dtype=None) -> torch.Tensor:  # fmt: skip
+    """The op's math in PyTorch, one sequence at a time with an explicit mask, computed in
+    ``compute_dtype`` (default: q's dtype) and returned in q's dtype. Differentiable.
+
+    With ``compute_dtype=torch.float64`` this is :func:`varlen_attention_reference`; in
+    q's own dtype it is the "same-precision PyTorch implementation" of flash-attn's error
+    rule. Reads ``cu_seqlens`` on the host (a sync): a yardstick, not a fast path.
+    """
+    args = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, kv_ranges)
+    cq, ck = _check_seqlens(args)
+    dt = compute_dtype or q.dtype
+    group = q.shape[1] // k.shape[1]
+    out = torch.zeros(q.shape, dtype=dt, device=q.device)
+    pieces = []
+    for b in range(args.batch):
+        qs, qe, ks, ke = cq[b], cq[b + 1], ck[b], ck[b + 1]
+        if qe == qs:
+            continue
+        qb = q[qs:qe].to(dt).transpose(0, 1)  # (H, Lq, d)
+        kb = k[ks:ke].to(dt).repeat_interleave(group, dim=1).transpose(0, 1)
+        vb = v[ks:ke].to(dt).repeat_interleave(group, dim=1).transpose(0, 1)
+        ranges = kv_ranges[qs:qe] if kv_ranges is not None else None
+        mask = _visible(qe - qs, ke - ks, causal, ranges, q.device)
+        scores = (qb @ kb.transpose(1, 2)) * args.softmax_scale
+        scores = scores.masked_fill(~mask, float("-inf"))
+        # A query that sees no key: softmax over nothing is defined as 0 (not NaN).
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0) if ke > ks else scores.new_zeros(scores.shape)
+        pieces.append((qs, qe, (probs @ vb).transpose(0, 1)))
+    if pieces and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        # Out-of-place assembly so autograd sees every piece.
+        parts, pos = [], 0
+        for qs, qe, piece in pieces:
+            parts += [out[pos:qs], piece]
+            pos = qe
+        parts.append(out[pos:])
+        out = torch.cat(parts, dim=0)
+    else:
+        for qs, qe, piece in pieces:
+            out[qs:qe] = piece
+    return out.to(q.dtype)
+
+
+def varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, softmax_scale=None,
+                               causal=False, kv_ranges=None) -> torch.Tensor:  # fmt: skip
+    """PyTorch reference of :func:`varlen_attention` (it defines the op): float64, an
+    explicit (q_len, k_len) mask per sequence, rows that see no key are 0; the result is
+    rounded once to q's dtype."""
+    return varlen_attention_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                  softmax_scale=softmax_scale, causal=causal, kv_ranges=kv_ranges,
+                                  compute_dtype=torch.float64)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# Launcher
+
+
+@dataclass(frozen=True)
+class AttnConfig:
+    block_m: int
+    block_n: int
+    head_pad: int
+    num_warps: int
+    num_stages: int
+
+
+def attn_config(max_seqlen_q: int, head_dim: int, element_size: int) -> AttnConfig:
+    """Deterministic tiles. 128-query blocks for long queries (vision self-attention, long
+    prompts), 64 when few queries (BLIP-2's 32 Q-Former queries, decode-like text rows) so
+    less of the tile is padding; 64-key blocks keep the fp32 score tile and the padded
+    head dim (<= 128) in registers. max_seqlen_q only picks between two configs, so new
+    lengths every batch never recompile."""
+    head_pad = max(16, triton.next_power_of_2(head_dim))
+    block_m = 128 if max_seqlen_q > 64 else 64
+    if element_size > 2 or head_pad > 128:
+        block_m = 64  # fp32 tiles and 256-wide heads: halve the register footprint
+    block_n = 64 if head_pad <= 128 else 32
+    num_warps = 8 if block_m == 128 and head_pad >= 128 else 4
+    return AttnConfig(block_m, block_n, head_pad, num_warps, num_stages=3 if head_pad <= 64 else 2)
+
+
+def _launch(args: _AttnArgs, out: torch.Tensor):
+    """(args, meta, grid) of the one launch; also used by the AOT report."""
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (args.q, args.k, args.v))
+    cfg = attn_config(args.max_seqlen_q, args.head_dim, q.element_size())
+    ranges = args.kv_ranges
+    launch_args = (
+        q, k, v, out, args.cu_seqlens_q, args.cu_seqlens_k,
+        ranges if ranges is not None else args.cu_seqlens_q,  # never read without HAS_RANGES
+        args.softmax_scale * math.log2(math.e), q.shape[0], args.batch, args.head_dim, q.shape[1] // k.shape[1],
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        out.stride(0), out.stride(1),
+        ranges.stride(0) if ranges is not None else 0, ranges.stride(1) if ranges is not None else 0,
+    )  # fmt: skip
+    fp32 = q.dtype == torch.float32
+    meta = dict(
+        HAS_RANGES=ranges is not None,
+        CAUSAL=args.causal,
+        UPCAST_DOT=interpreter_enabled() and not fp32,
+        DOT_PRECISION="tf32" if fp32 and torch.backends.cuda.matmul.allow_tf32 and q.is_cuda else "ieee",
+        HEAD_PAD=cfg.head_pad,
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    # At least one program per sequence and head even when max_seqlen_q is 0 or too small:
+    # each program strides over its sequence's real length. One more sequence slot writes
+    # the rows past cu_seqlens_q[-1] (usually none) as 0.
+    grid = (max(1, triton.cdiv(args.max_seqlen_q, cfg.block_m)), args.batch + 1, q.shape[1])
+    return launch_args, meta, grid
+
+
+def _triton_impl(args: _AttnArgs) -> torch.Tensor:
+    out = empty_output(args.q.shape, args.q.dtype, args.q.device)
+    if args.q.shape[0] == 0 or args.q.shape[1] == 0:
+        return out
+    if args.head_dim == 0:
+        return out.zero_()
+    launch_args, meta, grid = _launch(args, out)
+    kernels.varlen_attention_fwd_kernel[grid](*launch_args, **meta)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# The op
+
+
+@torch.library.custom_op("mmkernels::varlen_attention", mutates_args=())
+def _varlen_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float,
+    causal: bool,
+    kv_ranges: torch.Tensor | None,
+) -> torch.Tensor:
+    args = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, kv_ranges)
+    extra = []
+    if args.head_dim > MAX_HEAD_DIM:
+        extra.append(f"head_dim {args.head_dim} > {MAX_HEAD_DIM}")
+    decision = choose_backend(OP_NAME, kernels.varlen_attention_fwd_kernel, CAPABILITIES, q.device, {q.dtype}, extra)
+    if decision.backend is Backend.REFERENCE:
+        return varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                          softmax_scale=softmax_scale, causal=causal, kv_ranges=kv_ranges)  # fmt: skip
+    return _triton_impl(args)
+
+
+@_varlen_attention_op.register_fake
+def _varlen_attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                           kv_ranges):  # fmt: skip
+    _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, kv_ranges)
+    return q.new_empty(q.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, ranges = inputs
+    ctx.save_for_backward(q, k, v, cu_q, cu_k, ranges)
+    ctx.static = (max_q, max_k, scale, causal)
+
+
+def _backward(ctx, grad_out):
+    """Gradients through :func:`varlen_attention_torch` in the inputs' dtype (recomputed;
+    it reads cu_seqlens on the host). Training is not this kernel's hot path: the forward
+    is what vision towers and cross-attention run at inference."""
+    q, k, v, cu_q, cu_k, ranges = ctx.saved_tensors
+    max_q, max_k, scale, causal = ctx.static
+    leaves = [t.detach().requires_grad_(ctx.needs_input_grad[i]) for i, t in enumerate((q, k, v))]
+    wanted = [t for t in leaves if t.requires_grad]
+    with torch.enable_grad():
+        out = varlen_attention_torch(*leaves, cu_q, cu_k, max_q, max_k, softmax_scale=scale, causal=causal,
+                                     kv_ranges=ranges)  # fmt: skip
+        grads = iter(torch.autograd.grad(out, wanted, grad_out.to(out.dtype)) if wanted else ())
+    return tuple(next(grads) if t.requires_grad else None for t in leaves) + (None,) * 7
+
+
+_varlen_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, softmax_scale=None,
+                     causal=False, kv_ranges=None) -> torch.Tensor:  # fmt: skip
+    """Attention over packed variable-length sequences (flash-attn's varlen contract), with
+    optional per-query key ranges.
+
+    Args:
+        q: ``(total_q, Hq, d)``: the queries of all sequences, packed one after another.
+        k, v: ``(total_k, Hkv, d)``; ``Hq % Hkv == 0`` (grouped-query attention: query head
+            ``h`` reads key/value head ``h // (Hq // Hkv)``). Same dtype as ``q``
+            (float16, bfloat16 or float32). Any strides, with the last dim contiguous.
+        cu_seqlens_q, cu_seqlens_k: ``(B + 1,)`` int32, the cumulative lengths: sequence
+            ``b`` owns query rows ``[cu_seqlens_q[b], cu_seqlens_q[b+1])`` and key rows
+            ``[cu_seqlens_k[b], cu_seqlens_k[b+1])``. Query and key lengths may differ
+            (cross-attention), and either may be 0.
+        max_seqlen_q, max_seqlen_k: Python ints, the longest query / key sequence. Python
+            ints so no host sync reads them from the device; they size the launch grid
+            (a value that is too small costs speed, never correctness: each program walks
+            its sequence's real length).
+        softmax_scale: scale of ``q @ k^T`` before the softmax; default ``1 / sqrt(d)``.
+        causal: bottom-right aligned causal mask, as flash-attn: query ``i`` of a sequence
+            with ``Lq`` queries and ``Lk`` keys sees keys ``j <= i + Lk - Lq``.
+        kv_ranges: ``(total_q, 2)`` int32 or None: query row ``i`` sees only the keys
+            ``[start, end)`` of its own sequence (indices relative to the sequence's first
+            key, clipped to ``[0, Lk)``); combined with ``causal`` by intersection. This
+            expresses image masks such as Mllama's (text token t sees the tiles of the
+            images before it) without a dense mask; key blocks outside every query's range
+            are skipped, not masked.
+
+    Returns:
+        ``(total_q, Hq, d)`` in q's dtype. A query that sees no key (empty range, no keys,
+        causal rows before the first key) is exactly 0, never NaN; rows past
+        ``cu_seqlens_q[-1]`` are 0.
+
+    One Triton launch on CUDA (and on CPU under ``TRITON_INTERPRET=1``): online softmax in
+    fp32, tensor-core dots in fp16/bf16 (fp32 inputs: exact fp32 dots, or TF32 where
+    ``torch.backends.cuda.matmul.allow_tf32``), head dims padded inside the kernel to a
+    power of two (72/80/96 -> 128) up to 256. Otherwise the reference. Gradients are
+    available through a PyTorch recomputation (see :func:`varlen_attention_torch`).
+    Registered as ``torch.ops.mmkernels.varlen_attention``.
+    """
+    args = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, kv_ranges)
+    return _varlen_attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, args.softmax_scale,
+                                causal, kv_ranges)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# Ahead-of-time cases: real models, bf16.
+
+
+def _aot_case(name, lengths_q, lengths_k, hq, hkv, d, *, causal=False, ranges=False):
+    def make_launch():
+        cu_q = torch.tensor([0] + list(torch.tensor(lengths_q).cumsum(0)), dtype=torch.int32)
+        cu_k = torch.tensor([0] + list(torch.tensor(lengths_k).cumsum(0)), dtype=torch.int32)
+        q = torch.empty(int(cu_q[-1]), hq, d, dtype=torch.bfloat16)
+        k = torch.empty(int(cu_k[-1]), hkv, d, dtype=torch.bfloat16)
+        kv_ranges = torch.zeros(q.shape[0], 2, dtype=torch.int32) if ranges else None
+        args = _validate(q, k, torch.empty_like(k), cu_q, cu_k, max(lengths_q), max(lengths_k), None, causal, kv_ranges)
+        out = torch.empty_like(q)
+        launch_args, meta, grid = _launch(args, out)
+        meta["UPCAST_DOT"] = False  # compiled for a GPU, never the interpreter
+        return launch_args, meta, grid
+
+    return register_aot(AotCase(name, kernels.varlen_attention_fwd_kernel, make_launch, tensor_cores=True))
+
+
+# Llama-3.2-11B-Vision cross-attention: 1024 text tokens x (2 images x 4 tiles x 1601) keys,
+# GQA 32/8, d=128, per-token image ranges.
+_aot_case("varlen_attention/mllama-11b-cross/bf16", [1024], [2 * 4 * 1601], 32, 8, 128, ranges=True)
+# Qwen2-VL-7B vision self-attention: images of 1024 and 256 patches, 16 heads, d=80.
+_aot_case("varlen_attention/qwen2-vl-7b-vision/bf16", [1024, 256], [1024, 256], 16, 16, 80)
+# BLIP-2 Q-Former cross-attention: 32 queries x 257 image tokens, d=64.
+_aot_case("varlen_attention/blip2-qformer-cross/bf16", [32] * 8, [257] * 8, 12, 12, 64)
+# Causal text self-attention with d=128 (decoder prefill through the same op).
+_aot_case("varlen_attention/causal-d128/bf16", [2048, 777], [2048, 777], 32, 8, 128, causal=True)
