@@ -133,6 +133,10 @@ def _check_seqlens(args: _AttnArgs) -> tuple[list[int], list[int]]:
     for name, cu, total in (("cu_seqlens_q", cq, args.q.shape[0]), ("cu_seqlens_k", ck, args.k.shape[0])):
         if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])) or cu[-1] > total:
             raise ValueError(f"{name}: expected non-decreasing offsets from 0 to at most {total}, got {cu}")
+    for name, cu, given in (("max_seqlen_q", cq, args.max_seqlen_q), ("max_seqlen_k", ck, args.max_seqlen_k)):
+        longest = max((b - a for a, b in zip(cu, cu[1:])), default=0)
+        if longest > given:
+            raise ValueError(f"{name}: expected >= the longest sequence ({longest}), got {given}")
     return cq, ck
 
 
@@ -242,7 +246,7 @@ def _launch(args: _AttnArgs, out: torch.Tensor):
     launch_args = (
         q, k, v, out, args.cu_seqlens_q, args.cu_seqlens_k,
         ranges if ranges is not None else args.cu_seqlens_q,  # never read without HAS_RANGES
-        args.softmax_scale * math.log2(math.e), q.shape[0], args.batch, args.head_dim, q.shape[1] // k.shape[1],
+        args.softmax_scale * math.log2(math.e), q.shape[0], args.batch, q.shape[1] // k.shape[1],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
         ranges.stride(0) if ranges is not None else 0, ranges.stride(1) if ranges is not None else 0,
@@ -253,15 +257,15 @@ def _launch(args: _AttnArgs, out: torch.Tensor):
         CAUSAL=args.causal,
         UPCAST_DOT=interpreter_enabled() and not fp32,
         DOT_PRECISION="tf32" if fp32 and torch.backends.cuda.matmul.allow_tf32 and q.is_cuda else "ieee",
+        HEAD_DIM=args.head_dim,
         HEAD_PAD=cfg.head_pad,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    # At least one program per sequence and head even when max_seqlen_q is 0 or too small:
-    # each program strides over its sequence's real length. One more sequence slot writes
-    # the rows past cu_seqlens_q[-1] (usually none) as 0.
+    # One program per query block, sequence and head; one more sequence column writes the
+    # rows no block owns (past cu_seqlens_q[-1]: 0; past max_seqlen_q: NaN).
     grid = (max(1, triton.cdiv(args.max_seqlen_q, cfg.block_m)), args.batch + 1, q.shape[1])
     return launch_args, meta, grid
 
@@ -351,9 +355,11 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
             ``[cu_seqlens_k[b], cu_seqlens_k[b+1])``. Query and key lengths may differ
             (cross-attention), and either may be 0.
         max_seqlen_q, max_seqlen_k: Python ints, the longest query / key sequence. Python
-            ints so no host sync reads them from the device; they size the launch grid
-            (a value that is too small costs speed, never correctness: each program walks
-            its sequence's real length).
+            ints so no host sync reads them from the device. ``max_seqlen_q`` sizes the
+            launch grid and must be >= every query length, as in flash-attn; rows past it
+            come out NaN (never silently stale memory). ``max_seqlen_k`` is not needed by
+            the kernel (it reads the key lengths from ``cu_seqlens_k``) and is validated
+            for the contract.
         softmax_scale: scale of ``q @ k^T`` before the softmax; default ``1 / sqrt(d)``.
         causal: bottom-right aligned causal mask, as flash-attn: query ``i`` of a sequence
             with ``Lq`` queries and ``Lk`` keys sees keys ``j <= i + Lk - Lq``.
@@ -367,7 +373,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     Returns:
         ``(total_q, Hq, d)`` in q's dtype. A query that sees no key (empty range, no keys,
         causal rows before the first key) is exactly 0, never NaN; rows past
-        ``cu_seqlens_q[-1]`` are 0.
+        ``cu_seqlens_q[-1]`` are 0 (as in the reference).
 
     One Triton launch on CUDA (and on CPU under ``TRITON_INTERPRET=1``): online softmax in
     fp32, tensor-core dots in fp16/bf16 (fp32 inputs: exact fp32 dots, or TF32 where
