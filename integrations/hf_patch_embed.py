@@ -33,6 +33,11 @@ the image size, runs its conv inside ``ViTPatchEmbeddings`` (a dotted ``projecti
 takes ``bool_masked_pos`` (mask tokens: the original runs) and ends with a dropout (the op
 runs while it is the identity).
 
+Pixtral and Mllama add their positions in the tower's own ``forward`` (rotary, gated
+tile tables), so only their bare patch ``Conv2d`` is replaced (:class:`ConvPatchRule`):
+the conv's ``forward`` returns the op's rows viewed in the conv's ``(B, D, H/P, W/P)``
+layout, which the tower's ``flatten(2).transpose(1, 2)`` turns back without a copy.
+
 Matching: CLIP, SigLIP and BLIP-2 embeddings carry their vision config
 (``clip_vision_model``, ``siglip_vision_model``, ``blip_2_vision_model``); ViT's embeddings
 and Qwen2-VL's ``PatchEmbed`` have none and are matched under their tower's (``vit``,
@@ -55,7 +60,7 @@ from mmkernels.ops.patch_embed import CAPABILITIES as PATCH_EMBED_CAPABILITIES
 from .engine import PatchOptions, SpecRule, backend_note, original_method
 from .hf_merge import Call, _bind, _signature
 
-__all__ = ["PATCH_EMBED_SPECS", "PatchEmbedRule", "PatchEmbedSpec"]
+__all__ = ["CONV_PATCH_SPECS", "ConvPatchRule", "ConvPatchSpec", "PATCH_EMBED_SPECS", "PatchEmbedRule", "PatchEmbedSpec"]
 
 PATCH_EMBED_OP = "patch_embed"
 IMAGE_FORM = "image"  # (B, C, H, W) pixels, Conv2d
@@ -130,13 +135,15 @@ class PatchEmbedSpec:
 # What the op can stand in for
 
 
-def _conv_reasons(conv: Any, form: str) -> list[str]:
-    """Why ``conv`` is not a projection the op computes (empty when it is)."""
+def _conv_reasons(conv: Any, form: str, *, patched_self: bool = False) -> list[str]:
+    """Why ``conv`` is not a projection the op computes (empty when it is).
+    ``patched_self``: ``conv`` is the module whose forward mmkernels replaced (the
+    instance ``forward`` is ours, not a reason)."""
     conv_type = torch.nn.Conv2d if form == IMAGE_FORM else torch.nn.Conv3d
     if not isinstance(conv, conv_type):
         return [f"projection is {type(conv).__name__}, not a {conv_type.__name__}"]
     reasons = []
-    if type(conv).forward is not conv_type.forward or "forward" in conv.__dict__:
+    if type(conv).forward is not conv_type.forward or ("forward" in conv.__dict__ and not patched_self):
         reasons.append(f"projection {type(conv).__name__} has its own forward")
     if conv._forward_hooks or conv._forward_pre_hooks:
         reasons.append("projection has forward hooks")
@@ -417,6 +424,81 @@ class PatchEmbedRule(SpecRule):
         return forward
 
 
+@dataclasses.dataclass(frozen=True)
+class ConvPatchSpec:
+    """A bare patch ``Conv2d`` (stride == kernel) inside a tower whose class token and
+    position embeddings are added by code the op cannot stand in for without copying the
+    tower's ``forward`` (Pixtral adds rotary positions later; Mllama adds gated tile and
+    position embeddings inline in ``MllamaVisionModel.forward``). The conv module's own
+    ``forward`` is replaced: one op call returning the conv's ``(B, D, H/P, W/P)`` layout
+    as a view of the op's ``(B, N, D)`` rows."""
+
+    family: str
+    model_type: str
+    model_class: str = "Conv2d"
+
+
+class ConvPatchRule(SpecRule):
+    """The patch-embed patch of a bare patch ``Conv2d`` (:class:`ConvPatchSpec`)."""
+
+    kernel = "patch_embed"
+    method = "forward"
+    op = f"mmkernels.ops.{PATCH_EMBED_OP}"
+
+    def not_applicable_reasons(self, module: torch.nn.Module) -> list[str]:
+        reasons = super().not_applicable_reasons(module)
+        return reasons or _conv_reasons(module, IMAGE_FORM)
+
+    def notes(self, module: torch.nn.Module, options: PatchOptions) -> list[str]:
+        notes = [backend_note(PATCH_EMBED_CAPABILITIES, module.weight)]
+        if options.pixel_normalization is not None:
+            mean, std, scale = options.pixel_normalization
+            notes.append(f"raw pixels normalized in the kernel: (x * {scale:g} - mean {list(mean)}) / std {list(std)}")
+        notes.append("the conv alone (its tower adds class and position embeddings in its own forward)")
+        return notes
+
+    def coverage_row(self) -> dict[str, str]:
+        row = super().coverage_row()
+        row["op"] = PATCH_EMBED_OP
+        return row
+
+    def make_replacement(self, options: PatchOptions) -> Callable:
+        def forward(conv, *args, **kwargs):
+            original = original_method(conv, "forward")
+            if len(args) + len(kwargs) != 1 or set(kwargs) - {"input"}:
+                return original(*args, **kwargs)
+            pixels = args[0] if args else kwargs["input"]
+            if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4:
+                return original(*args, **kwargs)
+            weight, bias = conv.weight, conv.bias
+            if (_conv_reasons(conv, IMAGE_FORM, patched_self=True) or pixels.device != weight.device
+                    or pixels.shape[1] != weight.shape[1]):  # fmt: skip
+                return original(*args, **kwargs)
+            if bias is not None and bias.dtype != weight.dtype:
+                return original(*args, **kwargs)
+            found = dict(pixels=pixels, weight=weight, bias=bias)
+            norm = _normalization_tensors(options.pixel_normalization, weight.shape[1], weight.device)
+            if norm is not None and _pixel_dtype_ok(pixels):
+                found.update(norm)  # the tower cast raw pixels to the weight dtype: 0..255 survive exactly
+            elif options.pixel_normalization is not None or pixels.dtype != weight.dtype:
+                return original(*args, **kwargs)  # Conv2d raises on a dtype mix: let it
+            from mmkernels.ops import patch_embed
+
+            rows = patch_embed(**found)
+            patch = weight.shape[-1]
+            batch, height, width = pixels.shape[0], pixels.shape[2] // patch, pixels.shape[3] // patch
+            # (B, N, D) rows in row-major patch order == conv(x).flatten(2).transpose(1, 2).
+            return rows.view(batch, height, width, weight.shape[0]).permute(0, 3, 1, 2)
+
+        forward.__name__ = "forward"
+        forward.__qualname__ = f"mmkernels_patch_conv_forward[{self.spec.family}]"
+        forward.__doc__ = (
+            "mmkernels: Conv2d.forward (stride == kernel) computed by mmkernels.ops.patch_embed; "
+            "see mmkernels.integrations.hf_patch_embed."
+        )
+        return forward
+
+
 def _bind_signature(module: torch.nn.Module) -> list[str] | None:
     """The names of the original forward's parameters (None when it takes ``*args`` or
     ``**kwargs``)."""
@@ -502,4 +584,10 @@ PATCH_EMBED_SPECS: tuple[PatchEmbedSpec, ...] = (
         pixels="hidden_states",
         projection="proj",
     ),
+)
+
+# Towers whose patch conv is the only part the op can take over without a copied forward.
+CONV_PATCH_SPECS: tuple[ConvPatchSpec, ...] = (
+    ConvPatchSpec(family="Pixtral vision (patch conv)", model_type="pixtral"),
+    ConvPatchSpec(family="Mllama vision (patch conv)", model_type="mllama_vision_model"),
 )
