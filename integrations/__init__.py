@@ -40,6 +40,7 @@ __all__ = [
     "Skip",
     "normalization_constants",
     "patch",
+    "quantize_projector",
     "raw_pixel_inputs",
     "rules",
     "supported_models",
@@ -127,8 +128,10 @@ def patch(model: torch.nn.Module, *, kernels: Iterable[str] | None = None, quant
         kernels: None for every known kernel, else an iterable of names from
             :data:`KERNELS` (``"merge"``: the multimodal token merge; ``"patch_embed"``:
             the vision embeddings' patch projection, class row and position add).
-        quantize_projector: reserved; only None is accepted until the quantized
-            projector kernel is available.
+        quantize_projector: None, or ``"w8a16"`` / ``"w4a16"`` / ``"fp8"`` (or a dict
+            ``{"scheme": ..., "group_size": ...}``): also quantize the multimodal
+            projector's Linear layers in place with :func:`quantize_projector` (not undone
+            by :func:`unpatch`, which then refuses; see :mod:`.hf_quant`).
         strict: raise ``ValueError`` when nothing in the model could be patched (the
             message lists the model types found, the supported ones and the reasons).
         check_placeholders: the merge checks that each placeholder count equals the
@@ -148,15 +151,22 @@ def patch(model: torch.nn.Module, *, kernels: Iterable[str] | None = None, quant
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     names = _kernel_names(kernels)
     if quantize_projector is not None:
-        raise NotImplementedError(
-            f"quantize_projector={quantize_projector!r}: the quantized projector kernel is not available yet; "
-            "pass quantize_projector=None"
-        )
+        from .hf_quant import _normalize_request
+
+        _normalize_request(quantize_projector, 128)  # a bad request fails before anything changes
     if not isinstance(check_placeholders, bool):
         raise TypeError(f"check_placeholders: expected a bool, got {type(check_placeholders).__name__}")
     normalization = None if pixel_normalization is None else normalization_constants(pixel_normalization)
     options = PatchOptions(check_placeholders=check_placeholders, pixel_normalization=normalization)
+    quantized = None
+    if quantize_projector is not None:  # first: it raises before changing anything on a bad fit
+        from .hf_quant import quantize_projector as _quantize_projector
+
+        quantized = _quantize_projector(model, quantize_projector)
     report = patch_model(model, _RULES, kernels=names, options=options)
+    if quantized is not None:
+        report.replaced += quantized.replaced
+        report.skipped += quantized.skipped
     if strict and not report.replaced and not report.already_patched:
         reasons = "; ".join(
             f"{s.module_path or '<root>'} ({s.class_name}): {s.reason}" for s in report.skipped if s.code != NO_MATCH
@@ -174,6 +184,9 @@ def unpatch(model: torch.nn.Module) -> None:
     ``__dict__`` is as before patching). A no-op on an unpatched model."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    from .hf_quant import check_unpatchable
+
+    check_unpatchable(model)  # a quantized projector cannot be restored: refuse, change nothing
     unpatch_model(model)
 
 
@@ -186,6 +199,14 @@ _COLUMNS = (
     ("features", "features from"),
     ("modalities", "modalities (placeholder config fields)"),
 )
+
+
+def quantize_projector(model: torch.nn.Module, scheme, *, group_size: int = 128) -> PatchReport:
+    """Quantize the multimodal projector's Linear layers in place; see
+    :func:`.hf_quant.quantize_projector`."""
+    from .hf_quant import quantize_projector as _quantize_projector
+
+    return _quantize_projector(model, scheme, group_size=group_size)
 
 
 def supported_models() -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from mmkernels import backend, ops  # noqa: E402
+from mmkernels import backend, ops, quant  # noqa: E402
 from mmkernels.backend import Backend  # noqa: E402
 
 
@@ -30,8 +30,21 @@ def patch(model, *, kernels=None, quantize_projector=None, strict=False, check_p
     )
 
 
+def quantize_projector(model, scheme, *, group_size=128):
+    """Quantize the multimodal projector's Linear layers of a Hugging Face model in place
+    (``"w8a16"``, ``"w4a16"``, ``"fp8"``); returns a report. Saved checkpoints load back
+    with :func:`mmkernels.integrations.hf_quant.from_pretrained`.
+
+    See :func:`mmkernels.integrations.hf_quant.quantize_projector`.
+    """
+    from mmkernels.integrations import quantize_projector as _quantize_projector
+
+    return _quantize_projector(model, scheme, group_size=group_size)
+
+
 def unpatch(model):
-    """Restore exactly what :func:`patch` replaced."""
+    """Restore exactly what :func:`patch` replaced (refuses, changing nothing, on a model
+    whose projector was quantized: the full-precision weights are gone)."""
     from mmkernels.integrations import unpatch as _unpatch
 
     return _unpatch(model)
@@ -44,4 +57,5 @@ def supported_models():
     return _supported()
 
 
-__all__ = ["Backend", "backend", "ops", "patch", "unpatch", "supported_models", "__version__"]
+__all__ = ["Backend", "backend", "ops", "patch", "quant", "quantize_projector", "unpatch", "supported_models",
+           "__version__"]

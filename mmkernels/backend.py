@@ -211,6 +211,8 @@ class AotCase:
     ``num_stages``) exactly as the op's launcher would pass them, and the grid. The op
     builds them with the same heuristic its launcher uses, so the report sees the real
     configuration. ``tensor_cores``: the kernel is a GEMM that must use mma/wgmma.
+    ``min_compute_capability``: as ``major * 10 + minor``; lower targets are not built
+    (fp8 kernels: 89, Triton refuses e4m3 below sm_89 and the op runs the reference there).
     """
 
     name: str
@@ -218,6 +220,7 @@ class AotCase:
     make_launch: Callable[[], tuple[tuple, dict, tuple]]
     tensor_cores: bool = False
     notes: str = ""
+    min_compute_capability: int = 0
 
 
 _AOT: dict[str, AotCase] = {}

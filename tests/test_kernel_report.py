@@ -194,7 +194,7 @@ def test_check_fails_on_exactly_the_bad_cases(toy_run):
     flagged = {line.split(" @ ")[0].strip() for line in proc.stderr.splitlines() if " @ sm_" in line}
     assert flagged == BAD_CASES, proc.stderr
     assert "toy.bad.tc-without-dot @ sm_80: tensor_cores=True but no HMMA" in proc.stderr
-    assert "toy.bad.tc-without-dot @ sm_90: tensor_cores=True but no HGMMA or HMMA" in proc.stderr
+    assert "toy.bad.tc-without-dot @ sm_90: tensor_cores=True but no HGMMA/QGMMA or HMMA" in proc.stderr
     assert "toy.bad.spill @ sm_80: spills / local memory: spill_stores=" in proc.stderr
 
 
@@ -265,6 +265,7 @@ def test_count_sass(kernel_report):
         /*0120*/                   LDGSTS.E.BYPASS.128 [R41], desc[UR14][R20.64], P1 ;
         /*0130*/                   LDGSTS.E.64 [R41], desc[UR14][R20.64] ;
         /*0140*/                   HGMMA.64x64x16.F32.BF16 R24, gdesc[UR4], RZ ;
+        /*0148*/                   QGMMA.64x64x32.F32.E4M3.E4M3 R24, gdesc[UR4], RZ ;
         /*0150*/               @P1 HMMA.16816.F32.BF16 R0, R4, R8, R0 ;
         /*0160*/                   STL [R1], R3 ;
         /*0170*/                   LDL R3, [R1] ;
@@ -274,7 +275,7 @@ def test_count_sass(kernel_report):
 """
     counts = kernel_report.count_sass(kernel_report.sass_opcodes(sass))
     assert counts == {
-        "hmma": 1, "hgmma": 1, "ldl": 1, "stl": 1, "ldg128": 1, "ldg": 2,
+        "hmma": 1, "hgmma": 1, "qgmma": 1, "ldl": 1, "stl": 1, "ldg128": 1, "ldg": 2,
         "stg128": 1, "stg": 1, "ldgsts128": 1, "ldgsts": 2,
     }  # fmt: skip
 
@@ -315,6 +316,8 @@ def test_check_rules(kernel_report):
     assert check([_record(tensor_cores=True, hgmma=4)]) != []
     assert check([_record(tensor_cores=True, cc=90, target="sm_90", hgmma=4)]) == []
     assert check([_record(tensor_cores=True, cc=90, target="sm_90", hmma=8)]) == []
+    # fp8 on Hopper: QGMMA counts as warpgroup MMA.
+    assert check([_record(tensor_cores=True, cc=90, target="sm_90", qgmma=4)]) == []
     assert check([_record(tensor_cores=True, hmma=None, hgmma=None, ptx_mma_sync=4)]) == []
     assert "no mma.sync/wgmma in the PTX" in check([_record(tensor_cores=True, hmma=None, hgmma=None)])[0]
 
@@ -350,3 +353,12 @@ def test_missing_tools_give_na_and_fail_check(kernel_report, monkeypatch):
     monkeypatch.setattr(kernel_report, "_ptxas_log", no_log)
     problems = kernel_report.check([kernel_report.compile_case(case, 90)])
     assert any("spills could not be determined" in p for p in problems), problems
+
+
+def test_cases_below_their_minimum_target_are_not_built(kernel_report, monkeypatch):
+    built = []
+    monkeypatch.setattr(kernel_report, "compile_case", lambda case, cc: built.append((case.name, cc)) or {})
+    cases = [AotCase("toy.any", toy_copy_kernel, _copy_launch(torch.float16)),
+             AotCase("toy.fp8", toy_copy_kernel, _copy_launch(torch.float16), min_compute_capability=89)]  # fmt: skip
+    kernel_report.build_records(cases, (80, 90))
+    assert built == [("toy.any", 80), ("toy.any", 90), ("toy.fp8", 90)]

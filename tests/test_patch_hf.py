@@ -388,9 +388,9 @@ def test_kernels_argument(llava):
         assert len(report.replaced) == 1
 
 
-def test_quantize_projector_is_not_available_yet(llava):
-    with pytest.raises(NotImplementedError, match="projector"):
-        patch(llava.model, quantize_projector="w8a16")
+def test_quantize_projector_bad_scheme_changes_nothing(llava):
+    with pytest.raises(ValueError, match="quantize_projector: expected one of"):
+        patch(llava.model, quantize_projector="w3a16")
     assert all(ORIGINALS_ATTR not in m.__dict__ for m in llava.model.modules())
 
 

@@ -99,6 +99,7 @@ _ALL_MEASURES = (
     "static_shared_bytes",
     "hmma",
     "hgmma",
+    "qgmma",
     "ptx_mma_sync",
     "ptx_wgmma",
     "ldg128",
@@ -410,7 +411,7 @@ def sass_opcodes(sass: str) -> list:
 
 def count_sass(opcodes) -> dict:
     """Tensor-core, local-memory and global-access counts from SASS opcodes."""
-    base_keys = {"HMMA": "hmma", "HGMMA": "hgmma", "LDL": "ldl", "STL": "stl"}
+    base_keys = {"HMMA": "hmma", "HGMMA": "hgmma", "QGMMA": "qgmma", "LDL": "ldl", "STL": "stl"}
     base_keys.update({"LDG": "ldg", "STG": "stg", "LDGSTS": "ldgsts"})
     wide_keys = {"LDG": "ldg128", "STG": "stg128", "LDGSTS": "ldgsts128"}
     counts = dict.fromkeys([*base_keys.values(), *wide_keys.values()], 0)
@@ -518,12 +519,14 @@ def _record_problems(record: dict) -> list:
 
 def _tensor_core_problems(record: dict) -> list:
     cc = record["cc"]
-    hmma, hgmma = record.get("hmma"), record.get("hgmma")
+    hmma = record.get("hmma")
+    # Hopper's warpgroup MMA: HGMMA (bf16/fp16/tf32) or QGMMA (fp8).
+    hgmma = None if record.get("hgmma") is None else record["hgmma"] + (record.get("qgmma") or 0)
     if hmma is None and hgmma is None:  # no SASS: judge by the PTX, and say so
         ok = bool(record.get("ptx_mma_sync")) or (cc >= 90 and bool(record.get("ptx_wgmma")))
         return [] if ok else ["tensor_cores=True but no mma.sync/wgmma in the PTX (SASS unavailable)"]
     if cc >= 90:
-        return [] if (hgmma or hmma) else ["tensor_cores=True but no HGMMA or HMMA in the SASS"]
+        return [] if (hgmma or hmma) else ["tensor_cores=True but no HGMMA/QGMMA or HMMA in the SASS"]
     return [] if hmma else ["tensor_cores=True but no HMMA in the SASS"]
 
 
@@ -550,6 +553,7 @@ _COLUMNS = (
     ("smem B", lambda r: _cell(r.get("shared_bytes"))),
     ("HMMA", lambda r: _cell(r.get("hmma"))),
     ("HGMMA", lambda r: _cell(r.get("hgmma"))),
+    ("QGMMA", lambda r: _cell(r.get("qgmma"))),
     ("mma.sync/wgmma", lambda r: _pair(r, "ptx_mma_sync", "ptx_wgmma")),
     ("LDG.128/LDG", lambda r: _pair(r, "ldg128", "ldg")),
     ("STG.128/STG", lambda r: _pair(r, "stg128", "stg")),
@@ -659,7 +663,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def build_records(cases, targets) -> list:
-    return [compile_case(case, cc) for case in cases for cc in targets]
+    # A case with min_compute_capability (e.g. fp8: 89) is not built for lower targets.
+    return [compile_case(case, cc) for case in cases for cc in targets if cc >= case.min_compute_capability]
 
 
 def main(argv=None, cases=None) -> int:

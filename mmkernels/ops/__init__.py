@@ -3,6 +3,7 @@ capabilities, and a ``torch.library`` registration under ``mmkernels::``."""
 
 from mmkernels.ops.merge import merge_multimodal_embeddings, merge_multimodal_embeddings_reference
 from mmkernels.ops.patch_embed import patch_embed, patch_embed_reference
+from mmkernels.ops.quantized_linear import quantized_linear, quantized_linear_reference
 from mmkernels.ops.varlen_attention import varlen_attention, varlen_attention_reference
 
 __all__ = [
@@ -10,6 +11,8 @@ __all__ = [
     "merge_multimodal_embeddings_reference",
     "patch_embed",
     "patch_embed_reference",
+    "quantized_linear",
+    "quantized_linear_reference",
     "varlen_attention",
     "varlen_attention_reference",
 ]

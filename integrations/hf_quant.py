@@ -1,0 +1,439 @@
+"""Quantized multimodal projectors for Hugging Face models.
+
+``quantize_projector(model, scheme, *, group_size=128)`` replaces the ``nn.Linear`` layers
+of the multimodal projector with :class:`QuantizedLinear` modules that run
+:func:`mmkernels.ops.quantized_linear` (int8 / int4 / fp8 weights, bias and activation
+fused), and records what it did in ``model.config`` so that the checkpoint carries it:
+
+    model = LlavaForConditionalGeneration.from_pretrained(...)
+    mmkernels.quantize_projector(model, "w4a16")       # or mmkernels.patch(model, quantize_projector="w4a16")
+    model.save_pretrained(path)                        # config.json gets "mmkernels_quantization"
+    model = mmkernels.integrations.hf_quant.from_pretrained(LlavaForConditionalGeneration, path)  # one call
+
+Unlike :func:`mmkernels.patch`'s method swaps this changes the module tree and the
+``state_dict`` (``linear_1.weight`` becomes ``linear_1.packed`` / ``.scales`` / ``.zeros``,
+plain tensors; ``bias`` keeps its key) and cannot be undone: the full-precision weights
+are gone. :func:`mmkernels.unpatch` refuses on such a model (:func:`check_unpatchable`).
+
+Where the projectors are (one spec per family, keyed by the ``config.model_type`` of the
+sub-model that holds the projector attribute):
+
+* LLaVA, LLaVA-NeXT, LLaVA-OneVision: ``multi_modal_projector.linear_1`` (its activation
+  ``act`` fused into it) and ``linear_2``;
+* Qwen2-VL, Qwen2.5-VL: the vision tower's ``merger.mlp.0`` (GELU ``mlp.1`` fused) and
+  ``merger.mlp.2`` (the LayerNorm / RMSNorm before stays as is);
+* PaliGemma: ``multi_modal_projector.linear``; Idefics3 / SmolVLM:
+  ``connector.modality_projection.proj``; Mllama: ``multi_modal_projector`` (a Linear);
+* Gemma 3: not covered (its projector is a bare ``(K, N)`` parameter used with
+  ``torch.matmul``, not a Linear); reported as skipped with that reason.
+
+An activation is fused only when it computes exactly one of the op's activations (checked
+numerically in float64 on the live module); otherwise it stays a separate module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+from pathlib import Path
+from typing import Mapping
+
+import torch
+
+from mmkernels.ops.quantized_linear import CAPABILITIES, _apply_activation, quantized_linear
+from mmkernels.quant import GROUP_SIZES, SCHEMES, QuantizedWeight, quantize
+
+from .engine import PatchReport, Replacement, Skip, backend_note
+
+__all__ = [
+    "CONFIG_ATTR",
+    "PROJECTOR_SPECS",
+    "ProjectorSpec",
+    "QuantizedLinear",
+    "check_unpatchable",
+    "from_pretrained",
+    "is_quantized",
+    "quantize_projector",
+    "quantization_config",
+]
+
+# The key under which the checkpoint's config.json carries the quantization.
+CONFIG_ATTR = "mmkernels_quantization"
+_FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ProjectorSpec:
+    """Where one family keeps its projector.
+
+    ``model_type``: the ``config.model_type`` of the sub-model holding ``attribute``.
+    ``linears``: ``(linear path, activation path or None)`` inside the projector; the path
+    ``""`` is the projector itself (Mllama). ``unsupported``: why the family's projector
+    cannot be quantized (then ``linears`` is empty).
+    """
+
+    family: str
+    model_type: str
+    attribute: str
+    linears: tuple[tuple[str, str | None], ...]
+    unsupported: str = ""
+
+
+_LLAVA = (("linear_1", "act"), ("linear_2", None))
+_MERGER = (("mlp.0", "mlp.1"), ("mlp.2", None))
+PROJECTOR_SPECS: tuple[ProjectorSpec, ...] = (
+    ProjectorSpec("LLaVA", "llava", "multi_modal_projector", _LLAVA),
+    ProjectorSpec("LLaVA-NeXT", "llava_next", "multi_modal_projector", _LLAVA),
+    ProjectorSpec("LLaVA-OneVision", "llava_onevision", "multi_modal_projector", _LLAVA),
+    ProjectorSpec("Qwen2-VL", "qwen2_vl_vision", "merger", _MERGER),
+    ProjectorSpec("Qwen2.5-VL", "qwen2_5_vl_vision", "merger", _MERGER),
+    ProjectorSpec("PaliGemma", "paligemma", "multi_modal_projector", (("linear", None),)),
+    ProjectorSpec("Idefics3", "idefics3", "connector", (("modality_projection.proj", None),)),
+    ProjectorSpec("SmolVLM", "smolvlm", "connector", (("modality_projection.proj", None),)),
+    ProjectorSpec("Mllama", "mllama", "multi_modal_projector", (("", None),)),
+    ProjectorSpec(
+        "Gemma 3", "gemma3", "multi_modal_projector", (),
+        unsupported="its projector is the parameter mm_input_projection_weight (K, N) used with torch.matmul, "
+        "not an nn.Linear; not quantized",
+    ),  # fmt: skip
+)
+
+
+# --------------------------------------------------------------------------------------
+# The module
+
+
+class QuantizedLinear(torch.nn.Module):
+    """An ``nn.Linear`` (optionally followed by its activation) with a quantized weight.
+
+    Buffers (``state_dict`` entries, plain tensors): ``packed``, ``scales`` and, for
+    w4a16, ``zeros`` (see :class:`mmkernels.quant.QuantizedWeight`); ``bias`` stays a
+    Parameter under its old key. ``forward(x)`` is ``quantized_linear(x, W, bias,
+    activation=activation)``. ``.to(dtype)`` / ``.half()`` leave the quantized buffers in
+    their own dtypes (they would otherwise be cast and corrupted); devices move as usual.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, scheme: str, group_size: int | None,
+                 bias: bool, activation: str | None, dtype: torch.dtype, device=None):  # fmt: skip
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.scheme, self.group_size, self.activation, self.weight_dtype = scheme, group_size, activation, dtype
+        n, k = out_features, in_features
+        packed_shape, packed_dtype = {
+            "w8a16": ((n, k), torch.int8),
+            "w4a16": ((n, k // 2), torch.uint8),
+            "fp8": ((n, k), torch.float8_e4m3fn),
+        }[scheme]
+        groups = (n, k // group_size) if scheme == "w4a16" else (n,)
+        self.register_buffer("packed", torch.zeros(packed_shape, dtype=packed_dtype, device=device))
+        self.register_buffer("scales", torch.ones(groups, dtype=torch.float32, device=device))
+        if scheme == "w4a16":
+            self.register_buffer("zeros", torch.zeros(groups, dtype=torch.float32, device=device))
+        else:
+            self.zeros = None
+        self.bias = torch.nn.Parameter(torch.zeros(n, dtype=dtype, device=device)) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, scheme: str, *, group_size: int | None,
+                    activation: str | None = None) -> "QuantizedLinear":  # fmt: skip
+        qw = quantize(linear.weight.detach(), scheme, group_size=group_size or 128)
+        module = cls(linear.in_features, linear.out_features, scheme=scheme, group_size=qw.group_size,
+                     bias=linear.bias is not None, activation=activation, dtype=linear.weight.dtype,
+                     device=linear.weight.device)  # fmt: skip
+        module.load_quantized(qw)
+        if linear.bias is not None:
+            with torch.no_grad():
+                module.bias.copy_(linear.bias)
+            module.bias.requires_grad_(linear.bias.requires_grad)
+        return module
+
+    def load_quantized(self, qw: QuantizedWeight) -> None:
+        with torch.no_grad():
+            for name, t in qw.tensors().items():
+                getattr(self, name).copy_(t)
+
+    def qweight(self) -> QuantizedWeight:
+        return QuantizedWeight(self.scheme, self.packed, self.scales, self.zeros, self.group_size,
+                               self.in_features, self.out_features, self.weight_dtype)  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return quantized_linear(x, self.qweight(), self.bias, activation=self.activation)
+
+    def _apply(self, fn, recurse=True):
+        kept = {name: buf for name, buf in self._buffers.items() if buf is not None}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new.dtype != old.dtype:  # a dtype cast: keep the format, follow the device
+                self._buffers[name] = old.to(new.device)
+        return self
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.group_size else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme!r}{group}, "
+                f"bias={self.bias is not None}, activation={self.activation!r}")  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# Quantizing a model
+
+
+_CANDIDATE_ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu", "silu")
+
+
+def _fusable_activation(module: torch.nn.Module) -> str | None:
+    """The op activation ``module`` computes (compared in float64 on [-8, 8]), or None."""
+    x = torch.linspace(-8, 8, 257, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            y = module(x)
+    except Exception:
+        return None
+    if not isinstance(y, torch.Tensor) or y.shape != x.shape or y.dtype != torch.float64:
+        return None
+    for name in _CANDIDATE_ACTIVATIONS:
+        if torch.allclose(y, _apply_activation(x, name), rtol=1e-12, atol=1e-12):
+            return name
+    return None
+
+
+def _model_type(module) -> str | None:
+    config = getattr(module, "config", None)
+    return getattr(config, "model_type", None)
+
+
+def _projectors(model: torch.nn.Module):
+    """(path, holder, spec) for every sub-model that a spec covers."""
+    by_type = {spec.model_type: spec for spec in PROJECTOR_SPECS}
+    seen: set[int] = set()
+    for path, module in model.named_modules():
+        spec = by_type.get(_model_type(module))
+        if spec is None or spec.attribute not in module._modules or id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield path, module, spec
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def _normalize_request(scheme, group_size) -> tuple[str, int | None]:
+    if isinstance(scheme, Mapping):
+        unknown = set(scheme) - {"scheme", "group_size"}
+        if unknown or "scheme" not in scheme:
+            raise ValueError(f"quantize_projector: expected a scheme name or a dict with keys scheme (and group_size), "
+                             f"got keys {sorted(scheme)}")  # fmt: skip
+        group_size = scheme.get("group_size", group_size)
+        scheme = scheme["scheme"]
+    if scheme not in SCHEMES:
+        raise ValueError(f"quantize_projector: expected one of {list(SCHEMES)}, got {scheme!r}")
+    if scheme != "w4a16":
+        return scheme, None
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size: expected one of {GROUP_SIZES} for w4a16, got {group_size!r}")
+    return scheme, group_size
+
+
+def quantize_projector(model: torch.nn.Module, scheme, *, group_size: int = 128) -> PatchReport:
+    """Quantize the multimodal projector of ``model`` in place (see the module docstring).
+
+    Args:
+        model: a Hugging Face model (any level: ``*ForConditionalGeneration``, ``*Model``).
+        scheme: ``"w8a16"``, ``"w4a16"`` or ``"fp8"`` (or a dict ``{"scheme": ...,
+            "group_size": ...}``).
+        group_size: w4a16 only: 32, 64 or 128; every projector Linear's in_features must be
+            a multiple of it (``ValueError`` naming the layer otherwise).
+
+    Returns:
+        A :class:`~mmkernels.integrations.engine.PatchReport`: one replacement per Linear
+        (``method`` is ``"module"``; its notes say which activation was fused and which
+        backend will run), skips with reasons (Gemma 3's projector, an already quantized
+        model). Raises ``ValueError`` when the model has no projector a spec covers, and
+        when it was already quantized with another scheme.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    scheme, group_size = _normalize_request(scheme, group_size)
+    replaced, skipped, plans = [], [], []
+    found = []
+    for path, holder, spec in _projectors(model):
+        found.append(spec.model_type)
+        projector = holder._modules[spec.attribute]
+        proj_path = _join(path, spec.attribute)
+        if spec.unsupported:
+            skipped.append(Skip(proj_path, type(projector).__name__, f"{spec.family}: {spec.unsupported}"))
+            continue
+        for linear_path, act_path in spec.linears:
+            target = projector.get_submodule(linear_path) if linear_path else projector
+            full = _join(proj_path, linear_path)
+            if isinstance(target, QuantizedLinear):
+                if target.scheme != scheme or target.group_size != group_size:
+                    raise ValueError(
+                        f"model: {full} is already quantized ({target.scheme}, group_size={target.group_size}); "
+                        f"it cannot be re-quantized to {scheme} (reload the unquantized checkpoint)"
+                    )
+                skipped.append(Skip(full, "QuantizedLinear", f"already quantized ({scheme})", "already_patched"))
+                continue
+            if type(target) is not torch.nn.Linear:
+                skipped.append(Skip(full, type(target).__name__, f"{spec.family}: expected an nn.Linear"))
+                continue
+            if scheme == "w4a16" and target.in_features % group_size:
+                raise ValueError(
+                    f"group_size: {full} has in_features={target.in_features}, not a multiple of "
+                    f"group_size={group_size}; pass group_size=32 or 64"
+                )
+            activation = None
+            if act_path is not None:
+                act_module = projector.get_submodule(act_path)
+                activation = _fusable_activation(act_module)
+            if linear_path:
+                parent_path, _, name = linear_path.rpartition(".")
+                parent = projector.get_submodule(parent_path) if parent_path else projector
+            else:
+                parent, name = holder, spec.attribute
+            plans.append((projector, parent, name, act_path if activation else None, full, target, activation, spec))
+    if not plans and not any(s.code == "already_patched" for s in skipped):
+        covered = ", ".join(sorted({s.model_type for s in PROJECTOR_SPECS if not s.unsupported}))
+        why = "; ".join(s.reason for s in skipped)
+        raise ValueError(
+            f"model: no projector to quantize in {type(model).__name__} (projector model_types found: "
+            f"{found or 'none'}; covered: {covered})" + (f". {why}" if why else "")
+        )
+    records = {}
+    for projector, parent, name, act_path, full, linear, activation, spec in plans:
+        parent._modules[name] = QuantizedLinear.from_linear(linear, scheme, group_size=group_size, activation=activation)
+        if act_path is not None:
+            act_parent_path, _, act_name = act_path.rpartition(".")
+            act_parent = projector.get_submodule(act_parent_path) if act_parent_path else projector
+            act_parent._modules[act_name] = torch.nn.Identity()
+        records[full] = {"activation": activation, "fused": act_path}
+        notes = [f"{scheme}" + (f", group_size={group_size}" if group_size else "")
+                 + (f"; activation {activation!r} fused (the {act_path} module is now Identity)" if act_path else ""),
+                 backend_note(CAPABILITIES[scheme], linear.weight)]  # fmt: skip
+        replaced.append(Replacement(full, "Linear", "module", "mmkernels::quantized_linear", spec.family, tuple(notes)))
+    if records:
+        _record_config(model, scheme, group_size, records)
+    return PatchReport(type(model).__name__, replaced, skipped, sorted(set(found)),
+                       sorted({s.model_type for s in PROJECTOR_SPECS}))  # fmt: skip
+
+
+def _record_config(model, scheme, group_size, records) -> None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return
+    previous = getattr(config, CONFIG_ATTR, None) or {}
+    modules = dict(previous.get("modules", {}))
+    modules.update(records)
+    setattr(config, CONFIG_ATTR, {"version": _FORMAT_VERSION, "scheme": scheme, "group_size": group_size,
+                                  "modules": modules})  # fmt: skip
+
+
+def quantization_config(model_or_config) -> dict | None:
+    """The ``mmkernels_quantization`` entry of a model's (or a config's) config, or None."""
+    config = getattr(model_or_config, "config", model_or_config)
+    return getattr(config, CONFIG_ATTR, None)
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, QuantizedLinear) for m in model.modules())
+
+
+def check_unpatchable(model: torch.nn.Module) -> None:
+    """Raise ``RuntimeError`` if ``model`` has quantized projector layers: unpatch cannot
+    give back the full-precision weights."""
+    paths = [name for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
+    if paths:
+        schemes = sorted({model.get_submodule(p).scheme for p in paths})
+        raise RuntimeError(
+            f"unpatch: the projector of this model was quantized ({', '.join(schemes)}: {', '.join(paths)}) and the "
+            "full-precision weights are gone, so it cannot be restored. Reload the unquantized checkpoint instead "
+            "(nothing was changed)."
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Loading
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the quantized keys are "unexpected", the weights "missing": on purpose
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _checkpoint_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return sorted({path / f for f in json.loads(index.read_text())["weight_map"].values()})
+    single = path / "model.safetensors"
+    if not single.exists():
+        raise ValueError(f"path: no model.safetensors (or its index) in {path}")
+    return [single]
+
+
+def _checkpoint_tensors(path: Path, keys) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The checkpoint tensors for the model's ``keys``. transformers may write keys in a
+    checkpoint layout other than the module tree (LLaVA drops the ``model.`` prefix), so a
+    key matches the one checkpoint key equal to it or differing by leading dotted
+    components; anything ambiguous or absent is returned as missing."""
+    from safetensors import safe_open
+
+    located: dict[str, Path] = {}
+    for file in _checkpoint_files(path):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                located[key] = file
+    out, missing = {}, []
+    for key in keys:
+        found = [c for c in located if c == key or key.endswith("." + c) or c.endswith("." + key)]
+        if len(found) != 1:
+            missing.append(key if not found else f"{key} (ambiguous: {found})")
+            continue
+        with safe_open(str(located[found[0]]), framework="pt") as f:
+            out[key] = f.get_tensor(found[0])
+    return out, missing
+
+
+def from_pretrained(model_class, path, *, patch: bool = True, **kwargs):
+    """Load a checkpoint written by ``save_pretrained`` after :func:`quantize_projector`:
+    the one call that gives back the quantized model.
+
+    ``model_class.from_pretrained(path, **kwargs)`` loads everything but the projector;
+    the config's ``mmkernels_quantization`` entry says which Linears were quantized and
+    how; they are rebuilt as :class:`QuantizedLinear` and filled from the checkpoint's
+    ``packed`` / ``scales`` / ``zeros`` / ``bias`` tensors (every one must be there). With
+    ``patch=True`` (default) the model is also patched with mmkernels' other kernels
+    (:func:`mmkernels.patch`), as the model that was saved usually was.
+    """
+    path = Path(path)
+    with _quiet_transformers():
+        model = model_class.from_pretrained(path, **kwargs)
+    qcfg = quantization_config(model)
+    if not qcfg:
+        raise ValueError(
+            f"path: {path} has no {CONFIG_ATTR!r} in its config: it was not saved after mmkernels.quantize_projector "
+            f"(load it with {getattr(model_class, '__name__', model_class)}.from_pretrained)"
+        )
+    quantize_projector(model, qcfg["scheme"], group_size=qcfg["group_size"] or 128)
+    own = model.state_dict()
+    wanted = [k for k in own if any(k == f"{m}.{t}" for m in qcfg["modules"] for t in ("packed", "scales", "zeros", "bias"))]
+    tensors, missing = _checkpoint_tensors(path, wanted)
+    if missing:
+        raise ValueError(f"path: the checkpoint in {path} lacks the quantized tensors {missing}")
+    with torch.no_grad():
+        for key, value in tensors.items():
+            own[key].copy_(value)
+    if patch:
+        from . import patch as _patch
+
+        _patch(model)
+    return model
+

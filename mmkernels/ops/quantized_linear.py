@@ -1,0 +1,496 @@
+"""Quantized projector matmul: ``act(x @ W^T + bias)`` with W in int8, int4 or fp8.
+
+Replaces the multimodal projector's bf16 ``nn.Linear`` (-> activation) with one launch that
+reads the weight in its quantized format (:mod:`mmkernels.quant`), dequantizes it in
+registers, runs the GEMM on tensor cores with fp32 accumulation and applies the scales,
+the bias and the activation in the epilogue.
+
+Public: :func:`quantized_linear` (registered as ``mmkernels::quantized_linear``), its
+reference :func:`quantized_linear_reference` (same signature; it defines the op),
+:data:`CAPABILITIES` (per scheme), :data:`ACTIVATIONS`, :func:`linear_config`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from mmkernels.backend import (
+    AotCase,
+    Backend,
+    Capabilities,
+    choose_backend,
+    empty_output,
+    interpreter_enabled,
+    register_aot,
+)
+from mmkernels.ops import _quantized_linear_kernels as kernels
+from mmkernels.quant import FP8_MAX, SCHEMES, QuantizedWeight, quantize_activations_fp8
+
+__all__ = [
+    "ACTIVATIONS",
+    "CAPABILITIES",
+    "LinearConfig",
+    "linear_config",
+    "quantized_linear",
+    "quantized_linear_reference",
+]
+
+OP_NAME = "quantized_linear"
+ACTIVATIONS: dict[str | None, int] = {
+    None: kernels.ACT_NONE,
+    "gelu": kernels.ACT_GELU,
+    "gelu_tanh": kernels.ACT_GELU_TANH,
+    "quick_gelu": kernels.ACT_QUICK_GELU,
+    "silu": kernels.ACT_SILU,
+}
+_SCHEME_IDS = {"w8a16": kernels.SCHEME_W8A16, "w4a16": kernels.SCHEME_W4A16, "fp8": kernels.SCHEME_FP8}
+_X_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
+# Activation dtypes the kernels compute with (float64 runs the reference); fp8 needs the
+# e4m3 tensor-core dot of sm_89+ (Ada, Hopper). Triton 3.9's interpreter loads and
+# upcasts float8_e4m3fn exactly, so the fp8 GEMM kernel runs there; its fp32 -> e4m3 cast
+# is not round-to-nearest-even (see _triton_impl), so the interpreter path quantizes the
+# activations with PyTorch.
+CAPABILITIES: dict[str, Capabilities] = {
+    "w8a16": Capabilities(dtypes=_X_DTYPES, min_compute_capability=(8, 0)),
+    "w4a16": Capabilities(dtypes=_X_DTYPES, min_compute_capability=(8, 0)),
+    "fp8": Capabilities(dtypes=_X_DTYPES, min_compute_capability=(8, 9)),
+}
+# Programs the small-M heuristic aims for: about two waves of an H100 / H200 (132 SMs).
+_TARGET_PROGRAMS = 264
+
+
+# --------------------------------------------------------------------------------------
+# Validation
+
+
+@dataclass
+class _LinearArgs:
+    x2d: torch.Tensor  # (M, K), unit stride along K
+    qweight: QuantizedWeight
+    bias: torch.Tensor | None
+    activation: str | None
+    lead: tuple[int, ...]
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        return (*self.lead, self.qweight.out_features)
+
+
+def _check_activation(activation) -> None:
+    if activation not in ACTIVATIONS:
+        known = [a for a in ACTIVATIONS if a is not None]
+        raise ValueError(f"activation: expected None or one of {known}, got {activation!r}")
+
+
+def _validate(x, qweight, bias, activation) -> _LinearArgs:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if not isinstance(qweight, QuantizedWeight):
+        raise TypeError(
+            f"qweight: expected a mmkernels.quant.QuantizedWeight (from mmkernels.quant.quantize), "
+            f"got {type(qweight).__name__}"
+        )
+    _check_activation(activation)
+    if not x.is_floating_point() or x.dtype not in (*_X_DTYPES, torch.float64):
+        raise TypeError(f"x: expected float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.dim() < 1:
+        raise ValueError("x: expected (..., in_features), got a scalar")
+    k = qweight.in_features
+    if x.shape[-1] != k:
+        raise ValueError(f"x: expected last dim in_features={k} (that of qweight), got shape {tuple(x.shape)}")
+    if qweight.device != x.device:
+        raise ValueError(f"qweight: expected device {x.device} (that of x), got {qweight.device}")
+    for name in ("scales", "zeros"):
+        t = getattr(qweight, name)
+        if t is not None and t.device != x.device:
+            raise ValueError(f"qweight.{name}: expected device {x.device} (that of x), got {t.device}")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor):
+            raise TypeError(f"bias: expected a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != (qweight.out_features,):
+            raise ValueError(f"bias: expected shape ({qweight.out_features},) (out_features), got {tuple(bias.shape)}")
+        if not bias.is_floating_point():
+            raise TypeError(f"bias: expected a floating dtype, got {bias.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"bias: expected device {x.device} (that of x), got {bias.device}")
+    lead = tuple(x.shape[:-1])
+    x2d = x.reshape(-1, k)
+    if x2d.shape[0] and k and x2d.stride(1) != 1:
+        x2d = x2d.contiguous()
+    return _LinearArgs(x2d, qweight, bias, activation, lead)
+
+
+# --------------------------------------------------------------------------------------
+# Reference
+
+
+def _apply_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    if activation is None:
+        return y
+    if activation == "gelu":
+        return F.gelu(y)
+    if activation == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    if activation == "quick_gelu":
+        return y * torch.sigmoid(1.702 * y)
+    return F.silu(y)
+
+
+def quantized_linear_reference(x, qweight, bias=None, *, activation=None) -> torch.Tensor:
+    """PyTorch reference of :func:`quantized_linear` (it defines the op), in float64.
+
+    ``act(x' @ W'^T + bias)`` where ``W' = qweight.kernel_weight(x.dtype)`` (the dequantized
+    weight exactly as the kernel multiplies by it) and ``x' = x``, except for fp8, where
+    ``x'`` is ``x`` quantized per token (:func:`mmkernels.quant.quantize_activations_fp8`)
+    and dequantized. Computed in float64, rounded once to ``x.dtype``.
+    """
+    args = _validate(x, qweight, bias, activation)
+    return _reference_impl(args)
+
+
+def _reference_impl(args: _LinearArgs) -> torch.Tensor:
+    f64 = torch.float64
+    qw, x2d = args.qweight, args.x2d
+    if qw.scheme == "fp8":
+        xq, sx = quantize_activations_fp8(x2d)
+        xr = xq.to(f64) * sx.to(f64)[:, None]
+    else:
+        xr = x2d.to(f64)
+    w = qw.kernel_weight(x2d.dtype).to(x2d.device)
+    y = xr @ w.t()
+    if args.bias is not None:
+        y = y + args.bias.to(f64)
+    y = _apply_activation(y, args.activation)
+    return y.to(x2d.dtype).reshape(args.out_shape)
+
+
+# --------------------------------------------------------------------------------------
+# Launcher
+
+
+@dataclass(frozen=True)
+class LinearConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    k_per_split: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+
+def linear_config(m: int, n: int, k: int, scheme: str, group_size: int | None, element_size: int) -> LinearConfig:
+    """Deterministic tiles per M range (the same shapes always get the same config).
+
+    * ``M <= 16`` (decode-like, a few image tokens): 16-row tiles, 64 columns, and split-K
+      until about two waves of programs (memory-bound: the weight read must use every SM).
+    * ``M <= 64``: 32 x 64 tiles, split-K likewise.
+    * ``M <= 256``: 64 x 128 tiles, 8 warps.
+    * larger M (576 tokens per image and up): 128 x 128 tiles, 8 warps, 3 stages.
+
+    ``BLOCK_K`` is 64 (128 for fp8's one-byte operands; 32 for fp32 activations), and at
+    most the w4a16 group size so that each K tile has one scale and zero per column.
+    """
+    # Integer weights are converted (and w4a16 unpacked) in registers: 8 warps share that
+    # work; at 4 warps the 64 x 128 (K x N) tiles spill (kernel report, sm_80 and sm_90).
+    small_warps = 4 if scheme == "fp8" else 8
+    if m <= 16:
+        bm, bn, bk, warps, stages = 16, 64, 128, small_warps, 4
+    elif m <= 64:
+        bm, bn, bk, warps, stages = 32, 64, 128, small_warps, 4
+    elif m <= 256:
+        bm, bn, bk, warps, stages = 64, 128, 64, 8, 3
+    else:
+        bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
+    if scheme == "fp8" and m > 64:
+        bk = 128
+    if element_size >= 4:
+        bk = min(bk, 32)
+    if scheme == "w4a16":
+        bk = min(bk, group_size)
+    k_steps = max(triton.cdiv(k, bk), 1)
+    split = 1
+    if m <= 64:
+        tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+        # Keep at least 4 K steps per split, at most 16 splits.
+        while tiles * split < _TARGET_PROGRAMS and k_steps // (split * 2) >= 4 and split < 16:
+            split *= 2
+    k_per_split = triton.cdiv(k_steps, split) * bk
+    split = max(triton.cdiv(k, k_per_split), 1)  # no empty splits
+    return LinearConfig(bm, bn, bk, split, k_per_split, group_m=8, num_warps=warps, num_stages=stages)
+
+
+def _launch(args: _LinearArgs, out: torch.Tensor, x_gemm: torch.Tensor, x_scales: torch.Tensor | None,
+            partial: torch.Tensor | None, cfg: LinearConfig):  # fmt: skip
+    """(args, meta, grid) of the GEMM launch; also used by the AOT report."""
+    qw = args.qweight
+    m, k = args.x2d.shape
+    n = qw.out_features
+    dummy = qw.scales  # never read: the matching flag is off
+    target = partial if cfg.split_k > 1 else out
+    launch_args = (
+        x_gemm, qw.packed, qw.scales,
+        qw.zeros if qw.zeros is not None else dummy,
+        x_scales if x_scales is not None else dummy,
+        args.bias if args.bias is not None else dummy,
+        target, m, n, k, cfg.k_per_split,
+        x_gemm.stride(0), qw.packed.stride(0), n, m * n,
+    )  # fmt: skip
+    fp32 = args.x2d.dtype == torch.float32
+    meta = dict(
+        SCHEME=_SCHEME_IDS[qw.scheme],
+        GROUP_SIZE=qw.group_size or 1,
+        HAS_BIAS=args.bias is not None,
+        ACTIVATION=ACTIVATIONS[args.activation],
+        SPLIT_K=cfg.split_k,
+        UPCAST_DOT=interpreter_enabled() and not (fp32 and qw.scheme != "fp8"),
+        DOT_PRECISION="tf32" if fp32 and qw.scheme != "fp8" and torch.backends.cuda.matmul.allow_tf32 and out.is_cuda else "ieee",
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
+    return launch_args, meta, grid
+
+
+def _splitk_launch(args: _LinearArgs, out, x_scales, partial, split_k: int):
+    qw = args.qweight
+    m, n = args.x2d.shape[0], qw.out_features
+    block_m, block_n = 16, 128
+    launch_args = (
+        partial, qw.scales,
+        x_scales if x_scales is not None else qw.scales,
+        args.bias if args.bias is not None else qw.scales,
+        out, m, n, m * n, n, n,
+    )  # fmt: skip
+    meta = dict(
+        SCHEME=_SCHEME_IDS[qw.scheme],
+        HAS_BIAS=args.bias is not None,
+        ACTIVATION=ACTIVATIONS[args.activation],
+        SPLIT_K=split_k,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        num_warps=4,
+    )
+    return launch_args, meta, (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+
+
+def _quantize_rows_launch(x2d, xq, xs):
+    k = x2d.shape[1]
+    meta = dict(FP8_MAX=FP8_MAX, BLOCK_K=min(2048, triton.next_power_of_2(max(k, 16))), num_warps=4)
+    return (x2d, xq, xs, k, x2d.stride(0)), meta, (x2d.shape[0],)
+
+
+def _triton_impl(args: _LinearArgs) -> torch.Tensor:
+    qw = args.qweight
+    if not all(t.is_contiguous() for t in qw.tensors().values()):  # the kernel assumes row-major tensors
+        qw = dataclasses.replace(qw, **{name: t.contiguous() for name, t in qw.tensors().items()})
+        args = dataclasses.replace(args, qweight=qw)
+    x2d = args.x2d
+    m, k = x2d.shape
+    n = qw.out_features
+    device = x2d.device
+    out = empty_output((m, n), x2d.dtype, device)
+    if m == 0:
+        return out.reshape(args.out_shape)
+    cfg = linear_config(m, n, k, qw.scheme, qw.group_size, x2d.element_size())
+    x_gemm, x_scales = x2d, None
+    if qw.scheme == "fp8" and device.type == "cpu":
+        # Triton 3.9's interpreter rounds fp32 -> e4m3 wrongly (a carry into the exponent
+        # gives half the power of two: 126.5 -> 64, not 128; ties are not rounded to even),
+        # so under the interpreter the per-token quantization is PyTorch's (the
+        # definition); the GEMM kernel still runs there. quantize_rows_fp8_kernel is
+        # compiled by the kernel report; tests pin its interpreter run to those two flaws.
+        x_gemm, x_scales = quantize_activations_fp8(x2d)
+    elif qw.scheme == "fp8":
+        x_gemm = empty_output((m, k), torch.float8_e4m3fn, device)
+        x_scales = empty_output((m,), torch.float32, device)
+        a, meta, grid = _quantize_rows_launch(x2d, x_gemm, x_scales)
+        kernels.quantize_rows_fp8_kernel[grid](*a, **meta)
+    partial = empty_output((cfg.split_k, m, n), torch.float32, device) if cfg.split_k > 1 else None
+    a, meta, grid = _launch(args, out, x_gemm, x_scales, partial, cfg)
+    kernels.quantized_linear_kernel[grid](*a, **meta)
+    if partial is not None:
+        a, meta, grid = _splitk_launch(args, out, x_scales, partial, cfg.split_k)
+        kernels.splitk_epilogue_kernel[grid](*a, **meta)
+    return out.reshape(args.out_shape)
+
+
+# --------------------------------------------------------------------------------------
+# The op
+
+
+def _rebuild(x, packed, scales, zeros, scheme, group_size) -> QuantizedWeight:
+    return QuantizedWeight(
+        scheme=scheme,
+        packed=packed,
+        scales=scales,
+        zeros=zeros,
+        group_size=group_size or None,
+        in_features=x.shape[-1],
+        out_features=packed.shape[0],
+        dtype=x.dtype,
+    )
+
+
+@torch.library.custom_op("mmkernels::quantized_linear", mutates_args=())
+def _quantized_linear_op(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    scheme: str,
+    group_size: int,
+    activation: str,
+) -> torch.Tensor:
+    qw = _rebuild(x, packed, scales, zeros, scheme, group_size)
+    args = _validate(x, qw, bias, None if activation == "none" else activation)
+    dtypes = {x.dtype} | ({bias.dtype} if bias is not None and bias.dtype != torch.float64 else set())
+    decision = choose_backend(f"{OP_NAME}[{scheme}]", kernels.quantized_linear_kernel, CAPABILITIES[scheme], x.device, dtypes)
+    if decision.backend is Backend.REFERENCE:
+        return _reference_impl(args)
+    return _triton_impl(args)
+
+
+@_quantized_linear_op.register_fake
+def _quantized_linear_fake(x, packed, scales, zeros, bias, scheme, group_size, activation):
+    return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, packed, scales, zeros, bias, scheme, group_size, activation = inputs
+    ctx.save_for_backward(x, packed, scales, zeros, bias)
+    ctx.meta = (scheme, group_size, activation)
+
+
+def _backward(ctx, grad_out):
+    """Gradients for ``x`` and ``bias`` from the op's math in PyTorch (the weight is frozen;
+    fp8's activation quantization passes gradients straight through)."""
+    x, packed, scales, zeros, bias = ctx.saved_tensors
+    scheme, group_size, activation = ctx.meta
+    qw = _rebuild(x, packed, scales, zeros, scheme, group_size)
+    needs_x, needs_b = ctx.needs_input_grad[0], bias is not None and ctx.needs_input_grad[4]
+    with torch.enable_grad():
+        xl = x.detach().requires_grad_(needs_x)
+        bl = bias.detach().requires_grad_(needs_b) if bias is not None else None
+        w = qw.kernel_weight(x.dtype).to(device=x.device, dtype=x.dtype)
+        y = _apply_activation(F.linear(xl, w, None if bl is None else bl.to(x.dtype)), None if activation == "none" else activation)
+        leaves = [t for t, need in ((xl, needs_x), (bl, needs_b)) if need]
+        grads = list(torch.autograd.grad(y, leaves, grad_out.to(y.dtype))) if leaves else []
+    gx = grads.pop(0) if needs_x else None
+    gb = grads.pop(0).to(bias.dtype) if needs_b else None
+    return gx, None, None, None, gb, None, None, None
+
+
+_quantized_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def quantized_linear(x, qweight, bias=None, *, activation=None) -> torch.Tensor:
+    """``activation(x @ W^T + bias)`` with ``W`` quantized (int8, int4 or fp8), one GEMM.
+
+    Args:
+        x: ``(..., in_features)`` = ``(..., K)`` float16 / bfloat16 / float32 (float64 runs
+            the reference), any number of leading dims (flattened to ``M`` rows; any
+            strides, a copy is made only if the last dim is not contiguous). ``M`` may be 0.
+        qweight: a :class:`mmkernels.quant.QuantizedWeight` from
+            :func:`mmkernels.quant.quantize` of an ``(N, K)`` ``nn.Linear`` weight, on
+            ``x``'s device. Its scheme picks the kernel:
+            ``"w8a16"`` int8 codes, per-output-channel scale;
+            ``"w4a16"`` int4 codes packed two per byte, scale and zero per group of 32 / 64 /
+            128 K elements, dequantized in registers;
+            ``"fp8"`` e4m3 codes with per-channel scale; ``x`` is quantized to e4m3 per
+            token (row) on the fly (sm_89+ on CUDA; elsewhere the reference, with the
+            reason logged in :func:`mmkernels.backend.recent_decisions`).
+        bias: ``(N,)`` float or None, added in fp32 before the activation.
+        activation: None, ``"gelu"`` (erf), ``"gelu_tanh"``, ``"quick_gelu"``
+            (``x * sigmoid(1.702 x)``) or ``"silu"``, applied in fp32 in the epilogue.
+
+    Returns:
+        ``(..., out_features)`` = ``(..., N)`` in ``x.dtype``.
+
+    What it computes is :func:`quantized_linear_reference`: the product with
+    ``qweight.kernel_weight(x.dtype)`` (w4a16 rounds each dequantized tile to ``x.dtype``;
+    w8a16 and fp8 scale the fp32 accumulator), fp32 accumulation, one rounding at the
+    store. Small ``M`` splits K across programs and adds the shares in a fixed order (a
+    second, tiny launch), so results are bit-identical run to run. Gradients flow to ``x``
+    and ``bias`` (computed in PyTorch from the same dequantized weight); the quantized
+    weight itself is frozen. Registered as ``torch.ops.mmkernels.quantized_linear``.
+    """
+    args = _validate(x, qweight, bias, activation)
+    del args  # validated here too, so errors name the public arguments
+    return _quantized_linear_op(
+        x, qweight.packed, qweight.scales, qweight.zeros, bias, qweight.scheme,
+        qweight.group_size or 0, activation or "none",
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# Ahead-of-time cases: real projector shapes, bf16 activations.
+
+
+def _aot_gemm_case(name, scheme, m, k, n, *, bias=True, activation=None, group_size=128, notes=""):
+    def make_launch():
+        if scheme == "w8a16":
+            qw = QuantizedWeight(scheme, torch.empty(n, k, dtype=torch.int8), torch.empty(n), None, None, k, n, torch.bfloat16)
+        elif scheme == "fp8":
+            qw = QuantizedWeight(scheme, torch.empty(n, k, dtype=torch.float8_e4m3fn), torch.empty(n), None, None, k, n, torch.bfloat16)
+        else:
+            g = group_size
+            qw = QuantizedWeight(scheme, torch.empty(n, k // 2, dtype=torch.uint8), torch.empty(n, k // g),
+                                 torch.empty(n, k // g), g, k, n, torch.bfloat16)  # fmt: skip
+        x = torch.empty(m, k, dtype=torch.bfloat16)
+        args = _validate(x, qw, torch.empty(n, dtype=torch.bfloat16) if bias else None, activation)
+        cfg = linear_config(m, n, k, scheme, qw.group_size, 2)
+        out = torch.empty(m, n, dtype=torch.bfloat16)
+        x_gemm = torch.empty(m, k, dtype=torch.float8_e4m3fn) if scheme == "fp8" else x
+        x_scales = torch.empty(m) if scheme == "fp8" else None
+        partial = torch.empty(cfg.split_k, m, n) if cfg.split_k > 1 else None
+        launch_args, meta, grid = _launch(args, out, x_gemm, x_scales, partial, cfg)
+        meta["UPCAST_DOT"] = False  # compiled for a GPU, never the interpreter
+        return launch_args, meta, grid
+
+    # fp8: Triton refuses e4m3 below sm_89, and the op runs the reference there.
+    return register_aot(AotCase(name, kernels.quantized_linear_kernel, make_launch, tensor_cores=True, notes=notes,
+                                min_compute_capability=89 if scheme == "fp8" else 0))
+
+
+def _aot_aux_cases():
+    def splitk():
+        m, n, k = 16, 4096, 7680
+        qw = QuantizedWeight("w8a16", torch.empty(n, k, dtype=torch.int8), torch.empty(n), None, None, k, n, torch.bfloat16)
+        args = _validate(torch.empty(m, k, dtype=torch.bfloat16), qw, torch.empty(n, dtype=torch.bfloat16), "gelu")
+        split = linear_config(m, n, k, "w8a16", None, 2).split_k
+        return _splitk_launch(args, torch.empty(m, n, dtype=torch.bfloat16), None, torch.empty(split, m, n), split)
+
+    def rows():
+        m, k = 4096, 5120
+        return _quantize_rows_launch(torch.empty(m, k, dtype=torch.bfloat16), torch.empty(m, k, dtype=torch.float8_e4m3fn), torch.empty(m))
+
+    register_aot(AotCase("quantized_linear/splitk-epilogue/mllama-11b/m16", kernels.splitk_epilogue_kernel, splitk))
+    register_aot(AotCase("quantized_linear/fp8-quantize-rows/qwen2-vl-7b-merger/m4096", kernels.quantize_rows_fp8_kernel,
+                         rows, min_compute_capability=89))
+
+
+for _scheme in SCHEMES:
+    # LLaVA-1.5-7B projector linear_1 (CLIP-L 1024 -> 4096, GELU fused), one 336 px image.
+    _aot_gemm_case(f"quantized_linear/{_scheme}/llava-1.5-7b-linear_1/m576", _scheme, 576, 1024, 4096, activation="gelu")
+    # Llama-3.2-11B-Vision projector (7680 -> 4096), a few tokens: the split-K path.
+    _aot_gemm_case(f"quantized_linear/{_scheme}/mllama-11b/m16", _scheme, 16, 7680, 4096)
+    # LLaVA-NeXT-34B projector linear_1 (1024 -> 7168), 64 tokens: 32 x 64 tiles + split-K.
+    _aot_gemm_case(f"quantized_linear/{_scheme}/llava-next-34b-linear_1/m64", _scheme, 64, 1024, 7168, activation="gelu")
+    # LLaVA-1.5-7B projector linear_2 (4096 -> 4096), 256 tokens: 64 x 128 tiles.
+    _aot_gemm_case(f"quantized_linear/{_scheme}/llava-1.5-7b-linear_2/m256", _scheme, 256, 4096, 4096)
+    # Qwen2-VL-7B merger linear_2 (5120 -> 3584), 4096 merged tokens: 128 x 128 tiles.
+    _aot_gemm_case(f"quantized_linear/{_scheme}/qwen2-vl-7b-merger/m4096", _scheme, 4096, 5120, 3584)
+_aot_aux_cases()
+del _scheme

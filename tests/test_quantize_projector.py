@@ -1,0 +1,190 @@
+"""Quantized projectors in tiny Hugging Face models (mmkernels.zoo, random weights, no
+downloads): logits close to the unquantized model, the kernel (interpreter) doing the
+projector's work, save_pretrained -> hf_quant.from_pretrained giving bit-identical
+outputs with the config carried in the checkpoint, unpatch refusing, bad requests."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mmkernels
+from mmkernels import zoo
+from mmkernels.backend import Backend, recent_decisions
+from mmkernels.integrations import hf_quant
+from mmkernels.integrations.engine import ORIGINALS_ATTR
+from mmkernels.integrations.hf_quant import QuantizedLinear
+
+# family -> the projector Linears quantize_projector must replace (paths in the model), and
+# the one whose activation it fuses.
+EXPECTED = {
+    "llava": (["model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2"], "linear_1"),
+    "llava_next": (["model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2"], "linear_1"),
+    "llava_onevision": (["model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2"], "linear_1"),
+    "qwen2_vl": (["model.visual.merger.mlp.0", "model.visual.merger.mlp.2"], "mlp.0"),
+    "qwen2_5_vl": (["model.visual.merger.mlp.0", "model.visual.merger.mlp.2"], "mlp.0"),
+    "paligemma": (["model.multi_modal_projector.linear"], None),
+    "idefics3": (["model.connector.modality_projection.proj"], None),
+    "mllama": (["model.multi_modal_projector"], None),
+}
+FAMILIES = [f for f in EXPECTED if f in zoo.FAMILIES]
+# The tiny models are 64 wide: w4a16 needs a group that divides K = 64.
+REQUESTS = {"w8a16": "w8a16", "w4a16": {"scheme": "w4a16", "group_size": 32}, "fp8": "fp8"}
+
+
+@pytest.fixture(scope="module")
+def tiny_models():
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = zoo.build(family, batch=1)
+        return cache[family]
+
+    return get
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("scheme", list(REQUESTS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_quantized_projector_logits_match_the_unquantized_model(tiny_models, family, scheme):
+    tiny = tiny_models(family)
+    want = logits(tiny.model, tiny.inputs)
+    model = copy.deepcopy(tiny.model)
+    request = REQUESTS[scheme]
+    report = mmkernels.quantize_projector(model, request["scheme"] if isinstance(request, dict) else request,
+                                          group_size=request["group_size"] if isinstance(request, dict) else 128)  # fmt: skip
+    paths, fused = EXPECTED[family]
+    assert [r.module_path for r in report.replaced] == paths
+    for path in paths:
+        module = model.get_submodule(path)
+        assert isinstance(module, QuantizedLinear) and module.scheme == scheme
+        assert module.activation == ("gelu" if fused and path.endswith(fused) else None)
+    got = logits(model, tiny.inputs)
+    ours = [d for d in recent_decisions() if d.op == f"quantized_linear[{scheme}]"]
+    assert ours and ours[-1].backend is Backend.INTERPRETER, ours[-1:]
+    cos = F.cosine_similarity(got.flatten().double(), want.flatten().double(), dim=0)
+    assert cos >= 0.99, f"{family}/{scheme}: cosine {float(cos):.4f}"
+    assert not torch.equal(got, want)  # the quantized projector did run
+
+
+def test_fused_activation_and_state_dict_keys(tiny_models):
+    model = copy.deepcopy(tiny_models("llava").model)
+    before = set(model.state_dict())
+    mmkernels.quantize_projector(model, "w4a16", group_size=32)
+    projector = model.model.multi_modal_projector
+    assert isinstance(projector.act, torch.nn.Identity)
+    after = model.state_dict()
+    for name in ("linear_1", "linear_2"):
+        prefix = f"model.multi_modal_projector.{name}"
+        assert f"{prefix}.weight" in before and f"{prefix}.weight" not in after
+        assert {f"{prefix}.{t}" for t in ("packed", "scales", "zeros", "bias")} <= set(after)
+        assert after[f"{prefix}.packed"].dtype == torch.uint8 and type(after[f"{prefix}.packed"]) is torch.Tensor
+    assert set(after) - before == {f"model.multi_modal_projector.{n}.{t}" for n in ("linear_1", "linear_2")
+                                   for t in ("packed", "scales", "zeros")}  # fmt: skip
+    assert model.config.mmkernels_quantization["scheme"] == "w4a16"
+    assert model.config.mmkernels_quantization["modules"]["model.multi_modal_projector.linear_1"]["activation"] == "gelu"
+
+
+@pytest.mark.parametrize("family,scheme", [("llava", "w4a16"), ("qwen2_vl", "fp8"), ("idefics3", "w8a16"),
+                                           ("paligemma", "fp8"), ("mllama", "w4a16")])  # fmt: skip
+def test_save_pretrained_then_from_pretrained_is_bit_identical(tiny_models, tmp_path, family, scheme):
+    if family not in zoo.FAMILIES:
+        pytest.skip(f"{family} is not in mmkernels.zoo")
+    tiny = tiny_models(family)
+    model = copy.deepcopy(tiny.model)
+    report = mmkernels.patch(model, quantize_projector=REQUESTS[scheme])
+    assert any(r.op == "mmkernels::quantized_linear" for r in report.replaced)
+    want = logits(model, tiny.inputs)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["mmkernels_quantization"]["scheme"] == scheme
+    loaded = hf_quant.from_pretrained(type(tiny.model), tmp_path)
+    assert type(loaded) is type(tiny.model)
+    assert [n for n, m in loaded.named_modules() if isinstance(m, QuantizedLinear)] == EXPECTED[family][0]
+    # Patched with the other kernels too, where the family has any (Mllama's have no spec yet).
+    def patched(m):
+        return sorted(n for n, sub in m.named_modules() if ORIGINALS_ATTR in sub.__dict__)
+
+    assert patched(loaded) == patched(model)
+    got = logits(loaded, tiny.inputs)
+    assert torch.equal(got, want)
+
+
+def test_from_pretrained_refuses_an_unquantized_checkpoint(tiny_models, tmp_path):
+    tiny = tiny_models("paligemma")
+    tiny.model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="has no 'mmkernels_quantization' in its config"):
+        hf_quant.from_pretrained(type(tiny.model), tmp_path)
+
+
+def test_unpatch_refuses_on_a_quantized_model_and_changes_nothing(tiny_models):
+    tiny = tiny_models("llava")
+    model = copy.deepcopy(tiny.model)
+    mmkernels.patch(model, quantize_projector="w8a16")
+    want = logits(model, tiny.inputs)
+    patched = {n for n, m in model.named_modules() if ORIGINALS_ATTR in m.__dict__}
+    assert patched
+    with pytest.raises(RuntimeError, match="projector of this model was quantized .*cannot be restored"):
+        mmkernels.unpatch(model)
+    assert {n for n, m in model.named_modules() if ORIGINALS_ATTR in m.__dict__} == patched
+    assert torch.equal(logits(model, tiny.inputs), want)
+
+
+def test_bad_requests_fail_before_changing_anything(tiny_models):
+    model = copy.deepcopy(tiny_models("llava").model)
+    with pytest.raises(ValueError, match=r"quantize_projector: expected one of \['w8a16', 'w4a16', 'fp8'\], got 'int2'"):
+        mmkernels.patch(model, quantize_projector="int2")
+    with pytest.raises(ValueError, match=r"group_size: model.multi_modal_projector.linear_1 has in_features=64, "
+                                         r"not a multiple of group_size=128"):  # fmt: skip
+        mmkernels.patch(model, quantize_projector="w4a16")
+    with pytest.raises(ValueError, match=r"group_size: expected one of \(32, 64, 128\)"):
+        mmkernels.quantize_projector(model, "w4a16", group_size=48)
+    assert not hf_quant.is_quantized(model)
+    assert all(ORIGINALS_ATTR not in m.__dict__ for m in model.modules())
+    assert hf_quant.quantization_config(model) is None
+
+
+def test_requantizing(tiny_models):
+    model = copy.deepcopy(tiny_models("paligemma").model)
+    mmkernels.quantize_projector(model, "fp8")
+    report = mmkernels.quantize_projector(model, "fp8")
+    assert not report.replaced and [s.reason for s in report.skipped] == ["already quantized (fp8)"]
+    with pytest.raises(ValueError, match="already quantized \\(fp8, group_size=None\\); it cannot be re-quantized to w8a16"):
+        mmkernels.quantize_projector(model, "w8a16")
+
+
+def test_gemma3_projector_is_not_a_linear_and_says_so(tiny_models):
+    model = tiny_models("gemma3").model
+    with pytest.raises(ValueError, match="no projector to quantize.*mm_input_projection_weight"):
+        mmkernels.quantize_projector(model, "w8a16")
+    assert not hf_quant.is_quantized(model)
+
+
+def test_text_only_model_has_no_projector():
+    with pytest.raises(ValueError, match="no projector to quantize in Linear"):
+        mmkernels.quantize_projector(torch.nn.Linear(4, 4), "w8a16")
+    with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
+        mmkernels.quantize_projector("llava", "w8a16")
+
+
+def test_dtype_casts_keep_the_quantized_format():
+    linear = torch.nn.Linear(64, 16)
+    for scheme, code_dtype in (("w8a16", torch.int8), ("w4a16", torch.uint8), ("fp8", torch.float8_e4m3fn)):
+        q = QuantizedLinear.from_linear(linear, scheme, group_size=32)
+        codes, scales = q.packed.clone(), q.scales.clone()
+        q.to(torch.bfloat16)
+        assert q.packed.dtype == code_dtype and torch.equal(q.packed.view(torch.uint8), codes.view(torch.uint8))
+        assert q.scales.dtype == torch.float32 and torch.equal(q.scales, scales)
+        assert q.bias.dtype == torch.bfloat16
+        x = torch.randn(3, 64).to(torch.bfloat16)
+        assert q(x).dtype == torch.bfloat16
+        assert "scheme=" in repr(q)
