@@ -30,7 +30,7 @@ from .engine import (
     unpatch_model,
 )
 from .hf_merge import MergeRule
-from .hf_patch_embed import PATCH_EMBED_SPECS, PatchEmbedRule
+from .hf_patch_embed import CONV_PATCH_SPECS, PATCH_EMBED_SPECS, ConvPatchRule, PatchEmbedRule
 from .hf_specs import MERGE_SPECS
 
 __all__ = [
@@ -50,8 +50,10 @@ __all__ = [
 # Every kernel a model can be patched with; ``patch(kernels=None)`` applies all of them.
 KERNELS: tuple[str, ...] = ("merge", "patch_embed")
 
-_RULES: tuple[Rule, ...] = tuple(MergeRule(spec) for spec in MERGE_SPECS) + tuple(
-    PatchEmbedRule(spec) for spec in PATCH_EMBED_SPECS
+_RULES: tuple[Rule, ...] = (
+    tuple(MergeRule(spec) for spec in MERGE_SPECS)
+    + tuple(PatchEmbedRule(spec) for spec in PATCH_EMBED_SPECS)
+    + tuple(ConvPatchRule(spec) for spec in CONV_PATCH_SPECS)
 )
 
 
