@@ -29,6 +29,7 @@ from .engine import (
     patch_model,
     unpatch_model,
 )
+from .hf_attention import ATTENTION_RULES, register_attention
 from .hf_merge import MergeRule
 from .hf_patch_embed import CONV_PATCH_SPECS, PATCH_EMBED_SPECS, ConvPatchRule, PatchEmbedRule
 from .hf_specs import MERGE_SPECS
@@ -42,18 +43,20 @@ __all__ = [
     "patch",
     "quantize_projector",
     "raw_pixel_inputs",
+    "register_attention",
     "rules",
     "supported_models",
     "unpatch",
 ]
 
 # Every kernel a model can be patched with; ``patch(kernels=None)`` applies all of them.
-KERNELS: tuple[str, ...] = ("merge", "patch_embed")
+KERNELS: tuple[str, ...] = ("merge", "patch_embed", "attention")
 
 _RULES: tuple[Rule, ...] = (
     tuple(MergeRule(spec) for spec in MERGE_SPECS)
     + tuple(PatchEmbedRule(spec) for spec in PATCH_EMBED_SPECS)
     + tuple(ConvPatchRule(spec) for spec in CONV_PATCH_SPECS)
+    + ATTENTION_RULES
 )
 
 
@@ -129,7 +132,11 @@ def patch(model: torch.nn.Module, *, kernels: Iterable[str] | None = None, quant
             ...); sub-models are found by their own ``config.model_type`` and class.
         kernels: None for every known kernel, else an iterable of names from
             :data:`KERNELS` (``"merge"``: the multimodal token merge; ``"patch_embed"``:
-            the vision embeddings' patch projection, class row and position add).
+            the vision embeddings' patch projection, class row and position add;
+            ``"attention"``: Qwen2-VL / Qwen2.5-VL vision attention over ``cu_seqlens`` and
+            Mllama's cross-attention from its compact mask, through
+            :func:`mmkernels.ops.varlen_attention`; Mllama's needs the model loaded with
+            ``attn_implementation="mmkernels"``, see :func:`register_attention`).
         quantize_projector: None, or ``"w8a16"`` / ``"w4a16"`` / ``"fp8"`` (or a dict
             ``{"scheme": ..., "group_size": ...}``): also quantize the multimodal
             projector's Linear layers in place with :func:`quantize_projector` (not undone
@@ -160,6 +167,8 @@ def patch(model: torch.nn.Module, *, kernels: Iterable[str] | None = None, quant
         raise TypeError(f"check_placeholders: expected a bool, got {type(check_placeholders).__name__}")
     normalization = None if pixel_normalization is None else normalization_constants(pixel_normalization)
     options = PatchOptions(check_placeholders=check_placeholders, pixel_normalization=normalization)
+    if "attention" in names:
+        register_attention()  # idempotent; the "mmkernels" attention implementation the rules feed
     quantized = None
     if quantize_projector is not None:  # first: it raises before changing anything on a bad fit
         from .hf_quant import quantize_projector as _quantize_projector

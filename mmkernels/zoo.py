@@ -963,6 +963,80 @@ def _blip_2() -> _Recipe:
     )
 
 
+def _mllama() -> _Recipe:
+    """Llama-3.2-Vision (Mllama): a tiled ViT (28-pixel tiles of 2x2 patches + a class row:
+    5 vision tokens per tile, up to 4 tiles per image, gated tile and position embeddings)
+    whose hidden states the text model reads through gated cross-attention layers
+    (layer 1 of 2), masked by the compact ``cross_attention_mask`` (B, S, images, tiles)
+    that ``MllamaProcessor`` builds (it builds offline). Sample 1 has an image of 1 tile,
+    text, then two images of 3 and 2 tiles back to back, so the tokens after them see both
+    images with a padded tile between them; tokens before the first image see none.
+
+    The cross-attention gates (``cross_attn_attn_gate`` / ``cross_attn_mlp_gate``) are
+    zero-initialized by transformers, which would make the cross-attention layer inert in a
+    random-init model; the inputs step sets them to 0.5 and 0.8 (see :func:`_mllama_inputs`).
+    """
+    from transformers import (
+        MllamaConfig,
+        MllamaForConditionalGeneration,
+        MllamaProcessor,
+        MllamaVisionConfig,
+    )
+
+    tile = 2 * PATCH
+    tokenizer = _tokenizer(named_tokens={"image_token": "<|image|>"})
+    image_processor = _image_processor(
+        "MllamaImageProcessor", size={"height": tile, "width": tile}, max_image_tiles=4
+    )
+    processor = MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    vision = MllamaVisionConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=INTERMEDIATE,
+        num_hidden_layers=LAYERS,
+        num_global_layers=1,
+        attention_heads=HEADS,
+        image_size=tile,
+        patch_size=PATCH,
+        max_num_tiles=4,
+        intermediate_layers_indices=[0],
+        vision_output_dim=2 * HIDDEN,  # hidden_size x (1 + len(intermediate_layers_indices))
+        supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]],
+    )
+    # Layer 0 self-attention, layer 1 cross-attention to the image tiles.
+    text = _text_config("MllamaTextConfig", tokenizer, cross_attention_layers=[1])
+    config = MllamaConfig(
+        vision_config=vision, text_config=text, image_token_index=tokenizer.image_token_id
+    )
+    return _Recipe(
+        config=config,
+        model_class=MllamaForConditionalGeneration,
+        inner_model_class="MllamaModel",
+        tokenizer=tokenizer,
+        placeholders={"image": "<|image|>"},
+        samples=(
+            _Sample("user : <|image|> describe the image . assistant :", ((40, 30),)),
+            _Sample(
+                "user : <|image|> is the first , then <|image|><|image|> compare these , which one is brighter ?",
+                ((28, 28), (28, 84), (56, 28)),
+            ),
+        ),
+        make_inputs=_mllama_inputs,
+        processor=processor,
+    )
+
+
+def _mllama_inputs(recipe: _Recipe, model, samples: list[_Sample], rng) -> dict:
+    """Inputs through ``MllamaProcessor``; also opens the model's cross-attention gates
+    (zero at init, so the text would not depend on the images at all)."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name.endswith("cross_attn_attn_gate"):
+                parameter.fill_(0.5)
+            elif name.endswith("cross_attn_mlp_gate"):
+                parameter.fill_(0.8)
+    return _processor_inputs(recipe, model, samples, rng)
+
+
 def _left_pad(rows: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids, attention_mask) of 1-D id rows, left-padded to the longest."""
     length = max(len(row) for row in rows)
@@ -1051,6 +1125,71 @@ def _vision_encoder_decoder_inputs(recipe: _Recipe, model, samples: list[_Sample
     }
 
 
+def _whisper() -> _Recipe:
+    """Whisper: an audio encoder (two convs, stride 2, over 1-second log-mel windows: 100
+    frames -> 50 positions) and a decoder that reads it through cross-attention. No
+    placeholder tokens: the decoder prompt (``decoder_input_ids``, left-padded) is text
+    only, as for VisionEncoderDecoder; ``WhisperProcessor`` pairs the feature extractor and
+    the tokenizer. ``generate`` here is Whisper's own (it needs no language or task tokens
+    when the generation config names none)."""
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperProcessor
+
+    mel_bins = 16
+    feature_extractor = WhisperFeatureExtractor(
+        feature_size=mel_bins, sampling_rate=16000, chunk_length=1, hop_length=160, n_fft=400
+    )
+    tokenizer = _tokenizer()
+    processor = WhisperProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer)
+    ids = _token_ids(tokenizer)
+    config = WhisperConfig(
+        num_mel_bins=mel_bins,
+        d_model=HIDDEN,
+        encoder_layers=LAYERS,
+        decoder_layers=LAYERS,
+        encoder_attention_heads=HEADS,
+        decoder_attention_heads=HEADS,
+        encoder_ffn_dim=INTERMEDIATE,
+        decoder_ffn_dim=INTERMEDIATE,
+        max_source_positions=feature_extractor.nb_max_frames // 2,
+        max_target_positions=64,
+        decoder_start_token_id=ids["bos_token_id"],
+        begin_suppress_tokens=None,
+        suppress_tokens=None,
+        **ids,
+    )
+    return _Recipe(
+        config=config,
+        model_class=WhisperForConditionalGeneration,
+        inner_model_class="WhisperModel",
+        tokenizer=tokenizer,
+        placeholders={},
+        samples=(
+            _Sample("what is", audio_seconds=(0.45,)),
+            _Sample("the sound is a dog and then a car on the left", audio_seconds=(0.8,)),
+        ),
+        make_inputs=_whisper_inputs,
+        processor=processor,
+    )
+
+
+def _whisper_inputs(recipe: _Recipe, model, samples: list[_Sample], rng) -> dict:
+    """One clip per prompt through the feature extractor (padded to the 1-second window),
+    the decoder prompts through the tokenizer (BOS first, the decoder's start token),
+    left-padded."""
+    if any(len(sample.audio_seconds) != 1 for sample in samples):
+        raise ValueError("Whisper takes one clip per prompt")
+    extractor = recipe.processor.feature_extractor
+    rate = extractor.sampling_rate
+    clips = [(0.1 * rng.standard_normal(int(s.audio_seconds[0] * rate))).astype(np.float32) for s in samples]
+    features = extractor(clips, sampling_rate=rate, return_tensors="pt")["input_features"]
+    encoded = recipe.tokenizer([sample.text for sample in samples], padding=True, return_tensors="pt")
+    return {
+        "input_features": features,
+        "decoder_input_ids": encoded["input_ids"],
+        "decoder_attention_mask": encoded["attention_mask"],
+    }
+
+
 _RECIPES: dict[str, Callable[[], _Recipe]] = {
     "llava": _llava,
     "llava_next": _llava_next,
@@ -1063,6 +1202,8 @@ _RECIPES: dict[str, Callable[[], _Recipe]] = {
     "idefics3": _idefics3,
     "blip_2": _blip_2,
     "vision_encoder_decoder": _vision_encoder_decoder,
+    "mllama": _mllama,
+    "whisper": _whisper,
 }
 
 FAMILIES: tuple[str, ...] = tuple(_RECIPES)

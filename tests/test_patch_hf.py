@@ -371,8 +371,8 @@ def test_text_model_strict_raises_and_lenient_reports_why(text_model):
 
 def test_kernels_argument(llava):
     model = llava.model
-    with pytest.raises(ValueError, match=r"kernels.*'attention'.*known.*'merge'"):
-        patch(model, kernels=["merge", "attention"])
+    with pytest.raises(ValueError, match=r"kernels.*'flash'.*known.*'merge'"):
+        patch(model, kernels=["merge", "flash"])
     with pytest.raises(TypeError, match="kernels"):
         patch(model, kernels=3)
     assert all(ORIGINALS_ATTR not in m.__dict__ for m in model.modules())
