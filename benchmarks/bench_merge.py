@@ -323,6 +323,7 @@ MERGE_BENCHMARK = harness.Benchmark(
         "(N x D x itemsize) + write output (T x D x itemsize); T = all positions, N = placeholders"
     ),
 )
+harness.register(MERGE_BENCHMARK, size_param="tokens", size_label="tokens T (all positions of input_ids)")
 
 
 def run(out_dir: str | Path, quick: bool = False) -> harness.BenchmarkResult:

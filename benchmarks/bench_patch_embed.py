@@ -422,6 +422,7 @@ PATCH_EMBED_BENCHMARK = harness.Benchmark(
         "(B x rows x D, or N x D), bf16; FLOPs = 2 x M x K x D (M = GEMM rows, K = C x T x P x P)"
     ),
 )
+harness.register(PATCH_EMBED_BENCHMARK, size_param="M", size_label="GEMM rows M (patches)")
 
 
 def run(out_dir: str | Path, quick: bool = False) -> harness.BenchmarkResult:

@@ -44,16 +44,36 @@ Without CUDA
     once against the oracle, counts host syncs, and the results folder says
     "not timed: no CUDA device" and why.
 
+Timing sources (:class:`CudaEventTiming`)
+    What a timed cell calls to time a provider and to measure its peak memory. The
+    default is CUDA events (:func:`time_device`) and ``torch.cuda.max_memory_allocated``;
+    tests inject a deterministic source so the whole pipeline (rows, speedups, summary,
+    plots, compare) is proven without a GPU. Each benchmark result records its source's
+    name, and only ``"cuda-events"`` results count as measurements
+    (``tools/results_page.py`` shows nothing else).
+
+Registration (:func:`register`, :func:`discover`)
+    Each ``benchmarks/bench_*.py`` registers its :class:`Benchmark` once at import
+    (``harness.register(BENCH, size_param="tokens")``): its kind (``"kernel"`` or
+    ``"model"``) and the ``case.params()`` key that is its main size (the x axis of the
+    speedup-vs-size plot). ``python -m mmkernels.bench`` and ``tools/gpu_suite.py`` find
+    benchmarks only through :func:`discover`.
+
 Results (:class:`ResultsFolder`)
-    One folder: ``results.json`` (stamp, roofline, rows per benchmark, suite steps),
-    ``results.md`` (a table per benchmark) and ``<benchmark>.png`` (GB/s per provider
-    and shape). Several benchmarks write into the same folder; each update merges.
+    One folder: ``results.json`` (stamp, roofline, rows per benchmark, skipped
+    baselines, suite steps), ``results.md`` (a summary table, the skipped baselines by
+    name, a table per benchmark) and per benchmark three PNGs: ``<benchmark>.png``
+    (GB/s per provider and shape), ``<benchmark>-speedup.png`` (speedup over the
+    baseline against the main size) and ``<benchmark>-roofline.png`` (each cell's
+    position under the roofline measured in the run). Several benchmarks write into the
+    same folder; each update merges.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import importlib
 import json
 import math
 import os
@@ -72,6 +92,8 @@ __all__ = [
     "BenchmarkResult",
     "BenchSession",
     "CudaClock",
+    "CudaEventTiming",
+    "Registration",
     "DEADLINE_ENV",
     "NOT_TIMED",
     "Provider",
@@ -84,10 +106,14 @@ __all__ = [
     "count_host_syncs",
     "cuda_available",
     "deadline_from_env",
+    "device_key",
     "device_stamp",
+    "discover",
     "git_commit",
     "gpu_stamp",
     "measure_roofline",
+    "register",
+    "registered",
     "roofline_floor_ms",
     "run_benchmark",
     "run_timed",
@@ -458,6 +484,21 @@ def short_gpu_name(stamp: dict) -> str:
     return token or "gpu"
 
 
+def device_key(stamp: dict) -> str:
+    """What two runs must share to be compared: the GPU's full name (NVML, or torch's
+    when NVML was unavailable) and its memory size when known ("NVIDIA H100 80GB HBM3");
+    "no CUDA device" for a run without one. Driver, clocks and versions may differ (they
+    are reported beside a comparison, not refused)."""
+    if not stamp.get("cuda_available"):
+        return "no CUDA device"
+    gpu = stamp.get("gpu", {})
+    key = str(gpu.get("name", "unknown")).strip()
+    memory = gpu.get("memory_total_gib")
+    if isinstance(memory, (int, float)):
+        key += f" ({memory:.0f} GiB)"
+    return key
+
+
 # ======================================================================================
 # Providers and benchmarks
 
@@ -551,6 +592,78 @@ class Benchmark:
         return self.quick_cases if quick and self.quick_cases is not None else self.cases
 
 
+BENCH_DIR = Path(__file__).resolve().parent
+KINDS = ("kernel", "model")
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A registered benchmark: ``kind`` ("kernel" or "model"), ``size_param`` (the key
+    of ``case.params()`` that is the main size: the speedup plot's x axis; "" plots
+    against the declared bytes), ``size_label`` (the axis label) and the module that
+    registered it."""
+
+    benchmark: Benchmark
+    kind: str = "kernel"
+    size_param: str = ""
+    size_label: str = ""
+    module: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.benchmark.name
+
+
+_REGISTRY: dict[str, Registration] = {}
+
+
+def register(bench: Benchmark, *, kind: str = "kernel", size_param: str = "", size_label: str = "",
+             module: str | None = None) -> Benchmark:  # fmt: skip
+    """Register ``bench`` so ``python -m mmkernels.bench`` and the GPU suite run it; returns
+    it. A ``benchmarks/bench_<name>.py`` module calls this once at import. Registering a
+    second, different benchmark under a taken name raises (re-importing the same module
+    re-registers it)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
+    if not isinstance(bench, Benchmark):
+        raise TypeError(f"bench: expected a harness.Benchmark, got {type(bench).__name__}")
+    if module is None:
+        import inspect
+
+        caller = inspect.currentframe().f_back
+        module = caller.f_globals.get("__name__", "") if caller else ""
+    old = _REGISTRY.get(bench.name)
+    if old is not None and old.module != module:
+        raise ValueError(f"benchmark {bench.name!r} is already registered by {old.module}")
+    _REGISTRY[bench.name] = Registration(bench, kind, size_param, size_label or size_param, module)
+    return bench
+
+
+def registered() -> dict[str, Registration]:
+    """The benchmarks registered so far (name -> :class:`Registration`), in name order."""
+    return dict(sorted(_REGISTRY.items()))
+
+
+def discover(bench_dir: str | os.PathLike | None = None) -> tuple[dict[str, Registration], dict[str, str]]:
+    """Import every ``bench_*.py`` of ``benchmarks/`` and return (the registry, the
+    modules that failed to import -> why). A broken module costs its own benchmarks only."""
+    errors: dict[str, str] = {}
+    for path in sorted(Path(bench_dir or BENCH_DIR).glob("bench_*.py")):
+        name = f"benchmarks.{path.stem}"
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # record, go on
+            errors[name] = _error_text(exc)
+    return registered(), errors
+
+
+def _registration_fields(name: str) -> dict:
+    reg = _REGISTRY.get(name)
+    if reg is None:
+        return {"kind": "kernel", "size_param": "", "size_label": ""}
+    return {"kind": reg.kind, "size_param": reg.size_param, "size_label": reg.size_label}
+
+
 @dataclass
 class ResultRow:
     """One (case, provider) cell. ``status``: "ok" (timed, output correct), "not timed"
@@ -579,6 +692,7 @@ class ResultRow:
     backend: str = ""
     params: dict = field(default_factory=dict)
     pct_roofline: float | None = None
+    peak_mem_mib: float | None = None  # peak memory of one call above what was allocated before it
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -596,6 +710,7 @@ class BenchmarkResult:
     rows: list[ResultRow]
     roofline: Roofline | None = None
     providers: list[dict] = field(default_factory=list)
+    timing_source: str = ""  # "cuda-events" for measurements; anything else is not one
 
     def to_dict(self) -> dict:
         return {
@@ -604,6 +719,8 @@ class BenchmarkResult:
             "bytes_model": self.bytes_model,
             "timed": self.timed,
             "not_timed_reason": self.not_timed_reason,
+            "timing_source": self.timing_source,
+            **_registration_fields(self.benchmark),
             "providers": self.providers,
             "rows": [r.to_dict() for r in self.rows],
         }
@@ -692,6 +809,39 @@ def _error_text(exc: BaseException) -> str:
     return text if len(text) <= 400 else text[:397] + "..."
 
 
+CUDA_EVENTS = "cuda-events"
+
+
+class CudaEventTiming:
+    """The timing source of real runs: :func:`time_device` with the session's clock
+    (CUDA events and an L2 flush), and the peak memory of one call from
+    ``torch.cuda.max_memory_allocated`` (above what was allocated before the call, so
+    weights and inputs already resident are not counted; None off CUDA).
+
+    A timing source has ``name``, ``time(session, case, provider, fn, arg_sets) -> Timing``
+    and ``peak_memory(session, case, provider, fn, inputs) -> bytes | None``; tests
+    inject a deterministic one.
+    """
+
+    name = CUDA_EVENTS
+
+    def time(self, session: "BenchSession", case, provider: "Provider", fn, arg_sets) -> Timing:
+        return time_device(fn, arg_sets, clock=session.clock, config=session.timing)
+
+    def peak_memory(self, session: "BenchSession", case, provider: "Provider", fn, inputs) -> int | None:
+        if session.device.type != "cuda" or not cuda_available():
+            return None
+        torch.cuda.synchronize(session.device)
+        before = torch.cuda.memory_allocated(session.device)
+        torch.cuda.reset_peak_memory_stats(session.device)
+        with torch.inference_mode():
+            out = fn(inputs)
+        torch.cuda.synchronize(session.device)
+        peak = torch.cuda.max_memory_allocated(session.device)
+        del out
+        return max(0, peak - before)
+
+
 class BenchSession:
     """Device state shared by the cells of one run: the clock, the roofline, built
     providers (``torch.compile`` happens once), the current case's inputs and oracle.
@@ -701,8 +851,9 @@ class BenchSession:
 
     def __init__(self, bench: Benchmark, device: torch.device | str = "cuda", *, quick: bool = False,
                  roofline: Roofline | None = None, timing: TimingConfig | None = None,
-                 counter_class=None, clock=None):  # fmt: skip
+                 counter_class=None, clock=None, timing_source=None):  # fmt: skip
         self.bench = bench
+        self.timing_source = timing_source or CudaEventTiming()
         self.device = torch.device(device)
         self.quick = quick
         self.timing = timing or (TimingConfig.quick() if quick else TimingConfig())
@@ -829,11 +980,17 @@ class BenchSession:
         row.correct = True
         try:
             with torch.inference_mode():
-                timing = time_device(fn, self.arg_sets(case), clock=self.clock, config=self.timing)
+                timing = self.timing_source.time(self, case, provider, fn, self.arg_sets(case))
         except Exception as exc:
             return self._skip_or_fail(row, provider, "timing raised", exc)
         self._fill_metrics(row, timing)
         row.status = "ok"
+        try:
+            peak = self.timing_source.peak_memory(self, case, provider, fn, self.arg_sets(case)[0])
+        except Exception as exc:
+            peak = None
+            row.reason = (row.reason + "; " if row.reason else "") + f"peak memory not measured: {_error_text(exc)}"
+        row.peak_mem_mib = None if peak is None else peak / 2**20
         self.count_syncs(row, provider, case)
         return row
 
@@ -892,26 +1049,27 @@ def _not_timed_reason(detail: str) -> str:
 
 
 def validate_on_cpu(bench: Benchmark, *, quick: bool = False, reason: str | None = None,
-                    counter_class=None) -> BenchmarkResult:  # fmt: skip
+                    counter_class=None, on_progress: Callable[[BenchmarkResult], None] | None = None) -> BenchmarkResult:  # fmt: skip
     """The harness's self-check without CUDA: every case scaled down, every provider that
-    can run on the CPU run once against the oracle, host syncs counted. Nothing timed."""
+    can run on the CPU run once against the oracle, host syncs counted. Nothing timed.
+    ``on_progress`` gets the partial result after every case."""
     reason = reason or _not_timed_reason("harness validated on the CPU: shapes built, outputs checked, syncs counted")
     session = BenchSession(bench, "cpu", quick=quick, counter_class=counter_class)
-    rows = [
-        session.check_cell_on_cpu(case, provider, reason)
-        for case in bench.cases_for(quick)
-        for provider in bench.providers
-    ]
-    return BenchmarkResult(
+    result = BenchmarkResult(
         benchmark=bench.name,
         description=bench.description,
         bytes_model=bench.bytes_model,
         timed=False,
         not_timed_reason=reason,
-        rows=rows,
+        rows=[],
         roofline=Roofline.not_measured(f"not measured: {NO_CUDA}"),
         providers=_provider_descriptions(bench),
     )
+    for case in bench.cases_for(quick):
+        result.rows += [session.check_cell_on_cpu(case, provider, reason) for provider in bench.providers]
+        if on_progress:
+            on_progress(result)
+    return result
 
 
 def _deadline_rows(session: BenchSession, case, reason: str) -> list[ResultRow]:
@@ -926,20 +1084,26 @@ def _deadline_rows(session: BenchSession, case, reason: str) -> list[ResultRow]:
 def run_benchmark(bench: Benchmark, *, quick: bool = False, device: torch.device | str | None = None,
                   roofline: Roofline | None = None, deadline: float | None = None,
                   on_progress: Callable[[BenchmarkResult], None] | None = None,
-                  counter_class=None) -> BenchmarkResult:  # fmt: skip
+                  counter_class=None, timing_source=None, cases: Sequence[Any] | None = None) -> BenchmarkResult:  # fmt: skip
     """Run ``bench``: timed on CUDA (:func:`run_timed`), else :func:`validate_on_cpu`.
 
     ``deadline`` (seconds since the epoch; default from ``$MMKERNELS_BENCH_DEADLINE``):
     cases not started by then are recorded as not timed. ``on_progress`` is called with
     the partial result after every case (so a killed run leaves its results written).
+    ``timing_source``: time with it on ``device`` whatever the device (tests pass a
+    deterministic one with ``device="cpu"``); default: CUDA events, on CUDA only.
+    ``cases``: run these instead of ``bench.cases_for(quick)`` (a ``--shapes`` filter).
     """
+    if cases is not None:
+        bench = dataclasses.replace(bench, cases=tuple(cases), quick_cases=None)
     device = torch.device(device) if device is not None else torch.device("cuda" if cuda_available() else "cpu")
-    if device.type != "cuda" or not cuda_available():
-        result = validate_on_cpu(bench, quick=quick, counter_class=counter_class)
-        if on_progress:
-            on_progress(result)
+    if timing_source is None and (device.type != "cuda" or not cuda_available()):
+        result = validate_on_cpu(bench, quick=quick, counter_class=counter_class, on_progress=on_progress)
+        if on_progress and not result.rows:
+            on_progress(result)  # no case: the folder still records the benchmark
         return result
-    session = BenchSession(bench, device, quick=quick, roofline=roofline, counter_class=counter_class)
+    session = BenchSession(bench, device, quick=quick, roofline=roofline, counter_class=counter_class,
+                           timing_source=timing_source)  # fmt: skip
     deadline = deadline if deadline is not None else deadline_from_env()
     return run_timed(session, deadline=deadline, on_progress=on_progress)
 
@@ -957,6 +1121,7 @@ def run_timed(session: BenchSession, *, deadline: float | None = None,
         rows=[],
         roofline=session.roofline,
         providers=_provider_descriptions(bench),
+        timing_source=session.timing_source.name,
     )
     for case in bench.cases_for(session.quick):
         if deadline is not None and time.time() > deadline:
@@ -1013,8 +1178,8 @@ def _roofline_line(roof: dict | None) -> str:
 
 _TABLE_HEADER = (
     "| case | provider | status | median ms | p20-p80 ms | GB/s | % copy BW | TFLOP/s | % matmul "
-    "| % roofline | speedup | host syncs | correct | note |\n"
-    "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n"
+    "| % roofline | speedup | peak MiB | host syncs | correct | note |\n"
+    "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n"
 )
 
 
@@ -1033,9 +1198,124 @@ def _row_line(r: dict) -> str:
         r["case"], r["provider"], r["status"], _fmt(r.get("median_ms"), ".4f"), spread,
         _fmt(r.get("gbps"), ".1f"), _fmt(r.get("pct_copy_bw"), ".1f"), _fmt(r.get("tflops"), ".2f"),
         _fmt(r.get("pct_matmul"), ".1f"), _fmt(r.get("pct_roofline"), ".1f"), _fmt(r.get("speedup"), ".2f", ""),
-        syncs, correct, note,
+        _fmt(r.get("peak_mem_mib"), ".1f"), syncs, correct, note,
     ]  # fmt: skip
     return "| " + " | ".join(_md_cell(c) for c in cells) + " |\n"
+
+
+# --------------------------------------------------------------------------------------
+# Summaries (pure functions of results.json content: also used by mmkernels.bench and
+# tools/results_page.py)
+
+
+def row_size(bench: dict, row: dict) -> float | None:
+    """A row's main size: ``params[size_param]`` of its benchmark, else its declared bytes."""
+    key = bench.get("size_param") or ""
+    value = row.get("params", {}).get(key) if key else row.get("bytes")
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
+
+
+def size_label(bench: dict) -> str:
+    return bench.get("size_label") or bench.get("size_param") or "declared bytes"
+
+
+def _geomean(values: Sequence[float]) -> float | None:
+    values = [v for v in values if v and v > 0]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def _benchmarks_in_order(data: dict) -> list[tuple[str, dict]]:
+    """Kernels first, then models; by name within each."""
+    items = data.get("benchmarks", {}).items()
+    return sorted(items, key=lambda kv: (kv[1].get("kind", "kernel") != "kernel", kv[0]))
+
+
+def summarize(data: dict) -> list[dict]:
+    """One entry per (benchmark, provider): timed cells, speedup over the benchmark's
+    baseline (geometric mean, min, max, and at the largest size timed), the best % of
+    roofline, the peak memory at the largest size, and how many cells were skipped or
+    failed."""
+    out = []
+    for name, bench in _benchmarks_in_order(data):
+        providers = [p["name"] for p in bench.get("providers", [])] or list(
+            dict.fromkeys(r["provider"] for r in bench.get("rows", []))
+        )
+        baseline = providers[0] if providers else ""
+        for provider in providers:
+            rows = [r for r in bench.get("rows", []) if r["provider"] == provider]
+            ok = [r for r in rows if r.get("status") == "ok" and r.get("median_ms") is not None]
+            speedups = [r["speedup"] for r in ok if r.get("speedup")]
+            largest = max(ok, key=lambda r: (row_size(bench, r) or 0.0, r.get("bytes", 0)), default=None)
+            pct = [r["pct_roofline"] for r in ok if r.get("pct_roofline") is not None]
+            out.append({
+                "benchmark": name, "kind": bench.get("kind", "kernel"), "provider": provider,
+                "baseline": baseline, "cells": len(rows), "ok": len(ok),
+                "skipped": sum(r.get("status") == "skipped" for r in rows),
+                "failed": sum(r.get("status") == "failed" for r in rows),
+                "not_timed": sum(r.get("status") == NOT_TIMED for r in rows),
+                "speedup_geomean": _geomean(speedups),
+                "speedup_min": min(speedups) if speedups else None,
+                "speedup_max": max(speedups) if speedups else None,
+                "largest_case": largest["case"] if largest else "",
+                "speedup_at_largest": largest.get("speedup") if largest else None,
+                "median_ms_at_largest": largest.get("median_ms") if largest else None,
+                "peak_mem_mib_at_largest": largest.get("peak_mem_mib") if largest else None,
+                "best_pct_roofline": max(pct) if pct else None,
+            })  # fmt: skip
+    return out
+
+
+def skipped_baselines(data: dict) -> list[dict]:
+    """Every (benchmark, provider) with skipped cells, by name, with the distinct reasons."""
+    out = []
+    for name, bench in _benchmarks_in_order(data):
+        by_provider: dict[str, list[dict]] = {}
+        for r in bench.get("rows", []):
+            if r.get("status") == "skipped":
+                by_provider.setdefault(r["provider"], []).append(r)
+        for provider, rows in by_provider.items():
+            reasons = list(dict.fromkeys(r.get("reason", "") for r in rows))
+            out.append({"benchmark": name, "provider": provider, "cells": len(rows), "reasons": reasons})
+    return out
+
+
+def _summary_markdown(data: dict) -> str:
+    summary = summarize(data)
+    if not summary:
+        return ""
+    out = [
+        "\n## Summary\n\nSpeedup = the baseline's median / the provider's median, per cell (> 1: faster than "
+        "the baseline); geometric mean over the cells timed. \"At largest\": the timed cell of the largest "
+        "main size.\n\n",
+        "| benchmark | kind | provider | baseline | timed cells | speedup (geomean) | min-max | largest case "
+        "| median ms there | speedup there | peak MiB there | best % roofline | skipped | failed |\n",
+        "|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|\n",
+    ]
+    for s in summary:
+        spread = "" if s["speedup_min"] is None else f"{s['speedup_min']:.2f}-{s['speedup_max']:.2f}"
+        cells = [
+            s["benchmark"], s["kind"], s["provider"], s["baseline"], f"{s['ok']}/{s['cells']}",
+            _fmt(s["speedup_geomean"], ".2f"), spread, s["largest_case"], _fmt(s["median_ms_at_largest"], ".4f"),
+            _fmt(s["speedup_at_largest"], ".2f"), _fmt(s["peak_mem_mib_at_largest"], ".1f"),
+            _fmt(s["best_pct_roofline"], ".1f"), s["skipped"], s["failed"],
+        ]  # fmt: skip
+        out.append("| " + " | ".join(_md_cell(c) for c in cells) + " |\n")
+    skipped = skipped_baselines(data)
+    if skipped:
+        out.append("\n## Skipped baselines\n\n| benchmark | provider | cells | why |\n|---|---|---:|---|\n")
+        for s in skipped:
+            out.append(f"| {s['benchmark']} | {_md_cell(s['provider'])} | {s['cells']} | "
+                       f"{_md_cell('; '.join(s['reasons']))} |\n")  # fmt: skip
+    return "".join(out)
+
+
+def _timing_source_line(data: dict) -> str:
+    sources = sorted({b.get("timing_source") for b in data.get("benchmarks", {}).values() if b.get("timing_source")})
+    if not sources:
+        return ""
+    if sources == [CUDA_EVENTS]:
+        return "- Timing: CUDA events (median of many calls, L2 flushed between calls, inputs rotated)\n"
+    return f"- **Timing source: {', '.join(sources)}. These numbers are not measurements of a GPU.**\n"
 
 
 def render_markdown(data: dict) -> str:
@@ -1045,7 +1325,9 @@ def render_markdown(data: dict) -> str:
         out.append(f"**{data.get('not_timed_reason') or NOT_TIMED}**\n\n")
     out.append(_stamp_line(data.get("stamp", {})))
     out.append(_roofline_line(data.get("roofline")))
-    for name, bench in sorted(data.get("benchmarks", {}).items()):
+    out.append(_timing_source_line(data))
+    out.append(_summary_markdown(data))
+    for name, bench in _benchmarks_in_order(data):
         out.append(f"\n## {name}\n\n{bench.get('description', '')}\n\n")
         if bench.get("bytes_model"):
             out.append(f"Bytes counted for GB/s: {bench['bytes_model']}\n\n")
@@ -1056,8 +1338,11 @@ def render_markdown(data: dict) -> str:
                 out.append(f"- `{p['name']}`: {p['notes']}\n")
         out.append("\n" + _TABLE_HEADER)
         out.extend(_row_line(r) for r in bench.get("rows", []))
-        plot = bench.get("plot", "")
-        out.append(f"\n![{name}]({plot})\n" if plot.endswith(".png") else f"\n{plot}\n")
+        for key, title in (("plot", "effective bandwidth"), ("speedup_plot", "speedup vs size"),
+                           ("roofline_plot", "roofline position")):  # fmt: skip
+            plot = bench.get(key, "")
+            if plot:
+                out.append(f"\n![{name}: {title}]({plot})\n" if plot.endswith(".png") else f"\n{plot}\n")
     suite = data.get("suite")
     if suite:
         out.append("\n## GPU suite steps\n\n| step | status | seconds | budget s | detail |\n|---|---|---:|---:|---|\n")
@@ -1069,51 +1354,184 @@ def render_markdown(data: dict) -> str:
     return "".join(out)
 
 
-def plot_benchmark(bench: dict, roofline: dict | None, path: Path) -> str | None:
-    """Bars of GB/s per provider, grouped by case; the measured copy bandwidth as a line.
-    Without timings the figure says why. Returns None, or why no plot was written."""
+# --------------------------------------------------------------------------------------
+# Plots
+
+
+def _pyplot():
     try:
         import matplotlib
     except ImportError as exc:
-        return f"plot not written: matplotlib not installed ({exc})"
-
+        return None, f"plot not written: matplotlib not installed ({exc})"
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in bench.get("rows", []) if r.get("gbps") is not None]
-    cases = list(dict.fromkeys(r["case"] for r in bench.get("rows", [])))
-    providers = [p["name"] for p in bench.get("providers", [])] or list(dict.fromkeys(r["provider"] for r in rows))
-    size = (max(8.0, 1.2 * len(cases) + 3), 5.0) if rows else (8.0, 2.5)
-    fig, ax = plt.subplots(figsize=size)
-    if not rows:
-        ax.axis("off")
-        ax.text(0.5, 0.5, f"{bench.get('benchmark', '')}\n{bench.get('not_timed_reason') or NOT_TIMED}",
-                ha="center", va="center", wrap=True)  # fmt: skip
-    else:
-        width = 0.8 / max(len(providers), 1)
-        by_cell = {(r["case"], r["provider"]): r["gbps"] for r in rows}
-        for j, provider in enumerate(providers):
-            xs = [i + (j - (len(providers) - 1) / 2) * width for i in range(len(cases))]
-            ys = [by_cell.get((c, provider), 0.0) for c in cases]
-            ax.bar(xs, ys, width=width, label=provider)
-        if roofline and roofline.get("copy_gbps"):
-            ax.axhline(roofline["copy_gbps"], color="black", linestyle="--", linewidth=1, label="measured copy BW")
-        ax.set_xticks(range(len(cases)))
-        ax.set_xticklabels(cases, rotation=30, ha="right", fontsize=8)
-        ax.set_ylabel("GB/s (declared bytes / median time)")
-        ax.legend(fontsize=8)
-    ax.set_title(f"{bench.get('benchmark', '')}: effective bandwidth")
+    return plt, ""
+
+
+def _empty_figure(plt, title: str, text: str):
+    fig, ax = plt.subplots(figsize=(8.0, 2.5))
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center", wrap=True)
+    ax.set_title(title)
+    return fig
+
+
+def _save(fig, plt, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_benchmark(bench: dict, roofline: dict | None, path: Path) -> str | None:
+    """Bars of GB/s per provider, grouped by case; the measured copy bandwidth as a line.
+    Without timings the figure says why. Returns None, or why no plot was written."""
+    plt, problem = _pyplot()
+    if plt is None:
+        return problem
+    metric, ylabel, what = "gbps", "GB/s (declared bytes / median time)", "effective bandwidth"
+    rows = [r for r in bench.get("rows", []) if r.get(metric) is not None]
+    if not rows and any(r.get("median_ms") is not None for r in bench.get("rows", [])):
+        # no declared bytes (a model-level benchmark): the latency itself
+        metric, ylabel, what = "median_ms", "median latency, ms", "median latency"
+        rows = [r for r in bench.get("rows", []) if r.get(metric) is not None]
+    cases = list(dict.fromkeys(r["case"] for r in bench.get("rows", [])))
+    providers = [p["name"] for p in bench.get("providers", [])] or list(dict.fromkeys(r["provider"] for r in rows))
+    title = f"{bench.get('benchmark', '')}: {what}"
+    if not rows:
+        fig = _empty_figure(plt, title, f"{bench.get('benchmark', '')}\n{bench.get('not_timed_reason') or NOT_TIMED}")
+        _save(fig, plt, path)
+        return None
+    fig, ax = plt.subplots(figsize=(max(8.0, 1.2 * len(cases) + 3), 5.0))
+    width = 0.8 / max(len(providers), 1)
+    by_cell = {(r["case"], r["provider"]): r[metric] for r in rows}
+    for j, provider in enumerate(providers):
+        xs = [i + (j - (len(providers) - 1) / 2) * width for i in range(len(cases))]
+        ys = [by_cell.get((c, provider), 0.0) for c in cases]
+        ax.bar(xs, ys, width=width, label=provider)
+    if metric == "gbps" and roofline and roofline.get("copy_gbps"):
+        ax.axhline(roofline["copy_gbps"], color="black", linestyle="--", linewidth=1, label="measured copy BW")
+    ax.set_xticks(range(len(cases)))
+    ax.set_xticklabels(cases, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    _save(fig, plt, path)
     return None
 
 
-class ResultsFolder:
-    """One results folder: ``results.json``, ``results.md``, ``<benchmark>.png``.
+def plot_speedup(bench: dict, path: Path) -> str | None:
+    """Speedup over the baseline against the benchmark's main size (log x), a line per
+    provider through its timed cells in size order; the baseline as a dashed line at 1."""
+    plt, problem = _pyplot()
+    if plt is None:
+        return problem
+    name = bench.get("benchmark", "")
+    title = f"{name}: speedup vs {size_label(bench)}"
+    points: dict[str, list[tuple[float, float]]] = {}
+    for r in bench.get("rows", []):
+        size = row_size(bench, r)
+        if r.get("status") == "ok" and r.get("speedup") and size:
+            points.setdefault(r["provider"], []).append((size, r["speedup"]))
+    if not points:
+        fig = _empty_figure(plt, title, f"{name}\n{bench.get('not_timed_reason') or 'no timed cells'}")
+        _save(fig, plt, path)
+        return None
+    providers = [p["name"] for p in bench.get("providers", [])]
+    fig, ax = plt.subplots(figsize=(8.0, 5.0))
+    for provider in [p for p in providers if p in points] + [p for p in points if p not in providers]:
+        xy = sorted(points[provider])
+        ax.plot([x for x, _ in xy], [y for _, y in xy], marker="o", label=provider)
+    ax.axhline(1.0, color="black", linestyle="--", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter
 
-    Every update re-reads ``results.json``, merges, and rewrites all three, so several
-    benchmarks (run in separate processes) share one folder.
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.set_xlabel(size_label(bench) + " (log)")
+    ax.set_ylabel(f"speedup over {providers[0] if providers else 'the baseline'} (log)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    _save(fig, plt, path)
+    return None
+
+
+def plot_roofline(bench: dict, roofline: dict | None, path: Path) -> str | None:
+    """Each timed cell under the roofline measured in the run. With declared FLOPs: a
+    classic roofline (TFLOP/s against FLOPs per byte, log-log; the roof is
+    min(matmul rate, copy BW x intensity)); without (a pure data-movement kernel):
+    GB/s against the bytes moved, under the measured copy bandwidth."""
+    plt, problem = _pyplot()
+    if plt is None:
+        return problem
+    name = bench.get("benchmark", "")
+    rows = [r for r in bench.get("rows", []) if r.get("status") == "ok" and r.get("median_ms")]
+    roof = roofline or {}
+    measured = roof.get("copy_gbps") is not None
+    title = f"{name}: roofline position"
+    if rows and not any(r.get("bytes") or r.get("flops") for r in rows):
+        fig = _empty_figure(plt, title, f"{name}\nno declared bytes or FLOPs (a model-level benchmark): no roofline")
+        _save(fig, plt, path)
+        return None
+    if not rows or not measured:
+        why = bench.get("not_timed_reason") or ("" if measured else roof.get("reason") or "roofline not measured")
+        fig = _empty_figure(plt, title, f"{name}\n{why or 'no timed cells'}")
+        _save(fig, plt, path)
+        return None
+    providers = list(dict.fromkeys([p["name"] for p in bench.get("providers", [])] + [r["provider"] for r in rows]))
+    fig, ax = plt.subplots(figsize=(8.0, 5.0))
+    with_flops = any(r.get("flops") for r in rows)
+    if with_flops:
+        xs_all = [r["flops"] / r["bytes"] for r in rows if r.get("flops") and r.get("bytes")]
+        knee = roof["matmul_tflops"] * 1e3 / roof["copy_gbps"]  # FLOPs per byte where the roof turns flat
+        lo, hi = min(min(xs_all), knee) / 4, max(max(xs_all), knee) * 4
+        grid = [lo * (hi / lo) ** (i / 200) for i in range(201)]
+        ax.plot(grid, [min(roof["matmul_tflops"], roof["copy_gbps"] * x / 1e3) for x in grid], color="black",
+                linewidth=1.5, label="measured roof")  # fmt: skip
+        for provider in providers:
+            pts = [(r["flops"] / r["bytes"], r["tflops"]) for r in rows
+                   if r["provider"] == provider and r.get("flops") and r.get("bytes") and r.get("tflops")]  # fmt: skip
+            if pts:
+                ax.scatter([x for x, _ in pts], [y for _, y in pts], label=provider, s=30)
+        ax.set_xlabel("arithmetic intensity (declared FLOPs / declared bytes, log)")
+        ax.set_ylabel("TFLOP/s (log)")
+    else:
+        ax.axhline(roof["copy_gbps"], color="black", linewidth=1.5, label="measured copy BW")
+        for provider in providers:
+            pts = [(r["bytes"], r["gbps"]) for r in rows if r["provider"] == provider and r.get("gbps")]
+            if pts:
+                ax.scatter([x for x, _ in pts], [y for _, y in pts], label=provider, s=30)
+        ax.set_xlabel("declared bytes moved (log)")
+        ax.set_ylabel("GB/s (log)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
+    _save(fig, plt, path)
+    return None
+
+
+PLOTS = (
+    ("plot", "{name}.png", lambda bench, roof, path: plot_benchmark(bench, roof, path)),
+    ("speedup_plot", "{name}-speedup.png", lambda bench, roof, path: plot_speedup(bench, path)),
+    ("roofline_plot", "{name}-roofline.png", lambda bench, roof, path: plot_roofline(bench, roof, path)),
+)
+
+
+def _file_stem(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+class ResultsFolder:
+    """One results folder: ``results.json``, ``results.md`` and per benchmark
+    ``<benchmark>.png``, ``<benchmark>-speedup.png``, ``<benchmark>-roofline.png``.
+
+    Every update re-reads ``results.json``, merges, and rewrites the JSON and the
+    Markdown (and the benchmark's plots unless ``plot=False``), so several benchmarks
+    (run in separate processes) share one folder.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -1133,7 +1551,7 @@ class ResultsFolder:
         return {"timed": False, "not_timed_reason": "", "benchmarks": {}}
 
     def update(self, *, stamp: dict | None = None, roofline: Roofline | None = None,
-               benchmark: BenchmarkResult | None = None, suite: dict | None = None) -> dict:  # fmt: skip
+               benchmark: BenchmarkResult | None = None, suite: dict | None = None, plot: bool = True) -> dict:  # fmt: skip
         """Merge what is given into the folder; a stamp is taken if the folder has none."""
         self.path.mkdir(parents=True, exist_ok=True)
         data = self.load()
@@ -1148,7 +1566,14 @@ class ResultsFolder:
         if suite is not None:
             data["suite"] = suite
         self._set_timed(data)
-        self._write(data, benchmark.benchmark if benchmark is not None else None)
+        self._write(data, [benchmark.benchmark] if benchmark is not None and plot else [])
+        return data
+
+    def render(self) -> dict:
+        """Rewrite every benchmark's plots, the JSON and the Markdown from ``results.json``."""
+        data = self.load()
+        self._set_timed(data)
+        self._write(data, list(data.get("benchmarks", {})))
         return data
 
     @staticmethod
@@ -1159,12 +1584,18 @@ class ResultsFolder:
         if not benches:
             reasons = [data.get("not_timed_reason") or f"{NOT_TIMED}: no benchmark has run yet"]
         data["not_timed_reason"] = "; ".join(r for r in reasons if r)
+        data["timing_sources"] = sorted({b.get("timing_source") for b in benches if b.get("timing_source")})
+        data["skipped_baselines"] = skipped_baselines(data)
 
-    def _write(self, data: dict, plotted: str | None) -> None:
-        if plotted is not None:
-            bench = data["benchmarks"][plotted]
-            problem = plot_benchmark(bench, data.get("roofline"), self.path / f"{plotted}.png")
-            bench["plot"] = problem or f"{plotted}.png"
+    def _write(self, data: dict, plotted: Sequence[str]) -> None:
+        for name in plotted:
+            bench = data["benchmarks"][name]
+            for key, pattern, draw in PLOTS:
+                if key == "roofline_plot" and bench.get("kind") == "model":
+                    continue  # no declared bytes or FLOPs: latency, speedup and memory only
+                filename = pattern.format(name=_file_stem(name))
+                problem = draw(bench, data.get("roofline"), self.path / filename)
+                bench[key] = problem or filename
         tmp = self.json_path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
         tmp.replace(self.json_path)
@@ -1183,20 +1614,25 @@ def roofline_from_folder(out_dir: str | os.PathLike, device: torch.device | str 
 
 
 def run_into_folder(bench: Benchmark, out_dir: str | os.PathLike, *, quick: bool = False,
-                    counter_class=None) -> BenchmarkResult:  # fmt: skip
+                    counter_class=None, on_case: Callable[[BenchmarkResult], None] | None = None,
+                    **kwargs) -> BenchmarkResult:  # fmt: skip
     """What each ``benchmarks/bench_*.py`` module's ``run()`` does: run ``bench`` (timed
-    on CUDA, validated on the CPU otherwise) and merge its rows into ``out_dir``, after
-    every case. Reuses a roofline the folder already holds for this device."""
+    on CUDA, validated on the CPU otherwise) and merge its rows into ``out_dir`` after
+    every case (JSON and Markdown; the plots once, at the end). Reuses a roofline the
+    folder already holds for this device. ``on_case`` also gets the partial result after
+    every case (a progress bar); ``kwargs`` go to :func:`run_benchmark`."""
     folder = ResultsFolder(out_dir)
-    roofline = roofline_from_folder(out_dir) if cuda_available() else None
-    return run_benchmark(
-        bench,
-        quick=quick,
-        roofline=roofline,
-        on_progress=lambda partial: folder.update(benchmark=partial),
-        counter_class=counter_class,
-    )
+    if kwargs.get("roofline") is None and kwargs.get("timing_source") is None:
+        kwargs["roofline"] = roofline_from_folder(out_dir) if cuda_available() else None
 
+    def progress(partial: BenchmarkResult) -> None:
+        folder.update(benchmark=partial, plot=False)
+        if on_case is not None:
+            on_case(partial)
+
+    result = run_benchmark(bench, quick=quick, on_progress=progress, counter_class=counter_class, **kwargs)
+    folder.update(benchmark=result)
+    return result
 
 
 # --------------------------------------------------------------------------------------

@@ -38,17 +38,23 @@ class token and the position table the tower adds. The GEMM behind it has M rows
 (``gemm_k``) and D columns. From each checkpoint's config and processor:
 
 * CLIP-L/14-336 (LLaVA-1.5's tower): 336 x 336, P = 14 -> 24 x 24 = 576 patches,
-  D = 1024, no conv bias, class token, 577 positions; batch 1, 8, 64.
+  D = 1024, no conv bias, class token, 577 positions; batch 1, 8, 64, 256.
 * SigLIP-so400m/14-384 (PaliGemma, Idefics3, LLaVA-OneVision): 384 x 384, P = 14 ->
   27 x 27 = 729 patches (Conv2d floors: the last 6 px of each row and column are never
   read), D = 1152, conv bias, no class token, 729 positions; batch 1, 8.
 * Qwen2-VL-7B vision: pre-flattened 3 x 2 x 14 x 14 patches (K = 1176), D = 1280, no
-  bias, no class token or position table (rotary positions come later); 1024, 4096 and
-  16384 patches (one 448 x 448, 896 x 896 and 1792 x 1792 image).
+  bias, no class token or position table (rotary positions come later); 256, 1024, 4096
+  and 16384 patches (one 224 x 224, 448 x 448, 896 x 896 and 1792 x 1792 image).
 * Llama-3.2-11B-Vision (Mllama): 4 tiles of 560 x 560, P = 14 -> 40 x 40 = 1600
   patches per tile, D = 1280, no bias, class token, and a position table per tile
   ((4, 1601, 1280): the gated position, tile-position and pre-tile embeddings of the
   tile's aspect ratio folded into one table).
+
+Scaling: each table sweeps its main size over more than two orders of magnitude so the
+speedup-vs-size plots show how cost grows with work: merge tokens T from 94 (one
+224 x 224 Qwen2-VL image) through 1, 4, 16 and 64 LLaVA-1.5 prompts to 37,888; patch
+embed GEMM rows M from 256 (one 224 x 224 Qwen2-VL image) to 147,456 (256 CLIP images).
+``tests/test_bench_harness.py`` checks both spans.
 
 Weights, class token and position tables are bf16. Pixels arrive either normalized on
 the host in float32 (what the processors return: ``pixel_dtype``) or as uint8 with the
@@ -240,12 +246,30 @@ def _packed_llava_requests() -> tuple[tuple[Segment, ...], ...]:
 
 MERGE_SHAPES: tuple[MergeShape, ...] = (
     MergeShape(
+        name="qwen2-vl-7b/1x1img-224",
+        sequences=((text(20), image(64), text(10)),),
+        notes="the smallest real merge: one 224x224 image (64 tokens), a short prompt",
+        **_QWEN2_VL_7B,
+    ),
+    MergeShape(
         name="llava-1.5-7b/1x1img",
         sequences=((text(35), image(576), text(24)),),
         notes="one prompt, one image (latency)",
         **_LLAVA_15,
     ),
+    MergeShape(
+        name="llava-1.5-7b/4x1img",
+        sequences=_repeat([text(5), image(576), text(11)], 4),
+        notes="scaling sweep: 4 single-image prompts",
+        **_LLAVA_15,
+    ),
     goal_merge_shape(),
+    MergeShape(
+        name="llava-1.5-7b/64x1img",
+        sequences=_repeat([text(5), image(576), text(11)], 64),
+        notes="scaling sweep: 64 single-image prompts (37,888 tokens)",
+        **_LLAVA_15,
+    ),
     MergeShape(
         name="llava-1.5-7b/packed-16img",
         sequences=_packed_llava_requests(),
@@ -308,13 +332,15 @@ MERGE_SHAPES: tuple[MergeShape, ...] = (
 )
 
 # What `--quick` runs: the goal shape, vLLM's packed layout, the widest D with the
-# longest items, and two placeholder kinds.
+# longest items, two placeholder kinds, and the two ends of the token sweep (94 and
+# 37,888 tokens: the quick plots still span more than two orders of magnitude).
 QUICK_MERGE_SHAPES: tuple[MergeShape, ...] = tuple(
     s
     for s in MERGE_SHAPES
     if s.name
-    in ("llava-1.5-7b/16x1img", "llava-1.5-7b/packed-16img", "llava-next-34b/4x1img-anyres", "qwen2-vl-7b/image+video")
-)
+    in ("qwen2-vl-7b/1x1img-224", "llava-1.5-7b/16x1img", "llava-1.5-7b/packed-16img", "llava-next-34b/4x1img-anyres",
+        "qwen2-vl-7b/image+video", "llava-1.5-7b/64x1img")
+)  # fmt: skip
 
 # ======================================================================================
 # Patch embedding
@@ -486,8 +512,11 @@ PATCH_EMBED_SHAPES: tuple[PatchEmbedShape, ...] = (
     PatchEmbedShape(name="clip-l-14-336/b1", batch=1, notes="one image (latency)", **_CLIP_L_336),
     PatchEmbedShape(name="clip-l-14-336/b8", batch=8, **_CLIP_L_336),
     PatchEmbedShape(name="clip-l-14-336/b64", batch=64, notes="a large batch: the GEMM dominates", **_CLIP_L_336),
+    PatchEmbedShape(name="clip-l-14-336/b256", batch=256, notes="scaling sweep: 147,456 patches", **_CLIP_L_336),
     PatchEmbedShape(name="siglip-so400m-14-384/b1", batch=1, notes="one image (latency)", **_SIGLIP_SO400M_384),
     PatchEmbedShape(name="siglip-so400m-14-384/b8", batch=8, **_SIGLIP_SO400M_384),
+    PatchEmbedShape(name="qwen2-vl-7b/256p", flat_patches=256, notes="one 224x224 image (the smallest M)",
+                    **_QWEN2_VL_7B_VISION),  # fmt: skip
     PatchEmbedShape(name="qwen2-vl-7b/1024p", flat_patches=1024, notes="one 448x448 image",
                     **_QWEN2_VL_7B_VISION),  # fmt: skip
     PatchEmbedShape(name="qwen2-vl-7b/4096p", flat_patches=4096, notes="one 896x896 image",
@@ -498,11 +527,13 @@ PATCH_EMBED_SHAPES: tuple[PatchEmbedShape, ...] = (
                     "table per tile", **_MLLAMA_11B),  # fmt: skip
 )
 
-# What `--quick` runs: one shape per tower (batch 8, 4096 patches, 4 tiles).
+# What `--quick` runs: one shape per tower, chosen so M still spans two orders of
+# magnitude (256 to 36,864 rows): one small Qwen2-VL image, one SigLIP image, Mllama's
+# 4 tiles, a CLIP batch of 64.
 QUICK_PATCH_EMBED_SHAPES: tuple[PatchEmbedShape, ...] = tuple(
     s
     for s in PATCH_EMBED_SHAPES
-    if s.name in ("clip-l-14-336/b8", "siglip-so400m-14-384/b8", "qwen2-vl-7b/4096p", "mllama-11b/4tiles")
+    if s.name in ("qwen2-vl-7b/256p", "siglip-so400m-14-384/b1", "mllama-11b/4tiles", "clip-l-14-336/b64")
 )
 
 # Later issues fill these (Llama-3.2-11B-Vision attention, LLaVA-1.5-7B and -NeXT-34B

@@ -111,6 +111,18 @@ def test_merge_bytes_of_the_goal_shape():
     assert bench_merge.merge_bytes(goal) == T * 8 + (T - N) * D * 2 + N * D * 2 + T * D * 2
 
 
+@pytest.mark.parametrize("name", ["merge", "patch_embed"])
+def test_each_microbenchmark_sweeps_its_main_size_over_two_orders(name):
+    harness.discover()
+    reg = harness.registered()[name]
+    for quick in (False, True):
+        sizes = [case.params()[reg.size_param] for case in reg.benchmark.cases_for(quick)]
+        assert max(sizes) / min(sizes) >= 100, (name, quick, min(sizes), max(sizes))
+    if name == "merge":
+        sizes = {c.name: c.num_tokens for c in reg.benchmark.cases}
+        assert sizes["qwen2-vl-7b/1x1img-224"] == 94 and sizes["llava-1.5-7b/64x1img"] == 64 * 592
+
+
 # --------------------------------------------------------------------------------------
 # Providers against the oracle
 
@@ -404,9 +416,12 @@ def test_gpu_suite_budget_and_naming(tmp_path):
     assert budget.allot(50.0, reserve_s=60.0) == pytest.approx(30.0, abs=0.5)
     assert budget.allot(20.0) == 20.0
     assert suite.TOTAL_BUDGET_S == 540.0
-    assert suite.discover_benchmarks() == sorted(suite.discover_benchmarks()) and (
-        "benchmarks.bench_merge" in suite.discover_benchmarks()
-    )
+    assert suite.bench_reserve_s(2, 510.0) == 180.0  # 90 s each
+    assert suite.bench_reserve_s(7, 510.0) == pytest.approx(306.0)  # capped: the GPU tests still run
+    names = suite.discover_benchmarks()
+    kinds = [harness.registered()[n].kind for n in names]
+    assert kinds == sorted(kinds, key=lambda k: k != "kernel")  # kernels first, then models
+    assert {"merge", "patch_embed", "llava-1.5-7b", "qwen2-vl-7b"} <= set(names)
     junit = tmp_path / "j.xml"
     junit.write_text(
         '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1">'
@@ -427,14 +442,15 @@ def test_gpu_suite_refuses_without_cuda(tmp_path):
 
 def test_gpu_suite_dry_run_validates_and_writes_not_timed(tmp_path):
     out = tmp_path / "suite"
-    proc = subprocess.run([sys.executable, str(GPU_SUITE), "--dry-run", "--quick", "--out", str(out)],
+    proc = subprocess.run([sys.executable, str(GPU_SUITE), "--dry-run", "--quick", "--benchmarks", "merge",
+                           "--out", str(out)],
                           capture_output=True, text=True, env=_env_without_cuda_or_interpreter(),
                           timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads((out / "results.json").read_text())
     assert data["timed"] is False and "not timed: no CUDA device" in data["not_timed_reason"]
     steps = {s["name"]: s for s in data["suite"]["steps"]}
-    assert list(steps)[:3] == ["stamp", "roofline", "gpu-tests"] and "bench:merge" in steps
+    assert list(steps) == ["stamp", "roofline", "gpu-tests", "bench:merge", "plots"]
     assert all(s["status"] == "ok" for s in steps.values()), steps
     assert data["suite"]["dry_run"] is True and data["suite"]["status"] == "ok"
     assert data["roofline"]["copy_gbps"] is None
@@ -443,6 +459,11 @@ def test_gpu_suite_dry_run_validates_and_writes_not_timed(tmp_path):
     md = (out / "results.md").read_text()
     assert "not timed: no CUDA device" in md and "GPU suite steps" in md
     assert (out / "bench-merge.log").exists() and (out / "gpu-tests.log").exists()
+    assert "python -m mmkernels.bench" in (out / "bench-merge.log").read_text().splitlines()[0].replace(
+        sys.executable, "python")  # the suite runs the same command line as a user
+    for png in ("merge.png", "merge-speedup.png", "merge-roofline.png"):
+        if _has("matplotlib"):
+            assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The GPU suite: one command for a lent H100/H200, finished inside 9 minutes.
 
-    python tools/gpu_suite.py [--out DIR] [--quick] [--dry-run]
+    python tools/gpu_suite.py [--out DIR] [--quick] [--dry-run] [--benchmarks NAME,...]
 
 Steps, in order; each has a time budget, runs in its own process (a hang or a crash
 costs that step only), and is recorded in the summary however it ends:
@@ -12,18 +12,27 @@ costs that step only), and is recorded in the summary however it ends:
    once; the benchmarks read it from the folder for their "% of roofline" columns.
 3. ``gpu-tests``: ``pytest -m gpu tests/`` with ``MMK_TEST_GPU=1`` (compiled kernels);
    JUnit XML and the log go into the folder.
-4. ``bench:<name>``: ``run(out_dir, quick)`` of every ``benchmarks/bench_*.py``.
+4. ``bench:<name>``: every benchmark registered by a ``benchmarks/bench_*.py`` module
+   (kernel microbenchmarks and model-level benchmarks), each run by the same code as
+   ``python -m mmkernels.bench --benchmarks <name> --out DIR`` in its own process.
+5. ``plots``: every benchmark's plots and the Markdown summary redrawn from
+   ``results.json`` (a step stopped by its budget leaves rows but no plots).
 
 Budget: 540 s in all, of which 30 s are kept for teardown and the summary. Roofline gets
 at most 45 s, the GPU tests at most 180 s (less when the benchmarks would otherwise get
-under 90 s each), and the benchmarks share what is left equally. A benchmark stops
+under 90 s each, but never less than 40% of what is left: with many benchmarks each gets
+less), and the benchmarks share what is left equally, in order (kernels, then models;
+time one leaves unused goes to the next). A benchmark stops
 starting new shapes 20 s before its budget ends and has written its results after every
 shape, so a step cut short still leaves rows. A step over budget is stopped (SIGINT,
 then SIGTERM, then SIGKILL to its process group) and recorded as ``timeout``.
 
 Everything lands in one folder, by default ``benchmarks/results/<GPU>-<date>-<commit>``
 (e.g. ``benchmarks/results/H100-2026-11-24-abc1234``): ``results.json``,
-``results.md``, a PNG per benchmark, ``gpu-tests.junit.xml`` and one log per step.
+``results.md`` (summary, skipped baselines by name, a table per benchmark), three PNGs
+per benchmark (bandwidth or latency, speedup vs size, roofline position),
+``gpu-tests.junit.xml`` and one log per step. ``benchmarks/results/README.md`` explains
+the files.
 
 Without a CUDA device the suite refuses (exit code 2) unless ``--dry-run``: then every
 step runs on the CPU (the benchmarks validate the harness and write "not timed", the
@@ -36,7 +45,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import importlib
 import json
 import os
 import signal
@@ -56,6 +64,7 @@ FINISH_MARGIN_S = 30.0
 ROOFLINE_CAP_S = 45.0
 GPU_TESTS_CAP_S = 180.0
 MIN_BENCH_S = 90.0
+BENCH_SHARE_CAP = 0.6  # of the budget left before the roofline: at most this is held back for benchmarks
 BENCH_GRACE_S = 20.0
 EXIT_NO_CUDA = 2
 EXIT_ROWS_FAILED = 3
@@ -234,29 +243,13 @@ def _step_roofline(out_dir: Path, quick: bool) -> int:
     return 0
 
 
-def _step_bench(out_dir: Path, module_name: str, quick: bool) -> int:
-    module = importlib.import_module(module_name)
-    result = module.run(out_dir, quick=quick)
-    failed = result.failed_rows
-    for row in failed:
-        print(f"FAILED {row.case} / {row.provider}: {row.reason}")
-    counts = {}
-    for row in result.rows:
-        counts[row.status] = counts.get(row.status, 0) + 1
-    print(f"{result.benchmark}: " + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())))
-    return EXIT_ROWS_FAILED if failed else 0
-
-
 def step_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="gpu_suite.py _step")
-    parser.add_argument("kind", choices=["roofline", "bench"])
+    parser.add_argument("kind", choices=["roofline"])
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--module")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
-    if args.kind == "roofline":
-        return _step_roofline(args.out, args.quick)
-    return _step_bench(args.out, args.module, args.quick)
+    return _step_roofline(args.out, args.quick)
 
 
 # ======================================================================================
@@ -264,36 +257,55 @@ def step_main(argv: list[str]) -> int:
 
 
 def discover_benchmarks() -> list[str]:
-    return sorted(f"benchmarks.{p.stem}" for p in (REPO_ROOT / "benchmarks").glob("bench_*.py"))
+    """The registered benchmarks' names (kernels first, then models; by name within)."""
+    from benchmarks import harness
+
+    registry, errors = harness.discover()
+    for module, why in errors.items():
+        print(f"gpu_suite: {module} not importable, its benchmarks are not run: {why}", file=sys.stderr)
+    return [name for name, reg in sorted(registry.items(), key=lambda kv: (kv[1].kind != "kernel", kv[0]))]
 
 
 def default_out_dir(stamp: dict, dry_run: bool) -> Path:
-    from benchmarks import harness
+    from mmkernels import bench
 
-    date = stamp.get("date", "")[:10] or datetime.date.today().isoformat()
-    commit = stamp.get("git_commit", "unknown")
-    short = commit[:7] if commit != "unknown" else "nogit"
-    base = f"{harness.short_gpu_name(stamp)}-{date}-{short}" + ("-dryrun" if dry_run else "")
-    root = REPO_ROOT / "benchmarks" / "results"
-    candidate, n = root / base, 2
-    while candidate.exists():
-        candidate, n = root / f"{base}-{n}", n + 1
-    return candidate
+    return bench.default_out_dir(stamp, dry_run)
 
 
-def _bench_step(module: str, out_dir: Path, *, budget: Budget, benches_left: int, quick: bool, dry_run: bool) -> StepResult:
+def _bench_step(name: str, out_dir: Path, *, budget: Budget, benches_left: int, quick: bool, dry_run: bool) -> StepResult:
+    """``python -m mmkernels.bench --benchmarks NAME --out DIR`` within its share of the budget."""
     budget_s = budget.allot(budget.remaining() / max(benches_left, 1))
     grace = min(BENCH_GRACE_S, 0.25 * budget_s)
     deadline = time.time() + budget_s - grace
-    cmd = _self_cmd("bench", "--out", str(out_dir), "--module", module, *(["--quick"] if quick else []))
+    cmd = [sys.executable, "-m", "mmkernels.bench", "--benchmarks", name, "--out", str(out_dir), "--no-table",
+           *(["--quick"] if quick else []), *(["--dry-run"] if dry_run else [])]  # fmt: skip
     env = step_env(dry_run=dry_run, interpret=True, deadline=deadline)
-    name = "bench:" + module.rsplit(".", 1)[-1].removeprefix("bench_")
-    step, rc = run_process_step(name, cmd, budget_s=budget_s, out_dir=out_dir, env=env)
+    step, rc = run_process_step("bench:" + name, cmd, budget_s=budget_s, out_dir=out_dir, env=env)
     if rc == EXIT_ROWS_FAILED:
         step.detail = "rows failed their correctness check; " + step.detail
     elif rc == 0:
         step.detail = _tail(out_dir / step.log, lines=1)
     return step
+
+
+def bench_reserve_s(n_benches: int, remaining_s: float) -> float:
+    """Seconds held back for the benchmarks while the roofline and the GPU tests run:
+    ``MIN_BENCH_S`` each, but never more than ``BENCH_SHARE_CAP`` of what is left (with
+    many benchmarks the GPU tests would otherwise get nothing)."""
+    return min(MIN_BENCH_S * n_benches, BENCH_SHARE_CAP * remaining_s)
+
+
+def render_step(out_dir: Path) -> StepResult:
+    """Redraw every benchmark's plots and the Markdown from ``results.json``."""
+    from benchmarks import harness
+
+    started = time.monotonic()
+    try:
+        data = harness.ResultsFolder(out_dir).render()
+    except Exception as exc:  # the JSON is written already; plots are a view of it
+        return StepResult("plots", "failed", time.monotonic() - started, 0.0, f"{type(exc).__name__}: {exc}")
+    n = len(data.get("benchmarks", {}))
+    return StepResult("plots", "ok", time.monotonic() - started, 0.0, f"plots and summary of {n} benchmarks redrawn")
 
 
 def take_stamp() -> tuple[dict, StepResult]:
@@ -312,7 +324,7 @@ def take_stamp() -> tuple[dict, StepResult]:
 
 
 def run_suite(out_dir: Path, *, quick: bool, dry_run: bool, stamp: dict, stamp_step: StepResult,
-              budget: Budget) -> list[StepResult]:  # fmt: skip
+              budget: Budget, only: list[str] | None = None) -> list[StepResult]:  # fmt: skip
     from benchmarks import harness
 
     folder = harness.ResultsFolder(out_dir)
@@ -330,7 +342,15 @@ def run_suite(out_dir: Path, *, quick: bool, dry_run: bool, stamp: dict, stamp_s
     folder.update(stamp=stamp)
     record("running")
     benches = discover_benchmarks()
-    bench_reserve = MIN_BENCH_S * len(benches)
+    if only is not None:
+        from mmkernels.bench import normalize_name
+
+        unknown = sorted({normalize_name(n) for n in only} - {normalize_name(b) for b in benches})
+        if unknown:
+            steps.append(StepResult("benchmarks", "failed", 0.0, 0.0, f"unknown benchmarks: {', '.join(unknown)}; "
+                                    f"registered: {', '.join(benches)}"))  # fmt: skip
+        benches = [b for b in benches if normalize_name(b) in {normalize_name(n) for n in only}]
+    bench_reserve = bench_reserve_s(len(benches), budget.remaining())
 
     roofline_cap = ROOFLINE_CAP_S * (0.7 if quick else 1.0)
     step, _ = run_process_step(
@@ -352,11 +372,13 @@ def run_suite(out_dir: Path, *, quick: bool, dry_run: bool, stamp: dict, stamp_s
     steps.append(run_gpu_tests(out_dir, budget_s=budget.allot(tests_cap, reserve_s=bench_reserve), dry_run=dry_run))
     record("running")
 
-    for i, module in enumerate(benches):
-        steps.append(_bench_step(module, out_dir, budget=budget, benches_left=len(benches) - i, quick=quick, dry_run=dry_run))
+    for i, name in enumerate(benches):
+        steps.append(_bench_step(name, out_dir, budget=budget, benches_left=len(benches) - i, quick=quick, dry_run=dry_run))
         record("running")
     if not benches:
-        steps.append(StepResult("benchmarks", "skipped", 0.0, 0.0, "no benchmarks/bench_*.py found"))
+        steps.append(StepResult("benchmarks", "skipped", 0.0, 0.0, "no benchmark registered by benchmarks/bench_*.py"))
+    record("running")
+    steps.append(render_step(out_dir))
     record("ok" if all(s.status in ("ok", "skipped") for s in steps) else "failed")
     return steps
 
@@ -369,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/<GPU>-<date>-<commit>)")
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
     parser.add_argument("--dry-run", action="store_true", help="validate everything on the CPU; nothing is timed")
+    parser.add_argument("--benchmarks", help="comma-separated benchmarks to run (default: every registered one)")
     args = parser.parse_args(argv)
 
     import torch
@@ -386,7 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = (args.out if args.out is not None else default_out_dir(stamp, args.dry_run)).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     print(f"gpu_suite: {stamp['gpu'].get('name')} -> {out_dir}", flush=True)
-    steps = run_suite(out_dir, quick=args.quick, dry_run=args.dry_run, stamp=stamp, stamp_step=stamp_step, budget=budget)
+    only = [n.strip() for n in (args.benchmarks or "").split(",") if n.strip()] or None
+    steps = run_suite(out_dir, quick=args.quick, dry_run=args.dry_run, stamp=stamp, stamp_step=stamp_step, budget=budget,
+                      only=only)  # fmt: skip
     for s in steps:
         print(f"  {s.name:16s} {s.status:8s} {s.seconds:6.1f} s / {s.budget_s:5.0f} s  {s.detail}", flush=True)
     print(f"gpu_suite: results in {out_dir}", flush=True)
