@@ -287,3 +287,34 @@ def test_gradients_match_float64_autograd():
     ref.backward(grad_out.double())
     for name, got, want in (("q", q.grad, q64.grad), ("k", k.grad, k64.grad), ("v", v.grad, v64.grad)):
         assert relative_error(got, want) < 1e-5, name
+
+
+CHECKED = [
+    (dict(cu_seqlens_q=torch.tensor([0, 4, 3], dtype=torch.int32), cu_seqlens_k=cu([2, 3])), "cu_seqlens_q: expected non-decreasing"),
+    (dict(cu_seqlens_q=torch.tensor([1, 4], dtype=torch.int32)), "cu_seqlens_q: expected non-decreasing offsets starting at 0"),
+    (dict(cu_seqlens_q=cu([3])), r"cu_seqlens_q: expected the last offset to be total_q = 4, got 3"),
+    (dict(cu_seqlens_k=cu([6])), r"cu_seqlens_k: expected the last offset to be total_k = 5, got 6"),
+    (dict(max_seqlen_q=3), r"max_seqlen_q: expected >= the longest sequence \(4\), got 3"),
+    (dict(kv_ranges=torch.tensor([[0, 5], [0, 6], [1, 2], [2, 2]], dtype=torch.int32)), r"kv_ranges: row 1 \(sequence 0\) is \[0, 6\)"),
+    (dict(kv_ranges=torch.tensor([[-1, 3], [0, 5], [1, 2], [2, 2]], dtype=torch.int32)), r"kv_ranges: row 0 .* is \[-1, 3\)"),
+]
+
+
+@pytest.mark.parametrize("override,match", CHECKED, ids=[str(i) for i in range(len(CHECKED))])
+def test_debug_checks_name_the_argument(override, match, monkeypatch):
+    args = dict(q=torch.randn(4, 2, 64), k=torch.randn(5, 2, 64), v=torch.randn(5, 2, 64),
+                cu_seqlens_q=cu([4]), cu_seqlens_k=cu([5]), max_seqlen_q=4, max_seqlen_k=5)  # fmt: skip
+    kwargs = {"kv_ranges": override.pop("kv_ranges")} if "kv_ranges" in override else {}
+    args.update(override)
+    with pytest.raises(ValueError, match=match):
+        varlen_attention(**args, **kwargs, check=True)
+    monkeypatch.setenv("MMKERNELS_DEBUG_CHECKS", "1")  # the same through the environment
+    with pytest.raises(ValueError, match=match):
+        varlen_attention(**args, **kwargs)
+
+
+def test_debug_checks_pass_valid_inputs_and_allow_empty_ranges():
+    q, k, v = torch.randn(4, 2, 64), torch.randn(5, 2, 64), torch.randn(5, 2, 64)
+    kv_ranges = torch.tensor([[0, 5], [3, 3], [4, 1], [2, 4]], dtype=torch.int32)  # two empty rows
+    out = varlen_attention(q, k, v, cu([4]), cu([5]), 4, 5, kv_ranges=kv_ranges, check=True)
+    torch.testing.assert_close(out, reference(q, k, v, cu([4]), cu([5]), 4, 5, kv_ranges=kv_ranges), rtol=1e-5, atol=1e-5)

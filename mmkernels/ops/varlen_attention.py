@@ -16,6 +16,7 @@ precision PyTorch" yardstick, and the differentiable path of the backward), and
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -138,6 +139,29 @@ def _check_seqlens(args: _AttnArgs) -> tuple[list[int], list[int]]:
         if longest > given:
             raise ValueError(f"{name}: expected >= the longest sequence ({longest}), got {given}")
     return cq, ck
+
+
+def check_values(args: _AttnArgs) -> None:
+    """The debug-mode checks of :func:`varlen_attention` (``check=True``): one host sync."""
+    cq, ck = args.cu_seqlens_q.tolist(), args.cu_seqlens_k.tolist()
+    for name, cu, total, label in (("cu_seqlens_q", cq, args.q.shape[0], "total_q"),
+                                   ("cu_seqlens_k", ck, args.k.shape[0], "total_k")):  # fmt: skip
+        if cu[0] != 0 or any(b < a for a, b in zip(cu, cu[1:])):
+            raise ValueError(f"{name}: expected non-decreasing offsets starting at 0, got {cu}")
+        if cu[-1] != total:
+            raise ValueError(f"{name}: expected the last offset to be {label} = {total}, got {cu[-1]}")
+    _check_seqlens(args)  # max_seqlen_q / max_seqlen_k against the longest sequence
+    if args.kv_ranges is None:
+        return
+    ranges = args.kv_ranges.tolist()
+    for b in range(args.batch):
+        k_len = ck[b + 1] - ck[b]
+        for row in range(cq[b], cq[b + 1]):
+            start, end = ranges[row]
+            if start < end and (start < 0 or end > k_len):
+                raise ValueError(
+                    f"kv_ranges: row {row} (sequence {b}) is [{start}, {end}), outside its {k_len} keys [0, {k_len})"
+                )
 
 
 # --------------------------------------------------------------------------------------
@@ -341,7 +365,7 @@ _varlen_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, softmax_scale=None,
-                     causal=False, kv_ranges=None) -> torch.Tensor:  # fmt: skip
+                     causal=False, kv_ranges=None, check=None) -> torch.Tensor:  # fmt: skip
     """Attention over packed variable-length sequences (flash-attn's varlen contract), with
     optional per-query key ranges.
 
@@ -369,6 +393,13 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
             expresses image masks such as Mllama's (text token t sees the tiles of the
             images before it) without a dense mask; key blocks outside every query's range
             are skipped, not masked.
+        check: the debug mode. True validates the VALUES of the index tensors, which needs
+            one host sync (so it is off by default, as in flash-attn): ``cu_seqlens`` start
+            at 0, never decrease and end at ``total_q`` / ``total_k``; ``max_seqlen_*`` >=
+            every length; every ``kv_ranges`` row lies inside its sequence's keys
+            (``0 <= start``, ``end <= Lk``; ``start >= end`` is an empty range). Each
+            violation raises ``ValueError`` naming the argument. None (default) reads the
+            environment variable ``MMKERNELS_DEBUG_CHECKS=1``.
 
     Returns:
         ``(total_q, Hq, d)`` in q's dtype. A query that sees no key (empty range, no keys,
@@ -383,6 +414,10 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     Registered as ``torch.ops.mmkernels.varlen_attention``.
     """
     args = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, kv_ranges)
+    if check is None:
+        check = os.environ.get("MMKERNELS_DEBUG_CHECKS", "0").lower() in ("1", "true", "yes", "on")
+    if check:
+        check_values(args)
     return _varlen_attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, args.softmax_scale,
                                 causal, kv_ranges)  # fmt: skip
 
