@@ -9,4 +9,6 @@ if [ "$(python -c 'import transformers; print(transformers.__version__)')" != "5
   python -m pip install --quiet --disable-pip-version-check "transformers==5.17.0" || exit 1
 fi
 export TRITON_INTERPRET=1 HF_HUB_OFFLINE=1
-python -m pytest -n "${MMK_TEST_WORKERS:-auto}" -q tests/test_zoo.py tests/test_patch_hf.py tests/test_merge.py "$@"
+python -m pytest -n "${MMK_TEST_WORKERS:-auto}" -q tests/test_zoo.py tests/test_patch_hf.py tests/test_merge.py \
+  tests/test_patch_embed_hf.py tests/test_patch_conv_hf.py tests/test_attention_hf.py tests/test_attention_mllama.py \
+  tests/test_quantize_projector.py "$@"

@@ -249,17 +249,19 @@ class AttnConfig:
 
 def attn_config(max_seqlen_q: int, head_dim: int, element_size: int) -> AttnConfig:
     """Deterministic tiles. 128-query blocks for long queries (vision self-attention, long
-    prompts), 64 when few queries (BLIP-2's 32 Q-Former queries, decode-like text rows) so
-    less of the tile is padding; 64-key blocks keep the fp32 score tile and the padded
-    head dim (<= 128) in registers. max_seqlen_q only picks between two configs, so new
-    lengths every batch never recompile."""
+    prompts), 64 when few queries (BLIP-2's 32 Q-Former queries, short prompts) so less
+    of the tile is padding; 64-key blocks. Head dims padded to 128 (80, 96, 128) and
+    128-query blocks take 8 warps: with 4 the fp32 accumulator, the score tile and the Q
+    operand spill on sm_80, or sit at 255 registers (kernel report, triton 3.8 and 3.9). max_seqlen_q only picks between two configs, so
+    new lengths every batch never recompile."""
     head_pad = max(16, triton.next_power_of_2(head_dim))
     block_m = 128 if max_seqlen_q > 64 else 64
     if element_size > 2 or head_pad > 128:
         block_m = 64  # fp32 tiles and 256-wide heads: halve the register footprint
     block_n = 64 if head_pad <= 128 else 32
-    num_warps = 8 if block_m == 128 and head_pad >= 128 else 4
-    return AttnConfig(block_m, block_n, head_pad, num_warps, num_stages=3 if head_pad <= 64 else 2)
+    num_warps = 8 if head_pad >= 128 or block_m == 128 else 4
+    num_stages = 3 if (block_m == 128 or head_pad <= 64) else 2
+    return AttnConfig(block_m, block_n, head_pad, num_warps, num_stages)
 
 
 def _launch(args: _AttnArgs, out: torch.Tensor):
@@ -449,5 +451,9 @@ _aot_case("varlen_attention/mllama-11b-cross/bf16", [1024], [2 * 4 * 1601], 32, 
 _aot_case("varlen_attention/qwen2-vl-7b-vision/bf16", [1024, 256], [1024, 256], 16, 16, 80)
 # BLIP-2 Q-Former cross-attention: 32 queries x 257 image tokens, d=64.
 _aot_case("varlen_attention/blip2-qformer-cross/bf16", [32] * 8, [257] * 8, 12, 12, 64)
+# Mllama cross-attention from a short prompt (64-query blocks, d=128).
+_aot_case("varlen_attention/mllama-11b-cross-short/bf16", [40, 17], [4 * 1601, 2 * 1601], 32, 8, 128, ranges=True)
+# Whisper-large-v3 decoder cross-attention: 448 tokens x 1500 frames, d=64.
+_aot_case("varlen_attention/whisper-large-v3-cross/bf16", [448], [1500], 20, 20, 64)
 # Causal text self-attention with d=128 (decoder prefill through the same op).
 _aot_case("varlen_attention/causal-d128/bf16", [2048, 777], [2048, 777], 32, 8, 128, causal=True)
