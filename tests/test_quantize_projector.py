@@ -18,6 +18,7 @@ from mmkernels.backend import Backend, recent_decisions
 from mmkernels.integrations import hf_quant
 from mmkernels.integrations.engine import ORIGINALS_ATTR
 from mmkernels.integrations.hf_quant import QuantizedLinear
+from zoo_helpers import build_or_skip
 
 # family -> the projector Linears quantize_projector must replace (paths in the model), and
 # the one whose activation it fuses.
@@ -42,7 +43,7 @@ def tiny_models():
 
     def get(family):
         if family not in cache:
-            cache[family] = zoo.build(family, batch=1)
+            cache[family] = build_or_skip(family, batch=1)
         return cache[family]
 
     return get
