@@ -13,7 +13,8 @@ Two routes, both ending in ONE call of the op per attention layer:
    ``{"text_config": "mmkernels", "vision_config": "mmkernels"}`` route every layer that
    calls the interface through the op: LLaVA's CLIP and Llama, PaliGemma's SigLIP and
    Gemma, Gemma 3, Qwen2-VL's text model, and the cross-attention of BLIP-2's Q-Former,
-   GPT-2 in VisionEncoderDecoder and Whisper's decoder (all tested on the tiny zoo).
+   GPT-2 in VisionEncoderDecoder, Whisper's decoder (all tested on the tiny zoo) and
+   IDEFICS' gated cross-attention (tests/test_attention_idefics.py).
 
    The function receives padded ``(B, H, S, d)`` tensors and the mask sdpa would get: a
    boolean (or 0 / -inf float) ``(B|1, 1|H, Sq, Sk)`` tensor, or None with ``is_causal``.
