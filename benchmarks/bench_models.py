@@ -436,16 +436,8 @@ def expected_hidden(inputs: ModelInputs) -> torch.Tensor:
 
 def compare_hidden(out, expected: torch.Tensor) -> str | None:
     """None when ``out`` is ``expected`` within the dtype's norm-wise relative tolerance."""
-    if not isinstance(out, torch.Tensor):
-        return f"returned {type(out).__name__}, expected a Tensor"
-    if out.shape != expected.shape or out.dtype != expected.dtype:
-        return f"returned {out.dtype}{tuple(out.shape)}, expected {expected.dtype}{tuple(expected.shape)}"
-    o, e = out.double(), expected.double()
-    if not bool(torch.isfinite(o).all()):
-        return f"{int((~torch.isfinite(o)).sum())} of {o.numel()} elements are not finite"
-    rel = float(torch.linalg.vector_norm(o - e) / max(float(torch.linalg.vector_norm(e)), 1e-30))
-    tol = REL_TOL.get(expected.dtype, 5e-2)
-    return None if rel <= tol else f"relative error {rel:.2e} against hf-eager (tolerance {tol:.0e})"
+    tol = REL_TOL.get(getattr(expected, "dtype", None), 5e-2)
+    return harness.compare_relative(out, expected, rel_tol=tol, against="against hf-eager")
 
 
 _RECOMPILE_LIMIT = 64

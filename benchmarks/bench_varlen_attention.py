@@ -317,17 +317,7 @@ def expected_attention(inputs: AttentionInputs, heads_per_step: int = 8) -> torc
 
 def compare_close(out, expected: torch.Tensor) -> str | None:
     """None when ``out`` matches ``expected`` within bf16 rounding; else why not."""
-    if not isinstance(out, torch.Tensor):
-        return f"returned {type(out).__name__}, expected a Tensor"
-    if out.shape != expected.shape or out.dtype != expected.dtype:
-        return f"returned {out.dtype}{tuple(out.shape)}, expected {expected.dtype}{tuple(expected.shape)}"
-    o, e = out.double(), expected.double()
-    if not bool(torch.isfinite(o).all()):
-        return f"{int((~torch.isfinite(o)).sum())} of {o.numel()} elements are not finite"
-    rel = float(torch.linalg.vector_norm(o - e) / max(float(torch.linalg.vector_norm(e)), 1e-30))
-    if rel > REL_TOL:
-        return f"relative error {rel:.2e} (tolerance {REL_TOL:.0e})"
-    return None
+    return harness.compare_relative(out, expected, rel_tol=REL_TOL)
 
 
 # ======================================================================================

@@ -554,13 +554,35 @@ class Provider:
 
 def compare_bitwise(out: torch.Tensor, expected: torch.Tensor) -> str | None:
     """None when ``out`` equals ``expected`` exactly (shape, dtype, values); else why not."""
+    mismatch = _shape_mismatch(out, expected)
+    if mismatch:
+        return mismatch
+    if not torch.equal(out, expected):
+        wrong = int((out != expected).sum())
+        return f"{wrong} of {out.numel()} elements differ from the expected output"
+    return None
+
+
+def _shape_mismatch(out, expected: torch.Tensor) -> str | None:
     if not isinstance(out, torch.Tensor):
         return f"returned {type(out).__name__}, expected a Tensor"
     if out.shape != expected.shape or out.dtype != expected.dtype:
         return f"returned {out.dtype}{tuple(out.shape)}, expected {expected.dtype}{tuple(expected.shape)}"
-    if not torch.equal(out, expected):
-        wrong = int((out != expected).sum())
-        return f"{wrong} of {out.numel()} elements differ from the expected output"
+    return None
+
+
+def compare_relative(out, expected: torch.Tensor, *, rel_tol: float, against: str = "") -> str | None:
+    """None when ``out`` is finite and within ``rel_tol`` of ``expected`` in the norm-wise
+    relative error ``||out - expected|| / ||expected||`` (float64); else why not."""
+    mismatch = _shape_mismatch(out, expected)
+    if mismatch:
+        return mismatch
+    o, e = out.double(), expected.double()
+    if not bool(torch.isfinite(o).all()):
+        return f"{int((~torch.isfinite(o)).sum())} of {o.numel()} elements are not finite"
+    rel = float(torch.linalg.vector_norm(o - e) / max(float(torch.linalg.vector_norm(e)), 1e-30))
+    if rel > rel_tol:
+        return f"relative error {rel:.2e}{' ' + against if against else ''} (tolerance {rel_tol:.0e})"
     return None
 
 
