@@ -480,3 +480,20 @@ def test_gpu_suite_steps_record_failures_and_timeouts(tmp_path):
     assert (tmp_path / "slow.log").exists()
     skipped, _ = suite.run_process_step("late", [sys.executable, "-c", "pass"], budget_s=0.0, out_dir=tmp_path, env=env)
     assert skipped.status == "skipped"
+
+
+def test_serve_vllm_step_is_skipped_by_name(tmp_path, monkeypatch):
+    import importlib.util
+
+    suite = _load_gpu_suite()
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
+    step = suite.serve_vllm_step(tmp_path, budget=suite.Budget(), dry_run=False)
+    assert (step.name, step.status, step.detail) == ("serve-vllm", "skipped", "vLLM is not installed")
+    # vLLM present but no local model to serve (GPU machines reach no hub): skipped, saying how.
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real_find_spec(name, *a))
+    monkeypatch.delenv("MMK_SERVE_MODEL", raising=False)
+    step = suite.serve_vllm_step(tmp_path, budget=suite.Budget(), dry_run=False)
+    assert step.status == "skipped" and "MMK_SERVE_MODEL" in step.detail
+    monkeypatch.setenv("MMK_SERVE_MODEL", str(tmp_path))
+    assert suite.serve_vllm_step(tmp_path, budget=suite.Budget(), dry_run=True).detail == "dry run: nothing is served"

@@ -295,6 +295,31 @@ def bench_reserve_s(n_benches: int, remaining_s: float) -> float:
     return min(MIN_BENCH_S * n_benches, BENCH_SHARE_CAP * remaining_s)
 
 
+SERVE_VLLM_CAP_S = 150.0
+
+
+def serve_vllm_step(out_dir: Path, *, budget: Budget, dry_run: bool) -> StepResult:
+    """The end-to-end serving benchmark (``benchmarks/serve_vllm.py``: ``vllm serve`` with
+    the plugin off and on, ``vllm bench serve --dataset-name random-mm``), when vLLM is
+    installed and ``MMK_SERVE_MODEL`` names a local model folder (GPU machines reach no
+    hub); skipped by name otherwise."""
+    import importlib.util
+
+    name = "serve-vllm"
+    if importlib.util.find_spec("vllm") is None:
+        return StepResult(name, "skipped", 0.0, 0.0, "vLLM is not installed")
+    model = os.environ.get("MMK_SERVE_MODEL")
+    if not model:
+        return StepResult(name, "skipped", 0.0, 0.0, "set MMK_SERVE_MODEL to a local model folder to serve")
+    if dry_run:
+        return StepResult(name, "skipped", 0.0, 0.0, "dry run: nothing is served")
+    cmd = [sys.executable, str(REPO_ROOT / "benchmarks" / "serve_vllm.py"), "--model", model,
+           "--out", str(out_dir / "serve_vllm")]  # fmt: skip
+    step, _ = run_process_step(name, cmd, budget_s=budget.allot(SERVE_VLLM_CAP_S), out_dir=out_dir,
+                               env=step_env(dry_run=False))  # fmt: skip
+    return step
+
+
 def render_step(out_dir: Path) -> StepResult:
     """Redraw every benchmark's plots and the Markdown from ``results.json``."""
     from benchmarks import harness
@@ -378,6 +403,9 @@ def run_suite(out_dir: Path, *, quick: bool, dry_run: bool, stamp: dict, stamp_s
     if not benches:
         steps.append(StepResult("benchmarks", "skipped", 0.0, 0.0, "no benchmark registered by benchmarks/bench_*.py"))
     record("running")
+    if only is None:
+        steps.append(serve_vllm_step(out_dir, budget=budget, dry_run=dry_run))
+        record("running")
     steps.append(render_step(out_dir))
     record("ok" if all(s.status in ("ok", "skipped") for s in steps) else "failed")
     return steps

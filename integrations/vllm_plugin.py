@@ -1,0 +1,530 @@
+"""The vLLM plugin: ``vllm serve <model>`` runs mmkernels' kernels with no change to the command.
+
+Installed as the ``vllm.general_plugins`` entry point ``mmkernels`` ->
+``mmkernels.integrations.vllm_plugin:register``. vLLM calls :func:`register` in every
+process it starts (the CLI / API server, the engine core, each worker; CPU and CUDA
+workers are spawned, so everything is registered inside the function, never at import).
+Each process logs ONE line that says what was registered, or why nothing was (logger
+``vllm.mmkernels``, through vLLM's own handler; straight to stderr, prefixed
+``[mmkernels]``, in a process where vLLM has not configured logging yet: the CLI and
+``LLM(...)`` load plugins before that)::
+
+    mmkernels vLLM plugin (pid 1234, backend triton-interpreter): registered merge -> 13
+    architectures [LlavaForConditionalGeneration, ...]; patch_embed -> Conv2dLayer, Conv3dLayer
+    (kernel == stride)
+
+Replacements, all through vLLM's own extension points (read against vLLM 0.32):
+
+* ``merge``: for each architecture in :data:`MERGE_ARCHITECTURES`, a subclass of vLLM's
+  in-tree model class (same class name, so vLLM's name-based checks still match) is
+  registered with ``ModelRegistry.register_model`` under the in-tree architecture name, in
+  the lazy ``"module:Class"`` form (the model module is imported only where vLLM builds
+  the model). It overrides only ``embed_input_ids``: the text embedding is vLLM's own
+  (``_embed_text_input_ids``: LoRA, out-of-vocabulary placeholders), and the merge is
+  :func:`mmkernels.ops.merge_multimodal_embeddings` driven by vLLM's host-computed
+  ``is_multimodal`` mask (the mask is the id tensor, placeholder id 1): the per-image
+  feature tensors are read where they lie (no concatenation, the cast happens in the
+  kernel), and the count check is done on the host mask (no device sync). The subclass
+  is built only if the in-tree class still uses the interface's default merge (its
+  ``embed_input_ids`` is ``SupportsMultiModal.embed_input_ids`` or a pure
+  ``super().embed_input_ids(...)`` delegation); otherwise vLLM's class is used unchanged
+  and the log says so.
+* ``patch_embed``: ``CustomOp.register_oot`` of subclasses of ``Conv2dLayer`` and
+  ``Conv3dLayer`` (keyed by the in-tree class name; registration is guarded, vLLM asserts
+  on a duplicate). ``enabled()`` is true and ``forward_cuda`` / ``forward_cpu`` run
+  :func:`mmkernels.ops.patch_embed` for convolutions with kernel == stride, square
+  spatial patches, no padding, dilation 1, groups 1; for ``Conv3dLayer`` only inputs that
+  are exactly one patch each (Qwen2-VL's pre-flattened ``(L, C, T, P, P)``). Anything else
+  runs vLLM's own forward.
+
+Unsupported cases fall through to vLLM's own code path; the first such case per reason
+and process is logged. The first call of each replacement per process logs which backend
+mmkernels' op took (``triton``, ``triton-interpreter`` or ``reference`` with its reasons):
+the debug hook that shows the kernel ran, not a fallback. :func:`stats` counts calls per
+(replacement, backend) in the current process.
+
+Environment:
+
+* ``MMKERNELS_DISABLE=1``: register nothing (vLLM runs unchanged); the line says so.
+* ``MMKERNELS_KERNELS=merge,patch_embed``: register only these (default: all of
+  :data:`KERNELS`). Unknown names are reported in the line and ignored.
+
+On a CPU platform the kernels need ``TRITON_INTERPRET=1`` in the environment before
+vLLM starts (Triton reads it when kernels are decorated); without it, or on a platform
+other than CUDA and CPU, nothing is registered and the line says why.
+
+Encoder attention (``CustomOp.register_oot`` of ``MMEncoderAttention``) and quantized
+projectors (a registered quantization config) are each one more entry in
+:data:`_REGISTRARS`.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+import os
+import sys
+import threading
+from typing import Callable
+
+import torch
+
+__all__ = ["KERNELS", "MERGE_ARCHITECTURES", "register", "stats"]
+
+# A child of vLLM's logger: vLLM's handler prints it in every process, with vLLM's prefix.
+log = logging.getLogger("vllm.mmkernels")
+
+ENV_DISABLE = "MMKERNELS_DISABLE"
+ENV_KERNELS = "MMKERNELS_KERNELS"
+KERNELS = ("merge", "patch_embed")
+
+# In-tree architectures whose merge is the interface default in vLLM 0.32 (checked again
+# when the class is built). LlavaNext and Gemma 3 override ``embed_input_ids`` only to
+# delegate to the default, which the check accepts. Architectures that merge their own
+# way (Qwen3-VL with deepstack, InternVL, Phi-3-V, ...) are not listed.
+MERGE_ARCHITECTURES = (
+    "LlavaForConditionalGeneration",
+    "LlavaNextForConditionalGeneration",
+    "LlavaNextVideoForConditionalGeneration",
+    "LlavaOnevisionForConditionalGeneration",
+    "Qwen2VLForConditionalGeneration",
+    "Qwen2_5_VLForConditionalGeneration",
+    "PaliGemmaForConditionalGeneration",
+    "Gemma3ForConditionalGeneration",
+    "Idefics3ForConditionalGeneration",
+    "SmolVLMForConditionalGeneration",
+    "Qwen2AudioForConditionalGeneration",
+    "Mistral3ForConditionalGeneration",
+    "AriaForConditionalGeneration",
+)
+
+_LOCK = threading.Lock()
+_REGISTERED: dict[str, str] | None = None  # kernel -> summary, once per process
+_NOTED: set = set()
+_STATS: collections.Counter = collections.Counter()
+_SOURCES: dict[str, tuple[str, str]] = {}  # architecture -> vLLM's (module, class)
+
+
+def stats() -> dict[tuple[str, str], int]:
+    """Calls of each replacement in this process, keyed by (replacement, backend);
+    ``backend`` is ``fallthrough`` when vLLM's own path ran."""
+    return dict(_STATS)
+
+
+def _emit(level: int, msg: str, *args) -> None:
+    """Log through vLLM's handler; before vLLM has configured logging in this process (the
+    CLI and ``LLM(...)`` load plugins first), write the line to stderr ourselves."""
+    if logging.getLogger("vllm").handlers or os.environ.get("VLLM_CONFIGURE_LOGGING", "1") == "0":
+        log.log(level, msg, *args)
+    else:
+        sys.stderr.write(f"{logging.getLevelName(level)} [mmkernels] {msg % args}\n")
+        sys.stderr.flush()
+
+
+def _note_once(key, msg: str, *args) -> None:
+    with _LOCK:
+        if key in _NOTED:
+            return
+        _NOTED.add(key)
+    _emit(logging.INFO, msg, *args)
+
+
+def _record(replacement: str, op: str, where: str) -> None:
+    """The debug hook: which backend mmkernels' op just took (from mmkernels.backend)."""
+    if torch.compiler.is_compiling():
+        return
+    from mmkernels.backend import recent_decisions
+
+    decisions = [d for d in recent_decisions()[-4:] if d.op == op]
+    if not decisions:
+        return
+    decision = decisions[-1]
+    _STATS[(replacement, decision.backend.value)] += 1
+    reasons = f" ({'; '.join(decision.reasons)})" if decision.reasons else ""
+    _note_once(
+        ("ran", replacement, decision.backend.value, decision.reasons),
+        "mmkernels %s ran: backend=%s%s [%s, pid %d, first call]",
+        replacement, decision.backend.value, reasons, where, os.getpid(),
+    )  # fmt: skip
+
+
+def _fallthrough(replacement: str, reason: str, where: str) -> None:
+    if torch.compiler.is_compiling():
+        return
+    _STATS[(replacement, "fallthrough")] += 1
+    _note_once(
+        ("fallthrough", replacement, reason, where),
+        "mmkernels %s: %s not covered (%s): vLLM's own path runs [pid %d]",
+        replacement, where, reason, os.getpid(),
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# merge
+
+
+def _flat_features(embeddings, dim: int) -> list[torch.Tensor] | None:
+    """vLLM's NestedTensors as a list of (n_i, D) views, in order (no concatenation)."""
+    if isinstance(embeddings, torch.Tensor):
+        if embeddings.dim() < 1 or embeddings.shape[-1] != dim:
+            return None
+        return [embeddings.reshape(-1, dim)] if embeddings.dim() != 2 else [embeddings]
+    if isinstance(embeddings, (list, tuple)):
+        out = []
+        for e in embeddings:
+            flat = _flat_features(e, dim)
+            if flat is None:
+                return None
+            out.extend(flat)
+        return out
+    return None
+
+
+def _merge(inputs_embeds: torch.Tensor, multimodal_embeddings, is_multimodal: torch.Tensor, arch: str):
+    """vLLM's ``_merge_multimodal_embeddings`` contract (same errors), by mmkernels' op."""
+    from mmkernels.ops.merge import CAPABILITIES, OP_NAME, merge_multimodal_embeddings
+    from vllm.model_executor.models import utils as vllm_utils
+
+    reason = None
+    feats = None
+    if inputs_embeds.dim() != 2:
+        reason = f"inputs_embeds of rank {inputs_embeds.dim()}"
+    elif is_multimodal.dtype != torch.bool or is_multimodal.shape != inputs_embeds.shape[:1]:
+        reason = "is_multimodal is not a (T,) bool mask"
+    elif inputs_embeds.dtype not in CAPABILITIES.dtypes:
+        reason = f"dtype {inputs_embeds.dtype}"
+    else:
+        feats = _flat_features(multimodal_embeddings, inputs_embeds.shape[1])
+        if feats is None:
+            reason = "multimodal embeddings that are not (..., D) tensors"
+        elif any(f.device != inputs_embeds.device for f in feats):
+            reason = "features on another device than inputs_embeds"
+        elif len({f.dtype for f in feats}) > 1 or not all(f.is_floating_point() for f in feats):
+            reason = "features of mixed or non-float dtypes"
+    if reason is not None:
+        _fallthrough("merge", reason, arch)
+        return vllm_utils._merge_multimodal_embeddings(
+            inputs_embeds=inputs_embeds, multimodal_embeddings=multimodal_embeddings, is_multimodal=is_multimodal
+        )
+    rows = sum(f.shape[0] for f in feats)
+    if is_multimodal.device.type == "cpu":
+        # vLLM builds the mask on the host: counting there costs no device sync. The
+        # error is vLLM's own (its message, ValueError).
+        expected = int(is_multimodal.sum())
+        if expected != rows:
+            expr = vllm_utils._embedding_count_expression(multimodal_embeddings)
+            raise ValueError(f"Attempted to assign {expr} = {rows} multimodal tokens to {expected} placeholders")
+    # The mask is the id tensor (placeholder id 1): every modality's positions, in order,
+    # exactly the rows vLLM would overwrite. check=False: no device sync in the op.
+    ids = is_multimodal.to(device=inputs_embeds.device, non_blocking=True).to(torch.int32)
+    out = merge_multimodal_embeddings(ids, inputs_embeds, feats, 1, check=False)
+    _record("merge", OP_NAME, arch)
+    return out
+
+
+def _uses_default_merge(cls) -> str | None:
+    """None if ``cls.embed_input_ids`` is the interface default or a pure delegation to it;
+    else why not."""
+    from vllm.model_executor.models.interfaces import SupportsMultiModal
+
+    fn = getattr(cls, "embed_input_ids", None)
+    default = SupportsMultiModal.embed_input_ids
+    if fn is default:
+        return None
+    # Walk the MRO: each override must only call super().embed_input_ids until the default.
+    for klass in cls.__mro__:
+        own = klass.__dict__.get("embed_input_ids")
+        if own is None:
+            continue
+        if own is default:
+            return None
+        code = getattr(own, "__code__", None)
+        if code is None or set(code.co_names) - {"super", "embed_input_ids"}:
+            return f"{klass.__name__}.embed_input_ids merges its own way"
+    return "no SupportsMultiModal.embed_input_ids in its bases"
+
+
+def _make_embed_input_ids(arch: str):
+    def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
+        """The interface default (``SupportsMultiModal.embed_input_ids``) with mmkernels' merge."""
+        from vllm.model_executor.models.interfaces import _require_is_multimodal
+
+        inputs_embeds = self._embed_text_input_ids(
+            input_ids, self.get_language_model().embed_input_ids, is_multimodal=is_multimodal
+        )
+        if multimodal_embeddings is None or len(multimodal_embeddings) == 0:
+            return inputs_embeds
+        return _merge(inputs_embeds, multimodal_embeddings, _require_is_multimodal(is_multimodal), arch)
+
+    return embed_input_ids
+
+
+@functools.lru_cache(maxsize=None)
+def _merge_model_class(arch: str):
+    """vLLM's in-tree class for ``arch`` with mmkernels' merge, or the class unchanged."""
+    import importlib
+
+    module_name, class_name = _SOURCES[arch]
+    base = getattr(importlib.import_module(module_name), class_name)
+    why_not = _uses_default_merge(base)
+    if why_not is not None:
+        _fallthrough("merge", why_not, arch)
+        return base
+    cls = type(
+        base.__name__,  # the in-tree name: vLLM compares class names in places
+        (base,),
+        {
+            "__module__": __name__,
+            "__qualname__": base.__qualname__,
+            "__doc__": f"{base.__name__} with mmkernels' multimodal merge (mmkernels vLLM plugin).",
+            "embed_input_ids": _make_embed_input_ids(arch),
+            "mmkernels_replaced": ("merge",),
+        },
+    )
+    return cls
+
+
+_LAZY_PREFIX = "MMKernels_"
+
+
+def __getattr__(name: str):
+    # "mmkernels.integrations.vllm_plugin:MMKernels_<arch>" is what the registry imports.
+    if name.startswith(_LAZY_PREFIX) and name[len(_LAZY_PREFIX):] in _SOURCES:
+        return _merge_model_class(name[len(_LAZY_PREFIX):])
+    if name.startswith(_LAZY_PREFIX) and name[len(_LAZY_PREFIX):] in MERGE_ARCHITECTURES:
+        # A process that imports the class without having run register() (vLLM's model
+        # inspection subprocess): take the in-tree source from vLLM's registry table.
+        _remember_sources()
+        if name[len(_LAZY_PREFIX):] in _SOURCES:
+            return _merge_model_class(name[len(_LAZY_PREFIX):])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _remember_sources() -> list[str]:
+    """Record vLLM's (module, class) of each listed architecture; the missing ones."""
+    from vllm.model_executor.models import registry
+
+    missing = []
+    table = getattr(registry, "_MULTIMODAL_MODELS", {})
+    for arch in MERGE_ARCHITECTURES:
+        if arch in _SOURCES:
+            continue
+        if arch not in table:
+            missing.append(arch)
+            continue
+        short_module, class_name = table[arch]
+        _SOURCES[arch] = (f"vllm.model_executor.models.{short_module}", class_name)
+    return missing
+
+
+def _register_merge() -> str:
+    from vllm import ModelRegistry
+
+    missing = _remember_sources()
+    done = []
+    for arch in MERGE_ARCHITECTURES:
+        if arch not in _SOURCES:
+            continue
+        ModelRegistry.register_model(arch, f"{__name__}:{_LAZY_PREFIX}{arch}")
+        done.append(arch)
+    summary = f"merge -> {len(done)} architectures [{', '.join(done)}]"
+    if missing:
+        summary += f" (not in this vLLM: {', '.join(missing)})"
+    return summary
+
+
+# --------------------------------------------------------------------------------------
+# patch embed
+
+
+def _conv_reason(layer) -> str | None:
+    """Why mmkernels' patch embed cannot stand in for this conv layer (None: it can)."""
+    ks = tuple(layer.kernel_size)
+    if tuple(layer.stride) != ks:
+        return f"stride {tuple(layer.stride)} != kernel {ks}"
+    if any(layer.padding):
+        return f"padding {tuple(layer.padding)}"
+    if any(d != 1 for d in layer.dilation):
+        return f"dilation {tuple(layer.dilation)}"
+    if layer.groups != 1:
+        return f"groups={layer.groups}"
+    if ks[-1] != ks[-2]:
+        return f"non-square patches {ks}"
+    return None
+
+
+def _patch_embed_conv2d(layer, x: torch.Tensor) -> torch.Tensor | None:
+    from mmkernels.ops.patch_embed import CAPABILITIES
+
+    where = type(layer).name
+    reason = layer._mmk_reason
+    if reason is None:
+        if x.dim() != 4:
+            reason = f"input of rank {x.dim()}"
+        elif x.dtype != layer.weight.dtype or x.dtype not in CAPABILITIES.dtypes:
+            reason = f"input dtype {x.dtype} with weight dtype {layer.weight.dtype}"
+        elif x.device != layer.weight.device:
+            reason = "input on another device than the weight"
+    if reason is not None:
+        _fallthrough("patch_embed", reason, where)
+        return None
+    from mmkernels.ops.patch_embed import OP_NAME, patch_embed
+
+    p = layer.kernel_size[0]
+    b, _, h, w = x.shape
+    rows = patch_embed(x, layer.weight, layer.bias)  # (B, N, D)
+    _record("patch_embed", OP_NAME, where)
+    # Conv2d's (B, D, H/P, W/P) as a view, the layout vLLM's own matmul path returns.
+    return rows.transpose(1, 2).unflatten(2, (h // p, w // p))
+
+
+def _patch_embed_conv3d(layer, x: torch.Tensor) -> torch.Tensor | None:
+    from mmkernels.ops.patch_embed import CAPABILITIES
+
+    where = type(layer).name
+    reason = layer._mmk_reason
+    if reason is None:
+        if x.dim() != 5:
+            reason = f"input of rank {x.dim()}"
+        elif tuple(x.shape[2:]) != tuple(layer.kernel_size):
+            reason = "inputs larger than one patch (only pre-flattened (L, C, T, P, P) patches)"
+        elif x.dtype != layer.weight.dtype or x.dtype not in CAPABILITIES.dtypes:
+            reason = f"input dtype {x.dtype} with weight dtype {layer.weight.dtype}"
+        elif x.device != layer.weight.device:
+            reason = "input on another device than the weight"
+    if reason is not None:
+        _fallthrough("patch_embed", reason, where)
+        return None
+    from mmkernels.ops.patch_embed import OP_NAME, patch_embed
+
+    n = x.shape[0]
+    rows = patch_embed(x.reshape(n, -1), layer.weight, layer.bias)  # (L, D)
+    _record("patch_embed", OP_NAME, where)
+    return rows.view(n, -1, 1, 1, 1)
+
+
+def _conv_subclass(base, run):
+    class _MMKernelsConv(base):
+        """``{base}`` with mmkernels' patch embed where kernel == stride (mmkernels vLLM plugin)."""
+
+        mmkernels_replaced = ("patch_embed",)
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._mmk_reason = _conv_reason(self)
+
+        @classmethod
+        def enabled(cls) -> bool:
+            return True
+
+        def forward_cuda(self, x):
+            out = run(self, x)
+            return super().forward_cuda(x) if out is None else out
+
+        def forward_cpu(self, x):
+            out = run(self, x)
+            return super().forward_cpu(x) if out is None else out
+
+    _MMKernelsConv.__name__ = _MMKernelsConv.__qualname__ = f"MMKernels{base.__name__}"
+    _MMKernelsConv.__doc__ = _MMKernelsConv.__doc__.format(base=base.__name__)
+    return _MMKernelsConv
+
+
+def _register_oot(base, subclass) -> str:
+    """``CustomOp.register_oot`` under the in-tree name, once (vLLM asserts on duplicates)."""
+    from vllm.model_executor.custom_op import CustomOp, op_registry_oot
+
+    name = base.__name__
+    current = op_registry_oot.get(name)
+    if current is not None:
+        if getattr(current, "mmkernels_replaced", None):
+            return f"{name} (already registered)"
+        return f"{name} NOT replaced: {current.__module__}.{current.__qualname__} already registered for it"
+    CustomOp.register_oot(subclass, name=name)
+    return name
+
+
+def _register_patch_embed() -> str:
+    from vllm.model_executor.layers.conv import Conv2dLayer, Conv3dLayer
+
+    names = [
+        _register_oot(Conv2dLayer, _conv_subclass(Conv2dLayer, _patch_embed_conv2d)),
+        _register_oot(Conv3dLayer, _conv_subclass(Conv3dLayer, _patch_embed_conv3d)),
+    ]
+    return f"patch_embed -> {', '.join(names)} (kernel == stride)"
+
+
+# kernel name -> function that registers it with vLLM and returns a summary for the log.
+# Encoder attention and quantized projectors are one more entry each.
+_REGISTRARS: dict[str, Callable[[], str]] = {
+    "merge": _register_merge,
+    "patch_embed": _register_patch_embed,
+}
+
+
+# --------------------------------------------------------------------------------------
+# entry point
+
+
+def _selected() -> tuple[list[str], list[str]]:
+    raw = os.environ.get(ENV_KERNELS, "").strip()
+    if not raw or raw.lower() == "all":
+        return list(KERNELS), []
+    names = [n.strip() for n in raw.split(",") if n.strip()]
+    return [n for n in KERNELS if n in names], [n for n in names if n not in KERNELS]
+
+
+def _platform_backend() -> tuple[str | None, str]:
+    """(backend the kernels will take, or None if they cannot run here; description)."""
+    from mmkernels.backend import interpreter_enabled
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cuda():
+        return "triton", "triton"
+    if current_platform.is_cpu():
+        if interpreter_enabled():
+            return "triton-interpreter", "triton-interpreter"
+        return None, "CPU platform without TRITON_INTERPRET=1 (set it before vLLM starts)"
+    return None, f"platform {current_platform.device_type!r} has no mmkernels backend"
+
+
+def register() -> dict[str, str]:
+    """The ``vllm.general_plugins`` entry point. Idempotent per process; never raises
+    (a failure is logged as an error and vLLM runs unchanged). Returns what it registered
+    (kernel -> summary)."""
+    global _REGISTERED
+    with _LOCK:
+        if _REGISTERED is not None:
+            return dict(_REGISTERED)
+        _REGISTERED = {}
+    pid = os.getpid()
+    if os.environ.get(ENV_DISABLE, "").strip().lower() not in ("", "0", "false", "no", "off"):
+        _emit(logging.INFO, "mmkernels vLLM plugin (pid %d): disabled by %s=%s; registered nothing", pid,
+              ENV_DISABLE, os.environ[ENV_DISABLE])  # fmt: skip
+        return {}
+    try:
+        backend, why = _platform_backend()
+    except Exception as exc:  # noqa: BLE001 - a plugin must not take vLLM down
+        _emit(logging.ERROR, "mmkernels vLLM plugin (pid %d): registered nothing: %s: %s", pid, type(exc).__name__, exc)
+        return {}
+    if backend is None:
+        _emit(logging.INFO, "mmkernels vLLM plugin (pid %d): registered nothing: %s", pid, why)
+        return {}
+    selected, unknown = _selected()
+    done, failed = {}, []
+    for name in selected:
+        try:
+            done[name] = _REGISTRARS[name]()
+        except Exception as exc:  # noqa: BLE001
+            failed.append(f"{name} FAILED ({type(exc).__name__}: {exc})")
+    _REGISTERED.update(done)
+    parts = list(done.values()) + failed
+    if unknown:
+        parts.append(f"ignored unknown {ENV_KERNELS} entries {unknown} (known: {', '.join(KERNELS)})")
+    skipped = [n for n in KERNELS if n not in selected]
+    if skipped:
+        parts.append(f"not selected by {ENV_KERNELS}: {', '.join(skipped)}")
+    line = "mmkernels vLLM plugin (pid %d, backend %s): registered %s"
+    _emit(logging.ERROR if failed else logging.INFO, line, pid, backend, "; ".join(parts) if parts else "nothing")
+    return dict(done)

@@ -1,0 +1,63 @@
+"""Offline ``vllm.LLM`` with images: greedy tokens identical with the plugin on and off,
+and the plugin's log proves each replacement registered and ran its Triton kernel."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import logs
+from conftest import HERE, vllm_env
+
+# Per family: the conv layer its vision tower embeds patches with.
+PATCH_LAYER = {"llava": "Conv2dLayer", "qwen2_vl": "Conv3dLayer"}
+ARCH = {"llava": "LlavaForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration"}
+
+
+def _run(model, family: str, plugin: bool, tmp_path) -> tuple[list[dict], str]:
+    out = tmp_path / f"{family}-{'on' if plugin else 'off'}.json"
+    # One process (the engine in-process): the server tests cover vLLM's process tree.
+    env = vllm_env(plugin, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "run_offline.py"), str(model), family, str(out)],
+        env=env, capture_output=True, text=True, timeout=420,
+    )  # fmt: skip
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"vllm.LLM run failed (plugin {'on' if plugin else 'off'}):\n{text[-6000:]}"
+    return json.loads(out.read_text()), text
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_offline_greedy_parity_and_kernels_ran(family, tiny_models, tmp_path):
+    off, off_log = _run(tiny_models[family], family, plugin=False, tmp_path=tmp_path)
+    on, on_log = _run(tiny_models[family], family, plugin=True, tmp_path=tmp_path)
+
+    # The plugin state each run claims.
+    assert logs.disabled_pids(off_log) and not logs.registered(off_log) and not logs.ran(off_log), off_log[-3000:]
+    registered = logs.registered(on_log)
+    assert len(registered) == 1, on_log[-3000:]
+    (line,) = registered.values()
+    assert ARCH[family] in line and "Conv2dLayer" in line and "Conv3dLayer" in line, line
+
+    # The debug hook: both replacements ran on the Triton interpreter, none fell back.
+    ran = {(r, backend, where) for r, backend, where, _ in logs.ran(on_log)}
+    assert ran == {
+        ("merge", "triton-interpreter", ARCH[family]),
+        ("patch_embed", "triton-interpreter", PATCH_LAYER[family]),
+    }, on_log[-3000:]
+    assert not logs.not_covered(on_log)
+
+    # The answers depend on the image: another image, another answer (plugin off).
+    by_name_off = {row["name"]: row for row in off}
+    assert by_name_off["one"]["token_ids"] != by_name_off["one_other"]["token_ids"]
+    assert by_name_off["three"]["prompt_tokens"] > by_name_off["one"]["prompt_tokens"]
+
+    # Greedy parity: token ids identical; logprobs equal to fp32 rounding.
+    for row_off, row_on in zip(off, on):
+        assert row_on["name"] == row_off["name"]
+        assert row_on["prompt_tokens"] == row_off["prompt_tokens"]
+        assert row_on["token_ids"] == row_off["token_ids"], row_off["name"]
+        assert row_on["logprobs"] == pytest.approx(row_off["logprobs"], abs=1e-4), row_off["name"]

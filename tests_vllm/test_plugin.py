@@ -1,0 +1,92 @@
+"""The plugin in fresh processes, without a model: what it registers under each
+environment, its guards, the replaced layers and merge against vLLM's own code, and
+its fall-through for what it does not cover."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+import logs
+from conftest import HERE, vllm_env
+
+OURS = "mmkernels.integrations.vllm_plugin"
+VLLM_LLAVA = "vllm.model_executor.models.llava.LlavaForConditionalGeneration"
+
+
+def _probe(mode: str, plugin: bool = True, **env: str) -> tuple[dict, str]:
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "plugin_probe.py"), mode],
+        env=vllm_env(plugin, **env), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-5000:]
+    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE ")]
+    return json.loads(line[len("PROBE ") :]), text
+
+
+def test_replaced_layers_and_merge_match_vllm():
+    facts, text = _probe("full")
+    assert set(facts["returned"]) == {"merge", "patch_embed"}
+    assert facts["returned_again"] == facts["returned"]
+    assert len(logs.registered(text)) == 1  # one line per process, even when called twice
+    assert facts["oot"] == {"Conv2dLayer": f"{OURS}.MMKernelsConv2dLayer", "Conv3dLayer": f"{OURS}.MMKernelsConv3dLayer"}
+    assert facts["llava_class"] == f"{OURS}.LlavaForConditionalGeneration"
+    assert "already registered" in facts["register_again"]
+
+    layers = facts["layers"]
+    for name, run in layers.items():
+        assert run["shape"] == run["ref_shape"], name
+        assert run["rel_err"] < 1e-5, (name, run)  # fp32 against the float64 convolution
+    assert layers["conv2d_patch"]["counted"] == ["patch_embed/triton-interpreter"]
+    assert layers["conv3d_patch"]["counted"] == ["patch_embed/triton-interpreter"]
+    assert layers["conv2d_strided"]["counted"] == ["patch_embed/fallthrough"]  # stride != kernel
+    assert layers["conv3d_video"]["counted"] == ["patch_embed/fallthrough"]  # not one patch per row
+    covered = logs.not_covered(text)
+    assert len(covered) == 2 and any("stride (2, 2) != kernel (4, 4)" in c for c in covered), covered
+
+    assert facts["merge_equal"]  # bit-identical to vLLM's merge, nested 3-D and 2-D features
+    msg_vllm, msg_ours = facts["merge_errors"]
+    assert msg_ours == msg_vllm and "multimodal tokens to 18 placeholders" in msg_ours
+    merge_class = facts["merge_class"]
+    assert merge_class == {
+        "name": "LlavaForConditionalGeneration",
+        "subclass_of": VLLM_LLAVA,
+        "methods": ["embed_input_ids"],
+        "base_uses_default": True,
+    }
+    assert facts["llava_next_default_merge"] is None  # delegates to the default: covered
+    assert "merges its own way" in facts["qwen3_vl_default_merge"]  # deepstack: not covered
+    assert facts["stats"]["merge/triton-interpreter"] == 1
+    assert len(facts["all_architectures"]) >= 13 and all(facts["all_architectures"].values()), facts["all_architectures"]
+
+
+def test_kernel_selection():
+    facts, text = _probe("registry", MMKERNELS_KERNELS="merge,bogus")
+    assert set(facts["returned"]) == {"merge"}
+    assert facts["oot"] == {}  # patch embed not selected: vLLM's conv layers untouched
+    assert facts["llava_class"] == f"{OURS}.LlavaForConditionalGeneration"
+    (line,) = logs.registered(text).values()
+    assert "ignored unknown MMKERNELS_KERNELS entries ['bogus']" in line
+    assert "not selected by MMKERNELS_KERNELS: patch_embed" in line
+
+    facts, text = _probe("registry", MMKERNELS_KERNELS="patch_embed")
+    assert set(facts["returned"]) == {"patch_embed"}
+    assert set(facts["oot"]) == {"Conv2dLayer", "Conv3dLayer"}
+    assert facts["llava_class"] == VLLM_LLAVA
+
+
+@pytest.mark.parametrize("case", ["disabled", "no_interpreter"])
+def test_registers_nothing(case):
+    if case == "disabled":
+        facts, text = _probe("registry", plugin=False)
+        assert logs.disabled_pids(text)
+    else:
+        facts, text = _probe("registry", TRITON_INTERPRET="0")
+        assert "registered nothing: CPU platform without TRITON_INTERPRET=1" in text
+    assert facts["returned"] == {} and facts["oot"] == {}
+    assert facts["llava_class"] == VLLM_LLAVA
+    assert not logs.registered(text)

@@ -1,0 +1,68 @@
+"""Tiny zoo models on disk, in the parameter names vLLM 0.32 loads.
+
+``mmkernels.zoo.save`` writes what transformers 5 writes. vLLM 0.32's LLaVA maps the
+post-4.52 names (``model.vision_tower.`` ...) but not the CLIP tower's inner
+``vision_model.`` level that transformers 5 drops (``vision_tower.embeddings...``), so the
+LLaVA checkpoint is rewritten with that level put back. Real weights (not
+``load_format="dummy"``, whose every parameter is the same uniform(-1e-3, 1e-3) draw and
+whose logits are flat) make greedy tokens depend on the image features, so a parity test
+can see a wrong merge or a wrong patch embedding.
+
+Run as a script to write the models: ``python tests_vllm/tiny_models.py OUT_DIR``.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+
+FAMILIES = ("llava", "qwen2_vl")
+
+# A chat template for the OpenAI server: the zoo's tokenizers carry none. Images become
+# the family's placeholder, in message order.
+_CHAT_TEMPLATES = {
+    "llava": (
+        "{% for m in messages %}{{ m['role'] }} : "
+        "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+        "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }} "
+        "{% else %}<image> {% endif %}{% endfor %}{% endif %}{% endfor %}assistant :"
+    ),
+    "qwen2_vl": (
+        "{% for m in messages %}{{ m['role'] }} : "
+        "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+        "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }} "
+        "{% else %}<|vision_start|><|image_pad|><|vision_end|> {% endif %}{% endfor %}{% endif %}"
+        "{% endfor %}assistant :"
+    ),
+}
+
+
+def _rename(path: pathlib.Path, rename) -> None:
+    from safetensors.torch import load_file, save_file
+
+    file = path / "model.safetensors"
+    tensors = load_file(str(file))
+    save_file({rename(k): v.contiguous() for k, v in tensors.items()}, str(file), metadata={"format": "pt"})
+
+
+def _llava_name(key: str) -> str:
+    if key.startswith("vision_tower.") and not key.startswith("vision_tower.vision_model."):
+        return "vision_tower.vision_model." + key[len("vision_tower.") :]
+    return key
+
+
+def write(family: str, root) -> pathlib.Path:
+    """Write the tiny ``family`` under ``root / family``; returns the folder."""
+    from mmkernels import zoo
+
+    path = zoo.save(family, pathlib.Path(root) / family)
+    if family == "llava":
+        _rename(path, _llava_name)
+    (path / "chat_template.jinja").write_text(_CHAT_TEMPLATES[family])
+    return path
+
+
+if __name__ == "__main__":
+    out = pathlib.Path(sys.argv[1])
+    print(json.dumps({f: str(write(f, out)) for f in FAMILIES}))
