@@ -318,3 +318,14 @@ def test_debug_checks_pass_valid_inputs_and_allow_empty_ranges():
     kv_ranges = torch.tensor([[0, 5], [3, 3], [4, 1], [2, 4]], dtype=torch.int32)  # two empty rows
     out = varlen_attention(q, k, v, cu([4]), cu([5]), 4, 5, kv_ranges=kv_ranges, check=True)
     torch.testing.assert_close(out, reference(q, k, v, cu([4]), cu([5]), 4, 5, kv_ranges=kv_ranges), rtol=1e-5, atol=1e-5)
+
+
+def test_head_dims_run_as_two_power_of_two_chunks():
+    from mmkernels.ops.varlen_attention import attn_config, head_chunks
+
+    assert {d: head_chunks(d) for d in (8, 16, 64, 72, 80, 96, 128, 200, 256)} == {
+        8: (16, 0), 16: (16, 0), 64: (64, 0), 72: (64, 16), 80: (64, 16), 96: (64, 32), 128: (128, 0),
+        200: (128, 128), 256: (256, 0),
+    }
+    # A masked tail chunk takes 32-key blocks (register pressure: see attn_config).
+    assert attn_config(577, 72, 2).block_n == 32 and attn_config(577, 80, 2).block_n == 64

@@ -54,10 +54,25 @@ def varlen_attention_fwd_kernel(
     UPCAST_DOT: tl.constexpr,  # interpreter only: bf16 tl.dot is wrong there
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs
     HEAD_DIM: tl.constexpr,  # real head dim; constexpr so the d-mask folds away for powers of two
-    HEAD_PAD: tl.constexpr,
+    HEAD_PAD: tl.constexpr,  # next power of two >= HEAD_DIM (the row-fill tiles)
+    HEAD_A: tl.constexpr,  # the head dim in two power-of-two chunks: [0, HEAD_A) and
+    HEAD_B: tl.constexpr,  # [HEAD_A, HEAD_A + HEAD_B) (0: none); 80 = 64 + 16, 96 = 64 + 32
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    ALIGN: tl.constexpr,  # every token and head stride is a multiple of ALIGN elements (16 bytes)
 ):
+    if ALIGN > 1:
+        # The JIT only proves divisibility by 16 elements; a head dim of 72 (stride 72) is
+        # 16-byte aligned too, and without saying so the loads are not vectorized and the
+        # kernel spills (kernel report).
+        stride_qt = tl.multiple_of(stride_qt, ALIGN)
+        stride_qh = tl.multiple_of(stride_qh, ALIGN)
+        stride_kt = tl.multiple_of(stride_kt, ALIGN)
+        stride_kh = tl.multiple_of(stride_kh, ALIGN)
+        stride_vt = tl.multiple_of(stride_vt, ALIGN)
+        stride_vh = tl.multiple_of(stride_vh, ALIGN)
+        stride_ot = tl.multiple_of(stride_ot, ALIGN)
+        stride_oh = tl.multiple_of(stride_oh, ALIGN)
     slot = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
@@ -82,25 +97,47 @@ def varlen_attention_fwd_kernel(
                 out_ptr + q_start.to(tl.int64) * stride_ot + head * stride_oh,
                 ranges_ptr + q_start.to(tl.int64) * stride_rt,
                 m0, q_len, k_len, qk_scale, stride_qt, stride_kt, stride_vt, stride_ot, stride_rt, stride_rc,
-                offs_d, d_ok, HAS_RANGES, CAUSAL, UPCAST_DOT, DOT_PRECISION, HEAD_PAD, BLOCK_M, BLOCK_N,
+                HEAD_DIM, HAS_RANGES, CAUSAL, UPCAST_DOT, DOT_PRECISION, HEAD_A, HEAD_B, BLOCK_M, BLOCK_N,
             )  # fmt: skip
 
 
 @triton.jit
+def _load_rows(base, first_row, lo_row, hi_row, stride, offs, ok, BLOCK: tl.constexpr):
+    """Rows [first_row, first_row + BLOCK) of a row-major tile, those in [lo_row, hi_row),
+    at the columns ``offs`` where ``ok`` (0 elsewhere): a 64-bit block base and 32-bit
+    offsets inside the block (fewer address registers)."""
+    rows = tl.arange(0, BLOCK)
+    row = first_row + rows
+    mask = ((row >= lo_row) & (row < hi_row))[:, None] & ok[None, :]
+    return tl.load(base + tl.cast(first_row, tl.int64) * stride + rows[:, None] * stride + offs[None, :], mask=mask,
+                   other=0)  # fmt: skip
+
+
+@triton.jit
 def _attend_query_block(q_base, k_base, v_base, o_base, r_base, m0, q_len, k_len, qk_scale,
-                        stride_qt, stride_kt, stride_vt, stride_ot, stride_rt, stride_rc, offs_d, d_ok,
-                        HAS_RANGES: tl.constexpr, CAUSAL: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                        DOT_PRECISION: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_N: tl.constexpr):  # fmt: skip
-    """Queries [m0, m0 + BLOCK_M) of one sequence and head, against that sequence's keys."""
+                        stride_qt, stride_kt, stride_vt, stride_ot, stride_rt, stride_rc,
+                        HEAD_DIM: tl.constexpr, HAS_RANGES: tl.constexpr, CAUSAL: tl.constexpr,
+                        UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr, HEAD_A: tl.constexpr,
+                        HEAD_B: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Queries [m0, m0 + BLOCK_M) of one sequence and head, against that sequence's keys.
+
+    The head dim is two chunks, each a power of two (the dots need one): [0, HEAD_A) and,
+    when HEAD_B > 0, [HEAD_A, HEAD_A + HEAD_B), masked past HEAD_DIM. So 80 runs as
+    64 + 16 and 96 as 64 + 32 instead of padding both to 128."""
     rows = tl.arange(0, BLOCK_M)
     offs_m = m0 + rows
     m_ok = offs_m < q_len
-    # 64-bit block bases, 32-bit offsets inside a block (fewer address registers).
-    q = tl.load(q_base + tl.cast(m0, tl.int64) * stride_qt + rows[:, None] * stride_qt + offs_d[None, :],
-                mask=m_ok[:, None] & d_ok[None, :], other=0)  # fmt: skip
+    offs_a = tl.arange(0, HEAD_A)
+    a_ok = offs_a < HEAD_DIM
+    q_a = _load_rows(q_base, m0, 0, q_len, stride_qt, offs_a, a_ok, BLOCK_M)
     if UPCAST_DOT:
-        q = q.to(tl.float32)
+        q_a = q_a.to(tl.float32)
+    if HEAD_B > 0:
+        offs_b = HEAD_A + tl.arange(0, HEAD_B)
+        b_ok = offs_b < HEAD_DIM
+        q_b = _load_rows(q_base, m0, 0, q_len, stride_qt, offs_b, b_ok, BLOCK_M)
+        if UPCAST_DOT:
+            q_b = q_b.to(tl.float32)
     # Bottom-right causal alignment (flash-attn): query i sees keys j <= i + k_len - q_len.
     causal_shift = k_len - q_len
 
@@ -124,16 +161,22 @@ def _attend_query_block(q_base, k_base, v_base, o_base, r_base, m0, q_len, k_len
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
+    acc_a = tl.zeros([BLOCK_M, HEAD_A], dtype=tl.float32)
+    if HEAD_B > 0:
+        acc_b = tl.zeros([BLOCK_M, HEAD_B], dtype=tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = (offs_n >= first) & (offs_n < hi)
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + tl.cast(n0, tl.int64) * stride_kt + tl.arange(0, BLOCK_N)[:, None] * stride_kt
-                    + offs_d[None, :], mask=kv_mask, other=0)  # fmt: skip
+        keys_a = _load_rows(k_base, n0, first, hi, stride_kt, offs_a, a_ok, BLOCK_N)
         if UPCAST_DOT:
-            k = k.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+            keys_a = keys_a.to(tl.float32)
+        s = tl.dot(q_a, tl.trans(keys_a), input_precision=DOT_PRECISION)
+        if HEAD_B > 0:
+            keys_b = _load_rows(k_base, n0, first, hi, stride_kt, offs_b, b_ok, BLOCK_N)
+            if UPCAST_DOT:
+                keys_b = keys_b.to(tl.float32)
+            s = tl.dot(q_b, tl.trans(keys_b), s, input_precision=DOT_PRECISION)
+        s = s * qk_scale
         visible = m_ok[:, None] & n_ok[None, :]
         if HAS_RANGES:
             visible &= (offs_n[None, :] >= row_lo[:, None]) & (offs_n[None, :] < row_hi[:, None])
@@ -147,20 +190,27 @@ def _attend_query_block(q_base, k_base, v_base, o_base, r_base, m0, q_len, k_len
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + tl.cast(n0, tl.int64) * stride_vt + tl.arange(0, BLOCK_N)[:, None] * stride_vt
-                    + offs_d[None, :], mask=kv_mask, other=0)  # fmt: skip
+        values_a = _load_rows(v_base, n0, first, hi, stride_vt, offs_a, a_ok, BLOCK_N)
         if UPCAST_DOT:
-            v = v.to(tl.float32)
+            values_a = values_a.to(tl.float32)
         else:
-            p = p.to(v.dtype)
-        acc = acc * alpha[:, None]
-        acc = tl.dot(p, v, acc, input_precision=DOT_PRECISION)
+            p = p.to(values_a.dtype)
+        acc_a = tl.dot(p, values_a, acc_a * alpha[:, None], input_precision=DOT_PRECISION)
+        if HEAD_B > 0:
+            values_b = _load_rows(v_base, n0, first, hi, stride_vt, offs_b, b_ok, BLOCK_N)
+            if UPCAST_DOT:
+                values_b = values_b.to(tl.float32)
+            acc_b = tl.dot(p, values_b, acc_b * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
     # Rows that saw no key: l == 0 and acc == 0, so they store exactly 0.
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(o_base + tl.cast(m0, tl.int64) * stride_ot + rows[:, None] * stride_ot + offs_d[None, :],
-             out.to(o_base.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])  # fmt: skip
+    inv_l = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
+    out_rows = o_base + tl.cast(m0, tl.int64) * stride_ot + rows[:, None] * stride_ot
+    tl.store(out_rows + offs_a[None, :], (acc_a * inv_l[:, None]).to(o_base.dtype.element_ty),
+             mask=m_ok[:, None] & a_ok[None, :])  # fmt: skip
+    if HEAD_B > 0:
+        tl.store(out_rows + offs_b[None, :], (acc_b * inv_l[:, None]).to(o_base.dtype.element_ty),
+                 mask=m_ok[:, None] & b_ok[None, :])  # fmt: skip
 
 
 @triton.jit
