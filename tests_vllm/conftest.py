@@ -15,7 +15,10 @@ import sys
 
 import pytest
 
-pytest.importorskip("vllm", reason="the vLLM lane needs vLLM (tools/vllm_env.sh builds .venv-vllm)")
+try:  # a lane without vLLM must fail, not skip everything and pass
+    import vllm  # noqa: F401
+except ImportError as error:
+    raise pytest.UsageError(f"the vLLM lane needs vLLM (tools/vllm_env.sh builds .venv-vllm): {error}") from error
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
