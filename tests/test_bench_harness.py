@@ -25,6 +25,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # `benchmarks` is a top-level folder, not installed
 
 from benchmarks import bench_merge, harness  # noqa: E402
+from bench_helpers import WallClock  # noqa: E402
 from benchmarks.shapes import MERGE_SHAPES, QUICK_MERGE_SHAPES, SHAPE_TABLES, goal_merge_shape  # noqa: E402
 
 GPU_SUITE = REPO_ROOT / "tools" / "gpu_suite.py"
@@ -217,34 +218,6 @@ def test_cpu_run_writes_not_timed_results(quick_cpu_run):
 
 # --------------------------------------------------------------------------------------
 # The timed path, with a stand-in clock
-
-
-class _WallEvent:
-    def __init__(self):
-        self.t = None
-
-    def record(self):
-        self.t = time.perf_counter()
-
-
-class WallClock:
-    """Stand-in for CudaClock: perf_counter events, counts L2 flushes."""
-
-    def __init__(self):
-        self.flushes = 0
-
-    def event(self):
-        return _WallEvent()
-
-    @staticmethod
-    def elapsed_ms(start, end):
-        return (end.t - start.t) * 1e3
-
-    def synchronize(self):
-        pass
-
-    def flush_l2(self):
-        self.flushes += 1
 
 
 def test_time_device_rotates_inputs_and_flushes_between_calls():

@@ -21,6 +21,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from benchmarks import bench_patch_embed as bench  # noqa: E402
 from benchmarks import harness  # noqa: E402
+from bench_helpers import WallClock  # noqa: E402
 from benchmarks.shapes import (  # noqa: E402
     PATCH_EMBED_SHAPES,
     QUICK_PATCH_EMBED_SHAPES,
@@ -305,31 +306,6 @@ def test_roofline_floor_is_the_larger_of_the_two_floors():
     assert floor == pytest.approx(max(shape.bytes_moved() / 1e12, shape.flops / 5e14) * 1e3)
 
 
-class _WallEvent:
-    def __init__(self):
-        self.t = None
-
-    def record(self):
-        import time
-
-        self.t = time.perf_counter()
-
-
-class _WallClock:
-    def event(self):
-        return _WallEvent()
-
-    @staticmethod
-    def elapsed_ms(start, end):
-        return (end.t - start.t) * 1e3
-
-    def synchronize(self):
-        pass
-
-    def flush_l2(self):
-        pass
-
-
 def test_timed_rows_report_percent_of_roofline_and_uint8_bytes(tmp_path):
     """The timed bookkeeping with a stand-in clock on the CPU (not a measurement)."""
     providers = [PROVIDERS["hf-eager"], PROVIDERS["unfold+linear"]]
@@ -339,7 +315,7 @@ def test_timed_rows_report_percent_of_roofline_and_uint8_bytes(tmp_path):
     bench_def = dataclasses.replace(bench.PATCH_EMBED_BENCHMARK, cases=small, quick_cases=None, providers=providers)
     roof = harness.Roofline(copy_gbps=100.0, matmul_tflops=10.0, device_name="stand-in", copy_bytes=2, matmul_size=8)
     timing = harness.TimingConfig(warmup_ms=0.5, rep_ms=2.0, min_runs=3, max_runs=6, input_copies=2)
-    session = harness.BenchSession(bench_def, "cpu", roofline=roof, timing=timing, clock=_WallClock())
+    session = harness.BenchSession(bench_def, "cpu", roofline=roof, timing=timing, clock=WallClock())
     result = harness.run_timed(session)
     rows = {(r.case, r.provider): r for r in result.rows}
     for shape in small:

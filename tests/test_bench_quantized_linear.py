@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from benchmarks import bench_quantized_linear as bench  # noqa: E402
 from benchmarks import harness  # noqa: E402
+from bench_helpers import WallClock  # noqa: E402
 from mmkernels.ops import quantized_linear_reference  # noqa: E402
 from mmkernels.testing import assert_close  # noqa: E402
 
@@ -96,29 +96,6 @@ def test_sqnr_check_rejects_wrong_outputs():
     assert "expected a Tensor" in bench.compare_sqnr(None, expected)
 
 
-class _WallEvent:
-    def __init__(self):
-        self.t = None
-
-    def record(self):
-        self.t = time.perf_counter()
-
-
-class _WallClock:
-    def event(self):
-        return _WallEvent()
-
-    @staticmethod
-    def elapsed_ms(start, end):
-        return (end.t - start.t) * 1e3
-
-    def synchronize(self):
-        pass
-
-    def flush_l2(self):
-        pass
-
-
 def test_timed_rows_use_each_providers_bytes():
     """The timed bookkeeping with a stand-in clock on the CPU (not a measurement)."""
     providers = [PROVIDERS["cublas-bf16"]] + [
@@ -128,7 +105,7 @@ def test_timed_rows_use_each_providers_bytes():
     bench_def = dataclasses.replace(bench.QUANTIZED_LINEAR_BENCHMARK, cases=small, quick_cases=None, providers=providers)
     roof = harness.Roofline(copy_gbps=100.0, matmul_tflops=10.0, device_name="stand-in", copy_bytes=2, matmul_size=8)
     timing = harness.TimingConfig(warmup_ms=0.5, rep_ms=2.0, min_runs=3, max_runs=6, input_copies=2)
-    session = harness.BenchSession(bench_def, "cpu", roofline=roof, timing=timing, clock=_WallClock())
+    session = harness.BenchSession(bench_def, "cpu", roofline=roof, timing=timing, clock=WallClock())
     result = harness.run_timed(session)
     rows = {r.provider: r for r in result.rows}
     shape = small[0]
