@@ -2,6 +2,7 @@
 """The GPU suite: one command for a lent H100/H200, finished inside 9 minutes.
 
     python tools/gpu_suite.py [--out DIR] [--quick] [--dry-run] [--benchmarks NAME,...]
+                              [--budget SECONDS]
 
 Steps, in order; each has a time budget, runs in its own process (a hang or a crash
 costs that step only), and is recorded in the summary however it ends:
@@ -18,7 +19,7 @@ costs that step only), and is recorded in the summary however it ends:
 5. ``plots``: every benchmark's plots and the Markdown summary redrawn from
    ``results.json`` (a step stopped by its budget leaves rows but no plots).
 
-Budget: 540 s in all, of which 30 s are kept for teardown and the summary. Roofline gets
+Budget: 540 s in all (``--budget`` sets another total, for a lease with less time left), of which 30 s are kept for teardown and the summary. Roofline gets
 at most 45 s, the GPU tests at most 180 s (less when the benchmarks would otherwise get
 under 90 s each, but never less than 40% of what is left: with many benchmarks each gets
 less), and the benchmarks share what is left equally, in order (kernels, then models;
@@ -359,7 +360,7 @@ def run_suite(out_dir: Path, *, quick: bool, dry_run: bool, stamp: dict, stamp_s
     def record(status: str) -> None:
         folder.update(suite={
             "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "dry_run": dry_run, "quick": quick, "budget_s": TOTAL_BUDGET_S, "started": started,
+            "dry_run": dry_run, "quick": quick, "budget_s": budget.total_s, "started": started,
             "elapsed_s": round(budget.elapsed(), 1), "status": status,
             "steps": [dataclasses.asdict(s) for s in steps],
         })  # fmt: skip
@@ -420,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
     parser.add_argument("--dry-run", action="store_true", help="validate everything on the CPU; nothing is timed")
     parser.add_argument("--benchmarks", help="comma-separated benchmarks to run (default: every registered one)")
+    parser.add_argument("--budget", type=float, default=TOTAL_BUDGET_S,
+                        help=f"seconds for the whole suite, the finishing margin included (default {TOTAL_BUDGET_S:.0f})")
     args = parser.parse_args(argv)
 
     import torch
@@ -432,7 +435,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         return EXIT_NO_CUDA
 
-    budget = Budget()
+    if args.budget <= FINISH_MARGIN_S:
+        parser.error(f"--budget must exceed the {FINISH_MARGIN_S:.0f} s finishing margin, got {args.budget:g}")
+    budget = Budget(total_s=args.budget)
     stamp, stamp_step = take_stamp()
     out_dir = (args.out if args.out is not None else default_out_dir(stamp, args.dry_run)).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
