@@ -8,6 +8,36 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import importlib.abc as _importlib_abc  # noqa: E402
+import importlib.util as _importlib_util  # noqa: E402
+import sys as _sys  # noqa: E402
+from pathlib import Path as _Path  # noqa: E402
+
+
+class _SourceTreeIntegrations(_importlib_abc.MetaPathFinder):
+    """Finds ``mmkernels.integrations`` in the repository's top-level ``integrations/``
+    when mmkernels runs from a source tree (``PYTHONPATH=<repo>``, as on the GPU
+    machines) instead of an install: pyproject's package mapping (``mmkernels.integrations``
+    -> ``integrations/``) exists only once installed. Appended last to ``sys.meta_path``, so
+    an installed package (editable or not) always wins."""
+
+    def __init__(self, directory: _Path):
+        self.directory = directory
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "mmkernels.integrations":
+            return None
+        return _importlib_util.spec_from_file_location(
+            fullname, self.directory / "__init__.py", submodule_search_locations=[str(self.directory)]
+        )
+
+
+_SOURCE_INTEGRATIONS = _Path(__file__).resolve().parent.parent / "integrations"
+if (_SOURCE_INTEGRATIONS / "__init__.py").is_file() and not any(
+    isinstance(finder, _SourceTreeIntegrations) for finder in _sys.meta_path
+):
+    _sys.meta_path.append(_SourceTreeIntegrations(_SOURCE_INTEGRATIONS))
+
 from mmkernels import backend, ops, quant  # noqa: E402
 from mmkernels.backend import Backend  # noqa: E402
 

@@ -12,7 +12,7 @@ costs that step only), and is recorded in the summary however it ends:
 2. ``roofline``: device-to-device copy bandwidth and bf16 8192^3 matmul rate, measured
    once; the benchmarks read it from the folder for their "% of roofline" columns.
 3. ``gpu-tests``: ``pytest -m gpu tests/`` with ``MMK_TEST_GPU=1`` (compiled kernels);
-   JUnit XML and the log go into the folder.
+   JUnit XML and the log go into the folder. ``--tests-budget`` fixes its seconds.
 4. ``bench:<name>``: every benchmark registered by a ``benchmarks/bench_*.py`` module
    (kernel microbenchmarks and model-level benchmarks), each run by the same code as
    ``python -m mmkernels.bench --benchmarks <name> --out DIR`` in its own process.
@@ -350,7 +350,7 @@ def take_stamp() -> tuple[dict, StepResult]:
 
 
 def run_suite(out_dir: Path, *, quick: bool, dry_run: bool, stamp: dict, stamp_step: StepResult,
-              budget: Budget, only: list[str] | None = None) -> list[StepResult]:  # fmt: skip
+              budget: Budget, only: list[str] | None = None, tests_budget_s: float | None = None) -> list[StepResult]:  # fmt: skip
     from benchmarks import harness
 
     folder = harness.ResultsFolder(out_dir)
@@ -394,8 +394,11 @@ def run_suite(out_dir: Path, *, quick: bool, dry_run: bool, stamp: dict, stamp_s
     steps.append(step)
     record("running")
 
-    tests_cap = GPU_TESTS_CAP_S * (0.5 if quick else 1.0)
-    steps.append(run_gpu_tests(out_dir, budget_s=budget.allot(tests_cap, reserve_s=bench_reserve), dry_run=dry_run))
+    if tests_budget_s is not None:  # asked for: taken as given (within what is left)
+        tests_s = budget.allot(tests_budget_s)
+    else:
+        tests_s = budget.allot(GPU_TESTS_CAP_S * (0.5 if quick else 1.0), reserve_s=bench_reserve)
+    steps.append(run_gpu_tests(out_dir, budget_s=tests_s, dry_run=dry_run))
     record("running")
 
     for i, name in enumerate(benches):
@@ -423,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--benchmarks", help="comma-separated benchmarks to run (default: every registered one)")
     parser.add_argument("--budget", type=float, default=TOTAL_BUDGET_S,
                         help=f"seconds for the whole suite, the finishing margin included (default {TOTAL_BUDGET_S:.0f})")
+    parser.add_argument("--tests-budget", type=float,
+                        help="seconds for the GPU tests, taken before the benchmarks' share (0 skips them); "
+                             "default: the suite's own split")
     args = parser.parse_args(argv)
 
     import torch
@@ -444,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gpu_suite: {stamp['gpu'].get('name')} -> {out_dir}", flush=True)
     only = [n.strip() for n in (args.benchmarks or "").split(",") if n.strip()] or None
     steps = run_suite(out_dir, quick=args.quick, dry_run=args.dry_run, stamp=stamp, stamp_step=stamp_step, budget=budget,
-                      only=only)  # fmt: skip
+                      only=only, tests_budget_s=args.tests_budget)  # fmt: skip
     for s in steps:
         print(f"  {s.name:16s} {s.status:8s} {s.seconds:6.1f} s / {s.budget_s:5.0f} s  {s.detail}", flush=True)
     print(f"gpu_suite: results in {out_dir}", flush=True)
