@@ -21,6 +21,12 @@ def _seed():
 
 
 def pytest_collection_modifyitems(config, items):
+    if os.environ.get("MMK_TEST_GPU") == "1" and os.environ.get("TRITON_INTERPRET") == "1":
+        # A GPU run whose kernels were decorated as interpreted would skip every GPU test.
+        raise pytest.UsageError(
+            "MMK_TEST_GPU=1 but TRITON_INTERPRET=1 is set (by the environment or a test module at import): "
+            "the GPU tests need compiled kernels; unset TRITON_INTERPRET"
+        )
     if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         return
     reason = "needs a CUDA device and compiled kernels (run by tools/gpu_suite.py with MMK_TEST_GPU=1)"

@@ -23,10 +23,6 @@ What each test proves:
   ``__dict__`` exactly, ``state_dict`` keys unchanged.
 """
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

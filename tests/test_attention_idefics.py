@@ -9,10 +9,6 @@ tokens of a left-padded batch in which some text rows see no image, one row sees
 second of two images, and greedy tokens agree.
 """
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

@@ -8,10 +8,6 @@ normalized in the kernel equal host-normalized pixels, and the calls the op does
 cover (a dtype mix, hooks, other strides) run the original ``Conv2d.forward``.
 """
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest  # noqa: E402
 import torch  # noqa: E402
 

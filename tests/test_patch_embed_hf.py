@@ -15,11 +15,6 @@ embeddings, bf16, and the engine's matching of config-less modules (Qwen2-VL's
 ``PatchEmbed``) under their vision tower's ``model_type`` only.
 """
 
-import os
-
-# Triton reads TRITON_INTERPRET when a kernel is decorated; conftest sets it too.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
 from contextlib import contextmanager  # noqa: E402

@@ -13,11 +13,6 @@ Then the front door's contract on its own: unknown models, ``strict``, bad ``ker
 and the Qwen2-Audio legacy input format.
 """
 
-import os
-
-# Triton reads TRITON_INTERPRET when a kernel is decorated; conftest sets it too.
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402

@@ -1,0 +1,346 @@
+#!/usr/bin/env python3
+"""GPU probe: where mmkernels' time goes on a real GPU, to steer the next tuning step.
+
+    python tools/gpu_probe.py --out DIR [--budget SECONDS] [--parts host,sweep]
+
+The benchmarks (``python -m mmkernels.bench``) say how fast each op is against its
+alternatives; this says why. Two parts, each written to ``DIR/probe.json`` and
+``DIR/probe.md`` as it finishes:
+
+* ``host``: per op and real shape, the microseconds per call spent on the host (N calls
+  enqueued back to back with no synchronization, divided by N, the GPU far behind) and
+  on the device (the same call captured once in a CUDA graph and replayed: no Python, no
+  launch overhead), plus the eager median with CUDA events. ``host_us > device_us``
+  means the op is host-bound at that size: a faster kernel would not show. The five
+  functions with the most own time under cProfile are listed for the smallest case.
+* ``sweep``: the tile configurations of the two GEMM kernels (patch_embed,
+  quantized_linear) on real shapes, timed with ``triton.testing.do_bench`` (median of its
+  repetitions; L2 cleared between them) with each op's own config function replaced, the
+  default marked. A configuration that fails to compile or run is recorded with the
+  error, never dropped.
+
+Needs a CUDA device (exit 2 otherwise). Inputs come from the benchmarks' own registries
+(``benchmarks/bench_*.py``), so shapes and providers are the ones the suite times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import io
+import json
+import pstats
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+import torch  # noqa: E402
+
+# (benchmark, case, provider): small cases first within each op, where host cost shows.
+HOST_CASES = (
+    ("merge", "qwen2-vl-7b/1x1img-224", "mmkernels"),
+    ("merge", "llava-1.5-7b/64x1img", "mmkernels"),
+    ("patch_embed", "siglip-so400m-14-384/b1", "mmkernels"),
+    ("patch_embed", "qwen2-vl-7b/256p", "mmkernels"),
+    ("patch_embed", "clip-l-14-336/b64", "mmkernels"),
+    ("quantized_linear", "llava-1.5-7b/linear_1/m16", "mmkernels(w8a16)"),
+    ("quantized_linear", "llava-1.5-7b/linear_1/m16", "mmkernels(w4a16)"),
+    ("quantized_linear", "llava-1.5-7b/linear_1/m16", "mmkernels(fp8)"),
+    ("quantized_linear", "llava-1.5-7b/linear_1/m16", "cublas-bf16"),
+    ("quantized_linear", "qwen2-vl-7b/merger.mlp.2/m2304", "mmkernels(w8a16)"),
+    ("varlen_attention", "whisper-large-v3/cross-448", "mmkernels"),
+    ("varlen_attention", "blip2-qformer/b16", "mmkernels"),
+    ("varlen_attention", "mllama-11b/4img-2k", "mmkernels"),
+)
+
+
+def _registry():
+    from benchmarks import harness
+
+    registry, errors = harness.discover()
+    for module, why in errors.items():
+        print(f"gpu_probe: {module} not importable: {why}", file=sys.stderr)
+    return {name: reg.benchmark for name, reg in registry.items()}
+
+
+def _case(bench, name):
+    for case in bench.cases:
+        if case.name == name:
+            return case
+    raise KeyError(f"{bench.name}: no case {name!r}")
+
+
+def _provider(bench, name):
+    for provider in bench.providers:
+        if provider.name == name:
+            return provider
+    raise KeyError(f"{bench.name}: no provider {name!r}")
+
+
+def _cuda_median_us(fn, reps: int = 50) -> float:
+    start = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    end = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for i in range(reps):
+        start[i].record()
+        fn()
+        end[i].record()
+    torch.cuda.synchronize()
+    return 1000.0 * statistics.median(s.elapsed_time(e) for s, e in zip(start, end))
+
+
+def _host_us(fn, calls: int = 200) -> float:
+    """Host microseconds per call: enqueue ``calls`` calls, no sync in between. The GPU
+    queue absorbs them (up to ~1024 pending launches) so this is the Python + launch cost."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return 1e6 * (t1 - t0) / calls
+
+
+def _graph_device_us(fn, replays: int = 50) -> float | str:
+    """Device microseconds per call: one call captured in a CUDA graph, replayed."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()  # warm: kernels compiled, allocator pools primed on this stream
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as exc:  # an op with a host sync cannot be captured: say so
+        return f"not capturable: {type(exc).__name__}: {str(exc)[:200]}"
+    graph.replay()
+    torch.cuda.synchronize()
+    return _cuda_median_us(graph.replay, reps=replays)
+
+
+def _top_functions(fn, calls: int = 100, top: int = 5) -> list[str]:
+    profile = cProfile.Profile()
+    torch.cuda.synchronize()
+    profile.enable()
+    for _ in range(calls):
+        fn()
+    profile.disable()
+    torch.cuda.synchronize()
+    stream = io.StringIO()
+    stats = pstats.Stats(profile, stream=stream)
+    rows = []
+    for (filename, line, func), (_, ncalls, tottime, cumtime, _) in sorted(
+        stats.stats.items(), key=lambda kv: kv[1][2], reverse=True
+    )[:top]:
+        short = "/".join(Path(filename).parts[-2:])
+        rows.append(f"{1e6 * tottime / calls:.1f} us/call own ({ncalls // calls} calls) {short}:{line} {func}")
+    return rows
+
+
+def probe_host(registry, deadline: float) -> list[dict]:
+    rows = []
+    profiled_ops = set()
+    for bench_name, case_name, provider_name in HOST_CASES:
+        if time.time() > deadline:
+            rows.append({"benchmark": bench_name, "case": case_name, "provider": provider_name,
+                         "error": "not run: probe budget spent"})  # fmt: skip
+            continue
+        row = {"benchmark": bench_name, "case": case_name, "provider": provider_name}
+        try:
+            bench = registry[bench_name]
+            inputs = bench.make_inputs(_case(bench, case_name), torch.device("cuda"), 0)
+            call = _provider(bench, provider_name).factory()
+
+            def fn(call=call, inputs=inputs):
+                return call(inputs)
+
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            row["eager_median_us"] = round(_cuda_median_us(fn), 2)
+            row["host_us"] = round(_host_us(fn), 2)
+            device = _graph_device_us(fn)
+            row["device_us"] = round(device, 2) if isinstance(device, float) else device
+            if isinstance(device, float):
+                row["host_bound"] = row["host_us"] > device
+            key = (bench_name, provider_name)
+            if key not in profiled_ops:
+                profiled_ops.add(key)
+                row["top_functions"] = _top_functions(fn)
+        except Exception as exc:
+            row["error"] = f"{type(exc).__name__}: {exc}"[:500]
+            row["traceback"] = traceback.format_exc()[-1500:]
+        print(json.dumps({k: v for k, v in row.items() if k != "traceback"}), flush=True)
+        rows.append(row)
+        torch.cuda.empty_cache()
+    return rows
+
+
+# ======================================================================================
+# Tile sweeps
+
+
+def _patch_embed_configs():
+    from mmkernels.ops.patch_embed import EmbedConfig
+
+    for bm, bn, bk, warps, stages in (
+        (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4), (128, 128, 64, 4, 4),
+        (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (256, 128, 32, 8, 3), (128, 128, 16, 8, 4),
+    ):  # fmt: skip
+        yield f"{bm}x{bn}x{bk} w{warps} s{stages}", EmbedConfig(bm, bn, bk, group_m=8, num_warps=warps, num_stages=stages)
+
+
+def _linear_configs(case, scheme: str, default_cfg):
+    """Candidate tiles for one quantized_linear case: large M varies the tile and warps;
+    small M (split-K) varies the tile and the number of K splits."""
+    import triton
+
+    from mmkernels.ops.quantized_linear import LinearConfig
+
+    k_cap = 128 if scheme == "w4a16" else 256  # a w4a16 K tile holds one group's scale
+    if case.m > 64:
+        tiles = ((128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
+                 (128, 128, 128, 8, 3), (256, 128, 64, 8, 3))  # fmt: skip
+        splits = (1,)
+    else:
+        tiles = ((16, 64, 128, 8, 4), (16, 64, 128, 4, 4), (16, 128, 128, 8, 4), (32, 64, 128, 8, 4),
+                 (16, 64, 256, 8, 3))  # fmt: skip
+        splits = sorted({1, max(default_cfg.split_k // 2, 1), default_cfg.split_k, min(default_cfg.split_k * 2, 32)})
+    for bm, bn, bk, warps, stages in tiles:
+        if bk > k_cap:
+            continue
+        k_steps = triton.cdiv(case.k, bk)
+        for split in splits:
+            k_per_split = triton.cdiv(k_steps, split) * bk
+            real_split = triton.cdiv(case.k, k_per_split)
+            yield f"{bm}x{bn}x{bk} w{warps} s{stages} split{real_split}", LinearConfig(
+                bm, bn, bk, real_split, k_per_split, group_m=8, num_warps=warps, num_stages=stages)
+
+
+@contextlib.contextmanager
+def _config_override(module, attr, config):
+    original = getattr(module, attr)
+    setattr(module, attr, lambda *args, **kwargs: config)
+    try:
+        yield
+    finally:
+        setattr(module, attr, original)
+
+
+def _bench_ms(fn) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median"))
+
+
+def probe_sweep(registry, deadline: float) -> list[dict]:
+    import importlib
+
+    # The op modules by name: `mmkernels.ops.patch_embed` as an attribute is the function.
+    pe_mod = importlib.import_module("mmkernels.ops.patch_embed")
+    ql_mod = importlib.import_module("mmkernels.ops.quantized_linear")
+
+    plans = []
+    for case_name in ("clip-l-14-336/b64", "qwen2-vl-7b/4096p"):
+        plans.append(("patch_embed", case_name, "mmkernels", pe_mod, "embed_config", None))
+    for case_name, scheme in (("qwen2-vl-7b/merger.mlp.2/m2304", "w8a16"), ("llava-1.5-7b/linear_1/m16", "w8a16"),
+                              ("llava-1.5-7b/linear_1/m16", "w4a16"), ("qwen2-vl-7b/merger.mlp.2/m2304", "fp8")):
+        plans.append(("quantized_linear", case_name, f"mmkernels({scheme})", ql_mod, "linear_config", scheme))
+    rows = []
+    for bench_name, case_name, provider_name, module, attr, scheme in plans:
+        bench = registry[bench_name]
+        case = _case(bench, case_name)
+        inputs = bench.make_inputs(case, torch.device("cuda"), 0)
+        call = _provider(bench, provider_name).factory()
+        expected = call(inputs).float()
+        if bench_name == "patch_embed":
+            configs = list(_patch_embed_configs())
+            default = ("default", None)
+        else:
+            default_cfg = module.linear_config(case.m, case.n, case.k, scheme, 128, 2)
+            configs = list(_linear_configs(case, scheme, default_cfg))
+            default = (f"default {default_cfg}", None)
+        for label, cfg in [default, *configs]:
+            row = {"benchmark": bench_name, "case": case_name, "provider": provider_name, "config": label}
+            if time.time() > deadline:
+                row["error"] = "not run: probe budget spent"
+                rows.append(row)
+                continue
+            try:
+                ctx = contextlib.nullcontext() if cfg is None else _config_override(module, attr, cfg)
+                with ctx:
+                    out = call(inputs).float()
+                    err = float((out - expected).abs().max() / expected.abs().max().clamp_min(1e-6))
+                    row["max_rel_diff_vs_default"] = err
+                    row["median_ms"] = round(_bench_ms(lambda: call(inputs)), 5)
+            except Exception as exc:
+                row["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def render(data: dict) -> str:
+    lines = ["# GPU probe", "", f"- {data.get('device')}; torch {data.get('torch')}, triton {data.get('triton')}", ""]
+    if data.get("host"):
+        lines += ["## Host vs device per call", "",
+                  "| benchmark | case | provider | eager median us | host us/call | device us/call (graph) | host-bound |",
+                  "|---|---|---|---:|---:|---:|---|"]  # fmt: skip
+        for r in data["host"]:
+            lines.append(f"| {r['benchmark']} | {r['case']} | {r['provider']} | {r.get('eager_median_us', '')} | "
+                         f"{r.get('host_us', '')} | {r.get('device_us', r.get('error', ''))} | {r.get('host_bound', '')} |")
+        lines.append("")
+        for r in data["host"]:
+            if r.get("top_functions"):
+                lines += [f"Top own time, {r['benchmark']} {r['provider']} ({r['case']}):", ""]
+                lines += [f"- {t}" for t in r["top_functions"]] + [""]
+    if data.get("sweep"):
+        lines += ["## Tile sweeps (do_bench median)", "", "| benchmark | case | provider | config | median ms | max rel diff vs default |",
+                  "|---|---|---|---|---:|---:|"]  # fmt: skip
+        for r in data["sweep"]:
+            lines.append(f"| {r['benchmark']} | {r['case']} | {r['provider']} | {r['config']} | "
+                         f"{r.get('median_ms', r.get('error', ''))} | {r.get('max_rel_diff_vs_default', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--budget", type=float, default=120.0, help="seconds for both parts (default 120)")
+    parser.add_argument("--parts", default="host,sweep")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gpu_probe: needs a CUDA device", file=sys.stderr)
+        return 2
+    import triton
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    data = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+    registry = _registry()
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+
+    def save():
+        (args.out / "probe.json").write_text(json.dumps(data, indent=1))
+        (args.out / "probe.md").write_text(render(data))
+
+    if "host" in parts:
+        data["host"] = probe_host(registry, started + args.budget * (0.4 if "sweep" in parts else 1.0))
+        save()
+    if "sweep" in parts:
+        data["sweep"] = probe_sweep(registry, started + args.budget)
+        save()
+    save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
