@@ -190,6 +190,68 @@ def poison_outputs():
         _POISON.on = prev
 
 
+class ValidatedHandOver:
+    """Validation once per call. Each public op validates its arguments (so errors name
+    them, and before the dispatcher routes by a stray tensor's device), then calls its
+    custom op, which must validate too since it can be called directly
+    (``torch.ops.mmkernels.*``). The wrapper hands its result over for exactly that call;
+    the op takes it only when called with the very same tensors (and equal scalars),
+    otherwise it validates. Validation was the largest host cost after launches in
+    ``tools/host_overhead.py``. Not used while ``torch.compile`` traces (the compiled graph
+    calls the op without the wrapper)."""
+
+    def __init__(self):
+        self._local = threading.local()
+
+    def call(self, op, op_inputs: tuple, args):
+        """``op(*op_inputs)`` with ``args`` (the wrapper's validation) handed over."""
+        if torch.compiler.is_compiling():
+            return op(*op_inputs)
+        self._local.value = (op_inputs, args)
+        try:
+            return op(*op_inputs)
+        finally:
+            self._local.value = None
+
+    def take(self, op_inputs: tuple):
+        """The handed-over validation if ``op_inputs`` are what the wrapper passed, else None."""
+        value = getattr(self._local, "value", None)
+        if value is None:
+            return None
+        self._local.value = None
+        given, args = value
+        return args if _same_inputs(given, op_inputs) else None
+
+
+def _same_inputs(a: tuple | list, b: tuple | list) -> bool:
+    """Element by element: the same tensor objects, equal scalars of one type (lists and
+    tuples compared the same way: the dispatcher may rebuild a list argument)."""
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if x is y:
+            continue
+        if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+            if not _same_inputs(x, y):
+                return False
+        elif isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor) or type(x) is not type(y) or x != y:
+            return False
+    return True
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division on the host. ``triton.cdiv`` is a constexpr function: called from
+    Python it goes through Triton's JIT call machinery (~1-2 us each on a slow host, and a
+    launcher makes several per call), which the host-overhead profile showed."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= ``n`` on the host (0 for 0, as ``triton.next_power_of_2``);
+    see :func:`cdiv`."""
+    return n if n <= 1 else 1 << (n - 1).bit_length()
+
+
 def empty_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """How launchers allocate outputs: ``torch.empty``, or NaN under :func:`poison_outputs`."""
     if getattr(_POISON, "on", False):

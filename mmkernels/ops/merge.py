@@ -19,9 +19,18 @@ from dataclasses import dataclass
 from typing import Sequence, Union
 
 import torch
-import triton
 
-from mmkernels.backend import AotCase, Backend, Capabilities, choose_backend, empty_output, register_aot
+from mmkernels.backend import (
+    AotCase,
+    Backend,
+    Capabilities,
+    ValidatedHandOver,
+    cdiv,
+    choose_backend,
+    empty_output,
+    next_power_of_2,
+    register_aot,
+)
 from mmkernels.ops import _merge_kernels as kernels
 
 __all__ = [
@@ -40,6 +49,7 @@ CAPABILITIES = Capabilities(
     min_compute_capability=(7, 0),
 )
 _ID_DTYPES = (torch.int32, torch.int64)
+_HANDOVER = ValidatedHandOver()  # the public wrapper's validation, reused by the op
 
 
 # --------------------------------------------------------------------------------------
@@ -251,7 +261,7 @@ def merge_config(dim: int, element_size: int) -> MergeConfig:
     A row chunk of 2 KB (1024 bf16 / 512 fp32) per program keeps every thread on 16-byte
     vectors; 8 rows per program give a few thousand programs for real prompt lengths.
     """
-    block_d = min(triton.next_power_of_2(dim), max(16, 2048 // element_size))
+    block_d = min(next_power_of_2(dim), max(16, 2048 // element_size))
     block_t = 8
     num_warps = 4 if block_t * block_d * element_size >= 8192 else 2
     return MergeConfig(block_t=block_t, block_d=block_d, num_warps=num_warps)
@@ -319,7 +329,7 @@ def _build_launch(args: _MergeArgs, out: torch.Tensor) -> tuple[_Launch, list[to
     device = args.ids.device
     T, D = args.ids.shape[0], args.dim
     cfg = merge_config(D, out.element_size())
-    num_blocks = max(triton.cdiv(T, cfg.block_t), 1)
+    num_blocks = max(cdiv(T, cfg.block_t), 1)
     tables = _tables(args, device)
     feats, kind, seg = tables.feats, tables.kinds, tables.segs
     num_segs = len(feats)
@@ -339,7 +349,7 @@ def _build_launch(args: _MergeArgs, out: torch.Tensor) -> tuple[_Launch, list[to
         NUM_KINDS=len(args.kind_ids),
         HAS_FEATURES=num_segs > 0,
         # Bucketed: 1, 2, 4, 8, 16 steps cover up to 65536 feature tensors with five compiles.
-        SEARCH_STEPS=triton.next_power_of_2(max(math.ceil(math.log2(num_segs)), 1)) if num_segs > 1 else 0,
+        SEARCH_STEPS=next_power_of_2(max(math.ceil(math.log2(num_segs)), 1)) if num_segs > 1 else 0,
         FUSED_LOOKUP=fused,
         CAST_FEATURES=bool(feats) and feats[0].dtype != out.dtype,
         FEAT_BYTES=feat_base.element_size(),
@@ -348,7 +358,7 @@ def _build_launch(args: _MergeArgs, out: torch.Tensor) -> tuple[_Launch, list[to
         BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps,
     )
-    grid_rows = (num_blocks, triton.cdiv(D, cfg.block_d))
+    grid_rows = (num_blocks, cdiv(D, cfg.block_d))
     return _Launch(count_args, count_meta, rows_args, rows_meta, num_blocks, grid_rows), feats
 
 
@@ -400,11 +410,13 @@ def _merge_op(
     embedding_weight: torch.Tensor | None,
     check: bool,
 ) -> torch.Tensor:
-    per_kind, start = [], 0
-    for n in features_per_kind:
-        per_kind.append(features[start : start + n])
-        start += n
-    args = _validate(input_ids, inputs_embeds, per_kind, placeholder_ids, embedding_weight)
+    args = _HANDOVER.take((input_ids, inputs_embeds, features, features_per_kind, placeholder_ids, embedding_weight, check))
+    if args is None:
+        per_kind, start = [], 0
+        for n in features_per_kind:
+            per_kind.append(features[start : start + n])
+            start += n
+        args = _validate(input_ids, inputs_embeds, per_kind, placeholder_ids, embedding_weight)
     dtypes = {args.out_dtype} | {f.dtype for f in args.all_features}
     decision = choose_backend(OP_NAME, kernels.merge_rows_kernel, CAPABILITIES, input_ids.device, dtypes)
     if decision.backend is Backend.REFERENCE:
@@ -505,15 +517,9 @@ def merge_multimodal_embeddings(
     # Validated here too: with a tensor on another device the dispatcher would route the
     # op by that device (a meta tensor reaches the fake kernel) before the body could check.
     args = _validate(input_ids, inputs_embeds, features, placeholder_id, embedding_weight)
-    return _merge_op(
-        input_ids,
-        inputs_embeds,
-        args.all_features,
-        [len(feats) for feats in args.kind_features],
-        args.kind_ids,
-        embedding_weight,
-        check,
-    )
+    op_inputs = (input_ids, inputs_embeds, args.all_features, [len(feats) for feats in args.kind_features],
+                 args.kind_ids, embedding_weight)  # fmt: skip
+    return _HANDOVER.call(_merge_op, (*op_inputs, check), args)
 
 
 # --------------------------------------------------------------------------------------

@@ -14,15 +14,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from mmkernels.backend import (
     AotCase,
     Backend,
     Capabilities,
+    ValidatedHandOver,
+    cdiv,
     choose_backend,
     empty_output,
     interpreter_enabled,
+    next_power_of_2,
     register_aot,
 )
 from mmkernels.ops import _patch_embed_kernels as kernels
@@ -33,6 +35,7 @@ OP_NAME = "patch_embed"
 # Weight (= output) dtypes the kernel computes with; float64 runs the reference.
 CAPABILITIES = Capabilities(dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}), min_compute_capability=(8, 0))
 _PIXEL_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_HANDOVER = ValidatedHandOver()  # the public wrapper's validation, reused by the op
 
 
 @dataclass
@@ -241,7 +244,7 @@ def embed_config(rows: int, dim: int, k: int, element_size: int) -> EmbedConfig:
     (K = 588 or 1176 in real towers, so 32 wastes little on the ragged last step), 64-row
     tiles when there are few patches so more SMs get work."""
     block_m = 128 if rows >= 4096 else 64
-    block_n = 128 if dim >= 128 else max(16, triton.next_power_of_2(dim))
+    block_n = 128 if dim >= 128 else max(16, next_power_of_2(dim))
     block_k = 32 if element_size <= 2 else 16
     num_warps = 8 if block_m * block_n >= 128 * 128 else 4
     return EmbedConfig(block_m, block_n, block_k, group_m=8, num_warps=num_warps, num_stages=3)
@@ -291,7 +294,7 @@ def _launch(args: _EmbedArgs, out: torch.Tensor):
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    grid = (triton.cdiv(rows, cfg.block_m) * triton.cdiv(args.dim, cfg.block_n),)
+    grid = (cdiv(rows, cfg.block_m) * cdiv(args.dim, cfg.block_n),)
     return launch_args, meta, grid
 
 
@@ -326,7 +329,8 @@ def _patch_embed_op(
     pixel_std: torch.Tensor | None,
     pixel_scale: torch.Tensor | None,
 ) -> torch.Tensor:
-    args = _validate(pixels, weight, bias, class_embedding, position_embedding, pixel_mean, pixel_std, pixel_scale)
+    op_inputs = (pixels, weight, bias, class_embedding, position_embedding, pixel_mean, pixel_std, pixel_scale)
+    args = _HANDOVER.take(op_inputs) or _validate(*op_inputs)
     dtypes = {weight.dtype} | {t.dtype for t in (pixels,) if t.is_floating_point() and t.dtype != torch.float64}
     decision = choose_backend(OP_NAME, kernels.patch_embed_kernel, CAPABILITIES, pixels.device, dtypes)
     if decision.backend is Backend.REFERENCE:
@@ -434,8 +438,8 @@ def patch_embed(pixels, weight, bias=None, *, class_embedding=None, position_emb
     if isinstance(scale, torch.Tensor) and scale.numel() == 1 and isinstance(weight, torch.Tensor) and weight.dim() >= 4:
         scale = scale.expand(weight.shape[1]).contiguous()
     # Validated here too: a tensor on another device would route the op by that device.
-    _validate(pixels, weight, bias, class_embedding, position_embedding, mean, std, scale)
-    return _patch_embed_op(pixels, weight, bias, class_embedding, position_embedding, mean, std, scale)
+    op_inputs = (pixels, weight, bias, class_embedding, position_embedding, mean, std, scale)
+    return _HANDOVER.call(_patch_embed_op, op_inputs, _validate(*op_inputs))
 
 
 # --------------------------------------------------------------------------------------

@@ -17,15 +17,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-import triton
 
 from mmkernels.backend import (
     AotCase,
     Backend,
     Capabilities,
+    ValidatedHandOver,
+    cdiv,
     choose_backend,
     empty_output,
     interpreter_enabled,
+    next_power_of_2,
     register_aot,
 )
 from mmkernels.ops import _quantized_linear_kernels as kernels
@@ -62,6 +64,7 @@ CAPABILITIES: dict[str, Capabilities] = {
 }
 # Programs the small-M heuristic aims for: about two waves of an H100 / H200 (132 SMs).
 _TARGET_PROGRAMS = 264
+_HANDOVER = ValidatedHandOver()  # the public wrapper's validation, reused by the op
 
 
 # --------------------------------------------------------------------------------------
@@ -214,15 +217,15 @@ def linear_config(m: int, n: int, k: int, scheme: str, group_size: int | None, e
         bk = min(bk, 32)
     if scheme == "w4a16":
         bk = min(bk, group_size)
-    k_steps = max(triton.cdiv(k, bk), 1)
+    k_steps = max(cdiv(k, bk), 1)
     split = 1
     if m <= 64:
-        tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+        tiles = cdiv(m, bm) * cdiv(n, bn)
         # Keep at least 4 K steps per split, at most 16 splits.
         while tiles * split < _TARGET_PROGRAMS and k_steps // (split * 2) >= 4 and split < 16:
             split *= 2
-    k_per_split = triton.cdiv(k_steps, split) * bk
-    split = max(triton.cdiv(k, k_per_split), 1)  # no empty splits
+    k_per_split = cdiv(k_steps, split) * bk
+    split = max(cdiv(k, k_per_split), 1)  # no empty splits
     return LinearConfig(bm, bn, bk, split, k_per_split, group_m=8, num_warps=warps, num_stages=stages)
 
 
@@ -258,7 +261,7 @@ def _launch(args: _LinearArgs, out: torch.Tensor, x_gemm: torch.Tensor, x_scales
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), cfg.split_k)
+    grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n), cfg.split_k)
     return launch_args, meta, grid
 
 
@@ -281,12 +284,12 @@ def _splitk_launch(args: _LinearArgs, out, x_scales, partial, split_k: int):
         BLOCK_N=block_n,
         num_warps=4,
     )
-    return launch_args, meta, (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    return launch_args, meta, (cdiv(m, block_m), cdiv(n, block_n))
 
 
 def _quantize_rows_launch(x2d, xq, xs):
     k = x2d.shape[1]
-    meta = dict(FP8_MAX=FP8_MAX, BLOCK_K=min(2048, triton.next_power_of_2(max(k, 16))), num_warps=4)
+    meta = dict(FP8_MAX=FP8_MAX, BLOCK_K=min(2048, next_power_of_2(max(k, 16))), num_warps=4)
     return (x2d, xq, xs, k, x2d.stride(0)), meta, (x2d.shape[0],)
 
 
@@ -353,8 +356,10 @@ def _quantized_linear_op(
     group_size: int,
     activation: str,
 ) -> torch.Tensor:
-    qw = _rebuild(x, packed, scales, zeros, scheme, group_size)
-    args = _validate(x, qw, bias, None if activation == "none" else activation)
+    args = _HANDOVER.take((x, packed, scales, zeros, bias, scheme, group_size, activation))
+    if args is None:
+        qw = _rebuild(x, packed, scales, zeros, scheme, group_size)
+        args = _validate(x, qw, bias, None if activation == "none" else activation)
     dtypes = {x.dtype} | ({bias.dtype} if bias is not None and bias.dtype != torch.float64 else set())
     decision = choose_backend(f"{OP_NAME}[{scheme}]", kernels.quantized_linear_kernel, CAPABILITIES[scheme], x.device, dtypes)
     if decision.backend is Backend.REFERENCE:
@@ -426,12 +431,10 @@ def quantized_linear(x, qweight, bias=None, *, activation=None) -> torch.Tensor:
     and ``bias`` (computed in PyTorch from the same dequantized weight); the quantized
     weight itself is frozen. Registered as ``torch.ops.mmkernels.quantized_linear``.
     """
-    args = _validate(x, qweight, bias, activation)
-    del args  # validated here too, so errors name the public arguments
-    return _quantized_linear_op(
-        x, qweight.packed, qweight.scales, qweight.zeros, bias, qweight.scheme,
-        qweight.group_size or 0, activation or "none",
-    )  # fmt: skip
+    args = _validate(x, qweight, bias, activation)  # here, so errors name the public arguments
+    op_inputs = (x, qweight.packed, qweight.scales, qweight.zeros, bias, qweight.scheme, qweight.group_size or 0,
+                 activation or "none")  # fmt: skip
+    return _HANDOVER.call(_quantized_linear_op, op_inputs, args)
 
 
 # --------------------------------------------------------------------------------------

@@ -20,15 +20,17 @@ import os
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from mmkernels.backend import (
     AotCase,
     Backend,
     Capabilities,
+    ValidatedHandOver,
+    cdiv,
     choose_backend,
     empty_output,
     interpreter_enabled,
+    next_power_of_2,
     register_aot,
 )
 from mmkernels.ops import _varlen_attention_kernels as kernels
@@ -43,8 +45,9 @@ __all__ = [
 
 OP_NAME = "varlen_attention"
 CAPABILITIES = Capabilities(dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}), min_compute_capability=(8, 0))
-# Head dims are padded to the next power of two inside the kernel (72, 80, 96 -> 128).
+# Head dims run inside the kernel as two power-of-two chunks (see head_chunks).
 MAX_HEAD_DIM = 256
+_HANDOVER = ValidatedHandOver()  # the public wrapper's validation, reused by the op
 
 
 @dataclass
@@ -258,17 +261,18 @@ def head_chunks(head_dim: int) -> tuple[int, int]:
         return 16, 0
     head_a = 1 << (head_dim.bit_length() - 1)  # the largest power of two <= head_dim
     rest = head_dim - head_a
-    return head_a, (0 if rest == 0 else max(16, triton.next_power_of_2(rest)))
+    return head_a, (0 if rest == 0 else max(16, next_power_of_2(rest)))
 
 
 def attn_config(max_seqlen_q: int, head_dim: int, element_size: int) -> AttnConfig:
     """Deterministic tiles. 128-query blocks for long queries (vision self-attention, long
     prompts), 64 when few queries (BLIP-2's 32 Q-Former queries, short prompts) so less
-    of the tile is padding; 64-key blocks. Head dims padded to 128 (80, 96, 128) and
-    128-query blocks take 8 warps: with 4 the fp32 accumulator, the score tile and the Q
-    operand spill on sm_80, or sit at 255 registers (kernel report, triton 3.8 and 3.9). max_seqlen_q only picks between two configs, so
+    of the tile is padding; 64-key blocks. Head dims over 64 (72, 80, 96, 128) count as
+    128 wide for warps and stages, and 128-query blocks take 8 warps: with 4 the fp32
+    accumulator, the score tile and the Q operand spill on sm_80, or sit at 255 registers
+    (kernel report, triton 3.8 and 3.9). max_seqlen_q only picks between two configs, so
     new lengths every batch never recompile."""
-    head_pad = max(16, triton.next_power_of_2(head_dim))
+    head_pad = max(16, next_power_of_2(head_dim))
     block_m = 128 if max_seqlen_q > 64 else 64
     if element_size > 2 or head_pad > 128:
         block_m = 64  # fp32 tiles and 256-wide heads: halve the register footprint
@@ -322,7 +326,7 @@ def _launch(args: _AttnArgs, out: torch.Tensor):
     )
     # One program per query block, sequence and head; one more sequence column writes the
     # rows no block owns (past cu_seqlens_q[-1]: 0; past max_seqlen_q: NaN).
-    grid = (max(1, triton.cdiv(args.max_seqlen_q, cfg.block_m)), args.batch + 1, q.shape[1])
+    grid = (max(1, cdiv(args.max_seqlen_q, cfg.block_m)), args.batch + 1, q.shape[1])
     return launch_args, meta, grid
 
 
@@ -354,7 +358,8 @@ def _varlen_attention_op(
     causal: bool,
     kv_ranges: torch.Tensor | None,
 ) -> torch.Tensor:
-    args = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, kv_ranges)
+    op_inputs = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, kv_ranges)
+    args = _HANDOVER.take(op_inputs) or _validate(*op_inputs)
     extra = []
     if args.head_dim > MAX_HEAD_DIM:
         extra.append(f"head_dim {args.head_dim} > {MAX_HEAD_DIM}")
@@ -440,8 +445,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 
     One Triton launch on CUDA (and on CPU under ``TRITON_INTERPRET=1``): online softmax in
     fp32, tensor-core dots in fp16/bf16 (fp32 inputs: exact fp32 dots, or TF32 where
-    ``torch.backends.cuda.matmul.allow_tf32``), head dims padded inside the kernel to a
-    power of two (72/80/96 -> 128) up to 256. Otherwise the reference. Gradients are
+    ``torch.backends.cuda.matmul.allow_tf32``), head dims up to 256 as two power-of-two
+    chunks (80 = 64 + 16, 96 = 64 + 32; 72 = 64 + 16 with 8 columns masked). Otherwise the reference. Gradients are
     available through a PyTorch recomputation (see :func:`varlen_attention_torch`).
     Registered as ``torch.ops.mmkernels.varlen_attention``.
     """
@@ -450,8 +455,8 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
         check = os.environ.get("MMKERNELS_DEBUG_CHECKS", "0").lower() in ("1", "true", "yes", "on")
     if check:
         check_values(args)
-    return _varlen_attention_op(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, args.softmax_scale,
-                                causal, kv_ranges)  # fmt: skip
+    op_inputs = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, args.softmax_scale, causal, kv_ranges)
+    return _HANDOVER.call(_varlen_attention_op, op_inputs, args)
 
 
 # --------------------------------------------------------------------------------------
@@ -485,7 +490,7 @@ _aot_case("varlen_attention/blip2-qformer-cross/bf16", [32] * 8, [257] * 8, 12, 
 _aot_case("varlen_attention/mllama-11b-cross-short/bf16", [40, 17], [4 * 1601, 2 * 1601], 32, 8, 128, ranges=True)
 # Whisper-large-v3 decoder cross-attention: 448 tokens x 1500 frames, d=64.
 _aot_case("varlen_attention/whisper-large-v3-cross/bf16", [448], [1500], 20, 20, 64)
-# Head dims 72 and 96 (padded to 128 inside the kernel): ViT-style towers with 72- and
+# Head dims 72 and 96 (64 + 16 with 8 masked, 64 + 32): ViT-style towers with 72- and
 # 96-wide heads (e.g. SigLIP-so400m: 1152 / 16 = 72), one image of 729 patches each.
 _aot_case("varlen_attention/siglip-so400m-d72/bf16", [729, 729], [729, 729], 16, 16, 72)
 _aot_case("varlen_attention/siglip-so400m-d72-short/bf16", [40, 17], [729, 729], 16, 16, 72)
