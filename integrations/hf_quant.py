@@ -24,8 +24,18 @@ sub-model that holds the projector attribute):
   ``merger.mlp.2`` (the LayerNorm / RMSNorm before stays as is);
 * PaliGemma: ``multi_modal_projector.linear``; Idefics3 / SmolVLM:
   ``connector.modality_projection.proj``; Mllama: ``multi_modal_projector`` (a Linear);
-* Gemma 3: not covered (its projector is a bare ``(K, N)`` parameter used with
-  ``torch.matmul``, not a Linear); reported as skipped with that reason.
+* Gemma 3: ``multi_modal_projector.mm_input_projection_weight``, a bare ``(K, N)``
+  Parameter that the projector's forward multiplies by with ``torch.matmul`` after its
+  average pooling and ``mm_soft_emb_norm`` (see :class:`MatmulWeight`). It becomes a
+  :class:`QuantizedLinear` submodule ``mm_input_projection`` holding the ``(N, K)``
+  transpose (``state_dict``: ``mm_input_projection_weight`` becomes
+  ``mm_input_projection.packed`` / ``.scales`` / ``.zeros``; there is no bias), and the
+  projector's ``forward`` is swapped on the instance (not through :mod:`.engine`:
+  :func:`mmkernels.unpatch` does not undo it) for one that runs the projector's own
+  ``avg_pool`` and ``mm_soft_emb_norm`` modules and then that submodule. Before anything
+  changes, the swap is checked to compute exactly what the original forward does (on a
+  random input, with the unquantized weight); where a transformers version computes
+  something else the projector is skipped with that reason.
 
 An activation is fused only when it computes exactly one of the op's activations (checked
 numerically in float64 on the live module); otherwise it stays a separate module.
@@ -36,8 +46,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import types
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 
@@ -48,6 +59,7 @@ from .engine import PatchReport, Replacement, Skip, backend_note
 
 __all__ = [
     "CONFIG_ATTR",
+    "MatmulWeight",
     "PROJECTOR_SPECS",
     "ProjectorSpec",
     "QuantizedLinear",
@@ -64,22 +76,89 @@ _FORMAT_VERSION = 1
 
 
 @dataclasses.dataclass(frozen=True)
+class MatmulWeight:
+    """A projector weight that is a bare ``(in_features, out_features)`` Parameter used as
+    ``torch.matmul(x, weight)`` rather than an ``nn.Linear`` (Gemma 3).
+
+    ``parameter``: its name on the projector. ``module``: the name of the
+    :class:`QuantizedLinear` submodule (holding the ``(out_features, in_features)``
+    transpose) that replaces it. ``forward``: the projector's new ``forward``, bound to the
+    instance; it calls ``module`` where the original called ``torch.matmul``.
+    ``not_equivalent(projector)``: why ``forward`` would not compute what the projector's
+    current forward does, given the unquantized weight (None when it does); called before
+    anything changes.
+    """
+
+    parameter: str
+    module: str
+    forward: Callable
+    not_equivalent: Callable[[torch.nn.Module], str | None]
+
+
+@dataclasses.dataclass(frozen=True)
 class ProjectorSpec:
     """Where one family keeps its projector.
 
     ``model_type``: the ``config.model_type`` of the sub-model holding ``attribute``.
     ``linears``: ``(linear path, activation path or None)`` inside the projector; the path
-    ``""`` is the projector itself (Mllama). ``unsupported``: why the family's projector
-    cannot be quantized (then ``linears`` is empty).
+    ``""`` is the projector itself (Mllama). ``matmul``: for a projector whose weight is
+    a bare Parameter (then ``linears`` is empty).
     """
 
     family: str
     model_type: str
     attribute: str
     linears: tuple[tuple[str, str | None], ...]
-    unsupported: str = ""
+    matmul: MatmulWeight | None = None
 
 
+def _gemma3_features(projector: torch.nn.Module, vision_outputs: torch.Tensor) -> torch.Tensor:
+    """What ``Gemma3MultiModalProjector.forward`` multiplies by ``mm_input_projection_weight``:
+    the patch grid average-pooled by the projector's ``avg_pool`` and normalized by its
+    ``mm_soft_emb_norm``, ``(B, tokens, K)``. Only the reshapes around the two modules are
+    restated here; :func:`_gemma3_not_equivalent` checks them against the original."""
+    batch_size, _, hidden_size = vision_outputs.shape
+    side = projector.patches_per_image
+    grid = vision_outputs.transpose(1, 2).reshape(batch_size, hidden_size, side, side).contiguous()
+    pooled = projector.avg_pool(grid).flatten(2).transpose(1, 2)
+    return projector.mm_soft_emb_norm(pooled)
+
+
+def _gemma3_projector_forward(self, vision_outputs: torch.Tensor) -> torch.Tensor:
+    """``Gemma3MultiModalProjector.forward`` with ``torch.matmul(normed,
+    mm_input_projection_weight)`` run by the quantized ``mm_input_projection``."""
+    return self.mm_input_projection(_gemma3_features(self, vision_outputs)).type_as(vision_outputs)
+
+
+def _gemma3_not_equivalent(projector: torch.nn.Module) -> str | None:
+    """Run the projector's current forward and ``matmul(_gemma3_features(x), w)`` on one
+    random image's worth of vision outputs, with a random weight ``w`` in place of
+    ``mm_input_projection_weight`` (which may be all zeros before a checkpoint is loaded
+    into it): they must be bit-identical (the same ops on the same device and dtype)."""
+    missing = [a for a in ("patches_per_image", "avg_pool", "mm_soft_emb_norm") if not hasattr(projector, a)]
+    if missing:
+        return f"the projector has no {', '.join(missing)} (a transformers version mmkernels does not know)"
+    weight = projector.mm_input_projection_weight
+    if weight.device.type == "meta":
+        return "its weight is on the meta device (not loaded)"
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, projector.patches_per_image**2, weight.shape[0], generator=generator)
+    w = torch.randn(tuple(weight.shape), generator=generator) * weight.shape[0] ** -0.5
+    x, w = (t.to(device=weight.device, dtype=weight.dtype) for t in (x, w))
+    try:
+        with torch.no_grad():
+            want = torch.func.functional_call(projector, {"mm_input_projection_weight": w}, (x,))
+            got = torch.matmul(_gemma3_features(projector, x), w).type_as(x)
+    except Exception as error:  # noqa: BLE001: any failure means the restated glue does not fit
+        return f"the projector forward could not be restated ({type(error).__name__}: {error})"
+    if got.shape != want.shape or not torch.equal(got, want):
+        return ("its forward does not compute matmul(mm_soft_emb_norm(avg_pool(patch grid)), "
+                "mm_input_projection_weight) as mmkernels restates it")  # fmt: skip
+    return None
+
+
+_GEMMA3 = MatmulWeight("mm_input_projection_weight", "mm_input_projection", _gemma3_projector_forward,
+                       _gemma3_not_equivalent)  # fmt: skip
 _LLAVA = (("linear_1", "act"), ("linear_2", None))
 _MERGER = (("mlp.0", "mlp.1"), ("mlp.2", None))
 PROJECTOR_SPECS: tuple[ProjectorSpec, ...] = (
@@ -92,11 +171,7 @@ PROJECTOR_SPECS: tuple[ProjectorSpec, ...] = (
     ProjectorSpec("Idefics3", "idefics3", "connector", (("modality_projection.proj", None),)),
     ProjectorSpec("SmolVLM", "smolvlm", "connector", (("modality_projection.proj", None),)),
     ProjectorSpec("Mllama", "mllama", "multi_modal_projector", (("", None),)),
-    ProjectorSpec(
-        "Gemma 3", "gemma3", "multi_modal_projector", (),
-        unsupported="its projector is the parameter mm_input_projection_weight (K, N) used with torch.matmul, "
-        "not an nn.Linear; not quantized",
-    ),  # fmt: skip
+    ProjectorSpec("Gemma 3", "gemma3", "multi_modal_projector", (), matmul=_GEMMA3),
 )
 
 
@@ -137,15 +212,21 @@ class QuantizedLinear(torch.nn.Module):
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, scheme: str, *, group_size: int | None,
                     activation: str | None = None) -> "QuantizedLinear":  # fmt: skip
-        qw = quantize(linear.weight.detach(), scheme, group_size=group_size or 128)
-        module = cls(linear.in_features, linear.out_features, scheme=scheme, group_size=qw.group_size,
-                     bias=linear.bias is not None, activation=activation, dtype=linear.weight.dtype,
-                     device=linear.weight.device)  # fmt: skip
+        return cls.from_weight(linear.weight, linear.bias, scheme, group_size=group_size, activation=activation)
+
+    @classmethod
+    def from_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None, scheme: str, *, group_size: int | None,
+                    activation: str | None = None) -> "QuantizedLinear":  # fmt: skip
+        """From an ``nn.Linear``-style weight ``(out_features, in_features)`` and bias."""
+        qw = quantize(weight.detach(), scheme, group_size=group_size or 128)
+        module = cls(qw.in_features, qw.out_features, scheme=scheme, group_size=qw.group_size,
+                     bias=bias is not None, activation=activation, dtype=weight.dtype,
+                     device=weight.device)  # fmt: skip
         module.load_quantized(qw)
-        if linear.bias is not None:
+        if bias is not None:
             with torch.no_grad():
-                module.bias.copy_(linear.bias)
-            module.bias.requires_grad_(linear.bias.requires_grad)
+                module.bias.copy_(bias)
+            module.bias.requires_grad_(bias.requires_grad)
         return module
 
     def load_quantized(self, qw: QuantizedWeight) -> None:
@@ -243,38 +324,38 @@ def quantize_projector(model: torch.nn.Module, scheme, *, group_size: int = 128)
         model: a Hugging Face model (any level: ``*ForConditionalGeneration``, ``*Model``).
         scheme: ``"w8a16"``, ``"w4a16"`` or ``"fp8"`` (or a dict ``{"scheme": ...,
             "group_size": ...}``).
-        group_size: w4a16 only: 32, 64 or 128; every projector Linear's in_features must be
-            a multiple of it (``ValueError`` naming the layer otherwise).
+        group_size: w4a16 only: 32, 64 or 128; every projector Linear's in_features (the
+            first dim of Gemma 3's ``(K, N)`` Parameter) must be a multiple of it
+            (``ValueError`` naming the layer otherwise).
 
     Returns:
         A :class:`~mmkernels.integrations.engine.PatchReport`: one replacement per Linear
         (``method`` is ``"module"``; its notes say which activation was fused and which
-        backend will run), skips with reasons (Gemma 3's projector, an already quantized
-        model). Raises ``ValueError`` when the model has no projector a spec covers, and
-        when it was already quantized with another scheme.
+        backend will run) or Gemma 3 Parameter (``class_name`` ``"Parameter"``; its notes
+        say that the projector's forward was swapped), skips with reasons (an already
+        quantized model, a projector whose code mmkernels does not recognise). Raises
+        ``ValueError`` when the model has no projector a spec covers, and when it was
+        already quantized with another scheme.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     scheme, group_size = _normalize_request(scheme, group_size)
-    replaced, skipped, plans = [], [], []
+    replaced, skipped, plans, matmul_plans = [], [], [], []
     found = []
     for path, holder, spec in _projectors(model):
         found.append(spec.model_type)
         projector = holder._modules[spec.attribute]
         proj_path = _join(path, spec.attribute)
-        if spec.unsupported:
-            skipped.append(Skip(proj_path, type(projector).__name__, f"{spec.family}: {spec.unsupported}"))
+        if spec.matmul is not None:
+            plan = _plan_matmul(projector, proj_path, spec, scheme, group_size, skipped)
+            if plan is not None:
+                matmul_plans.append(plan)
             continue
         for linear_path, act_path in spec.linears:
             target = projector.get_submodule(linear_path) if linear_path else projector
             full = _join(proj_path, linear_path)
             if isinstance(target, QuantizedLinear):
-                if target.scheme != scheme or target.group_size != group_size:
-                    raise ValueError(
-                        f"model: {full} is already quantized ({target.scheme}, group_size={target.group_size}); "
-                        f"it cannot be re-quantized to {scheme} (reload the unquantized checkpoint)"
-                    )
-                skipped.append(Skip(full, "QuantizedLinear", f"already quantized ({scheme})", "already_patched"))
+                _already_quantized(target, full, scheme, group_size, skipped)
                 continue
             if type(target) is not torch.nn.Linear:
                 skipped.append(Skip(full, type(target).__name__, f"{spec.family}: expected an nn.Linear"))
@@ -294,8 +375,8 @@ def quantize_projector(model: torch.nn.Module, scheme, *, group_size: int = 128)
             else:
                 parent, name = holder, spec.attribute
             plans.append((projector, parent, name, act_path if activation else None, full, target, activation, spec))
-    if not plans and not any(s.code == "already_patched" for s in skipped):
-        covered = ", ".join(sorted({s.model_type for s in PROJECTOR_SPECS if not s.unsupported}))
+    if not plans and not matmul_plans and not any(s.code == "already_patched" for s in skipped):
+        covered = ", ".join(sorted({s.model_type for s in PROJECTOR_SPECS}))
         why = "; ".join(s.reason for s in skipped)
         raise ValueError(
             f"model: no projector to quantize in {type(model).__name__} (projector model_types found: "
@@ -313,10 +394,69 @@ def quantize_projector(model: torch.nn.Module, scheme, *, group_size: int = 128)
                  + (f"; activation {activation!r} fused (the {act_path} module is now Identity)" if act_path else ""),
                  backend_note(CAPABILITIES[scheme], linear.weight)]  # fmt: skip
         replaced.append(Replacement(full, "Linear", "module", "mmkernels::quantized_linear", spec.family, tuple(notes)))
+    for projector, full, spec in matmul_plans:
+        replaced.append(_apply_matmul(projector, full, spec, scheme, group_size, records))
     if records:
         _record_config(model, scheme, group_size, records)
     return PatchReport(type(model).__name__, replaced, skipped, sorted(set(found)),
                        sorted({s.model_type for s in PROJECTOR_SPECS}))  # fmt: skip
+
+
+def _already_quantized(module: QuantizedLinear, full: str, scheme: str, group_size: int | None, skipped) -> None:
+    if module.scheme != scheme or module.group_size != group_size:
+        raise ValueError(
+            f"model: {full} is already quantized ({module.scheme}, group_size={module.group_size}); "
+            f"it cannot be re-quantized to {scheme} (reload the unquantized checkpoint)"
+        )
+    skipped.append(Skip(full, "QuantizedLinear", f"already quantized ({scheme})", "already_patched"))
+
+
+def _plan_matmul(projector, proj_path: str, spec: ProjectorSpec, scheme: str, group_size: int | None, skipped):
+    """Check a :class:`MatmulWeight` projector before anything changes: ``(projector, path
+    of the new module, spec)`` to quantize, or None (a skip recorded, or an error raised)."""
+    mw = spec.matmul
+    full = _join(proj_path, mw.module)
+    existing = projector._modules.get(mw.module)
+    if isinstance(existing, QuantizedLinear):
+        _already_quantized(existing, full, scheme, group_size, skipped)
+        return None
+    weight = projector._parameters.get(mw.parameter)
+    where = _join(proj_path, mw.parameter)
+    if weight is None or weight.dim() != 2 or existing is not None:
+        skipped.append(Skip(where, type(projector).__name__,
+                            f"{spec.family}: expected a 2-D Parameter {mw.parameter} (in_features, out_features) "
+                            f"and no submodule {mw.module}"))  # fmt: skip
+        return None
+    if scheme == "w4a16" and weight.shape[0] % group_size:
+        raise ValueError(
+            f"group_size: {where} has in_features={weight.shape[0]} (its first dim), not a multiple of "
+            f"group_size={group_size}; pass group_size=32 or 64"
+        )
+    reason = mw.not_equivalent(projector)
+    if reason is not None:
+        skipped.append(Skip(where, type(projector).__name__, f"{spec.family}: {reason}; not quantized"))
+        return None
+    return projector, full, spec
+
+
+def _apply_matmul(projector, full: str, spec: ProjectorSpec, scheme: str, group_size: int | None,
+                  records: dict) -> Replacement:  # fmt: skip
+    """Replace the Parameter by a :class:`QuantizedLinear` of its transpose and swap the
+    projector's ``forward`` (a plain instance attribute, as :mod:`.engine` does it, but not
+    recorded for :func:`mmkernels.unpatch`: it cannot be undone)."""
+    mw = spec.matmul
+    weight = projector._parameters[mw.parameter]
+    module = QuantizedLinear.from_weight(weight.detach().t().contiguous(), None, scheme, group_size=group_size)
+    delattr(projector, mw.parameter)
+    projector.add_module(mw.module, module)
+    object.__setattr__(projector, "forward", types.MethodType(mw.forward, projector))
+    records[full] = {"activation": None, "fused": None, "parameter": mw.parameter}
+    k, n = weight.shape
+    notes = (f"{scheme}" + (f", group_size={group_size}" if group_size else "")
+             + f"; replaces the Parameter {mw.parameter} ({k}, {n}) (used with torch.matmul) by a "
+             f"QuantizedLinear of its transpose; {type(projector).__name__}.forward swapped on the instance to call it",
+             backend_note(CAPABILITIES[scheme], weight))  # fmt: skip
+    return Replacement(full, "Parameter", "module", "mmkernels::quantized_linear", spec.family, notes)
 
 
 def _record_config(model, scheme, group_size, records) -> None:
@@ -407,9 +547,11 @@ def from_pretrained(model_class, path, *, patch: bool = True, **kwargs):
     the one call that gives back the quantized model.
 
     ``model_class.from_pretrained(path, **kwargs)`` loads everything but the projector;
-    the config's ``mmkernels_quantization`` entry says which Linears were quantized and
-    how; they are rebuilt as :class:`QuantizedLinear` and filled from the checkpoint's
-    ``packed`` / ``scales`` / ``zeros`` / ``bias`` tensors (every one must be there). With
+    the config's ``mmkernels_quantization`` entry says which Linears (or Gemma 3's
+    Parameter) were quantized and how; they are rebuilt as :class:`QuantizedLinear` (by
+    :func:`quantize_projector`, from whatever the model was initialised with) and filled
+    from the checkpoint's ``packed`` / ``scales`` / ``zeros`` / ``bias`` tensors (every
+    one must be there). With
     ``patch=True`` (default) the model is also patched with mmkernels' other kernels
     (:func:`mmkernels.patch`), as the model that was saved usually was.
     """

@@ -118,6 +118,9 @@ def _build(family: str, recipe: _Recipe, *, seed: int, dtype: torch.dtype, batch
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = recipe.model_class(recipe.config).eval()
+        if recipe.init_weights is not None:
+            with torch.no_grad():
+                recipe.init_weights(model)
     _set_generation_ids(model, recipe.tokenizer)
     samples = [recipe.samples[i % len(recipe.samples)] for i in range(batch)]
     inputs = recipe.make_inputs(recipe, model, samples, np.random.default_rng(seed))
@@ -161,6 +164,9 @@ class _Recipe:
     processor: Any = None  # the family's own processor, where it builds without torchvision
     image_processor: Any = None  # used directly where ``processor`` is None
     processor_config: dict | None = None  # processor_config.json to save where ``processor`` is None
+    # Fills weights that transformers initialises to zero and that would hide the images
+    # (seeded with the model's weights).
+    init_weights: Callable[[Any], None] | None = None
 
 
 def _tokenizer(
@@ -675,7 +681,16 @@ def _gemma3() -> _Recipe:
         ),
         make_inputs=_processor_inputs,
         processor=processor,
+        init_weights=_gemma3_projector_init,
     )
+
+
+def _gemma3_projector_init(model) -> None:
+    """transformers initialises Gemma 3's ``mm_input_projection_weight`` (K, N) to zeros:
+    every image feature would be 0 and a merge writing them to the wrong rows would go
+    unseen. Random, scaled like a Linear's."""
+    weight = model.model.multi_modal_projector.mm_input_projection_weight
+    weight.normal_(0.0, weight.shape[0] ** -0.5)
 
 
 def _llava_onevision() -> _Recipe:

@@ -1,7 +1,9 @@
 """Quantized projectors in tiny Hugging Face models (mmkernels.zoo, random weights, no
 downloads): logits close to the unquantized model, the kernel (interpreter) doing the
 projector's work, save_pretrained -> hf_quant.from_pretrained giving bit-identical
-outputs with the config carried in the checkpoint, unpatch refusing, bad requests."""
+outputs with the config carried in the checkpoint, unpatch refusing, bad requests.
+Gemma 3's projector weight is a bare (K, N) Parameter used with torch.matmul, not a
+Linear: it becomes the QuantizedLinear ``mm_input_projection`` (see hf_quant)."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from mmkernels.backend import Backend, recent_decisions
 from mmkernels.integrations import hf_quant
 from mmkernels.integrations.engine import ORIGINALS_ATTR
 from mmkernels.integrations.hf_quant import QuantizedLinear
+from mmkernels.ops.quantized_linear import quantized_linear_reference
 from zoo_helpers import build_or_skip
 
 # family -> the projector Linears quantize_projector must replace (paths in the model), and
@@ -31,6 +34,7 @@ EXPECTED = {
     "paligemma": (["model.multi_modal_projector.linear"], None),
     "idefics3": (["model.connector.modality_projection.proj"], None),
     "mllama": (["model.multi_modal_projector"], None),
+    "gemma3": (["model.multi_modal_projector.mm_input_projection"], None),
 }
 FAMILIES = [f for f in EXPECTED if f in zoo.FAMILIES]
 # The tiny models are 64 wide: w4a16 needs a group that divides K = 64.
@@ -44,9 +48,28 @@ def tiny_models():
     def get(family):
         if family not in cache:
             cache[family] = build_or_skip(family, batch=1)
+            if family == "gemma3":
+                _randomize_gemma3_projector(cache[family].model)
         return cache[family]
 
     return get
+
+
+def _randomize_gemma3_projector(model):
+    """Gemma 3 initialises mm_input_projection_weight to zeros, so the zoo's images would
+    not reach the text and a quantized projector would change nothing: give it unit-gain
+    random values (seeded)."""
+    weight = model.model.multi_modal_projector.mm_input_projection_weight
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        weight.copy_(torch.randn(weight.shape, generator=generator) * weight.shape[0] ** -0.5)
+
+
+def quantize(model, scheme):
+    request = REQUESTS[scheme]
+    if isinstance(request, dict):
+        return mmkernels.quantize_projector(model, request["scheme"], group_size=request["group_size"])
+    return mmkernels.quantize_projector(model, request)
 
 
 def logits(model, inputs):
@@ -60,9 +83,7 @@ def test_quantized_projector_logits_match_the_unquantized_model(tiny_models, fam
     tiny = tiny_models(family)
     want = logits(tiny.model, tiny.inputs)
     model = copy.deepcopy(tiny.model)
-    request = REQUESTS[scheme]
-    report = mmkernels.quantize_projector(model, request["scheme"] if isinstance(request, dict) else request,
-                                          group_size=request["group_size"] if isinstance(request, dict) else 128)  # fmt: skip
+    report = quantize(model, scheme)
     paths, fused = EXPECTED[family]
     assert [r.module_path for r in report.replaced] == paths
     for path in paths:
@@ -96,7 +117,8 @@ def test_fused_activation_and_state_dict_keys(tiny_models):
 
 
 @pytest.mark.parametrize("family,scheme", [("llava", "w4a16"), ("qwen2_vl", "fp8"), ("idefics3", "w8a16"),
-                                           ("paligemma", "fp8"), ("mllama", "w4a16")])  # fmt: skip
+                                           ("paligemma", "fp8"), ("mllama", "w4a16"), ("gemma3", "w8a16"),
+                                           ("gemma3", "w4a16"), ("gemma3", "fp8")])  # fmt: skip
 def test_save_pretrained_then_from_pretrained_is_bit_identical(tiny_models, tmp_path, family, scheme):
     if family not in zoo.FAMILIES:
         pytest.skip(f"{family} is not in mmkernels.zoo")
@@ -127,8 +149,9 @@ def test_from_pretrained_refuses_an_unquantized_checkpoint(tiny_models, tmp_path
         hf_quant.from_pretrained(type(tiny.model), tmp_path)
 
 
-def test_unpatch_refuses_on_a_quantized_model_and_changes_nothing(tiny_models):
-    tiny = tiny_models("llava")
+@pytest.mark.parametrize("family", ["llava", "gemma3"])
+def test_unpatch_refuses_on_a_quantized_model_and_changes_nothing(tiny_models, family):
+    tiny = tiny_models(family)
     model = copy.deepcopy(tiny.model)
     mmkernels.patch(model, quantize_projector="w8a16")
     want = logits(model, tiny.inputs)
@@ -163,11 +186,81 @@ def test_requantizing(tiny_models):
         mmkernels.quantize_projector(model, "w8a16")
 
 
-def test_gemma3_projector_is_not_a_linear_and_says_so(tiny_models):
-    model = tiny_models("gemma3").model
-    with pytest.raises(ValueError, match="no projector to quantize.*mm_input_projection_weight"):
+@pytest.mark.parametrize("scheme", list(REQUESTS))
+def test_gemma3_parameter_becomes_a_quantized_linear(tiny_models, scheme):
+    """The documented state_dict change (mm_input_projection_weight (K, N) -> the
+    QuantizedLinear mm_input_projection of its (N, K) transpose, no bias), the forward
+    swapped on the instance only, and the projector computing matmul by the weight the
+    kernel holds (K == N in the tiny model: a transpose mistake shows only in values)."""
+    tiny = tiny_models("gemma3")
+    model = copy.deepcopy(tiny.model)
+    projector = model.model.multi_modal_projector
+    before = set(model.state_dict())
+    weight = projector.mm_input_projection_weight.detach().clone()
+    report = quantize(model, scheme)
+    assert not report.skipped
+    assert [(r.module_path, r.class_name, r.family) for r in report.replaced] == [
+        ("model.multi_modal_projector.mm_input_projection", "Parameter", "Gemma 3")
+    ]
+    assert any("Gemma3MultiModalProjector.forward swapped on the instance" in n for n in report.replaced[0].notes)
+    prefix = "model.multi_modal_projector.mm_input_projection"
+    tensors = {"packed", "scales"} | ({"zeros"} if scheme == "w4a16" else set())
+    after = model.state_dict()
+    assert before - set(after) == {"model.multi_modal_projector.mm_input_projection_weight"}
+    assert set(after) - before == {f"{prefix}.{t}" for t in tensors}
+    assert all(type(after[f"{prefix}.{t}"]) is torch.Tensor for t in tensors)
+    assert model.config.mmkernels_quantization["modules"] == {
+        prefix: {"activation": None, "fused": None, "parameter": "mm_input_projection_weight"}
+    }
+    qlinear = projector.mm_input_projection
+    assert isinstance(qlinear, QuantizedLinear) and qlinear.bias is None
+    assert (qlinear.in_features, qlinear.out_features) == tuple(weight.shape)
+    assert "mm_input_projection_weight" not in dict(projector.named_parameters())
+    # the class and isinstance untouched; not recorded for unpatch (which refuses instead)
+    assert type(projector).__name__ == "Gemma3MultiModalProjector"
+    assert "forward" in projector.__dict__ and ORIGINALS_ATTR not in projector.__dict__
+    clone = copy.deepcopy(model).model.multi_modal_projector
+    assert clone.forward.__self__ is clone
+
+    # The swapped forward: the op's float64 reference on the pooled, normed features, and
+    # close to the unquantized matmul (the projector's own forward before quantization).
+    generator = torch.Generator().manual_seed(0)
+    vision = torch.randn(2, projector.patches_per_image**2, weight.shape[0], generator=generator)
+    with torch.no_grad():
+        got = projector(vision).double()
+        features = hf_quant._gemma3_features(projector, vision)
+        want = quantized_linear_reference(features, qlinear.qweight()).double()
+        unquantized = tiny.model.model.multi_modal_projector(vision).double()
+    assert got.shape == (2, 16, weight.shape[1])
+    assert (got - want).norm() / want.norm() < 1e-5
+    # SQNR against the unquantized projector: 8-bit codes, e4m3 weights and activations,
+    # 16 levels per group of 32.
+    sqnr = 20 * torch.log10(unquantized.norm() / (got - unquantized).norm())
+    assert sqnr >= {"w8a16": 40, "fp8": 25, "w4a16": 18}[scheme], f"{scheme}: SQNR {float(sqnr):.1f} dB"
+
+
+def test_gemma3_bad_group_size_or_unknown_forward_change_nothing(tiny_models):
+    model = copy.deepcopy(tiny_models("gemma3").model)
+    projector = model.model.multi_modal_projector
+    with pytest.raises(ValueError, match=r"group_size: model.multi_modal_projector.mm_input_projection_weight has "
+                                         r"in_features=64 \(its first dim\), not a multiple of group_size=128"):  # fmt: skip
+        mmkernels.quantize_projector(model, "w4a16")
+    original = projector.forward
+    projector.forward = lambda vision_outputs: original(vision_outputs) * 2  # someone else's forward
+    with pytest.raises(ValueError, match=r"no projector to quantize in Gemma3ForConditionalGeneration .*Gemma 3: its "
+                                         r"forward does not compute matmul\(mm_soft_emb_norm"):  # fmt: skip
         mmkernels.quantize_projector(model, "w8a16")
     assert not hf_quant.is_quantized(model)
+    assert "mm_input_projection_weight" in dict(projector.named_parameters())
+    assert hf_quant.quantization_config(model) is None
+
+
+def test_gemma3_is_no_longer_reported_as_skipped(tiny_models):
+    model = copy.deepcopy(tiny_models("gemma3").model)
+    report = mmkernels.patch(model, quantize_projector="w8a16")
+    assert "model.multi_modal_projector.mm_input_projection" in [r.module_path for r in report.replaced]
+    assert not [s for s in report.skipped if "projector" in s.module_path or "projector" in s.reason], report.skipped
+    assert "gemma3" in report.supported_model_types
 
 
 def test_text_only_model_has_no_projector():
