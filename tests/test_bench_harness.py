@@ -470,3 +470,12 @@ def test_serve_vllm_step_is_skipped_by_name(tmp_path, monkeypatch):
     assert step.status == "skipped" and "MMK_SERVE_MODEL" in step.detail
     monkeypatch.setenv("MMK_SERVE_MODEL", str(tmp_path))
     assert suite.serve_vllm_step(tmp_path, budget=suite.Budget(), dry_run=True).detail == "dry run: nothing is served"
+
+
+def test_gpu_suite_probe_step(tmp_path):
+    suite = _load_gpu_suite()
+    assert suite.probe_step(tmp_path, budget_s=30, dry_run=True).status == "skipped"
+    # Without CUDA the probe refuses (exit 2): recorded as a failed step with its reason.
+    step = suite.probe_step(tmp_path, budget_s=60, dry_run=False)
+    assert step.status == "failed" and "needs a CUDA device" in step.detail
+    assert (tmp_path / step.log).exists()

@@ -16,8 +16,14 @@ costs that step only), and is recorded in the summary however it ends:
 4. ``bench:<name>``: every benchmark registered by a ``benchmarks/bench_*.py`` module
    (kernel microbenchmarks and model-level benchmarks), each run by the same code as
    ``python -m mmkernels.bench --benchmarks <name> --out DIR`` in its own process.
-5. ``plots``: every benchmark's plots and the Markdown summary redrawn from
+5. ``probe``: ``tools/gpu_probe.py`` into ``probe/``: host vs device microseconds per
+   call of each op (CUDA-graph replay) and tile sweeps of the GEMM kernels, at most 60 s
+   (taken before the benchmarks' share; not with ``--benchmarks``).
+6. ``plots``: every benchmark's plots and the Markdown summary redrawn from
    ``results.json`` (a step stopped by its budget leaves rows but no plots).
+
+On the lent GPU machines only 8 files come back from ``$OUT``: tar the folder into one
+file there (``tar czf $OUT/results.tgz -C /tmp r``) rather than copying its files.
 
 Budget: 540 s in all (``--budget`` sets another total, for a lease with less time left), of which 30 s are kept for teardown and the summary. Roofline gets
 at most 45 s, the GPU tests at most 180 s (less when the benchmarks would otherwise get
@@ -297,6 +303,18 @@ def bench_reserve_s(n_benches: int, remaining_s: float) -> float:
 
 
 SERVE_VLLM_CAP_S = 150.0
+PROBE_CAP_S = 60.0
+
+
+def probe_step(out_dir: Path, *, budget_s: float, dry_run: bool) -> StepResult:
+    """``tools/gpu_probe.py``: why the ops take the time they take (host vs device per
+    call, tile sweeps); its own output folder ``probe/`` inside the results folder."""
+    if dry_run:
+        return StepResult("probe", "skipped", 0.0, 0.0, "dry run: the probe needs a CUDA device")
+    cmd = [sys.executable, str(REPO_ROOT / "tools" / "gpu_probe.py"), "--out", str(out_dir / "probe"),
+           "--budget", f"{max(budget_s - 15.0, 1.0):.0f}"]  # fmt: skip
+    step, _ = run_process_step("probe", cmd, budget_s=budget_s, out_dir=out_dir, env=step_env(dry_run=False))
+    return step
 
 
 def serve_vllm_step(out_dir: Path, *, budget: Budget, dry_run: bool) -> StepResult:
@@ -400,6 +418,9 @@ def run_suite(out_dir: Path, *, quick: bool, dry_run: bool, stamp: dict, stamp_s
         tests_s = budget.allot(GPU_TESTS_CAP_S * (0.5 if quick else 1.0), reserve_s=bench_reserve)
     steps.append(run_gpu_tests(out_dir, budget_s=tests_s, dry_run=dry_run))
     record("running")
+    if only is None:
+        steps.append(probe_step(out_dir, budget_s=budget.allot(PROBE_CAP_S, reserve_s=bench_reserve), dry_run=dry_run))
+        record("running")
 
     for i, name in enumerate(benches):
         steps.append(_bench_step(name, out_dir, budget=budget, benches_left=len(benches) - i, quick=quick, dry_run=dry_run))

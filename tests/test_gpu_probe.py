@@ -1,0 +1,53 @@
+"""tools/gpu_probe.py without a GPU: its cases name real benchmark cases and providers,
+its tile sweeps are valid configurations, and its Markdown renders what it measured."""
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tools"))
+import gpu_probe  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def registry():
+    return gpu_probe._registry()
+
+
+def test_host_cases_exist(registry):
+    for bench, case, provider in gpu_probe.HOST_CASES:
+        assert gpu_probe._case(registry[bench], case).name == case
+        assert gpu_probe._provider(registry[bench], provider).name == provider
+
+
+@pytest.mark.parametrize("case_name,scheme", [("qwen2-vl-7b/merger.mlp.2/m2304", "w8a16"),
+                                              ("llava-1.5-7b/linear_1/m16", "w4a16"),
+                                              ("mllama-11b/multi_modal_projector/m16", "w8a16")])  # fmt: skip
+def test_linear_sweep_configs_cover_k_without_empty_splits(registry, case_name, scheme):
+    ql = importlib.import_module("mmkernels.ops.quantized_linear")
+    case = gpu_probe._case(registry["quantized_linear"], case_name)
+    default = ql.linear_config(case.m, case.n, case.k, scheme, 128, 2)
+    configs = list(gpu_probe._linear_configs(case, scheme, default))
+    assert len(configs) >= 4
+    for label, cfg in configs:
+        assert cfg.k_per_split % cfg.block_k == 0, label
+        assert cfg.split_k * cfg.k_per_split >= case.k > (cfg.split_k - 1) * cfg.k_per_split, label
+        if scheme == "w4a16":
+            assert cfg.block_k <= 128, label  # one group scale per K tile
+
+
+def test_render_lists_measurements_and_errors():
+    text = gpu_probe.render({
+        "device": "H200", "torch": "2.11", "triton": "3.6",
+        "host": [{"benchmark": "merge", "case": "c", "provider": "mmkernels", "eager_median_us": 50.0,
+                  "host_us": 40.0, "device_us": 8.0, "host_bound": True, "top_functions": ["5.0 us own _validate"]},
+                 {"benchmark": "merge", "case": "d", "provider": "mmkernels", "error": "RuntimeError: boom"}],
+        "sweep": [{"benchmark": "patch_embed", "case": "c", "provider": "mmkernels", "config": "default",
+                   "median_ms": 1.0, "max_rel_diff_vs_default": 0.0}],
+    })  # fmt: skip
+    assert "| merge | c | mmkernels | 50.0 | 40.0 | 8.0 | True |" in text
+    assert "RuntimeError: boom" in text and "5.0 us own _validate" in text
+    assert "| patch_embed | c | mmkernels | default | 1.0 | 0.0 |" in text
