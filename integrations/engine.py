@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import collections
-import contextlib
 import math
 from typing import Callable
 
@@ -118,7 +117,7 @@ def nan_padded(t: torch.Tensor, *, rows_before: int = 3, rows_after: int = 5, ex
     end of each row, so reads outside ``t`` return NaN. The view's row stride is
     ``t.shape[-1] + extra_cols`` (not contiguous on purpose)."""
     if t.dim() < 1:
-        raise ValueError(f"t: expected at least 1 dim, got a scalar")
+        raise ValueError("t: expected at least 1 dim, got a scalar")
     rows = t.reshape(-1, t.shape[-1]) if t.dim() > 1 else t.reshape(-1, 1)
     n, d = rows.shape
     fill = float("nan") if t.is_floating_point() else -(2**30)

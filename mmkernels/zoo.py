@@ -1088,7 +1088,6 @@ def _vision_encoder_decoder() -> _Recipe:
     from transformers import (
         GPT2Config,
         TrOCRProcessor,
-        ViTConfig,
         VisionEncoderDecoderConfig,
         VisionEncoderDecoderModel,
     )
