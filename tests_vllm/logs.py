@@ -6,8 +6,8 @@ import re
 
 REGISTERED = re.compile(r"mmkernels vLLM plugin \(pid (\d+), backend ([\w-]+)\): registered (.*)")
 DISABLED = re.compile(r"mmkernels vLLM plugin \(pid (\d+)\): disabled by MMKERNELS_DISABLE")
-RAN = re.compile(r"mmkernels (merge|patch_embed) ran: backend=([\w-]+)(.*?) \[(\w+), pid (\d+)")
-NOT_COVERED = re.compile(r"mmkernels (merge|patch_embed): .* not covered .*")
+RAN = re.compile(r"mmkernels (merge|patch_embed|encoder_attention) ran: backend=([\w-]+)(.*?) \[(\w+), pid (\d+)")
+NOT_COVERED = re.compile(r"mmkernels (merge|patch_embed|encoder_attention): .* not covered .*")
 
 
 def registered(text: str) -> dict[int, str]:

@@ -1,9 +1,10 @@
 """Probe the plugin inside one fresh process (vLLM state is per process); prints JSON.
 
-    python tests_vllm/plugin_probe.py MODE        MODE: full | registry
+    python tests_vllm/plugin_probe.py MODE        MODE: full | encoder_attention | registry
 
 The environment (MMKERNELS_*, TRITON_INTERPRET) is set by the caller. ``full`` also runs
-the replaced layers and the merge against vLLM's own code.
+the replaced conv layers and the merge against vLLM's own code, ``encoder_attention``
+the replaced ``MMEncoderAttention``.
 """
 
 from __future__ import annotations
@@ -15,15 +16,97 @@ import sys
 def registry_facts(plugin) -> dict:
     from vllm import ModelRegistry
     from vllm.model_executor.custom_op import op_registry_oot
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
 
     returned = plugin.register()
     returned_again = plugin.register()  # idempotent: no second registration, no second line
     llava = ModelRegistry._try_load_model_cls("LlavaForConditionalGeneration")
+    attn = encoder_attention_layers()["packed"]  # what a vision tower's constructor gets
     return {
         "returned": returned,
         "returned_again": returned_again,
         "oot": {k: f"{v.__module__}.{v.__qualname__}" for k, v in op_registry_oot.items()},
         "llava_class": f"{llava.__module__}.{llava.__qualname__}",
+        "encoder_attention_class": f"{type(attn).__module__}.{type(attn).__qualname__}",
+        "quantization_methods": sorted(m for m in QUANTIZATION_METHODS if m.startswith("mmkernels")),
+    }
+
+
+def encoder_attention_layers() -> dict:
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.attention.mm_encoder_attention import MMEncoderAttention
+
+    with set_current_vllm_config(VllmConfig()):
+        return {
+            "packed": MMEncoderAttention(4, 16),
+            "gqa": MMEncoderAttention(4, 24, scale=0.3, num_kv_heads=2),
+            "head_288": MMEncoderAttention(2, 288),  # over the op's 256: vLLM's path
+        }
+
+
+def encoder_attention_runs(plugin) -> dict:
+    """MMEncoderAttention against vLLM's own forward_native (SDPA per cu_seqlens chunk),
+    in the layouts vision towers call it with."""
+    import torch
+    from vllm.model_executor.layers.attention.mm_encoder_attention import MMEncoderAttention
+
+    layers = encoder_attention_layers()
+    lengths = [1, 13, 7, 64, 3]  # several sequences, one longer than a 32-row block
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    total = int(cu[-1])
+
+    def qkv(b, s, h, hkv, d, kv_len=None, flat=False):
+        kv_len = s if kv_len is None else kv_len
+        q, k, v = torch.randn(b, s, h, d), torch.randn(b, kv_len, hkv, d), torch.randn(b, kv_len, hkv, d)
+        return (q.flatten(2), k.flatten(2), v.flatten(2)) if flat else (q, k, v)
+
+    torch.manual_seed(0)
+    cases = {
+        # Qwen2-VL's call: (1, S, H, D), cu_seqlens (host), max_seqlen None (vLLM's SDPA backend)
+        "packed_cu_seqlens": ("packed", qkv(1, total, 4, 4, 16), {"cu_seqlens": cu}),
+        "gqa_cu_seqlens": ("gqa", qkv(1, total, 4, 2, 24), {"cu_seqlens": cu}),
+        # Qwen2.5-VL's call on a backend vLLM computes no max_seqlen for: a placeholder 0
+        "max_seqlen_placeholder": ("packed", qkv(1, total, 4, 4, 16), {"cu_seqlens": cu, "max_seqlen": torch.tensor(0)}),
+        # CLIP's / SigLIP's call: (B, S, H * D), no cu_seqlens: every row one sequence
+        "batched_flat": ("packed", qkv(3, 9, 4, 4, 16, flat=True), {}),
+        "batched_cross": ("gqa", qkv(2, 5, 4, 2, 24, kv_len=11), {}),
+        # not covered: vLLM's own path
+        "head_288": ("head_288", qkv(1, 10, 2, 2, 288), {"cu_seqlens": torch.tensor([0, 4, 10], dtype=torch.int32)}),
+        "cu_seqlens_batch_2": ("packed", qkv(2, 6, 4, 4, 16), {"cu_seqlens": torch.tensor([0, 2, 6], dtype=torch.int32)}),
+    }
+    runs = {}
+    for name, (layer_name, (q, k, v), kwargs) in cases.items():
+        layer = layers[layer_name]
+        want = MMEncoderAttention.forward_native(layer, q, k, v, **kwargs)
+        before = dict(plugin.stats())
+        got = layer(q, k, v, **kwargs)
+        after = plugin.stats()
+        runs[name] = {
+            "shape": list(got.shape),
+            "ref_shape": list(want.shape),
+            "rel_err": float((got.double() - want.double()).norm() / want.double().norm()),
+            "counted": sorted(f"{k[0]}/{k[1]}" for k in after if after[k] != before.get(k, 0)),
+        }
+    return runs
+
+
+def max_seqlen_facts(plugin) -> dict:
+    """The launch's max_seqlen from what vision towers pass (cu_seqlens on the host, or on
+    a device: "meta" here), per attention backend."""
+    import types
+
+    import torch
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    sdpa = types.SimpleNamespace(attn_backend=AttentionBackendEnum.TORCH_SDPA)
+    flash = types.SimpleNamespace(attn_backend=AttentionBackendEnum.FLASH_ATTN)
+    cu = torch.tensor([0, 5, 69, 70], dtype=torch.int32)
+    return {
+        "host_cu_seqlens": plugin._max_seqlen(sdpa, cu, torch.tensor(0), 70),
+        "device_sdpa_placeholder": plugin._max_seqlen(sdpa, cu.to("meta"), torch.tensor(0), 70),
+        "device_sdpa_none": plugin._max_seqlen(sdpa, cu.to("meta"), None, 70),
+        "device_flash_host_scalar": plugin._max_seqlen(flash, cu.to("meta"), torch.tensor(64), 70),
+        "device_flash_int": plugin._max_seqlen(flash, cu.to("meta"), 64, 70),
     }
 
 
@@ -114,5 +197,14 @@ if __name__ == "__main__":
     from mmkernels.integrations import vllm_plugin
 
     mode = sys.argv[1]
-    facts = full_facts(vllm_plugin) if mode == "full" else registry_facts(vllm_plugin)
+    if mode == "full":
+        facts = full_facts(vllm_plugin)
+    elif mode == "encoder_attention":
+        facts = {
+            **registry_facts(vllm_plugin),
+            "encoder_attention": encoder_attention_runs(vllm_plugin),
+            "max_seqlen": max_seqlen_facts(vllm_plugin),
+        }
+    else:
+        facts = registry_facts(vllm_plugin)
     print("PROBE " + json.dumps(facts))

@@ -35,7 +35,11 @@ def test_serve_benchmark_smoke(tiny_models, tmp_path):
         assert run["valid"] and run["completed"] == 4 and run["failed"] == 0, run
         assert run["mean_ttft_ms"] > 0 and run["request_throughput"] > 0, run
     assert off["kernels_ran"] == [] and off["plugin_lines"] == 0
-    assert on["kernels_ran"] == [["merge", "triton-interpreter"], ["patch_embed", "triton-interpreter"]]
+    assert on["kernels_ran"] == [
+        ["encoder_attention", "triton-interpreter"],
+        ["merge", "triton-interpreter"],
+        ["patch_embed", "triton-interpreter"],
+    ]
     assert "| TTFT mean (ms) |" in proc.stdout
 
 

@@ -41,12 +41,15 @@ def test_offline_greedy_parity_and_kernels_ran(family, tiny_models, tmp_path):
     assert len(registered) == 1, on_log[-3000:]
     (line,) = registered.values()
     assert ARCH[family] in line and "Conv2dLayer" in line and "Conv3dLayer" in line, line
+    assert "encoder_attention -> MMEncoderAttention" in line, line
 
-    # The debug hook: both replacements ran on the Triton interpreter, none fell back.
+    # The debug hook: every replacement ran on the Triton interpreter, none fell back
+    # (encoder attention: CLIP's batched call in LLaVA, Qwen2-VL's packed cu_seqlens call).
     ran = {(r, backend, where) for r, backend, where, _ in logs.ran(on_log)}
     assert ran == {
         ("merge", "triton-interpreter", ARCH[family]),
         ("patch_embed", "triton-interpreter", PATCH_LAYER[family]),
+        ("encoder_attention", "triton-interpreter", "MMEncoderAttention"),
     }, on_log[-3000:]
     assert not logs.not_covered(on_log)
 

@@ -15,6 +15,7 @@ from conftest import HERE, vllm_env
 
 OURS = "mmkernels.integrations.vllm_plugin"
 VLLM_LLAVA = "vllm.model_executor.models.llava.LlavaForConditionalGeneration"
+VLLM_ENCODER_ATTENTION = "vllm.model_executor.layers.attention.mm_encoder_attention.MMEncoderAttention"
 
 
 def _probe(mode: str, plugin: bool = True, **env: str) -> tuple[dict, str]:
@@ -30,10 +31,16 @@ def _probe(mode: str, plugin: bool = True, **env: str) -> tuple[dict, str]:
 
 def test_replaced_layers_and_merge_match_vllm():
     facts, text = _probe("full")
-    assert set(facts["returned"]) == {"merge", "patch_embed"}
+    assert set(facts["returned"]) == {"merge", "patch_embed", "encoder_attention", "quantized_projector"}
     assert facts["returned_again"] == facts["returned"]
+    assert facts["quantization_methods"] == ["mmkernels-fp8", "mmkernels-w4a16", "mmkernels-w8a16"]
     assert len(logs.registered(text)) == 1  # one line per process, even when called twice
-    assert facts["oot"] == {"Conv2dLayer": f"{OURS}.MMKernelsConv2dLayer", "Conv3dLayer": f"{OURS}.MMKernelsConv3dLayer"}
+    assert facts["oot"] == {
+        "Conv2dLayer": f"{OURS}.MMKernelsConv2dLayer",
+        "Conv3dLayer": f"{OURS}.MMKernelsConv3dLayer",
+        "MMEncoderAttention": f"{OURS}.MMKernelsMMEncoderAttention",
+    }
+    assert facts["encoder_attention_class"] == f"{OURS}.MMKernelsMMEncoderAttention"
     assert facts["llava_class"] == f"{OURS}.LlavaForConditionalGeneration"
     assert "already registered" in facts["register_again"]
 
@@ -45,7 +52,7 @@ def test_replaced_layers_and_merge_match_vllm():
     assert layers["conv3d_patch"]["counted"] == ["patch_embed/triton-interpreter"]
     assert layers["conv2d_strided"]["counted"] == ["patch_embed/fallthrough"]  # stride != kernel
     assert layers["conv3d_video"]["counted"] == ["patch_embed/fallthrough"]  # not one patch per row
-    covered = logs.not_covered(text)
+    covered = [c for c in logs.not_covered(text) if c.startswith("mmkernels patch_embed")]
     assert len(covered) == 2 and any("stride (2, 2) != kernel (4, 4)" in c for c in covered), covered
 
     assert facts["merge_equal"]  # bit-identical to vLLM's merge, nested 3-D and 2-D features
@@ -64,18 +71,57 @@ def test_replaced_layers_and_merge_match_vllm():
     assert len(facts["all_architectures"]) >= 13 and all(facts["all_architectures"].values()), facts["all_architectures"]
 
 
+def test_encoder_attention_matches_vllm():
+    """MMEncoderAttention as the plugin registers it, against vLLM's own forward_native
+    (SDPA per cu_seqlens chunk) on the same layer: packed sequences, GQA, CLIP's batched
+    (B, S, H * D) call, cross lengths; what the op does not cover runs vLLM's path."""
+    facts, text = _probe("encoder_attention")
+    assert facts["encoder_attention_class"] == f"{OURS}.MMKernelsMMEncoderAttention"
+    runs = facts["encoder_attention"]
+    for name, run in runs.items():
+        assert run["shape"] == run["ref_shape"], name
+        assert run["rel_err"] < 1e-5, (name, run)  # fp32 against vLLM's fp32 SDPA
+    for name in ("packed_cu_seqlens", "gqa_cu_seqlens", "max_seqlen_placeholder", "batched_flat", "batched_cross"):
+        assert runs[name]["counted"] == ["encoder_attention/triton-interpreter"], (name, runs[name])
+    for name in ("head_288", "cu_seqlens_batch_2"):
+        assert runs[name]["counted"] == ["encoder_attention/fallthrough"], (name, runs[name])
+    covered = [c for c in logs.not_covered(text) if c.startswith("mmkernels encoder_attention")]
+    assert len(covered) == 2, covered
+    assert any("head size 288 > 256" in c for c in covered) and any("batch dimension > 1" in c for c in covered)
+    (ran,) = [r for r in logs.ran(text) if r[0] == "encoder_attention"]
+    assert ran[1:3] == ("triton-interpreter", "MMEncoderAttention")
+    # The launch's max_seqlen: exact from host cu_seqlens; vLLM's max_seqlen only where its
+    # backend computes one (Qwen2.5-VL passes a placeholder 0 otherwise); else the bound.
+    assert facts["max_seqlen"] == {
+        "host_cu_seqlens": 64,
+        "device_sdpa_placeholder": 70,
+        "device_sdpa_none": 70,
+        "device_flash_host_scalar": 64,
+        "device_flash_int": 64,
+    }
+
+
 def test_kernel_selection():
     facts, text = _probe("registry", MMKERNELS_KERNELS="merge,bogus")
     assert set(facts["returned"]) == {"merge"}
     assert facts["oot"] == {}  # patch embed not selected: vLLM's conv layers untouched
     assert facts["llava_class"] == f"{OURS}.LlavaForConditionalGeneration"
+    assert facts["encoder_attention_class"] == VLLM_ENCODER_ATTENTION
     (line,) = logs.registered(text).values()
     assert "ignored unknown MMKERNELS_KERNELS entries ['bogus']" in line
-    assert "not selected by MMKERNELS_KERNELS: patch_embed" in line
+    assert "not selected by MMKERNELS_KERNELS: patch_embed, encoder_attention, quantized_projector" in line
+    assert facts["quantization_methods"] == []  # not selected: --quantization mmkernels-* is unknown
 
     facts, text = _probe("registry", MMKERNELS_KERNELS="patch_embed")
     assert set(facts["returned"]) == {"patch_embed"}
     assert set(facts["oot"]) == {"Conv2dLayer", "Conv3dLayer"}
+    assert facts["llava_class"] == VLLM_LLAVA
+    assert facts["encoder_attention_class"] == VLLM_ENCODER_ATTENTION
+
+    facts, text = _probe("registry", MMKERNELS_KERNELS="encoder_attention")
+    assert set(facts["returned"]) == {"encoder_attention"}
+    assert facts["oot"] == {"MMEncoderAttention": f"{OURS}.MMKernelsMMEncoderAttention"}
+    assert facts["encoder_attention_class"] == f"{OURS}.MMKernelsMMEncoderAttention"
     assert facts["llava_class"] == VLLM_LLAVA
 
 
@@ -89,4 +135,5 @@ def test_registers_nothing(case):
         assert "registered nothing: CPU platform without TRITON_INTERPRET=1" in text
     assert facts["returned"] == {} and facts["oot"] == {}
     assert facts["llava_class"] == VLLM_LLAVA
+    assert facts["encoder_attention_class"] == VLLM_ENCODER_ATTENTION
     assert not logs.registered(text)

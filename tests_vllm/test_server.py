@@ -98,6 +98,7 @@ def test_greedy_parity_and_kernels_ran(servers, expected):
     assert ran == {
         ("merge", "triton-interpreter", ARCH[family]),
         ("patch_embed", "triton-interpreter", PATCH_LAYER[family]),
+        ("encoder_attention", "triton-interpreter", "MMEncoderAttention"),
     }, on.log()[-4000:]
     assert not logs.not_covered(on.log())
     assert not logs.ran(servers[1].log())  # plugin off: nothing of ours ran

@@ -1,0 +1,342 @@
+"""Quantized multimodal projectors in vLLM: ``vllm serve <checkpoint> --quantization mmkernels-w8a16``.
+
+Three vLLM quantization methods, one per :data:`mmkernels.quant.SCHEMES` entry
+(:data:`METHODS`)::
+
+    mmkernels-w8a16   int8 weights, per-output-channel scale
+    mmkernels-w4a16   int4 weights, scale and zero per group of 128 K elements (see below)
+    mmkernels-fp8     e4m3 weights per channel, activations quantized per token
+
+They quantize ONLY the multimodal projector's linear layers, at load time: the checkpoint
+is an ordinary bf16 / fp16 / fp32 one (no ``quantization_config`` needed). Every other
+layer (vision tower, language model, LM head, embeddings, attention, MoE) gets vLLM's own
+unquantized method, exactly as without ``--quantization``.
+
+How it plugs into vLLM (read against vLLM 0.32):
+
+* :func:`register_quantization` registers one :class:`QuantizationConfig` subclass per
+  method with ``vllm.model_executor.layers.quantization.register_quantization_config``,
+  which adds the name to ``QUANTIZATION_METHODS`` (what ``ModelConfig`` validates
+  ``--quantization`` against; ``--quantization`` is a free string on the CLI, no argparse
+  choices) and to the platform's ``supported_quantization`` where that list is not empty
+  (CUDA's is empty, as is CPU's: every method passes ``verify_quantization``). It must run
+  in every vLLM process that builds a config or a model (the plugin's ``register()`` does).
+  Idempotent.
+* With no ``quantization_config`` in the checkpoint, vLLM's ``get_quant_config`` sees
+  ``get_config_filenames() == []`` and builds the config with no arguments: the defaults
+  here. A checkpoint (or ``--hf-overrides``) may carry
+  ``"quantization_config": {"quant_method": "mmkernels-w4a16", "group_size": 64,
+  "prefixes": [...]}``; :meth:`from_config` reads it.
+* ``get_quant_method(layer, prefix)``: for a ``LinearBase`` whose prefix is in the
+  projector table (:data:`PROJECTOR_PREFIXES`) a :class:`ProjectorLinearMethod`; for any
+  other ``LinearBase`` vLLM's ``UnquantizedLinearMethod``; ``None`` for everything else
+  (embeddings, LM head, attention, fused MoE then take their unquantized defaults).
+* :class:`ProjectorLinearMethod` creates vLLM's normal weight parameter (it delegates
+  ``create_weights`` to ``UnquantizedLinearMethod``, and is registered for vLLM's
+  ``weight_loader_v2`` like it), so the checkpoint loads unchanged; after loading it
+  quantizes the weight with :func:`mmkernels.quant.quantize` into plain buffers
+  ``weight_packed`` / ``weight_scales`` (/ ``weight_zeros``), deletes the ``weight``
+  parameter, and runs :func:`mmkernels.ops.quantized_linear` (bias included) in ``apply``.
+  vLLM applies the projector's activation itself, after the layer: nothing is fused.
+
+Projector prefixes (vLLM module names, not Hugging Face checkpoint names):
+
+=========================  =================================================================
+``multi_modal_projector.`` LLaVA, LLaVA-NeXT(-Video), LLaVA-OneVision, Mistral 3 (their
+                           ``linear_1`` / ``linear_2``); PaliGemma's and Mistral 3's
+                           ``merging_layer`` are plain ``nn.Linear`` in vLLM and Gemma 3's
+                           is a bare Parameter: vLLM gives them no quantization method
+``visual.merger.``         Qwen2-VL, Qwen2.5-VL (``mlp.0`` / ``mlp.2``)
+``model.connector.``       Idefics3, SmolVLM (``modality_projection.proj``)
+=========================  =================================================================
+
+A projector layer that the scheme cannot take stays unquantized, with the reason logged:
+w4a16 needs ``in_features`` (per tensor-parallel rank) divisible by the group size; when
+it is not divisible by the configured one (default 128) the largest of 64 / 32 that
+divides it is used (finer groups, more scales, never less accurate), and the log says so.
+
+Process-local introspection for tests and debugging: :func:`stats`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+from typing import Any, ClassVar
+
+import torch
+from vllm.model_executor.layers.linear import (
+    LinearBase,
+    LinearMethodBase,
+    UnquantizedLinearMethod,
+    register_weight_loader_v2_supported_method,
+)
+from vllm.model_executor.layers.quantization import register_quantization_config
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+
+from mmkernels.quant import GROUP_SIZES, SCHEMES, QuantizedWeight, quantize
+
+__all__ = [
+    "METHODS",
+    "PROJECTOR_PREFIXES",
+    "ProjectorLinearMethod",
+    "is_projector",
+    "register_quantization",
+    "stats",
+]
+
+log = logging.getLogger("vllm.mmkernels.quant")
+
+# vLLM quantization name -> mmkernels scheme.
+METHODS: dict[str, str] = {f"mmkernels-{scheme}": scheme for scheme in SCHEMES}
+
+# The projector's linear layers, by vLLM module prefix (see the module docstring).
+PROJECTOR_PREFIXES: tuple[str, ...] = (
+    "multi_modal_projector.",
+    "visual.merger.",
+    "model.connector.",
+)
+
+_DEFAULT_GROUP_SIZE = 128
+_ACT_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+_LOCK = threading.Lock()
+_REGISTERED: str | None = None
+# Process-local record (see stats()).
+_QUANTIZED: dict[str, dict[str, Any]] = {}
+_SKIPPED: dict[str, str] = {}
+_UNQUANTIZED: list[str] = []
+_CALLS: collections.Counter = collections.Counter()
+_NOTED: set = set()
+
+
+def stats() -> dict[str, Any]:
+    """What this process did: ``quantized`` (prefix -> scheme, shape, group size),
+    ``skipped`` (projector prefix -> why it stayed unquantized), ``unquantized`` (the
+    other linear layers' prefixes, given vLLM's unquantized method), ``calls``
+    ("prefix/backend" -> count of ``apply`` calls)."""
+    return {
+        "quantized": {k: dict(v) for k, v in _QUANTIZED.items()},
+        "skipped": dict(_SKIPPED),
+        "unquantized": list(_UNQUANTIZED),
+        "calls": {f"{p}/{b}": n for (p, b), n in _CALLS.items()},
+    }
+
+
+def is_projector(prefix: str, prefixes: tuple[str, ...] = PROJECTOR_PREFIXES) -> bool:
+    """Whether the layer named ``prefix`` belongs to a multimodal projector."""
+    return any(prefix.startswith(p) or prefix == p.rstrip(".") for p in prefixes)
+
+
+def _note_once(key, level: int, msg: str, *args) -> None:
+    with _LOCK:
+        if key in _NOTED:
+            return
+        _NOTED.add(key)
+    log.log(level, msg, *args)
+
+
+# --------------------------------------------------------------------------------------
+# The linear method
+
+
+@register_weight_loader_v2_supported_method  # loads like UnquantizedLinearMethod (same parameter)
+class ProjectorLinearMethod(LinearMethodBase):
+    """One projector linear layer: vLLM's unquantized weight while loading, then
+    :func:`mmkernels.quant.quantize` and :func:`mmkernels.ops.quantized_linear`."""
+
+    def __init__(self, scheme: str, group_size: int, prefix: str, method: str) -> None:
+        if scheme not in SCHEMES:
+            raise ValueError(f"scheme: expected one of {list(SCHEMES)}, got {scheme!r}")
+        self.scheme = scheme
+        self.requested_group_size = group_size
+        self.prefix = prefix
+        self.method = method
+        self.group_size: int | None = None  # w4a16: the group size actually used
+        self.reason: str | None = None  # why this layer stays unquantized (None: it is quantized)
+        self._meta: dict[str, Any] | None = None  # QuantizedWeight's non-tensor fields
+        self._unquantized = UnquantizedLinearMethod()
+
+    # -- loading -------------------------------------------------------------------------
+    def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
+                       params_dtype, **extra_weight_attrs):  # fmt: skip
+        # vLLM's own (N, K) weight parameter and loader: ordinary checkpoints load unchanged.
+        self._unquantized.create_weights(layer, input_size_per_partition, output_partition_sizes, input_size,
+                                         output_size, params_dtype, **extra_weight_attrs)  # fmt: skip
+        k = input_size_per_partition
+        if params_dtype not in _ACT_DTYPES:
+            self.reason = f"params dtype {params_dtype}"
+        elif self.scheme == "w4a16":
+            sizes = sorted((g for g in GROUP_SIZES if g <= self.requested_group_size), reverse=True)
+            fits = [g for g in sizes if k % g == 0]
+            if not fits:
+                self.reason = f"in_features {k} not divisible by any w4a16 group size {sorted(GROUP_SIZES)}"
+            else:
+                self.group_size = fits[0]
+                if self.group_size != self.requested_group_size:
+                    _note_once(("group", self.prefix), logging.INFO,
+                               "%s: %s has in_features %d, not divisible by group_size %d: using group_size %d",
+                               self.method, self.prefix, k, self.requested_group_size, self.group_size)  # fmt: skip
+        if self.reason is not None:
+            _SKIPPED[self.prefix] = self.reason
+            _note_once(("skip", self.prefix), logging.WARNING, "%s: projector layer %s stays unquantized: %s",
+                       self.method, self.prefix, self.reason)  # fmt: skip
+
+    def process_weights_after_loading(self, layer) -> None:
+        if self.reason is not None:
+            self._unquantized.process_weights_after_loading(layer)
+            return
+        weight = layer.weight
+        qw = quantize(weight.data, self.scheme, group_size=self.group_size or _DEFAULT_GROUP_SIZE)
+        # Free the full-precision weight: the parameter goes, the codes stay as plain buffers.
+        del layer.weight
+        del weight
+        for name, tensor in qw.tensors().items():
+            layer.register_buffer(f"weight_{name}", tensor)
+        self._meta = {
+            "scheme": qw.scheme,
+            "group_size": qw.group_size,
+            "in_features": qw.in_features,
+            "out_features": qw.out_features,
+            "dtype": qw.dtype,
+        }
+        _QUANTIZED[self.prefix] = {
+            "scheme": qw.scheme,
+            "group_size": qw.group_size,
+            "shape": [qw.out_features, qw.in_features],
+            "dtype": str(qw.dtype).replace("torch.", ""),
+            "method": self.method,
+        }
+        _note_once(("quantized", self.prefix), logging.INFO,
+                   "%s: quantized projector layer %s (%d -> %d, %s%s) [pid %d]", self.method, self.prefix,
+                   qw.in_features, qw.out_features, qw.scheme,
+                   f", group_size {qw.group_size}" if qw.group_size else "", os.getpid())  # fmt: skip
+
+    def qweight(self, layer) -> QuantizedWeight:
+        """The layer's :class:`QuantizedWeight` (views of its buffers)."""
+        if self._meta is None:
+            raise RuntimeError(f"{self.prefix}: the weight has not been quantized (process_weights_after_loading)")
+        return QuantizedWeight(
+            packed=layer.weight_packed,
+            scales=layer.weight_scales,
+            zeros=getattr(layer, "weight_zeros", None),
+            **self._meta,
+        )
+
+    # -- running -------------------------------------------------------------------------
+    def apply(self, layer, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.reason is not None:
+            return self._unquantized.apply(layer, x, bias)
+        from mmkernels.ops.quantized_linear import quantized_linear
+
+        out = quantized_linear(x, self.qweight(layer), bias)
+        self._record()
+        return out
+
+    def _record(self) -> None:
+        """Count the call by the backend mmkernels' op took; log the first per process."""
+        if torch.compiler.is_compiling():
+            return
+        from mmkernels.backend import recent_decisions
+
+        op = f"quantized_linear[{self.scheme}]"
+        decisions = [d for d in recent_decisions()[-4:] if d.op == op]
+        backend = decisions[-1].backend.value if decisions else "unknown"
+        _CALLS[(self.prefix, backend)] += 1
+        reasons = f" ({'; '.join(decisions[-1].reasons)})" if decisions and decisions[-1].reasons else ""
+        _note_once(("ran", self.prefix, backend), logging.INFO, "%s: %s ran mmkernels quantized_linear: backend=%s%s "
+                   "[pid %d, first call]", self.method, self.prefix, backend, reasons, os.getpid())  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------
+# The configs
+
+
+class _ProjectorConfig(QuantizationConfig):
+    """Quantize only the multimodal projector's linear layers with mmkernels (one scheme
+    per subclass, vLLM looks configs up by name)."""
+
+    scheme: ClassVar[str]
+    method: ClassVar[str]
+
+    def __init__(self, group_size: int = _DEFAULT_GROUP_SIZE, prefixes: tuple[str, ...] | None = None) -> None:
+        super().__init__()
+        if self.scheme == "w4a16" and group_size not in GROUP_SIZES:
+            raise ValueError(f"group_size: expected one of {list(GROUP_SIZES)} for {self.method}, got {group_size!r}")
+        self.group_size = int(group_size)
+        self.prefixes = tuple(prefixes) if prefixes is not None else PROJECTOR_PREFIXES
+        if not all(isinstance(p, str) and p for p in self.prefixes):
+            raise ValueError(f"prefixes: expected non-empty strings, got {list(self.prefixes)}")
+
+    def __repr__(self) -> str:
+        group = f", group_size={self.group_size}" if self.scheme == "w4a16" else ""
+        return f"{type(self).__name__}(scheme={self.scheme!r}{group}, prefixes={list(self.prefixes)})"
+
+    def get_name(self) -> str:
+        return self.method
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return list(_ACT_DTYPES)
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        from mmkernels.ops.quantized_linear import CAPABILITIES
+
+        major, minor = CAPABILITIES[cls.scheme].min_compute_capability
+        return 10 * major + minor
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []  # nothing to read: vLLM builds the config with its defaults
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "_ProjectorConfig":
+        group_size = cls.get_from_keys_or(config, ["group_size"], _DEFAULT_GROUP_SIZE)
+        prefixes = cls.get_from_keys_or(config, ["prefixes"], None)
+        return cls(group_size=group_size, prefixes=prefixes)
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if not isinstance(layer, LinearBase):
+            return None  # embeddings, LM head, attention, MoE: vLLM's unquantized defaults
+        if is_projector(prefix, self.prefixes):
+            return ProjectorLinearMethod(self.scheme, self.group_size, prefix, self.method)
+        _UNQUANTIZED.append(prefix)
+        return UnquantizedLinearMethod()
+
+
+class W8A16ProjectorConfig(_ProjectorConfig):
+    scheme = "w8a16"
+    method = "mmkernels-w8a16"
+
+
+class W4A16ProjectorConfig(_ProjectorConfig):
+    scheme = "w4a16"
+    method = "mmkernels-w4a16"
+
+
+class FP8ProjectorConfig(_ProjectorConfig):
+    scheme = "fp8"
+    method = "mmkernels-fp8"
+
+
+CONFIGS: dict[str, type[_ProjectorConfig]] = {
+    c.method: c for c in (W8A16ProjectorConfig, W4A16ProjectorConfig, FP8ProjectorConfig)
+}
+assert set(CONFIGS) == set(METHODS)
+
+
+def register_quantization() -> str:
+    """Register the ``mmkernels-*`` quantization methods with vLLM, once per process.
+    Returns a one-line summary for the plugin's log line."""
+    global _REGISTERED
+    from vllm.model_executor.layers import quantization as vq
+
+    with _LOCK:
+        if _REGISTERED is None:
+            for name, cls in CONFIGS.items():
+                if vq._CUSTOMIZED_METHOD_TO_QUANT_CONFIG.get(name) is not cls:
+                    register_quantization_config(name)(cls)
+            _REGISTERED = f"quantized_projector -> --quantization {', '.join(CONFIGS)} (projector Linears only)"
+    return _REGISTERED

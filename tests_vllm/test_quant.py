@@ -1,0 +1,248 @@
+"""Quantized multimodal projectors in vLLM (``--quantization mmkernels-w8a16`` / ``-w4a16`` /
+``-fp8``, integrations/vllm_quant.py).
+
+Unit: the registered configs and their linear method on real vLLM linear layers built on
+the CPU (a one-rank gloo group, as vLLM's own layer tests set up), against ``F.linear`` by
+SQNR and bit-identical to :func:`mmkernels.ops.quantized_linear` on the same
+``QuantizedWeight``; only projector prefixes are quantized. End to end: the tiny LLaVA and
+Qwen2-VL served offline with the quantization on (the engine in one process).
+
+The plugin's ``register()`` does not call :func:`register_quantization` (yet): these tests
+call it themselves, here and in the probe subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before mmkernels' kernels are imported
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import HERE, vllm_env
+
+from mmkernels.integrations import vllm_quant  # noqa: E402
+from mmkernels.ops.quantized_linear import quantized_linear  # noqa: E402
+from mmkernels.quant import quantize  # noqa: E402
+
+# Minimum SQNR (dB) of the layer's output against the unquantized F.linear.
+SQNR_DB = {"w8a16": 38.0, "w4a16": 18.0, "fp8": 25.0}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def registered():
+    return vllm_quant.register_quantization()
+
+
+@pytest.fixture(scope="module")
+def dist():
+    """vLLM's tensor-parallel state for one rank (its parameters read the TP rank)."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+    from vllm.distributed.parallel_state import model_parallel_is_initialized
+
+    if not model_parallel_is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        with set_current_vllm_config(VllmConfig()):
+            init_distributed_environment(world_size=1, rank=0, distributed_init_method=f"tcp://127.0.0.1:{port}",
+                                         local_rank=0, backend="gloo")  # fmt: skip
+            initialize_model_parallel(1, 1)
+    return True
+
+
+def _layer(kind: str, k: int, n: int, config, prefix: str, dtype: torch.dtype, bias: bool = True):
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers import linear
+
+    cls = {"column": linear.ColumnParallelLinear, "row": linear.RowParallelLinear,
+           "replicated": linear.ReplicatedLinear}[kind]  # fmt: skip
+    with set_current_vllm_config(VllmConfig()):
+        return cls(k, n, bias=bias, quant_config=config, prefix=prefix, params_dtype=dtype)
+
+
+def _load(layer, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Through the layer's own weight loaders, as vLLM's model loader does."""
+    layer.weight.weight_loader(layer.weight, weight)
+    if bias is not None:
+        layer.bias.weight_loader(layer.bias, bias)
+
+
+def _sqnr_db(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    return float(10 * torch.log10(want.pow(2).sum() / (got - want).pow(2).sum()))
+
+
+# --------------------------------------------------------------------------------------
+# registration and configs
+
+
+def test_registered_with_vllm(registered):
+    from vllm.model_executor.layers import quantization as vq
+
+    assert vllm_quant.register_quantization() == registered  # idempotent
+    for name, cls in vllm_quant.CONFIGS.items():
+        assert vq.QUANTIZATION_METHODS.count(name) == 1, name
+        assert vq.get_quantization_config(name) is cls
+        config = cls()
+        assert config.get_name() == name
+        assert torch.bfloat16 in config.get_supported_act_dtypes()
+        assert torch.float32 in config.get_supported_act_dtypes()
+        assert cls.get_config_filenames() == []
+    assert vllm_quant.W8A16ProjectorConfig.get_min_capability() == 80
+    assert vllm_quant.W4A16ProjectorConfig.get_min_capability() == 80
+    assert vllm_quant.FP8ProjectorConfig.get_min_capability() == 89
+
+
+def test_from_config():
+    cfg = vllm_quant.W4A16ProjectorConfig.from_config({"quant_method": "mmkernels-w4a16", "group_size": 64,
+                                                      "prefixes": ["proj."]})  # fmt: skip
+    assert cfg.group_size == 64 and cfg.prefixes == ("proj.",)
+    assert vllm_quant.W8A16ProjectorConfig.from_config({}).prefixes == vllm_quant.PROJECTOR_PREFIXES
+    with pytest.raises(ValueError, match="group_size"):
+        vllm_quant.W4A16ProjectorConfig(group_size=100)
+
+
+def test_quantization_name_accepted_without_checkpoint_config(tiny_models):
+    """``--quantization mmkernels-w8a16`` on a bf16-style checkpoint (no quantization_config):
+    ModelConfig validates it and vLLM's get_quant_config builds the config with defaults."""
+    from vllm.config import LoadConfig, ModelConfig
+    from vllm.model_executor.model_loader.weight_utils import get_quant_config
+
+    model_config = ModelConfig(model=str(tiny_models["llava"]), quantization="mmkernels-w8a16", dtype="float32",
+                               max_model_len=512, enforce_eager=True)  # fmt: skip
+    assert model_config.quantization == "mmkernels-w8a16"
+    config = get_quant_config(model_config, LoadConfig())
+    assert type(config) is vllm_quant.W8A16ProjectorConfig
+    assert config.prefixes == vllm_quant.PROJECTOR_PREFIXES
+
+
+def test_layer_selection_by_prefix(dist):
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    config = vllm_quant.W8A16ProjectorConfig()
+    projector = ["multi_modal_projector.linear_1", "multi_modal_projector.linear_2", "visual.merger.mlp.0",
+                 "visual.merger.mlp.2", "model.connector.modality_projection.proj"]  # fmt: skip
+    others = ["language_model.model.layers.0.mlp.down_proj", "vision_tower.vision_model.encoder.layers.0.mlp.fc1",
+              "visual.blocks.0.mlp.fc1", "multi_modal_projector_extra.linear", "lm_head"]  # fmt: skip
+    for prefix in projector:
+        layer = _layer("replicated", 64, 32, config, prefix, torch.float32)
+        assert type(layer.quant_method) is vllm_quant.ProjectorLinearMethod, prefix
+    for prefix in others:
+        layer = _layer("replicated", 64, 32, config, prefix, torch.float32)
+        assert type(layer.quant_method) is UnquantizedLinearMethod, prefix
+    # Not a linear layer (embedding, attention, MoE): no method, vLLM's defaults apply.
+    assert config.get_quant_method(torch.nn.Module(), "multi_modal_projector.norm") is None
+
+
+# --------------------------------------------------------------------------------------
+# the linear method against F.linear and against mmkernels' op
+
+
+@pytest.mark.parametrize(
+    "scheme,kind,dtype",
+    [
+        ("w8a16", "column", torch.float32),
+        ("w8a16", "row", torch.bfloat16),
+        ("w4a16", "column", torch.bfloat16),
+        ("w4a16", "replicated", torch.float32),
+        ("fp8", "row", torch.float32),
+    ],
+)
+def test_projector_layer(scheme, kind, dtype, dist):
+    method = f"mmkernels-{scheme}"
+    config = vllm_quant.CONFIGS[method]()
+    k, n = 256, 96
+    prefix = f"multi_modal_projector.{kind}_{scheme}_{str(dtype)[6:]}"
+    layer = _layer(kind, k, n, config, prefix, dtype)
+    assert isinstance(layer.quant_method, vllm_quant.ProjectorLinearMethod)
+    g = torch.Generator().manual_seed(0)
+    weight = (torch.randn(n, k, generator=g) * k**-0.5).to(dtype)
+    bias = (torch.randn(n, generator=g) * 0.02).to(dtype)
+    _load(layer, weight, bias)
+    assert torch.equal(layer.weight.data, weight)  # vLLM's normal parameter took the checkpoint weight
+    layer.quant_method.process_weights_after_loading(layer)
+
+    # The bf16/fp32 weight is gone; plain tensors hold the quantized format.
+    assert "weight" not in dict(layer.named_parameters())
+    expected = quantize(weight, scheme, group_size=128)
+    for name, t in expected.tensors().items():
+        assert torch.equal(getattr(layer, f"weight_{name}"), t), name
+    assert vllm_quant.stats()["quantized"][prefix]["scheme"] == scheme
+
+    x = torch.randn(2, 7, k, generator=g).to(dtype)
+    out, out_bias = layer(x)
+    assert out_bias is None and out.shape == (2, 7, n) and out.dtype == dtype
+    # Bit-identical to mmkernels' op on the same QuantizedWeight.
+    assert torch.equal(out, quantized_linear(x, expected, bias))
+    # Within the scheme's error of the unquantized layer (SQNR of x @ W^T, bias aside).
+    want = F.linear(x.double(), weight.double())
+    assert _sqnr_db(out.double() - bias.double(), want) >= SQNR_DB[scheme]
+    # The kernel ran (the Triton interpreter on this CPU), not a fallback.
+    calls = vllm_quant.stats()["calls"]
+    assert calls.get(f"{prefix}/triton-interpreter", 0) >= 1, calls
+
+
+def test_w4a16_group_size_fallback(dist):
+    config = vllm_quant.W4A16ProjectorConfig()  # group_size 128
+    g = torch.Generator().manual_seed(1)
+    # in_features 64: the largest group size that divides it (64) is used.
+    layer = _layer("column", 64, 40, config, "multi_modal_projector.k64", torch.float32)
+    weight, bias = torch.randn(40, 64, generator=g) / 8, torch.randn(40, generator=g) / 50
+    _load(layer, weight, bias)
+    layer.quant_method.process_weights_after_loading(layer)
+    assert layer.quant_method.group_size == 64
+    x = torch.randn(5, 64, generator=g)
+    assert torch.equal(layer(x)[0], quantized_linear(x, quantize(weight, "w4a16", group_size=64), bias))
+    # in_features 48: no w4a16 group size divides it: the layer stays unquantized.
+    layer = _layer("column", 48, 40, config, "multi_modal_projector.k48", torch.float32)
+    weight = torch.randn(40, 48, generator=g)
+    _load(layer, weight, bias)
+    layer.quant_method.process_weights_after_loading(layer)
+    assert "divisible" in vllm_quant.stats()["skipped"]["multi_modal_projector.k48"]
+    x = torch.randn(5, 48, generator=g)
+    torch.testing.assert_close(layer(x)[0], F.linear(x, weight, bias))
+
+
+# --------------------------------------------------------------------------------------
+# end to end: offline vllm.LLM with the quantization on
+
+E2E = {
+    "llava": ("mmkernels-w8a16", "w8a16", ["multi_modal_projector.linear_1", "multi_modal_projector.linear_2"]),
+    "qwen2_vl": ("mmkernels-w4a16", "w4a16", ["visual.merger.mlp.0", "visual.merger.mlp.2"]),
+}
+
+
+@pytest.mark.parametrize("family", list(E2E))
+def test_offline_quantized_projector(family, tiny_models):
+    method, scheme, projector = E2E[family]
+    env = vllm_env(False, VLLM_ENABLE_V1_MULTIPROCESSING="0")  # mmkernels' other kernels off: this only
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "quant_probe.py"), str(tiny_models[family]), family, method],
+        env=env, capture_output=True, text=True, timeout=420,
+    )  # fmt: skip
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text[-6000:]
+    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE ")]
+    facts = json.loads(line[len("PROBE ") :])
+    assert facts["quant_name"] == method
+    stats = facts["stats"]
+    # Only the projector's linear layers are quantized, all of them, with the scheme asked for.
+    assert sorted(stats["quantized"]) == projector, stats
+    assert {v["scheme"] for v in stats["quantized"].values()} == {scheme}
+    assert not stats["skipped"]
+    assert stats["unquantized"] and not any(vllm_quant.is_projector(p) for p in stats["unquantized"])
+    assert any(p.startswith("language_model.") for p in stats["unquantized"])
+    assert any(p.startswith(("vision_tower.", "visual.blocks.")) for p in stats["unquantized"])
+    # Each ran mmkernels' kernel (the interpreter here), and generation ran.
+    for prefix in projector:
+        assert stats["calls"].get(f"{prefix}/triton-interpreter", 0) >= 1, stats["calls"]
+        assert f"quantized projector layer {prefix}" in text
+    assert [len(r["token_ids"]) for r in facts["rows"]] == [8, 8, 8]
