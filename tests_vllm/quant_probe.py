@@ -17,23 +17,11 @@ import sys
 
 def main(model: str, family: str, method: str) -> None:
     from mmkernels.integrations import vllm_quant
-    from vllm import LLM, SamplingParams
-
     import run_offline
 
     summary = vllm_quant.register_quantization()
-    llm = LLM(
-        model=model,
-        quantization=method,
-        seed=0,
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=512,
-        max_num_seqs=4,
-        limit_mm_per_prompt={"image": 3},
-    )
-    params = SamplingParams(temperature=0.0, max_tokens=run_offline.MAX_TOKENS, logprobs=1, ignore_eos=True)
-    results = llm.generate(run_offline.prompts(family), params, use_tqdm=False)
+    llm = run_offline.make_llm(model, quantization=method)
+    results = run_offline.generate_greedy(llm, family)
     rows = [
         {"name": name, "token_ids": list(r.outputs[0].token_ids)} for name, r in zip(run_offline.IMAGE_SIZES, results)
     ]

@@ -40,20 +40,24 @@ def prompts(family: str) -> list[dict]:
     return out
 
 
-def main(model: str, family: str, out_path: str) -> None:
-    from vllm import LLM, SamplingParams
+def make_llm(model: str, **extra):
+    """The lane's offline engine: fp32, eager, seeded, up to 3 images per prompt."""
+    from vllm import LLM
 
-    llm = LLM(
-        model=model,
-        seed=0,
-        dtype="float32",
-        enforce_eager=True,
-        max_model_len=512,
-        max_num_seqs=4,
-        limit_mm_per_prompt={"image": 3},
-    )
+    return LLM(model=model, seed=0, dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=4,
+               limit_mm_per_prompt={"image": 3}, **extra)  # fmt: skip
+
+
+def generate_greedy(llm, family: str):
+    from vllm import SamplingParams
+
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, logprobs=1, ignore_eos=True)
-    results = llm.generate(prompts(family), params, use_tqdm=False)
+    return llm.generate(prompts(family), params, use_tqdm=False)
+
+
+def main(model: str, family: str, out_path: str) -> None:
+    llm = make_llm(model)
+    results = generate_greedy(llm, family)
     rows = []
     for name, r in zip(IMAGE_SIZES, results):
         c = r.outputs[0]
