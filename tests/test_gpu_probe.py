@@ -42,12 +42,39 @@ def test_linear_sweep_configs_cover_k_without_empty_splits(registry, case_name, 
 def test_render_lists_measurements_and_errors():
     text = gpu_probe.render({
         "device": "H200", "torch": "2.11", "triton": "3.6",
+        "launch": [{"launch": "empty kernel (2 args, 1 constexpr)", "host_us": 9.5},
+                   {"launch": "quantized_linear_kernel", "error": "ValueError: x"}],
         "host": [{"benchmark": "merge", "case": "c", "provider": "mmkernels", "eager_median_us": 50.0,
                   "host_us": 40.0, "device_us": 8.0, "host_bound": True, "top_functions": ["5.0 us own _validate"]},
                  {"benchmark": "merge", "case": "d", "provider": "mmkernels", "error": "RuntimeError: boom"}],
         "sweep": [{"benchmark": "patch_embed", "case": "c", "provider": "mmkernels", "config": "default",
                    "median_ms": 1.0, "max_rel_diff_vs_default": 0.0}],
     })  # fmt: skip
+    assert "| empty kernel (2 args, 1 constexpr) | 9.5 |" in text and "| quantized_linear_kernel | ValueError: x |" in text
     assert "| merge | c | mmkernels | 50.0 | 40.0 | 8.0 | True |" in text
     assert "RuntimeError: boom" in text and "5.0 us own _validate" in text
     assert "| patch_embed | c | mmkernels | default | 1.0 | 0.0 |" in text
+
+
+def test_launch_capture_records_and_replays_the_real_launch(monkeypatch):
+    # On the CPU under the interpreter: the captured launch, replayed alone, writes the
+    # same output again (what the probe times on a GPU). The stand-in is not an
+    # interpreted function, which the CPU backend check looks for (CUDA's does not).
+    import torch
+
+    from mmkernels import backend, ops
+    from mmkernels.quant import quantize
+
+    monkeypatch.setattr(backend, "_is_interpreted", lambda kernel: True)
+
+    x, qw = torch.randn(3, 64), quantize(torch.randn(32, 64), "w8a16")
+    with gpu_probe._launches_captured() as captured:
+        out = ops.quantized_linear(x, qw, activation="gelu")
+    assert not isinstance(importlib.import_module("mmkernels.ops.quantized_linear").kernels.quantized_linear_kernel,
+                          gpu_probe._LaunchCapture)  # fmt: skip
+    kernel, grid, args, meta = captured["quantized_linear_kernel"]
+    target = next(a for a in args if isinstance(a, torch.Tensor) and a.data_ptr() == out.data_ptr())
+    expected = out.clone()
+    target.fill_(float("nan"))
+    kernel[grid](*args, **meta)
+    assert torch.equal(out, expected)

@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """GPU probe: where mmkernels' time goes on a real GPU, to steer the next tuning step.
 
-    python tools/gpu_probe.py --out DIR [--budget SECONDS] [--parts host,sweep]
+    python tools/gpu_probe.py --out DIR [--budget SECONDS] [--parts launch,host,sweep]
 
 The benchmarks (``python -m mmkernels.bench``) say how fast each op is against its
-alternatives; this says why. Two parts, each written to ``DIR/probe.json`` and
+alternatives; this says why. Three parts, each written to ``DIR/probe.json`` and
 ``DIR/probe.md`` as it finishes:
 
 * ``host``: per op and real shape, the microseconds per call spent on the host (N calls
@@ -13,6 +13,10 @@ alternatives; this says why. Two parts, each written to ``DIR/probe.json`` and
   launch overhead), plus the eager median with CUDA events. ``host_us > device_us``
   means the op is host-bound at that size: a faster kernel would not show. The five
   functions with the most own time under cProfile are listed for the smallest case.
+* ``launch``: Triton's own cost per launch on this host: an empty one-argument kernel,
+  and each launch the ops make in the host cases (captured with its real arguments and
+  replayed alone, N launches enqueued with no synchronization); ``F.linear`` of the same
+  size as the cuBLAS yardstick.
 * ``sweep``: the tile configurations of the two GEMM kernels (patch_embed,
   quantized_linear) on real shapes, timed with ``triton.testing.do_bench`` (median of its
   repetitions; L2 cleared between them) with each op's own config function replaced, the
@@ -42,6 +46,8 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 
 # (benchmark, case, provider): small cases first within each op, where host cost shows.
 HOST_CASES = (
@@ -141,6 +147,81 @@ def _top_functions(fn, calls: int = 100, top: int = 5) -> list[str]:
     )[:top]:
         short = "/".join(Path(filename).parts[-2:])
         rows.append(f"{1e6 * tottime / calls:.1f} us/call own ({ncalls // calls} calls) {short}:{line} {func}")
+    return rows
+
+
+@triton.jit
+def empty_kernel(x_ptr, n, BLOCK: tl.constexpr):
+    """The least a launch can be: Triton's fixed cost per launch on this host."""
+    offs = tl.arange(0, BLOCK)
+    tl.store(x_ptr + offs, tl.zeros([BLOCK], tl.float32), mask=offs < n)
+
+
+class _LaunchCapture:
+    """Stands in for one ``@triton.jit`` kernel: launches it and keeps the first launch's
+    grid, arguments and meta-parameters for replay."""
+
+    def __init__(self, name, kernel, captured: dict):
+        self.name, self.kernel, self.captured = name, kernel, captured
+
+    def __getitem__(self, grid):
+        def launch(*args, **meta):
+            self.captured.setdefault(self.name, (self.kernel, grid, args, meta))
+            return self.kernel[grid](*args, **meta)
+
+        return launch
+
+
+@contextlib.contextmanager
+def _launches_captured():
+    import importlib
+
+    captured: dict = {}
+    saved = []
+    for name in ("merge", "patch_embed", "quantized_linear", "varlen_attention"):
+        kernels = importlib.import_module(f"mmkernels.ops.{name}").kernels
+        for attr in dir(kernels):
+            if attr.endswith("_kernel"):
+                saved.append((kernels, attr, getattr(kernels, attr)))
+                setattr(kernels, attr, _LaunchCapture(attr, getattr(kernels, attr), captured))
+    try:
+        yield captured
+    finally:
+        for owner, attr, value in saved:
+            setattr(owner, attr, value)
+
+
+def probe_launch(registry, deadline: float) -> list[dict]:
+    rows = []
+    x = torch.zeros(16, device="cuda")
+    empty = lambda: empty_kernel[(1,)](x, 16, BLOCK=16)  # noqa: E731
+    empty()
+    rows.append({"launch": "empty kernel (2 args, 1 constexpr)", "host_us": round(_host_us(empty, 500), 2)})
+    a = torch.randn(16, 1024, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(4096, 1024, device="cuda", dtype=torch.bfloat16)
+    linear = lambda: torch.nn.functional.linear(a, w)  # noqa: E731
+    linear()
+    rows.append({"launch": "F.linear 16x1024x4096 bf16 (cuBLAS)", "host_us": round(_host_us(linear, 500), 2)})
+    seen = set()
+    for bench_name, case_name, provider_name in HOST_CASES:
+        if time.time() > deadline or not provider_name.startswith("mmkernels") or (bench_name, provider_name) in seen:
+            continue
+        seen.add((bench_name, provider_name))
+        try:
+            bench = registry[bench_name]
+            inputs = bench.make_inputs(_case(bench, case_name), torch.device("cuda"), 0)
+            call = _provider(bench, provider_name).factory()
+            call(inputs)  # compiled before the capture
+            with _launches_captured() as captured:
+                call(inputs)
+            torch.cuda.synchronize()
+            for name, (kernel, grid, args, meta) in captured.items():
+                replay = lambda: kernel[grid](*args, **meta)  # noqa: E731
+                rows.append({"launch": f"{name} ({bench_name} {provider_name}, {case_name}; {len(args)} args, "
+                                       f"{len(meta)} meta)", "host_us": round(_host_us(replay, 300), 2)})  # fmt: skip
+        except Exception as exc:
+            rows.append({"launch": f"{bench_name} {provider_name}", "error": f"{type(exc).__name__}: {exc}"[:300]})
+        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
@@ -290,6 +371,9 @@ def probe_sweep(registry, deadline: float) -> list[dict]:
 
 def render(data: dict) -> str:
     lines = ["# GPU probe", "", f"- {data.get('device')}; torch {data.get('torch')}, triton {data.get('triton')}", ""]
+    if data.get("launch"):
+        lines += ["## Host microseconds per launch", "", "| launch | host us |", "|---|---:|"]
+        lines += [f"| {r['launch']} | {r.get('host_us', r.get('error', ''))} |" for r in data["launch"]] + [""]
     if data.get("host"):
         lines += ["## Host vs device per call", "",
                   "| benchmark | case | provider | eager median us | host us/call | device us/call (graph) | host-bound |",
@@ -314,8 +398,8 @@ def render(data: dict) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--budget", type=float, default=120.0, help="seconds for both parts (default 120)")
-    parser.add_argument("--parts", default="host,sweep")
+    parser.add_argument("--budget", type=float, default=120.0, help="seconds for all parts (default 120)")
+    parser.add_argument("--parts", default="launch,host,sweep")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("gpu_probe: needs a CUDA device", file=sys.stderr)
@@ -332,8 +416,11 @@ def main(argv=None) -> int:
         (args.out / "probe.json").write_text(json.dumps(data, indent=1))
         (args.out / "probe.md").write_text(render(data))
 
+    if "launch" in parts:
+        data["launch"] = probe_launch(registry, started + args.budget * 0.15)
+        save()
     if "host" in parts:
-        data["host"] = probe_host(registry, started + args.budget * (0.4 if "sweep" in parts else 1.0))
+        data["host"] = probe_host(registry, started + args.budget * (0.45 if "sweep" in parts else 1.0))
         save()
     if "sweep" in parts:
         data["sweep"] = probe_sweep(registry, started + args.budget)
