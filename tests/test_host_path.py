@@ -93,3 +93,19 @@ def test_host_overhead_tool_counts_launches_per_call():
     assert launches["llava-1.5-7b/linear_1/m576/w4a16"] == {"quantized_linear_kernel": 1}
     assert launches["whisper-large-v3/cross-8x64"] == {"varlen_attention_fwd_kernel": 1}
     assert all(row["host_us"] > 0 and row["top_functions"] for row in rows.values())
+
+
+def test_alignment_hints_only_where_the_jit_cannot_see_them():
+    pe = _module("patch_embed")
+    va = _module("varlen_attention")
+    bf16 = torch.bfloat16
+    # K = 1176 (Qwen2-VL): rows 16-byte aligned (8 bf16), not at 16-element multiples.
+    assert pe._aligned_elements(torch.empty(64, 1176, dtype=bf16), 1176) == 8
+    assert pe._aligned_elements(torch.empty(64, 1176), 1176) == 4  # fp32: 16 bytes = 4
+    assert pe._aligned_elements(torch.empty(64, 588, dtype=bf16), 588) == 4  # 8 bytes
+    assert pe._aligned_elements(torch.empty(64, 1024, dtype=bf16), 1024) == 1  # the JIT proves it
+    assert pe._aligned_elements(torch.empty(64, 1177, dtype=bf16)[:, 1:], 1177) == 1  # odd: nothing
+    q = torch.empty(10, 16, 72, dtype=bf16)
+    assert va._alignment(q, q, q) == 8
+    assert va._alignment(*[torch.empty(10, 16, 64, dtype=bf16)] * 3) == 1  # multiples of 16 already
+    assert va._alignment(q[:, :, 1:], q, q) == 1  # a base off 16 bytes

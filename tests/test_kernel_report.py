@@ -219,7 +219,7 @@ def test_check_fails_with_no_cases():
 # The real registered kernels
 
 
-def test_registered_kernels_pass_check():
+def test_registered_kernels_pass_check(tmp_path):
     try:
         from mmkernels.backend import aot_cases
 
@@ -228,10 +228,17 @@ def test_registered_kernels_pass_check():
         pytest.skip(f"mmkernels.ops did not import: {type(exc).__name__}: {exc}")
     if not cases:
         pytest.skip("no AOT cases registered yet (mmkernels.backend.register_aot)")
-    proc = _run_tool("--check")
+    out = tmp_path / "report.json"
+    proc = _run_tool("--check", "--json", str(out))
     assert proc.returncode == 0, f"{proc.stderr}\n{proc.stdout}"
     for case in cases:
         assert f"| {case.name}" in proc.stdout
+    # Rows 8- or 16-byte aligned but not at 16-element multiples (K = 1176, head dim 72):
+    # the launchers' alignment hints must reach the loads (cp.async, not element loads).
+    records = {(r["case"], r["target"]): r for r in json.loads(out.read_text())}
+    for name in ("patch_embed/qwen2-vl-7b/bf16", "varlen_attention/siglip-so400m-d72/bf16"):
+        for target in ("sm_80", "sm_90"):
+            assert records[(name, target)]["ldgsts"], (name, target, records[(name, target)])
 
 
 # --------------------------------------------------------------------------------------

@@ -51,7 +51,18 @@ def patch_embed_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    W_ALIGN: tl.constexpr,  # K and the weight's base are multiples of W_ALIGN elements (<= 16 bytes)
+    PIX_ALIGN: tl.constexpr,  # flat form: the row stride and base likewise (1: nothing known)
 ):
+    # Alignment the JIT cannot see (it proves only multiples of 16): K = 1176 (Qwen2-VL) or
+    # 588 (P = 14 towers) leaves weight and flat-patch rows 8- or 16-byte aligned, and
+    # saying so lets their loads be vectors instead of single elements. Written as
+    # (x // A) * A, exact since the launcher checked divisibility: tl.multiple_of has no
+    # effect on a scalar argument (nothing defines it to carry the attribute).
+    if W_ALIGN > 1:
+        K = (K // W_ALIGN) * W_ALIGN
+    if PIX_ALIGN > 1:
+        stride_pb = (stride_pb // PIX_ALIGN) * PIX_ALIGN
     # Grouped ordering: consecutive programs share weight tiles in L2.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)

@@ -62,17 +62,20 @@ def varlen_attention_fwd_kernel(
     ALIGN: tl.constexpr,  # every token and head stride is a multiple of ALIGN elements (16 bytes)
 ):
     if ALIGN > 1:
-        # The JIT only proves divisibility by 16 elements; a head dim of 72 (stride 72) is
-        # 16-byte aligned too, and without saying so the loads are not vectorized and the
-        # kernel spills (kernel report).
-        stride_qt = tl.multiple_of(stride_qt, ALIGN)
-        stride_qh = tl.multiple_of(stride_qh, ALIGN)
-        stride_kt = tl.multiple_of(stride_kt, ALIGN)
-        stride_kh = tl.multiple_of(stride_kh, ALIGN)
-        stride_vt = tl.multiple_of(stride_vt, ALIGN)
-        stride_vh = tl.multiple_of(stride_vh, ALIGN)
-        stride_ot = tl.multiple_of(stride_ot, ALIGN)
-        stride_oh = tl.multiple_of(stride_oh, ALIGN)
+        # The JIT only proves divisibility by 16 elements; a head dim of 72 or 80 (strides
+        # 72 / 80, Hq * 72, ...) is 16-byte aligned too, and saying so lets the tiles load
+        # as 16-byte vectors and through cp.async. Written as (x // A) * A, exact since the
+        # launcher checked divisibility: tl.multiple_of on a scalar argument has no effect
+        # (the PTX is identical with and without it; nothing defines the argument to carry
+        # the attribute).
+        stride_qt = (stride_qt // ALIGN) * ALIGN
+        stride_qh = (stride_qh // ALIGN) * ALIGN
+        stride_kt = (stride_kt // ALIGN) * ALIGN
+        stride_kh = (stride_kh // ALIGN) * ALIGN
+        stride_vt = (stride_vt // ALIGN) * ALIGN
+        stride_vh = (stride_vh // ALIGN) * ALIGN
+        stride_ot = (stride_ot // ALIGN) * ALIGN
+        stride_oh = (stride_oh // ALIGN) * ALIGN
     slot = tl.program_id(0)
     seq = tl.program_id(1)
     head = tl.program_id(2)
