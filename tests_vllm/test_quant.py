@@ -7,8 +7,9 @@ SQNR and bit-identical to :func:`mmkernels.ops.quantized_linear` on the same
 ``QuantizedWeight``; only projector prefixes are quantized. End to end: the tiny LLaVA and
 Qwen2-VL served offline with the quantization on (the engine in one process).
 
-The plugin's ``register()`` does not call :func:`register_quantization` (yet): these tests
-call it themselves, here and in the probe subprocess.
+The plugin registers the methods (``quantized_projector``, see tests_vllm/test_plugin.py);
+these tests call :func:`register_quantization` themselves, here and in the probe
+subprocess, so that they test the quantization alone.
 """
 
 from __future__ import annotations
