@@ -78,3 +78,10 @@ def test_launch_capture_records_and_replays_the_real_launch(monkeypatch):
     target.fill_(float("nan"))
     kernel[grid](*args, **meta)
     assert torch.equal(out, expected)
+
+
+def test_patch_embed_sweep_has_row_steps_only_for_images():
+    image = list(gpu_probe._patch_embed_configs(image_form=True))
+    flat = list(gpu_probe._patch_embed_configs(image_form=False))
+    assert any(cfg.row_steps for _, cfg in image) and not any(cfg.row_steps for _, cfg in flat)
+    assert len({label for label, _ in image}) == len(image)  # labels name each config

@@ -33,6 +33,20 @@ def check(out, pixels, weight, bias=None, **kw):
     assert_close(out, ref, dtype=weight.dtype)
 
 
+@pytest.fixture(params=[False, True], ids=["gather", "row_steps"])
+def image_k_loop(request, monkeypatch):
+    """Both K loops of the image form: the per-element gather (default) and one step per
+    (channel, patch row) (``EmbedConfig.row_steps``)."""
+    import dataclasses
+    import importlib
+
+    module = importlib.import_module("mmkernels.ops.patch_embed")
+    original = module.embed_config
+    monkeypatch.setattr(module, "embed_config",
+                        lambda *a, **k: dataclasses.replace(original(*a, **k), row_steps=request.param))  # fmt: skip
+    return request.param
+
+
 def with_poisoned_remainder(pixels, patch):
     """Pixels past the last whole patch (Conv2d drops them) set to NaN: must not be read."""
     h, w = pixels.shape[-2:]
@@ -44,6 +58,7 @@ def with_poisoned_remainder(pixels, patch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.usefixtures("image_k_loop")
 def test_clip_style_class_token_and_positions(dtype, batch):
     patch, dim = 7, 72
     pixels = with_poisoned_remainder(torch.randn(batch, 3, 30, 45), patch)  # 4 x 6 patches, ragged edges
@@ -54,6 +69,7 @@ def test_clip_style_class_token_and_positions(dtype, batch):
     check(out, pixels, weight, class_embedding=cls, position_embedding=pos)
 
 
+@pytest.mark.usefixtures("image_k_loop")
 def test_odd_real_image_size():
     """337 x 451 at P=14: 24 x 32 patches, the last 1 and 3 pixel rows/columns dropped."""
     pixels = with_poisoned_remainder(torch.randn(1, 3, 337, 451), 14)
@@ -65,6 +81,7 @@ def test_odd_real_image_size():
 
 
 @pytest.mark.parametrize("dim", [64, 72 * 16, 1280])
+@pytest.mark.usefixtures("image_k_loop")
 def test_siglip_style_bias_and_positions_across_widths(dim):
     pixels = torch.randn(2, 3, 28, 42)  # 2 x 3 patches of 14
     weight = (torch.randn(dim, 3, 14, 14) * 0.02).to(torch.bfloat16)
@@ -74,6 +91,7 @@ def test_siglip_style_bias_and_positions_across_widths(dim):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.usefixtures("image_k_loop")
 def test_uint8_pixels_normalized_in_the_kernel(dtype):
     pixels = torch.randint(0, 256, (3, 3, 21, 28), dtype=torch.uint8)
     weight = (torch.randn(48, 3, 7, 7) * 0.05).to(dtype)
@@ -85,6 +103,7 @@ def test_uint8_pixels_normalized_in_the_kernel(dtype):
     assert_close(out, reference(host, weight.double()), dtype=dtype)
 
 
+@pytest.mark.usefixtures("image_k_loop")
 def test_per_image_position_embedding_and_strided_pixels():
     """Mllama-style per-tile tables; pixels as a strided view inside a NaN-filled buffer."""
     pixels = nan_padded(torch.randn(4, 3, 14, 21))
@@ -115,6 +134,7 @@ def test_reference_matches_the_modules_it_replaces():
     torch.testing.assert_close(reference(flat, conv3.weight), conv3(flat.view(-1, 3, 2, 4, 4)).view(9, 16))
 
 
+@pytest.mark.usefixtures("image_k_loop")
 def test_deterministic():
     pixels, weight, bias = torch.randn(2, 3, 21, 21), torch.randn(40, 3, 7, 7), torch.randn(40)
     assert_deterministic(lambda: run_kernel(pixels, weight, bias))

@@ -268,7 +268,7 @@ def probe_host(registry, deadline: float) -> list[dict]:
 # Tile sweeps
 
 
-def _patch_embed_configs():
+def _patch_embed_configs(image_form: bool = True):
     from mmkernels.ops.patch_embed import EmbedConfig
 
     for bm, bn, bk, warps, stages in (
@@ -276,6 +276,11 @@ def _patch_embed_configs():
         (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (256, 128, 32, 8, 3), (128, 128, 16, 8, 4),
     ):  # fmt: skip
         yield f"{bm}x{bn}x{bk} w{warps} s{stages}", EmbedConfig(bm, bn, bk, group_m=8, num_warps=warps, num_stages=stages)
+    # One K step per (channel, patch row) (image form; the K step is next_power_of_2(P)).
+    row_tiles = ((128, 128, 8, 3), (128, 128, 4, 4), (128, 256, 8, 3), (64, 128, 4, 4)) if image_form else ()
+    for bm, bn, warps, stages in row_tiles:
+        yield f"{bm}x{bn} row-steps w{warps} s{stages}", EmbedConfig(bm, bn, 16, group_m=8, num_warps=warps,
+                                                                     num_stages=stages, row_steps=True)  # fmt: skip
 
 
 def _linear_configs(case, scheme: str, default_cfg):
@@ -342,7 +347,7 @@ def probe_sweep(registry, deadline: float) -> list[dict]:
         call = _provider(bench, provider_name).factory()
         expected = call(inputs).float()
         if bench_name == "patch_embed":
-            configs = list(_patch_embed_configs())
+            configs = list(_patch_embed_configs(image_form=len(case.weight_shape) == 4))
             default = ("default", None)
         else:
             default_cfg = module.linear_config(case.m, case.n, case.k, scheme, 128, 2)

@@ -11,6 +11,7 @@ Public: :func:`patch_embed` (registered as ``mmkernels::patch_embed``), its refe
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -233,10 +234,14 @@ def _reference_impl(args: _EmbedArgs, weight: torch.Tensor) -> torch.Tensor:
 class EmbedConfig:
     block_m: int
     block_n: int
-    block_k: int
+    block_k: int  # K step of the gather loop; with row_steps, next_power_of_2(P) (at least 16)
     group_m: int
     num_warps: int
     num_stages: int
+    # Image form only: one K step per (channel, patch row), contiguous pixel loads instead
+    # of a per-element gather. Off by default until a GPU measures it (tools/gpu_probe.py
+    # sweeps both); correct either way (tests run both).
+    row_steps: bool = False
 
 
 def embed_config(rows: int, dim: int, k: int, element_size: int) -> EmbedConfig:
@@ -264,12 +269,14 @@ def _aligned_elements(t: torch.Tensor, *strides: int) -> int:
     return align
 
 
-def _launch(args: _EmbedArgs, out: torch.Tensor):
-    """(args, meta, grid) of the one launch; also used by the AOT report."""
+def _launch(args: _EmbedArgs, out: torch.Tensor, cfg: EmbedConfig | None = None):
+    """(args, meta, grid) of the one launch (``cfg``: :func:`embed_config`'s unless
+    given); also used by the AOT report."""
     w = args.weight2d if args.weight2d.is_contiguous() else args.weight2d.contiguous()
     rows = args.batch * args.patches if args.image_form else args.patches
     k = w.shape[1]
-    cfg = embed_config(rows, args.dim, k, w.element_size())
+    cfg = cfg if cfg is not None else embed_config(rows, args.dim, k, w.element_size())
+    row_steps = cfg.row_steps and args.image_form
     pix = args.pixels
     if args.image_form:
         strides = pix.stride()
@@ -303,11 +310,12 @@ def _launch(args: _EmbedArgs, out: torch.Tensor):
         DOT_PRECISION="tf32" if fp32 and torch.backends.cudnn.allow_tf32 and w.is_cuda else "ieee",
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k,
+        BLOCK_K=max(16, next_power_of_2(args.patch)) if row_steps else cfg.block_k,
         GROUP_M=cfg.group_m,
         W_ALIGN=_aligned_elements(w, k),
         # Image form: a patch row is P pixels, runs the JIT could not vectorize anyway.
         PIX_ALIGN=1 if args.image_form else _aligned_elements(pix, pix.stride(0)),
+        ROW_STEPS=row_steps,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -463,10 +471,11 @@ def patch_embed(pixels, weight, bias=None, *, class_embedding=None, position_emb
 # Ahead-of-time cases: real towers, bf16.
 
 
-def _aot_case(name, pixels_shape, weight_shape, *, uint8=False, cls=False, pos=False, bias=False):
+def _aot_case(name, pixels_shape, weight_shape, *, uint8=False, cls=False, pos=False, bias=False, row_steps=False,
+              pixel_dtype=torch.bfloat16):  # fmt: skip
     def make_launch():
         weight = torch.empty(weight_shape, dtype=torch.bfloat16)
-        pixels = torch.empty(pixels_shape, dtype=torch.uint8 if uint8 else torch.bfloat16)
+        pixels = torch.empty(pixels_shape, dtype=torch.uint8 if uint8 else pixel_dtype)
         dim = weight_shape[0]
         n = (pixels_shape[2] // weight_shape[-1]) * (pixels_shape[3] // weight_shape[-1]) if len(pixels_shape) == 4 else 0
         args = _validate(
@@ -479,7 +488,9 @@ def _aot_case(name, pixels_shape, weight_shape, *, uint8=False, cls=False, pos=F
             torch.empty(weight_shape[1]) if uint8 else None,
         )  # fmt: skip
         out = torch.empty(args.out_shape, dtype=torch.bfloat16)
-        launch_args, meta, grid = _launch(args, out)
+        rows = args.batch * args.patches if args.image_form else args.patches
+        cfg = embed_config(rows, args.dim, args.weight2d.shape[1], 2)
+        launch_args, meta, grid = _launch(args, out, dataclasses.replace(cfg, row_steps=row_steps))
         meta["UPCAST_DOT"] = False  # compiled for a GPU, never the interpreter
         return launch_args, meta, grid
 
@@ -488,6 +499,13 @@ def _aot_case(name, pixels_shape, weight_shape, *, uint8=False, cls=False, pos=F
 
 # CLIP-L/14-336, batch 8: 576 patches, D=1024, class token and 577 positions.
 _aot_case("patch_embed/clip-l-14-336/bf16", (8, 3, 336, 336), (1024, 3, 14, 14), cls=True, pos=True)
+# The same with one K step per (channel, patch row) (EmbedConfig.row_steps, not the
+# default yet), from float32 pixels as Hugging Face passes them.
+_aot_case("patch_embed/clip-l-14-336/fp32-pixels-row-steps", (8, 3, 336, 336), (1024, 3, 14, 14), cls=True,
+          pos=True, row_steps=True, pixel_dtype=torch.float32)  # fmt: skip
+# The gather loop from float32 pixels, to compare with the row steps.
+_aot_case("patch_embed/clip-l-14-336/fp32-pixels", (8, 3, 336, 336), (1024, 3, 14, 14), cls=True, pos=True,
+          pixel_dtype=torch.float32)  # fmt: skip
 # The same from uint8 pixels, normalized in the kernel.
 _aot_case("patch_embed/clip-l-14-336/uint8", (8, 3, 336, 336), (1024, 3, 14, 14), uint8=True, cls=True, pos=True)
 # SigLIP-so400m/14-384: bias, 729 positions, no class token.
