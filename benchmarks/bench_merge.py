@@ -232,14 +232,7 @@ def vllm_style_merge(inputs: MergeInputs) -> torch.Tensor:
     return embeds
 
 
-@functools.lru_cache(maxsize=None)
-def _mmkernels_import_error() -> str | None:
-    try:
-        from mmkernels.ops import merge_multimodal_embeddings  # noqa: F401
-        from mmkernels.ops.merge import merge_multimodal_embeddings_reference  # noqa: F401
-    except Exception as exc:
-        return f"mmkernels.ops.merge_multimodal_embeddings not importable ({type(exc).__name__}: {exc})"
-    return None
+_mmkernels_import_error = functools.partial(harness.import_error, "mmkernels.ops.merge")
 
 
 def _mmkernels_op_caller(check: bool):

@@ -456,23 +456,8 @@ def _compiled_forward():
     return forward
 
 
-@functools.lru_cache(maxsize=None)
-def _mmkernels_import_error() -> str | None:
-    try:
-        import mmkernels  # noqa: F401
-        from mmkernels.integrations import patch  # noqa: F401
-    except Exception as exc:
-        return f"mmkernels.patch not importable ({type(exc).__name__}: {exc})"
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def _transformers_error() -> str | None:
-    try:
-        import transformers  # noqa: F401
-    except Exception as exc:
-        return f"transformers not importable ({type(exc).__name__}: {exc})"
-    return None
+_mmkernels_import_error = functools.partial(harness.import_error, "mmkernels.integrations")
+_transformers_error = functools.partial(harness.import_error, "transformers")
 
 
 PROVIDERS: tuple[harness.Provider, ...] = (

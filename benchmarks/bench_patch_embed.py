@@ -330,13 +330,7 @@ def _compiled_hf_caller(backend: str = "inductor"):
     return embed
 
 
-@functools.lru_cache(maxsize=None)
-def _mmkernels_import_error() -> str | None:
-    try:
-        from mmkernels.ops import patch_embed  # noqa: F401
-    except Exception as exc:
-        return f"mmkernels.ops.patch_embed not importable ({type(exc).__name__}: {exc})"
-    return None
+_mmkernels_import_error = functools.partial(harness.import_error, "mmkernels.ops.patch_embed")
 
 
 def _mmkernels_caller(uint8: bool):

@@ -226,14 +226,7 @@ def cublas_bf16(inputs: ProjectorInputs) -> torch.Tensor:
     return _activation(F.linear(inputs.x, inputs.weight, inputs.bias), inputs.activation)
 
 
-@functools.lru_cache(maxsize=None)
-def _mmkernels_import_error() -> str | None:
-    try:
-        from mmkernels.ops import quantized_linear  # noqa: F401
-        from mmkernels.quant import quantize  # noqa: F401
-    except Exception as exc:
-        return f"mmkernels.ops.quantized_linear not importable ({type(exc).__name__}: {exc})"
-    return None
+_mmkernels_import_error = functools.partial(harness.import_error, "mmkernels.ops.quantized_linear", "mmkernels.quant")
 
 
 def _mmkernels_caller(scheme: str):
@@ -279,12 +272,7 @@ def _scaled_mm_caller():
     return call
 
 
-def _torchao_requires() -> str | None:
-    try:
-        import torchao  # noqa: F401
-    except Exception as exc:
-        return f"torchao not installed ({type(exc).__name__}: {exc})"
-    return None
+_torchao_requires = functools.partial(harness.import_error, "torchao")
 
 
 def _torchao_caller(kind: str):

@@ -428,14 +428,6 @@ def _mmkernels_caller():
     return attend
 
 
-def _import_error(module: str) -> str | None:
-    import importlib
-
-    try:
-        importlib.import_module(module)
-    except Exception as exc:
-        return f"{module} not importable ({type(exc).__name__}: {exc})"
-    return None
 
 
 PROVIDERS: tuple[harness.Provider, ...] = (
@@ -453,7 +445,7 @@ PROVIDERS: tuple[harness.Provider, ...] = (
     harness.Provider(
         name="flex_attention",
         factory=_flex_caller,
-        requires=functools.partial(_import_error, "torch.nn.attention.flex_attention"),
+        requires=functools.partial(harness.import_error, "torch.nn.attention.flex_attention"),
         runs_on_cpu=False,
         optional=True,
         notes="torch.compile(flex_attention) over the packed sequences; block mask (documents, key ranges, causal) "
@@ -462,7 +454,7 @@ PROVIDERS: tuple[harness.Provider, ...] = (
     harness.Provider(
         name="flash-attn varlen",
         factory=_flash_attn_caller,
-        requires=functools.partial(_import_error, "flash_attn"),
+        requires=functools.partial(harness.import_error, "flash_attn"),
         runs_on_cpu=False,
         optional=True,
         notes="flash_attn_varlen_func (no per-query key ranges: those cases are skipped)",
@@ -470,7 +462,7 @@ PROVIDERS: tuple[harness.Provider, ...] = (
     harness.Provider(
         name="xformers",
         factory=_xformers_caller,
-        requires=functools.partial(_import_error, "xformers.ops"),
+        requires=functools.partial(harness.import_error, "xformers.ops"),
         runs_on_cpu=False,
         optional=True,
         notes="xformers memory_efficient_attention with a BlockDiagonalMask (no per-query key ranges)",
@@ -478,7 +470,7 @@ PROVIDERS: tuple[harness.Provider, ...] = (
     harness.Provider(
         name="mmkernels",
         factory=_mmkernels_caller,
-        requires=functools.partial(_import_error, "mmkernels.ops.varlen_attention"),
+        requires=functools.partial(harness.import_error, "mmkernels.ops.varlen_attention"),
         timed_backend="triton",
         notes="mmkernels.ops.varlen_attention: one launch, key blocks outside the ranges skipped",
     ),

@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import importlib
 import json
 import math
@@ -504,6 +505,19 @@ def device_key(stamp: dict) -> str:
 
 
 def _always_available() -> str | None:
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def import_error(*modules: str) -> str | None:
+    """Why a provider cannot run here: the first of ``modules`` that does not import (its
+    exception, named), or None. For ``Provider.requires``: an optional baseline or an
+    mmkernels op missing is a skip with this reason, not a failure."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:
+            return f"{module} not importable ({type(exc).__name__}: {exc})"
     return None
 
 

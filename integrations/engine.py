@@ -138,7 +138,7 @@ class Rule:
             "model_type": self.model_type,
             "class": self.model_class,
             "method": self.method,
-            "op": self.op,
+            "op": self.op.rsplit(".", 1)[-1],  # the table names the op, not its module path
         }
 
 

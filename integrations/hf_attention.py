@@ -376,7 +376,6 @@ class QwenVisionAttentionRule(Rule):
     def coverage_row(self) -> dict[str, str]:
         row = super().coverage_row()
         row["features"] = "cu_seqlens (and cu_window_seqlens)"
-        row["op"] = ATTENTION_OP
         return row
 
 
@@ -548,7 +547,6 @@ class MllamaCrossMaskRule(Rule):
     def coverage_row(self):
         row = super().coverage_row()
         row["features"] = "cross_attention_mask (B, S, images, tiles)"
-        row["op"] = ATTENTION_OP
         return row
 
 
@@ -612,7 +610,6 @@ class MllamaTextCrossMaskRule(Rule):
     def coverage_row(self):
         row = super().coverage_row()
         row["features"] = "the converted cross-attention mask"
-        row["op"] = ATTENTION_OP
         return row
 
 

@@ -334,7 +334,6 @@ class MergeRule(SpecRule):
 
     def coverage_row(self) -> dict[str, str]:
         row = super().coverage_row()
-        row["op"] = MERGE_OP
         row["modalities"] = "; ".join(
             f"{m.kind} ({' / '.join(f'`{f}`' for f in m.placeholder_fields)})"
             + (f" transformers {m.transformers}" if m.transformers else "")

@@ -387,11 +387,6 @@ class PatchEmbedRule(SpecRule):
             notes.append(f"{spec.dropout} active (training with p > 0): original path")
         return notes
 
-    def coverage_row(self) -> dict[str, str]:
-        row = super().coverage_row()
-        row["op"] = PATCH_EMBED_OP
-        return row
-
     def make_replacement(self, options: PatchOptions) -> Callable:
         spec = self.spec
         arguments = _image_arguments if spec.form == IMAGE_FORM else _flat_arguments
@@ -456,11 +451,6 @@ class ConvPatchRule(SpecRule):
             notes.append(f"raw pixels normalized in the kernel: (x * {scale:g} - mean {list(mean)}) / std {list(std)}")
         notes.append("the conv alone (its tower adds class and position embeddings in its own forward)")
         return notes
-
-    def coverage_row(self) -> dict[str, str]:
-        row = super().coverage_row()
-        row["op"] = PATCH_EMBED_OP
-        return row
 
     def make_replacement(self, options: PatchOptions) -> Callable:
         def forward(conv, *args, **kwargs):

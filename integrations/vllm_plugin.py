@@ -369,18 +369,28 @@ def _conv_reason(layer) -> str | None:
     return None
 
 
-def _patch_embed_conv2d(layer, x: torch.Tensor) -> torch.Tensor | None:
+def _conv_input_reason(layer, x: torch.Tensor, rank: int, one_patch: bool = False) -> str | None:
+    """Why the patch-embed op cannot take this conv call (None: it can): the layer's own
+    reason from construction, or the input's rank, extent (``one_patch``: pre-flattened
+    patches, each exactly the kernel), dtype or device."""
     from mmkernels.ops.patch_embed import CAPABILITIES
 
+    if layer._mmk_reason is not None:
+        return layer._mmk_reason
+    if x.dim() != rank:
+        return f"input of rank {x.dim()}"
+    if one_patch and tuple(x.shape[2:]) != tuple(layer.kernel_size):
+        return "inputs larger than one patch (only pre-flattened (L, C, T, P, P) patches)"
+    if x.dtype != layer.weight.dtype or x.dtype not in CAPABILITIES.dtypes:
+        return f"input dtype {x.dtype} with weight dtype {layer.weight.dtype}"
+    if x.device != layer.weight.device:
+        return "input on another device than the weight"
+    return None
+
+
+def _patch_embed_conv2d(layer, x: torch.Tensor) -> torch.Tensor | None:
     where = type(layer).name
-    reason = layer._mmk_reason
-    if reason is None:
-        if x.dim() != 4:
-            reason = f"input of rank {x.dim()}"
-        elif x.dtype != layer.weight.dtype or x.dtype not in CAPABILITIES.dtypes:
-            reason = f"input dtype {x.dtype} with weight dtype {layer.weight.dtype}"
-        elif x.device != layer.weight.device:
-            reason = "input on another device than the weight"
+    reason = _conv_input_reason(layer, x, 4)
     if reason is not None:
         _fallthrough("patch_embed", reason, where)
         return None
@@ -395,19 +405,8 @@ def _patch_embed_conv2d(layer, x: torch.Tensor) -> torch.Tensor | None:
 
 
 def _patch_embed_conv3d(layer, x: torch.Tensor) -> torch.Tensor | None:
-    from mmkernels.ops.patch_embed import CAPABILITIES
-
     where = type(layer).name
-    reason = layer._mmk_reason
-    if reason is None:
-        if x.dim() != 5:
-            reason = f"input of rank {x.dim()}"
-        elif tuple(x.shape[2:]) != tuple(layer.kernel_size):
-            reason = "inputs larger than one patch (only pre-flattened (L, C, T, P, P) patches)"
-        elif x.dtype != layer.weight.dtype or x.dtype not in CAPABILITIES.dtypes:
-            reason = f"input dtype {x.dtype} with weight dtype {layer.weight.dtype}"
-        elif x.device != layer.weight.device:
-            reason = "input on another device than the weight"
+    reason = _conv_input_reason(layer, x, 5, one_patch=True)
     if reason is not None:
         _fallthrough("patch_embed", reason, where)
         return None

@@ -252,6 +252,23 @@ def next_power_of_2(n: int) -> int:
     return n if n <= 1 else 1 << (n - 1).bit_length()
 
 
+def aligned_elements(tensors, strides) -> int:
+    """An alignment hint for a kernel: the largest power-of-two element count, at most 16
+    bytes, that divides every stride in ``strides`` and every tensor's base address, so
+    rows start on such boundaries and loads may be vectors of that many elements. 1 when
+    every stride is a multiple of 16 elements: the JIT proves that itself, and restating
+    it as a smaller multiple would lower what it knows. The kernel applies it as
+    ``x = (x // A) * A`` (``tl.multiple_of`` on a scalar argument has no effect)."""
+    strides = list(strides)
+    if all(st % 16 == 0 for st in strides):
+        return 1
+    size = tensors[0].element_size()
+    align = max(16 // size, 1)
+    while align > 1 and any(t.data_ptr() % (align * size) or any(st % align for st in strides) for t in tensors):
+        align //= 2
+    return align
+
+
 def empty_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """How launchers allocate outputs: ``torch.empty``, or NaN under :func:`poison_outputs`."""
     if getattr(_POISON, "on", False):

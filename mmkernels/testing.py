@@ -13,13 +13,17 @@
   (``aten._local_scalar_dense`` behind ``.item()`` / ``bool(t)``, ``aten.nonzero``,
   ``aten.masked_select``, boolean indexing, ``.tolist()``, ...) during a block of code.
   It works on CPU, where nothing actually waits, so CI can count syncs without a GPU.
+* :func:`kernels_replaced`: every op module's ``@triton.jit`` kernels swapped for stand-ins
+  within a block (the host-overhead tool's launch counter, the GPU probe's capture).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
+import importlib
 import math
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -33,6 +37,7 @@ __all__ = [
     "assert_bitwise_equal",
     "assert_close",
     "assert_deterministic",
+    "kernels_replaced",
     "empty_output",
     "nan_padded",
     "poison_outputs",
@@ -151,6 +156,29 @@ SYNC_OPS = frozenset(
 # Python-level conversions that read tensor data without passing through the dispatcher
 # on CPU (on CUDA they copy to the host first).
 SYNC_METHODS = {torch.Tensor.tolist: "Tensor.tolist", torch.Tensor.numpy: "Tensor.numpy"}
+
+
+OP_MODULES = ("merge", "patch_embed", "quantized_linear", "varlen_attention")
+
+
+@contextlib.contextmanager
+def kernels_replaced(stand_in: Callable[[str, Any], Any]) -> Iterator[None]:
+    """Within the block, each ``*_kernel`` of every op module's kernels module is
+    ``stand_in(name, kernel)`` (an object indexed by the grid, as a ``@triton.jit``
+    function is); the kernels are restored afterwards, also on error."""
+    saved = []
+    try:
+        for name in OP_MODULES:
+            kernels = importlib.import_module(f"mmkernels.ops.{name}").kernels
+            for attr in dir(kernels):
+                if attr.endswith("_kernel"):
+                    kernel = getattr(kernels, attr)
+                    saved.append((kernels, attr, kernel))
+                    setattr(kernels, attr, stand_in(attr, kernel))
+        yield
+    finally:
+        for owner, attr, kernel in reversed(saved):
+            setattr(owner, attr, kernel)
 
 
 def _custom_op_def(func):

@@ -989,7 +989,7 @@ def _mllama() -> _Recipe:
 
     The cross-attention gates (``cross_attn_attn_gate`` / ``cross_attn_mlp_gate``) are
     zero-initialized by transformers, which would make the cross-attention layer inert in a
-    random-init model; the inputs step sets them to 0.5 and 0.8 (see :func:`_mllama_inputs`).
+    random-init model; the recipe sets them to 0.5 and 0.8 (see :func:`_mllama_open_gates`).
     """
     from transformers import (
         MllamaConfig,
@@ -1035,21 +1035,20 @@ def _mllama() -> _Recipe:
                 ((28, 28), (28, 84), (56, 28)),
             ),
         ),
-        make_inputs=_mllama_inputs,
+        make_inputs=_processor_inputs,
         processor=processor,
+        init_weights=_mllama_open_gates,
     )
 
 
-def _mllama_inputs(recipe: _Recipe, model, samples: list[_Sample], rng) -> dict:
-    """Inputs through ``MllamaProcessor``; also opens the model's cross-attention gates
-    (zero at init, so the text would not depend on the images at all)."""
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if name.endswith("cross_attn_attn_gate"):
-                parameter.fill_(0.5)
-            elif name.endswith("cross_attn_mlp_gate"):
-                parameter.fill_(0.8)
-    return _processor_inputs(recipe, model, samples, rng)
+def _mllama_open_gates(model) -> None:
+    """The cross-attention gates are zero at init, so the text would not depend on the
+    images at all: 0.5 and 0.8, as a trained checkpoint's are open."""
+    for name, parameter in model.named_parameters():
+        if name.endswith("cross_attn_attn_gate"):
+            parameter.fill_(0.5)
+        elif name.endswith("cross_attn_mlp_gate"):
+            parameter.fill_(0.8)
 
 
 def _left_pad(rows: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # `benchmarks` is a top-level folder, not installed
 
 from benchmarks import bench_merge, harness  # noqa: E402
-from bench_helpers import WallClock  # noqa: E402
+from bench_helpers import WallClock, env_without_cuda_or_interpreter  # noqa: E402
 from benchmarks.shapes import MERGE_SHAPES, QUICK_MERGE_SHAPES, SHAPE_TABLES, goal_merge_shape  # noqa: E402
 
 GPU_SUITE = REPO_ROOT / "tools" / "gpu_suite.py"
@@ -47,14 +47,6 @@ def _load_gpu_suite():
         sys.modules[name] = module  # dataclasses look their module up while the file runs
         spec.loader.exec_module(module)
     return sys.modules[name]
-
-
-def _env_without_cuda_or_interpreter() -> dict:
-    env = dict(os.environ)
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    return env
 
 
 # --------------------------------------------------------------------------------------
@@ -407,7 +399,7 @@ def test_gpu_suite_budget_and_naming(tmp_path):
 def test_gpu_suite_refuses_without_cuda(tmp_path):
     out = tmp_path / "never"
     proc = subprocess.run([sys.executable, str(GPU_SUITE), "--out", str(out)], capture_output=True, text=True,
-                          env=_env_without_cuda_or_interpreter(), timeout=120)  # fmt: skip
+                          env=env_without_cuda_or_interpreter(), timeout=120)  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert "no CUDA device" in proc.stderr and "--dry-run" in proc.stderr
     assert not out.exists()
@@ -417,7 +409,7 @@ def test_gpu_suite_dry_run_validates_and_writes_not_timed(tmp_path):
     out = tmp_path / "suite"
     proc = subprocess.run([sys.executable, str(GPU_SUITE), "--dry-run", "--quick", "--benchmarks", "merge",
                            "--out", str(out)],
-                          capture_output=True, text=True, env=_env_without_cuda_or_interpreter(),
+                          capture_output=True, text=True, env=env_without_cuda_or_interpreter(),
                           timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     data = json.loads((out / "results.json").read_text())

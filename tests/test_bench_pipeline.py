@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import re
 import struct
 import subprocess
@@ -29,6 +28,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from benchmarks import harness  # noqa: E402
 from mmkernels import bench as cli  # noqa: E402
+from bench_helpers import env_without_cuda_or_interpreter  # noqa: E402
 
 REGISTRY, IMPORT_ERRORS = harness.discover()
 
@@ -345,14 +345,6 @@ def test_compare_refuses_different_devices_and_untimed_runs(fake_run, tmp_path, 
 # The command line: refusal without CUDA, and --dry-run over every benchmark
 
 
-def _env_without_cuda_or_interpreter() -> dict:
-    env = dict(os.environ)
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    env.pop("TRITON_INTERPRET", None)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    return env
-
-
 def test_cli_refuses_to_time_without_cuda(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(harness, "cuda_available", lambda: False)
     assert cli.main(["--kernels", "merge", "--out", str(tmp_path / "x")]) == cli.EXIT_REFUSED
@@ -370,7 +362,7 @@ def test_dry_run_exercises_every_benchmark(tmp_path):
     out = tmp_path / "dry"
     proc = subprocess.run(
         [sys.executable, "-m", "mmkernels.bench", "--dry-run", "--quick", "--max-cases", "1", "--out", str(out)],
-        capture_output=True, text=True, env=_env_without_cuda_or_interpreter(), timeout=300, cwd=REPO_ROOT,
+        capture_output=True, text=True, env=env_without_cuda_or_interpreter(), timeout=300, cwd=REPO_ROOT,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "re-running with TRITON_INTERPRET=1" in proc.stderr

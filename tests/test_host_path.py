@@ -96,16 +96,20 @@ def test_host_overhead_tool_counts_launches_per_call():
 
 
 def test_alignment_hints_only_where_the_jit_cannot_see_them():
-    pe = _module("patch_embed")
-    va = _module("varlen_attention")
+    def patch_rows(t, stride):  # how patch_embed asks (weight rows, flat patch rows)
+        return backend.aligned_elements([t], [stride])
+
+    def attention(*tensors):  # how varlen_attention asks (token and head strides)
+        return backend.aligned_elements(tensors, [st for t in tensors for st in t.stride()[:2]])
+
     bf16 = torch.bfloat16
     # K = 1176 (Qwen2-VL): rows 16-byte aligned (8 bf16), not at 16-element multiples.
-    assert pe._aligned_elements(torch.empty(64, 1176, dtype=bf16), 1176) == 8
-    assert pe._aligned_elements(torch.empty(64, 1176), 1176) == 4  # fp32: 16 bytes = 4
-    assert pe._aligned_elements(torch.empty(64, 588, dtype=bf16), 588) == 4  # 8 bytes
-    assert pe._aligned_elements(torch.empty(64, 1024, dtype=bf16), 1024) == 1  # the JIT proves it
-    assert pe._aligned_elements(torch.empty(64, 1177, dtype=bf16)[:, 1:], 1177) == 1  # odd: nothing
+    assert patch_rows(torch.empty(64, 1176, dtype=bf16), 1176) == 8
+    assert patch_rows(torch.empty(64, 1176), 1176) == 4  # fp32: 16 bytes = 4
+    assert patch_rows(torch.empty(64, 588, dtype=bf16), 588) == 4  # 8 bytes
+    assert patch_rows(torch.empty(64, 1024, dtype=bf16), 1024) == 1  # the JIT proves it
+    assert patch_rows(torch.empty(64, 1177, dtype=bf16)[:, 1:], 1177) == 1  # odd: nothing
     q = torch.empty(10, 16, 72, dtype=bf16)
-    assert va._alignment(q, q, q) == 8
-    assert va._alignment(*[torch.empty(10, 16, 64, dtype=bf16)] * 3) == 1  # multiples of 16 already
-    assert va._alignment(q[:, :, 1:], q, q) == 1  # a base off 16 bytes
+    assert attention(q, q, q) == 8
+    assert attention(*[torch.empty(10, 16, 64, dtype=bf16)] * 3) == 1  # multiples of 16 already
+    assert attention(q[:, :, 1:], q, q) == 1  # a base off 16 bytes

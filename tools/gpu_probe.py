@@ -174,21 +174,11 @@ class _LaunchCapture:
 
 @contextlib.contextmanager
 def _launches_captured():
-    import importlib
+    from mmkernels.testing import kernels_replaced
 
     captured: dict = {}
-    saved = []
-    for name in ("merge", "patch_embed", "quantized_linear", "varlen_attention"):
-        kernels = importlib.import_module(f"mmkernels.ops.{name}").kernels
-        for attr in dir(kernels):
-            if attr.endswith("_kernel"):
-                saved.append((kernels, attr, getattr(kernels, attr)))
-                setattr(kernels, attr, _LaunchCapture(attr, getattr(kernels, attr), captured))
-    try:
+    with kernels_replaced(lambda name, kernel: _LaunchCapture(name, kernel, captured)):
         yield captured
-    finally:
-        for owner, attr, value in saved:
-            setattr(owner, attr, value)
 
 
 def probe_launch(registry, deadline: float) -> list[dict]:

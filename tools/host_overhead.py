@@ -35,9 +35,6 @@ if str(REPO_ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-OP_MODULES = ("merge", "patch_embed", "quantized_linear", "varlen_attention")
-
-
 class LaunchRecorder:
     """Stands in for a ``@triton.jit`` kernel: ``kernel[grid](*args, **meta)`` is counted."""
 
@@ -56,27 +53,22 @@ def launches_recorded():
     """Every op module's kernels replaced by recorders and its backend forced to Triton;
     yields the launch counts (kernel name -> launches)."""
     from mmkernels import backend
+    from mmkernels.testing import OP_MODULES, kernels_replaced
+
+    def forced(op, kernel, caps, device, dtypes, extra_reasons=()):
+        return backend.Decision(op, backend.Backend.TRITON)
 
     counts: dict[str, int] = {}
-    saved = []
-    for name in OP_MODULES:
-        module = importlib.import_module(f"mmkernels.ops.{name}")
-        kernels = module.kernels
-        for attr in dir(kernels):
-            if attr.endswith("_kernel"):
-                saved.append((kernels, attr, getattr(kernels, attr)))
-                setattr(kernels, attr, LaunchRecorder(attr, counts))
-
-        def forced(op, kernel, caps, device, dtypes, extra_reasons=()):
-            return backend.Decision(op, backend.Backend.TRITON)
-
-        saved.append((module, "choose_backend", module.choose_backend))
-        module.choose_backend = forced
+    modules = [importlib.import_module(f"mmkernels.ops.{name}") for name in OP_MODULES]
+    chosen = [module.choose_backend for module in modules]
     try:
-        yield counts
+        for module in modules:
+            module.choose_backend = forced
+        with kernels_replaced(lambda name, kernel: LaunchRecorder(name, counts)):
+            yield counts
     finally:
-        for owner, attr, value in reversed(saved):
-            setattr(owner, attr, value)
+        for module, choose in zip(modules, chosen):
+            module.choose_backend = choose
 
 
 def cases():

@@ -21,6 +21,7 @@ from mmkernels.backend import (
     Backend,
     Capabilities,
     ValidatedHandOver,
+    aligned_elements,
     cdiv,
     choose_backend,
     empty_output,
@@ -255,20 +256,6 @@ def embed_config(rows: int, dim: int, k: int, element_size: int) -> EmbedConfig:
     return EmbedConfig(block_m, block_n, block_k, group_m=8, num_warps=num_warps, num_stages=3)
 
 
-def _aligned_elements(t: torch.Tensor, *strides: int) -> int:
-    """The largest power-of-two element count, at most 16 bytes, that divides every stride
-    given and the base address: rows start on such boundaries, so the kernel may load
-    vectors of that many elements. 1 when every stride is a multiple of 16 elements: the JIT
-    proves that itself, and restating it as a smaller multiple would lower what it knows."""
-    if all(st % 16 == 0 for st in strides):
-        return 1
-    size = t.element_size()
-    align = max(16 // size, 1)
-    while align > 1 and (t.data_ptr() % (align * size) or any(st % align for st in strides)):
-        align //= 2
-    return align
-
-
 def _launch(args: _EmbedArgs, out: torch.Tensor, cfg: EmbedConfig | None = None):
     """(args, meta, grid) of the one launch (``cfg``: :func:`embed_config`'s unless
     given); also used by the AOT report."""
@@ -312,9 +299,9 @@ def _launch(args: _EmbedArgs, out: torch.Tensor, cfg: EmbedConfig | None = None)
         BLOCK_N=cfg.block_n,
         BLOCK_K=max(16, next_power_of_2(args.patch)) if row_steps else cfg.block_k,
         GROUP_M=cfg.group_m,
-        W_ALIGN=_aligned_elements(w, k),
+        W_ALIGN=aligned_elements([w], [k]),
         # Image form: a patch row is P pixels, runs the JIT could not vectorize anyway.
-        PIX_ALIGN=1 if args.image_form else _aligned_elements(pix, pix.stride(0)),
+        PIX_ALIGN=1 if args.image_form else aligned_elements([pix], [pix.stride(0)]),
         ROW_STEPS=row_steps,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,

@@ -26,6 +26,7 @@ from mmkernels.backend import (
     Backend,
     Capabilities,
     ValidatedHandOver,
+    aligned_elements,
     cdiv,
     choose_backend,
     empty_output,
@@ -287,19 +288,6 @@ def attn_config(max_seqlen_q: int, head_dim: int, element_size: int) -> AttnConf
     return AttnConfig(block_m, block_n, head_pad, num_warps, num_stages, head_a, head_b)
 
 
-def _alignment(*tensors: torch.Tensor) -> int:
-    """The element count of 16 bytes when every token and head stride is a multiple of it
-    and every base 16-byte aligned (then the kernel may say so: vectorized loads), else 1.
-    Also 1 when every stride is a multiple of 16 elements: the JIT proves that itself, and
-    restating it as a multiple of 8 would lower what it knows."""
-    align = 16 // tensors[0].element_size()
-    strides = [st for t in tensors for st in t.stride()[:2]]
-    ok = all(t.data_ptr() % 16 == 0 for t in tensors) and all(st % align == 0 and st > 1 for st in strides)
-    if not ok or align <= 1 or all(st % 16 == 0 for st in strides):
-        return 1
-    return align
-
-
 def _launch(args: _AttnArgs, out: torch.Tensor):
     """(args, meta, grid) of the one launch; also used by the AOT report."""
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (args.q, args.k, args.v))
@@ -325,7 +313,7 @@ def _launch(args: _AttnArgs, out: torch.Tensor):
         HEAD_B=cfg.head_b,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
-        ALIGN=_alignment(q, k, v, out),
+        ALIGN=aligned_elements((q, k, v, out), [st for t in (q, k, v, out) for st in t.stride()[:2]]),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
