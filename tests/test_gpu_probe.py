@@ -1,6 +1,7 @@
 """tools/gpu_probe.py without a GPU: its cases name real benchmark cases and providers,
 its tile sweeps are valid configurations, and its Markdown renders what it measured."""
 
+import dataclasses
 import importlib
 import sys
 from pathlib import Path
@@ -32,6 +33,9 @@ def test_linear_sweep_configs_cover_k_without_empty_splits(registry, case_name, 
     default = ql.linear_config(case.m, case.n, case.k, scheme, 128, 2)
     configs = list(gpu_probe._linear_configs(case, scheme, default))
     assert len(configs) >= 4
+    # The default tiles in the other layout come first; the rest keep the default's layout.
+    assert configs[0][1] == dataclasses.replace(default, swap_ab=not default.swap_ab)
+    assert all(cfg.swap_ab == default.swap_ab for _, cfg in configs[1:])
     for label, cfg in configs:
         assert cfg.k_per_split % cfg.block_k == 0, label
         assert cfg.split_k * cfg.k_per_split >= case.k > (cfg.split_k - 1) * cfg.k_per_split, label

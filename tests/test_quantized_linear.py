@@ -39,6 +39,20 @@ def run_kernel(x, qw, bias=None, activation=None):
     return out
 
 
+@pytest.fixture(params=[True, False], ids=["swapped", "unswapped"])
+def gemm_layout(request, monkeypatch):
+    """Both tile layouts of the integer schemes: ``acc^T = W . x^T`` (the default) and
+    ``acc = x . W^T`` (``LinearConfig.swap_ab``; fp8 ignores it)."""
+    import dataclasses
+    import importlib
+
+    module = importlib.import_module("mmkernels.ops.quantized_linear")
+    original = module.linear_config
+    monkeypatch.setattr(module, "linear_config",
+                        lambda *a, **k: dataclasses.replace(original(*a, **k), swap_ab=request.param))  # fmt: skip
+    return request.param
+
+
 def make(scheme, n, k, dtype=torch.bfloat16, group_size=64, bias=True):
     w = (torch.randn(n, k) / math.sqrt(k)).to(dtype)
     qw = quantize(w, scheme, group_size=group_size)
@@ -59,7 +73,7 @@ def check(out, x, qw, bias, activation):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("m", [1, 7, 129])
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_matches_reference(scheme, m, dtype):
+def test_matches_reference(scheme, m, dtype, gemm_layout):
     # K = 192 (three groups of 64, not a multiple of the 128-deep K tile), N = 80 (not a
     # multiple of the 64 / 128-wide N tile).
     _, qw, bias = make(scheme, 80, 192, dtype)
@@ -78,7 +92,7 @@ def test_float32_activations(scheme):
 @pytest.mark.parametrize("activation", ACTIVATIONS, ids=[str(a) for a in ACTIVATIONS])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_every_activation_with_and_without_bias(scheme, bias, activation):
+def test_every_activation_with_and_without_bias(scheme, bias, activation, gemm_layout):
     _, qw, b = make(scheme, 40, 96, torch.float16, group_size=32, bias=bias)
     x = torch.randn(5, 96).to(torch.float16) * 2
     check(run_kernel(x, qw, b, activation), x, qw, b, activation)
@@ -93,7 +107,7 @@ def test_w4a16_group_sizes(group_size):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_split_k_path_real_k(scheme):
+def test_split_k_path_real_k(scheme, gemm_layout):
     """M = 1 on a SigLIP-width K (1152): small tiles and split-K (ragged last share), added
     back in a fixed order by the epilogue launch."""
     k, n = 1152, 64
@@ -106,7 +120,7 @@ def test_split_k_path_real_k(scheme):
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_large_m_tiles(scheme):
+def test_large_m_tiles(scheme, gemm_layout):
     """M > 256 takes the 128 x 128 tiles; M = 300 leaves a ragged last row tile."""
     k, n = 128, 136
     cfg = linear_config(300, n, k, scheme, 64, 2)
@@ -240,6 +254,9 @@ def test_block_config_per_m_range_on_real_shapes():
         for m in (1, 64, 256, 4096):
             cfg = linear_config(m, 4096, 3584, "w4a16", g, 2)
             assert g % cfg.block_k == 0 and cfg.k_per_split % cfg.block_k == 0
+    # Integer weights take the swapped layout (the dequantized tile stays in registers).
+    assert linear_config(16, 4096, 7680, "w8a16", None, 2).swap_ab and small.swap_ab
+    assert not linear_config(576, 4096, 1024, "fp8", None, 2).swap_ab
     # Deterministic: the same shape always gets the same config.
     assert linear_config(7, 5120, 5120, "fp8", None, 2) == linear_config(7, 5120, 5120, "fp8", None, 2)
 

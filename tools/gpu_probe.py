@@ -274,11 +274,18 @@ def _patch_embed_configs(image_form: bool = True):
 
 
 def _linear_configs(case, scheme: str, default_cfg):
-    """Candidate tiles for one quantized_linear case: large M varies the tile and warps;
-    small M (split-K) varies the tile and the number of K splits."""
+    """Candidate tiles for one quantized_linear case: the default with the other tile
+    layout (``swap_ab``, integer schemes) first; then large M varies the tile and warps,
+    small M (split-K) the tile and the number of K splits, in the default's layout."""
+    import dataclasses
+
     import triton
 
     from mmkernels.ops.quantized_linear import LinearConfig
+
+    if scheme != "fp8":
+        flipped = dataclasses.replace(default_cfg, swap_ab=not default_cfg.swap_ab)
+        yield f"default, {'swapped' if flipped.swap_ab else 'unswapped'}", flipped
 
     k_cap = 128 if scheme == "w4a16" else 256  # a w4a16 K tile holds one group's scale
     if case.m > 64:
@@ -297,7 +304,8 @@ def _linear_configs(case, scheme: str, default_cfg):
             k_per_split = triton.cdiv(k_steps, split) * bk
             real_split = triton.cdiv(case.k, k_per_split)
             yield f"{bm}x{bn}x{bk} w{warps} s{stages} split{real_split}", LinearConfig(
-                bm, bn, bk, real_split, k_per_split, group_m=8, num_warps=warps, num_stages=stages)
+                bm, bn, bk, real_split, k_per_split, group_m=8, num_warps=warps, num_stages=stages,
+                swap_ab=default_cfg.swap_ab)
 
 
 @contextlib.contextmanager

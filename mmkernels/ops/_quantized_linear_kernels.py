@@ -12,6 +12,10 @@ format (see :mod:`mmkernels.quant`) and dequantized in registers:
 * ``SCHEME == 2`` (fp8): activations already quantized per token by
   :func:`quantize_rows_fp8_kernel`; fp8 x fp8 dot, ``sx[m] * s[n]`` in the epilogue.
 
+With ``SWAP_AB`` the tile is computed transposed, ``acc^T = W_tile . x_tile^T``, so that
+the dequantized weight (made in registers) is the dot's first operand, the one Hopper's
+wgmma reads from registers; the accumulator is transposed back before the epilogue.
+
 Split-K (small M): program ``(tile, s)`` reduces its share of K and writes the raw fp32
 partial sum to ``partial[s]``; :func:`splitk_epilogue_kernel` adds the shares in a fixed
 order (deterministic, no atomics) and runs the same epilogue.
@@ -90,6 +94,7 @@ def quantized_linear_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SWAP_AB: tl.constexpr,  # integer weights: the (BLOCK_N, BLOCK_K) weight tile is the dot's first operand
 ):
     # Grouped ordering: consecutive programs share weight tiles in L2.
     pid = tl.program_id(0)
@@ -115,7 +120,10 @@ def quantized_linear_kernel(
 
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < k_end
@@ -131,16 +139,21 @@ def quantized_linear_kernel(
             w = (q.to(tl.float32) - z[:, None]) * s[:, None]  # (BLOCK_N, BLOCK_K) fp32
             if not UPCAST_DOT:
                 w = w.to(dot_ty)  # rounded once, as QuantizedWeight.dequantize(x.dtype)
-            w = tl.trans(w)  # (BLOCK_K, BLOCK_N)
         else:
-            w_ptrs = w_ptr + cols.to(tl.int64)[None, :] * stride_wn + ks[:, None]
-            w = tl.load(w_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_N)
+            w = tl.load(w_cols + ks[None, :], mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_K)
             if SCHEME == 0 and not UPCAST_DOT:
                 w = w.to(dot_ty)  # int8 is exact in bf16 / fp16 / fp32
+        if not SWAP_AB:
+            w = tl.trans(w)  # (BLOCK_K, BLOCK_N)
         if UPCAST_DOT:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
-        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        if SWAP_AB:
+            acc = tl.dot(w, tl.trans(a), acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+    if SWAP_AB:
+        acc = tl.trans(acc)
 
     if SPLIT_K == 1:
         _epilogue(acc, rows, cols, M, N, ws_ptr, xs_ptr, bias_ptr, out_ptr, stride_om, SCHEME, HAS_BIAS, ACTIVATION)

@@ -186,6 +186,11 @@ class LinearConfig:
     group_m: int
     num_warps: int
     num_stages: int
+    # w8a16 / w4a16: compute out^T = W x^T, so the weight dequantized in registers is the
+    # tensor-core dot's first operand, which may stay in registers (Hopper's wgmma takes
+    # only that one from registers; as the second operand it is stored to shared memory
+    # every K step, and the wgmma waits for it). Ignored for fp8 (nothing to dequantize).
+    swap_ab: bool = False
 
 
 def linear_config(m: int, n: int, k: int, scheme: str, group_size: int | None, element_size: int) -> LinearConfig:
@@ -199,6 +204,13 @@ def linear_config(m: int, n: int, k: int, scheme: str, group_size: int | None, e
 
     ``BLOCK_K`` is 64 (128 for fp8's one-byte operands; 32 for fp32 activations), and at
     most the w4a16 group size so that each K tile has one scale and zero per column.
+
+    Integer weights take the swapped layout (``swap_ab``, the Marlin / Machete choice): on
+    sm_90 it removes the per-step store of the dequantized tile to shared memory, lets the
+    wgmma run asynchronously (``pendings = 1`` instead of 0 in the TTGIR) and gives the
+    M <= 64 tiles wgmma (the tokens become its N, which may be 8-256) instead of
+    ``mma.sync``; on sm_80 the compiled kernels are alike. Chosen from the compiled code,
+    not yet timed: ``tools/gpu_probe.py`` sweeps both layouts.
     """
     # Integer weights are converted (and w4a16 unpacked) in registers: 8 warps share that
     # work; at 4 warps the 64 x 128 (K x N) tiles spill (kernel report, sm_80 and sm_90).
@@ -226,7 +238,8 @@ def linear_config(m: int, n: int, k: int, scheme: str, group_size: int | None, e
             split *= 2
     k_per_split = cdiv(k_steps, split) * bk
     split = max(cdiv(k, k_per_split), 1)  # no empty splits
-    return LinearConfig(bm, bn, bk, split, k_per_split, group_m=8, num_warps=warps, num_stages=stages)
+    return LinearConfig(bm, bn, bk, split, k_per_split, group_m=8, num_warps=warps, num_stages=stages,
+                        swap_ab=scheme != "fp8")
 
 
 def _launch(args: _LinearArgs, out: torch.Tensor, x_gemm: torch.Tensor, x_scales: torch.Tensor | None,
@@ -258,6 +271,7 @@ def _launch(args: _LinearArgs, out: torch.Tensor, x_gemm: torch.Tensor, x_scales
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m,
+        SWAP_AB=cfg.swap_ab and qw.scheme != "fp8",
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -441,7 +455,7 @@ def quantized_linear(x, qweight, bias=None, *, activation=None) -> torch.Tensor:
 # Ahead-of-time cases: real projector shapes, bf16 activations.
 
 
-def _aot_gemm_case(name, scheme, m, k, n, *, bias=True, activation=None, group_size=128, notes=""):
+def _aot_gemm_case(name, scheme, m, k, n, *, bias=True, activation=None, group_size=128, notes="", swap_ab=None):
     def make_launch():
         if scheme == "w8a16":
             qw = QuantizedWeight(scheme, torch.empty(n, k, dtype=torch.int8), torch.empty(n), None, None, k, n, torch.bfloat16)
@@ -454,6 +468,8 @@ def _aot_gemm_case(name, scheme, m, k, n, *, bias=True, activation=None, group_s
         x = torch.empty(m, k, dtype=torch.bfloat16)
         args = _validate(x, qw, torch.empty(n, dtype=torch.bfloat16) if bias else None, activation)
         cfg = linear_config(m, n, k, scheme, qw.group_size, 2)
+        if swap_ab is not None:
+            cfg = dataclasses.replace(cfg, swap_ab=swap_ab)
         out = torch.empty(m, n, dtype=torch.bfloat16)
         x_gemm = torch.empty(m, k, dtype=torch.float8_e4m3fn) if scheme == "fp8" else x
         x_scales = torch.empty(m) if scheme == "fp8" else None
@@ -495,5 +511,9 @@ for _scheme in SCHEMES:
     _aot_gemm_case(f"quantized_linear/{_scheme}/llava-1.5-7b-linear_2/m256", _scheme, 256, 4096, 4096)
     # Qwen2-VL-7B merger linear_2 (5120 -> 3584), 4096 merged tokens: 128 x 128 tiles.
     _aot_gemm_case(f"quantized_linear/{_scheme}/qwen2-vl-7b-merger/m4096", _scheme, 4096, 5120, 3584)
+# The unswapped layout (x . W^T, the dequantized weight as the second operand) that the
+# GPU probe times against the default: it must stay compilable without spills.
+_aot_gemm_case("quantized_linear/w4a16/qwen2-vl-7b-merger/m4096/unswapped", "w4a16", 4096, 5120, 3584, swap_ab=False)
+_aot_gemm_case("quantized_linear/w8a16/mllama-11b/m16/unswapped", "w8a16", 16, 7680, 4096, swap_ab=False)
 _aot_aux_cases()
 del _scheme
