@@ -84,8 +84,11 @@ def test_launch_capture_records_and_replays_the_real_launch(monkeypatch):
     assert torch.equal(out, expected)
 
 
-def test_patch_embed_sweep_has_row_steps_only_for_images():
+def test_patch_embed_sweep_covers_every_a_source():
+    from mmkernels.ops.patch_embed import A_SOURCES
+
     image = list(gpu_probe._patch_embed_configs(image_form=True))
     flat = list(gpu_probe._patch_embed_configs(image_form=False))
-    assert any(cfg.row_steps for _, cfg in image) and not any(cfg.row_steps for _, cfg in flat)
-    assert len({label for label, _ in image}) == len(image)  # labels name each config
+    assert {cfg.a_source for _, cfg in image} == set(A_SOURCES)
+    assert {cfg.a_source for _, cfg in flat} == {"packed", "gather"}  # row steps: images only
+    assert len({label for label, _ in image}) == len(image)

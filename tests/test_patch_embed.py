@@ -33,17 +33,18 @@ def check(out, pixels, weight, bias=None, **kw):
     assert_close(out, ref, dtype=weight.dtype)
 
 
-@pytest.fixture(params=[False, True], ids=["gather", "row_steps"])
-def image_k_loop(request, monkeypatch):
-    """Both K loops of the image form: the per-element gather (default) and one step per
-    (channel, patch row) (``EmbedConfig.row_steps``)."""
+@pytest.fixture(params=["packed", "gather", "row_steps"])
+def a_source(request, monkeypatch):
+    """Every source of the GEMM's A tiles (``EmbedConfig.a_source``): packed by
+    ``patch_pack_kernel`` first (the default), gathered per element inside the GEMM, or
+    one K step per (channel, patch row) (image form; the flat form reads it as gather)."""
     import dataclasses
     import importlib
 
     module = importlib.import_module("mmkernels.ops.patch_embed")
     original = module.embed_config
     monkeypatch.setattr(module, "embed_config",
-                        lambda *a, **k: dataclasses.replace(original(*a, **k), row_steps=request.param))  # fmt: skip
+                        lambda *a, **k: dataclasses.replace(original(*a, **k), a_source=request.param))  # fmt: skip
     return request.param
 
 
@@ -58,7 +59,7 @@ def with_poisoned_remainder(pixels, patch):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 5])
-@pytest.mark.usefixtures("image_k_loop")
+@pytest.mark.usefixtures("a_source")
 def test_clip_style_class_token_and_positions(dtype, batch):
     patch, dim = 7, 72
     pixels = with_poisoned_remainder(torch.randn(batch, 3, 30, 45), patch)  # 4 x 6 patches, ragged edges
@@ -69,7 +70,7 @@ def test_clip_style_class_token_and_positions(dtype, batch):
     check(out, pixels, weight, class_embedding=cls, position_embedding=pos)
 
 
-@pytest.mark.usefixtures("image_k_loop")
+@pytest.mark.usefixtures("a_source")
 def test_odd_real_image_size():
     """337 x 451 at P=14: 24 x 32 patches, the last 1 and 3 pixel rows/columns dropped."""
     pixels = with_poisoned_remainder(torch.randn(1, 3, 337, 451), 14)
@@ -81,7 +82,7 @@ def test_odd_real_image_size():
 
 
 @pytest.mark.parametrize("dim", [64, 72 * 16, 1280])
-@pytest.mark.usefixtures("image_k_loop")
+@pytest.mark.usefixtures("a_source")
 def test_siglip_style_bias_and_positions_across_widths(dim):
     pixels = torch.randn(2, 3, 28, 42)  # 2 x 3 patches of 14
     weight = (torch.randn(dim, 3, 14, 14) * 0.02).to(torch.bfloat16)
@@ -91,7 +92,7 @@ def test_siglip_style_bias_and_positions_across_widths(dim):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.usefixtures("image_k_loop")
+@pytest.mark.usefixtures("a_source")
 def test_uint8_pixels_normalized_in_the_kernel(dtype):
     pixels = torch.randint(0, 256, (3, 3, 21, 28), dtype=torch.uint8)
     weight = (torch.randn(48, 3, 7, 7) * 0.05).to(dtype)
@@ -103,7 +104,7 @@ def test_uint8_pixels_normalized_in_the_kernel(dtype):
     assert_close(out, reference(host, weight.double()), dtype=dtype)
 
 
-@pytest.mark.usefixtures("image_k_loop")
+@pytest.mark.usefixtures("a_source")
 def test_per_image_position_embedding_and_strided_pixels():
     """Mllama-style per-tile tables; pixels as a strided view inside a NaN-filled buffer."""
     pixels = nan_padded(torch.randn(4, 3, 14, 21))
@@ -115,6 +116,7 @@ def test_per_image_position_embedding_and_strided_pixels():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.usefixtures("a_source")
 def test_qwen2_vl_preflattened_conv3d(dtype):
     channels, frames, patch, rows = 3, 2, 14, 37
     pixels = torch.randn(rows, channels * frames * patch * patch)
@@ -122,6 +124,20 @@ def test_qwen2_vl_preflattened_conv3d(dtype):
     out = run_kernel(pixels, weight)
     assert out.shape == (rows, 80)
     check(out, pixels, weight)
+
+
+@pytest.mark.usefixtures("a_source")
+def test_preflattened_uint8_normalized_from_strided_rows():
+    """Flat patches that must be converted and normalized, rows strided inside a NaN-filled
+    buffer (row stride not a multiple of 16 elements); K = 3 * 2 * 7 * 7 = 294."""
+    buffer = torch.full((23, 301), 7, dtype=torch.uint8)
+    buffer[:, 294:] = 255  # past each row: would change the result if read
+    pixels = buffer[:, :294]
+    pixels.copy_(torch.randint(0, 256, pixels.shape, dtype=torch.uint8))
+    weight = (torch.randn(40, 3, 2, 7, 7) * 0.05).to(torch.bfloat16)
+    kw = dict(pixel_mean=CLIP_MEAN, pixel_std=CLIP_STD, pixel_scale=1 / 255)
+    out = run_kernel(pixels, weight, **kw)
+    check(out, pixels, weight, **kw)
 
 
 def test_reference_matches_the_modules_it_replaces():
@@ -134,7 +150,7 @@ def test_reference_matches_the_modules_it_replaces():
     torch.testing.assert_close(reference(flat, conv3.weight), conv3(flat.view(-1, 3, 2, 4, 4)).view(9, 16))
 
 
-@pytest.mark.usefixtures("image_k_loop")
+@pytest.mark.usefixtures("a_source")
 def test_deterministic():
     pixels, weight, bias = torch.randn(2, 3, 21, 21), torch.randn(40, 3, 7, 7), torch.randn(40)
     assert_deterministic(lambda: run_kernel(pixels, weight, bias))

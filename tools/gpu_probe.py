@@ -259,18 +259,24 @@ def probe_host(registry, deadline: float) -> list[dict]:
 
 
 def _patch_embed_configs(image_form: bool = True):
+    """Candidate configs for one patch_embed case: the default tiles with the other A
+    sources first (the one-launch gather, and row steps for images), then tiles over
+    packed A; then a few tiles of the one-launch loops."""
     from mmkernels.ops.patch_embed import EmbedConfig
 
+    sources = ("gather", "row_steps") if image_form else ("gather",)
+    for source in sources:
+        # The K step of row steps is next_power_of_2(P), whatever block_k says.
+        yield f"default tiles, {source}", EmbedConfig(128, 128, 32, group_m=8, num_warps=8, num_stages=3, a_source=source)
     for bm, bn, bk, warps, stages in (
         (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4), (128, 128, 64, 4, 4),
         (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (256, 128, 32, 8, 3), (128, 128, 16, 8, 4),
     ):  # fmt: skip
         yield f"{bm}x{bn}x{bk} w{warps} s{stages}", EmbedConfig(bm, bn, bk, group_m=8, num_warps=warps, num_stages=stages)
-    # One K step per (channel, patch row) (image form; the K step is next_power_of_2(P)).
-    row_tiles = ((128, 128, 8, 3), (128, 128, 4, 4), (128, 256, 8, 3), (64, 128, 4, 4)) if image_form else ()
-    for bm, bn, warps, stages in row_tiles:
-        yield f"{bm}x{bn} row-steps w{warps} s{stages}", EmbedConfig(bm, bn, 16, group_m=8, num_warps=warps,
-                                                                     num_stages=stages, row_steps=True)  # fmt: skip
+    for source in sources:
+        for bm, bn, warps, stages in ((128, 128, 4, 4), (128, 256, 8, 3), (64, 128, 4, 4)):
+            yield f"{bm}x{bn} w{warps} s{stages}, {source}", EmbedConfig(bm, bn, 32, group_m=8, num_warps=warps,
+                                                                         num_stages=stages, a_source=source)  # fmt: skip
 
 
 def _linear_configs(case, scheme: str, default_cfg):

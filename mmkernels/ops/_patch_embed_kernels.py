@@ -8,11 +8,94 @@ or read from pre-flattened patches (Qwen2-VL), normalized per channel in fp32 wh
 the weight dtype, as Hugging Face casts ``pixel_values`` to the conv weight's dtype. The
 epilogue adds bias and the position embedding and stores each row at its place in the
 output; programs that own a patch 0 also write that image's class row (class embedding
-+ position 0), so the whole embedding is one launch.
++ position 0).
+
+Gathered A tiles cost the K loop one narrow copy and the im2col address arithmetic per
+element (and normalization, when asked), about 3x the instructions per K step of a GEMM
+over a plain matrix (kernel report, sm_90). By default the launcher therefore first runs
+:func:`patch_pack_kernel` for images and for normalized flat patches: it writes the
+normalized, converted patches as a row-major ``(M, K_pad)`` matrix (rows padded with
+zeros to a multiple of 16 elements), which the GEMM then reads like any other
+(``IMAGE_FORM`` and ``NORMALIZE`` off) with 16-byte async copies: two launches and one
+extra write + read of ``M x K_pad`` elements. ``EmbedConfig.a_source`` selects the
+one-launch loops instead.
 """
 
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _row_offsets(rows, N, patches_w, stride_pb, stride_ph, stride_pw, P: tl.constexpr, IMAGE_FORM: tl.constexpr):
+    """Offset (int64 elements) of each GEMM row's first pixel: patch (image, ph, pw) of
+    the image form, or the row of pre-flattened patches."""
+    if IMAGE_FORM:
+        image = rows // N
+        patch = rows % N
+        return (
+            image.to(tl.int64) * stride_pb
+            + ((patch // patches_w) * P).to(tl.int64) * stride_ph
+            + ((patch % patches_w) * P).to(tl.int64) * stride_pw
+        )
+    else:
+        return rows.to(tl.int64) * stride_pb
+
+
+@triton.jit
+def _pixel_tile(pix_ptr, norm_ptr, row_base, row_ok, ks, K, channels, k_per_channel, stride_pc, stride_ph, stride_pw,
+                P: tl.constexpr, IMAGE_FORM: tl.constexpr, NORMALIZE: tl.constexpr):  # fmt: skip
+    """The (rows, ks) tile of the implicit patch matrix A, normalized in fp32 when asked
+    (not yet converted). Columns ks >= K load 0 (normalized: not 0)."""
+    k_ok = ks < K
+    channel = ks // k_per_channel
+    if IMAGE_FORM:
+        within = ks % (P * P)
+        k_off = channel.to(tl.int64) * stride_pc + (within // P) * stride_ph + (within % P) * stride_pw
+    else:
+        k_off = ks.to(tl.int64) * stride_pc
+    a = tl.load(pix_ptr + row_base[:, None] + k_off[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0)
+    if NORMALIZE:
+        scale = tl.load(norm_ptr + channel, mask=k_ok, other=1.0)
+        mean = tl.load(norm_ptr + channels + channel, mask=k_ok, other=0.0)
+        std = tl.load(norm_ptr + 2 * channels + channel, mask=k_ok, other=1.0)
+        a = (a.to(tl.float32) * scale[None, :] - mean[None, :]) / std[None, :]
+    return a
+
+
+@triton.jit
+def patch_pack_kernel(
+    pix_ptr,
+    norm_ptr,  # (3, C) fp32: scale, mean, std
+    a_ptr,  # (M, K_pad) out: the patch matrix in the weight dtype
+    M,
+    N,  # patches per image
+    K,
+    k_pad,  # columns of A written: K, then zeros up to k_pad
+    patches_w,
+    channels,
+    k_per_channel,
+    stride_pb,
+    stride_pc,
+    stride_ph,
+    stride_pw,
+    stride_am,
+    P: tl.constexpr,
+    IMAGE_FORM: tl.constexpr,
+    NORMALIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """A[m, k] = normalize(pixels at patch m, element k) in the weight dtype; 0 for
+    K <= k < k_pad (the GEMM may then read whole 16-element groups of a row)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < M
+    row_base = _row_offsets(rows, N, patches_w, stride_pb, stride_ph, stride_pw, P, IMAGE_FORM)
+    a = _pixel_tile(pix_ptr, norm_ptr, row_base, row_ok, ks, K, channels, k_per_channel, stride_pc, stride_ph,
+                    stride_pw, P, IMAGE_FORM, NORMALIZE)  # fmt: skip
+    a = tl.where((ks < K)[None, :], a, 0)
+    ptrs = a_ptr + rows.to(tl.int64)[:, None] * stride_am + ks[None, :]
+    tl.store(ptrs, a.to(a_ptr.dtype.element_ty), mask=row_ok[:, None] & (ks < k_pad)[None, :])
 
 
 @triton.jit
@@ -28,6 +111,7 @@ def patch_embed_kernel(
     N,  # patches per image
     D,
     K,
+    a_cols,  # flat form: columns of A that may be read (K, or K_pad of a packed matrix whose pad is 0)
     patches_w,  # patches per image row (W // P)
     channels,  # C
     k_per_channel,  # GEMM columns per channel: P*P, or T*P*P for pre-flattened Conv3d patches
@@ -52,7 +136,7 @@ def patch_embed_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
     W_ALIGN: tl.constexpr,  # K and the weight's base are multiples of W_ALIGN elements (<= 16 bytes)
-    PIX_ALIGN: tl.constexpr,  # flat form: the row stride and base likewise (1: nothing known)
+    PIX_ALIGN: tl.constexpr,  # flat form: the row stride, a_cols and base likewise (1: nothing known)
     ROW_STEPS: tl.constexpr,  # image form: one K step per (channel, patch row), BLOCK_K >= P
 ):
     # Alignment the JIT cannot see (it proves only multiples of 16): K = 1176 (Qwen2-VL) or
@@ -64,6 +148,7 @@ def patch_embed_kernel(
         K = (K // W_ALIGN) * W_ALIGN
     if PIX_ALIGN > 1:
         stride_pb = (stride_pb // PIX_ALIGN) * PIX_ALIGN
+        a_cols = (a_cols // PIX_ALIGN) * PIX_ALIGN
     # Grouped ordering: consecutive programs share weight tiles in L2.
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -80,14 +165,7 @@ def patch_embed_kernel(
     col_ok = cols < D
     image = rows // N
     patch = rows % N
-    if IMAGE_FORM:
-        row_base = (
-            image.to(tl.int64) * stride_pb
-            + ((patch // patches_w) * P).to(tl.int64) * stride_ph
-            + ((patch % patches_w) * P).to(tl.int64) * stride_pw
-        )
-    else:
-        row_base = rows.to(tl.int64) * stride_pb
+    row_base = _row_offsets(rows, N, patches_w, stride_pb, stride_ph, stride_pw, P, IMAGE_FORM)
 
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     if IMAGE_FORM and ROW_STEPS:
@@ -120,18 +198,14 @@ def patch_embed_kernel(
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < K
-            channel = ks // k_per_channel
-            if IMAGE_FORM:
-                within = ks % (P * P)
-                k_off = channel.to(tl.int64) * stride_pc + (within // P) * stride_ph + (within % P) * stride_pw
+            if IMAGE_FORM or NORMALIZE:
+                a = _pixel_tile(pix_ptr, norm_ptr, row_base, row_ok, ks, K, channels, k_per_channel, stride_pc,
+                                stride_ph, stride_pw, P, IMAGE_FORM, NORMALIZE)  # fmt: skip
             else:
-                k_off = ks.to(tl.int64) * stride_pc
-            a = tl.load(pix_ptr + row_base[:, None] + k_off[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0)
-            if NORMALIZE:
-                scale = tl.load(norm_ptr + channel, mask=k_ok, other=1.0)
-                mean = tl.load(norm_ptr + channels + channel, mask=k_ok, other=0.0)
-                std = tl.load(norm_ptr + 2 * channels + channel, mask=k_ok, other=1.0)
-                a = (a.to(tl.float32) * scale[None, :] - mean[None, :]) / std[None, :]
+                # Columns up to a_cols: a packed matrix's zero pad is read, not masked, so
+                # the mask is constant over 16-element groups and the loads are vectors.
+                a_ptrs = pix_ptr + row_base[:, None] + ks.to(tl.int64)[None, :] * stride_pc
+                a = tl.load(a_ptrs, mask=row_ok[:, None] & (ks < a_cols)[None, :], other=0)
             a = a.to(w_ptr.dtype.element_ty)
             w = tl.load(w_ptr + cols[None, :].to(tl.int64) * K + ks[:, None], mask=k_ok[:, None] & col_ok[None, :], other=0)
             if UPCAST_DOT:

@@ -1,9 +1,10 @@
-"""Fused patch embedding: pixels (float or uint8) to position-embedded patch tokens in one
-launch.
+"""Fused patch embedding: pixels (float or uint8) to position-embedded patch tokens.
 
 Replaces the vision tower's first steps, each a pass over memory in Hugging Face: host-side
 normalization, ``Conv2d``/``Conv3d`` with stride == kernel (a GEMM in disguise), class
-token concat and position-embedding add.
+token concat and position-embedding add. By default two launches: the patches gathered,
+normalized and converted into a padded matrix, then one GEMM with bias, position
+embedding and class row in its epilogue (:class:`EmbedConfig` has the one-launch forms).
 
 Public: :func:`patch_embed` (registered as ``mmkernels::patch_embed``), its reference
 :func:`patch_embed_reference` (same signature; it defines the op), :data:`CAPABILITIES`.
@@ -231,41 +232,100 @@ def _reference_impl(args: _EmbedArgs, weight: torch.Tensor) -> torch.Tensor:
 # Launcher
 
 
+A_SOURCES = ("packed", "gather", "row_steps")
+
+
 @dataclass(frozen=True)
 class EmbedConfig:
     block_m: int
     block_n: int
-    block_k: int  # K step of the gather loop; with row_steps, next_power_of_2(P) (at least 16)
+    block_k: int  # K step of the GEMM; with row_steps, next_power_of_2(P) (at least 16)
     group_m: int
     num_warps: int
     num_stages: int
-    # Image form only: one K step per (channel, patch row), contiguous pixel loads instead
-    # of a per-element gather. Off by default until a GPU measures it (tools/gpu_probe.py
-    # sweeps both); correct either way (tests run both).
-    row_steps: bool = False
+    # Where the GEMM's A tiles come from when pixels need gathering (image form) or
+    # normalizing (flat form):
+    # * "packed": patch_pack_kernel writes them as a zero-padded (M, K_pad) matrix first,
+    #   which the GEMM reads with 16-byte async copies (two launches);
+    # * "gather": gathered and normalized inside the GEMM's K loop (one launch; one narrow
+    #   copy or load per element, plus its address arithmetic and conversion);
+    # * "row_steps": image form, one K step per (channel, patch row) with contiguous pixel
+    #   loads (one launch; 16-deep K steps, 2 of 16 columns idle at P = 14). The flat
+    #   form reads it as "gather".
+    # Flat patches without normalization are read directly by all (converted to the
+    # weight dtype in the loop when theirs differs).
+    a_source: str = "packed"
 
 
 def embed_config(rows: int, dim: int, k: int, element_size: int) -> EmbedConfig:
-    """Deterministic tiles: 128x128 output tiles with 32-deep K steps for large problems
-    (K = 588 or 1176 in real towers, so 32 wastes little on the ragged last step), 64-row
-    tiles when there are few patches so more SMs get work."""
+    """Deterministic tiles: 128x128 output tiles with 64-deep K steps for large problems
+    (K = 588 in P = 14 towers: 10 steps, the last 12 deep; 32-deep steps spill on sm_80
+    with triton 3.6 for SigLIP's 1152 columns), 64-row tiles when there are few patches
+    so more SMs get work.
+
+    Image tiles are packed first (``a_source="packed"``). On the H200 (torch 2.11,
+    triton 3.6) the one-launch gather took 1.02 ms for CLIP-L/14-336 x 64 images: 6% of
+    the roofline, slower than unfold + cuBLAS (0.64 ms). Compiled for sm_90 (triton
+    3.9), its K loop issues 234 instructions per 32-deep step and thread from float32
+    pixels (one 4-byte async copy per element, the im2col address arithmetic, the
+    conversion; 364 from uint8 with normalization), where the GEMM over packed rows
+    issues 82 (16-byte copies, operands straight from shared memory to wgmma). Packing
+    costs a pass over M x K_pad weight-dtype elements (write, then read). Not yet timed:
+    ``tools/gpu_probe.py`` sweeps all three sources."""
     block_m = 128 if rows >= 4096 else 64
     block_n = 128 if dim >= 128 else max(16, next_power_of_2(dim))
-    block_k = 32 if element_size <= 2 else 16
+    block_k = 64 if element_size <= 2 else 16
     num_warps = 8 if block_m * block_n >= 128 * 128 else 4
     return EmbedConfig(block_m, block_n, block_k, group_m=8, num_warps=num_warps, num_stages=3)
 
 
-def _launch(args: _EmbedArgs, out: torch.Tensor, cfg: EmbedConfig | None = None):
-    """(args, meta, grid) of the one launch (``cfg``: :func:`embed_config`'s unless
-    given); also used by the AOT report."""
+_PACK_BLOCK_M, _PACK_BLOCK_K = 32, 64
+
+
+def _packs(args: _EmbedArgs, cfg: EmbedConfig) -> bool:
+    """Whether this call packs its A tiles first (see :class:`EmbedConfig`)."""
+    if cfg.a_source not in A_SOURCES:
+        raise ValueError(f"a_source: expected one of {A_SOURCES}, got {cfg.a_source!r}")
+    # Flat rows that need no normalization are read directly, converted after the async
+    # copy if their dtype differs (Qwen2-VL's float32 patches: 16-byte copies, a
+    # pipelined loop); only per-element gathers and normalization are worth a pack pass.
+    return cfg.a_source == "packed" and (args.image_form or args.norm is not None)
+
+
+def _packed_shape(args: _EmbedArgs) -> tuple[int, int]:
+    rows = args.batch * args.patches if args.image_form else args.patches
+    k = args.weight2d.shape[1]
+    return rows, cdiv(k, 16) * 16  # rows of whole 16-element groups: the JIT sees the stride's alignment
+
+
+def _pack_launch(args: _EmbedArgs, packed: torch.Tensor):
+    """(args, meta, grid) of :func:`patch_pack_kernel` into ``packed`` (:func:`_packed_shape`)."""
+    pix = args.pixels
+    strides = pix.stride() if args.image_form else (pix.stride(0), pix.stride(1), 0, 0)
+    rows, k_pad = packed.shape
+    launch_args = (
+        pix, args.norm if args.norm is not None else packed, packed,
+        rows, max(args.patches, 1), args.weight2d.shape[1], k_pad, max(args.patches_w, 1), args.channels,
+        args.k_per_channel, *strides, packed.stride(0),
+    )  # fmt: skip
+    meta = dict(P=args.patch, IMAGE_FORM=args.image_form, NORMALIZE=args.norm is not None,
+                BLOCK_M=_PACK_BLOCK_M, BLOCK_K=_PACK_BLOCK_K, num_warps=4)  # fmt: skip
+    return launch_args, meta, (cdiv(rows, _PACK_BLOCK_M), cdiv(k_pad, _PACK_BLOCK_K))
+
+
+def _launch(args: _EmbedArgs, out: torch.Tensor, cfg: EmbedConfig | None = None, packed: torch.Tensor | None = None):
+    """(args, meta, grid) of the GEMM launch (``cfg``: :func:`embed_config`'s unless
+    given; ``packed``: the A matrix :func:`patch_pack_kernel` wrote, read instead of the
+    pixels); also used by the AOT report."""
     w = args.weight2d if args.weight2d.is_contiguous() else args.weight2d.contiguous()
     rows = args.batch * args.patches if args.image_form else args.patches
     k = w.shape[1]
     cfg = cfg if cfg is not None else embed_config(rows, args.dim, k, w.element_size())
-    row_steps = cfg.row_steps and args.image_form
-    pix = args.pixels
-    if args.image_form:
+    image_form = args.image_form and packed is None  # how A is addressed
+    row_steps = cfg.a_source == "row_steps" and image_form
+    pix = args.pixels if packed is None else packed
+    a_cols = k if packed is None else packed.shape[1]
+    if image_form:
         strides = pix.stride()
     else:
         strides = (pix.stride(0), pix.stride(1), 0, 0)
@@ -276,8 +336,9 @@ def _launch(args: _EmbedArgs, out: torch.Tensor, cfg: EmbedConfig | None = None)
         args.bias if args.bias is not None else dummy,
         args.class_embedding if args.class_embedding is not None else dummy,
         pe if pe is not None else dummy,
-        args.norm if args.norm is not None else dummy,
-        out, rows, max(args.patches, 1), args.dim, k, max(args.patches_w, 1), args.channels, args.k_per_channel,
+        args.norm if args.norm is not None and packed is None else dummy,
+        out, rows, max(args.patches, 1), args.dim, k, a_cols,
+        max(args.patches_w, 1), args.channels, args.k_per_channel,
         *strides,
         (pe.stride(0) if pe.shape[0] > 1 else 0) if pe is not None else 0,
         pe.stride(1) if pe is not None else 0,
@@ -287,11 +348,11 @@ def _launch(args: _EmbedArgs, out: torch.Tensor, cfg: EmbedConfig | None = None)
     fp32 = w.dtype == torch.float32
     meta = dict(
         P=args.patch,
-        IMAGE_FORM=args.image_form,
+        IMAGE_FORM=image_form,
         HAS_BIAS=args.bias is not None,
         HAS_CLASS=args.class_embedding is not None,
         HAS_POS=pe is not None,
-        NORMALIZE=args.norm is not None,
+        NORMALIZE=args.norm is not None and packed is None,
         UPCAST_DOT=interpreter_enabled() and not fp32,
         # fp32 weights: exact fp32 products unless torch itself allows TF32 convolutions.
         DOT_PRECISION="tf32" if fp32 and torch.backends.cudnn.allow_tf32 and w.is_cuda else "ieee",
@@ -301,7 +362,7 @@ def _launch(args: _EmbedArgs, out: torch.Tensor, cfg: EmbedConfig | None = None)
         GROUP_M=cfg.group_m,
         W_ALIGN=aligned_elements([w], [k]),
         # Image form: a patch row is P pixels, runs the JIT could not vectorize anyway.
-        PIX_ALIGN=1 if args.image_form else aligned_elements([pix], [pix.stride(0)]),
+        PIX_ALIGN=1 if image_form else aligned_elements([pix], [pix.stride(0), a_cols]),
         ROW_STEPS=row_steps,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
@@ -321,7 +382,13 @@ def _triton_impl(args: _EmbedArgs) -> torch.Tensor:
                 cls = cls + args.position_embedding[:, :1].to(torch.float32)
             out.copy_(cls)
         return out
-    launch_args, meta, grid = _launch(args, out)
+    cfg = embed_config(rows, args.dim, args.weight2d.shape[1], args.weight2d.element_size())
+    packed = None
+    if _packs(args, cfg):
+        packed = empty_output(_packed_shape(args), args.weight2d.dtype, args.pixels.device)
+        launch_args, meta, grid = _pack_launch(args, packed)
+        kernels.patch_pack_kernel[grid](*launch_args, **meta)
+    launch_args, meta, grid = _launch(args, out, cfg, packed)
     kernels.patch_embed_kernel[grid](*launch_args, **meta)
     return out
 
@@ -416,7 +483,7 @@ def _as_tensor(value, device) -> torch.Tensor | None:
 
 def patch_embed(pixels, weight, bias=None, *, class_embedding=None, position_embedding=None,
                 pixel_mean=None, pixel_std=None, pixel_scale=None) -> torch.Tensor:  # fmt: skip
-    """Patch embedding of images (or pre-flattened patches) in one launch.
+    """Patch embedding of images (or pre-flattened patches).
 
     Args:
         pixels: ``(B, C, H, W)`` float32/float16/bfloat16, or uint8 (then ``pixel_mean``
@@ -440,9 +507,12 @@ def patch_embed(pixels, weight, bias=None, *, class_embedding=None, position_emb
         pre-flattened form; dtype of ``weight``; N = (H // P) * (W // P) in row-major
         patch order (what ``conv(x).flatten(2).transpose(1, 2)`` gives).
 
-    One Triton launch on CUDA (and on CPU under ``TRITON_INTERPRET=1``): the GEMM on tensor
-    cores with fp32 accumulation, bias and position embedding in the epilogue, the class
-    row written by the same launch. Otherwise the reference. Registered as
+    Triton on CUDA (and on CPU under ``TRITON_INTERPRET=1``): images and normalized flat
+    patches are first packed (gathered, normalized, converted to the weight dtype) into a
+    zero-padded ``(M, K_pad)`` scratch matrix, ``M x K_pad`` weight-dtype elements; then
+    one GEMM on tensor cores with fp32 accumulation, bias and position embedding in the
+    epilogue, the class row written by the same launch. Flat patches without
+    normalization go straight to the GEMM. Otherwise the reference. Registered as
     ``torch.ops.mmkernels.patch_embed``.
     """
     device = pixels.device if isinstance(pixels, torch.Tensor) else None
@@ -458,9 +528,12 @@ def patch_embed(pixels, weight, bias=None, *, class_embedding=None, position_emb
 # Ahead-of-time cases: real towers, bf16.
 
 
-def _aot_case(name, pixels_shape, weight_shape, *, uint8=False, cls=False, pos=False, bias=False, row_steps=False,
+def _aot_case(name, pixels_shape, weight_shape, *, uint8=False, cls=False, pos=False, bias=False, a_source="packed",
               pixel_dtype=torch.bfloat16):  # fmt: skip
-    def make_launch():
+    """Registers the GEMM launch as ``name`` and, when the call packs first, the pack
+    launch as ``name + "/pack"``."""
+
+    def prepare():
         weight = torch.empty(weight_shape, dtype=torch.bfloat16)
         pixels = torch.empty(pixels_shape, dtype=torch.uint8 if uint8 else pixel_dtype)
         dim = weight_shape[0]
@@ -474,28 +547,47 @@ def _aot_case(name, pixels_shape, weight_shape, *, uint8=False, cls=False, pos=F
             torch.empty(weight_shape[1]) if uint8 else None,
             torch.empty(weight_shape[1]) if uint8 else None,
         )  # fmt: skip
-        out = torch.empty(args.out_shape, dtype=torch.bfloat16)
-        rows = args.batch * args.patches if args.image_form else args.patches
-        cfg = embed_config(rows, args.dim, args.weight2d.shape[1], 2)
-        launch_args, meta, grid = _launch(args, out, dataclasses.replace(cfg, row_steps=row_steps))
+        rows = args.batch * args.patches
+        cfg = dataclasses.replace(embed_config(rows, args.dim, args.weight2d.shape[1], 2), a_source=a_source)
+        if a_source != "packed":  # the one-launch loops as the GPU probe times them
+            cfg = dataclasses.replace(cfg, block_k=32)
+        packed = torch.empty(_packed_shape(args), dtype=torch.bfloat16) if _packs(args, cfg) else None
+        return args, cfg, packed
+
+    def make_gemm_launch():
+        args, cfg, packed = prepare()
+        launch_args, meta, grid = _launch(args, torch.empty(args.out_shape, dtype=torch.bfloat16), cfg, packed)
         meta["UPCAST_DOT"] = False  # compiled for a GPU, never the interpreter
         return launch_args, meta, grid
 
-    return register_aot(AotCase(name, kernels.patch_embed_kernel, make_launch, tensor_cores=True))
+    def make_pack_launch():
+        args, _, packed = prepare()
+        return _pack_launch(args, packed)
+
+    register_aot(AotCase(name, kernels.patch_embed_kernel, make_gemm_launch, tensor_cores=True))
+    if prepare()[2] is not None:
+        register_aot(AotCase(name + "/pack", kernels.patch_pack_kernel, make_pack_launch))
 
 
-# CLIP-L/14-336, batch 8: 576 patches, D=1024, class token and 577 positions.
-_aot_case("patch_embed/clip-l-14-336/bf16", (8, 3, 336, 336), (1024, 3, 14, 14), cls=True, pos=True)
-# The same with one K step per (channel, patch row) (EmbedConfig.row_steps, not the
-# default yet), from float32 pixels as Hugging Face passes them.
-_aot_case("patch_embed/clip-l-14-336/fp32-pixels-row-steps", (8, 3, 336, 336), (1024, 3, 14, 14), cls=True,
-          pos=True, row_steps=True, pixel_dtype=torch.float32)  # fmt: skip
-# The gather loop from float32 pixels, to compare with the row steps.
+# CLIP-L/14-336, batch 8: 576 patches, D=1024, class token and 577 positions; packed
+# first (the default), from float32 pixels as Hugging Face passes them.
 _aot_case("patch_embed/clip-l-14-336/fp32-pixels", (8, 3, 336, 336), (1024, 3, 14, 14), cls=True, pos=True,
           pixel_dtype=torch.float32)  # fmt: skip
-# The same from uint8 pixels, normalized in the kernel.
+# The same from uint8 pixels, normalized by the pack kernel.
 _aot_case("patch_embed/clip-l-14-336/uint8", (8, 3, 336, 336), (1024, 3, 14, 14), uint8=True, cls=True, pos=True)
+# The one-launch K loops the GPU probe times against it: the per-element gather and one
+# step per (channel, patch row).
+_aot_case("patch_embed/clip-l-14-336/fp32-pixels-gather", (8, 3, 336, 336), (1024, 3, 14, 14), cls=True, pos=True,
+          a_source="gather", pixel_dtype=torch.float32)  # fmt: skip
+_aot_case("patch_embed/clip-l-14-336/fp32-pixels-row-steps", (8, 3, 336, 336), (1024, 3, 14, 14), cls=True,
+          pos=True, a_source="row_steps", pixel_dtype=torch.float32)  # fmt: skip
+_aot_case("patch_embed/clip-l-14-336/uint8-gather", (8, 3, 336, 336), (1024, 3, 14, 14), uint8=True, cls=True,
+          pos=True, a_source="gather")  # fmt: skip
 # SigLIP-so400m/14-384: bias, 729 positions, no class token.
 _aot_case("patch_embed/siglip-so400m-14-384/bf16", (8, 3, 384, 384), (1152, 3, 14, 14), pos=True, bias=True)
-# Qwen2-VL-7B vision: 4096 pre-flattened 2x14x14 patches, D=1280.
+# Qwen2-VL-7B vision: 4096 pre-flattened 2x14x14 patches, D=1280, read directly: bf16,
+# and float32 (what its processor gives; converted in the loop after 16-byte copies).
 _aot_case("patch_embed/qwen2-vl-7b/bf16", (4096, 1176), (1280, 3, 2, 14, 14))
+_aot_case("patch_embed/qwen2-vl-7b/fp32-patches", (4096, 1176), (1280, 3, 2, 14, 14), pixel_dtype=torch.float32)
+# Flat uint8 patches with normalization: packed first.
+_aot_case("patch_embed/qwen2-vl-7b/uint8-patches", (4096, 1176), (1280, 3, 2, 14, 14), uint8=True)
