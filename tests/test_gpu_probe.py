@@ -90,5 +90,50 @@ def test_patch_embed_sweep_covers_every_a_source():
     image = list(gpu_probe._patch_embed_configs(image_form=True))
     flat = list(gpu_probe._patch_embed_configs(image_form=False))
     assert {cfg.a_source for _, cfg in image} == set(A_SOURCES)
-    assert {cfg.a_source for _, cfg in flat} == {"packed", "gather"}  # row steps: images only
+    assert {cfg.a_source for _, cfg in flat} == {"packed"}  # flat, not normalized: read directly by all
     assert len({label for label, _ in image}) == len(image)
+
+def test_sweep_measures_round_robin_and_returns_rows_by_plan(monkeypatch):
+    """With budget for two rounds only, every plan gets its default and its first
+    alternative (the A source / tile layout comparison) timed, nothing else; the rows
+    come back grouped by plan, default first. Fake benchmarks: no GPU needed."""
+    from types import SimpleNamespace as NS
+
+    import torch
+
+    def provider(name):
+        return NS(name=name, factory=lambda: (lambda inputs: torch.ones(4)))
+
+    def bench(name, cases, providers):
+        return NS(name=name, cases=cases, providers=[provider(p) for p in providers],
+                  make_inputs=lambda case, device, seed: None)  # fmt: skip
+
+    registry = {
+        "patch_embed": bench("patch_embed", [NS(name="clip-l-14-336/b64", weight_shape=(1024, 3, 14, 14)),
+                                             NS(name="qwen2-vl-7b/4096p", weight_shape=(1280, 3, 2, 14, 14))],
+                             ["mmkernels", "mmkernels(uint8)"]),
+        "quantized_linear": bench("quantized_linear", [NS(name="qwen2-vl-7b/merger.mlp.2/m2304", m=2304, n=3584, k=5120),
+                                                       NS(name="llava-1.5-7b/linear_1/m16", m=16, n=4096, k=1024)],
+                                  ["mmkernels(w8a16)", "mmkernels(w4a16)", "mmkernels(fp8)"]),
+    }  # fmt: skip
+    clock = iter(range(10_000))
+    monkeypatch.setattr(gpu_probe, "time", NS(time=lambda: next(clock)))
+    monkeypatch.setattr(gpu_probe, "_bench_ms", lambda fn: 1.0)
+    n_plans = 7
+    rows = gpu_probe.probe_sweep(registry, deadline=2 * n_plans - 0.5)
+    plans = []
+    for row in rows:
+        key = (row["case"], row["provider"])
+        if key not in plans:
+            plans.append(key)
+    assert len(plans) == n_plans
+    for key in plans:
+        mine = [r for r in rows if (r["case"], r["provider"]) == key]
+        assert mine[0]["config"].startswith("default") and "median_ms" in mine[0], mine[0]
+        assert "median_ms" in mine[1], mine[1]
+        assert all(r["error"] == "not run: probe budget spent" for r in mine[2:]), key
+        assert len(mine) >= 3
+    # Grouped: each plan's rows are contiguous (a plan starts once).
+    keys = [(r["case"], r["provider"]) for r in rows]
+    starts = [key for i, key in enumerate(keys) if i == 0 or key != keys[i - 1]]
+    assert starts == plans

@@ -264,7 +264,8 @@ def _patch_embed_configs(image_form: bool = True):
     packed A; then a few tiles of the one-launch loops."""
     from mmkernels.ops.patch_embed import EmbedConfig
 
-    sources = ("gather", "row_steps") if image_form else ("gather",)
+    # Flat patches the benchmarks time are not normalized: read directly, whatever the source.
+    sources = ("gather", "row_steps") if image_form else ()
     for source in sources:
         # The K step of row steps is next_power_of_2(P), whatever block_k says.
         yield f"default tiles, {source}", EmbedConfig(128, 128, 32, group_m=8, num_warps=8, num_stages=3, a_source=source)
@@ -331,6 +332,10 @@ def _bench_ms(fn) -> float:
 
 
 def probe_sweep(registry, deadline: float) -> list[dict]:
+    """Time each plan's configs against its default. Round robin over the plans (every
+    plan's default, then every plan's first alternative, ...), so a short budget still
+    measures the comparisons that decide defaults (the A source of patch_embed, the tile
+    layout of quantized_linear) for every case; rows come back grouped by plan."""
     import importlib
 
     # The op modules by name: `mmkernels.ops.patch_embed` as an attribute is the function.
@@ -338,30 +343,46 @@ def probe_sweep(registry, deadline: float) -> list[dict]:
     ql_mod = importlib.import_module("mmkernels.ops.quantized_linear")
 
     plans = []
-    for case_name in ("clip-l-14-336/b64", "qwen2-vl-7b/4096p"):
-        plans.append(("patch_embed", case_name, "mmkernels", pe_mod, "embed_config", None))
+    for case_name, provider_name in (("clip-l-14-336/b64", "mmkernels"), ("clip-l-14-336/b64", "mmkernels(uint8)"),
+                                     ("qwen2-vl-7b/4096p", "mmkernels")):  # fmt: skip
+        plans.append(("patch_embed", case_name, provider_name, pe_mod, "embed_config", None))
     for case_name, scheme in (("qwen2-vl-7b/merger.mlp.2/m2304", "w8a16"), ("llava-1.5-7b/linear_1/m16", "w8a16"),
                               ("llava-1.5-7b/linear_1/m16", "w4a16"), ("qwen2-vl-7b/merger.mlp.2/m2304", "fp8")):
         plans.append(("quantized_linear", case_name, f"mmkernels({scheme})", ql_mod, "linear_config", scheme))
-    rows = []
-    for bench_name, case_name, provider_name, module, attr, scheme in plans:
+
+    prepared = []  # (plan, configs, inputs, call, expected) or (plan, error)
+    for plan in plans:
+        bench_name, case_name, provider_name, module, attr, scheme = plan
         bench = registry[bench_name]
         case = _case(bench, case_name)
-        inputs = bench.make_inputs(case, torch.device("cuda"), 0)
-        call = _provider(bench, provider_name).factory()
-        expected = call(inputs).float()
         if bench_name == "patch_embed":
-            configs = list(_patch_embed_configs(image_form=len(case.weight_shape) == 4))
-            default = ("default", None)
+            configs = [("default", None), *_patch_embed_configs(image_form=len(case.weight_shape) == 4)]
         else:
             default_cfg = module.linear_config(case.m, case.n, case.k, scheme, 128, 2)
-            configs = list(_linear_configs(case, scheme, default_cfg))
-            default = (f"default {default_cfg}", None)
-        for label, cfg in [default, *configs]:
+            configs = [(f"default {default_cfg}", None), *_linear_configs(case, scheme, default_cfg)]
+        try:
+            inputs = bench.make_inputs(case, torch.device("cuda"), 0)
+            call = _provider(bench, provider_name).factory()
+            expected = call(inputs).float()
+        except Exception as exc:
+            prepared.append((plan, configs, None, None, f"{type(exc).__name__}: {exc}"[:300]))
+            continue
+        prepared.append((plan, configs, inputs, call, expected))
+
+    rows = {}
+    for index in range(max(len(p[1]) for p in prepared)):
+        for plan_index, (plan, configs, inputs, call, expected) in enumerate(prepared):
+            if index >= len(configs):
+                continue
+            bench_name, case_name, provider_name, module, attr, _ = plan
+            label, cfg = configs[index]
             row = {"benchmark": bench_name, "case": case_name, "provider": provider_name, "config": label}
+            rows[(plan_index, index)] = row
+            if isinstance(expected, str):
+                row["error"] = "not run: the default call failed: " + expected
+                continue
             if time.time() > deadline:
                 row["error"] = "not run: probe budget spent"
-                rows.append(row)
                 continue
             try:
                 ctx = contextlib.nullcontext() if cfg is None else _config_override(module, attr, cfg)
@@ -373,9 +394,7 @@ def probe_sweep(registry, deadline: float) -> list[dict]:
             except Exception as exc:
                 row["error"] = f"{type(exc).__name__}: {exc}"[:300]
             print(json.dumps(row), flush=True)
-            rows.append(row)
-        torch.cuda.empty_cache()
-    return rows
+    return [rows[key] for key in sorted(rows)]
 
 
 def render(data: dict) -> str:
