@@ -140,6 +140,20 @@ def test_preflattened_uint8_normalized_from_strided_rows():
     check(out, pixels, weight, **kw)
 
 
+def test_config_packs_images_from_a_few_thousand_rows():
+    import importlib
+
+    module = importlib.import_module("mmkernels.ops.patch_embed")
+    k = 3 * 14 * 14
+    # CLIP-L/14-336 x 64 and x 8 (4608 rows), Mllama's 4 tiles: packed, 64-deep K steps.
+    for rows in (64 * 576, 8 * 576, 4 * 1600):
+        cfg = module.embed_config(rows, 1024, k, 2)
+        assert (cfg.a_source, cfg.block_k) == ("packed", 64), rows
+    # One SigLIP image (729 rows): one launch, the gather in the GEMM.
+    cfg = module.embed_config(729, 1152, k, 2)
+    assert (cfg.a_source, cfg.block_m, cfg.block_k) == ("gather", 64, 32)
+
+
 def test_reference_matches_the_modules_it_replaces():
     conv = torch.nn.Conv2d(3, 16, 7, stride=7).double()
     pixels = torch.randn(2, 3, 22, 29, dtype=torch.float64)

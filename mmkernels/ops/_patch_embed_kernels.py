@@ -12,13 +12,14 @@ output; programs that own a patch 0 also write that image's class row (class emb
 
 Gathered A tiles cost the K loop one narrow copy and the im2col address arithmetic per
 element (and normalization, when asked), about 3x the instructions per K step of a GEMM
-over a plain matrix (kernel report, sm_90). By default the launcher therefore first runs
-:func:`patch_pack_kernel` for images and for normalized flat patches: it writes the
+over a plain matrix (kernel report, sm_90). For large batches the launcher therefore
+first runs :func:`patch_pack_kernel` for images and for normalized flat patches (see
+``embed_config``): it writes the
 normalized, converted patches as a row-major ``(M, K_pad)`` matrix (rows padded with
 zeros to a multiple of 16 elements), which the GEMM then reads like any other
 (``IMAGE_FORM`` and ``NORMALIZE`` off) with 16-byte async copies: two launches and one
-extra write + read of ``M x K_pad`` elements. ``EmbedConfig.a_source`` selects the
-one-launch loops instead.
+extra write + read of ``M x K_pad`` elements. ``EmbedConfig.a_source`` names the
+forms.
 """
 
 import triton

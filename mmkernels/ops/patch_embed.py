@@ -2,9 +2,9 @@
 
 Replaces the vision tower's first steps, each a pass over memory in Hugging Face: host-side
 normalization, ``Conv2d``/``Conv3d`` with stride == kernel (a GEMM in disguise), class
-token concat and position-embedding add. By default two launches: the patches gathered,
-normalized and converted into a padded matrix, then one GEMM with bias, position
-embedding and class row in its epilogue (:class:`EmbedConfig` has the one-launch forms).
+token concat and position-embedding add: one GEMM with bias, position embedding and class
+row in its epilogue, and for large batches a launch before it that packs the patches
+(gathered, normalized, converted) into a padded matrix (:func:`embed_config`).
 
 Public: :func:`patch_embed` (registered as ``mmkernels::patch_embed``), its reference
 :func:`patch_embed_reference` (same signature; it defines the op), :data:`CAPABILITIES`.
@@ -257,26 +257,37 @@ class EmbedConfig:
     a_source: str = "packed"
 
 
-def embed_config(rows: int, dim: int, k: int, element_size: int) -> EmbedConfig:
-    """Deterministic tiles: 128x128 output tiles with 64-deep K steps for large problems
-    (K = 588 in P = 14 towers: 10 steps, the last 12 deep; 32-deep steps spill on sm_80
-    with triton 3.6 for SigLIP's 1152 columns), 64-row tiles when there are few patches
-    so more SMs get work.
+_PACK_MIN_ROWS = 4096  # fewer GEMM rows (one or two images): one launch
 
-    Image tiles are packed first (``a_source="packed"``). On the H200 (torch 2.11,
-    triton 3.6) the one-launch gather took 1.02 ms for CLIP-L/14-336 x 64 images: 6% of
-    the roofline, slower than unfold + cuBLAS (0.64 ms). Compiled for sm_90 (triton
-    3.9), its K loop issues 234 instructions per 32-deep step and thread from float32
-    pixels (one 4-byte async copy per element, the im2col address arithmetic, the
-    conversion; 364 from uint8 with normalization), where the GEMM over packed rows
-    issues 82 (16-byte copies, operands straight from shared memory to wgmma). Packing
-    costs a pass over M x K_pad weight-dtype elements (write, then read). Not yet timed:
-    ``tools/gpu_probe.py`` sweeps all three sources."""
+
+def embed_config(rows: int, dim: int, k: int, element_size: int) -> EmbedConfig:
+    """Deterministic tiles: 128x128 output tiles for large problems, 64-row tiles when
+    there are few patches so more SMs get work.
+
+    From ``_PACK_MIN_ROWS`` rows (8 CLIP images, 3 Mllama tiles) images are packed
+    first (``a_source="packed"``), with 64-deep K steps (K = 588 in P = 14 towers: 10
+    steps, the last 12 deep; 32-deep steps spill on sm_80 with triton 3.6 for SigLIP's
+    1152 columns). On the H200 (torch 2.11, triton 3.6) the one-launch gather took
+    1.02 ms for CLIP-L/14-336 x 64 images: 6% of the roofline, slower than unfold +
+    cuBLAS (0.64 ms). Compiled for sm_90 (triton 3.9), its K loop issues 234
+    instructions per 32-deep step and thread from float32 pixels (one 4-byte async copy
+    per element, the im2col address arithmetic, the conversion; 364 from uint8 with
+    normalization), where the GEMM over packed rows issues 82 (16-byte copies, operands
+    straight from shared memory to wgmma). Packing costs a pass over M x K_pad
+    weight-dtype elements (write, then read) and a second launch.
+
+    Below it the gather stays in the GEMM (one launch, 32-deep K steps): there the GPU
+    work is a few microseconds and the call waits for the host (SigLIP, one image: 0.12
+    ms against 0.034 ms for unfold + cuBLAS on the H200), so a launch saved counts more
+    than the loop. Neither choice is timed yet: ``tools/gpu_probe.py`` sweeps all three
+    sources."""
+    packed = rows >= _PACK_MIN_ROWS
     block_m = 128 if rows >= 4096 else 64
     block_n = 128 if dim >= 128 else max(16, next_power_of_2(dim))
-    block_k = 64 if element_size <= 2 else 16
+    block_k = (64 if packed else 32) if element_size <= 2 else 16
     num_warps = 8 if block_m * block_n >= 128 * 128 else 4
-    return EmbedConfig(block_m, block_n, block_k, group_m=8, num_warps=num_warps, num_stages=3)
+    return EmbedConfig(block_m, block_n, block_k, group_m=8, num_warps=num_warps, num_stages=3,
+                       a_source="packed" if packed else "gather")  # fmt: skip
 
 
 _PACK_BLOCK_M, _PACK_BLOCK_K = 32, 64
@@ -507,13 +518,13 @@ def patch_embed(pixels, weight, bias=None, *, class_embedding=None, position_emb
         pre-flattened form; dtype of ``weight``; N = (H // P) * (W // P) in row-major
         patch order (what ``conv(x).flatten(2).transpose(1, 2)`` gives).
 
-    Triton on CUDA (and on CPU under ``TRITON_INTERPRET=1``): images and normalized flat
-    patches are first packed (gathered, normalized, converted to the weight dtype) into a
-    zero-padded ``(M, K_pad)`` scratch matrix, ``M x K_pad`` weight-dtype elements; then
-    one GEMM on tensor cores with fp32 accumulation, bias and position embedding in the
-    epilogue, the class row written by the same launch. Flat patches without
-    normalization go straight to the GEMM. Otherwise the reference. Registered as
-    ``torch.ops.mmkernels.patch_embed``.
+    Triton on CUDA (and on CPU under ``TRITON_INTERPRET=1``): one GEMM on tensor cores
+    with fp32 accumulation, bias and position embedding in the epilogue, the class row
+    written by the same launch. From 4096 patches, images and normalized flat patches
+    are first packed (gathered, normalized, converted to the weight dtype) into a
+    zero-padded ``(M, K_pad)`` scratch matrix of the weight dtype by a second launch;
+    fewer are gathered inside the GEMM (see :func:`embed_config`). Otherwise the
+    reference. Registered as ``torch.ops.mmkernels.patch_embed``.
     """
     device = pixels.device if isinstance(pixels, torch.Tensor) else None
     mean, std, scale = (_as_tensor(v, device) for v in (pixel_mean, pixel_std, pixel_scale))
@@ -531,7 +542,7 @@ def patch_embed(pixels, weight, bias=None, *, class_embedding=None, position_emb
 def _aot_case(name, pixels_shape, weight_shape, *, uint8=False, cls=False, pos=False, bias=False, a_source="packed",
               pixel_dtype=torch.bfloat16):  # fmt: skip
     """Registers the GEMM launch as ``name`` and, when the call packs first, the pack
-    launch as ``name + "/pack"``."""
+    launch as ``name + "/pack"``. ``a_source``: forced (None: :func:`embed_config`'s)."""
 
     def prepare():
         weight = torch.empty(weight_shape, dtype=torch.bfloat16)
@@ -548,9 +559,9 @@ def _aot_case(name, pixels_shape, weight_shape, *, uint8=False, cls=False, pos=F
             torch.empty(weight_shape[1]) if uint8 else None,
         )  # fmt: skip
         rows = args.batch * args.patches
-        cfg = dataclasses.replace(embed_config(rows, args.dim, args.weight2d.shape[1], 2), a_source=a_source)
-        if a_source != "packed":  # the one-launch loops as the GPU probe times them
-            cfg = dataclasses.replace(cfg, block_k=32)
+        cfg = embed_config(rows, args.dim, args.weight2d.shape[1], 2)
+        if a_source is not None and a_source != cfg.a_source:  # the other loops as the GPU probe times them
+            cfg = dataclasses.replace(cfg, a_source=a_source, block_k=64 if a_source == "packed" else 32)
         packed = torch.empty(_packed_shape(args), dtype=torch.bfloat16) if _packs(args, cfg) else None
         return args, cfg, packed
 
@@ -585,6 +596,9 @@ _aot_case("patch_embed/clip-l-14-336/uint8-gather", (8, 3, 336, 336), (1024, 3, 
           pos=True, a_source="gather")  # fmt: skip
 # SigLIP-so400m/14-384: bias, 729 positions, no class token.
 _aot_case("patch_embed/siglip-so400m-14-384/bf16", (8, 3, 384, 384), (1152, 3, 14, 14), pos=True, bias=True)
+# One image (729 rows): the one-launch gather with 64-row tiles, from float32 pixels.
+_aot_case("patch_embed/siglip-so400m-14-384/b1-fp32-pixels", (1, 3, 384, 384), (1152, 3, 14, 14), pos=True, bias=True,
+          a_source=None, pixel_dtype=torch.float32)  # fmt: skip
 # Qwen2-VL-7B vision: 4096 pre-flattened 2x14x14 patches, D=1280, read directly: bf16,
 # and float32 (what its processor gives; converted in the loop after 16-byte copies).
 _aot_case("patch_embed/qwen2-vl-7b/bf16", (4096, 1176), (1280, 3, 2, 14, 14))
