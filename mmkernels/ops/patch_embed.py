@@ -13,6 +13,7 @@ Public: :func:`patch_embed` (registered as ``mmkernels::patch_embed``), its refe
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -260,6 +261,7 @@ class EmbedConfig:
 _PACK_MIN_ROWS = 4096  # fewer GEMM rows (one or two images): one launch
 
 
+@functools.lru_cache(maxsize=4096)  # pure in its integer arguments; frozen result
 def embed_config(rows: int, dim: int, k: int, element_size: int) -> EmbedConfig:
     """Deterministic tiles: 128x128 output tiles for large problems, 64-row tiles when
     there are few patches so more SMs get work.

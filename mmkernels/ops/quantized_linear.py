@@ -13,6 +13,7 @@ reference :func:`quantized_linear_reference` (same signature; it defines the op)
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -193,6 +194,7 @@ class LinearConfig:
     swap_ab: bool = False
 
 
+@functools.lru_cache(maxsize=4096)  # pure in its integer arguments; frozen result
 def linear_config(m: int, n: int, k: int, scheme: str, group_size: int | None, element_size: int) -> LinearConfig:
     """Deterministic tiles per M range (the same shapes always get the same config).
 
