@@ -190,6 +190,17 @@ def poison_outputs():
         _POISON.on = prev
 
 
+def device_guard(device: torch.device):
+    """Context for launching kernels on ``device``. Triton launches on the *current* CUDA
+    device (and allocates there), not on its arguments' device, and the custom-op
+    dispatcher sets no device guard; with a model spread over GPUs (``device_map="auto"``)
+    an op's tensors may sit on ``cuda:1`` while ``cuda:0`` is current. Entered only then
+    (``torch.cuda.device``); otherwise, and off CUDA, it does nothing."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device.index)
+
+
 class ValidatedHandOver:
     """Validation once per call. Each public op validates its arguments (so errors name
     them, and before the dispatcher routes by a stray tensor's device), then calls its

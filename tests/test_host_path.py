@@ -56,6 +56,58 @@ def test_public_op_validates_once_per_call(monkeypatch, name, call):
     assert backend.recent_decisions()[-1].backend is backend.Backend.INTERPRETER
 
 
+@pytest.mark.parametrize("name,call", _calls(), ids=[name for name, _ in _calls()])
+def test_kernels_launch_under_the_inputs_device_guard(monkeypatch, name, call):
+    """Triton launches on the current CUDA device: each op enters its inputs' device
+    (``backend.device_guard``) around its kernels, not around the reference."""
+    module = _module(name)
+    launched_inside = []
+    guard_depth = []
+
+    class Recorder:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            guard_depth.append(self.device)
+
+        def __exit__(self, *exc):
+            guard_depth.pop()
+
+    def impl(*args, **kwargs):
+        launched_inside.append(list(guard_depth))
+        return original_impl(*args, **kwargs)
+
+    original_impl = module._triton_impl
+    monkeypatch.setattr(module, "device_guard", Recorder)
+    monkeypatch.setattr(module, "_triton_impl", impl)
+    assert torch.isfinite(call()).all()
+    assert launched_inside == [[torch.device("cpu")]], launched_inside
+
+
+def test_device_guard_switches_only_to_another_cuda_device(monkeypatch):
+    entered = []
+
+    class FakeCudaDevice:  # stands in for torch.cuda.device on this CUDA-less machine
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            entered.append(self.index)
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", FakeCudaDevice)
+    for device in (torch.device("cpu"), torch.device("cuda", 0)):
+        with backend.device_guard(device):
+            pass
+    assert entered == []
+    with backend.device_guard(torch.device("cuda", 1)):
+        assert entered == [1]
+
+
 def test_direct_custom_op_call_still_validates():
     # Nothing handed over: the op validates itself and names the argument.
     q = torch.randn(6, 2, 16)

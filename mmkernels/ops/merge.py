@@ -27,6 +27,7 @@ from mmkernels.backend import (
     ValidatedHandOver,
     cdiv,
     choose_backend,
+    device_guard,
     empty_output,
     next_power_of_2,
     register_aot,
@@ -421,7 +422,8 @@ def _merge_op(
     decision = choose_backend(OP_NAME, kernels.merge_rows_kernel, CAPABILITIES, input_ids.device, dtypes)
     if decision.backend is Backend.REFERENCE:
         return _reference_impl(args, check)
-    return _triton_impl(args, check)
+    with device_guard(input_ids.device):
+        return _triton_impl(args, check)
 
 
 @_merge_op.register_fake

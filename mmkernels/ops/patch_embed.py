@@ -26,6 +26,7 @@ from mmkernels.backend import (
     aligned_elements,
     cdiv,
     choose_backend,
+    device_guard,
     empty_output,
     interpreter_enabled,
     next_power_of_2,
@@ -427,7 +428,8 @@ def _patch_embed_op(
     decision = choose_backend(OP_NAME, kernels.patch_embed_kernel, CAPABILITIES, pixels.device, dtypes)
     if decision.backend is Backend.REFERENCE:
         return _reference_impl(args, weight)
-    return _triton_impl(args)
+    with device_guard(pixels.device):
+        return _triton_impl(args)
 
 
 @_patch_embed_op.register_fake

@@ -26,6 +26,7 @@ from mmkernels.backend import (
     ValidatedHandOver,
     cdiv,
     choose_backend,
+    device_guard,
     empty_output,
     interpreter_enabled,
     next_power_of_2,
@@ -380,7 +381,8 @@ def _quantized_linear_op(
     decision = choose_backend(f"{OP_NAME}[{scheme}]", kernels.quantized_linear_kernel, CAPABILITIES[scheme], x.device, dtypes)
     if decision.backend is Backend.REFERENCE:
         return _reference_impl(args)
-    return _triton_impl(args)
+    with device_guard(x.device):
+        return _triton_impl(args)
 
 
 @_quantized_linear_op.register_fake

@@ -29,6 +29,7 @@ from mmkernels.backend import (
     aligned_elements,
     cdiv,
     choose_backend,
+    device_guard,
     empty_output,
     interpreter_enabled,
     next_power_of_2,
@@ -360,7 +361,8 @@ def _varlen_attention_op(
     if decision.backend is Backend.REFERENCE:
         return varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                           softmax_scale=softmax_scale, causal=causal, kv_ranges=kv_ranges)  # fmt: skip
-    return _triton_impl(args)
+    with device_guard(q.device):
+        return _triton_impl(args)
 
 
 @_varlen_attention_op.register_fake
