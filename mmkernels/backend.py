@@ -202,24 +202,34 @@ def device_guard(device: torch.device):
 
 
 class ValidatedHandOver:
-    """Validation once per call. Each public op validates its arguments (so errors name
-    them, and before the dispatcher routes by a stray tensor's device), then calls its
-    custom op, which must validate too since it can be called directly
-    (``torch.ops.mmkernels.*``). The wrapper hands its result over for exactly that call;
-    the op takes it only when called with the very same tensors (and equal scalars),
-    otherwise it validates. Validation was the largest host cost after launches in
-    ``tools/host_overhead.py``. Not used while ``torch.compile`` traces (the compiled graph
-    calls the op without the wrapper)."""
+    """Validation once per call, and no dispatcher where it does nothing. Each public op
+    validates its arguments (so errors name them, and before the dispatcher routes by a
+    stray tensor's device), then runs its custom op, which must validate too since it can
+    be called directly (``torch.ops.mmkernels.*``). The wrapper hands its result over for
+    exactly that call; the op takes it only when called with the very same tensors (and
+    equal scalars), otherwise it validates. Validation was the largest host cost after
+    launches in ``tools/host_overhead.py``.
+
+    A plain eager call (see :func:`dispatcher_needed`) runs the op's body straight away:
+    the custom-op dispatch costs about 8 us per call (``torch.library.custom_op``, torch
+    2.13, this project's CI machine) and does nothing there. Anything that works at the
+    dispatcher level (autograd, torch.compile, modes, transforms, the profiler) gets the
+    registered op. Not used while ``torch.compile`` traces (the compiled graph calls the
+    op without the wrapper)."""
 
     def __init__(self):
         self._local = threading.local()
 
-    def call(self, op, op_inputs: tuple, args):
-        """``op(*op_inputs)`` with ``args`` (the wrapper's validation) handed over."""
+    def call(self, op, op_inputs: tuple, args, body=None):
+        """``op(*op_inputs)`` with ``args`` (the wrapper's validation) handed over; or
+        ``body(*op_inputs)``, the function ``op`` registers, where the dispatcher is not
+        needed."""
         if torch.compiler.is_compiling():
             return op(*op_inputs)
         self._local.value = (op_inputs, args)
         try:
+            if body is not None and not dispatcher_needed(op_inputs):
+                return body(*op_inputs)
             return op(*op_inputs)
         finally:
             self._local.value = None
@@ -232,6 +242,39 @@ class ValidatedHandOver:
         self._local.value = None
         given, args = value
         return args if _same_inputs(given, op_inputs) else None
+
+
+def dispatcher_needed(op_inputs) -> bool:
+    """Whether a call with ``op_inputs`` must go through its registered custom op rather
+    than straight to the op's body: autograd (a tensor requires grad), a dispatch or
+    function mode (``FakeTensorMode``, ``FlopCounterMode``, ``with torch.device(...)``),
+    a functorch transform (``vmap``, ``grad``), tensor subclasses and meta tensors, the
+    autograd profiler (it records the op), ``torch.jit`` tracing. Unknown to this torch:
+    needed."""
+    C = torch._C
+    try:
+        if (
+            torch.jit.is_tracing()
+            or C._are_functorch_transforms_active()
+            or C._len_torch_dispatch_stack()
+            or C._is_torch_function_mode_enabled()
+            or C._autograd._profiler_enabled()
+        ):
+            return True
+    except AttributeError:
+        return True
+    grad = torch.is_grad_enabled()
+    stack = list(op_inputs)
+    while stack:
+        value = stack.pop()
+        if isinstance(value, (list, tuple)):
+            stack.extend(value)
+        elif isinstance(value, torch.Tensor):
+            if type(value) is not torch.Tensor and type(value) is not torch.nn.Parameter:
+                return True
+            if value.is_meta or (grad and value.requires_grad):
+                return True
+    return False
 
 
 def _same_inputs(a: tuple | list, b: tuple | list) -> bool:

@@ -116,6 +116,79 @@ def test_direct_custom_op_call_still_validates():
         torch.ops.mmkernels.varlen_attention(q, q, q, cu, cu[:2], 4, 4, 0.25, False, None)
 
 
+_OP_ATTRS = {"merge": "_merge_op", "patch_embed": "_patch_embed_op", "quantized_linear": "_quantized_linear_op",
+             "varlen_attention": "_varlen_attention_op"}  # fmt: skip
+
+
+def _dispatches(monkeypatch, name, call) -> bool:
+    """Whether a call of the public op goes through its registered custom op."""
+    module = _module(name)
+    op = getattr(module, _OP_ATTRS[name])
+    entered = []
+
+    def recording(*args):
+        entered.append(1)
+        return op(*args)
+
+    monkeypatch.setattr(module, _OP_ATTRS[name], recording)
+    out = call()
+    assert torch.isfinite(out).all()
+    monkeypatch.setattr(module, _OP_ATTRS[name], op)
+    return bool(entered)
+
+
+@pytest.mark.parametrize("name,call", _calls(), ids=[name for name, _ in _calls()])
+def test_plain_eager_calls_skip_the_dispatcher(monkeypatch, name, call):
+    """A plain eager call runs the op's body directly (the custom-op dispatch costs ~8 us
+    and does nothing there); one validation, same backend decision."""
+    assert not _dispatches(monkeypatch, name, call)
+    assert backend.recent_decisions()[-1].backend is backend.Backend.INTERPRETER
+
+
+class _RecordingMode(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name,call", _calls(), ids=[name for name, _ in _calls()])
+def test_dispatcher_level_features_still_see_the_op(monkeypatch, name, call):
+    # A dispatch mode (what FakeTensorMode, FlopCounterMode, DebugMode are) sees the op.
+    with _RecordingMode() as mode:
+        assert _dispatches(monkeypatch, name, call)
+    assert any(op.startswith("mmkernels.") for op in mode.ops), mode.ops[:5]
+    # The autograd profiler records it.
+    with torch.autograd.profiler.profile() as prof:
+        assert _dispatches(monkeypatch, name, call)
+    assert any(event.name.startswith("mmkernels::") for event in prof.function_events)
+    # A function mode (here torch's default-device context).
+    with torch.device("cpu"):
+        assert _dispatches(monkeypatch, name, call)
+
+
+def test_dispatcher_needed_for_autograd_subclasses_and_meta():
+    x = torch.randn(3)
+    assert not backend.dispatcher_needed((x, [x, None], 3, "gelu"))
+    w = torch.nn.Parameter(torch.randn(3), requires_grad=False)
+    assert not backend.dispatcher_needed((x, w))
+    needs_grad = torch.randn(3, requires_grad=True)
+    assert backend.dispatcher_needed((x, [needs_grad]))  # inside a list too
+    with torch.no_grad():
+        assert not backend.dispatcher_needed((x, needs_grad))  # no graph to record
+    assert backend.dispatcher_needed((torch.empty(3, device="meta"),))
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert backend.dispatcher_needed((x.as_subclass(Sub),))
+    assert backend.dispatcher_needed((x,)) is False
+    assert torch.func.vmap(lambda t: torch.tensor(backend.dispatcher_needed((t,))))(torch.randn(2, 3)).all()
+
+
 def test_hand_over_only_for_the_same_inputs():
     hand_over = backend.ValidatedHandOver()
     a, b = torch.zeros(2), torch.zeros(2)

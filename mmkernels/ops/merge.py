@@ -401,8 +401,7 @@ def _check_counts(args: _MergeArgs, totals: torch.Tensor) -> None:
 # The op: torch.library registration and the public function
 
 
-@torch.library.custom_op("mmkernels::merge_multimodal_embeddings", mutates_args=())
-def _merge_op(
+def _merge_body(
     input_ids: torch.Tensor,
     inputs_embeds: torch.Tensor | None,
     features: list[torch.Tensor],
@@ -424,6 +423,11 @@ def _merge_op(
         return _reference_impl(args, check)
     with device_guard(input_ids.device):
         return _triton_impl(args, check)
+
+
+# The body is also called directly by the public function where the dispatcher is not
+# needed (ValidatedHandOver.call).
+_merge_op = torch.library.custom_op("mmkernels::merge_multimodal_embeddings", mutates_args=())(_merge_body)
 
 
 @_merge_op.register_fake
@@ -521,7 +525,7 @@ def merge_multimodal_embeddings(
     args = _validate(input_ids, inputs_embeds, features, placeholder_id, embedding_weight)
     op_inputs = (input_ids, inputs_embeds, args.all_features, [len(feats) for feats in args.kind_features],
                  args.kind_ids, embedding_weight)  # fmt: skip
-    return _HANDOVER.call(_merge_op, (*op_inputs, check), args)
+    return _HANDOVER.call(_merge_op, (*op_inputs, check), args, body=_merge_body)
 
 
 # --------------------------------------------------------------------------------------

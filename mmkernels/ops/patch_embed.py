@@ -411,8 +411,7 @@ def _triton_impl(args: _EmbedArgs) -> torch.Tensor:
 # The op
 
 
-@torch.library.custom_op("mmkernels::patch_embed", mutates_args=())
-def _patch_embed_op(
+def _patch_embed_body(
     pixels: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -430,6 +429,11 @@ def _patch_embed_op(
         return _reference_impl(args, weight)
     with device_guard(pixels.device):
         return _triton_impl(args)
+
+
+# The body is also called directly by the public function where the dispatcher is not
+# needed (ValidatedHandOver.call).
+_patch_embed_op = torch.library.custom_op("mmkernels::patch_embed", mutates_args=())(_patch_embed_body)
 
 
 @_patch_embed_op.register_fake
@@ -536,7 +540,7 @@ def patch_embed(pixels, weight, bias=None, *, class_embedding=None, position_emb
         scale = scale.expand(weight.shape[1]).contiguous()
     # Validated here too: a tensor on another device would route the op by that device.
     op_inputs = (pixels, weight, bias, class_embedding, position_embedding, mean, std, scale)
-    return _HANDOVER.call(_patch_embed_op, op_inputs, _validate(*op_inputs))
+    return _HANDOVER.call(_patch_embed_op, op_inputs, _validate(*op_inputs), body=_patch_embed_body)
 
 
 # --------------------------------------------------------------------------------------

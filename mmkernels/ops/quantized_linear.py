@@ -362,8 +362,7 @@ def _rebuild(x, packed, scales, zeros, scheme, group_size) -> QuantizedWeight:
     )
 
 
-@torch.library.custom_op("mmkernels::quantized_linear", mutates_args=())
-def _quantized_linear_op(
+def _quantized_linear_body(
     x: torch.Tensor,
     packed: torch.Tensor,
     scales: torch.Tensor,
@@ -383,6 +382,11 @@ def _quantized_linear_op(
         return _reference_impl(args)
     with device_guard(x.device):
         return _triton_impl(args)
+
+
+# The body is also called directly by the public function where the dispatcher is not
+# needed (ValidatedHandOver.call).
+_quantized_linear_op = torch.library.custom_op("mmkernels::quantized_linear", mutates_args=())(_quantized_linear_body)
 
 
 @_quantized_linear_op.register_fake
@@ -452,7 +456,7 @@ def quantized_linear(x, qweight, bias=None, *, activation=None) -> torch.Tensor:
     args = _validate(x, qweight, bias, activation)  # here, so errors name the public arguments
     op_inputs = (x, qweight.packed, qweight.scales, qweight.zeros, bias, qweight.scheme, qweight.group_size or 0,
                  activation or "none")  # fmt: skip
-    return _HANDOVER.call(_quantized_linear_op, op_inputs, args)
+    return _HANDOVER.call(_quantized_linear_op, op_inputs, args, body=_quantized_linear_body)
 
 
 # --------------------------------------------------------------------------------------

@@ -339,8 +339,7 @@ def _triton_impl(args: _AttnArgs) -> torch.Tensor:
 # The op
 
 
-@torch.library.custom_op("mmkernels::varlen_attention", mutates_args=())
-def _varlen_attention_op(
+def _varlen_attention_body(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -363,6 +362,11 @@ def _varlen_attention_op(
                                           softmax_scale=softmax_scale, causal=causal, kv_ranges=kv_ranges)  # fmt: skip
     with device_guard(q.device):
         return _triton_impl(args)
+
+
+# The body is also called directly by the public function where the dispatcher is not
+# needed (ValidatedHandOver.call).
+_varlen_attention_op = torch.library.custom_op("mmkernels::varlen_attention", mutates_args=())(_varlen_attention_body)
 
 
 @_varlen_attention_op.register_fake
@@ -451,7 +455,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     if check:
         check_values(args)
     op_inputs = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, args.softmax_scale, causal, kv_ranges)
-    return _HANDOVER.call(_varlen_attention_op, op_inputs, args)
+    return _HANDOVER.call(_varlen_attention_op, op_inputs, args, body=_varlen_attention_body)
 
 
 # --------------------------------------------------------------------------------------
