@@ -263,18 +263,23 @@ def dispatcher_needed(op_inputs) -> bool:
             return True
     except AttributeError:
         return True
-    grad = torch.is_grad_enabled()
-    stack = list(op_inputs)
-    while stack:
-        value = stack.pop()
-        if isinstance(value, (list, tuple)):
-            stack.extend(value)
-        elif isinstance(value, torch.Tensor):
-            if type(value) is not torch.Tensor and type(value) is not torch.nn.Parameter:
-                return True
-            if value.is_meta or (grad and value.requires_grad):
-                return True
-    return False
+    tensors = []
+    for value in op_inputs:
+        if isinstance(value, torch.Tensor):
+            tensors.append(value)
+        elif isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
+            tensors.extend(value)  # a list[Tensor] argument (anything else in it: not plain below)
+    if not tensors:
+        return False
+    if not {type(t) for t in tensors} <= _PLAIN_TENSOR_TYPES:
+        return True
+    # The public ops reject inputs on different devices before this: the first tells.
+    if tensors[0].is_meta:
+        return True
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+_PLAIN_TENSOR_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})
 
 
 def _same_inputs(a: tuple | list, b: tuple | list) -> bool:

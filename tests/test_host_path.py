@@ -172,7 +172,7 @@ def test_dispatcher_level_features_still_see_the_op(monkeypatch, name, call):
 
 def test_dispatcher_needed_for_autograd_subclasses_and_meta():
     x = torch.randn(3)
-    assert not backend.dispatcher_needed((x, [x, None], 3, "gelu"))
+    assert not backend.dispatcher_needed((x, [x, x], [3, 4], None, 3, "gelu"))
     w = torch.nn.Parameter(torch.randn(3), requires_grad=False)
     assert not backend.dispatcher_needed((x, w))
     needs_grad = torch.randn(3, requires_grad=True)
