@@ -464,6 +464,26 @@ def test_serve_vllm_step_is_skipped_by_name(tmp_path, monkeypatch):
     assert suite.serve_vllm_step(tmp_path, budget=suite.Budget(), dry_run=True).detail == "dry run: nothing is served"
 
 
+def test_gpu_suite_step_budgets_from_the_command_line():
+    suite = _load_gpu_suite()
+    budget = suite.Budget(total_s=330.0, margin_s=30.0)  # 300 s to share
+    # Not asked: the cap, and never into what the benchmarks are promised.
+    assert budget.allot_step(None, 60.0, 0.0) == pytest.approx(60.0, abs=1)
+    assert budget.allot_step(None, 60.0, 270.0) == pytest.approx(30.0, abs=1)
+    # Asked (--tests-budget / --probe-budget): taken as given, within what is left; 0 skips.
+    assert budget.allot_step(150.0, 60.0, 270.0) == pytest.approx(150.0, abs=1)
+    assert budget.allot_step(900.0, 60.0, 0.0) == pytest.approx(300.0, abs=1)
+    assert budget.allot_step(0.0, 60.0, 0.0) == 0.0
+
+def test_gpu_suite_takes_step_budgets_on_the_command_line(tmp_path):
+    suite = _load_gpu_suite()
+    # Parsed (argparse would exit on an unknown option), then refused here: no CUDA.
+    argv = ["--out", str(tmp_path), "--probe-budget", "150", "--tests-budget", "0"]
+    assert suite.main(argv) == suite.EXIT_NO_CUDA
+    with pytest.raises(SystemExit):
+        suite.main(["--out", str(tmp_path), "--probe-budgets", "150"])
+
+
 def test_gpu_suite_probe_step(tmp_path):
     suite = _load_gpu_suite()
     assert suite.probe_step(tmp_path, budget_s=30, dry_run=True).status == "skipped"

@@ -18,7 +18,8 @@ costs that step only), and is recorded in the summary however it ends:
    ``python -m mmkernels.bench --benchmarks <name> --out DIR`` in its own process.
 5. ``probe``: ``tools/gpu_probe.py`` into ``probe/``: host vs device microseconds per
    call of each op (CUDA-graph replay) and tile sweeps of the GEMM kernels, at most 60 s
-   (taken before the benchmarks' share; not with ``--benchmarks``).
+   (taken before the benchmarks' share; not with ``--benchmarks``); ``--probe-budget``
+   fixes its seconds (the sweep compiles each config it times: a few seconds each).
 6. ``plots``: every benchmark's plots and the Markdown summary redrawn from
    ``results.json`` (a step stopped by its budget leaves rows but no plots).
 
@@ -98,6 +99,11 @@ class Budget:
     def allot(self, cap_s: float, reserve_s: float = 0.0) -> float:
         """At most ``cap_s``, leaving ``reserve_s`` for the steps after this one."""
         return max(0.0, min(cap_s, self.remaining() - reserve_s))
+
+    def allot_step(self, asked_s: float | None, cap_s: float, reserve_s: float) -> float:
+        """A step's seconds: ``asked_s`` when the command line fixed them (within what is
+        left, whatever the later steps would want), else :meth:`allot` of ``cap_s``."""
+        return self.allot(asked_s) if asked_s is not None else self.allot(cap_s, reserve_s=reserve_s)
 
 
 @dataclass
@@ -368,7 +374,8 @@ def take_stamp() -> tuple[dict, StepResult]:
 
 
 def run_suite(out_dir: Path, *, quick: bool, dry_run: bool, stamp: dict, stamp_step: StepResult,
-              budget: Budget, only: list[str] | None = None, tests_budget_s: float | None = None) -> list[StepResult]:  # fmt: skip
+              budget: Budget, only: list[str] | None = None, tests_budget_s: float | None = None,
+              probe_budget_s: float | None = None) -> list[StepResult]:  # fmt: skip
     from benchmarks import harness
 
     folder = harness.ResultsFolder(out_dir)
@@ -412,14 +419,12 @@ def run_suite(out_dir: Path, *, quick: bool, dry_run: bool, stamp: dict, stamp_s
     steps.append(step)
     record("running")
 
-    if tests_budget_s is not None:  # asked for: taken as given (within what is left)
-        tests_s = budget.allot(tests_budget_s)
-    else:
-        tests_s = budget.allot(GPU_TESTS_CAP_S * (0.5 if quick else 1.0), reserve_s=bench_reserve)
+    tests_s = budget.allot_step(tests_budget_s, GPU_TESTS_CAP_S * (0.5 if quick else 1.0), bench_reserve)
     steps.append(run_gpu_tests(out_dir, budget_s=tests_s, dry_run=dry_run))
     record("running")
     if only is None:
-        steps.append(probe_step(out_dir, budget_s=budget.allot(PROBE_CAP_S, reserve_s=bench_reserve), dry_run=dry_run))
+        probe_s = budget.allot_step(probe_budget_s, PROBE_CAP_S, bench_reserve)
+        steps.append(probe_step(out_dir, budget_s=probe_s, dry_run=dry_run))
         record("running")
 
     for i, name in enumerate(benches):
@@ -450,6 +455,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tests-budget", type=float,
                         help="seconds for the GPU tests, taken before the benchmarks' share (0 skips them); "
                              "default: the suite's own split")
+    parser.add_argument("--probe-budget", type=float,
+                        help=f"seconds for the GPU probe, taken before the benchmarks' share (0 skips it); "
+                             f"default: at most {PROBE_CAP_S:.0f}")
     args = parser.parse_args(argv)
 
     import torch
@@ -471,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"gpu_suite: {stamp['gpu'].get('name')} -> {out_dir}", flush=True)
     only = [n.strip() for n in (args.benchmarks or "").split(",") if n.strip()] or None
     steps = run_suite(out_dir, quick=args.quick, dry_run=args.dry_run, stamp=stamp, stamp_step=stamp_step, budget=budget,
-                      only=only, tests_budget_s=args.tests_budget)  # fmt: skip
+                      only=only, tests_budget_s=args.tests_budget, probe_budget_s=args.probe_budget)  # fmt: skip
     for s in steps:
         print(f"  {s.name:16s} {s.status:8s} {s.seconds:6.1f} s / {s.budget_s:5.0f} s  {s.detail}", flush=True)
     print(f"gpu_suite: results in {out_dir}", flush=True)
