@@ -53,3 +53,22 @@ def test_uint8_and_qwen2_vl_forms():
     flat = torch.randn(4096, 1176, device="cuda")
     w3 = (torch.randn(1280, 3, 2, 14, 14, device="cuda") * 0.02).to(torch.bfloat16)
     assert_close(compiled(flat, w3), reference(flat, w3.double()), dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("a_source", ["packed", "gather", "row_steps"])
+def test_every_a_source_compiled(a_source, monkeypatch):
+    """The three A sources (EmbedConfig.a_source) on CLIP-L/14-336 x 8 from float32 pixels:
+    what the GPU probe times against each other must first be right."""
+    import dataclasses
+    import importlib
+
+    module = importlib.import_module("mmkernels.ops.patch_embed")
+    original = module.embed_config
+    monkeypatch.setattr(module, "embed_config", lambda *a, **k: dataclasses.replace(original(*a, **k), a_source=a_source))
+    pixels = torch.randn(8, 3, 336, 336, device="cuda")
+    weight = (torch.randn(1024, 3, 14, 14, device="cuda") * 0.02).to(torch.bfloat16)
+    cls_emb = torch.randn(1024, device="cuda").to(torch.bfloat16)
+    pos = torch.randn(577, 1024, device="cuda").to(torch.bfloat16)
+    out = compiled(pixels, weight, class_embedding=cls_emb, position_embedding=pos)
+    ref = reference(pixels.double(), weight.double(), class_embedding=cls_emb.double(), position_embedding=pos.double())
+    assert_close(out, ref, dtype=torch.bfloat16)

@@ -434,6 +434,21 @@ def test_gpu_real_shapes(scheme, k, n, activation, m):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("m", [16, 2304])
+@pytest.mark.parametrize("scheme", ["w8a16", "w4a16"])
+def test_gpu_both_tile_layouts(scheme, m, gemm_layout):
+    """Both tile layouts (LinearConfig.swap_ab), which the GPU probe times against each
+    other, compiled at the Qwen2-VL merger's second linear (5120 -> 3584)."""
+    w = (torch.randn(3584, 5120, device="cuda") / math.sqrt(5120)).to(torch.bfloat16)
+    qw = quantize(w, scheme, group_size=128)
+    x = torch.randn(m, 5120, device="cuda").to(torch.bfloat16)
+    with poison_outputs():
+        out = quantized_linear(x, qw, None, activation="gelu")
+    assert recent_decisions()[-1].backend is Backend.TRITON
+    check(out, x, qw, None, "gelu")
+
+
+@pytest.mark.gpu
 def test_gpu_fp8_row_quantization_matches_pytorch():
     import sys
 
