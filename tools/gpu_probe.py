@@ -20,8 +20,11 @@ alternatives; this says why. Three parts, each written to ``DIR/probe.json`` and
 * ``sweep``: the tile configurations of the two GEMM kernels (patch_embed,
   quantized_linear) on real shapes, timed with ``triton.testing.do_bench`` (median of its
   repetitions; L2 cleared between them) with each op's own config function replaced, the
-  default marked. A configuration that fails to compile or run is recorded with the
-  error, never dropped.
+  default marked. Round robin over the cases: every default, then every first
+  alternative (patch_embed's one-launch gather against packed patches, quantized_linear's
+  unswapped tile layout against the swapped one), then the tile variants; each config
+  compiles on first use (seconds), so the budget decides how far it gets. A
+  configuration that fails to compile or run is recorded with the error, never dropped.
 
 Needs a CUDA device (exit 2 otherwise). Inputs come from the benchmarks' own registries
 (``benchmarks/bench_*.py``), so shapes and providers are the ones the suite times.
