@@ -271,7 +271,7 @@ def _patch_embed_configs(image_form: bool = True):
     sources = ("gather", "row_steps") if image_form else ()
     for source in sources:
         # The K step of row steps is next_power_of_2(P), whatever block_k says.
-        yield f"default tiles, {source}", EmbedConfig(128, 128, 32, group_m=8, num_warps=8, num_stages=3, a_source=source)
+        yield f"default tiles, {source}", EmbedConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3).with_a_source(source)
     for bm, bn, bk, warps, stages in (
         (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4), (128, 128, 64, 4, 4),
         (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (256, 128, 32, 8, 3), (128, 128, 16, 8, 4),
@@ -279,8 +279,8 @@ def _patch_embed_configs(image_form: bool = True):
         yield f"{bm}x{bn}x{bk} w{warps} s{stages}", EmbedConfig(bm, bn, bk, group_m=8, num_warps=warps, num_stages=stages)
     for source in sources:
         for bm, bn, warps, stages in ((128, 128, 4, 4), (128, 256, 8, 3), (64, 128, 4, 4)):
-            yield f"{bm}x{bn} w{warps} s{stages}, {source}", EmbedConfig(bm, bn, 32, group_m=8, num_warps=warps,
-                                                                         num_stages=stages, a_source=source)  # fmt: skip
+            tiles = EmbedConfig(bm, bn, 64, group_m=8, num_warps=warps, num_stages=stages)
+            yield f"{bm}x{bn} w{warps} s{stages}, {source}", tiles.with_a_source(source)
 
 
 def _linear_configs(case, scheme: str, default_cfg):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,11 @@ class _EmbedArgs:
     channels: int
     k_per_channel: int
     dim: int
+
+    @property
+    def rows(self) -> int:
+        """GEMM rows: patches of all images (the flat form has one "image")."""
+        return self.batch * self.patches
 
     @property
     def out_shape(self) -> tuple[int, ...]:
@@ -258,6 +264,16 @@ class EmbedConfig:
     # weight dtype in the loop when theirs differs).
     a_source: str = "packed"
 
+    def with_a_source(self, a_source: str, element_size: int = 2) -> "EmbedConfig":
+        """The same tiles reading A from ``a_source``, with that source's K step."""
+        return dataclasses.replace(self, a_source=a_source, block_k=_block_k(a_source, element_size))
+
+
+def _block_k(a_source: str, element_size: int) -> int:
+    # Packed rows: 64-deep steps (32 spill on sm_80 with triton 3.6, SigLIP); the gathers:
+    # 32, their A tile is converted in registers. Four-byte weights: 16.
+    return (64 if a_source == "packed" else 32) if element_size <= 2 else 16
+
 
 _PACK_MIN_ROWS = 4096  # fewer GEMM rows (one or two images): one launch
 
@@ -284,32 +300,30 @@ def embed_config(rows: int, dim: int, k: int, element_size: int) -> EmbedConfig:
     ms against 0.034 ms for unfold + cuBLAS on the H200), so a launch saved counts more
     than the loop. Neither choice is timed yet: ``tools/gpu_probe.py`` sweeps all three
     sources."""
-    packed = rows >= _PACK_MIN_ROWS
+    a_source = "packed" if rows >= _PACK_MIN_ROWS else "gather"
     block_m = 128 if rows >= 4096 else 64
     block_n = 128 if dim >= 128 else max(16, next_power_of_2(dim))
-    block_k = (64 if packed else 32) if element_size <= 2 else 16
     num_warps = 8 if block_m * block_n >= 128 * 128 else 4
-    return EmbedConfig(block_m, block_n, block_k, group_m=8, num_warps=num_warps, num_stages=3,
-                       a_source="packed" if packed else "gather")  # fmt: skip
+    return EmbedConfig(block_m, block_n, _block_k(a_source, element_size), group_m=8, num_warps=num_warps,
+                       num_stages=3, a_source=a_source)  # fmt: skip
 
 
 _PACK_BLOCK_M, _PACK_BLOCK_K = 32, 64
 
 
-def _packs(args: _EmbedArgs, cfg: EmbedConfig) -> bool:
-    """Whether this call packs its A tiles first (see :class:`EmbedConfig`)."""
-    if cfg.a_source not in A_SOURCES:
-        raise ValueError(f"a_source: expected one of {A_SOURCES}, got {cfg.a_source!r}")
+def _packs(a_source: str, image_form: bool, normalized: bool) -> bool:
+    """Whether a call packs its A tiles first (see :class:`EmbedConfig`)."""
+    if a_source not in A_SOURCES:
+        raise ValueError(f"a_source: expected one of {A_SOURCES}, got {a_source!r}")
     # Flat rows that need no normalization are read directly, converted after the async
     # copy if their dtype differs (Qwen2-VL's float32 patches: 16-byte copies, a
     # pipelined loop); only per-element gathers and normalization are worth a pack pass.
-    return cfg.a_source == "packed" and (args.image_form or args.norm is not None)
+    return a_source == "packed" and (image_form or normalized)
 
 
 def _packed_shape(args: _EmbedArgs) -> tuple[int, int]:
-    rows = args.batch * args.patches if args.image_form else args.patches
-    k = args.weight2d.shape[1]
-    return rows, cdiv(k, 16) * 16  # rows of whole 16-element groups: the JIT sees the stride's alignment
+    # Rows of whole 16-element groups: the JIT sees the stride's alignment.
+    return args.rows, cdiv(args.weight2d.shape[1], 16) * 16
 
 
 def _pack_launch(args: _EmbedArgs, packed: torch.Tensor):
@@ -332,7 +346,7 @@ def _launch(args: _EmbedArgs, out: torch.Tensor, cfg: EmbedConfig | None = None,
     given; ``packed``: the A matrix :func:`patch_pack_kernel` wrote, read instead of the
     pixels); also used by the AOT report."""
     w = args.weight2d if args.weight2d.is_contiguous() else args.weight2d.contiguous()
-    rows = args.batch * args.patches if args.image_form else args.patches
+    rows = args.rows
     k = w.shape[1]
     cfg = cfg if cfg is not None else embed_config(rows, args.dim, k, w.element_size())
     image_form = args.image_form and packed is None  # how A is addressed
@@ -387,8 +401,7 @@ def _launch(args: _EmbedArgs, out: torch.Tensor, cfg: EmbedConfig | None = None,
 
 def _triton_impl(args: _EmbedArgs) -> torch.Tensor:
     out = empty_output(args.out_shape, args.weight2d.dtype, args.pixels.device)
-    rows = args.batch * args.patches
-    if rows == 0 or args.dim == 0:
+    if args.rows == 0 or args.dim == 0:
         if args.image_form and args.class_embedding is not None and args.dim:
             # No patches: only the class row (nothing for the GEMM to do).
             cls = args.class_embedding.to(torch.float32).expand(args.batch, 1, -1)
@@ -396,9 +409,9 @@ def _triton_impl(args: _EmbedArgs) -> torch.Tensor:
                 cls = cls + args.position_embedding[:, :1].to(torch.float32)
             out.copy_(cls)
         return out
-    cfg = embed_config(rows, args.dim, args.weight2d.shape[1], args.weight2d.element_size())
+    cfg = embed_config(args.rows, args.dim, args.weight2d.shape[1], args.weight2d.element_size())
     packed = None
-    if _packs(args, cfg):
+    if _packs(cfg.a_source, args.image_form, args.norm is not None):
         packed = empty_output(_packed_shape(args), args.weight2d.dtype, args.pixels.device)
         launch_args, meta, grid = _pack_launch(args, packed)
         kernels.patch_pack_kernel[grid](*launch_args, **meta)
@@ -552,11 +565,17 @@ def _aot_case(name, pixels_shape, weight_shape, *, uint8=False, cls=False, pos=F
     """Registers the GEMM launch as ``name`` and, when the call packs first, the pack
     launch as ``name + "/pack"``. ``a_source``: forced (None: :func:`embed_config`'s)."""
 
+    image_form = len(pixels_shape) == 4
+    dim, k = weight_shape[0], math.prod(weight_shape[1:])
+    n = (pixels_shape[2] // weight_shape[-1]) * (pixels_shape[3] // weight_shape[-1]) if image_form else 0
+    cfg = embed_config(pixels_shape[0] * n if image_form else pixels_shape[0], dim, k, 2)
+    if a_source is not None and a_source != cfg.a_source:  # the other loops as the GPU probe times them
+        cfg = cfg.with_a_source(a_source)
+    packs = _packs(cfg.a_source, image_form, uint8)
+
     def prepare():
         weight = torch.empty(weight_shape, dtype=torch.bfloat16)
         pixels = torch.empty(pixels_shape, dtype=torch.uint8 if uint8 else pixel_dtype)
-        dim = weight_shape[0]
-        n = (pixels_shape[2] // weight_shape[-1]) * (pixels_shape[3] // weight_shape[-1]) if len(pixels_shape) == 4 else 0
         args = _validate(
             pixels, weight,
             torch.empty(dim, dtype=torch.bfloat16) if bias else None,
@@ -566,25 +585,20 @@ def _aot_case(name, pixels_shape, weight_shape, *, uint8=False, cls=False, pos=F
             torch.empty(weight_shape[1]) if uint8 else None,
             torch.empty(weight_shape[1]) if uint8 else None,
         )  # fmt: skip
-        rows = args.batch * args.patches
-        cfg = embed_config(rows, args.dim, args.weight2d.shape[1], 2)
-        if a_source is not None and a_source != cfg.a_source:  # the other loops as the GPU probe times them
-            cfg = dataclasses.replace(cfg, a_source=a_source, block_k=64 if a_source == "packed" else 32)
-        packed = torch.empty(_packed_shape(args), dtype=torch.bfloat16) if _packs(args, cfg) else None
-        return args, cfg, packed
+        return args, torch.empty(_packed_shape(args), dtype=torch.bfloat16) if packs else None
 
     def make_gemm_launch():
-        args, cfg, packed = prepare()
+        args, packed = prepare()
         launch_args, meta, grid = _launch(args, torch.empty(args.out_shape, dtype=torch.bfloat16), cfg, packed)
         meta["UPCAST_DOT"] = False  # compiled for a GPU, never the interpreter
         return launch_args, meta, grid
 
     def make_pack_launch():
-        args, _, packed = prepare()
+        args, packed = prepare()
         return _pack_launch(args, packed)
 
     register_aot(AotCase(name, kernels.patch_embed_kernel, make_gemm_launch, tensor_cores=True))
-    if prepare()[2] is not None:
+    if packs:
         register_aot(AotCase(name + "/pack", kernels.patch_pack_kernel, make_pack_launch))
 
 
