@@ -11,6 +11,17 @@ Timing (:func:`time_device`)
     GPU spends from the start of a call to its end, so a host sync inside a call shows
     as the bubble it leaves on the GPU.
 
+Device-only timing (:func:`time_graph`, benchmarks with ``graph_timing``)
+    The same cells again with the host taken out: each input set's call captured once
+    in a CUDA graph and replayed, timed as above (events, L2 flushed, inputs rotated).
+    A replay costs the host a few microseconds whatever the op does in Python, so the
+    GPU never waits for it: this is the kernel's time (launch gaps between an op's
+    kernels included), the number to hold a kernel to its roofline when the eager
+    median of a small call is the host's (``tools/gpu_probe.py`` says which). Only
+    cells with no host sync are captured (a sync cannot be), and a replay on the
+    seed-0 inputs must match the oracle, else the row says why it has no graph time.
+    ``triton.testing.do_bench_cudagraph`` measures the same way, without the flush.
+
 Providers (:class:`Provider`)
     One implementation under comparison: a name, a factory that builds the callable
     once (``torch.compile`` happens there or on the first call), and ``skip_reason()``
@@ -92,6 +103,7 @@ __all__ = [
     "Benchmark",
     "BenchmarkResult",
     "BenchSession",
+    "CapturedCall",
     "CudaClock",
     "CudaEventTiming",
     "Registration",
@@ -119,7 +131,9 @@ __all__ = [
     "run_benchmark",
     "run_timed",
     "short_gpu_name",
+    "capture_graphs",
     "time_device",
+    "time_graph",
     "validate_on_cpu",
 ]
 
@@ -207,6 +221,60 @@ def _quantile(sorted_values: Sequence[float], q: float) -> float:
 
 def _clamp(value: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, value))
+
+
+@dataclass
+class CapturedCall:
+    """One call captured in a CUDA graph; ``output`` lives in the graph's memory pool and
+    is rewritten by every replay."""
+
+    graph: Any
+    output: Any
+
+
+def capture_graphs(fn: Callable[[Any], Any], arg_sets: Sequence[Any], device: torch.device) -> list[CapturedCall]:
+    """One CUDA graph per input set, each holding one call of ``fn`` in its own memory pool
+    (a shared pool would let one graph's temporaries overlay another's output). The calls
+    run once on a side stream first, as ``torch.cuda.graphs`` asks (lazy initialization,
+    cuBLAS workspaces, JIT compilation happen outside the capture)."""
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        for args in arg_sets:
+            fn(args)
+    current.wait_stream(side)
+    torch.cuda.synchronize(device)
+    captured = []
+    for args in arg_sets:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            output = fn(args)
+        captured.append(CapturedCall(graph, output))
+    return captured
+
+
+def _copied(value):
+    """A copy of a call's output that outlives its graph."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copied(v) for v in value)
+    return value
+
+
+def time_graph(fn: Callable[[Any], Any], arg_sets: Sequence[Any], check_inputs: Any, *, clock, device,
+               config: TimingConfig = TimingConfig()) -> tuple[Timing, Any]:  # fmt: skip
+    """Device-only time of ``fn``: one CUDA graph per input set (:func:`capture_graphs`),
+    replays timed by :func:`time_device` (events, L2 flush, rotation). Also captures
+    ``fn(check_inputs)`` and returns what its replay wrote, for the caller to check."""
+    check, *timed = capture_graphs(fn, [check_inputs, *arg_sets], device)
+    check.graph.replay()
+    clock.synchronize()
+    replayed = _copied(check.output)
+    del check
+    timing = time_device(lambda call: call.graph.replay(), timed, clock=clock, config=config)
+    return timing, replayed
 
 
 def time_device(fn: Callable[[Any], Any], arg_sets: Sequence[Any], *, clock, config: TimingConfig = TimingConfig()) -> Timing:
@@ -623,6 +691,10 @@ class Benchmark:
     quick_cases: Sequence[Any] | None = None
     compare: Callable[[Any, torch.Tensor], str | None] = compare_bitwise
     bytes_model: str = ""
+    # Also time every cell from CUDA graphs (:func:`time_graph`): the device time without
+    # the host. For benchmarks whose providers never copy from host memory in a call
+    # (a capture would bake in the copy's source buffer).
+    graph_timing: bool = False
 
     def cases_for(self, quick: bool) -> Sequence[Any]:
         return self.quick_cases if quick and self.quick_cases is not None else self.cases
@@ -729,6 +801,14 @@ class ResultRow:
     params: dict = field(default_factory=dict)
     pct_roofline: float | None = None
     peak_mem_mib: float | None = None  # peak memory of one call above what was allocated before it
+    # Device-only time from CUDA graph replays (benchmarks with graph_timing), its speedup
+    # over the baseline's and % roofline; graph_note: why a timed cell has none.
+    graph_median_ms: float | None = None
+    graph_p20_ms: float | None = None
+    graph_p80_ms: float | None = None
+    graph_speedup: float | None = None
+    graph_pct_roofline: float | None = None
+    graph_note: str = ""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -747,6 +827,7 @@ class BenchmarkResult:
     roofline: Roofline | None = None
     providers: list[dict] = field(default_factory=list)
     timing_source: str = ""  # "cuda-events" for measurements; anything else is not one
+    graph_timing: bool = False
 
     def to_dict(self) -> dict:
         return {
@@ -756,6 +837,7 @@ class BenchmarkResult:
             "timed": self.timed,
             "not_timed_reason": self.not_timed_reason,
             "timing_source": self.timing_source,
+            "graph_timing": self.graph_timing,
             **_registration_fields(self.benchmark),
             "providers": self.providers,
             "rows": [r.to_dict() for r in self.rows],
@@ -855,14 +937,21 @@ class CudaEventTiming:
     weights and inputs already resident are not counted; None off CUDA).
 
     A timing source has ``name``, ``time(session, case, provider, fn, arg_sets) -> Timing``
-    and ``peak_memory(session, case, provider, fn, inputs) -> bytes | None``; tests
-    inject a deterministic one.
+    and ``peak_memory(session, case, provider, fn, inputs) -> bytes | None``, and may
+    have ``time_graph(session, case, provider, fn, arg_sets, check_inputs) -> (Timing,
+    output)`` for benchmarks with ``graph_timing``; tests inject a deterministic one.
     """
 
     name = CUDA_EVENTS
 
     def time(self, session: "BenchSession", case, provider: "Provider", fn, arg_sets) -> Timing:
         return time_device(fn, arg_sets, clock=session.clock, config=session.timing)
+
+    def time_graph(self, session: "BenchSession", case, provider: "Provider", fn, arg_sets,
+                   check_inputs) -> tuple[Timing, Any]:  # fmt: skip
+        """:func:`time_graph`: the replays' timing, and what the replay on
+        ``check_inputs`` wrote."""
+        return time_graph(fn, arg_sets, check_inputs, clock=session.clock, device=session.device, config=session.timing)
 
     def peak_memory(self, session: "BenchSession", case, provider: "Provider", fn, inputs) -> int | None:
         if session.device.type != "cuda" or not cuda_available():
@@ -1028,7 +1117,36 @@ class BenchSession:
             row.reason = (row.reason + "; " if row.reason else "") + f"peak memory not measured: {_error_text(exc)}"
         row.peak_mem_mib = None if peak is None else peak / 2**20
         self.count_syncs(row, provider, case)
+        if self.bench.graph_timing:
+            self._time_from_graphs(row, case, provider, fn)
         return row
+
+    def _time_from_graphs(self, row: ResultRow, case, provider: Provider, fn) -> None:
+        """The cell's device-only time (:func:`time_graph`), or ``row.graph_note`` saying
+        why there is none. A failure here leaves the eager row as it is."""
+        timer = getattr(self.timing_source, "time_graph", None)
+        if timer is None:
+            row.graph_note = f"not captured: the timing source {self.timing_source.name!r} has no graph timing"
+            return
+        if row.host_syncs != 0:
+            row.graph_note = ("not captured: host syncs could not be counted" if row.host_syncs is None
+                              else f"not captured: {row.host_syncs} host sync(s) per call")  # fmt: skip
+            return
+        try:
+            with torch.inference_mode():
+                timing, replayed = timer(self, case, provider, fn, self.arg_sets(case),
+                                         self.bench.make_inputs(case, self.device, 0))  # fmt: skip
+                mismatch = self.bench.compare(replayed, self._case(case)["expected"])
+        except Exception as exc:
+            row.graph_note = f"not captured: {_error_text(exc)}"
+            return
+        if mismatch:
+            row.graph_note = f"WRONG output when replayed from a CUDA graph: {mismatch}"
+            return
+        row.graph_median_ms, row.graph_p20_ms, row.graph_p80_ms = timing.median_ms, timing.p20_ms, timing.p80_ms
+        floor_ms = roofline_floor_ms(row.bytes, row.flops, self.roofline)
+        if floor_ms is not None:
+            row.graph_pct_roofline = 100.0 * floor_ms / timing.median_ms
 
     def _fill_metrics(self, row: ResultRow, timing: Timing) -> None:
         seconds = timing.median_ms * 1e-3
@@ -1075,9 +1193,12 @@ class BenchSession:
 
 def _fill_speedups(rows: list[ResultRow], baseline: str) -> None:
     base = {r.case: r.median_ms for r in rows if r.provider == baseline and r.status == "ok"}
+    graph_base = {r.case: r.graph_median_ms for r in rows if r.provider == baseline and r.status == "ok"}
     for r in rows:
         if r.status == "ok" and base.get(r.case):
             r.speedup = base[r.case] / r.median_ms
+        if r.status == "ok" and graph_base.get(r.case) and r.graph_median_ms:
+            r.graph_speedup = graph_base[r.case] / r.graph_median_ms
 
 
 def _not_timed_reason(detail: str) -> str:
@@ -1100,6 +1221,7 @@ def validate_on_cpu(bench: Benchmark, *, quick: bool = False, reason: str | None
         rows=[],
         roofline=Roofline.not_measured(f"not measured: {NO_CUDA}"),
         providers=_provider_descriptions(bench),
+        graph_timing=bench.graph_timing,
     )
     for case in bench.cases_for(quick):
         result.rows += [session.check_cell_on_cpu(case, provider, reason) for provider in bench.providers]
@@ -1157,6 +1279,7 @@ def run_timed(session: BenchSession, *, deadline: float | None = None,
         rows=[],
         roofline=session.roofline,
         providers=_provider_descriptions(bench),
+        graph_timing=bench.graph_timing,
         timing_source=session.timing_source.name,
     )
     for case in bench.cases_for(session.quick):
@@ -1212,29 +1335,38 @@ def _roofline_line(roof: dict | None) -> str:
     )
 
 
-_TABLE_HEADER = (
-    "| case | provider | status | median ms | p20-p80 ms | GB/s | % copy BW | TFLOP/s | % matmul "
-    "| % roofline | speedup | peak MiB | host syncs | correct | note |\n"
-    "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|\n"
-)
+def _table_header(graph: bool) -> str:
+    """The per-benchmark table's header; ``graph``: with the CUDA-graph columns."""
+    extra = " graph ms | graph speedup | graph % roofline |" if graph else ""
+    return (
+        "| case | provider | status | median ms | p20-p80 ms | GB/s | % copy BW | TFLOP/s | % matmul "
+        f"| % roofline | speedup |{extra} peak MiB | host syncs | correct | note |\n"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * (3 * graph) + "---:|---:|---|---|\n"
+    )
 
 
 def _md_cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
-def _row_line(r: dict) -> str:
+def _row_line(r: dict, graph: bool = False) -> str:
     spread = "" if r.get("p20_ms") is None else f"{r['p20_ms']:.4f}-{r['p80_ms']:.4f}"
     syncs = "" if r.get("host_syncs") is None else f"{r['host_syncs']} ({r.get('host_syncs_device', '')})"
     correct = {True: "yes", False: "NO", None: ""}[r.get("correct")]
     note = r.get("reason", "")
     if r.get("status") == NOT_TIMED and note.startswith(NOT_TIMED):
         note = ""  # said once above the table
+    if graph and r.get("graph_note"):
+        note = f"{note}; graph: {r['graph_note']}" if note else f"graph: {r['graph_note']}"
+    graph_cells = [
+        _fmt(r.get("graph_median_ms"), ".4f"), _fmt(r.get("graph_speedup"), ".2f"),
+        _fmt(r.get("graph_pct_roofline"), ".1f"),
+    ] if graph else []  # fmt: skip
     cells = [
         r["case"], r["provider"], r["status"], _fmt(r.get("median_ms"), ".4f"), spread,
         _fmt(r.get("gbps"), ".1f"), _fmt(r.get("pct_copy_bw"), ".1f"), _fmt(r.get("tflops"), ".2f"),
         _fmt(r.get("pct_matmul"), ".1f"), _fmt(r.get("pct_roofline"), ".1f"), _fmt(r.get("speedup"), ".2f", ""),
-        _fmt(r.get("peak_mem_mib"), ".1f"), syncs, correct, note,
+        *graph_cells, _fmt(r.get("peak_mem_mib"), ".1f"), syncs, correct, note,
     ]  # fmt: skip
     return "| " + " | ".join(_md_cell(c) for c in cells) + " |\n"
 
@@ -1281,6 +1413,7 @@ def summarize(data: dict) -> list[dict]:
             rows = [r for r in bench.get("rows", []) if r["provider"] == provider]
             ok = [r for r in rows if r.get("status") == "ok" and r.get("median_ms") is not None]
             speedups = [r["speedup"] for r in ok if r.get("speedup")]
+            graph_speedups = [r["graph_speedup"] for r in ok if r.get("graph_speedup")]
             largest = max(ok, key=lambda r: (row_size(bench, r) or 0.0, r.get("bytes", 0)), default=None)
             pct = [r["pct_roofline"] for r in ok if r.get("pct_roofline") is not None]
             out.append({
@@ -1297,6 +1430,8 @@ def summarize(data: dict) -> list[dict]:
                 "median_ms_at_largest": largest.get("median_ms") if largest else None,
                 "peak_mem_mib_at_largest": largest.get("peak_mem_mib") if largest else None,
                 "best_pct_roofline": max(pct) if pct else None,
+                "graph_cells": len(graph_speedups),
+                "graph_speedup_geomean": _geomean(graph_speedups),
             })  # fmt: skip
     return out
 
@@ -1322,10 +1457,12 @@ def _summary_markdown(data: dict) -> str:
     out = [
         "\n## Summary\n\nSpeedup = the baseline's median / the provider's median, per cell (> 1: faster than "
         "the baseline); geometric mean over the cells timed. \"At largest\": the timed cell of the largest "
-        "main size.\n\n",
+        "main size. Graph speedup: the same from CUDA-graph replays (device time only), over the cells "
+        "with one.\n\n",
         "| benchmark | kind | provider | baseline | timed cells | speedup (geomean) | min-max | largest case "
-        "| median ms there | speedup there | peak MiB there | best % roofline | skipped | failed |\n",
-        "|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|\n",
+        "| median ms there | speedup there | peak MiB there | best % roofline | graph speedup (geomean) "
+        "| skipped | failed |\n",
+        "|---|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|\n",
     ]
     for s in summary:
         spread = "" if s["speedup_min"] is None else f"{s['speedup_min']:.2f}-{s['speedup_max']:.2f}"
@@ -1333,7 +1470,9 @@ def _summary_markdown(data: dict) -> str:
             s["benchmark"], s["kind"], s["provider"], s["baseline"], f"{s['ok']}/{s['cells']}",
             _fmt(s["speedup_geomean"], ".2f"), spread, s["largest_case"], _fmt(s["median_ms_at_largest"], ".4f"),
             _fmt(s["speedup_at_largest"], ".2f"), _fmt(s["peak_mem_mib_at_largest"], ".1f"),
-            _fmt(s["best_pct_roofline"], ".1f"), s["skipped"], s["failed"],
+            _fmt(s["best_pct_roofline"], ".1f"),
+            "" if not s["graph_cells"] else f"{s['graph_speedup_geomean']:.2f} ({s['graph_cells']})",
+            s["skipped"], s["failed"],
         ]  # fmt: skip
         out.append("| " + " | ".join(_md_cell(c) for c in cells) + " |\n")
     skipped = skipped_baselines(data)
@@ -1372,8 +1511,14 @@ def render_markdown(data: dict) -> str:
         for p in bench.get("providers", []):
             if p.get("notes"):
                 out.append(f"- `{p['name']}`: {p['notes']}\n")
-        out.append("\n" + _TABLE_HEADER)
-        out.extend(_row_line(r) for r in bench.get("rows", []))
+        graph = bool(bench.get("graph_timing"))
+        if graph:
+            out.append(
+                "\nGraph columns: the device time alone, each call replayed from a CUDA graph (no host "
+                "work, so no wait for it); the eager median includes whatever the GPU waited for the host.\n"
+            )
+        out.append("\n" + _table_header(graph))
+        out.extend(_row_line(r, graph) for r in bench.get("rows", []))
         for key, title in (("plot", "effective bandwidth"), ("speedup_plot", "speedup vs size"),
                            ("roofline_plot", "roofline position")):  # fmt: skip
             plot = bench.get(key, "")

@@ -285,6 +285,130 @@ def test_timed_rows_report_bandwidth_roofline_speedup_and_failures(tmp_path):
         assert (tmp_path / "merge.png").stat().st_size > 1000
 
 
+@dataclasses.dataclass(frozen=True)
+class _ToyCase:
+    name: str
+    n: int
+
+    def params(self) -> dict:
+        return {"n": self.n}
+
+
+def _toy_double(x):
+    return x * 2
+
+
+def _toy_double_after_sync(x):
+    x.sum().item()  # one host sync: cannot be captured
+    return x * 2
+
+
+class _GraphStandIn(harness.CudaEventTiming):
+    """``time_graph`` without CUDA: the wall clock times the calls themselves, ``time``
+    x 0.5 stands in for the replays, and the "replay" on the check inputs is a plain call
+    (wrong or raising for the providers named)."""
+
+    name = "graph stand-in (test)"
+
+    def __init__(self, *, wrong=(), raising=()):
+        self.wrong, self.raising = set(wrong), set(raising)
+        self.captured: list[str] = []
+
+    def time(self, session, case, provider, fn, arg_sets):
+        return harness.Timing(median_ms=2.0 * case.n, p20_ms=1.8 * case.n, p80_ms=2.2 * case.n, runs=5, warmup_runs=1)
+
+    def time_graph(self, session, case, provider, fn, arg_sets, check_inputs):
+        self.captured.append(provider.name)
+        if provider.name in self.raising:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        replayed = fn(check_inputs)
+        if provider.name in self.wrong:
+            replayed = replayed + 1
+        factor = {"double": 1.0, "double-too": 0.25}.get(provider.name, 0.5)
+        ms = factor * case.n
+        return harness.Timing(median_ms=ms, p20_ms=0.9 * ms, p80_ms=1.1 * ms, runs=5, warmup_runs=1), replayed
+
+    def peak_memory(self, session, case, provider, fn, inputs):
+        return None
+
+
+def test_graph_timing_rows_speedups_and_reasons(tmp_path):
+    bench = harness.Benchmark(
+        name="toy",
+        description="x * 2",
+        cases=(_ToyCase("n1000", 1000), _ToyCase("n4000", 4000)),
+        providers=(
+            harness.Provider("double", lambda: _toy_double),
+            harness.Provider("double-too", lambda: _toy_double),
+            harness.Provider("syncs", lambda: _toy_double_after_sync),
+            harness.Provider("wrong-replay", lambda: _toy_double),
+            harness.Provider("capture-raises", lambda: _toy_double),
+        ),
+        make_inputs=lambda case, device, seed: torch.arange(case.n, dtype=torch.float32, device=device) + seed,
+        expected_output=lambda x: x * 2,
+        bytes_moved=lambda case: 8 * case.n,
+        flops=lambda case: case.n,
+        graph_timing=True,
+    )
+    roofline = harness.Roofline(copy_gbps=100.0, matmul_tflops=10.0, device_name="stand-in", copy_bytes=2, matmul_size=8)
+    source = _GraphStandIn(wrong={"wrong-replay"}, raising={"capture-raises"})
+    session = harness.BenchSession(bench, "cpu", roofline=roofline, clock=WallClock(), timing_source=source)
+    result = harness.run_timed(session)
+    assert result.graph_timing and result.to_dict()["graph_timing"] is True
+    rows = {(r.case, r.provider): r for r in result.rows}
+    for case in bench.cases:
+        double, too = rows[(case.name, "double")], rows[(case.name, "double-too")]
+        assert double.status == too.status == "ok" and double.graph_note == too.graph_note == ""
+        assert (double.graph_median_ms, double.graph_p20_ms, double.graph_p80_ms) == pytest.approx(
+            (case.n, 0.9 * case.n, 1.1 * case.n))  # fmt: skip
+        assert double.graph_speedup == pytest.approx(1.0) and too.graph_speedup == pytest.approx(4.0)
+        assert too.speedup == pytest.approx(1.0)  # the eager times are equal
+        floor_ms = 8 * case.n / 100e9 * 1e3  # bytes over the copy bandwidth (the FLOPs floor is lower)
+        assert double.graph_pct_roofline == pytest.approx(100 * floor_ms / case.n)
+        assert double.pct_roofline == pytest.approx(100 * floor_ms / (2.0 * case.n))
+        # Eager rows stay timed whatever happens to their graph.
+        syncs = rows[(case.name, "syncs")]
+        assert syncs.status == "ok" and syncs.host_syncs == 1 and syncs.graph_median_ms is None
+        assert syncs.graph_note == "not captured: 1 host sync(s) per call"
+        wrong = rows[(case.name, "wrong-replay")]
+        assert wrong.status == "ok" and wrong.graph_median_ms is None and wrong.graph_speedup is None
+        assert wrong.graph_note.startswith("WRONG output when replayed from a CUDA graph")
+        raised = rows[(case.name, "capture-raises")]
+        assert raised.status == "ok" and raised.graph_median_ms is None
+        assert raised.graph_note == "not captured: RuntimeError: operation not permitted when stream is capturing"
+    assert "syncs" not in source.captured  # never handed to the capture
+
+    folder = harness.ResultsFolder(tmp_path)
+    data = folder.update(benchmark=result, roofline=result.roofline)
+    summary = {s["provider"]: s for s in harness.summarize(data)}
+    assert summary["double-too"]["graph_speedup_geomean"] == pytest.approx(4.0)
+    assert summary["double-too"]["graph_cells"] == 2 and summary["syncs"]["graph_cells"] == 0
+    md = (tmp_path / "results.md").read_text()
+    assert "| graph ms | graph speedup | graph % roofline |" in md
+    assert "| 4.00 (2) |" in md  # the summary's graph speedup, over two cells
+    table = [line for line in md.splitlines() if line.startswith("| n1000 | double-too |")]
+    assert len(table) == 1 and "| 250.0000 | 4.00 |" in table[0]
+    header = next(line for line in md.splitlines() if line.startswith("| case | provider |"))
+    assert all(line.count(" | ") == header.count(" | ") for line in md.splitlines() if line.startswith("| n1000 |"))
+    assert "graph: not captured: 1 host sync(s) per call" in md
+
+
+def test_graph_timing_needs_a_source_that_has_it():
+    class EagerOnly(_GraphStandIn):
+        time_graph = None
+
+    bench = harness.Benchmark(
+        name="toy", description="", cases=(_ToyCase("n8", 8),), providers=(harness.Provider("double", lambda: _toy_double),),
+        make_inputs=lambda case, device, seed: torch.ones(case.n), expected_output=lambda x: x * 2,
+        bytes_moved=lambda case: 8, graph_timing=True,
+    )  # fmt: skip
+    session = harness.BenchSession(bench, "cpu", roofline=harness.Roofline.not_measured("none"), clock=WallClock(),
+                                   timing_source=EagerOnly())  # fmt: skip
+    (row,) = harness.run_timed(session).rows
+    assert row.status == "ok" and row.graph_median_ms is None
+    assert row.graph_note == "not captured: the timing source 'graph stand-in (test)' has no graph timing"
+
+
 def test_deadline_leaves_cases_not_timed():
     session = _stand_in_session(bench_merge.PROVIDERS[:2], cases=(goal_merge_shape().scaled(),))
     result = harness.run_timed(session, deadline=time.time() - 1)

@@ -39,6 +39,7 @@ FACTORS = {
     "torch.compile": 0.8,
 }  # fmt: skip
 FAKE_SOURCE = "fake (test)"
+GRAPH_FACTORS = {"mmkernels": 0.05, "mmkernels(uint8)": 0.05}  # of the size, like FACTORS
 
 
 class FakeTiming:
@@ -50,6 +51,7 @@ class FakeTiming:
     def __init__(self, slower: dict | None = None):
         self.slower = slower or {}
         self.timed: list[tuple[str, str, str]] = []
+        self.graphed: list[tuple[str, str, str]] = []
 
     @staticmethod
     def size(session, case) -> float:
@@ -65,6 +67,12 @@ class FakeTiming:
         self.timed.append((session.bench.name, case.name, provider.name))
         ms = self.ms(session, case, provider)
         return harness.Timing(median_ms=ms, p20_ms=0.9 * ms, p80_ms=1.1 * ms, runs=10, warmup_runs=2)
+
+    def time_graph(self, session, case, provider, fn, arg_sets, check_inputs):
+        """Replays: half the eager time, a tenth for mmkernels' (its eager time is the host's)."""
+        self.graphed.append((session.bench.name, case.name, provider.name))
+        ms = self.size(session, case) / 1000.0 * GRAPH_FACTORS.get(provider.name, 0.5 * FACTORS[provider.name])
+        return harness.Timing(median_ms=ms, p20_ms=0.9 * ms, p80_ms=1.1 * ms, runs=10, warmup_runs=2), fn(check_inputs)
 
     def peak_memory(self, session, case, provider, fn, inputs):
         return int(self.ms(session, case, provider) * 10 * 2**20)
@@ -210,6 +218,35 @@ def test_rows_and_speedups_come_from_the_fake_times(fake_run):
     assert len(timing.timed) == sum(
         1 for b in data["benchmarks"].values() for r in b["rows"] if r["status"] == "ok"
     )
+
+
+def test_graph_columns_come_from_the_fake_replays(fake_run):
+    """patch_embed times its cells from CUDA graphs too (merge and the models do not)."""
+    _, out, timing = fake_run
+    data = json.loads((out / "results.json").read_text())
+    assert data["benchmarks"]["patch_embed"]["graph_timing"] is True
+    assert data["benchmarks"]["merge"]["graph_timing"] is False
+    assert {b for b, _, _ in timing.graphed} == {"patch_embed"}
+    rows = {(r["case"], r["provider"]): r for r in data["benchmarks"]["patch_embed"]["rows"]}
+    for case in FAKE_CASES["patch_embed"]:
+        size = _expected_size("patch_embed", case)
+        base_ms = size / 1000.0 * 0.5
+        for provider in ("hf-eager", "unfold+linear", "mmkernels", "mmkernels(uint8)"):
+            row = rows[(case, provider)]
+            assert row["graph_note"] == "", (case, provider, row["graph_note"])
+            ms = size / 1000.0 * GRAPH_FACTORS.get(provider, 0.5 * FACTORS[provider])
+            assert row["graph_median_ms"] == pytest.approx(ms)
+            assert row["graph_speedup"] == pytest.approx(base_ms / ms)
+            floor = harness.roofline_floor_ms(row["bytes"], row["flops"], FAKE_ROOFLINE)
+            assert row["graph_pct_roofline"] == pytest.approx(100 * floor / ms)
+    assert all(r.get("graph_median_ms") is None for r in data["benchmarks"]["merge"]["rows"])
+    summary = {(s["benchmark"], s["provider"]): s for s in harness.summarize(data)}
+    assert summary[("patch_embed", "mmkernels")]["graph_speedup_geomean"] == pytest.approx(10.0)
+    assert summary[("patch_embed", "mmkernels")]["speedup_geomean"] == pytest.approx(4.0)
+    md = (out / "results.md").read_text()
+    patch_section = md.split("\n## patch_embed\n", 1)[1].split("\n## ", 1)[0]
+    merge_section = md.split("\n## merge\n", 1)[1].split("\n## ", 1)[0]
+    assert "graph ms" in patch_section and "graph ms" not in merge_section
 
 
 def test_sizes_and_summary_match_the_fake_times(fake_run):

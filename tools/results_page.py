@@ -10,7 +10,8 @@ CUDA are not results and are passed over silently (a local dry run does not make
 page stale); anything else not shown (another timing source such as the tests' fake
 clock, no timed cell, an unreadable file) is listed with the reason, never as numbers. Per device: the newest run's summary
 (speedup over each benchmark's baseline, at the largest size, best % of the measured
-roofline, peak memory), its skipped baselines by name, its plots, and the older runs.
+roofline, peak memory, and the speedup from CUDA-graph replays where the benchmark times
+them), its skipped baselines by name, its plots, and the older runs.
 
 The page is generated, never edited: ``--out`` (default
 ``benchmarks/results/RESULTS.md``) is rewritten; ``--check`` exits 1 when it is stale.
@@ -109,13 +110,15 @@ def _run_section(folder: Path, data: dict, page_dir: Path) -> list[str]:
                    f"{roof['matmul_tflops']:.0f} TFLOP/s.\n")  # fmt: skip
     out.append(
         "\n| benchmark | provider | vs | timed | speedup (geomean) | largest case | median ms there | speedup there "
-        "| peak MiB there | best % roofline |\n|---|---|---|---:|---:|---|---:|---:|---:|---:|\n"
+        "| peak MiB there | best % roofline | graph speedup (geomean) |\n"
+        "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|\n"
     )
     for s in harness.summarize(data):
         out.append("| " + " | ".join(_cell(c) for c in (
             s["benchmark"], s["provider"], s["baseline"], f"{s['ok']}/{s['cells']}", _fmt(s["speedup_geomean"], ".2f"),
             s["largest_case"], _fmt(s["median_ms_at_largest"], ".4f"), _fmt(s["speedup_at_largest"], ".2f"),
             _fmt(s["peak_mem_mib_at_largest"], ".1f"), _fmt(s["best_pct_roofline"], ".1f"),
+            _fmt(s["graph_speedup_geomean"], ".2f"),
         )) + " |\n")  # fmt: skip
     skipped = harness.skipped_baselines(data)
     if skipped:
