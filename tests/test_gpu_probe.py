@@ -36,6 +36,9 @@ def test_linear_sweep_configs_cover_k_without_empty_splits(registry, case_name, 
     # The default tiles in the other layout come first; the rest keep the default's layout.
     assert configs[0][1] == dataclasses.replace(default, swap_ab=not default.swap_ab)
     assert all(cfg.swap_ab == default.swap_ab for _, cfg in configs[1:])
+    if case.m <= 64:  # then one launch with a deep pipeline, against the default's split-K
+        assert [(cfg.split_k, cfg.num_stages) for _, cfg in configs[1:3]] == [(1, 8), (1, 6)]
+        assert all(cfg.block_n == default.block_n and cfg.block_k == default.block_k for _, cfg in configs[1:3])
     for label, cfg in configs:
         assert cfg.k_per_split % cfg.block_k == 0, label
         assert cfg.split_k * cfg.k_per_split >= case.k > (cfg.split_k - 1) * cfg.k_per_split, label
@@ -52,12 +55,12 @@ def test_render_lists_measurements_and_errors():
                   "host_us": 40.0, "device_us": 8.0, "host_bound": True, "top_functions": ["5.0 us own _validate"]},
                  {"benchmark": "merge", "case": "d", "provider": "mmkernels", "error": "RuntimeError: boom"}],
         "sweep": [{"benchmark": "patch_embed", "case": "c", "provider": "mmkernels", "config": "default",
-                   "median_ms": 1.0, "max_rel_diff_vs_default": 0.0}],
+                   "median_ms": 1.0, "timing": "graph", "max_rel_diff_vs_default": 0.0}],
     })  # fmt: skip
     assert "| empty kernel (2 args, 1 constexpr) | 9.5 |" in text and "| quantized_linear_kernel | ValueError: x |" in text
     assert "| merge | c | mmkernels | 50.0 | 40.0 | 8.0 | True |" in text
     assert "RuntimeError: boom" in text and "5.0 us own _validate" in text
-    assert "| patch_embed | c | mmkernels | default | 1.0 | 0.0 |" in text
+    assert "| patch_embed | c | mmkernels | default | 1.0 | graph | 0.0 |" in text
 
 
 def test_launch_capture_records_and_replays_the_real_launch(monkeypatch):
@@ -118,7 +121,7 @@ def test_sweep_measures_round_robin_and_returns_rows_by_plan(monkeypatch):
     }  # fmt: skip
     clock = iter(range(10_000))
     monkeypatch.setattr(gpu_probe, "time", NS(time=lambda: next(clock)))
-    monkeypatch.setattr(gpu_probe, "_bench_ms", lambda fn: 1.0)
+    monkeypatch.setattr(gpu_probe, "_bench_ms", lambda fn: (1.0, "graph"))
     n_plans = 7
     rows = gpu_probe.probe_sweep(registry, deadline=2 * n_plans - 0.5)
     plans = []
@@ -130,6 +133,7 @@ def test_sweep_measures_round_robin_and_returns_rows_by_plan(monkeypatch):
     for key in plans:
         mine = [r for r in rows if (r["case"], r["provider"]) == key]
         assert mine[0]["config"].startswith("default") and "median_ms" in mine[0], mine[0]
+        assert mine[0]["timing"] == "graph"
         assert "median_ms" in mine[1], mine[1]
         assert all(r["error"] == "not run: probe budget spent" for r in mine[2:]), key
         assert len(mine) >= 3
