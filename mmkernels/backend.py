@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import enum
+import functools
 import logging
 import os
 import threading
@@ -63,12 +64,22 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
+try:
+    from triton.runtime.interpreter import InterpretedFunction as _InterpretedFunction
+except ImportError:  # pragma: no cover - every supported triton has it
+    _InterpretedFunction = None
+
+
 def _is_interpreted(kernel: Any) -> bool:
-    try:
-        from triton.runtime.interpreter import InterpretedFunction
-    except ImportError:  # pragma: no cover - every supported triton has it
-        return False
-    return isinstance(kernel, InterpretedFunction)
+    return _InterpretedFunction is not None and isinstance(kernel, _InterpretedFunction)
+
+
+@functools.lru_cache(maxsize=None)
+def _compute_capability(index: int) -> tuple[int, int]:
+    """Compute capability of CUDA device ``index``, asked once per process: it cannot
+    change, and ``torch.cuda.get_device_capability`` is several microseconds of Python
+    (device index checks, the properties object) that every op call would pay."""
+    return tuple(torch.cuda.get_device_capability(index))
 
 
 @dataclass(frozen=True)
@@ -89,7 +100,7 @@ class Capabilities:
                 names = ", ".join(sorted(str(d).replace("torch.", "") for d in self.dtypes))
                 reasons.append(f"dtype {str(dt).replace('torch.', '')} not supported (supported: {names})")
         if device.type == "cuda":
-            cc = torch.cuda.get_device_capability(device)
+            cc = _compute_capability(device.index if device.index is not None else torch.cuda.current_device())
             if cc < self.min_compute_capability:
                 reasons.append(
                     f"compute capability {cc[0]}.{cc[1]} < required "

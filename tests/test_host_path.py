@@ -239,3 +239,27 @@ def test_alignment_hints_only_where_the_jit_cannot_see_them():
     assert attention(q, q, q) == 8
     assert attention(*[torch.empty(10, 16, 64, dtype=bf16)] * 3) == 1  # multiples of 16 already
     assert attention(q[:, :, 1:], q, q) == 1  # a base off 16 bytes
+
+
+def test_compute_capability_is_asked_once_per_device(monkeypatch):
+    """Every CUDA call checks the kernel's minimum compute capability; the property is
+    read from torch once per device (it is several microseconds of Python per ask)."""
+    asked = []
+
+    def capability(index):
+        asked.append(index)
+        return {0: (9, 0), 1: (7, 5)}[index]
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    backend._compute_capability.cache_clear()
+    try:
+        caps = backend.Capabilities(frozenset({torch.bfloat16}), min_compute_capability=(8, 0))
+        for _ in range(3):
+            assert caps.not_supported_reasons(torch.device("cuda:0"), [torch.bfloat16]) == []
+            assert caps.not_supported_reasons(torch.device("cuda"), [torch.bfloat16]) == [
+                "compute capability 7.5 < required 8.0"]  # fmt: skip
+        assert asked == [0, 1]
+    finally:
+        backend._compute_capability.cache_clear()
+
