@@ -360,3 +360,29 @@ def test_cpu_run_validates_every_provider_and_writes_not_timed(tmp_path, monkeyp
     assert [p["name"] for p in data["benchmarks"]["patch_embed"]["providers"]] == list(PROVIDERS)
     md = (tmp_path / "results.md").read_text()
     assert "## patch_embed" in md and "not timed: no CUDA device" in md and "| hf-eager |" in md
+
+
+# --------------------------------------------------------------------------------------
+# The raw-pixels benchmark: the same towers, pixels starting in host memory
+
+
+def test_raw_pixels_inputs_start_in_pageable_host_memory_and_match_the_oracle():
+    from benchmarks import bench_raw_pixels as raw
+
+    assert [s.name for s in raw.QUICK_RAW_PIXEL_SHAPES] == ["clip-l-14-336/b1", "clip-l-14-336/b64"]
+    sizes = [s.gemm_rows for s in raw.RAW_PIXEL_SHAPES]
+    assert max(sizes) / min(sizes) >= 100  # 1 to 256 images
+    shape = SHAPES["clip-l-14-336/b8"].scaled()
+    inputs = raw.make_host_pixel_inputs(shape, "cpu", 0)
+    for host in (inputs.float32, inputs.uint8):
+        assert host.device.type == "cpu" and not host.is_pinned()  # what a processor returns
+    assert inputs.float32.dtype == torch.float32 and inputs.uint8.dtype == torch.uint8
+    torch.testing.assert_close(inputs.float32, inputs.on_device.pixels, rtol=0, atol=0)
+    expected = raw.expected_embeddings(inputs)
+    assert bench.compare_close(raw.hf_from_host(inputs), expected) is None
+    if _mmkernels_available():
+        for provider in raw.PROVIDERS[1:]:
+            assert bench.compare_close(provider.factory()(inputs), expected) is None, provider.name
+    # No bytes declared: rows are latency (the copy runs at the bus's speed).
+    assert raw.RAW_PIXELS_BENCHMARK.bytes_moved(shape) == 0 and raw.RAW_PIXELS_BENCHMARK.flops(shape) == 0
+    assert harness.registered()["raw_pixels"].size_param == "M"
