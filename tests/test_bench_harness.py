@@ -608,6 +608,23 @@ def test_gpu_suite_takes_step_budgets_on_the_command_line(tmp_path):
         suite.main(["--out", str(tmp_path), "--probe-budgets", "150"])
 
 
+def test_gpu_suite_test_command_and_probe_choice(tmp_path, monkeypatch):
+    suite = _load_gpu_suite()
+    junit = tmp_path / "j.xml"
+    cmd = suite.gpu_tests_command(junit, dry_run=False, workers=8)
+    assert cmd[cmd.index("-m") + 1 :][:3] == ["pytest", "-m", "gpu"]
+    assert "-v" in cmd and f"--junitxml={junit}" in cmd and cmd[-2:] == ["-n", "8"]
+    assert "-n" not in suite.gpu_tests_command(junit, dry_run=False, workers=1)
+    dry = suite.gpu_tests_command(junit, dry_run=True, workers=8)
+    assert "--collect-only" in dry and "-n" not in dry and not any(a.startswith("--junitxml") for a in dry)
+    monkeypatch.setattr(suite.os, "cpu_count", lambda: 16)
+    assert suite._xdist_workers() == (8 if importlib.util.find_spec("xdist") else 1)
+    monkeypatch.setattr(suite.os, "cpu_count", lambda: 2)
+    assert suite._xdist_workers() == 1
+    assert suite.runs_probe(None, None) and suite.runs_probe(["patch_embed"], 120.0)
+    assert not suite.runs_probe(["patch_embed"], None)
+
+
 def test_gpu_suite_probe_step(tmp_path):
     suite = _load_gpu_suite()
     assert suite.probe_step(tmp_path, budget_s=30, dry_run=True).status == "skipped"

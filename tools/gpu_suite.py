@@ -11,15 +11,18 @@ costs that step only), and is recorded in the summary however it ends:
    torch / triton / transformers versions, git commit, date, host).
 2. ``roofline``: device-to-device copy bandwidth and bf16 8192^3 matmul rate, measured
    once; the benchmarks read it from the folder for their "% of roofline" columns.
-3. ``gpu-tests``: ``pytest -m gpu tests/`` with ``MMK_TEST_GPU=1`` (compiled kernels);
-   JUnit XML and the log go into the folder. ``--tests-budget`` fixes its seconds.
+3. ``gpu-tests``: ``pytest -m gpu tests/`` with ``MMK_TEST_GPU=1`` (compiled kernels),
+   in up to 8 pytest-xdist processes sharing the GPU when xdist is installed (the time
+   goes to compiling kernels, one CPU core each); JUnit XML and the log (a line per
+   test) go into the folder. ``--tests-budget`` fixes its seconds.
 4. ``bench:<name>``: every benchmark registered by a ``benchmarks/bench_*.py`` module
    (kernel microbenchmarks and model-level benchmarks), each run by the same code as
    ``python -m mmkernels.bench --benchmarks <name> --out DIR`` in its own process.
 5. ``probe``: ``tools/gpu_probe.py`` into ``probe/``: host vs device microseconds per
    call of each op (CUDA-graph replay) and tile sweeps of the GEMM kernels, at most 60 s
-   (taken before the benchmarks' share; not with ``--benchmarks``); ``--probe-budget``
-   fixes its seconds (the sweep compiles each config it times: a few seconds each).
+   (taken before the benchmarks' share; with ``--benchmarks`` only when
+   ``--probe-budget`` is given); ``--probe-budget`` fixes its seconds (the sweep
+   compiles each config it times: a few seconds each).
 6. ``plots``: every benchmark's plots and the Markdown summary redrawn from
    ``results.json`` (a step stopped by its budget leaves rows but no plots).
 
@@ -217,13 +220,32 @@ def junit_summary(path: Path) -> dict:
     return {**counts, "failing": failing[:20]}
 
 
+GPU_TEST_WORKERS = 8
+
+
+def gpu_tests_command(junit: Path, *, dry_run: bool, workers: int) -> list[str]:
+    """The GPU tests' pytest command. Most of their time is Triton compiling each kernel
+    variant (CPU work, one core per process), so ``workers`` processes (pytest-xdist)
+    share the one GPU; ``-v`` puts one line per test in the log, so a run stopped by its
+    budget still shows which tests passed (the JUnit file is written only at the end)."""
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/", "-p", "no:cacheprovider", "-rfEs"]
+    if dry_run:
+        return cmd + ["-q", "--collect-only"]
+    cmd += ["-v", f"--junitxml={junit}", "--durations=10"]
+    return cmd + (["-n", str(workers)] if workers > 1 else [])
+
+
+def _xdist_workers() -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("xdist") is None:
+        return 1
+    return max(1, min(GPU_TEST_WORKERS, (os.cpu_count() or 2) // 2))
+
+
 def run_gpu_tests(out_dir: Path, *, budget_s: float, dry_run: bool) -> StepResult:
     junit = out_dir / "gpu-tests.junit.xml"
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "tests/", "-p", "no:cacheprovider", "-q", "-rfEs"]
-    if dry_run:
-        cmd.append("--collect-only")
-    else:
-        cmd += [f"--junitxml={junit}", "--durations=10"]
+    cmd = gpu_tests_command(junit, dry_run=dry_run, workers=1 if dry_run else _xdist_workers())
     env = step_env(dry_run=dry_run, gpu_tests=True)
     step, rc = run_process_step("gpu-tests", cmd, budget_s=budget_s, out_dir=out_dir, env=env)
     if rc == 5:  # pytest: no tests collected
@@ -310,6 +332,13 @@ def bench_reserve_s(n_benches: int, remaining_s: float) -> float:
 
 SERVE_VLLM_CAP_S = 150.0
 PROBE_CAP_S = 60.0
+
+
+def runs_probe(only: list[str] | None, probe_budget_s: float | None) -> bool:
+    """The probe runs in a whole suite, and with ``--benchmarks`` only when
+    ``--probe-budget`` asks for it (a chosen few benchmarks plus the sweeps: a short
+    lease's run)."""
+    return only is None or probe_budget_s is not None
 
 
 def probe_step(out_dir: Path, *, budget_s: float, dry_run: bool) -> StepResult:
@@ -422,7 +451,7 @@ def run_suite(out_dir: Path, *, quick: bool, dry_run: bool, stamp: dict, stamp_s
     tests_s = budget.allot_step(tests_budget_s, GPU_TESTS_CAP_S * (0.5 if quick else 1.0), bench_reserve)
     steps.append(run_gpu_tests(out_dir, budget_s=tests_s, dry_run=dry_run))
     record("running")
-    if only is None:
+    if runs_probe(only, probe_budget_s):
         probe_s = budget.allot_step(probe_budget_s, PROBE_CAP_S, bench_reserve)
         steps.append(probe_step(out_dir, budget_s=probe_s, dry_run=dry_run))
         record("running")
