@@ -87,12 +87,20 @@ def test_launch_capture_records_and_replays_the_real_launch(monkeypatch):
     assert torch.equal(out, expected)
 
 
-def test_patch_embed_sweep_covers_every_a_source():
+@pytest.mark.parametrize("rows", [729, 36864], ids=["siglip-b1-gathers", "clip-b64-packs"])
+def test_patch_embed_sweep_covers_every_a_source(rows):
+    import importlib
+
     from mmkernels.ops.patch_embed import A_SOURCES
 
-    image = list(gpu_probe._patch_embed_configs(image_form=True))
-    flat = list(gpu_probe._patch_embed_configs(image_form=False))
+    default = importlib.import_module("mmkernels.ops.patch_embed").embed_config(rows, 1152, 588, 2)
+    assert default.a_source == ("gather" if rows < 4096 else "packed")
+    image = list(gpu_probe._patch_embed_configs(default, image_form=True))
+    flat = list(gpu_probe._patch_embed_configs(default, image_form=False))
     assert {cfg.a_source for _, cfg in image} == set(A_SOURCES)
+    # First the default's tiles with each other A source: the row threshold's question.
+    others = [s for s in A_SOURCES if s != default.a_source]
+    assert [cfg for _, cfg in image[:2]] == [default.with_a_source(s) for s in others]
     assert {cfg.a_source for _, cfg in flat} == {"packed"}  # flat, not normalized: read directly by all
     assert len({label for label, _ in image}) == len(image)
 
@@ -112,9 +120,11 @@ def test_sweep_measures_round_robin_and_returns_rows_by_plan(monkeypatch):
                   make_inputs=lambda case, device, seed: None)  # fmt: skip
 
     registry = {
-        "patch_embed": bench("patch_embed", [NS(name="clip-l-14-336/b64", weight_shape=(1024, 3, 14, 14)),
-                                             NS(name="qwen2-vl-7b/4096p", weight_shape=(1280, 3, 2, 14, 14))],
-                             ["mmkernels", "mmkernels(uint8)"]),
+        "patch_embed": bench("patch_embed", [
+            NS(name="clip-l-14-336/b64", weight_shape=(1024, 3, 14, 14), gemm_rows=36864, dim=1024, gemm_k=588),
+            NS(name="siglip-so400m-14-384/b1", weight_shape=(1152, 3, 14, 14), gemm_rows=729, dim=1152, gemm_k=588),
+            NS(name="qwen2-vl-7b/4096p", weight_shape=(1280, 3, 2, 14, 14), gemm_rows=4096, dim=1280, gemm_k=1176)],
+            ["mmkernels", "mmkernels(uint8)"]),
         "quantized_linear": bench("quantized_linear", [NS(name="qwen2-vl-7b/merger.mlp.2/m2304", m=2304, n=3584, k=5120),
                                                        NS(name="llava-1.5-7b/linear_1/m16", m=16, n=4096, k=1024)],
                                   ["mmkernels(w8a16)", "mmkernels(w4a16)", "mmkernels(fp8)"]),
@@ -122,7 +132,7 @@ def test_sweep_measures_round_robin_and_returns_rows_by_plan(monkeypatch):
     clock = iter(range(10_000))
     monkeypatch.setattr(gpu_probe, "time", NS(time=lambda: next(clock)))
     monkeypatch.setattr(gpu_probe, "_bench_ms", lambda fn: (1.0, "graph"))
-    n_plans = 7
+    n_plans = 8
     rows = gpu_probe.probe_sweep(registry, deadline=2 * n_plans - 0.5)
     plans = []
     for row in rows:

@@ -21,8 +21,9 @@ alternatives; this says why. Three parts, each written to ``DIR/probe.json`` and
   quantized_linear) on real shapes, each config's call captured in a CUDA graph and its
   replays timed (device time only, L2 flushed between them; median), with each op's own
   config function replaced, the default marked. Round robin over the cases: every default, then every first
-  alternative (patch_embed's one-launch gather against packed patches, quantized_linear's
-  unswapped tile layout against the swapped one), then the tile variants; each config
+  alternative (patch_embed's default tiles with the other A source: packed patches
+  against the one-launch gather, for CLIP x 64 and for one SigLIP image on either side
+  of the row threshold; quantized_linear's other tile layout), then the tile variants; each config
   compiles on first use (seconds), so the budget decides how far it gets. A
   configuration that fails to compile or run is recorded with the error, never dropped.
 
@@ -261,17 +262,18 @@ def probe_host(registry, deadline: float) -> list[dict]:
 # Tile sweeps
 
 
-def _patch_embed_configs(image_form: bool = True):
-    """Candidate configs for one patch_embed case: the default tiles with the other A
-    sources first (the one-launch gather, and row steps for images), then tiles over
-    packed A; then a few tiles of the one-launch loops."""
-    from mmkernels.ops.patch_embed import EmbedConfig
+def _patch_embed_configs(default_cfg, image_form: bool = True):
+    """Candidate configs for one patch_embed case: the default's tiles with each other A
+    source first (packed / the one-launch gather / row steps for images: the choice
+    ``embed_config`` makes by row count), then tiles over packed A; then a few tiles of
+    the one-launch loops."""
+    from mmkernels.ops.patch_embed import A_SOURCES, EmbedConfig
 
     # Flat patches the benchmarks time are not normalized: read directly, whatever the source.
     sources = ("gather", "row_steps") if image_form else ()
-    for source in sources:
+    for source in (s for s in A_SOURCES if s != default_cfg.a_source) if image_form else ():
         # The K step of row steps is next_power_of_2(P), whatever block_k says.
-        yield f"default tiles, {source}", EmbedConfig(128, 128, 64, group_m=8, num_warps=8, num_stages=3).with_a_source(source)
+        yield f"default tiles, {source}", default_cfg.with_a_source(source)
     for bm, bn, bk, warps, stages in (
         (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 32, 4, 4), (128, 128, 64, 4, 4),
         (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (256, 128, 32, 8, 3), (128, 128, 16, 8, 4),
@@ -380,8 +382,10 @@ def probe_sweep(registry, deadline: float) -> list[dict]:
     ql_mod = importlib.import_module("mmkernels.ops.quantized_linear")
 
     plans = []
+    # CLIP x 64 packs first by default, SigLIP x 1 (729 rows) gathers in the GEMM: each is
+    # timed against the other sources first (embed_config's row threshold).
     for case_name, provider_name in (("clip-l-14-336/b64", "mmkernels"), ("clip-l-14-336/b64", "mmkernels(uint8)"),
-                                     ("qwen2-vl-7b/4096p", "mmkernels")):  # fmt: skip
+                                     ("siglip-so400m-14-384/b1", "mmkernels"), ("qwen2-vl-7b/4096p", "mmkernels")):  # fmt: skip
         plans.append(("patch_embed", case_name, provider_name, pe_mod, "embed_config", None))
     for case_name, scheme in (("qwen2-vl-7b/merger.mlp.2/m2304", "w8a16"), ("llava-1.5-7b/linear_1/m16", "w8a16"),
                               ("llava-1.5-7b/linear_1/m16", "w4a16"), ("qwen2-vl-7b/merger.mlp.2/m2304", "fp8")):
@@ -393,7 +397,9 @@ def probe_sweep(registry, deadline: float) -> list[dict]:
         bench = registry[bench_name]
         case = _case(bench, case_name)
         if bench_name == "patch_embed":
-            configs = [("default", None), *_patch_embed_configs(image_form=len(case.weight_shape) == 4)]
+            default_cfg = module.embed_config(case.gemm_rows, case.dim, case.gemm_k, 2)
+            configs = [(f"default {default_cfg}", None),
+                       *_patch_embed_configs(default_cfg, image_form=len(case.weight_shape) == 4)]  # fmt: skip
         else:
             default_cfg = module.linear_config(case.m, case.n, case.k, scheme, 128, 2)
             configs = [(f"default {default_cfg}", None), *_linear_configs(case, scheme, default_cfg)]
