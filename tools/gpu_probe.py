@@ -20,12 +20,13 @@ alternatives; this says why. Three parts, each written to ``DIR/probe.json`` and
 * ``sweep``: the tile configurations of the two GEMM kernels (patch_embed,
   quantized_linear) on real shapes, each config's call captured in a CUDA graph and its
   replays timed (device time only, L2 flushed between them; median), with each op's own
-  config function replaced, the default marked. Round robin over the cases: every default, then every first
-  alternative (patch_embed's default tiles with the other A source: packed patches
-  against the one-launch gather, for CLIP x 64 and for one SigLIP image on either side
-  of the row threshold; quantized_linear's other tile layout), then the tile variants; each config
-  compiles on first use (seconds), so the budget decides how far it gets. A
-  configuration that fails to compile or run is recorded with the error, never dropped.
+  config function replaced, the default marked. Round robin over the cases: every
+  default, then every first alternative (patch_embed's default tiles with another A
+  source: packed patches against the one-launch gather, for CLIP x 64 and for one
+  SigLIP image, either side of the row threshold; quantized_linear's other tile
+  layout), then the tile variants; each config compiles on first use (seconds), so the
+  budget decides how far it gets. A configuration that fails to compile or run is
+  recorded with the error, never dropped.
 
 Needs a CUDA device (exit 2 otherwise). Inputs come from the benchmarks' own registries
 (``benchmarks/bench_*.py``), so shapes and providers are the ones the suite times.
