@@ -254,9 +254,12 @@ def test_block_config_per_m_range_on_real_shapes():
         for m in (1, 64, 256, 4096):
             cfg = linear_config(m, 4096, 3584, "w4a16", g, 2)
             assert g % cfg.block_k == 0 and cfg.k_per_split % cfg.block_k == 0
-    # Integer weights take the swapped layout (the dequantized tile stays in registers).
-    assert linear_config(16, 4096, 7680, "w8a16", None, 2).swap_ab and small.swap_ab
-    assert not linear_config(576, 4096, 1024, "fp8", None, 2).swap_ab
+    # Tile layout (see linear_config): w8a16 unswapped at every M, w4a16 unswapped up to 16
+    # rows and swapped above; fp8 has nothing to dequantize.
+    for m in (1, 16, 64, 576, 9216):
+        assert not linear_config(m, 4096, 7680, "w8a16", None, 2).swap_ab
+        assert linear_config(m, 4096, 7680, "w4a16", 128, 2).swap_ab == (m > 16)
+        assert not linear_config(m, 4096, 7680, "fp8", None, 2).swap_ab
     # Deterministic: the same shape always gets the same config.
     assert linear_config(7, 5120, 5120, "fp8", None, 2) == linear_config(7, 5120, 5120, "fp8", None, 2)
 

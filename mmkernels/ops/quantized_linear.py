@@ -192,6 +192,7 @@ class LinearConfig:
     # tensor-core dot's first operand, which may stay in registers (Hopper's wgmma takes
     # only that one from registers; as the second operand it is stored to shared memory
     # every K step, and the wgmma waits for it). Ignored for fp8 (nothing to dequantize).
+    # Which layout linear_config picks, and why: its docstring.
     swap_ab: bool = False
 
 
@@ -208,12 +209,31 @@ def linear_config(m: int, n: int, k: int, scheme: str, group_size: int | None, e
     ``BLOCK_K`` is 64 (128 for fp8's one-byte operands; 32 for fp32 activations), and at
     most the w4a16 group size so that each K tile has one scale and zero per column.
 
-    Integer weights take the swapped layout (``swap_ab``, the Marlin / Machete choice): on
-    sm_90 it removes the per-step store of the dequantized tile to shared memory, lets the
-    wgmma run asynchronously (``pendings = 1`` instead of 0 in the TTGIR) and gives the
-    M <= 64 tiles wgmma (the tokens become its N, which may be 8-256) instead of
-    ``mma.sync``; on sm_80 the compiled kernels are alike. Chosen from the compiled code,
-    not yet timed: ``tools/gpu_probe.py`` sweeps both layouts.
+    The tile layout (``swap_ab``) is chosen from the SASS of the K loop, instructions per
+    weight element and thread (sm_90; triton 3.6, the GPU image, and 3.9 agree within
+    15%). The swapped layout (``W . x^T``: the dequantized tile is wgmma's register
+    operand, no per-step store to shared memory, asynchronous wgmma) pays for it in byte
+    shuffles into that operand's layout (``PRMT``, narrow ``LDS``):
+
+    =========  ======  ==========  =========
+    scheme     M       unswapped   swapped
+    =========  ======  ==========  =========
+    w8a16      16      5.4         12.6-14.3
+    w8a16      64      8.3-8.5     12.8-15.3
+    w8a16      2304    5.0-5.2     7.6-9.2
+    w4a16      16      9.0-9.5     14.9-15.3
+    w4a16      64      15.8-16.8   15.1-15.4
+    w4a16      2304    9.2-10.0    9.4-9.8
+    =========  ======  ==========  =========
+
+    Small M is memory-bound, where the issue rate caps the weight stream (an H200 SM
+    issues 128 thread-instructions per clock; 14 per int8 weight cannot keep up with
+    HBM, 5 can), so w8a16 is unswapped at every M (at large M also 128 registers against
+    157: two CTAs per SM instead of one) and w4a16 at M <= 16; w4a16 above that keeps the
+    swapped layout (fewer or equal instructions, asynchronous wgmma). Not yet timed:
+    ``tools/gpu_probe.py`` times each default against the other layout first (the H200
+    run at 9359c97 timed the unswapped kernels only: w8a16 reached 456 TFLOP/s at
+    M = 2304).
     """
     # Integer weights are converted (and w4a16 unpacked) in registers: 8 warps share that
     # work; at 4 warps the 64 x 128 (K x N) tiles spill (kernel report, sm_80 and sm_90).
@@ -242,7 +262,7 @@ def linear_config(m: int, n: int, k: int, scheme: str, group_size: int | None, e
     k_per_split = cdiv(k_steps, split) * bk
     split = max(cdiv(k, k_per_split), 1)  # no empty splits
     return LinearConfig(bm, bn, bk, split, k_per_split, group_m=8, num_warps=warps, num_stages=stages,
-                        swap_ab=scheme != "fp8")
+                        swap_ab=scheme == "w4a16" and m > 16)
 
 
 def _launch(args: _LinearArgs, out: torch.Tensor, x_gemm: torch.Tensor, x_scales: torch.Tensor | None,
@@ -519,9 +539,11 @@ for _scheme in SCHEMES:
     _aot_gemm_case(f"quantized_linear/{_scheme}/llava-1.5-7b-linear_2/m256", _scheme, 256, 4096, 4096)
     # Qwen2-VL-7B merger linear_2 (5120 -> 3584), 4096 merged tokens: 128 x 128 tiles.
     _aot_gemm_case(f"quantized_linear/{_scheme}/qwen2-vl-7b-merger/m4096", _scheme, 4096, 5120, 3584)
-# The unswapped layout (x . W^T, the dequantized weight as the second operand) that the
-# GPU probe times against the default: it must stay compilable without spills.
+# The other tile layout (LinearConfig.swap_ab) of a default, which the GPU probe times
+# against it: it must stay compilable without spills.
 _aot_gemm_case("quantized_linear/w4a16/qwen2-vl-7b-merger/m4096/unswapped", "w4a16", 4096, 5120, 3584, swap_ab=False)
-_aot_gemm_case("quantized_linear/w8a16/mllama-11b/m16/unswapped", "w8a16", 16, 7680, 4096, swap_ab=False)
+_aot_gemm_case("quantized_linear/w4a16/mllama-11b/m16/swapped", "w4a16", 16, 7680, 4096, swap_ab=True)
+_aot_gemm_case("quantized_linear/w8a16/mllama-11b/m16/swapped", "w8a16", 16, 7680, 4096, swap_ab=True)
+_aot_gemm_case("quantized_linear/w8a16/qwen2-vl-7b-merger/m4096/swapped", "w8a16", 4096, 5120, 3584, swap_ab=True)
 _aot_aux_cases()
 del _scheme
