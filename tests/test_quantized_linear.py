@@ -479,3 +479,14 @@ def test_non_contiguous_quantized_tensors():
     assert not odd.packed.is_contiguous() and not odd.scales.is_contiguous()
     x = torch.randn(5, 128).to(torch.bfloat16)
     assert_bitwise_equal(run_kernel(x, odd, bias), run_kernel(x, qw, bias))
+
+
+def test_w4a16_nibbles_to_float_by_exponent_bits_is_exact():
+    """The kernel turns a nibble q into the float 2^23 + q by OR-ing in the exponent bits of
+    2^23 (no int-to-float conversion instruction) and subtracts 2^23 before the zero point:
+    bit for bit the (q - z) * s of the format, for integer and non-integer z alike."""
+    q = torch.arange(16, dtype=torch.int32).repeat_interleave(6 * 5)
+    z = torch.tensor([0.0, 3.0, 15.0, 7.5, 2.25, 14.999]).repeat(16 * 5)
+    s = torch.tensor([1e-3, 0.0173, 2.5, 1e-8, 123.0]).repeat_interleave(6).repeat(16)
+    from_bits = ((q | 0x4B000000).view(torch.float32) - 8388608.0 - z) * s
+    assert torch.equal(from_bits, (q.to(torch.float32) - z) * s)

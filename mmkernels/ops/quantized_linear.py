@@ -221,10 +221,13 @@ def linear_config(m: int, n: int, k: int, scheme: str, group_size: int | None, e
     w8a16      16      5.4         12.6-14.3
     w8a16      64      8.3-8.5     12.8-15.3
     w8a16      2304    5.0-5.2     7.6-9.2
-    w4a16      16      9.0-9.5     14.9-15.3
-    w4a16      64      15.8-16.8   15.1-15.4
-    w4a16      2304    9.2-10.0    9.4-9.8
+    w4a16      16      10.0-10.1   15.3-15.9
+    w4a16      64      17.6        15.4
+    w4a16      2304    10.2-10.5   9.8-9.9
     =========  ======  ==========  =========
+
+    (w4a16 counts with its nibbles turned into floats by exponent bits: one more add per
+    weight than an ``I2F``, which issues at a quarter of the add rate.)
 
     Small M is memory-bound, where the issue rate caps the weight stream (an H200 SM
     issues 128 thread-instructions per clock; 14 per int8 weight cannot keep up with
