@@ -4,7 +4,8 @@ One GEMM ``out[m, d] = sum_k A[m, k] * W[d, k]`` where row ``m`` is a patch and 
 never materialized: each (BLOCK_M, BLOCK_K) tile is gathered straight from the image
 (im2col addressing: patch (b, ph, pw), element (c, i, j) -> pixels[b, c, ph*P+i, pw*P+j])
 or read from pre-flattened patches (Qwen2-VL), normalized per channel in fp32 when asked
-((x*scale - mean)/std, so uint8 pixels can come straight from the decoder) and cast to
+((x*scale - mean)/std as ``x * (scale/std) - mean/std``, so uint8 pixels can come
+straight from the decoder) and cast to
 the weight dtype, as Hugging Face casts ``pixel_values`` to the conv weight's dtype. The
 epilogue adds bias and the position embedding and stores each row at its place in the
 output; programs that own a patch 0 also write that image's class row (class embedding
@@ -43,6 +44,20 @@ def _row_offsets(rows, N, patches_w, stride_pb, stride_ph, stride_pw, P: tl.cons
 
 
 @triton.jit
+def _normalized(a, scale, mean, std):
+    """``(a * scale - mean) / std`` in fp32 as one multiply-add per element: the divisions
+    happen on the per-channel factors ``scale / std`` and ``-mean / std`` (vectors along
+    K, or scalars), not per element. uint8 pixels become floats by exponent bits (the
+    float 2^23 + x, minus 2^23: exact, no int-to-float conversion, which issues at a
+    quarter of the add rate)."""
+    if a.dtype.is_uint8():
+        x = (a.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+    else:
+        x = a.to(tl.float32)
+    return x * (scale / std) - mean / std
+
+
+@triton.jit
 def _pixel_tile(pix_ptr, norm_ptr, row_base, row_ok, ks, K, channels, k_per_channel, stride_pc, stride_ph, stride_pw,
                 P: tl.constexpr, IMAGE_FORM: tl.constexpr, NORMALIZE: tl.constexpr):  # fmt: skip
     """The (rows, ks) tile of the implicit patch matrix A, normalized in fp32 when asked
@@ -59,7 +74,7 @@ def _pixel_tile(pix_ptr, norm_ptr, row_base, row_ok, ks, K, channels, k_per_chan
         scale = tl.load(norm_ptr + channel, mask=k_ok, other=1.0)
         mean = tl.load(norm_ptr + channels + channel, mask=k_ok, other=0.0)
         std = tl.load(norm_ptr + 2 * channels + channel, mask=k_ok, other=1.0)
-        a = (a.to(tl.float32) * scale[None, :] - mean[None, :]) / std[None, :]
+        a = _normalized(a, scale[None, :], mean[None, :], std[None, :])
     return a
 
 
@@ -188,7 +203,7 @@ def patch_embed_kernel(
                 scale = tl.load(norm_ptr + c)
                 mean = tl.load(norm_ptr + channels + c)
                 std = tl.load(norm_ptr + 2 * channels + c)
-                a = (a.to(tl.float32) * scale - mean) / std
+                a = _normalized(a, scale, mean, std)
             a = a.to(w_ptr.dtype.element_ty)
             w = tl.load(w_base + r * P, mask=w_mask, other=0)  # K index c*P*P + i*P + j = r*P + j
             if UPCAST_DOT:
