@@ -1573,7 +1573,7 @@ def plot_benchmark(bench: dict, roofline: dict | None, path: Path) -> str | None
     metric, ylabel, what = "gbps", "GB/s (declared bytes / median time)", "effective bandwidth"
     rows = [r for r in bench.get("rows", []) if r.get(metric) is not None]
     if not rows and any(r.get("median_ms") is not None for r in bench.get("rows", [])):
-        # no declared bytes (a model-level benchmark): the latency itself
+        # no declared bytes (a model-level benchmark, a bus-speed copy): the latency itself
         metric, ylabel, what = "median_ms", "median latency, ms", "median latency"
         rows = [r for r in bench.get("rows", []) if r.get(metric) is not None]
     cases = list(dict.fromkeys(r["case"] for r in bench.get("rows", [])))
@@ -1653,7 +1653,7 @@ def plot_roofline(bench: dict, roofline: dict | None, path: Path) -> str | None:
     measured = roof.get("copy_gbps") is not None
     title = f"{name}: roofline position"
     if rows and not any(r.get("bytes") or r.get("flops") for r in rows):
-        fig = _empty_figure(plt, title, f"{name}\nno declared bytes or FLOPs (a model-level benchmark): no roofline")
+        fig = _empty_figure(plt, title, f"{name}\nno declared bytes or FLOPs: no roofline")
         _save(fig, plt, path)
         return None
     if not rows or not measured:
@@ -1693,6 +1693,15 @@ def plot_roofline(bench: dict, roofline: dict | None, path: Path) -> str | None:
     ax.set_title(title)
     _save(fig, plt, path)
     return None
+
+
+def _declares_work(bench: dict) -> bool:
+    """Whether a benchmark's cells declare bytes or FLOPs (model benchmarks and raw_pixels'
+    bus-speed copies do not): only then has it a roofline plot."""
+    rows = bench.get("rows", [])
+    if bench.get("kind") == "model":
+        return False
+    return not rows or any(r.get("bytes") or r.get("flops") for r in rows)
 
 
 PLOTS = (
@@ -1772,7 +1781,7 @@ class ResultsFolder:
         for name in plotted:
             bench = data["benchmarks"][name]
             for key, pattern, draw in PLOTS:
-                if key == "roofline_plot" and bench.get("kind") == "model":
+                if key == "roofline_plot" and not _declares_work(bench):
                     continue  # no declared bytes or FLOPs: latency, speedup and memory only
                 filename = pattern.format(name=_file_stem(name))
                 problem = draw(bench, data.get("roofline"), self.path / filename)
