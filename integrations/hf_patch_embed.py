@@ -15,7 +15,8 @@ The patched ``forward`` makes ONE call of :func:`mmkernels.ops.patch_embed` with
 module's own parameters (projection weight and bias, class embedding) and its own position
 table (``self.position_embedding(self.position_ids)``, or with
 ``interpolate_pos_encoding=True`` what the module's own ``interpolate_pos_encoding``
-returns). Nothing of the model's code is copied: a spec names the submodules and the
+returns), computed once per image size and kept while its sources are unchanged
+(:class:`PositionTables`). Nothing of the model's code is copied: a spec names the submodules and the
 method; every call the op does not cover goes to the original ``forward`` untouched:
 
 * an argument the spec does not know, pixels that are not a floating tensor of the
@@ -49,6 +50,7 @@ versions 5.17 to 5.24 (the forwards are the same in that range).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from typing import Any, Callable
@@ -241,10 +243,68 @@ def _constants_on(normalization, device: torch.device) -> tuple[torch.Tensor, to
 
 
 # --------------------------------------------------------------------------------------
+# Position tables, made once per image size
+
+
+class PositionTables:
+    """The position tables one patched module's forward computes (its
+    ``position_embedding(position_ids)`` lookup, or its ``interpolate_pos_encoding`` for an
+    image size), kept and reused while what they are made from is unchanged: the same
+    tensors (identity, storage, in-place version counter, dtype, device) and the same
+    size. Hugging Face recomputes them on every call (an embedding gather, or a bicubic
+    interpolation of several kernels); here each is computed once per resolution.
+
+    Always recomputed, never stored: when autograd records (grad enabled and a source
+    requires grad: training must see the table's graph), under ``torch.compile`` (the
+    compiled graph makes its own), while a CUDA graph is being captured (the table would
+    live in the graph's memory), and when the producing module carries forward hooks
+    (they must run). Tables made under ``inference_mode`` are kept apart from the others.
+    At most ``MAX_TABLES`` sizes, the least recently used dropped first. One instance per
+    patched module: it lives in the patched forward and goes with ``unpatch``."""
+
+    MAX_TABLES = 8
+
+    def __init__(self):
+        self._tables: collections.OrderedDict = collections.OrderedDict()
+        self.made = 0  # tables computed (for tests and debugging)
+
+    def get(self, sources: tuple[torch.Tensor, ...], size: tuple, make: Callable[[], Any], hooked: bool = False):
+        """``make()``, or the table kept for ``sources`` and ``size``."""
+        if hooked or not self._reusable(sources):
+            return make()
+        key = (size, torch.is_inference_mode_enabled(),
+               tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in sources))  # fmt: skip
+        table = self._tables.get(key)
+        if table is None:
+            table = make()
+            self.made += 1
+            self._tables[key] = table
+            while len(self._tables) > self.MAX_TABLES:
+                self._tables.popitem(last=False)
+        else:
+            self._tables.move_to_end(key)
+        return table
+
+    @staticmethod
+    def _reusable(sources) -> bool:
+        if torch.compiler.is_compiling():
+            return False
+        if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
+            return False
+        cuda = any(t.is_cuda for t in sources)
+        return not (cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _hooked(module) -> bool:
+    return bool(getattr(module, "_forward_hooks", None) or getattr(module, "_forward_pre_hooks", None))
+
+
+# --------------------------------------------------------------------------------------
 # The op's arguments for one call (None: the original runs)
 
 
-def _image_arguments(module: torch.nn.Module, spec: PatchEmbedSpec, call: Call) -> dict | None:
+def _image_arguments(module: torch.nn.Module, spec: PatchEmbedSpec, call: Call,
+                     tables: PositionTables | None = None) -> dict | None:  # fmt: skip
     pixels = call.get(spec.pixels)
     interpolate = bool(call.get("interpolate_pos_encoding", False))
     conv = _projection(module, spec)
@@ -273,17 +333,24 @@ def _image_arguments(module: torch.nn.Module, spec: PatchEmbedSpec, call: Call) 
     rows = (height // patch) * (width // patch) + (class_embedding is not None)
 
     position = None
+    tables = tables if tables is not None else PositionTables()
     if spec.has_position:
         if interpolate:
             if spec.interpolation is None:
                 return None
-            # The method reads only the shape of the embeddings: a zero-stride stand-in.
-            shape_of_embeddings = weight.new_zeros(()).expand(batch, rows, dim)
-            position = getattr(module, spec.interpolation)(shape_of_embeddings, height, width)
+            method = getattr(module, spec.interpolation)
+            # The method reads only the shape of the embeddings: a zero-stride stand-in. It
+            # reads the module's tables: any of the module's tensors changing remakes it.
+            sources = tuple(module.parameters()) + tuple(module.buffers())
+            position = tables.get(sources, ("interpolated", rows, dim, height, width),
+                                  lambda: method(weight.new_zeros(()).expand(batch, rows, dim), height, width))  # fmt: skip
         elif spec.position_table is not None:
             position = getattr(module, spec.position_table)
         else:
-            position = getattr(module, spec.position_embedding)(getattr(module, spec.position_ids))
+            lookup = getattr(module, spec.position_embedding)
+            ids = getattr(module, spec.position_ids)
+            sources = tuple(lookup.parameters()) + (ids,) if isinstance(lookup, torch.nn.Module) else (ids,)
+            position = tables.get(sources, ("lookup",), lambda: lookup(ids), hooked=_hooked(lookup))
         if not isinstance(position, torch.Tensor):
             return None
         if position.dtype != weight.dtype or position.device != weight.device:
@@ -389,7 +456,12 @@ class PatchEmbedRule(SpecRule):
 
     def make_replacement(self, options: PatchOptions) -> Callable:
         spec = self.spec
-        arguments = _image_arguments if spec.form == IMAGE_FORM else _flat_arguments
+        tables = PositionTables()  # this patch's: gone with unpatch
+
+        def arguments(module, spec, call):
+            if spec.form == IMAGE_FORM:
+                return _image_arguments(module, spec, call, tables)
+            return _flat_arguments(module, spec, call)
 
         def forward(module, *args, **kwargs):
             original = original_method(module, "forward")
@@ -411,6 +483,7 @@ class PatchEmbedRule(SpecRule):
             return patch_embed(**found)
 
         forward.__name__ = "forward"
+        forward.position_tables = tables
         forward.__qualname__ = f"mmkernels_patch_embed_forward[{spec.family}]"
         forward.__doc__ = (
             f"mmkernels: {spec.model_class}.forward computed by mmkernels.ops.{PATCH_EMBED_OP}; "

@@ -498,3 +498,82 @@ def test_coverage_table_lists_the_rules():
         "| Qwen2.5-VL vision | qwen2_5_vl_vision | Qwen2_5_VisionPatchEmbed | forward | patch_embed |",
     ):
         assert row in table
+
+
+# --------------------------------------------------------------------------------------
+# Position tables: made once per image size, remade when their sources change
+
+
+def _tables(module):
+    return module.__dict__["forward"].__func__.position_tables
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_position_table_is_looked_up_once_and_remade_after_an_update(llava, mode):
+    module = copy.deepcopy(embeddings(llava))
+    x = pixels((2, 3, 56, 56))
+    context = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    with patched(module):
+        tables = _tables(module)
+        with context():
+            first = [module(x) for _ in range(3)]
+        assert tables.made == 1  # CLIP's position_embedding(position_ids): one gather, not three
+        with context():
+            unpatched_want = original_forward(module)(x)
+        for got in first:
+            assert_close(got, unpatched_want, reduction_length=reduction_length(module))
+        with torch.no_grad():
+            module.position_embedding.weight.add_(0.5)  # in place: the version counter moves
+        with context():
+            got = module(x)
+            want = original_forward(module)(x)
+        assert tables.made == 2
+        assert_close(got, want, reduction_length=reduction_length(module))
+    assert "forward" not in module.__dict__  # unpatch takes the tables with the forward
+
+
+def original_forward(module):
+    from mmkernels.integrations.engine import original_method
+
+    return original_method(module, "forward")
+
+
+@pytest.mark.parametrize("name", ["llava", "vit"])
+def test_interpolated_tables_are_made_once_per_size(request, name):
+    tiny = request.getfixturevalue(name)
+    module = embeddings(tiny)
+    sizes = [(56, 56), (70, 42), (56, 56), (70, 42), (63, 57)]
+    with torch.no_grad(), patched(tiny.model):
+        tables = _tables(module)
+        for size in sizes:
+            x = pixels((2, 3, *size))
+            got = module(x, interpolate_pos_encoding=True)
+            assert_close(got, original_forward(module)(x, interpolate_pos_encoding=True),
+                         reduction_length=reduction_length(module))  # fmt: skip
+        assert tables.made == 3  # one table per size
+        tables.MAX_TABLES = 1  # a new size now keeps only itself
+        module(pixels((2, 3, 42, 70)), interpolate_pos_encoding=True)
+        module(pixels((2, 3, 56, 56)), interpolate_pos_encoding=True)
+        assert tables.made == 5
+
+
+def test_position_tables_are_not_kept_when_autograd_records_or_hooks_run(llava):
+    module = copy.deepcopy(embeddings(llava))
+    x = pixels((1, 3, 56, 56))
+    with patched(module):
+        tables = _tables(module)
+        out = module(x)  # grad enabled, trainable table: its graph is needed
+        out.sum().backward()
+        assert tables.made == 0 and module.position_embedding.weight.grad is not None
+        seen = []
+        handle = module.position_embedding.register_forward_hook(lambda *args: seen.append(1))
+        try:
+            with torch.no_grad():
+                module(x)
+                module(x)
+        finally:
+            handle.remove()
+        assert seen == [1, 1] and tables.made == 0
+        with torch.no_grad():
+            module(x)
+        assert tables.made == 1
