@@ -16,8 +16,9 @@ module's own parameters (projection weight and bias, class embedding) and its ow
 table (``self.position_embedding(self.position_ids)``, or with
 ``interpolate_pos_encoding=True`` what the module's own ``interpolate_pos_encoding``
 returns), computed once per image size and kept while its sources are unchanged
-(:class:`PositionTables`). Nothing of the model's code is copied: a spec names the submodules and the
-method; every call the op does not cover goes to the original ``forward`` untouched:
+(:class:`PositionTables`). Nothing of the model's code is copied: a spec names the
+submodules and the method; every call the op does not cover goes to the original
+``forward`` untouched:
 
 * an argument the spec does not know, pixels that are not a floating tensor of the
   expected rank, or on another device than the weight (the original raises its own error);

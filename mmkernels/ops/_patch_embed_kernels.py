@@ -5,8 +5,8 @@ never materialized: each (BLOCK_M, BLOCK_K) tile is gathered straight from the i
 (im2col addressing: patch (b, ph, pw), element (c, i, j) -> pixels[b, c, ph*P+i, pw*P+j])
 or read from pre-flattened patches (Qwen2-VL), normalized per channel in fp32 when asked
 ((x*scale - mean)/std as ``x * (scale/std) - mean/std``, so uint8 pixels can come
-straight from the decoder) and cast to
-the weight dtype, as Hugging Face casts ``pixel_values`` to the conv weight's dtype. The
+straight from the decoder) and cast to the weight dtype, as Hugging Face casts
+``pixel_values`` to the conv weight's dtype. The
 epilogue adds bias and the position embedding and stores each row at its place in the
 output; programs that own a patch 0 also write that image's class row (class embedding
 + position 0).
