@@ -256,10 +256,11 @@ class PositionTables:
     interpolation of several kernels); here each is computed once per resolution.
 
     Always recomputed, never stored: when autograd records (grad enabled and a source
-    requires grad: training must see the table's graph), under ``torch.compile`` (the
-    compiled graph makes its own), while a CUDA graph is being captured (the table would
-    live in the graph's memory), and when the producing module carries forward hooks
-    (they must run). Tables made under ``inference_mode`` are kept apart from the others.
+    requires grad: training must see the table's graph), when a source is an inference
+    tensor (made under ``inference_mode``: no version counter tells an in-place update),
+    under ``torch.compile`` (the compiled graph makes its own), while a CUDA graph is
+    being captured (the table would live in the graph's memory), and when the producing
+    module carries forward hooks (they must run). Tables made under ``inference_mode`` are kept apart from the others.
     At most ``MAX_TABLES`` sizes, the least recently used dropped first. One instance per
     patched module: it lives in the patched forward and goes with ``unpatch``."""
 
@@ -290,6 +291,8 @@ class PositionTables:
     def _reusable(sources) -> bool:
         if torch.compiler.is_compiling():
             return False
+        if any(t.is_inference() for t in sources):
+            return False  # inference tensors keep no version counter: an in-place update would not show
         if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
             return False
         cuda = any(t.is_cuda for t in sources)

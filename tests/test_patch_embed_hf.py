@@ -577,3 +577,10 @@ def test_position_tables_are_not_kept_when_autograd_records_or_hooks_run(llava):
         with torch.no_grad():
             module(x)
         assert tables.made == 1
+    with torch.inference_mode():  # weights made here are inference tensors: no version counter
+        frozen = copy.deepcopy(embeddings(llava))
+        frozen.position_embedding.weight = torch.nn.Parameter(frozen.position_embedding.weight.clone(), False)
+        with patched(frozen):
+            frozen(x)
+            frozen(x)
+            assert _tables(frozen).made == 0
