@@ -36,6 +36,7 @@ import torch
 from benchmarks import harness
 from benchmarks.bench_patch_embed import (
     PatchEmbedInputs,
+    _mmkernels_caller,
     _mmkernels_import_error,
     compare_close,
     expected_patch_embed,
@@ -70,27 +71,24 @@ def expected_embeddings(inputs: HostPixels) -> torch.Tensor:
     return expected_patch_embed(inputs.on_device)
 
 
-def _device(inputs: HostPixels) -> torch.device:
-    return inputs.on_device.weight.device
+def _copied_to_device(inputs: HostPixels, uint8: bool) -> PatchEmbedInputs:
+    """The device inputs with the pixels a provider reads (float32 or uint8) freshly
+    copied from host memory: the copy is part of the timed call."""
+    device = inputs.on_device.weight.device
+    if uint8:
+        return dataclasses.replace(inputs.on_device, pixels_uint8=inputs.uint8.to(device))
+    return dataclasses.replace(inputs.on_device, pixels=inputs.float32.to(device))
 
 
 def hf_from_host(inputs: HostPixels) -> torch.Tensor:
     """Hugging Face: the processor's float32 pixels to the GPU, then its embeddings."""
-    pixels = inputs.float32.to(_device(inputs))
-    return hf_patch_embed(dataclasses.replace(inputs.on_device, pixels=pixels))
+    return hf_patch_embed(_copied_to_device(inputs, uint8=False))
 
 
-def _mmkernels_caller(uint8: bool):
-    from mmkernels.ops import patch_embed
-
-    def embed(inputs: HostPixels) -> torch.Tensor:
-        d = inputs.on_device
-        extra = dict(pixel_mean=d.pixel_mean, pixel_std=d.pixel_std, pixel_scale=d.pixel_scale) if uint8 else {}
-        pixels = (inputs.uint8 if uint8 else inputs.float32).to(_device(inputs))
-        return patch_embed(pixels, d.weight, d.bias, class_embedding=d.class_embedding,
-                           position_embedding=d.position_embedding, **extra)  # fmt: skip
-
-    return embed
+def _mmkernels_from_host(uint8: bool):
+    """``bench_patch_embed``'s mmkernels provider after the copy of its pixels."""
+    embed = _mmkernels_caller(uint8)
+    return lambda inputs: embed(_copied_to_device(inputs, uint8))
 
 
 PROVIDERS: tuple[harness.Provider, ...] = (
@@ -102,14 +100,14 @@ PROVIDERS: tuple[harness.Provider, ...] = (
     ),
     harness.Provider(
         name="mmkernels",
-        factory=lambda: _mmkernels_caller(False),
+        factory=lambda: _mmkernels_from_host(False),
         requires=_mmkernels_import_error,
         timed_backend="triton",
         notes="the same float32 pixels .to(device), then mmkernels.ops.patch_embed",
     ),
     harness.Provider(
         name="mmkernels(uint8)",
-        factory=lambda: _mmkernels_caller(True),
+        factory=lambda: _mmkernels_from_host(True),
         requires=_mmkernels_import_error,
         timed_backend="triton",
         notes="raw uint8 pixels (pageable) .to(device), 1 B per pixel; then mmkernels.ops.patch_embed with the "

@@ -7,8 +7,9 @@ format (see :mod:`mmkernels.quant`) and dequantized in registers:
   scale applied to the fp32 accumulator in the epilogue.
 * ``SCHEME == 1`` (w4a16): a ``(BLOCK_N, BLOCK_K // 2)`` tile of packed bytes is split into
   low / high nibbles and interleaved back into K order, ``(q - z) * s`` in fp32 (exact
-  ``q - z`` from exponent bits, no int-to-float conversion) for the tile's group (``BLOCK_K`` divides the group size, so one scale and zero per column per
-  tile), rounded to the activation dtype and fed to the tensor-core dot.
+  ``q - z`` from exponent bits, no int-to-float conversion) for the tile's group
+  (``BLOCK_K`` divides the group size, so one scale and zero per column per tile),
+  rounded to the activation dtype and fed to the tensor-core dot.
 * ``SCHEME == 2`` (fp8): activations already quantized per token by
   :func:`quantize_rows_fp8_kernel`; fp8 x fp8 dot, ``sx[m] * s[n]`` in the epilogue.
 

@@ -290,7 +290,7 @@ def embed_config(rows: int, dim: int, k: int, element_size: int) -> EmbedConfig:
     1.02 ms for CLIP-L/14-336 x 64 images: 6% of the roofline, slower than unfold +
     cuBLAS (0.64 ms). Compiled for sm_90 (triton 3.9), its K loop issues 234
     instructions per 32-deep step and thread from float32 pixels (one 4-byte async copy
-    per element, the im2col address arithmetic, the conversion; 364 from uint8 with
+    per element, the im2col address arithmetic, the conversion; 327 from uint8 with
     normalization), where the GEMM over packed rows issues 82 (16-byte copies, operands
     straight from shared memory to wgmma). Packing costs a pass over M x K_pad
     weight-dtype elements (write, then read) and a second launch.
