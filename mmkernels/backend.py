@@ -39,6 +39,7 @@ __all__ = [
     "Decision",
     "aot_cases",
     "choose_backend",
+    "compute_capability",
     "empty_output",
     "force_backend",
     "interpreter_enabled",
@@ -82,6 +83,11 @@ def _compute_capability(index: int) -> tuple[int, int]:
     return tuple(torch.cuda.get_device_capability(index))
 
 
+def compute_capability(device: torch.device) -> tuple[int, int]:
+    """``(major, minor)`` of CUDA ``device`` (its index, or the current device), cached."""
+    return _compute_capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
 @dataclass(frozen=True)
 class Capabilities:
     """What one kernel supports; anything else runs the reference.
@@ -100,7 +106,7 @@ class Capabilities:
                 names = ", ".join(sorted(str(d).replace("torch.", "") for d in self.dtypes))
                 reasons.append(f"dtype {str(dt).replace('torch.', '')} not supported (supported: {names})")
         if device.type == "cuda":
-            cc = _compute_capability(device.index if device.index is not None else torch.cuda.current_device())
+            cc = compute_capability(device)
             if cc < self.min_compute_capability:
                 reasons.append(
                     f"compute capability {cc[0]}.{cc[1]} < required "

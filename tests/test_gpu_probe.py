@@ -46,6 +46,16 @@ def test_linear_sweep_configs_cover_k_without_empty_splits(registry, case_name, 
             assert cfg.block_k <= 128, label  # one group scale per K tile
 
 
+def test_fp8_sweep_times_tma_against_its_other_width_and_pointer_loads(registry):
+    ql = importlib.import_module("mmkernels.ops.quantized_linear")
+    case = gpu_probe._case(registry["quantized_linear"], "qwen2-vl-7b/merger.mlp.2/m2304")
+    default = ql.linear_config(case.m, case.n, case.k, "fp8", 128, 2, True)
+    assert default.tma and default.block_n == 256
+    configs = list(gpu_probe._linear_configs(case, "fp8", default))
+    assert [(cfg.tma, cfg.block_n, cfg.num_stages) for _, cfg in configs[:2]] == [(True, 128, 4), (False, 128, 3)]
+    assert not any(cfg.tma for _, cfg in configs[2:])  # the tile sweep runs the pointer kernel
+
+
 def test_render_lists_measurements_and_errors():
     text = gpu_probe.render({
         "device": "H200", "torch": "2.11", "triton": "3.6",
@@ -132,6 +142,7 @@ def test_sweep_measures_round_robin_and_returns_rows_by_plan(monkeypatch):
     clock = iter(range(10_000))
     monkeypatch.setattr(gpu_probe, "time", NS(time=lambda: next(clock)))
     monkeypatch.setattr(gpu_probe, "_bench_ms", lambda fn: (1.0, "graph"))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))  # an H100 / H200
     n_plans = 8
     rows = gpu_probe.probe_sweep(registry, deadline=2 * n_plans - 0.5)
     plans = []
@@ -147,6 +158,9 @@ def test_sweep_measures_round_robin_and_returns_rows_by_plan(monkeypatch):
         assert "median_ms" in mine[1], mine[1]
         assert all(r["error"] == "not run: probe budget spent" for r in mine[2:]), key
         assert len(mine) >= 3
+        if key[1] == "mmkernels(fp8)":  # sm_90: the default reads through TMA, timed against 128-wide TMA tiles
+            assert mine[0]["config"].startswith("default") and "tma=True" in mine[0]["config"], mine[0]
+            assert mine[1]["config"] == "TMA 128x128x128", mine[1]
     # Grouped: each plan's rows are contiguous (a plan starts once).
     keys = [(r["case"], r["provider"]) for r in rows]
     starts = [key for i, key in enumerate(keys) if i == 0 or key != keys[i - 1]]

@@ -280,12 +280,13 @@ def test_count_sass(kernel_report):
         /*0170*/                   LDL R3, [R1] ;
         /*0180*/                   STG.E.128 desc[UR4][R2.64], R4 ;
         /*0190*/                   LDS.128 R4, [R2] ;
+        /*01a0*/                   UTMALDG.2D [UR8], [UR14], desc[UR16] ;
         /*0000*/ \t.byte\t0xff, 0xff
 """
     counts = kernel_report.count_sass(kernel_report.sass_opcodes(sass))
     assert counts == {
         "hmma": 1, "hgmma": 1, "qgmma": 1, "ldl": 1, "stl": 1, "ldg128": 1, "ldg": 2,
-        "stg128": 1, "stg": 1, "ldgsts128": 1, "ldgsts": 2,
+        "stg128": 1, "stg": 1, "ldgsts128": 1, "ldgsts": 2, "utmaldg": 1,
     }  # fmt: skip
 
 

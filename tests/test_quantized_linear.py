@@ -5,7 +5,9 @@ NaN padding, determinism, bad inputs, gradients and torch.compile."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import sys
 
 import pytest
 import torch
@@ -128,6 +130,71 @@ def test_large_m_tiles(scheme, gemm_layout):
     _, qw, bias = make(scheme, n, k)
     x = torch.randn(300, k).to(torch.bfloat16)
     check(run_kernel(x, qw, bias, None), x, qw, bias, None)
+
+
+@pytest.fixture
+def gemm_launches(monkeypatch):
+    """Counts the GEMM launches each path builds: ``{"tma": n, "pointer": n}``."""
+    ql = sys.modules["mmkernels.ops.quantized_linear"]
+    counts = {"tma": 0, "pointer": 0}
+
+    def counted(path, build):
+        def wrapper(*args, **kwargs):
+            counts[path] += 1
+            return build(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(ql, "_tma_launch", counted("tma", ql._tma_launch))
+    monkeypatch.setattr(ql, "_launch", counted("pointer", ql._launch))
+    return counts
+
+
+@pytest.mark.parametrize("block_n", [128, 256], ids=["128-wide", "256-wide-two-halves"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("m,k,n", [(300, 208, 136), (257, 512, 300)])
+def test_fp8_tma_path(m, k, n, bias, block_n, gemm_launches, monkeypatch):
+    """fp8 at M > 256 reads both operands through TMA descriptors (sm_90+; the interpreter
+    runs them too): ragged row, column and K tiles (208 = 128 + 80) come from the
+    descriptors' zero fill, not masks; the 256-wide tile's epilogue runs in two halves."""
+    ql = sys.modules["mmkernels.ops.quantized_linear"]
+    original = ql.linear_config
+    monkeypatch.setattr(ql, "linear_config", lambda *a, **kw: dataclasses.replace(original(*a, **kw), block_n=block_n))
+    cfg = original(m, n, k, "fp8", None, 2, True)
+    assert cfg.tma and (cfg.block_m, cfg.block_k, cfg.split_k) == (128, 128, 1)
+    _, qw, b = make("fp8", n, k, bias=bias)
+    x = nan_padded(torch.randn(m, k).to(torch.bfloat16))  # rows strided inside a NaN-filled buffer
+    check(run_kernel(x, qw, b, "gelu"), x, qw, b, "gelu")
+    assert gemm_launches == {"tma": 1, "pointer": 0}
+
+
+def test_fp8_pointer_path_where_descriptors_cannot_run(gemm_launches):
+    """No TMA below sm_90 (Ada runs fp8 with pointer loads), on ROCm, or for operands a
+    descriptor cannot address (row length not a multiple of 16 bytes, misaligned weight):
+    those calls take the pointer kernel and compute the same."""
+    ql = sys.modules["mmkernels.ops.quantized_linear"]
+    cuda = torch.device("cuda", 0)
+    _, qw, bias = make("fp8", 136, 208)
+    with pytest.MonkeyPatch.context() as patch:
+        for cc, want in (((8, 9), False), ((9, 0), True), ((10, 0), True)):
+            patch.setattr(ql, "compute_capability", lambda device, cc=cc: cc)
+            assert ql._tma_ready(qw, cuda) is want, cc
+        patch.setattr(torch.version, "hip", "6.4")
+        assert not ql._tma_ready(qw, cuda)
+    assert ql._tma_ready(qw, torch.device("cpu"))
+    assert not ql._tma_ready(make("w8a16", 136, 208)[1], torch.device("cpu"))
+
+    # K = 200: 200-byte rows; a weight view starting 8 bytes into its storage.
+    _, qw200, b200 = make("fp8", 136, 200)
+    storage = torch.empty(136 * 208 + 8, dtype=torch.float8_e4m3fn)
+    shifted = storage[8:].view(136, 208)
+    shifted.copy_(qw.packed)
+    qw_shifted = dataclasses.replace(qw, packed=shifted)
+    assert not ql._tma_ready(qw200, torch.device("cpu")) and not ql._tma_ready(qw_shifted, torch.device("cpu"))
+    for weight, b in ((qw200, b200), (qw_shifted, bias)):
+        x = torch.randn(300, weight.in_features).to(torch.bfloat16)
+        check(run_kernel(x, weight, b, "silu"), x, weight, b, "silu")
+    assert gemm_launches == {"tma": 0, "pointer": 2}
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -260,6 +327,17 @@ def test_block_config_per_m_range_on_real_shapes():
         assert not linear_config(m, 4096, 7680, "w8a16", None, 2).swap_ab
         assert linear_config(m, 4096, 7680, "w4a16", 128, 2).swap_ab == (m > 16)
         assert not linear_config(m, 4096, 7680, "fp8", None, 2).swap_ab
+    # fp8 with TMA (sm_90+), M > 256: 128 x 256 x 128 tiles where they still give a program
+    # per SM (Qwen2-VL merger at 2304 tokens: 18 x 14 = 252), else 128 x 128 x 128 (LLaVA
+    # linear_1 at 576: 5 x 16 = 80 programs of 128 x 256). Other schemes and M <= 256
+    # ignore it.
+    merger = linear_config(2304, 3584, 5120, "fp8", None, 2, True)
+    assert merger.tma and (merger.block_m, merger.block_n, merger.block_k, merger.num_stages) == (128, 256, 128, 3)
+    llava = linear_config(576, 4096, 1024, "fp8", None, 2, True)
+    assert llava.tma and (llava.block_m, llava.block_n, llava.block_k, llava.num_stages) == (128, 128, 128, 4)
+    assert not linear_config(576, 4096, 1024, "fp8", None, 2).tma
+    assert not linear_config(256, 4096, 1024, "fp8", None, 2, True).tma
+    assert not linear_config(2304, 3584, 5120, "w8a16", None, 2, True).tma
     # Deterministic: the same shape always gets the same config.
     assert linear_config(7, 5120, 5120, "fp8", None, 2) == linear_config(7, 5120, 5120, "fp8", None, 2)
 
@@ -388,8 +466,6 @@ def test_fp8_row_quantization_kernel_in_the_interpreter():
     right power of two (126.5 -> 64, not 128), and exact ties are not rounded to even
     (21 -> 22, not 20). That is why the op quantizes activations with PyTorch under the
     interpreter; here every mismatch must be one of those two."""
-    import sys
-
     ql = sys.modules["mmkernels.ops.quantized_linear"]
     x = torch.randn(9, 200).to(torch.bfloat16) * torch.logspace(-3, 3, 9)[:, None].to(torch.bfloat16)
     xq = torch.empty(9, 200, dtype=torch.float8_e4m3fn)
@@ -452,9 +528,31 @@ def test_gpu_both_tile_layouts(scheme, m, gemm_layout):
 
 
 @pytest.mark.gpu
-def test_gpu_fp8_row_quantization_matches_pytorch():
-    import sys
+@pytest.mark.parametrize("m", [300, 2304])  # 128-wide and 256-wide TMA tiles
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "pointer"])
+def test_gpu_fp8_both_load_paths(m, tma, gemm_launches, monkeypatch):
+    """fp8 at large M through TMA descriptors (sm_90+ default) and with pointer loads (what
+    sm_89 runs), both compiled at the Qwen2-VL merger's second linear (5120 -> 3584)."""
+    cc = torch.cuda.get_device_capability()
+    if cc < (8, 9) or (tma and cc < (9, 0)):
+        pytest.skip(f"needs sm_{'90' if tma else '89'}+")
+    ql = sys.modules["mmkernels.ops.quantized_linear"]
+    original = ql.linear_config
+    monkeypatch.setattr(ql, "linear_config", lambda *a: original(*a[:6], tma))
+    w = (torch.randn(3584, 5120, device="cuda") / math.sqrt(5120)).to(torch.bfloat16)
+    qw = quantize(w, "fp8")
+    bias = (torch.randn(3584, device="cuda") * 0.1).to(torch.bfloat16)
+    x = torch.randn(m, 5120, device="cuda").to(torch.bfloat16)
+    with poison_outputs():
+        out = quantized_linear(x, qw, bias, activation="gelu")
+    assert recent_decisions()[-1].backend is Backend.TRITON
+    assert gemm_launches == ({"tma": 1, "pointer": 0} if tma else {"tma": 0, "pointer": 1})
+    check(out, x, qw, bias, "gelu")
+    assert_bitwise_equal(quantized_linear(x, qw, bias, activation="gelu"), out)
 
+
+@pytest.mark.gpu
+def test_gpu_fp8_row_quantization_matches_pytorch():
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("fp8 e4m3 kernels need sm_89+")
     ql = sys.modules["mmkernels.ops.quantized_linear"]

@@ -301,6 +301,13 @@ def _linear_configs(case, scheme: str, default_cfg):
     if scheme != "fp8":
         flipped = dataclasses.replace(default_cfg, swap_ab=not default_cfg.swap_ab)
         yield f"default, {'swapped' if flipped.swap_ab else 'unswapped'}", flipped
+    if default_cfg.tma:
+        # fp8 through TMA descriptors (sm_90 default) against its other tile width, and
+        # against pointer loads at 128 x 128 (what sm_89 runs; 128 x 256 spills there).
+        wide = default_cfg.block_n == 256
+        yield f"TMA 128x{128 if wide else 256}x128", dataclasses.replace(
+            default_cfg, block_n=128 if wide else 256, num_stages=4 if wide else 3)
+        yield "pointer loads 128x128x128 w8 s3", dataclasses.replace(default_cfg, block_n=128, num_stages=3, tma=False)
 
     k_cap = 128 if scheme == "w4a16" else 256  # a w4a16 K tile holds one group's scale
     if case.m > 64:
@@ -401,7 +408,10 @@ def probe_sweep(registry, deadline: float) -> list[dict]:
             configs = [(f"default {default_cfg}", None),
                        *_patch_embed_configs(default_cfg, image_form=len(case.weight_shape) == 4)]  # fmt: skip
         else:
-            default_cfg = module.linear_config(case.m, case.n, case.k, scheme, 128, 2)
+            # As the op decides for its fresh, aligned benchmark weights (_tma_ready): fp8
+            # reads through TMA descriptors on sm_90+.
+            tma = scheme == "fp8" and case.k % 16 == 0 and torch.cuda.get_device_capability() >= (9, 0)
+            default_cfg = module.linear_config(case.m, case.n, case.k, scheme, 128, 2, tma)
             configs = [(f"default {default_cfg}", None), *_linear_configs(case, scheme, default_cfg)]
         try:
             inputs = bench.make_inputs(case, torch.device("cuda"), 0)

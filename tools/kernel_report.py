@@ -43,6 +43,9 @@ Columns (JSON key in brackets):
 * ``LDGSTS.128`` [ldgsts128]: 16-byte asynchronous global-to-shared copies (``cp.async``).
   Pipelined GEMMs (num_stages > 1) load their tiles this way instead of ``LDG``, so they
   count as 16-byte loads too. [ldgsts] counts every width.
+* ``UTMALDG`` [utmaldg]: tile loads by Hopper's tensor memory accelerator (TMA), issued
+  from a tensor descriptor by one thread for the whole tile (sm_90+; kernels that read
+  through ``TensorDescriptor``s).
 
 A value that a missing tool could not provide is ``n/a`` (``null`` in JSON), with the
 reason in [tool_notes]. ``--check`` exits 1 and names the case and the reason on: a
@@ -108,6 +111,7 @@ _ALL_MEASURES = (
     "stg",
     "ldgsts128",
     "ldgsts",
+    "utmaldg",
 )
 _SPILL_KEYS = ("spill_stores", "spill_loads", "stack_bytes", "local_bytes", "ldl", "stl")
 
@@ -410,9 +414,9 @@ def sass_opcodes(sass: str) -> list:
 
 
 def count_sass(opcodes) -> dict:
-    """Tensor-core, local-memory and global-access counts from SASS opcodes."""
+    """Tensor-core, local-memory, global-access and TMA-load counts from SASS opcodes."""
     base_keys = {"HMMA": "hmma", "HGMMA": "hgmma", "QGMMA": "qgmma", "LDL": "ldl", "STL": "stl"}
-    base_keys.update({"LDG": "ldg", "STG": "stg", "LDGSTS": "ldgsts"})
+    base_keys.update({"LDG": "ldg", "STG": "stg", "LDGSTS": "ldgsts", "UTMALDG": "utmaldg"})
     wide_keys = {"LDG": "ldg128", "STG": "stg128", "LDGSTS": "ldgsts128"}
     counts = dict.fromkeys([*base_keys.values(), *wide_keys.values()], 0)
     for opcode in opcodes:
@@ -558,6 +562,7 @@ _COLUMNS = (
     ("LDG.128/LDG", lambda r: _pair(r, "ldg128", "ldg")),
     ("STG.128/STG", lambda r: _pair(r, "stg128", "stg")),
     ("LDGSTS.128", lambda r: _cell(r.get("ldgsts128"))),
+    ("UTMALDG", lambda r: _cell(r.get("utmaldg"))),
     ("notes", lambda r: _notes_cell(r)),
 )
 

@@ -17,6 +17,9 @@ With ``SWAP_AB`` the tile is computed transposed, ``acc^T = W_tile . x_tile^T``,
 the dequantized weight (made in registers) is the dot's first operand, the one Hopper's
 wgmma reads from registers; the accumulator is transposed back before the epilogue.
 
+Large-M fp8 on sm_90+ (:func:`fp8_linear_tma_kernel`): the same GEMM with both operands
+read through TMA tensor descriptors, 128 x 256 tiles.
+
 Split-K (small M): program ``(tile, s)`` reduces its share of K and writes the raw fp32
 partial sum to ``partial[s]``; :func:`splitk_epilogue_kernel` adds the shares in a fixed
 order (deterministic, no atomics) and runs the same epilogue.
@@ -68,6 +71,18 @@ def _epilogue(acc, rows, cols, M, N, ws_ptr, xs_ptr, bias_ptr, out_ptr, stride_o
 
 
 @triton.jit
+def _tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program ``pid`` in grouped order: ``GROUP_M`` consecutive
+    programs share a column tile (the weight tile) while it is in L2."""
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    return first_m + (pid % group) % group_rows, (pid % group) // group_rows
+
+
+@triton.jit
 def quantized_linear_kernel(
     x_ptr,  # (M, K) activations (fp8 scheme: the per-token quantized copy)
     w_ptr,  # (N, K) int8 / float8_e4m3fn, or (N, K // 2) uint8 packed int4; row stride stride_wn
@@ -97,17 +112,8 @@ def quantized_linear_kernel(
     GROUP_M: tl.constexpr,
     SWAP_AB: tl.constexpr,  # integer weights: the (BLOCK_N, BLOCK_K) weight tile is the dot's first operand
 ):
-    # Grouped ordering: consecutive programs share weight tiles in L2.
-    pid = tl.program_id(0)
+    pid_m, pid_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group = GROUP_M * num_pid_n
-    first_m = (pid // group) * GROUP_M
-    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group) % group_rows
-    pid_n = (pid % group) // group_rows
-
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < M
@@ -165,6 +171,57 @@ def quantized_linear_kernel(
     else:
         ptrs = out_ptr + pid_k.to(tl.int64) * stride_os + rows.to(tl.int64)[:, None] * stride_om + cols[None, :]
         tl.store(ptrs, acc, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def fp8_linear_tma_kernel(
+    x_desc,  # TensorDescriptor of the (M, K) float8_e4m3fn per-token quantized activations
+    w_desc,  # TensorDescriptor of the (N, K) float8_e4m3fn weight codes
+    ws_ptr,  # float32 (N,) weight scales
+    xs_ptr,  # float32 (M,) per-token activation scales
+    bias_ptr,  # (N,)
+    out_ptr,  # (M, N)
+    M,
+    N,
+    K,
+    stride_om,
+    HAS_BIAS: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,  # interpreter only: fp8 tl.dot is absent there
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EPILOGUE_HALVES: tl.constexpr,  # 1 or 2 column halves of the tile, one after the other
+):
+    """The fp8 GEMM of large M with both operands read through TMA descriptors (sm_90+):
+    the copy engine moves each tile to shared memory (no address arithmetic, no masks:
+    rows, columns and K past the tensors' ends read as zeros). The epilogue runs on the
+    tile's column halves one after the other (``EPILOGUE_HALVES = 2``): scales, bias and a
+    GELU over a whole 128 x 256 fp32 tile at once spill (kernel report, sm_90)."""
+    pid_m, pid_n = _tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    off_m = pid_m * BLOCK_M
+    off_n = pid_n * BLOCK_N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = x_desc.load([off_m, k0])  # (BLOCK_M, BLOCK_K)
+        w = w_desc.load([off_n, k0])  # (BLOCK_N, BLOCK_K)
+        if UPCAST_DOT:
+            a = a.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(a, w.T, acc)
+    rows = off_m + tl.arange(0, BLOCK_M)
+    # The epilogue's scheme argument is 2 (SCHEME_FP8; a literal: jit bodies read no
+    # module globals that are not constexpr).
+    if EPILOGUE_HALVES == 2:
+        left, right = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        cols = off_n + tl.arange(0, BLOCK_N // 2)
+        _epilogue(left, rows, cols, M, N, ws_ptr, xs_ptr, bias_ptr, out_ptr, stride_om, 2, HAS_BIAS, ACTIVATION)
+        cols += BLOCK_N // 2
+        _epilogue(right, rows, cols, M, N, ws_ptr, xs_ptr, bias_ptr, out_ptr, stride_om, 2, HAS_BIAS, ACTIVATION)
+    else:
+        cols = off_n + tl.arange(0, BLOCK_N)
+        _epilogue(acc, rows, cols, M, N, ws_ptr, xs_ptr, bias_ptr, out_ptr, stride_om, 2, HAS_BIAS, ACTIVATION)
 
 
 @triton.jit

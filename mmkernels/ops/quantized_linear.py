@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from triton.tools.tensor_descriptor import TensorDescriptor
+
 from mmkernels.backend import (
     AotCase,
     Backend,
@@ -26,6 +28,7 @@ from mmkernels.backend import (
     ValidatedHandOver,
     cdiv,
     choose_backend,
+    compute_capability,
     device_guard,
     empty_output,
     interpreter_enabled,
@@ -194,10 +197,15 @@ class LinearConfig:
     # every K step, and the wgmma waits for it). Ignored for fp8 (nothing to dequantize).
     # Which layout linear_config picks, and why: its docstring.
     swap_ab: bool = False
+    # fp8, large M: both operands read through TMA tensor descriptors
+    # (kernels.fp8_linear_tma_kernel; sm_90+), 128 x 256 tiles where that still fills the
+    # GPU. Which calls get it: linear_config's ``tma`` argument.
+    tma: bool = False
 
 
 @functools.lru_cache(maxsize=4096)  # pure in its integer arguments; frozen result
-def linear_config(m: int, n: int, k: int, scheme: str, group_size: int | None, element_size: int) -> LinearConfig:
+def linear_config(m: int, n: int, k: int, scheme: str, group_size: int | None, element_size: int,
+                  tma: bool = False) -> LinearConfig:  # fmt: skip
     """Deterministic tiles per M range (the same shapes always get the same config).
 
     * ``M <= 16`` (decode-like, a few image tokens): 16-row tiles, 64 columns, and split-K
@@ -208,6 +216,18 @@ def linear_config(m: int, n: int, k: int, scheme: str, group_size: int | None, e
 
     ``BLOCK_K`` is 64 (128 for fp8's one-byte operands; 32 for fp32 activations), and at
     most the w4a16 group size so that each K tile has one scale and zero per column.
+
+    ``tma``: the device reads tensor descriptors (sm_90+) and the fp8 operands are aligned
+    for them (see :func:`_tma_ready`). fp8 with ``M > 256`` then takes
+    :func:`~mmkernels.ops._quantized_linear_kernels.fp8_linear_tma_kernel`: 128 x 256 x 128
+    tiles, 8 warps, 3 stages, the tile of Triton's own Hopper fp8 matmul tutorials, or
+    128 x 128 x 128 and 4 stages where 256-wide tiles would leave the GPU less than one
+    program per SM (``_TARGET_PROGRAMS // 2``). The copy engine moves each tile, so the K
+    loop has no address arithmetic and no per-thread copies (8 16-byte ``LDGSTS`` per
+    thread and step at 128 x 128 with pointers), and 21 fewer registers at 128 x 256 (169 against 190,
+    sm_90, no activation). At that tile a GELU epilogue over the whole fp32 accumulator
+    spills (255 registers, 64 bytes, pointer and TMA loads alike); the TMA kernel runs it
+    on the two column halves in turn: 233 registers, no spill.
 
     The tile layout (``swap_ab``) is chosen from the SASS of the K loop, instructions per
     weight element and thread (sm_90; triton 3.6, the GPU image, and 3.9 agree within
@@ -238,6 +258,10 @@ def linear_config(m: int, n: int, k: int, scheme: str, group_size: int | None, e
     run at 9359c97 timed the unswapped kernels only: w8a16 reached 456 TFLOP/s at
     M = 2304).
     """
+    if tma and scheme == "fp8" and m > 256:
+        wide = cdiv(m, 128) * cdiv(n, 256) >= _TARGET_PROGRAMS // 2
+        return LinearConfig(128, 256 if wide else 128, 128, 1, cdiv(k, 128) * 128, group_m=8, num_warps=8,
+                            num_stages=3 if wide else 4, tma=True)  # fmt: skip
     # Integer weights are converted (and w4a16 unpacked) in registers: 8 warps share that
     # work; at 4 warps the 64 x 128 (K x N) tiles spill (kernel report, sm_80 and sm_90).
     small_warps = 4 if scheme == "fp8" else 8
@@ -305,6 +329,46 @@ def _launch(args: _LinearArgs, out: torch.Tensor, x_gemm: torch.Tensor, x_scales
     return launch_args, meta, grid
 
 
+def _tma_launch(args: _LinearArgs, out: torch.Tensor, x_gemm: torch.Tensor, x_scales: torch.Tensor,
+                cfg: LinearConfig):  # fmt: skip
+    """(args, meta, grid) of the fp8 TMA GEMM launch; also used by the AOT report."""
+    qw = args.qweight
+    m, k = x_gemm.shape
+    n = qw.out_features
+    launch_args = (
+        TensorDescriptor.from_tensor(x_gemm, [cfg.block_m, cfg.block_k]),
+        TensorDescriptor.from_tensor(qw.packed, [cfg.block_n, cfg.block_k]),
+        qw.scales, x_scales,
+        args.bias if args.bias is not None else qw.scales,  # never read without HAS_BIAS
+        out, m, n, k, out.stride(0),
+    )  # fmt: skip
+    meta = dict(
+        HAS_BIAS=args.bias is not None,
+        ACTIVATION=ACTIVATIONS[args.activation],
+        UPCAST_DOT=interpreter_enabled(),
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m,
+        EPILOGUE_HALVES=2 if cfg.block_n > 128 else 1,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    return launch_args, meta, (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n),)
+
+
+def _tma_ready(qw: QuantizedWeight, device: torch.device) -> bool:
+    """Whether fp8 operands can be read through TMA descriptors: NVIDIA sm_90+ (or the
+    interpreter, which runs them too), and the weight's rows 16-byte aligned, as
+    descriptors require (the quantized activations are a fresh contiguous tensor with the
+    same row length, so aligned with it)."""
+    if qw.scheme != "fp8" or qw.in_features % 16 or qw.packed.data_ptr() % 16:
+        return False
+    if device.type == "cuda":
+        return torch.version.hip is None and compute_capability(device) >= (9, 0)
+    return device.type == "cpu"
+
+
 def _splitk_launch(args: _LinearArgs, out, x_scales, partial, split_k: int):
     qw = args.qweight
     m, n = args.x2d.shape[0], qw.out_features
@@ -345,7 +409,7 @@ def _triton_impl(args: _LinearArgs) -> torch.Tensor:
     out = empty_output((m, n), x2d.dtype, device)
     if m == 0:
         return out.reshape(args.out_shape)
-    cfg = linear_config(m, n, k, qw.scheme, qw.group_size, x2d.element_size())
+    cfg = linear_config(m, n, k, qw.scheme, qw.group_size, x2d.element_size(), _tma_ready(qw, device))
     x_gemm, x_scales = x2d, None
     if qw.scheme == "fp8" and device.type == "cpu":
         # Triton 3.9's interpreter rounds fp32 -> e4m3 wrongly (a carry into the exponent
@@ -359,6 +423,10 @@ def _triton_impl(args: _LinearArgs) -> torch.Tensor:
         x_scales = empty_output((m,), torch.float32, device)
         a, meta, grid = _quantize_rows_launch(x2d, x_gemm, x_scales)
         kernels.quantize_rows_fp8_kernel[grid](*a, **meta)
+    if cfg.tma:
+        a, meta, grid = _tma_launch(args, out, x_gemm, x_scales, cfg)
+        kernels.fp8_linear_tma_kernel[grid](*a, **meta)
+        return out.reshape(args.out_shape)
     partial = empty_output((cfg.split_k, m, n), torch.float32, device) if cfg.split_k > 1 else None
     a, meta, grid = _launch(args, out, x_gemm, x_scales, partial, cfg)
     kernels.quantized_linear_kernel[grid](*a, **meta)
@@ -486,7 +554,8 @@ def quantized_linear(x, qweight, bias=None, *, activation=None) -> torch.Tensor:
 # Ahead-of-time cases: real projector shapes, bf16 activations.
 
 
-def _aot_gemm_case(name, scheme, m, k, n, *, bias=True, activation=None, group_size=128, notes="", swap_ab=None):
+def _aot_gemm_case(name, scheme, m, k, n, *, bias=True, activation=None, group_size=128, notes="", swap_ab=None,
+                   tma=False):  # fmt: skip
     def make_launch():
         if scheme == "w8a16":
             qw = QuantizedWeight(scheme, torch.empty(n, k, dtype=torch.int8), torch.empty(n), None, None, k, n, torch.bfloat16)
@@ -498,20 +567,26 @@ def _aot_gemm_case(name, scheme, m, k, n, *, bias=True, activation=None, group_s
                                  torch.empty(n, k // g), g, k, n, torch.bfloat16)  # fmt: skip
         x = torch.empty(m, k, dtype=torch.bfloat16)
         args = _validate(x, qw, torch.empty(n, dtype=torch.bfloat16) if bias else None, activation)
-        cfg = linear_config(m, n, k, scheme, qw.group_size, 2)
+        cfg = linear_config(m, n, k, scheme, qw.group_size, 2, tma)
         if swap_ab is not None:
             cfg = dataclasses.replace(cfg, swap_ab=swap_ab)
         out = torch.empty(m, n, dtype=torch.bfloat16)
         x_gemm = torch.empty(m, k, dtype=torch.float8_e4m3fn) if scheme == "fp8" else x
         x_scales = torch.empty(m) if scheme == "fp8" else None
+        if cfg.tma:
+            launch_args, meta, grid = _tma_launch(args, out, x_gemm, x_scales, cfg)
+            meta["UPCAST_DOT"] = False  # compiled for a GPU, never the interpreter
+            return launch_args, meta, grid
         partial = torch.empty(cfg.split_k, m, n) if cfg.split_k > 1 else None
         launch_args, meta, grid = _launch(args, out, x_gemm, x_scales, partial, cfg)
         meta["UPCAST_DOT"] = False  # compiled for a GPU, never the interpreter
         return launch_args, meta, grid
 
-    # fp8: Triton refuses e4m3 below sm_89, and the op runs the reference there.
-    return register_aot(AotCase(name, kernels.quantized_linear_kernel, make_launch, tensor_cores=True, notes=notes,
-                                min_compute_capability=89 if scheme == "fp8" else 0))
+    # fp8: Triton refuses e4m3 below sm_89, and the op runs the reference there; TMA
+    # descriptors are sm_90+.
+    kernel = kernels.fp8_linear_tma_kernel if tma else kernels.quantized_linear_kernel
+    return register_aot(AotCase(name, kernel, make_launch, tensor_cores=True, notes=notes,
+                                min_compute_capability=90 if tma else 89 if scheme == "fp8" else 0))
 
 
 def _aot_aux_cases():
@@ -532,16 +607,24 @@ def _aot_aux_cases():
 
 
 for _scheme in SCHEMES:
+    # fp8 at M > 256: sm_90 reads the operands through TMA (the default there); the
+    # pointer-load kernel is what sm_89 runs, under the /pointer names.
+    _tma = _scheme == "fp8"
     # LLaVA-1.5-7B projector linear_1 (CLIP-L 1024 -> 4096, GELU fused), one 336 px image.
-    _aot_gemm_case(f"quantized_linear/{_scheme}/llava-1.5-7b-linear_1/m576", _scheme, 576, 1024, 4096, activation="gelu")
+    _aot_gemm_case(f"quantized_linear/{_scheme}/llava-1.5-7b-linear_1/m576", _scheme, 576, 1024, 4096, activation="gelu",
+                   tma=_tma)  # fmt: skip
     # Llama-3.2-11B-Vision projector (7680 -> 4096), a few tokens: the split-K path.
     _aot_gemm_case(f"quantized_linear/{_scheme}/mllama-11b/m16", _scheme, 16, 7680, 4096)
     # LLaVA-NeXT-34B projector linear_1 (1024 -> 7168), 64 tokens: 32 x 64 tiles + split-K.
     _aot_gemm_case(f"quantized_linear/{_scheme}/llava-next-34b-linear_1/m64", _scheme, 64, 1024, 7168, activation="gelu")
     # LLaVA-1.5-7B projector linear_2 (4096 -> 4096), 256 tokens: 64 x 128 tiles.
     _aot_gemm_case(f"quantized_linear/{_scheme}/llava-1.5-7b-linear_2/m256", _scheme, 256, 4096, 4096)
-    # Qwen2-VL-7B merger linear_2 (5120 -> 3584), 4096 merged tokens: 128 x 128 tiles.
-    _aot_gemm_case(f"quantized_linear/{_scheme}/qwen2-vl-7b-merger/m4096", _scheme, 4096, 5120, 3584)
+    # Qwen2-VL-7B merger linear_2 (5120 -> 3584), 4096 merged tokens: 128 x 128 tiles
+    # (fp8 on sm_90: 128 x 256 through TMA, GELU fused to check the two-half epilogue).
+    _aot_gemm_case(f"quantized_linear/{_scheme}/qwen2-vl-7b-merger/m4096", _scheme, 4096, 5120, 3584,
+                   activation="gelu" if _tma else None, tma=_tma)  # fmt: skip
+_aot_gemm_case("quantized_linear/fp8/llava-1.5-7b-linear_1/m576/pointer", "fp8", 576, 1024, 4096, activation="gelu")
+_aot_gemm_case("quantized_linear/fp8/qwen2-vl-7b-merger/m4096/pointer", "fp8", 4096, 5120, 3584)
 # The other tile layout (LinearConfig.swap_ab) of a default, which the GPU probe times
 # against it: it must stay compilable without spills.
 _aot_gemm_case("quantized_linear/w4a16/qwen2-vl-7b-merger/m4096/unswapped", "w4a16", 4096, 5120, 3584, swap_ab=False)
@@ -549,4 +632,4 @@ _aot_gemm_case("quantized_linear/w4a16/mllama-11b/m16/swapped", "w4a16", 16, 768
 _aot_gemm_case("quantized_linear/w8a16/mllama-11b/m16/swapped", "w8a16", 16, 7680, 4096, swap_ab=True)
 _aot_gemm_case("quantized_linear/w8a16/qwen2-vl-7b-merger/m4096/swapped", "w8a16", 4096, 5120, 3584, swap_ab=True)
 _aot_aux_cases()
-del _scheme
+del _scheme, _tma
