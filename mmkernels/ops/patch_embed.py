@@ -8,6 +8,20 @@ row in its epilogue, and for large batches a launch before it that packs the pat
 
 Public: :func:`patch_embed` (registered as ``mmkernels::patch_embed``), its reference
 :func:`patch_embed_reference` (same signature; it defines the op), :data:`CAPABILITIES`.
+
+Not fused, by arithmetic: the LayerNorm after the embeddings. Of the wired towers only
+CLIP (``pre_layrnorm``) normalizes the op's output directly (Pixtral's ``ln_pre`` and
+Mllama's ``layernorm_pre`` come after the per-image crops, tile and position embeddings
+their towers add in their own ``forward``; SigLIP, BLIP-2, ViT and Qwen2-VL have none
+there). Normalizing in the epilogue needs whole rows of D = 1024 per program. A 64-row
+tile, the least Hopper's wgmma takes, holds a 64 x 1024 fp32 accumulator: 256 KB, the
+SM's whole register file. 16-row tiles fit only with ``mma.sync`` (a fraction of
+Hopper's rate) and make every program read the whole weight: 2304 programs x 1.2 MB =
+2.8 GB of L2 traffic for CLIP-L/14-336 x 64, against 151 MB (bf16 read and write) for
+the LayerNorm as its own pass. Row statistics from the epilogue plus a second pass over
+the output move the same bytes as that pass. At one image the separate LayerNorm is one
+more launch over 1.2 MB. None of these pays, so the tower's own LayerNorm runs after
+the op.
 """
 
 from __future__ import annotations
