@@ -303,7 +303,7 @@ def _linear_configs(case, scheme: str, default_cfg):
         yield f"default, {'swapped' if flipped.swap_ab else 'unswapped'}", flipped
     if default_cfg.tma:
         # fp8 through TMA descriptors (sm_90 default) against its other tile width, and
-        # against pointer loads at 128 x 128 (what sm_89 runs; 128 x 256 spills there).
+        # against pointer loads at 128 x 128 (what sm_89 runs).
         wide = default_cfg.block_n == 256
         yield f"TMA 128x{128 if wide else 256}x128", dataclasses.replace(
             default_cfg, block_n=128 if wide else 256, num_stages=4 if wide else 3)
