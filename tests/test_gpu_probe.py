@@ -125,9 +125,13 @@ def test_sweep_measures_round_robin_and_returns_rows_by_plan(monkeypatch):
     def provider(name):
         return NS(name=name, factory=lambda: (lambda inputs: torch.ones(4)))
 
-    def bench(name, cases, providers):
-        return NS(name=name, cases=cases, providers=[provider(p) for p in providers],
-                  make_inputs=lambda case, device, seed: None)  # fmt: skip
+    from mmkernels.quant import quantize
+
+    def bench(name, cases, providers, make_inputs=lambda case, device, seed: None):
+        return NS(name=name, cases=cases, providers=[provider(p) for p in providers], make_inputs=make_inputs)
+
+    def projector_inputs(case, device, seed):  # the fp8 weight the op's TMA choice reads
+        return NS(quantized={"fp8": quantize(torch.randn(16, case.k), "fp8")})
 
     registry = {
         "patch_embed": bench("patch_embed", [
@@ -137,12 +141,13 @@ def test_sweep_measures_round_robin_and_returns_rows_by_plan(monkeypatch):
             ["mmkernels", "mmkernels(uint8)"]),
         "quantized_linear": bench("quantized_linear", [NS(name="qwen2-vl-7b/merger.mlp.2/m2304", m=2304, n=3584, k=5120),
                                                        NS(name="llava-1.5-7b/linear_1/m16", m=16, n=4096, k=1024)],
-                                  ["mmkernels(w8a16)", "mmkernels(w4a16)", "mmkernels(fp8)"]),
+                                  ["mmkernels(w8a16)", "mmkernels(w4a16)", "mmkernels(fp8)"], projector_inputs),
     }  # fmt: skip
     clock = iter(range(10_000))
     monkeypatch.setattr(gpu_probe, "time", NS(time=lambda: next(clock)))
     monkeypatch.setattr(gpu_probe, "_bench_ms", lambda fn: (1.0, "graph"))
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))  # an H100 / H200
+    ql = importlib.import_module("mmkernels.ops.quantized_linear")
+    monkeypatch.setattr(ql, "compute_capability", lambda device: (9, 0))  # an H100 / H200
     n_plans = 8
     rows = gpu_probe.probe_sweep(registry, deadline=2 * n_plans - 0.5)
     plans = []

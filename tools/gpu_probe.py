@@ -403,23 +403,23 @@ def probe_sweep(registry, deadline: float) -> list[dict]:
         bench_name, case_name, provider_name, module, attr, scheme = plan
         bench = registry[bench_name]
         case = _case(bench, case_name)
-        if bench_name == "patch_embed":
-            default_cfg = module.embed_config(case.gemm_rows, case.dim, case.gemm_k, 2)
-            configs = [(f"default {default_cfg}", None),
-                       *_patch_embed_configs(default_cfg, image_form=len(case.weight_shape) == 4)]  # fmt: skip
-        else:
-            # As the op decides for its fresh, aligned benchmark weights (_tma_ready): fp8
-            # reads through TMA descriptors on sm_90+.
-            tma = scheme == "fp8" and case.k % 16 == 0 and torch.cuda.get_device_capability() >= (9, 0)
-            default_cfg = module.linear_config(case.m, case.n, case.k, scheme, 128, 2, tma)
-            configs = [(f"default {default_cfg}", None), *_linear_configs(case, scheme, default_cfg)]
+        inputs = call = None
         try:
             inputs = bench.make_inputs(case, torch.device("cuda"), 0)
             call = _provider(bench, provider_name).factory()
             expected = call(inputs).float()
         except Exception as exc:
-            prepared.append((plan, configs, None, None, f"{type(exc).__name__}: {exc}"[:300]))
-            continue
+            expected = f"{type(exc).__name__}: {exc}"[:300]
+        if bench_name == "patch_embed":
+            default_cfg = module.embed_config(case.gemm_rows, case.dim, case.gemm_k, 2)
+            configs = [(f"default {default_cfg}", None),
+                       *_patch_embed_configs(default_cfg, image_form=len(case.weight_shape) == 4)]  # fmt: skip
+        else:
+            # The op's own choice for this weight: fp8 reads through TMA descriptors on sm_90+.
+            qweight = getattr(inputs, "quantized", {}).get(scheme)
+            tma = qweight is not None and module._tma_ready(qweight, torch.device("cuda"))
+            default_cfg = module.linear_config(case.m, case.n, case.k, scheme, 128, 2, tma)
+            configs = [(f"default {default_cfg}", None), *_linear_configs(case, scheme, default_cfg)]
         prepared.append((plan, configs, inputs, call, expected))
 
     rows = {}
