@@ -15,9 +15,20 @@ What is added to flash-attn's varlen forward:
 * No output row is left undefined. One extra program column (sequence index ``B``)
   writes rows past ``cu_seqlens_q[-1]`` (padding some callers leave at the end) as 0,
   and rows that ``max_seqlen_q`` did not cover (a caller passing too small a value, which
-  flash-attn silently leaves as garbage) as NaN, so the mistake shows. (A loop over query
-  blocks inside each program would cover them, but costs ~60 registers per thread in
-  every launch and spills: see the kernel report.)
+  flash-attn silently leaves as garbage) or that lie before ``cu_seqlens_q[0]`` as NaN,
+  so the mistake shows. (A loop over query blocks inside each program would cover them,
+  but costs ~60 registers per thread in every launch and spills: see the kernel report.)
+* Offsets are never trusted for addressing. Validating ``cu_seqlens`` on the host costs
+  a sync (the op's ``check=True``), so every program clamps the offsets it reads into
+  ``[0, total]`` with ``end >= start``: offsets that break the contract (negative, past
+  the end, decreasing) give wrong rows, NaN rows or, where such sequences overlap, rows
+  written twice, but never a read or write outside q, k, v, out or kv_ranges.
+* 64-bit addressing where a product can pass 2^31: sequence starts always; head
+  offsets when the launcher finds ``(heads - 1) x head_stride`` past 2^31 (``WIDE_HEADS``:
+  a head-major layout, head stride S x d, passes it at 32 heads from S = 524k tokens of
+  d = 128; 64-bit head offsets everywhere would cost d = 96 on sm_80 70 registers, 185
+  -> 255, in the kernel report). Offsets inside a tile are 32-bit (the launcher keeps
+  token strides small enough that ``BLOCK x stride`` fits).
 * Head dims that are not powers of two (72, 80, 96) are padded to ``HEAD_PAD`` inside the
   kernel with masked loads; the caller passes the real tensors.
 """
@@ -37,7 +48,9 @@ def varlen_attention_fwd_kernel(
     ranges_ptr,  # (total_q, 2) int32: [start, end) per query, relative to its sequence's keys
     qk_scale,  # softmax_scale * log2(e): scores go through exp2
     total_q,
+    total_k,
     n_seqs,
+    n_slots,  # query blocks per sequence: program_id(0) = sequence * n_slots + slot
     group,  # Hq // Hkv
     stride_qt,
     stride_qh,
@@ -60,6 +73,7 @@ def varlen_attention_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     ALIGN: tl.constexpr,  # every token and head stride is a multiple of ALIGN elements (16 bytes)
+    WIDE_HEADS: tl.constexpr,  # some head * head_stride passes 2^31: 64-bit head offsets
 ):
     if ALIGN > 1:
         # The JIT only proves divisibility by 16 elements; a head dim of 72 or 80 (strides
@@ -76,32 +90,48 @@ def varlen_attention_fwd_kernel(
         stride_vh = (stride_vh // ALIGN) * ALIGN
         stride_ot = (stride_ot // ALIGN) * ALIGN
         stride_oh = (stride_oh // ALIGN) * ALIGN
-    slot = tl.program_id(0)
-    seq = tl.program_id(1)
-    head = tl.program_id(2)
+    # Sequences and their query blocks share axis 0 (CUDA allows 2^31 - 1 programs there
+    # but 65535 in y and z, and a batch of many short sequences can pass that).
+    pid = tl.program_id(0)
+    seq = pid // n_slots
+    slot = pid - seq * n_slots
+    head = tl.program_id(1)
     offs_d = tl.arange(0, HEAD_PAD)
     d_ok = offs_d < HEAD_DIM
     if seq == n_seqs:
         if slot == 0:
             _fill_uncovered_rows(out_ptr, cu_q_ptr, total_q, n_seqs, head, stride_ot, stride_oh,
-                                 tl.num_programs(0) * BLOCK_M, offs_d, d_ok, HEAD_PAD, BLOCK_M)  # fmt: skip
+                                 n_slots * BLOCK_M, offs_d, d_ok, HEAD_PAD, BLOCK_M)  # fmt: skip
     else:
-        q_start = tl.load(cu_q_ptr + seq)
-        q_len = tl.load(cu_q_ptr + seq + 1) - q_start
+        q_start, q_end = _clamped_span(cu_q_ptr, seq, total_q)
+        q_len = q_end - q_start
         m0 = slot * BLOCK_M
         if m0 < q_len:
-            k_start = tl.load(cu_k_ptr + seq)
-            k_len = tl.load(cu_k_ptr + seq + 1) - k_start
+            k_start, k_end = _clamped_span(cu_k_ptr, seq, total_k)
+            k_len = k_end - k_start
+            q_head = head
             kv_head = head // group
+            if WIDE_HEADS:
+                q_head = q_head.to(tl.int64)
+                kv_head = kv_head.to(tl.int64)
             _attend_query_block(
-                q_ptr + q_start.to(tl.int64) * stride_qt + head * stride_qh,
+                q_ptr + q_start.to(tl.int64) * stride_qt + q_head * stride_qh,
                 k_ptr + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh,
                 v_ptr + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh,
-                out_ptr + q_start.to(tl.int64) * stride_ot + head * stride_oh,
+                out_ptr + q_start.to(tl.int64) * stride_ot + q_head * stride_oh,
                 ranges_ptr + q_start.to(tl.int64) * stride_rt,
                 m0, q_len, k_len, qk_scale, stride_qt, stride_kt, stride_vt, stride_ot, stride_rt, stride_rc,
                 HEAD_DIM, HAS_RANGES, CAUSAL, UPCAST_DOT, DOT_PRECISION, HEAD_A, HEAD_B, BLOCK_M, BLOCK_N,
             )  # fmt: skip
+
+
+@triton.jit
+def _clamped_span(cu_ptr, seq, total):
+    """Rows ``[start, end)`` of sequence ``seq``, clamped so that ``0 <= start <= end <=
+    total`` whatever the offsets hold (see the module docstring)."""
+    start = tl.minimum(tl.maximum(tl.load(cu_ptr + seq), 0), total)
+    end = tl.minimum(tl.maximum(tl.load(cu_ptr + seq + 1), start), total)
+    return start, end
 
 
 @triton.jit
@@ -220,19 +250,26 @@ def _attend_query_block(q_base, k_base, v_base, o_base, r_base, m0, q_len, k_len
 def _fill_uncovered_rows(out_ptr, cu_q_ptr, total_q, n_seqs, head, stride_ot, stride_oh, covered, offs_d, d_ok,
                          HEAD_PAD: tl.constexpr, BLOCK_M: tl.constexpr):  # fmt: skip
     """Rows of one head that no attention program owns: NaN past the first ``covered`` rows
-    of each sequence (max_seqlen_q was too small), 0 past ``cu_seqlens_q[-1]``."""
+    of each sequence (max_seqlen_q was too small) and before ``cu_seqlens_q[0]`` (which
+    the contract says is 0), 0 past ``cu_seqlens_q[-1]``. Offsets are clamped as the
+    attention programs clamp them, so these loops stay inside ``out``."""
     rows = tl.arange(0, BLOCK_M)
     nan_tile = tl.full([BLOCK_M, HEAD_PAD], float("nan"), dtype=tl.float32)
     zero_tile = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
-    base = out_ptr + head * stride_oh
+    base = out_ptr + head * stride_oh  # out is packed: (Hq - 1) x d fits 32 bits
+    first = tl.minimum(tl.maximum(tl.load(cu_q_ptr), 0), total_q)
+    for r0 in range(0, first, BLOCK_M):
+        r = r0 + rows
+        tl.store(base + r.to(tl.int64)[:, None] * stride_ot + offs_d[None, :],
+                 nan_tile.to(out_ptr.dtype.element_ty), mask=(r < first)[:, None] & d_ok[None, :])  # fmt: skip
     for b in range(0, n_seqs):
-        start = tl.load(cu_q_ptr + b)
-        end = tl.load(cu_q_ptr + b + 1)
+        start, end = _clamped_span(cu_q_ptr, b, total_q)
         for r0 in range(start + covered, end, BLOCK_M):
             r = r0 + rows
             tl.store(base + r.to(tl.int64)[:, None] * stride_ot + offs_d[None, :],
                      nan_tile.to(out_ptr.dtype.element_ty), mask=(r < end)[:, None] & d_ok[None, :])  # fmt: skip
-    for r0 in range(tl.load(cu_q_ptr + n_seqs), total_q, BLOCK_M):
+    last = tl.minimum(tl.maximum(tl.load(cu_q_ptr + n_seqs), 0), total_q)
+    for r0 in range(last, total_q, BLOCK_M):
         r = r0 + rows
         tl.store(base + r.to(tl.int64)[:, None] * stride_ot + offs_d[None, :],
                  zero_tile.to(out_ptr.dtype.element_ty), mask=(r < total_q)[:, None] & d_ok[None, :])  # fmt: skip

@@ -289,15 +289,42 @@ def attn_config(max_seqlen_q: int, head_dim: int, element_size: int) -> AttnConf
     return AttnConfig(block_m, block_n, head_pad, num_warps, num_stages, head_a, head_b)
 
 
+# Offsets inside a tile are 32-bit (``row * token_stride`` with row < BLOCK_M <= 128): a
+# token stride from this many elements up is copied to a packed layout first.
+_MAX_TILE_TOKEN_STRIDE = (2**31 - 1) // 256
+_MAX_GRID_Y = 65535  # CUDA's limit on grid y (query heads run there)
+
+
+def _kernel_operand(name: str, t: torch.Tensor) -> torch.Tensor:
+    """``t`` as the kernel can address it: last dim contiguous, token stride small enough for
+    32-bit offsets inside a tile (a copy otherwise; a strided view of q/k/v out of a fused
+    projection, the usual case, passes as it is)."""
+    if t.stride(-1) != 1 or t.stride(0) >= _MAX_TILE_TOKEN_STRIDE:
+        t = t.contiguous()
+    if t.stride(0) >= _MAX_TILE_TOKEN_STRIDE:
+        raise ValueError(f"{name}: heads x head_dim = {t.stride(0)} elements per token is too large for the kernel "
+                         f"(at most {_MAX_TILE_TOKEN_STRIDE - 1})")  # fmt: skip
+    return t
+
+
 def _launch(args: _AttnArgs, out: torch.Tensor):
     """(args, meta, grid) of the one launch; also used by the AOT report."""
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (args.q, args.k, args.v))
-    cfg = attn_config(args.max_seqlen_q, args.head_dim, q.element_size())
+    q, k, v = (_kernel_operand(name, t) for name, t in (("q", args.q), ("k", args.k), ("v", args.v)))
+    if out.stride(0) >= _MAX_TILE_TOKEN_STRIDE:
+        raise ValueError(f"q: heads x head_dim = {out.stride(0)} elements per token is too large for the kernel "
+                         f"(at most {_MAX_TILE_TOKEN_STRIDE - 1})")  # fmt: skip
+    # The kernel clamps every sequence to the rows that exist, so no sequence is longer
+    # than total_q: a larger max_seqlen_q (a caller's bound, or garbage) only adds
+    # programs with nothing to do.
+    max_seqlen_q = min(args.max_seqlen_q, q.shape[0])
+    cfg = attn_config(max_seqlen_q, args.head_dim, q.element_size())
+    n_slots = max(1, cdiv(max_seqlen_q, cfg.block_m))
     ranges = args.kv_ranges
     launch_args = (
         q, k, v, out, args.cu_seqlens_q, args.cu_seqlens_k,
         ranges if ranges is not None else args.cu_seqlens_q,  # never read without HAS_RANGES
-        args.softmax_scale * math.log2(math.e), q.shape[0], args.batch, q.shape[1] // k.shape[1],
+        args.softmax_scale * math.log2(math.e), q.shape[0], k.shape[0], args.batch, n_slots,
+        q.shape[1] // k.shape[1],
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         out.stride(0), out.stride(1),
         ranges.stride(0) if ranges is not None else 0, ranges.stride(1) if ranges is not None else 0,
@@ -315,12 +342,17 @@ def _launch(args: _AttnArgs, out: torch.Tensor):
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         ALIGN=aligned_elements((q, k, v, out), [st for t in (q, k, v, out) for st in t.stride()[:2]]),
+        WIDE_HEADS=max((t.shape[1] - 1) * t.stride(1) for t in (q, k, v, out)) >= 2**31,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    # One program per query block, sequence and head; one more sequence column writes the
-    # rows no block owns (past cu_seqlens_q[-1]: 0; past max_seqlen_q: NaN).
-    grid = (max(1, cdiv(args.max_seqlen_q, cfg.block_m)), args.batch + 1, q.shape[1])
+    # One program per query block, sequence and head; one more sequence writes the rows no
+    # block owns (past cu_seqlens_q[-1]: 0; past max_seqlen_q or before cu_seqlens_q[0]:
+    # NaN). Blocks and sequences share axis 0: CUDA's y and z stop at 65535.
+    grid = (n_slots * (args.batch + 1), q.shape[1])
+    if grid[0] >= 2**31:
+        raise ValueError(f"cu_seqlens_q: {args.batch} sequences x {n_slots} query blocks of {cfg.block_m} "
+                         f"is more programs than one launch can have (2^31 - 1)")  # fmt: skip
     return launch_args, meta, grid
 
 
@@ -356,6 +388,8 @@ def _varlen_attention_body(
     extra = []
     if args.head_dim > MAX_HEAD_DIM:
         extra.append(f"head_dim {args.head_dim} > {MAX_HEAD_DIM}")
+    if q.shape[1] > _MAX_GRID_Y:
+        extra.append(f"{q.shape[1]} query heads > {_MAX_GRID_Y} (the launch grid's second axis)")
     decision = choose_backend(OP_NAME, kernels.varlen_attention_fwd_kernel, CAPABILITIES, q.device, {q.dtype}, extra)
     if decision.backend is Backend.REFERENCE:
         return varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
@@ -435,7 +469,12 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
             every length; every ``kv_ranges`` row lies inside its sequence's keys
             (``0 <= start``, ``end <= Lk``; ``start >= end`` is an empty range). Each
             violation raises ``ValueError`` naming the argument. None (default) reads the
-            environment variable ``MMKERNELS_DEBUG_CHECKS=1``.
+            environment variable ``MMKERNELS_DEBUG_CHECKS=1``. Without the check, offsets
+            that break the contract never make the kernel read or write outside q, k, v,
+            kv_ranges or the output (it clamps each sequence to ``[0, total]`` with
+            ``end >= start``) and every output row is written, but the rows of such a
+            layout are not meaningful: rows before ``cu_seqlens_q[0]`` are NaN, and
+            sequences that overlap through decreasing offsets may write a row twice.
 
     Returns:
         ``(total_q, Hq, d)`` in q's dtype. A query that sees no key (empty range, no keys,
@@ -462,7 +501,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 # Ahead-of-time cases: real models, bf16.
 
 
-def _aot_case(name, lengths_q, lengths_k, hq, hkv, d, *, causal=False, ranges=False):
+def _aot_case(name, lengths_q, lengths_k, hq, hkv, d, *, causal=False, ranges=False, wide_heads=False):
     def make_launch():
         cu_q = torch.tensor([0] + list(torch.tensor(lengths_q).cumsum(0)), dtype=torch.int32)
         cu_k = torch.tensor([0] + list(torch.tensor(lengths_k).cumsum(0)), dtype=torch.int32)
@@ -473,6 +512,7 @@ def _aot_case(name, lengths_q, lengths_k, hq, hkv, d, *, causal=False, ranges=Fa
         out = torch.empty_like(q)
         launch_args, meta, grid = _launch(args, out)
         meta["UPCAST_DOT"] = False  # compiled for a GPU, never the interpreter
+        meta["WIDE_HEADS"] = meta["WIDE_HEADS"] or wide_heads  # the real layout would need > 4 GB here
         return launch_args, meta, grid
 
     return register_aot(AotCase(name, kernels.varlen_attention_fwd_kernel, make_launch, tensor_cores=True))
@@ -494,5 +534,8 @@ _aot_case("varlen_attention/whisper-large-v3-cross/bf16", [448], [1500], 20, 20,
 _aot_case("varlen_attention/siglip-so400m-d72/bf16", [729, 729], [729, 729], 16, 16, 72)
 _aot_case("varlen_attention/siglip-so400m-d72-short/bf16", [40, 17], [729, 729], 16, 16, 72)
 _aot_case("varlen_attention/d96/bf16", [577, 257], [577, 257], 16, 16, 96)
+# The same with 64-bit head offsets: q/k/v head-major with a head stride past 2^31 / 16
+# elements (a long video's vision tower through the "mmkernels" attention after RoPE).
+_aot_case("varlen_attention/qwen2-vl-7b-vision-wide-heads/bf16", [1024, 256], [1024, 256], 16, 16, 80, wide_heads=True)
 # Causal text self-attention with d=128 (decoder prefill through the same op).
 _aot_case("varlen_attention/causal-d128/bf16", [2048, 777], [2048, 777], 32, 8, 128, causal=True)
