@@ -207,12 +207,24 @@ def poison_outputs():
         _POISON.on = prev
 
 
+# Triton's interpreter patches ``triton.language``'s builtins for the duration of each
+# kernel run (module-level state, not per thread), so two threads interpreting kernels at
+# once break each other ("Did you forget to add @triton.jit?", seen from 8 threads).
+# Interpreted launches are serialised by this lock; compiled launches take none.
+_INTERPRETER_LOCK = threading.RLock()
+
+
 def device_guard(device: torch.device):
-    """Context for launching kernels on ``device``. Triton launches on the *current* CUDA
-    device (and allocates there), not on its arguments' device, and the custom-op
-    dispatcher sets no device guard; with a model spread over GPUs (``device_map="auto"``)
-    an op's tensors may sit on ``cuda:1`` while ``cuda:0`` is current. Entered only then
-    (``torch.cuda.device``); otherwise, and off CUDA, it does nothing."""
+    """Context for launching kernels on ``device``; every op launches inside one.
+
+    CUDA: Triton launches on the *current* CUDA device (and allocates there), not on its
+    arguments' device, and the custom-op dispatcher sets no device guard; with a model
+    spread over GPUs (``device_map="auto"``) an op's tensors may sit on ``cuda:1`` while
+    ``cuda:0`` is current. Entered only then (``torch.cuda.device``).
+    CPU under the interpreter: the interpreter's lock (see ``_INTERPRETER_LOCK``), so ops
+    may be called from several threads. Otherwise it does nothing."""
+    if device.type == "cpu":
+        return _INTERPRETER_LOCK if interpreter_enabled() else contextlib.nullcontext()
     if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
         return contextlib.nullcontext()
     return torch.cuda.device(device.index)
