@@ -79,6 +79,7 @@ import collections
 import functools
 import logging
 import os
+import re
 import sys
 import threading
 from typing import Callable
@@ -223,13 +224,14 @@ def _merge(inputs_embeds: torch.Tensor, multimodal_embeddings, is_multimodal: to
             inputs_embeds=inputs_embeds, multimodal_embeddings=multimodal_embeddings, is_multimodal=is_multimodal
         )
     rows = sum(f.shape[0] for f in feats)
-    if is_multimodal.device.type == "cpu":
-        # vLLM builds the mask on the host: counting there costs no device sync. The
-        # error is vLLM's own (its message, ValueError).
-        expected = int(is_multimodal.sum())
-        if expected != rows:
-            expr = vllm_utils._embedding_count_expression(multimodal_embeddings)
-            raise ValueError(f"Attempted to assign {expr} = {rows} multimodal tokens to {expected} placeholders")
+    # The count check, with vLLM's own error (its message, ValueError). vLLM builds the
+    # mask on the host, where counting costs no device sync; a mask on the GPU costs one,
+    # as vLLM's own boolean-index assignment does (it syncs for the nonzero count), and
+    # without it a mismatch would leave NaN rows instead of vLLM's error.
+    expected = int(is_multimodal.sum())
+    if expected != rows:
+        expr = vllm_utils._embedding_count_expression(multimodal_embeddings)
+        raise ValueError(f"Attempted to assign {expr} = {rows} multimodal tokens to {expected} placeholders")
     # The mask is the id tensor (placeholder id 1): every modality's positions, in order,
     # exactly the rows vLLM would overwrite. check=False: no device sync in the op.
     ids = is_multimodal.to(device=inputs_embeds.device, non_blocking=True).to(torch.int32)
@@ -606,10 +608,13 @@ _REGISTRARS: dict[str, Callable[[], str]] = {
 
 
 def _selected() -> tuple[list[str], list[str]]:
+    """(kernels selected by MMKERNELS_KERNELS, entries that name no kernel). Names are
+    case-insensitive and separated by commas, semicolons or spaces (``MERGE``,
+    ``merge;patch_embed`` and ``merge patch_embed`` all select what they say)."""
     raw = os.environ.get(ENV_KERNELS, "").strip()
     if not raw or raw.lower() == "all":
         return list(KERNELS), []
-    names = [n.strip() for n in raw.split(",") if n.strip()]
+    names = [n.lower() for n in re.split(r"[,;\s]+", raw) if n]
     return [n for n in KERNELS if n in names], [n for n in names if n not in KERNELS]
 
 
@@ -664,5 +669,7 @@ def register() -> dict[str, str]:
     if skipped:
         parts.append(f"not selected by {ENV_KERNELS}: {', '.join(skipped)}")
     line = "mmkernels vLLM plugin (pid %d, backend %s): registered %s"
-    _emit(logging.ERROR if failed else logging.INFO, line, pid, backend, "; ".join(parts) if parts else "nothing")
+    # A setting that selects nothing or names an unknown kernel is a mistake: say so above INFO.
+    level = logging.ERROR if failed else logging.WARNING if unknown or not selected else logging.INFO
+    _emit(level, line, pid, backend, "; ".join(parts) if parts else "nothing")
     return dict(done)

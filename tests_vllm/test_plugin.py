@@ -112,6 +112,16 @@ def test_kernel_selection():
     assert "not selected by MMKERNELS_KERNELS: patch_embed, encoder_attention, quantized_projector" in line
     assert facts["quantization_methods"] == []  # not selected: --quantization mmkernels-* is unknown
 
+    # Any case, commas, semicolons or spaces (these registered nothing, said only at INFO).
+    facts, text = _probe("registry", MMKERNELS_KERNELS="MERGE; Patch_Embed")
+    assert set(facts["returned"]) == {"merge", "patch_embed"}
+    assert set(facts["oot"]) == {"Conv2dLayer", "Conv3dLayer"}
+    # An entry that names no kernel is a mistake: said at WARNING, not INFO.
+    facts, text = _probe("registry", MMKERNELS_KERNELS="merges")
+    assert facts["returned"] == {}
+    (line,) = [ln for ln in text.splitlines() if "mmkernels vLLM plugin (pid" in ln and "registered" in ln]
+    assert "WARNING" in line and "ignored unknown MMKERNELS_KERNELS entries ['merges']" in line, line
+
     facts, text = _probe("registry", MMKERNELS_KERNELS="patch_embed")
     assert set(facts["returned"]) == {"patch_embed"}
     assert set(facts["oot"]) == {"Conv2dLayer", "Conv3dLayer"}
