@@ -302,6 +302,8 @@ def mmkernels_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
     reason = _unsupported(module, query, key, value, attention_mask, dropout, kwargs)
     if reason:
         _fallback_reason(reason)
+        if isinstance(attention_mask, MllamaCrossMask):  # SDPA needs the tensor mask
+            attention_mask = attention_mask.dense(query.dtype)
         return _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
     from mmkernels.ops import varlen_attention
 
@@ -443,6 +445,20 @@ class MllamaCrossMask:
         self.permute = permute
         self.row_mask = row_mask
         self.num_keys = num_keys
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """The additive ``(B, 1, S, keys)`` mask in the original key order that transformers
+        would have built (0 = attend, ``finfo(dtype).min`` = masked; a token that sees no
+        image attends to every key): what a call the op does not cover (dropout in training,
+        ``output_attentions``) hands to transformers' SDPA instead of this object."""
+        batch = self.key_order.shape[0]
+        ranges = self.kv_ranges.view(batch, -1, 1, 2)
+        cols = torch.arange(self.num_keys, device=self.kv_ranges.device, dtype=torch.int32)
+        visible_permuted = (cols >= ranges[..., 0]) & (cols < ranges[..., 1])  # (B, S, keys), permuted order
+        order = self.key_order[:, None, :].expand_as(visible_permuted)
+        visible = torch.empty_like(visible_permuted).scatter_(2, order, visible_permuted)
+        mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+        return mask.masked_fill_(~visible, torch.finfo(dtype).min)[:, None]
 
 
 def mllama_cross_mask(compact: torch.Tensor, tokens_per_tile: int, dtype: torch.dtype):

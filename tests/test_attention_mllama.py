@@ -179,3 +179,49 @@ def test_rule_needs_the_mmkernels_implementation(mllama):
         assert "attn_implementation is 'sdpa'" in skip.reason
     finally:
         engine.unpatch_model(model)
+
+
+def test_calls_the_op_does_not_cover_get_the_dense_mask(mllama):
+    """output_attentions=True and dropout in training fall back to transformers' SDPA, which
+    needs a tensor: it gets the dense mask the converted one stands for (it got the
+    MllamaCrossMask object: "TypeError: attn_mask must be Tensor"), in the original key
+    order, equal to transformers' own (issue 16)."""
+    tiny = mllama[0]
+    model = tiny.model
+    compact = tiny.inputs["cross_attention_mask"]
+    tokens_per_tile = model.model.vision_model.num_patches
+    mask, _ = ha.mllama_cross_mask(compact, tokens_per_tile, torch.float32)
+    from transformers.models.mllama.modeling_mllama import _prepare_cross_attention_mask
+
+    dense, _ = _prepare_cross_attention_mask(compact, tokens_per_tile, torch.float32)
+    assert mask.permute and torch.equal(mask.dense(torch.float32), dense)
+
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        want = model(**tiny.inputs, output_attentions=True).logits
+    model.set_attn_implementation("mmkernels")
+    _patch(model)
+    try:
+        with ha.record_routes() as routes, torch.no_grad():
+            got = model(**tiny.inputs, output_attentions=True).logits
+        assert any("output_attentions" in route for route in routes), routes
+        assert relative_error(got, want) <= RTOL
+        # Dropout in training: the attention layers read self.dropout (config.dropout).
+        layers = [m for m in model.model.language_model.modules() if isinstance(getattr(m, "dropout", None), float)]
+        previous = [layer.dropout for layer in layers]
+        assert layers
+        for layer in layers:
+            layer.dropout = 0.5
+        model.train()
+        try:
+            with ha.record_routes() as routes:
+                out = model(**tiny.inputs).logits
+            assert torch.isfinite(out).all()
+            assert any("dropout" in route for route in routes), routes
+        finally:
+            model.eval()
+            for layer, value in zip(layers, previous):
+                layer.dropout = value
+    finally:
+        engine.unpatch_model(model)
+        model.set_attn_implementation("sdpa")
