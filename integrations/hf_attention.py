@@ -299,6 +299,14 @@ def mmkernels_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
     Returns:
         ``(out (B, Sq, Hq, d), None)``. Query rows that see no key are 0.
     """
+    if attention_mask is not None and torch.compiler.is_compiling():
+        # A mask's check costs a host sync and its cache keys on the mask object: neither
+        # belongs in a compiled graph (a graph break per layer, and guards on the cache
+        # that recompile every step). Masked calls in a compiled model run transformers'
+        # SDPA, as the unpatched model does; calls without a mask still run the op.
+        if isinstance(attention_mask, MllamaCrossMask):
+            attention_mask = attention_mask.dense(query.dtype)
+        return _sdpa(module, query, key, value, attention_mask, dropout, scaling, is_causal, kwargs)
     reason = _unsupported(module, query, key, value, attention_mask, dropout, kwargs)
     if reason:
         _fallback_reason(reason)
@@ -570,6 +578,8 @@ def _mllama_model_forward(self, *args, **kwargs):
     from .hf_merge import _bind
 
     original = original_method(self, "forward")
+    if torch.compiler.is_compiling():  # the conversion's verdict is a host sync: the dense path
+        return original(*args, **kwargs)
     call = _bind(original, args, kwargs)
     if call is None:
         return original(*args, **kwargs)

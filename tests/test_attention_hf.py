@@ -481,3 +481,36 @@ def test_gradients_through_the_interface():
     for name, got, want in zip(names, grads["mmkernels"], grads["sdpa"]):
         error = relative_error(got, want)
         assert error <= RTOL, f"{name}: {error:.3e}"
+
+
+def test_compiled_model_fullgraph_without_recompiles():
+    """A model on the "mmkernels" attention under torch.compile(fullgraph=True): it traced
+    no graph (the mask check's host sync, Mllama's .tolist()) and without fullgraph it
+    recompiled every step (guards on the mask cache keyed by object identity), so even a
+    text-only Gemma3ForCausalLM failed transformers' no-recompile test (issue 16). Masked
+    calls in a compiled model run SDPA, as unpatched; a new batch of the same shapes
+    reuses the graph, and the logits equal the eager model's."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=32, sliding_window=4,
+                              max_position_embeddings=64)  # fmt: skip
+    config._attn_implementation = "mmkernels"
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(config).eval()
+    ids = torch.randint(1, 64, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0  # left padding: a padding mask, converted to kv_ranges in eager mode
+    with torch.no_grad():
+        eager = model(input_ids=ids, attention_mask=mask).logits
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="eager")
+    try:
+        with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
+            first = compiled(input_ids=ids, attention_mask=mask).logits
+            second = compiled(input_ids=ids.flip(1), attention_mask=mask.flip(1)).logits
+    finally:
+        torch._dynamo.reset()
+    assert relative_error(first, eager) <= RTOL
+    with torch.no_grad():
+        assert relative_error(second, model(input_ids=ids.flip(1), attention_mask=mask.flip(1)).logits) <= RTOL
