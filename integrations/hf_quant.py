@@ -53,7 +53,7 @@ from typing import Callable, Mapping
 import torch
 
 from mmkernels.ops.quantized_linear import CAPABILITIES, _apply_activation, quantized_linear
-from mmkernels.quant import GROUP_SIZES, SCHEMES, QuantizedWeight, quantize
+from mmkernels.quant import SCHEMES, QuantizedWeight, check_group_size, quantize
 
 from .engine import PatchReport, Replacement, Skip, backend_note
 
@@ -192,6 +192,13 @@ class QuantizedLinear(torch.nn.Module):
     def __init__(self, in_features: int, out_features: int, *, scheme: str, group_size: int | None,
                  bias: bool, activation: str | None, dtype: torch.dtype, device=None):  # fmt: skip
         super().__init__()
+        if scheme not in SCHEMES:
+            raise ValueError(f"scheme: expected one of {list(SCHEMES)}, got {scheme!r}")
+        group_size = check_group_size(group_size, scheme)
+        if scheme != "w4a16":
+            group_size = None  # per-channel: no groups
+        elif in_features % group_size:
+            raise ValueError(f"group_size: in_features={in_features} is not a multiple of group_size={group_size}")
         self.in_features, self.out_features = in_features, out_features
         self.scheme, self.group_size, self.activation, self.weight_dtype = scheme, group_size, activation, dtype
         n, k = out_features, in_features
@@ -230,9 +237,30 @@ class QuantizedLinear(torch.nn.Module):
         return module
 
     def load_quantized(self, qw: QuantizedWeight) -> None:
+        """Copy ``qw``'s tensors into the buffers; ``qw`` must have this module's format
+        (scheme, group size, shape): ``ValueError`` naming the field otherwise, never a
+        broadcast or a cast."""
+        ours = (self.scheme, self.group_size, self.in_features, self.out_features)
+        theirs = (qw.scheme, qw.group_size, qw.in_features, qw.out_features)
+        if ours != theirs:
+            raise ValueError(f"qw: expected (scheme, group_size, in_features, out_features) = {ours} (this module's), "
+                             f"got {theirs}")  # fmt: skip
         with torch.no_grad():
             for name, t in qw.tensors().items():
+                _check_tensor(name, t, getattr(self, name))
                 getattr(self, name).copy_(t)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):  # fmt: skip
+        # load_state_dict checks shapes but casts dtypes: an int8 tensor copied into the
+        # float8 codes, or float16 scales, would load as a silently different weight.
+        for name in ("packed", "scales", "zeros"):
+            buf, key = self._buffers.get(name), prefix + name
+            if buf is not None and key in state_dict and state_dict[key].dtype != buf.dtype:
+                error_msgs.append(f"{key}: expected dtype {buf.dtype} (the {self.scheme} format), "
+                                  f"got {state_dict[key].dtype}")  # fmt: skip
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)  # fmt: skip
 
     def qweight(self) -> QuantizedWeight:
         return QuantizedWeight(self.scheme, self.packed, self.scales, self.zeros, self.group_size,
@@ -312,9 +340,7 @@ def _normalize_request(scheme, group_size) -> tuple[str, int | None]:
         raise ValueError(f"quantize_projector: expected one of {list(SCHEMES)}, got {scheme!r}")
     if scheme != "w4a16":
         return scheme, None
-    if group_size not in GROUP_SIZES:
-        raise ValueError(f"group_size: expected one of {GROUP_SIZES} for w4a16, got {group_size!r}")
-    return scheme, group_size
+    return scheme, check_group_size(group_size, scheme)
 
 
 def quantize_projector(model: torch.nn.Module, scheme, *, group_size: int = 128) -> PatchReport:
@@ -542,6 +568,19 @@ def _checkpoint_tensors(path: Path, keys) -> tuple[dict[str, torch.Tensor], list
     return out, missing
 
 
+def _check_tensor(key: str, got: torch.Tensor, expected: torch.Tensor, *, cast_floats: bool = False,
+                  where: str = "") -> None:  # fmt: skip
+    """Refuse a tensor that is not exactly the shape and dtype the module holds under
+    ``key`` (``copy_`` would broadcast a ``(1,)`` scale over every channel, or cast int8
+    codes into float8 ones). ``cast_floats``: a floating tensor may have another floating
+    dtype (it is cast)."""
+    if tuple(got.shape) != tuple(expected.shape):
+        raise ValueError(f"{key}{where}: expected shape {tuple(expected.shape)}, got {tuple(got.shape)}")
+    same = got.dtype == expected.dtype or (cast_floats and got.is_floating_point() and expected.is_floating_point())
+    if not same:
+        raise ValueError(f"{key}{where}: expected dtype {expected.dtype}, got {got.dtype}")
+
+
 def from_pretrained(model_class, path, *, patch: bool = True, **kwargs):
     """Load a checkpoint written by ``save_pretrained`` after :func:`quantize_projector`:
     the one call that gives back the quantized model.
@@ -551,7 +590,9 @@ def from_pretrained(model_class, path, *, patch: bool = True, **kwargs):
     Parameter) were quantized and how; they are rebuilt as :class:`QuantizedLinear` (by
     :func:`quantize_projector`, from whatever the model was initialised with) and filled
     from the checkpoint's ``packed`` / ``scales`` / ``zeros`` / ``bias`` tensors (every
-    one must be there). With
+    one must be there, of exactly the shape and dtype the module holds: ``ValueError``
+    naming the key otherwise, before anything is copied; a bias may be cast to the
+    ``dtype`` the caller passed, as transformers casts every floating weight). With
     ``patch=True`` (default) the model is also patched with mmkernels' other kernels
     (:func:`mmkernels.patch`), as the model that was saved usually was.
     """
@@ -570,6 +611,11 @@ def from_pretrained(model_class, path, *, patch: bool = True, **kwargs):
     tensors, missing = _checkpoint_tensors(path, wanted)
     if missing:
         raise ValueError(f"path: the checkpoint in {path} lacks the quantized tensors {missing}")
+    # A floating bias follows the dtype the caller asked transformers for, as every other
+    # floating weight does; the quantized format's tensors never change dtype.
+    cast_floats = any(kwargs.get(name) not in (None, "auto") for name in ("dtype", "torch_dtype"))
+    for key, value in tensors.items():  # all checked before anything is copied
+        _check_tensor(key, value, own[key], cast_floats=cast_floats and key.endswith(".bias"), where=f" in {path}")
     with torch.no_grad():
         for key, value in tensors.items():
             own[key].copy_(value)

@@ -26,7 +26,8 @@ How it plugs into vLLM (read against vLLM 0.32):
   ``get_config_filenames() == []`` and builds the config with no arguments: the defaults
   here. A checkpoint (or ``--hf-overrides``) may carry
   ``"quantization_config": {"quant_method": "mmkernels-w4a16", "group_size": 64,
-  "prefixes": [...]}``; :meth:`from_config` reads it.
+  "prefixes": [...]}``; :meth:`from_config` reads it (``group_size`` an int,
+  ``prefixes`` a list of strings: a bare string is refused, not split into characters).
 * ``get_quant_method(layer, prefix)``: for a ``LinearBase`` whose prefix is in the
   projector table (:data:`PROJECTOR_PREFIXES`) a :class:`ProjectorLinearMethod`; for any
   other ``LinearBase`` vLLM's ``UnquantizedLinearMethod``; ``None`` for everything else
@@ -54,6 +55,9 @@ A projector layer that the scheme cannot take stays unquantized, with the reason
 w4a16 needs ``in_features`` (per tensor-parallel rank) divisible by the group size; when
 it is not divisible by the configured one (default 128) the largest of 64 / 32 that
 divides it is used (finer groups, more scales, never less accurate), and the log says so.
+A projector weight that cannot be quantized (NaN or inf in the checkpoint, or a range
+whose format would overflow: :class:`mmkernels.quant.QuantizationError`) leaves that layer
+unquantized too, with a warning naming it, rather than failing the model load.
 
 Process-local introspection for tests and debugging: :func:`stats`.
 """
@@ -76,7 +80,7 @@ from vllm.model_executor.layers.linear import (
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
-from mmkernels.quant import GROUP_SIZES, SCHEMES, QuantizedWeight, quantize
+from mmkernels.quant import GROUP_SIZES, SCHEMES, QuantizationError, QuantizedWeight, check_group_size, quantize
 
 __all__ = [
     "METHODS",
@@ -185,11 +189,21 @@ class ProjectorLinearMethod(LinearMethodBase):
                        self.method, self.prefix, self.reason)  # fmt: skip
 
     def process_weights_after_loading(self, layer) -> None:
+        if self.reason is None:
+            weight = layer.weight
+            try:
+                qw = quantize(weight.data, self.scheme, group_size=self.group_size or _DEFAULT_GROUP_SIZE)
+            except QuantizationError as error:
+                # NaN / inf in the checkpoint's projector, or a range the format cannot hold:
+                # the layer runs as it would without --quantization (its own weights, NaN
+                # included), not a failed model load.
+                self.reason = f"its weight cannot be quantized ({error})"
+                _SKIPPED[self.prefix] = self.reason
+                _note_once(("skip", self.prefix), logging.WARNING, "%s: projector layer %s stays unquantized: %s",
+                           self.method, self.prefix, self.reason)  # fmt: skip
         if self.reason is not None:
             self._unquantized.process_weights_after_loading(layer)
             return
-        weight = layer.weight
-        qw = quantize(weight.data, self.scheme, group_size=self.group_size or _DEFAULT_GROUP_SIZE)
         # Free the full-precision weight: the parameter goes, the codes stay as plain buffers.
         del layer.weight
         del weight
@@ -254,6 +268,20 @@ class ProjectorLinearMethod(LinearMethodBase):
 # The configs
 
 
+def _check_prefixes(prefixes) -> tuple[str, ...]:
+    """``prefixes`` from a config: None (the projector table) or a list / tuple of
+    non-empty strings. A bare string is refused: ``tuple("model.connector.")`` is its
+    characters, and the prefix "m" matches nearly every layer of a model."""
+    if prefixes is None:
+        return PROJECTOR_PREFIXES
+    if not isinstance(prefixes, (list, tuple)):
+        raise TypeError(f"prefixes: expected a list of module-name prefixes (strings, e.g. [\"model.connector.\"]), "
+                        f"got {type(prefixes).__name__} {prefixes!r}")  # fmt: skip
+    if not prefixes or not all(isinstance(p, str) and p for p in prefixes):
+        raise ValueError(f"prefixes: expected a non-empty list of non-empty strings, got {list(prefixes)!r}")
+    return tuple(prefixes)
+
+
 class _ProjectorConfig(QuantizationConfig):
     """Quantize only the multimodal projector's linear layers with mmkernels (one scheme
     per subclass, vLLM looks configs up by name)."""
@@ -263,12 +291,12 @@ class _ProjectorConfig(QuantizationConfig):
 
     def __init__(self, group_size: int = _DEFAULT_GROUP_SIZE, prefixes: tuple[str, ...] | None = None) -> None:
         super().__init__()
-        if self.scheme == "w4a16" and group_size not in GROUP_SIZES:
-            raise ValueError(f"group_size: expected one of {list(GROUP_SIZES)} for {self.method}, got {group_size!r}")
-        self.group_size = int(group_size)
-        self.prefixes = tuple(prefixes) if prefixes is not None else PROJECTOR_PREFIXES
-        if not all(isinstance(p, str) and p for p in self.prefixes):
-            raise ValueError(f"prefixes: expected non-empty strings, got {list(self.prefixes)}")
+        # An int (64.0 from a JSON config is refused: it would reach the kernel as a float);
+        # for w4a16 one of GROUP_SIZES, for the per-channel schemes unused.
+        self.group_size = check_group_size(group_size, self.scheme, name=f"group_size ({self.method})")
+        if self.group_size is None:
+            self.group_size = _DEFAULT_GROUP_SIZE
+        self.prefixes = _check_prefixes(prefixes)
 
     def __repr__(self) -> str:
         group = f", group_size={self.group_size}" if self.scheme == "w4a16" else ""

@@ -24,7 +24,18 @@ weight ``(out_features, in_features)`` into one of three formats (:data:`SCHEMES
     accumulates in fp32 and ``sx[m] * s[n]`` scales the accumulator.
 
 A zero row (or group) gets scale 1 and codes 0 (w8a16, fp8) or zero point 0 (w4a16), so
-it dequantizes to exactly 0. Every field of :class:`QuantizedWeight` that is a tensor is a
+it dequantizes to exactly 0. Scales are computed in float64 and rounded once to float32,
+with a floor at float32's smallest normal number (``2^-126``): a row or group whose range
+is so tiny that ``range / levels`` would underflow (subnormal weights) gets that floor
+instead of a zero scale (which made ``w / s`` inf or NaN), so its codes round to within
+half a step, ``2^-127``, of the weight. No scale and no dequantized weight is subnormal,
+so a GPU that flushes subnormals computes the same as the reference. A weight whose
+dequantized format would overflow its dtype (w4a16 groups spanning nearly the whole
+float range) is refused with :class:`QuantizationError`, as are NaN and inf. The
+activations' per-token fp8 scales follow the same rules; a row of activations holding
+NaN or inf has no finite scale: its scale is NaN (see :func:`quantize_activations_fp8`).
+
+Every field of :class:`QuantizedWeight` that is a tensor is a
 plain tensor (``state_dict``-friendly); the rest (scheme, group size, shapes, dtype) is
 metadata that :meth:`QuantizedWeight.config` returns as a JSON-able dict.
 """
@@ -35,7 +46,16 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FP8_MAX", "GROUP_SIZES", "SCHEMES", "QuantizedWeight", "quantize"]
+__all__ = [
+    "FP8_MAX",
+    "GROUP_SIZES",
+    "MIN_SCALE",
+    "SCHEMES",
+    "QuantizationError",
+    "QuantizedWeight",
+    "check_group_size",
+    "quantize",
+]
 
 SCHEMES: tuple[str, ...] = ("w8a16", "w4a16", "fp8")
 GROUP_SIZES: tuple[int, ...] = (32, 64, 128)  # w4a16
@@ -43,6 +63,42 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 _INT8_MAX = 127.0
 _INT4_MAX = 15.0
 _WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Smallest scale: float32's smallest normal number. Below it a scale (and the dequantized
+# weights (q - z) * s) would be subnormal, which GPUs may flush to zero where the float64
+# reference does not.
+MIN_SCALE = torch.finfo(torch.float32).tiny
+# Integer fields: Python ints, or the SymInts of shapes that torch.compile traces (the op's
+# backward rebuilds a QuantizedWeight from tensor shapes). Never bool, never float.
+_INTS = (int, torch.SymInt)
+
+
+class QuantizationError(ValueError):
+    """A weight that cannot be quantized: NaN or inf in it, or a range whose dequantized
+    format would overflow its dtype. A ``ValueError``; integrations catch this subclass to
+    leave such a layer unquantized (vLLM) rather than fail."""
+
+
+def check_group_size(group_size, scheme: str, name: str = "group_size") -> int | None:
+    """Validate a group size argument: a Python int (not a bool, not a float such as
+    ``64.0``), and for w4a16 one of :data:`GROUP_SIZES`; None is accepted (and returned)
+    only for the per-channel schemes, which have no groups. Returns it as an ``int``."""
+    if group_size is None and scheme != "w4a16":
+        return None
+    if isinstance(group_size, bool) or not isinstance(group_size, _INTS):
+        raise TypeError(f"{name}: expected an int (one of {GROUP_SIZES} for w4a16), got {type(group_size).__name__} "
+                        f"{group_size!r}")  # fmt: skip
+    if group_size <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {group_size}")
+    if scheme == "w4a16" and group_size not in GROUP_SIZES:
+        raise ValueError(f"{name}: expected one of {GROUP_SIZES} for w4a16, got {group_size!r}")
+    return group_size
+
+
+def _check_features(value, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, _INTS):
+        raise TypeError(f"{name}: expected a positive int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name}: expected a positive int, got {value}")
 
 
 @dataclass
@@ -57,9 +113,9 @@ class QuantizedWeight:
         scales: float32, ``(N,)`` (w8a16, fp8) or ``(N, K // group_size)`` (w4a16).
         zeros: float32 ``(N, K // group_size)`` integer-valued zero points in [0, 15]
             (w4a16); None otherwise.
-        group_size: the K elements sharing a scale and zero (w4a16: 32, 64 or 128); for the
-            per-channel schemes, None.
-        in_features: K. out_features: N.
+        group_size: the K elements sharing a scale and zero (w4a16: an ``int``, 32, 64 or
+            128, dividing ``in_features``); for the per-channel schemes, None.
+        in_features: K. out_features: N. Positive ``int``s.
         dtype: the dtype of the weight that was quantized: the activation and output dtype
             the layer is meant to run in.
     """
@@ -75,12 +131,26 @@ class QuantizedWeight:
 
     def __post_init__(self):
         _check_scheme(self.scheme)
+        _check_features(self.in_features, "in_features")
+        _check_features(self.out_features, "out_features")
         n, k = self.out_features, self.in_features
+        if self.scheme == "w4a16":
+            self.group_size = check_group_size(self.group_size, "w4a16")
+            if k % self.group_size:
+                # The kernel would read the scale of the next row's first group for the
+                # last, partial one; the format has no partial groups.
+                raise ValueError(f"group_size: in_features (K={k}) must be a multiple of group_size={self.group_size}")
+        elif self.group_size is not None:
+            raise ValueError(f"group_size: scheme {self.scheme!r} is per-channel (None), got {self.group_size!r}")
         expect = {
             "w8a16": ((n, k), torch.int8, (n,)),
             "w4a16": ((n, k // 2), torch.uint8, (n, k // (self.group_size or 1))),
             "fp8": ((n, k), torch.float8_e4m3fn, (n,)),
         }[self.scheme]
+        for name in ("packed", "scales", "zeros"):
+            t = getattr(self, name)
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
         if tuple(self.packed.shape) != expect[0] or self.packed.dtype != expect[1]:
             raise ValueError(
                 f"packed: expected {expect[1]} of shape {expect[0]} for scheme {self.scheme!r}, "
@@ -89,8 +159,6 @@ class QuantizedWeight:
         if tuple(self.scales.shape) != expect[2] or self.scales.dtype != torch.float32:
             raise ValueError(f"scales: expected float32 of shape {expect[2]}, got {self.scales.dtype} {tuple(self.scales.shape)}")
         if self.scheme == "w4a16":
-            if self.group_size not in GROUP_SIZES:
-                raise ValueError(f"group_size: expected one of {GROUP_SIZES} for w4a16, got {self.group_size}")
             if self.zeros is None or tuple(self.zeros.shape) != expect[2] or self.zeros.dtype != torch.float32:
                 got = None if self.zeros is None else f"{self.zeros.dtype} {tuple(self.zeros.shape)}"
                 raise ValueError(f"zeros: expected float32 of shape {expect[2]} for w4a16, got {got}")
@@ -185,19 +253,37 @@ def _check_scheme(scheme) -> None:
         raise ValueError(f"scheme: expected one of {list(SCHEMES)}, got {scheme!r}")
 
 
+def _scales(span: torch.Tensor, levels: float) -> torch.Tensor:
+    """float32 scales ``span / levels`` of ranges ``span >= 0`` (float32 values, or the
+    float64 differences ``hi - lo`` of w4a16 groups, which reach twice float32's largest
+    value): the quotient in float64 (no overflow, no underflow on the way), rounded to
+    float32 (for a float32 span that double rounding equals float32's own division),
+    floored at :data:`MIN_SCALE`; 1 where the span is 0."""
+    s = (span.to(torch.float64) / levels).to(torch.float32).clamp_(min=MIN_SCALE)
+    return torch.where(span > 0, s, torch.ones_like(s))
+
+
 def quantize(weight: torch.Tensor, scheme: str, *, group_size: int = 128) -> QuantizedWeight:
     """Quantize an ``nn.Linear`` weight ``(out_features, in_features)``.
 
     Args:
         weight: ``(N, K)`` float16 / bfloat16 / float32 / float64, any device, finite.
         scheme: one of :data:`SCHEMES`.
-        group_size: w4a16 only: 32, 64 or 128 consecutive K elements per scale and zero;
-            ``K`` must be a multiple of it (so K is even, as int4 packing needs).
+        group_size: an ``int``; w4a16 only (ignored otherwise): 32, 64 or 128 consecutive
+            K elements per scale and zero; ``K`` must be a multiple of it (so K is even, as
+            int4 packing needs).
 
     Returns:
-        A :class:`QuantizedWeight` on ``weight``'s device (computed in float32).
+        A :class:`QuantizedWeight` on ``weight``'s device (computed in float32, scales in
+        float64 first: see the module docstring) whose :meth:`~QuantizedWeight.dequantize`
+        is finite.
+
+    Raises:
+        QuantizationError (a ``ValueError``): NaN or inf in ``weight`` (after conversion
+        to float32), or a row whose dequantized format overflows ``weight.dtype``.
     """
     _check_scheme(scheme)
+    group_size = check_group_size(group_size, scheme)
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
     if weight.dtype not in _WEIGHT_DTYPES:
@@ -208,43 +294,60 @@ def quantize(weight: torch.Tensor, scheme: str, *, group_size: int = 128) -> Qua
     if n == 0 or k == 0:
         raise ValueError(f"weight: expected a non-empty (out_features, in_features), got {tuple(weight.shape)}")
     if scheme == "w4a16":
-        if group_size not in GROUP_SIZES:
-            raise ValueError(f"group_size: expected one of {GROUP_SIZES} for w4a16, got {group_size!r}")
         if k % 2:
             raise ValueError(f"weight: int4 packing needs an even in_features (K), got K={k}")
         if k % group_size:
             raise ValueError(f"weight: in_features (K={k}) must be divisible by group_size={group_size}")
     w = weight.detach().to(torch.float32)
     if not bool(torch.isfinite(w).all()):
-        raise ValueError("weight: expected finite values (found NaN or inf)")
+        raise QuantizationError("weight: expected finite values (found NaN or inf, or float64 values beyond float32's range)")
     if scheme == "w8a16":
-        amax = w.abs().amax(dim=1)
-        scales = torch.where(amax > 0, amax / _INT8_MAX, torch.ones_like(amax))
+        scales = _scales(w.abs().amax(dim=1), _INT8_MAX)
         q = torch.round(w / scales[:, None]).clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8)
-        return QuantizedWeight(scheme, q.contiguous(), scales.contiguous(), None, None, k, n, weight.dtype)
-    if scheme == "fp8":
-        amax = w.abs().amax(dim=1)
-        scales = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        qw = QuantizedWeight(scheme, q.contiguous(), scales.contiguous(), None, None, k, n, weight.dtype)
+    elif scheme == "fp8":
+        scales = _scales(w.abs().amax(dim=1), FP8_MAX)
         q = (w / scales[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        return QuantizedWeight(scheme, q.contiguous(), scales.contiguous(), None, None, k, n, weight.dtype)
-    groups = w.view(n, k // group_size, group_size)
-    lo = groups.amin(dim=2).clamp(max=0.0)  # the range always holds 0, so 0 stays exact
-    hi = groups.amax(dim=2).clamp(min=0.0)
-    span = hi - lo
-    scales = torch.where(span > 0, span / _INT4_MAX, torch.ones_like(span))
-    zeros = torch.round(-lo / scales).clamp_(0, _INT4_MAX)
-    q = (torch.round(groups / scales[..., None]) + zeros[..., None]).clamp_(0, _INT4_MAX).to(torch.uint8)
-    q = q.view(n, k)
-    packed = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
-    return QuantizedWeight(scheme, packed, scales.contiguous(), zeros.contiguous(), group_size, k, n, weight.dtype)
+        qw = QuantizedWeight(scheme, q.contiguous(), scales.contiguous(), None, None, k, n, weight.dtype)
+    else:
+        groups = w.reshape(n, k // group_size, group_size)  # any strides (a transposed weight)
+        lo = groups.amin(dim=2).clamp(max=0.0)  # the range always holds 0, so 0 stays exact
+        hi = groups.amax(dim=2).clamp(min=0.0)
+        scales = _scales(hi.to(torch.float64) - lo.to(torch.float64), _INT4_MAX)
+        zeros = torch.round(-lo / scales).clamp_(0, _INT4_MAX)
+        q = (torch.round(groups / scales[..., None]) + zeros[..., None]).clamp_(0, _INT4_MAX).to(torch.uint8)
+        q = q.reshape(n, k)
+        packed = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+        qw = QuantizedWeight(scheme, packed, scales.contiguous(), zeros.contiguous(), group_size, k, n, weight.dtype)
+    _check_representable(qw, w)
+    return qw
+
+
+def _check_representable(qw: QuantizedWeight, w: torch.Tensor) -> None:
+    """Refuse a format whose dequantized weight overflows its dtype. A w4a16 group's grid
+    ``(q - z) * s`` reaches up to half a step beyond the group's range, so a group spanning
+    nearly float32's (or float16's) whole range has codes that dequantize to inf; the
+    per-channel schemes can overflow by an ulp at the very top of the range."""
+    bad = ~torch.isfinite(qw.dequantize()).all(dim=1)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise QuantizationError(
+            f"weight: row {row} (values in [{float(w[row].min()):.6g}, {float(w[row].max()):.6g}]) cannot be quantized "
+            f"to {qw.scheme}: its dequantized values overflow {qw.dtype} (a range this close to the dtype's largest "
+            f"value has no finite {qw.scheme} grid); scale the layer down or leave it unquantized"
+        )
 
 
 def quantize_activations_fp8(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token fp8 quantization of activations ``(M, K)`` as the fp8 kernel does it, in
-    float32: ``sx = max|x| / 448`` per row (1 for an all-zero row), ``xq = (x / sx).to(e4m3)``.
+    float32: ``sx = max(max|x| / 448, 2^-126)`` per row (1 for an all-zero row),
+    ``xq = (x / sx).to(e4m3)``. A row holding NaN or inf has no finite scale: its ``sx``
+    is NaN (so are its codes), and every output of that row of the fp8 matmul is NaN
+    (the kernel multiplies the accumulator by ``sx``).
     Returns ``(xq float8_e4m3fn (M, K), sx float32 (M,))``."""
     x = x2d.to(torch.float32)
-    amax = x.abs().amax(dim=1) if x.shape[1] else torch.zeros(x.shape[0], device=x.device)
-    sx = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    amax = x.abs().amax(dim=1) if x.shape[1] else torch.zeros(x.shape[0], device=x.device)  # NaN if a NaN is in the row
+    sx = torch.where(amax > 0, (amax / FP8_MAX).clamp(min=MIN_SCALE), torch.ones_like(amax))
+    sx = torch.where(torch.isfinite(amax), sx, torch.full_like(amax, float("nan")))
     xq = (x / sx[:, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return xq, sx

@@ -274,3 +274,89 @@ def test_dtype_casts_keep_the_quantized_format():
         x = torch.randn(3, 64).to(torch.bfloat16)
         assert q(x).dtype == torch.bfloat16
         assert "scheme=" in repr(q)
+
+
+# --------------------------------------------------------------------------------------
+# Loading is strict about every tensor (issue 15)
+
+
+def _rewrite_checkpoint(path, suffix: str, edit) -> str:
+    """Replace the one checkpoint tensor whose key ends with ``suffix`` by ``edit(tensor)``."""
+    from safetensors.torch import load_file, save_file
+
+    file = path / "model.safetensors"
+    tensors = load_file(str(file))
+    (key,) = [k for k in tensors if k.endswith(suffix)]
+    tensors[key] = edit(tensors[key])
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    return key
+
+
+BAD_TENSORS = {
+    # copy_ broadcast a (1,) scale over every group of every channel
+    "scales-(1,)": ("linear_1.scales", lambda t: t.reshape(-1)[:1].clone(), r"expected shape \(\d+, \d+\), got \(1,\)"),
+    # copy_ cast int8 codes into the uint8 buffer
+    "packed-int8": ("linear_2.packed", lambda t: t.view(torch.int8).clone(), r"expected dtype torch.uint8, got torch.int8"),
+    "zeros-float16": ("linear_1.zeros", lambda t: t.half(), r"expected dtype torch.float32, got torch.float16"),
+    # (a bias of another shape transformers refuses itself: the key is the Linear's own)
+    "bias-float64": ("linear_2.bias", lambda t: t.double(), r"expected dtype torch.float32, got torch.float64"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TENSORS))
+def test_from_pretrained_refuses_a_tensor_of_another_shape_or_dtype(tiny_models, tmp_path, case):
+    suffix, edit, message = BAD_TENSORS[case]
+    tiny = tiny_models("llava")
+    model = copy.deepcopy(tiny.model)
+    mmkernels.quantize_projector(model, "w4a16", group_size=32)
+    assert model.dtype == torch.float32
+    model.save_pretrained(tmp_path)
+    key = _rewrite_checkpoint(tmp_path, suffix, edit)
+    with pytest.raises(ValueError, match=rf"model\.multi_modal_projector\.{suffix.replace('.', '[.]')} in .*: {message}"):
+        hf_quant.from_pretrained(type(tiny.model), tmp_path, patch=False)
+    assert key.endswith(suffix)
+
+
+def test_from_pretrained_with_another_dtype_casts_only_the_bias(tiny_models, tmp_path):
+    """Asking transformers for another dtype casts every floating weight, the projector's
+    bias too; the quantized format's tensors keep theirs."""
+    tiny = tiny_models("llava")
+    model = copy.deepcopy(tiny.model)
+    mmkernels.quantize_projector(model, "w8a16")
+    model.save_pretrained(tmp_path)
+    loaded = hf_quant.from_pretrained(type(tiny.model), tmp_path, patch=False, dtype=torch.bfloat16)
+    for name in ("linear_1", "linear_2"):
+        ours, saved = loaded.model.multi_modal_projector.get_submodule(name), model.model.multi_modal_projector.get_submodule(name)
+        assert ours.bias.dtype == torch.bfloat16 and torch.equal(ours.bias, saved.bias.to(torch.bfloat16))
+        assert torch.equal(ours.packed, saved.packed) and torch.equal(ours.scales, saved.scales)
+
+
+def test_quantized_linear_state_dict_and_load_quantized_are_strict():
+    """load_state_dict checks shapes but casts dtypes: int8 codes loaded into the fp8
+    buffer (or float16 scales) are refused by name; load_quantized takes only a weight of
+    the module's own format."""
+    linear = torch.nn.Linear(64, 16)
+    q = QuantizedLinear.from_linear(linear, "fp8", group_size=None)
+    state = q.state_dict()
+    state["packed"] = state["packed"].view(torch.int8).clone()
+    with pytest.raises(RuntimeError, match=r"packed: expected dtype torch.float8_e4m3fn \(the fp8 format\), got torch.int8"):
+        q.load_state_dict(state)
+    state = q.state_dict()
+    state["scales"] = state["scales"].half()
+    with pytest.raises(RuntimeError, match="scales: expected dtype torch.float32"):
+        q.load_state_dict(state)
+    q.load_state_dict(q.state_dict())  # its own state loads
+    from mmkernels.quant import quantize as quantize_weight
+
+    with pytest.raises(ValueError, match=r"qw: expected \(scheme, group_size, in_features, out_features\) = "
+                                         r"\('fp8', None, 64, 16\) \(this module's\), got \('w8a16', None, 64, 16\)"):  # fmt: skip
+        q.load_quantized(quantize_weight(linear.weight, "w8a16"))
+
+
+def test_group_size_must_be_an_int():
+    with pytest.raises(TypeError, match="group_size: expected an int .*got float 64.0"):
+        mmkernels.quantize_projector(torch.nn.Linear(64, 4), "w4a16", group_size=64.0)
+    with pytest.raises(TypeError, match="group_size: expected an int"):
+        mmkernels.quantize_projector(torch.nn.Linear(64, 4), {"scheme": "w4a16", "group_size": True})
+    with pytest.raises(TypeError, match="group_size: expected an int"):
+        QuantizedLinear(64, 4, scheme="w4a16", group_size=32.0, bias=False, activation=None, dtype=torch.float32)

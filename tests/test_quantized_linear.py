@@ -18,7 +18,7 @@ from mmkernels.backend import Backend, force_backend, recent_decisions
 from mmkernels.ops import quantized_linear
 from mmkernels.ops import quantized_linear_reference as reference
 from mmkernels.ops.quantized_linear import CAPABILITIES, linear_config
-from mmkernels.quant import SCHEMES, QuantizedWeight, quantize, quantize_activations_fp8
+from mmkernels.quant import SCHEMES, QuantizationError, QuantizedWeight, quantize, quantize_activations_fp8
 from mmkernels.testing import assert_bitwise_equal, assert_close, assert_deterministic, nan_padded, poison_outputs
 
 ACTIVATIONS = [None, "gelu", "gelu_tanh", "quick_gelu", "silu"]
@@ -31,13 +31,14 @@ TORCH_ACT = {
 }
 
 
-def run_kernel(x, qw, bias=None, activation=None):
+def run_kernel(x, qw, bias=None, activation=None, *, finite_input=True):
     with poison_outputs():
         out = quantized_linear(x, qw, bias, activation=activation)
     decision = recent_decisions()[-1]
     assert decision.backend is Backend.INTERPRETER, decision
     assert decision.op == f"quantized_linear[{qw.scheme}]"
-    assert not out.isnan().any()
+    if finite_input:
+        assert not out.isnan().any()
     return out
 
 
@@ -422,6 +423,214 @@ def test_malformed_quantized_weight_is_refused():
         QuantizedWeight("w2", qw.packed, qw.scales, qw.zeros, 32, 64, 8, torch.bfloat16)
 
 
+@pytest.mark.parametrize("bad,error", [(64.0, TypeError), (True, TypeError), ("64", TypeError), (0, ValueError),
+                                       (-32, ValueError), (48, ValueError)])  # fmt: skip
+def test_group_size_must_be_an_int_from_the_list(bad, error):
+    """64.0 == 64 passed the membership test and failed later (a float K // group_size in
+    the shapes, a float constexpr for the kernel); True == 1 likewise."""
+    _, qw, _ = make("w4a16", 8, 64, group_size=64)
+    with pytest.raises(error, match=r"group_size: expected (an int|a positive int|one of)"):
+        quantize(torch.randn(8, 64), "w4a16", group_size=bad)
+    with pytest.raises(error, match=r"group_size: expected (an int|a positive int|one of)"):
+        QuantizedWeight("w4a16", qw.packed, qw.scales, qw.zeros, bad, 64, 8, torch.bfloat16)
+    if error is TypeError:  # an int is required whatever the scheme, though only w4a16 uses it
+        with pytest.raises(TypeError, match="group_size: expected an int"):
+            quantize(torch.randn(8, 64), "w8a16", group_size=bad)
+
+
+def test_in_features_not_a_multiple_of_the_group_size_is_refused():
+    """K = 96 with groups of 64: the kernel read the next row's scale for the partial second
+    group while the reference failed. Refused where the weight is built, in the op for a
+    weight changed afterwards, and in the registered op called with raw tensors."""
+    n = 8
+    packed, scales = torch.zeros(n, 48, dtype=torch.uint8), torch.ones(n, 1)
+    with pytest.raises(ValueError, match=r"group_size: in_features \(K=96\) must be a multiple of group_size=64"):
+        QuantizedWeight("w4a16", packed, scales, torch.zeros(n, 1), 64, 96, n, torch.bfloat16)
+    _, qw, bias = make("w4a16", n, 192, group_size=64)
+    qw.group_size = 128  # 192 = 128 + a partial group
+    x = torch.randn(3, 192).to(torch.bfloat16)
+    for fn in (quantized_linear, reference):
+        with pytest.raises(ValueError, match=r"qweight: in_features \(K=192\) must be a multiple of its group_size=128"):
+            fn(x, qw, bias)
+    x96 = torch.randn(3, 96).to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"group_size: in_features \(K=96\) must be a multiple of group_size=64"):
+        torch.ops.mmkernels.quantized_linear(x96, packed, scales, torch.zeros(n, 1), None, "w4a16", 64, "none")
+
+
+def test_quantized_weight_fields_are_checked():
+    _, qw, _ = make("w8a16", 8, 64)
+    with pytest.raises(TypeError, match="in_features: expected a positive int, got float 64.0"):
+        QuantizedWeight("w8a16", qw.packed, qw.scales, None, None, 64.0, 8, torch.bfloat16)
+    with pytest.raises(ValueError, match=r"group_size: scheme 'w8a16' is per-channel \(None\), got 128"):
+        QuantizedWeight("w8a16", qw.packed, qw.scales, None, 128, 64, 8, torch.bfloat16)
+
+
+# --------------------------------------------------------------------------------------
+# Scales at the ends of the float range (issue 15)
+
+FP32 = torch.finfo(torch.float32)
+
+
+def _dequantization_bound(qw, w):
+    """Largest error each element may have: half a step (w8a16, w4a16) or half an e4m3
+    ulp of the code times the scale (fp8: 3 mantissa bits, subnormal spacing 2^-9), plus
+    float32's rounding of the dequantized product."""
+    if qw.scheme == "w4a16":
+        step = qw.scales.repeat_interleave(qw.group_size, dim=1)
+        bound = step / 2
+    elif qw.scheme == "w8a16":
+        bound = qw.scales[:, None].expand_as(w) / 2
+    else:
+        bound = w.abs() * 2.0**-4 + qw.scales[:, None] * 2.0**-10
+    return bound * (1 + 2.0**-16) + w.abs() * 2.0**-23
+
+
+@pytest.mark.parametrize("magnitude", [1e-44, 1e-40, 1e-37, 3e38], ids=["1e-44", "1e-40", "1e-37", "3e38"])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_extreme_ranges_dequantize_finite_and_close(scheme, magnitude):
+    """Ranges whose scale underflowed (1e-44 / 15 is 0 in float32: w / s gave inf and NaN)
+    or overflowed (3e38 - (-3e38) is inf in float32: scale inf, weights NaN) now have
+    well-defined scales: float64 arithmetic, a floor at float32's smallest normal."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.rand(6, 64, generator=gen) * 2 - 1
+    w[0, 0], w[0, 1] = 1.0, -1.0  # every group spans [-m, m]
+    w = w * magnitude
+    w[5] = 0.0  # a zero row stays exact
+    qw = quantize(w, scheme, group_size=32)
+    got = qw.dequantize(torch.float32)
+    assert torch.isfinite(got).all() and torch.isfinite(qw.scales).all() and (qw.scales > 0).all()
+    assert (qw.scales >= FP32.tiny).all()  # no subnormal scale for a GPU to flush
+    assert ((got - w).abs() <= _dequantization_bound(qw, w)).all()
+    assert torch.equal(got[5], torch.zeros(64))
+
+
+def test_w4a16_tiny_ranges_at_the_floor_are_exact():
+    """Values that are multiples of the floor scale (float32's smallest normal) within
+    fifteen steps: the floor makes them exact codes."""
+    w = torch.arange(-7, 8, dtype=torch.float32).repeat(2, 3)[:, :32].contiguous() * FP32.tiny
+    qw = quantize(w, "w4a16", group_size=32)
+    assert torch.equal(qw.scales, torch.full_like(qw.scales, FP32.tiny))
+    assert torch.equal(qw.dequantize(torch.float32), w)
+
+
+def test_w4a16_group_beyond_the_representable_grid_is_refused():
+    """A group spanning [-max, max] of float32 has no finite int4 grid: its lowest code
+    dequantizes to -8 * (2 max / 15) = -inf. Refused, naming the weight and the row."""
+    w = torch.randn(3, 64)
+    w[2, 5], w[2, 6] = FP32.max, -FP32.max
+    with pytest.raises(QuantizationError, match=r"weight: row 2 .* cannot be quantized to w4a16: its dequantized "
+                                                r"values overflow torch.float32"):  # fmt: skip
+        quantize(w, "w4a16", group_size=32)
+    assert issubclass(QuantizationError, ValueError)
+    with pytest.raises(QuantizationError, match="weight: expected finite values"):
+        quantize(torch.tensor([[1e300, 0.0]], dtype=torch.float64), "w8a16")
+
+
+# --------------------------------------------------------------------------------------
+# Layouts of bias and x (issue 15)
+
+
+def _in_nan_buffer(t: torch.Tensor, step: int = 2) -> torch.Tensor:
+    """A 1-D view with stride ``step`` into a NaN-filled buffer: reading past an element
+    (as a kernel assuming unit stride does) brings NaN."""
+    buf = torch.full((t.shape[0] * step,), float("nan"), dtype=t.dtype)
+    buf[::step] = t
+    return buf[::step]
+
+
+BIAS_LAYOUTS = {
+    "expanded": lambda b: b[:1].expand(b.shape[0]),  # stride 0 (torch.zeros(1).expand(N))
+    "strided": lambda b: _in_nan_buffer(b),
+}
+
+
+@pytest.mark.parametrize("m", [5, 300], ids=["m5-splitk", "m300"])
+@pytest.mark.parametrize("layout", list(BIAS_LAYOUTS))
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_bias_of_any_strides(scheme, layout, m):
+    """The epilogue read bias[n] at bias_ptr + n: an expanded bias gave 1.7e38, a strided
+    one was off by 3.3 (the neighbours), every scheme. Copied now when not unit-stride."""
+    _, qw, b = make(scheme, 40, 128)
+    bias = BIAS_LAYOUTS[layout](b)
+    assert not bias.is_contiguous()
+    x = torch.randn(m, 128).to(torch.bfloat16)
+    out = run_kernel(x, qw, bias, "gelu")
+    check(out, x, qw, bias, "gelu")
+    assert_bitwise_equal(out, run_kernel(x, qw, bias.contiguous(), "gelu"))
+
+
+X_LAYOUTS = {
+    # every K element a stride 2 apart, NaN in between: copied to unit stride
+    "last-dim-strided": lambda x: nan_padded(torch.stack([x, torch.full_like(x, float("nan"))], -1).flatten(-2))[..., ::2],
+    # one row read M times (row stride 0): no copy
+    "expanded-rows": lambda x: x[:1].expand_as(x),
+    # (S, B, K) seen through a transpose: rows not evenly spaced, reshaped by a copy
+    "transposed-3d": lambda x: x.reshape(3, -1, x.shape[-1]).transpose(0, 1).contiguous().transpose(0, 1),
+}
+
+
+@pytest.mark.parametrize("layout", list(X_LAYOUTS))
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_x_of_any_strides(scheme, layout):
+    _, qw, bias = make(scheme, 24, 96, group_size=32)
+    x = X_LAYOUTS[layout](torch.randn(9, 96).to(torch.bfloat16))
+    assert not x.is_contiguous()
+    out = run_kernel(x, qw, bias, "silu")
+    check(out, x, qw, bias, "silu")
+    assert_bitwise_equal(out, run_kernel(x.contiguous(), qw, bias, "silu"))
+
+
+# --------------------------------------------------------------------------------------
+# NaN and inf in the activations (issue 15)
+
+
+def assert_same_non_finite(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """NaN where the reference has NaN, +-inf where it has +-inf, nowhere else."""
+    assert torch.equal(out.isnan(), ref.isnan()), (out.isnan().sum(), ref.isnan().sum())
+    assert torch.equal(out.isinf() & (out > 0), ref.isinf() & (ref > 0))
+    assert torch.equal(out.isinf() & (out < 0), ref.isinf() & (ref < 0))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("m", [6, 300], ids=["m6-splitk", "m300"])
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_non_finite_activations_reach_their_row_as_in_the_reference(scheme, m, value):
+    """fp8 made a NaN activation finite (its per-token scale ignored the NaN, and the
+    interpreter upcasts the NaN code to 480). The reference defines it: w8a16 / w4a16 follow
+    IEEE arithmetic as F.linear does (an inf times a zero weight is NaN); fp8 has no finite
+    per-token scale for a row holding NaN or inf, so every output of that row is NaN.
+    Other rows are untouched."""
+    _, qw, bias = make(scheme, 40, 128)
+    x = torch.randn(m, 128).to(torch.bfloat16)
+    x[1, 5] = value
+    x[m - 2, 127] = value
+    out = run_kernel(x, qw, bias, "gelu", finite_input=False)
+    ref = reference(x, qw, bias, activation="gelu")
+    assert_same_non_finite(out, ref)
+    bad = torch.zeros(m, dtype=torch.bool)
+    bad[[1, m - 2]] = True
+    assert not out[bad].isfinite().any() and out[~bad].isfinite().all()
+    if scheme == "fp8":
+        assert out[bad].isnan().all()
+    assert_close(out[~bad], ref[~bad], dtype=x.dtype)
+    if scheme != "fp8" and value != value:  # NaN: as F.linear on the dequantized weight
+        want = F.gelu(F.linear(x.double(), qw.kernel_weight(x.dtype), bias.double()))
+        assert torch.equal(out.isnan(), want.isnan())
+
+
+def test_tiny_activation_rows_get_the_floor_scale():
+    """A row whose largest value is 1e-44 had scale 1e-44 / 448 = 0 in float32: its zeros
+    became 0 / 0 = NaN codes and NaN outputs. The floor keeps the row finite."""
+    _, qw, _ = make("fp8", 16, 64, torch.float32, bias=False)
+    x = torch.randn(3, 64)
+    x[1] = 0.0
+    x[1, 7] = 1e-44
+    xq, sx = quantize_activations_fp8(x)
+    assert sx[1] == FP32.tiny and torch.isfinite(xq.float()).all()
+    out = run_kernel(x, qw)
+    check(out, x, qw, None, None)
+
+
 # --------------------------------------------------------------------------------------
 # Autograd and torch.compile
 
@@ -481,6 +690,37 @@ def test_fp8_row_quantization_kernel_in_the_interpreter():
     carry = (got == want / 2) & (torch.log2(want.abs()).frac() == 0)
     tie = (v - want).abs() == (v - got).abs()  # exactly halfway: PyTorch rounds to even, the interpreter not
     assert bool((carry | tie)[bad].all()), list(zip(v[bad & ~carry & ~tie].tolist(), got[bad & ~carry & ~tie].tolist()))
+
+
+def _non_finite_rows(device="cpu", k=300):
+    # float32: the interpreter's bf16 -> fp32 upcast mangles subnormals (9.2e-41 -> 0)
+    x = torch.randn(6, k, device=device)
+    x[1, 3] = float("nan")
+    x[2, k - 1] = float("inf")  # the last element: past the last full 16-element vector
+    x[3, 0] = -float("inf")
+    x[4, 7], x[4, 8] = float("nan"), float("inf")
+    x[5] = 0
+    x[5, 11] = 1e-40  # a subnormal amax: the floor scale, not amax / 448
+    return x
+
+
+def test_fp8_row_quantization_kernel_non_finite_rows():
+    """quantize_rows_fp8_kernel gives a row holding NaN or inf the scale NaN, as the
+    definition does: tl.maximum / tl.max / tl.minimum drop a NaN operand by default (fmax
+    semantics, in the interpreter as on a GPU), which made the NaN row's scale finite and
+    its NaN -448. (Its NaN codes are not checked here: the interpreter's fp32 -> e4m3 cast
+    does not produce NaN; the GPU test checks them.)"""
+    ql = sys.modules["mmkernels.ops.quantized_linear"]
+    x = _non_finite_rows()
+    xq = torch.empty(6, 300, dtype=torch.float8_e4m3fn)
+    xs = torch.empty(6)
+    args, meta, grid = ql._quantize_rows_launch(x, xq, xs)
+    ql.kernels.quantize_rows_fp8_kernel[grid](*args, **meta)
+    want_q, want_s = quantize_activations_fp8(x)
+    assert want_s[1:5].isnan().all() and want_q[1:5].float().isnan().all()
+    assert want_s[5] == torch.finfo(torch.float32).tiny
+    assert_bitwise_equal(xs, want_s)
+    assert torch.equal(xq[5].float(), want_q[5].float())  # (finite rows' codes: the test above)
 
 
 # --------------------------------------------------------------------------------------
@@ -566,6 +806,28 @@ def test_gpu_fp8_row_quantization_matches_pytorch():
     # Triton's fp32 division may differ from PyTorch's by an ulp: a code at a rounding
     # boundary can flip, rarely.
     assert (xq.float() != want_q.float()).float().mean() < 1e-4
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_non_finite_rows():
+    """On the GPU the row quantizer's NaN handling is the compiled max.NaN / min.NaN: the
+    codes of a non-finite row are NaN too, and the op's rows are NaN."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 e4m3 kernels need sm_89+")
+    ql = sys.modules["mmkernels.ops.quantized_linear"]
+    x = _non_finite_rows("cuda", k=320)  # K % 16 == 0: the TMA kernel's operand alignment
+    xq = torch.empty(6, 320, dtype=torch.float8_e4m3fn, device="cuda")
+    xs = torch.empty(6, device="cuda")
+    args, meta, grid = ql._quantize_rows_launch(x, xq, xs)
+    ql.kernels.quantize_rows_fp8_kernel[grid](*args, **meta)
+    want_q, want_s = quantize_activations_fp8(x)
+    assert_bitwise_equal(xs.isnan(), want_s.isnan())
+    assert xq[1:5].float().isnan().all() and xs[5] == torch.finfo(torch.float32).tiny
+    qw = quantize(torch.randn(64, 320, device="cuda"), "fp8")
+    for m in (6, 600):  # pointer kernel (split-K) and, on sm_90, the TMA kernel
+        xm = x.repeat(m // 6, 1)
+        out = quantized_linear(xm, qw, None, activation="gelu")
+        assert_bitwise_equal(out.isnan(), reference(xm, qw, None, activation="gelu").isnan())
 
 
 def test_non_contiguous_quantized_tensors():

@@ -212,6 +212,33 @@ def test_w4a16_group_size_fallback(dist):
     torch.testing.assert_close(layer(x)[0], F.linear(x, weight, bias))
 
 
+def test_from_config_refuses_a_bare_prefix_string_and_a_float_group_size():
+    """``"prefixes": "model.connector."`` was split into characters ("m" matches nearly
+    every layer); ``group_size: 64.0`` reached the kernel as a float."""
+    with pytest.raises(TypeError, match="prefixes: expected a list of module-name prefixes"):
+        vllm_quant.W8A16ProjectorConfig.from_config({"prefixes": "model.connector."})
+    with pytest.raises(TypeError, match=r"group_size \(mmkernels-w4a16\): expected an int"):
+        vllm_quant.W4A16ProjectorConfig.from_config({"group_size": 64.0})
+
+
+@pytest.mark.parametrize("scheme", ["w8a16", "fp8"])
+def test_projector_weight_that_cannot_be_quantized_stays_unquantized(scheme, dist):
+    """A NaN in the projector's checkpoint weight failed the model load; the layer now
+    runs unquantized (vLLM's own method, its weight as loaded), with the reason recorded."""
+    config = vllm_quant.CONFIGS[f"mmkernels-{scheme}"]()
+    prefix = f"multi_modal_projector.nan_{scheme}"
+    layer = _layer("column", 64, 40, config, prefix, torch.float32)
+    g = torch.Generator().manual_seed(2)
+    weight, bias = torch.randn(40, 64, generator=g) / 8, torch.randn(40, generator=g) / 50
+    weight[3, 5] = float("nan")
+    _load(layer, weight, bias)
+    layer.quant_method.process_weights_after_loading(layer)
+    assert "cannot be quantized" in vllm_quant.stats()["skipped"][prefix]
+    assert prefix not in vllm_quant.stats()["quantized"]
+    x = torch.randn(5, 64, generator=g)
+    torch.testing.assert_close(layer(x)[0], F.linear(x, weight, bias), equal_nan=True)
+
+
 # --------------------------------------------------------------------------------------
 # end to end: offline vllm.LLM with the quantization on
 

@@ -23,6 +23,16 @@ read through TMA tensor descriptors, 128 x 256 tiles.
 Split-K (small M): program ``(tile, s)`` reduces its share of K and writes the raw fp32
 partial sum to ``partial[s]``; :func:`splitk_epilogue_kernel` adds the shares in a fixed
 order (deterministic, no atomics) and runs the same epilogue.
+
+Offsets (audited for M up to ~10^6 video tokens, K and N up to 16k): every product of a
+row index and a row stride (x, the weight, the output, split-K partials, the row
+quantizer's input and codes) is taken in int64, since ``M x K`` passes 2^31 at about
+262k tokens of K = 8192. The products left in int32 are bounded by the weight alone:
+the w4a16 scale index ``n * (K / GROUP_SIZE) + g`` (under 2^31 for any N x K weight below
+6.8e10 elements) and the split-K epilogue's ``s * M * N`` (split-K runs at M <= 64 only).
+Tensors are read at unit stride along K and N (the launcher copies a strided last dim of
+x, a strided or expanded bias, and non-contiguous quantized tensors); row strides may
+be anything, 0 included.
 """
 
 import triton
@@ -256,29 +266,42 @@ def splitk_epilogue_kernel(
 
 
 @triton.jit
+def _max_propagate_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def quantize_rows_fp8_kernel(
-    x_ptr,  # (M, K)
+    x_ptr,  # (M, K), unit stride along K, row stride stride_xm
     xq_ptr,  # (M, K) float8_e4m3fn, contiguous
     xs_ptr,  # (M,) float32
     K,
     stride_xm,
     FP8_MAX: tl.constexpr,
+    MIN_SCALE: tl.constexpr,  # float32's smallest normal: no subnormal scales
     BLOCK_K: tl.constexpr,
 ):
     """Per-token fp8 quantization: one program per row, two passes over it (amax, then
-    scale and cast), as :func:`mmkernels.quant.quantize_activations_fp8` defines it."""
+    scale and cast), as :func:`mmkernels.quant.quantize_activations_fp8` defines it.
+
+    NaN and inf: a row holding either gets scale NaN (and NaN codes), so the GEMM's
+    epilogue, which multiplies by the scale, makes that row's outputs NaN, whatever the
+    tensor-core dot does with NaN codes. ``tl.maximum`` / ``tl.minimum`` / ``tl.max``
+    default to ``fmax`` semantics (a NaN operand is dropped: NaN became -448 x scale), so
+    the amax, its reduction and the clamp ask for NaN propagation explicitly."""
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     amax = tl.zeros([BLOCK_K], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         v = tl.load(x_row + ks, mask=ks < K, other=0).to(tl.float32)
-        amax = tl.maximum(amax, tl.abs(v))
-    m = tl.max(amax, axis=0)
-    scale = tl.where(m > 0, m / FP8_MAX, 1.0)
+        amax = tl.maximum(amax, tl.abs(v), propagate_nan=tl.PropagateNan.ALL)
+    m = tl.reduce(amax, 0, _max_propagate_nan)  # NaN if the row holds a NaN, else inf if an inf
+    scale = tl.where(m > 0, tl.maximum(m / FP8_MAX, MIN_SCALE), 1.0)
+    scale = tl.where(m < float("inf"), scale, float("nan"))  # NaN and inf rows: NaN
     tl.store(xs_ptr + row, scale)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         v = tl.load(x_row + ks, mask=ks < K, other=0).to(tl.float32)
-        q = tl.minimum(tl.maximum(v / scale, -FP8_MAX), FP8_MAX)
+        q = tl.clamp(v / scale, -FP8_MAX, FP8_MAX, propagate_nan=tl.PropagateNan.ALL)
         tl.store(xq_ptr + row * K + ks, q.to(tl.float8e4nv), mask=ks < K)

@@ -36,7 +36,7 @@ from mmkernels.backend import (
     register_aot,
 )
 from mmkernels.ops import _quantized_linear_kernels as kernels
-from mmkernels.quant import FP8_MAX, SCHEMES, QuantizedWeight, quantize_activations_fp8
+from mmkernels.quant import FP8_MAX, MIN_SCALE, SCHEMES, QuantizedWeight, quantize_activations_fp8
 
 __all__ = [
     "ACTIVATIONS",
@@ -78,9 +78,9 @@ _HANDOVER = ValidatedHandOver()  # the public wrapper's validation, reused by th
 
 @dataclass
 class _LinearArgs:
-    x2d: torch.Tensor  # (M, K), unit stride along K
+    x2d: torch.Tensor  # (M, K), unit stride along K (any row stride, 0 included)
     qweight: QuantizedWeight
-    bias: torch.Tensor | None
+    bias: torch.Tensor | None  # (N,), unit stride
     activation: str | None
     lead: tuple[int, ...]
 
@@ -109,6 +109,10 @@ def _validate(x, qweight, bias, activation) -> _LinearArgs:
     if x.dim() < 1:
         raise ValueError("x: expected (..., in_features), got a scalar")
     k = qweight.in_features
+    if qweight.scheme == "w4a16" and (not isinstance(qweight.group_size, (int, torch.SymInt)) or k % qweight.group_size):
+        # QuantizedWeight refuses this when built; a field changed afterwards would make the
+        # kernel read the next row's scales for a partial last group.
+        raise ValueError(f"qweight: in_features (K={k}) must be a multiple of its group_size={qweight.group_size!r}")
     if x.shape[-1] != k:
         raise ValueError(f"x: expected last dim in_features={k} (that of qweight), got shape {tuple(x.shape)}")
     if qweight.device != x.device:
@@ -126,9 +130,15 @@ def _validate(x, qweight, bias, activation) -> _LinearArgs:
             raise TypeError(f"bias: expected a floating dtype, got {bias.dtype}")
         if bias.device != x.device:
             raise ValueError(f"bias: expected device {x.device} (that of x), got {bias.device}")
+        if not bias.is_contiguous():
+            # The kernels read bias[n] at bias_ptr + n: a strided or expanded view (stride 0,
+            # e.g. torch.zeros(1).expand(N)) is copied, N elements.
+            bias = bias.contiguous()
     lead = tuple(x.shape[:-1])
     x2d = x.reshape(-1, k)
     if x2d.shape[0] and k and x2d.stride(1) != 1:
+        # The kernels take a row stride (any, 0 for rows expanded from one) and read each
+        # row's K elements at unit stride: only a strided last dim is copied.
         x2d = x2d.contiguous()
     return _LinearArgs(x2d, qweight, bias, activation, lead)
 
@@ -155,7 +165,8 @@ def quantized_linear_reference(x, qweight, bias=None, *, activation=None) -> tor
     ``act(x' @ W'^T + bias)`` where ``W' = qweight.kernel_weight(x.dtype)`` (the dequantized
     weight exactly as the kernel multiplies by it) and ``x' = x``, except for fp8, where
     ``x'`` is ``x`` quantized per token (:func:`mmkernels.quant.quantize_activations_fp8`)
-    and dequantized. Computed in float64, rounded once to ``x.dtype``.
+    and dequantized (a row holding NaN or inf has scale NaN: that row's outputs are NaN).
+    Computed in float64, rounded once to ``x.dtype``.
     """
     args = _validate(x, qweight, bias, activation)
     return _reference_impl(args)
@@ -393,7 +404,7 @@ def _splitk_launch(args: _LinearArgs, out, x_scales, partial, split_k: int):
 
 def _quantize_rows_launch(x2d, xq, xs):
     k = x2d.shape[1]
-    meta = dict(FP8_MAX=FP8_MAX, BLOCK_K=min(2048, next_power_of_2(max(k, 16))), num_warps=4)
+    meta = dict(FP8_MAX=FP8_MAX, MIN_SCALE=MIN_SCALE, BLOCK_K=min(2048, next_power_of_2(max(k, 16))), num_warps=4)
     return (x2d, xq, xs, k, x2d.stride(0)), meta, (x2d.shape[0],)
 
 
@@ -529,7 +540,8 @@ def quantized_linear(x, qweight, bias=None, *, activation=None) -> torch.Tensor:
             ``"fp8"`` e4m3 codes with per-channel scale; ``x`` is quantized to e4m3 per
             token (row) on the fly (sm_89+ on CUDA; elsewhere the reference, with the
             reason logged in :func:`mmkernels.backend.recent_decisions`).
-        bias: ``(N,)`` float or None, added in fp32 before the activation.
+        bias: ``(N,)`` float or None, added in fp32 before the activation; any strides
+            (an expanded or strided view is copied, ``N`` elements).
         activation: None, ``"gelu"`` (erf), ``"gelu_tanh"``, ``"quick_gelu"``
             (``x * sigmoid(1.702 x)``) or ``"silu"``, applied in fp32 in the epilogue.
 
@@ -539,8 +551,12 @@ def quantized_linear(x, qweight, bias=None, *, activation=None) -> torch.Tensor:
     What it computes is :func:`quantized_linear_reference`: the product with
     ``qweight.kernel_weight(x.dtype)`` (w4a16 rounds each dequantized tile to ``x.dtype``;
     w8a16 and fp8 scale the fp32 accumulator), fp32 accumulation, one rounding at the
-    store. Small ``M`` splits K across programs and adds the shares in a fixed order (a
-    second, tiny launch), so results are bit-identical run to run. Gradients flow to ``x``
+    store. NaN and inf in ``x`` reach only their own row, as in the reference: w8a16 and
+    w4a16 follow IEEE arithmetic as ``F.linear`` on the dequantized weight does (an inf
+    times a zero weight is NaN); fp8 has no finite per-token scale for a row holding NaN
+    or inf, so every output of that row is NaN. Small ``M`` splits K across programs and
+    adds the shares in a fixed order (a second, tiny launch), so results are bit-identical
+    run to run. Gradients flow to ``x``
     and ``bias`` (computed in PyTorch from the same dequantized weight); the quantized
     weight itself is frozen. Registered as ``torch.ops.mmkernels.quantized_linear``.
     """
