@@ -19,8 +19,13 @@ What the patched ``forward`` does, when ``input_ids`` and media inputs are given
    to a list of ``(n_i, D)`` tensors;
 3. builds the merged embeddings with ONE call of
    :func:`mmkernels.ops.merge_multimodal_embeddings`, all kinds at once; the embedding
-   lookup is fused into it when the input embedding is a plain ``nn.Embedding`` (a
-   subclass such as Gemma's scaled embedding runs its own module first);
+   lookup is fused into it when the input embedding is a plain ``nn.Embedding`` whose
+   forward is a pure lookup (its ``padding_idx`` goes to the op, whose backward skips
+   that row as ``F.embedding`` does); anything else (a subclass such as Gemma's scaled
+   embedding, ``max_norm``, ``scale_grad_by_freq``, ``sparse``, hooks on the module) runs
+   the module first. A placeholder count mismatch raises Hugging Face's own
+   ``ValueError`` text (``Image features and image tokens do not match, tokens: ..,
+   features: ..``);
 4. calls the original ``forward`` with ``inputs_embeds=merged`` and the media inputs
    removed, so everything after the merge (position ids, masks, the language model, the
    output class) is the model's own code; then fills the output fields that carry the
@@ -39,8 +44,10 @@ import inspect
 from typing import Any, Callable, Sequence
 
 import torch
+from torch.nn.modules import module as nn_module
 
 from mmkernels.ops.merge import CAPABILITIES as MERGE_CAPABILITIES
+from mmkernels.ops.merge import PlaceholderCountError
 
 from .engine import PatchOptions, SpecRule, backend_note, original_method
 
@@ -318,10 +325,8 @@ class MergeRule(SpecRule):
             else "count check off (no host sync; a count mismatch gives NaN rows)"
         ]
         embedding = module.get_input_embeddings()
-        if _fusable(embedding):
-            notes.append("embedding lookup fused")
-        else:
-            notes.append(f"{type(embedding).__name__} runs first (not a plain nn.Embedding)")
+        unfused = _unfused_reason(embedding)
+        notes.append("embedding lookup fused" if unfused is None else unfused)
         weight = getattr(embedding, "weight", None)
         if isinstance(weight, torch.Tensor):
             notes.append(backend_note(MERGE_CAPABILITIES, weight))
@@ -416,10 +421,49 @@ def _media_to_merge(model, spec: MergeSpec, covered, uncovered, call: Call) -> l
     return media
 
 
-def _fusable(embedding: torch.nn.Module) -> bool:
-    # Only the exact class: a subclass (Gemma's scaled embedding) changes what forward
-    # computes. max_norm renormalizes the table inside forward, so it is not a lookup.
-    return type(embedding) is torch.nn.Embedding and embedding.max_norm is None
+def _unfused_reason(embedding: torch.nn.Module) -> str | None:
+    """Why the embedding module must run itself instead of the op's fused lookup, or None.
+
+    The fused lookup is ``F.embedding(ids, weight, padding_idx)`` in values and gradients
+    (the op takes ``padding_idx``); every other ``nn.Embedding`` option changes one of them,
+    and so does anything that runs around the module's forward. Checked per call: hooks
+    come and go (``enable_input_require_grads``, NEFTune's noise)."""
+    # Only the exact class: a subclass (Gemma's scaled embedding) changes what forward computes.
+    if type(embedding) is not torch.nn.Embedding:
+        return f"{type(embedding).__name__} runs first (not a plain nn.Embedding)"
+    options = [
+        ("max_norm", embedding.max_norm is not None),  # renormalizes the table inside forward
+        ("scale_grad_by_freq", embedding.scale_grad_by_freq),  # scales the table's gradient
+        ("sparse", embedding.sparse),  # a sparse gradient for the table
+    ]
+    used = [option for option, on in options if on]
+    if used:
+        return f"nn.Embedding runs first (its {', '.join(used)} changes the lookup or its gradient)"
+    hooks = (embedding._forward_hooks, embedding._forward_pre_hooks, embedding._backward_hooks,
+             embedding._backward_pre_hooks, nn_module._global_forward_hooks, nn_module._global_forward_pre_hooks,
+             nn_module._global_backward_hooks, nn_module._global_backward_pre_hooks)  # fmt: skip
+    if any(hooks):
+        return "nn.Embedding runs first (hooks run around its forward)"
+    return None
+
+
+# Hugging Face's count check message, word for word (every covered family's
+# get_placeholder_mask, and Qwen2-Audio's forward, in transformers 5.25), so code that
+# catches the unpatched error by its text keeps working. "features" is the row count:
+# LLaVA's own message prints rows x D there (shape[0] * shape[1] of its (N, D) features).
+HF_COUNT_MISMATCH = "{Kind} features and {kind} tokens do not match, tokens: {tokens}, features: {features}"
+
+
+def _hf_count_error(error: PlaceholderCountError, present: Sequence[Modality]) -> ValueError:
+    """The op's count error restated as the unpatched forward words it: the first kind
+    that mismatches, in the order the forward checks them (its modalities' order)."""
+    kind_of = {pid: m.kind for pid, m in zip(error.kind_ids, present)}
+    for pid, tokens, rows in zip(error.kind_ids, error.placeholders, error.rows):
+        if tokens != rows:
+            kind = kind_of[pid]
+            message = HF_COUNT_MISMATCH.format(Kind=kind.capitalize(), kind=kind, tokens=tokens, features=rows)
+            return ValueError(message)
+    return ValueError(str(error))
 
 
 def _merge(model, present: Sequence[Modality], features: Sequence[Features], input_ids: torch.Tensor,
@@ -430,8 +474,18 @@ def _merge(model, present: Sequence[Modality], features: Sequence[Features], inp
     device = input_ids.device
     rows = [[r if r.device == device else r.to(device) for r in f.rows] for f in features]
     embedding = model.get_input_embeddings()
-    if _fusable(embedding) and embedding.weight.device == device:
-        return merge_multimodal_embeddings(input_ids, None, rows, ids, embedding_weight=embedding.weight, check=check)
+    try:
+        if _unfused_reason(embedding) is None and embedding.weight.device == device:
+            return merge_multimodal_embeddings(input_ids, None, rows, ids, embedding_weight=embedding.weight,
+                                               check=check, padding_idx=embedding.padding_idx)  # fmt: skip
+        return merge_multimodal_embeddings(input_ids, _text_embeds(embedding, input_ids, ids, device), rows, ids,
+                                           check=check)  # fmt: skip
+    except PlaceholderCountError as error:
+        raise _hf_count_error(error, present) from error
+
+
+def _text_embeds(embedding: torch.nn.Module, input_ids: torch.Tensor, ids: Sequence[int], device) -> torch.Tensor:
+    """The embedding module run on the text: what the unfused merge reads."""
     lookup_ids = input_ids
     vocab = getattr(embedding, "num_embeddings", None)
     if vocab is not None and any(not 0 <= i < vocab for i in ids):
@@ -441,8 +495,7 @@ def _merge(model, present: Sequence[Modality], features: Sequence[Features], inp
         for i in ids:
             is_placeholder |= input_ids == i
         lookup_ids = input_ids.masked_fill(is_placeholder, 0)
-    text_embeds = embedding(lookup_ids)
-    return merge_multimodal_embeddings(input_ids, text_embeds.to(device), rows, ids, check=check)
+    return embedding(lookup_ids).to(device)
 
 
 def _call_original(model, original: Callable, spec: MergeSpec, present: Sequence[Modality],

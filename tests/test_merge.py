@@ -9,6 +9,7 @@ import torch
 from mmkernels.backend import Backend, force_backend, recent_decisions
 from mmkernels.ops import merge_multimodal_embeddings as merge
 from mmkernels.ops import merge_multimodal_embeddings_reference as reference
+from mmkernels.ops.merge import PlaceholderCountError
 from mmkernels.testing import (
     HostSyncCounter,
     assert_bitwise_equal,
@@ -180,8 +181,12 @@ def test_unchecked_out_of_table_ids_are_nan():
 @pytest.mark.parametrize("given,expected", [(7, 8), (9, 8)])
 def test_count_mismatch_raises_with_both_counts(fn, given, expected):
     ids = make_ids([20], [[(2, expected, IMAGE)]])
-    with pytest.raises(ValueError, match=rf"{expected} placeholder tokens in input_ids but {given} feature rows"):
+    message = rf"{expected} placeholder tokens in input_ids but {given} feature rows"
+    with pytest.raises(ValueError, match=message) as info:
         fn(ids, torch.randn(1, 20, 64), torch.randn(given, 64), IMAGE)
+    # The counts travel with the error (integrations restate it in their framework's words).
+    assert isinstance(info.value, PlaceholderCountError)
+    assert (info.value.kind_ids, info.value.placeholders, info.value.rows) == ([IMAGE], [expected], [given])
 
 
 def test_host_syncs_one_with_check_zero_without():

@@ -12,6 +12,13 @@ Two launches, no host sync:
    Rows that cannot be filled (more placeholders than features, a text id outside the
    table) are written as NaN so an unchecked mismatch is visible, never read out of
    bounds.
+
+Layouts: ``input_ids`` and the text source are read through their strides (any view:
+offsets into a larger buffer, expanded zero strides, transposed); only the feature
+tensors must have unit column stride (the launcher copies the rare ones that do not).
+Every address is computed in int64: a 262144 x 8192 embedding table has 2^31 elements,
+and ``token_id * row_stride`` (or a row index times a padded row stride) passes 2^31
+at real sizes.
 """
 
 import triton
@@ -21,6 +28,7 @@ import triton.language as tl
 @triton.jit
 def merge_count_kernel(
     ids_ptr,  # (T,) int32/int64
+    ids_stride,  # element stride of the (T,) ids view (0 for an expanded view)
     kind_ids_ptr,  # (NUM_KINDS,) int64: the placeholder id of each kind
     counts_ptr,  # (num_blocks, NUM_KINDS + 1) int32, out; last column: text ids outside [0, V)
     T,
@@ -32,7 +40,7 @@ def merge_count_kernel(
     block = tl.program_id(0)
     rows = block * BLOCK_T + tl.arange(0, BLOCK_T)
     in_range = rows < T
-    ids = tl.load(ids_ptr + rows, mask=in_range, other=0).to(tl.int64)
+    ids = tl.load(ids_ptr + rows.to(tl.int64) * ids_stride, mask=in_range, other=0).to(tl.int64)
     is_placeholder = tl.zeros([BLOCK_T], dtype=tl.int1)
     for k in tl.static_range(NUM_KINDS):
         hit = (ids == tl.load(kind_ids_ptr + k)) & in_range
@@ -48,6 +56,7 @@ def merge_count_kernel(
 @triton.jit
 def merge_rows_kernel(
     ids_ptr,  # (T,) int32/int64
+    ids_stride,  # element stride of the (T,) ids view
     kind_ids_ptr,  # (NUM_KINDS,) int64
     kind_rows_ptr,  # (NUM_KINDS,) int64: feature rows given for each kind
     kind_first_row_ptr,  # (NUM_KINDS,) int64: global index of each kind's first feature row
@@ -57,9 +66,12 @@ def merge_rows_kernel(
     seg_first_row_ptr,  # (num_segs,) int64: global index of each segment's first row (non-decreasing)
     seg_row_stride_ptr,  # (num_segs,) int64: row stride of each feature tensor, in elements
     feat_base_ptr,  # the first feature tensor; every segment is addressed relative to it
-    src_ptr,  # inputs_embeds rows (T, D) or the embedding table (V, D)
-    src_row_stride,
-    out_ptr,  # (T, D)
+    src_ptr,  # the embedding table (V, D), inputs_embeds rows (T, D), or (T // src_seq, src_seq, D)
+    src_stride_0,  # table: row stride; inputs_embeds: row stride, or stride of dim 0 if SRC_BATCHED
+    src_stride_1,  # inputs_embeds with SRC_BATCHED: stride of dim 1; else unused
+    src_col_stride,
+    src_seq,  # inputs_embeds with SRC_BATCHED: size of dim 1; else unused
+    out_ptr,  # (T, D) contiguous
     out_row_stride,
     T,
     D,
@@ -69,6 +81,7 @@ def merge_rows_kernel(
     HAS_FEATURES: tl.constexpr,  # num_segs > 0
     SEARCH_STEPS: tl.constexpr,  # >= ceil(log2(num_segs)), bucketed to a power of two
     FUSED_LOOKUP: tl.constexpr,
+    SRC_BATCHED: tl.constexpr,  # inputs_embeds whose (B, S) rows do not flatten to one stride
     CAST_FEATURES: tl.constexpr,  # features dtype != output dtype
     FEAT_BYTES: tl.constexpr,  # element size of the features
     FEATURES_ALIGNED: tl.constexpr,  # every segment base and row stride is 16-byte aligned
@@ -76,11 +89,14 @@ def merge_rows_kernel(
     BLOCK_D: tl.constexpr,
 ):
     block = tl.program_id(0)
-    rows = block * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_ok = rows < T
+    # Masks in int32 (T < 2^31), every address from int64 rows: with int64 masks too the
+    # Qwen2-VL fp16 case took 90 registers on sm_80 instead of 76.
+    rows32 = block * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows32 < T
+    rows = rows32.to(tl.int64)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < D
-    ids = tl.load(ids_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    ids = tl.load(ids_ptr + rows * ids_stride, mask=row_ok, other=0).to(tl.int64)
 
     # Which kind each row is, and its global feature index (-1: none).
     is_placeholder = tl.zeros([BLOCK_T], dtype=tl.int1)
@@ -121,20 +137,27 @@ def merge_rows_kernel(
             feat = feat.to(tl.float32).to(out_ptr.dtype.element_ty)
 
     if FUSED_LOOKUP:
-        src_rows = ids
+        # ids is int64: token_id * row_stride passes 2^31 for large tables.
+        src_offset = ids * src_stride_0
         text_ok = row_ok & (~is_placeholder) & (ids >= 0) & (ids < V)
+    elif SRC_BATCHED:
+        # Expanded over the batch, (S, B, D) memory, ...: row t is (t // S, t % S). Only
+        # these layouts pay the division; the others compile without it.
+        outer = rows // src_seq
+        src_offset = outer * src_stride_0 + (rows - outer * src_seq) * src_stride_1
+        text_ok = row_ok & (~is_placeholder)
     else:
-        src_rows = rows.to(tl.int64)
+        src_offset = rows * src_stride_0
         text_ok = row_ok & (~is_placeholder)
     text = tl.load(
-        src_ptr + src_rows[:, None] * src_row_stride + cols[None, :],
+        src_ptr + src_offset[:, None] + cols.to(tl.int64)[None, :] * src_col_stride,
         mask=text_ok[:, None] & tile_ok,
         other=float("nan"),
     )
     if HAS_FEATURES:
         text = tl.where(has_feature[:, None], feat, text)
     tl.store(
-        out_ptr + rows.to(tl.int64)[:, None] * out_row_stride + cols[None, :],
+        out_ptr + rows[:, None] * out_row_stride + cols[None, :],
         text,
         mask=row_ok[:, None] & tile_ok,
     )

@@ -36,6 +36,7 @@ from mmkernels.ops import _merge_kernels as kernels
 
 __all__ = [
     "CAPABILITIES",
+    "PlaceholderCountError",
     "merge_multimodal_embeddings",
     "merge_multimodal_embeddings_reference",
 ]
@@ -59,14 +60,20 @@ _HANDOVER = ValidatedHandOver()  # the public wrapper's validation, reused by th
 
 @dataclass
 class _MergeArgs:
-    ids: torch.Tensor  # (T,)
+    ids: torch.Tensor  # (T,): a view of input_ids where one stride allows it, else a copy
     out_shape: tuple[int, ...]  # ids.shape + (D,)
-    embeds: torch.Tensor | None  # (T, D) view of inputs_embeds, or None
+    embeds: torch.Tensor | None  # inputs_embeds as given ((T, D) or (B, S, D), any strides), or None
     table: torch.Tensor | None  # (V, D) embedding_weight, or None
     kind_ids: list[int]
     kind_features: list[list[torch.Tensor]]  # per kind, the (n_i, D) tensors in order
     dim: int
     out_dtype: torch.dtype
+    padding_idx: int | None = None  # in [0, V), or None
+
+    @property
+    def flat_embeds(self) -> torch.Tensor:
+        """inputs_embeds as (T, D) (a copy where the layout does not flatten); the reference's."""
+        return self.embeds.reshape(self.ids.shape[0], self.dim)
 
     @functools.cached_property
     def kind_rows(self) -> list[int]:
@@ -115,7 +122,7 @@ def _split_kinds(features, placeholder_id) -> tuple[list[int], list[list[torch.T
     return kind_ids, [_as_tensor_list(entry, name) for entry, name in zip(per_kind, names)]
 
 
-def _validate(input_ids, inputs_embeds, features, placeholder_id, embedding_weight) -> _MergeArgs:
+def _validate(input_ids, inputs_embeds, features, placeholder_id, embedding_weight, padding_idx=None) -> _MergeArgs:
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids: expected a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dtype not in _ID_DTYPES:
@@ -146,6 +153,21 @@ def _validate(input_ids, inputs_embeds, features, placeholder_id, embedding_weig
     elif embedding_weight.dim() != 2:
         raise ValueError(f"embedding_weight: expected shape (V, D), got {tuple(embedding_weight.shape)}")
     dim = base.shape[-1]
+    if padding_idx is not None:
+        if isinstance(padding_idx, bool) or not isinstance(padding_idx, int):
+            raise TypeError(f"padding_idx: expected an int or None, got {type(padding_idx).__name__}")
+        if embedding_weight is None:
+            raise ValueError(
+                f"padding_idx: only meaningful with embedding_weight (the fused lookup), got padding_idx="
+                f"{padding_idx} with inputs_embeds"
+            )
+        vocab = embedding_weight.shape[0]
+        if not -vocab <= padding_idx < vocab:
+            raise ValueError(
+                f"padding_idx: expected an index in [-{vocab}, {vocab}) (embedding_weight has {vocab} rows), "
+                f"got {padding_idx}"
+            )
+        padding_idx %= vocab  # as F.embedding: a negative index counts from the end
 
     kind_ids, kind_features = _split_kinds(features, placeholder_id)
     feat_dtype = None
@@ -167,27 +189,41 @@ def _validate(input_ids, inputs_embeds, features, placeholder_id, embedding_weig
             if f.device != device:
                 raise ValueError(f"{fname}: expected device {device} (that of input_ids), got {f.device}")
 
-    ids = input_ids.reshape(-1)
-    embeds = inputs_embeds.reshape(-1, dim) if inputs_embeds is not None else None
     return _MergeArgs(
-        ids=ids,
+        ids=input_ids.reshape(-1),
         out_shape=tuple(input_ids.shape) + (dim,),
-        embeds=embeds,
+        embeds=inputs_embeds,
         table=embedding_weight if inputs_embeds is None else None,
         kind_ids=kind_ids,
         kind_features=kind_features,
         dim=dim,
         out_dtype=base.dtype,
+        padding_idx=padding_idx,
     )
 
 
-def _count_mismatch_error(kind_ids, placeholders, rows) -> ValueError:
-    parts = [
-        f"placeholder id {kid}: {n} placeholder tokens in input_ids but {r} feature rows"
-        for kid, n, r in zip(kind_ids, placeholders, rows)
-        if n != r
-    ]
-    return ValueError("features: count mismatch: " + "; ".join(parts))
+class PlaceholderCountError(ValueError):
+    """A placeholder count differs from the feature rows given for its id (``check=True``).
+
+    A ``ValueError`` (the type Hugging Face raises for the same mismatch) that also carries
+    the counts, so an integration can restate it in its framework's words:
+    ``kind_ids``, ``placeholders`` (tokens per id in ``input_ids``) and ``rows`` (feature
+    rows per id), parallel lists over every id of the call.
+    """
+
+    def __init__(self, kind_ids: list[int], placeholders: list[int], rows: list[int], message: str | None = None):
+        self.kind_ids, self.placeholders, self.rows = list(kind_ids), list(placeholders), list(rows)
+        if message is None:
+            parts = [
+                f"placeholder id {kid}: {n} placeholder tokens in input_ids but {r} feature rows"
+                for kid, n, r in zip(kind_ids, placeholders, rows)
+                if n != r
+            ]
+            message = "features: count mismatch: " + "; ".join(parts)
+        super().__init__(message)
+
+    def __reduce__(self):  # picklable with its counts (multiprocessing workers re-raise it)
+        return type(self), (self.kind_ids, self.placeholders, self.rows, str(self))
 
 
 def _out_of_table_error(n_bad: int, vocab: int) -> ValueError:
@@ -208,13 +244,15 @@ def merge_multimodal_embeddings_reference(
     *,
     embedding_weight: torch.Tensor | None = None,
     check: bool = True,
+    padding_idx: int | None = None,
 ) -> torch.Tensor:
     """PyTorch reference of :func:`merge_multimodal_embeddings`; it defines the op.
 
     Same signature and errors. With ``check=False`` placeholder positions beyond the
     given features, and (fused lookup) text ids outside the table, become NaN rows.
+    Its autograd defines the op's gradients (``padding_idx`` as in ``F.embedding``).
     """
-    args = _validate(input_ids, inputs_embeds, features, placeholder_id, embedding_weight)
+    args = _validate(input_ids, inputs_embeds, features, placeholder_id, embedding_weight, padding_idx)
     return _reference_impl(args, check)
 
 
@@ -229,13 +267,17 @@ def _reference_impl(args: _MergeArgs, check: bool) -> torch.Tensor:
         text_bad = ~is_placeholder & ((ids < 0) | (ids >= vocab))
         if check and bool(text_bad.any()):
             raise _out_of_table_error(int(text_bad.sum()), vocab)
-        out = args.table[ids.clamp(0, max(vocab - 1, 0))] if vocab > 0 else args.table.new_empty(ids.shape[0], args.dim)
+        if vocab > 0:
+            # F.embedding: the same rows as indexing, and padding_idx's row gets no gradient.
+            out = torch.nn.functional.embedding(ids.clamp(0, vocab - 1), args.table, padding_idx=args.padding_idx)
+        else:
+            out = args.table.new_empty(ids.shape[0], args.dim)
         out[text_bad] = nan
     else:
-        out = args.embeds.clone()
+        out = args.flat_embeds.clone()
     placeholders = [int((ids == kid).sum()) for kid in args.kind_ids]
     if check and placeholders != args.kind_rows:
-        raise _count_mismatch_error(args.kind_ids, placeholders, args.kind_rows)
+        raise PlaceholderCountError(args.kind_ids, placeholders, args.kind_rows)
     for kid, feats in zip(args.kind_ids, args.kind_features):
         positions = (ids == kid).nonzero().flatten()
         rows = torch.cat([f.to(args.out_dtype) for f in feats]) if feats else out.new_empty(0, args.dim)
@@ -262,10 +304,14 @@ def merge_config(dim: int, element_size: int) -> MergeConfig:
     A row chunk of 2 KB (1024 bf16 / 512 fp32) per program keeps every thread on 16-byte
     vectors; 8 rows per program give a few thousand programs for real prompt lengths.
     """
-    block_d = min(next_power_of_2(dim), max(16, 2048 // element_size))
+    block_d = min(next_power_of_2(max(dim, 1)), max(16, 2048 // element_size))
     block_t = 8
     num_warps = 4 if block_t * block_d * element_size >= 8192 else 2
     return MergeConfig(block_t=block_t, block_d=block_d, num_warps=num_warps)
+
+
+# Position of block_cumsum in merge_rows_kernel's arguments (filled in after the count launch).
+_BLOCK_CUMSUM_ARG = 6
 
 
 @dataclass
@@ -278,6 +324,7 @@ class _Launch:
     rows_meta: dict
     num_blocks: int
     grid_rows: tuple
+    kind_rows: torch.Tensor  # (NUM_KINDS,) int64 on the device: feature rows per kind
 
 
 @dataclass
@@ -295,20 +342,25 @@ class _Tables:
 def _tables(args: _MergeArgs, device: torch.device) -> _Tables:
     """Feature tensors as segments addressed relative to the first one, so the kernel takes
     one real pointer and the per-image tensors are never concatenated."""
-    # Empty tensors hold no rows (and may have a null data pointer): not segments.
-    feats = [f for f in args.all_features if f.shape[0] > 0]
+    # Empty tensors hold no rows (and may have a null data pointer): not segments. The
+    # kernel reads a row with unit column stride (a per-segment column stride would cost
+    # the 16-byte vectors of every segment): the rare tensor without one is copied. Every
+    # copy is made before the base pointer is taken, since offsets are relative to it.
+    feats = [
+        f if f.shape[1] == 1 or f.stride(1) == 1 else f.contiguous() for f in args.all_features if f.shape[0] > 0
+    ]
     base = feats[0].data_ptr() if feats else 0
     es = feats[0].element_size() if feats else 1
     offsets, first_rows, strides, aligned, total = [], [], [], True, 0
     for i, f in enumerate(feats):
-        row_stride, col_stride = f.stride()
-        if col_stride != 1:
-            f = feats[i] = f.contiguous()
-            row_stride = f.stride(0)
         ptr = f.data_ptr()
-        if (ptr - base) % es:
-            f = feats[i] = f.clone()
+        if (ptr - base) % es:  # not a whole number of elements from the base: copy it
+            f = feats[i] = f.clone(memory_format=torch.contiguous_format)
             ptr = f.data_ptr()
+        # Offsets may be negative (a tensor below the base) and strides zero (an expanded
+        # view): the kernel's int64 arithmetic takes both. A one-row tensor's stride is
+        # never used; 0 keeps it from spoiling the alignment claim.
+        row_stride = f.stride(0) if f.shape[0] > 1 else 0
         offsets.append((ptr - base) // es)
         first_rows.append(total)
         strides.append(row_stride)
@@ -324,6 +376,32 @@ def _tables(args: _MergeArgs, device: torch.device) -> _Tables:
     return _Tables(feats, table[: 3 * k].view(3, k), table[3 * k :].view(3, len(feats)), aligned)
 
 
+def _source_layout(args: _MergeArgs) -> tuple[torch.Tensor, int, int, int, int]:
+    """Where the kernel reads text rows: (tensor, stride_0, stride_1, column stride, SEQ);
+    SEQ > 1 means SRC_BATCHED (both strides used).
+
+    The table is addressed by token id (row stride). ``inputs_embeds`` is read in place
+    whatever its strides: as rows of one stride (SEQ = 1) where its layout flattens to
+    (T, D) (contiguous, a slice of a padded buffer), else as (T // SEQ, SEQ, D) with both
+    strides (expanded over the batch, (S, B, D) memory), so no layout costs a copy. A
+    column stride that cannot matter (D = 1) is passed as 1, so the JIT's specialization
+    of an argument equal to 1 gives the common, vectorized variant."""
+    D = args.dim
+    if args.table is not None:
+        src = args.table
+        return src, src.stride(0), 0, src.stride(1) if D > 1 else 1, 1
+    src = args.embeds
+    col_stride = src.stride(-1) if D > 1 else 1
+    if src.dim() == 2:
+        return src, src.stride(0), 0, col_stride, 1
+    B, S = src.shape[0], src.shape[1]
+    if S == 1:
+        return src, src.stride(0), 0, col_stride, 1
+    if B == 1 or src.stride(0) == S * src.stride(1):
+        return src, src.stride(1), 0, col_stride, 1
+    return src, src.stride(0), src.stride(1), col_stride, S
+
+
 def _build_launch(args: _MergeArgs, out: torch.Tensor) -> tuple[_Launch, list[torch.Tensor]]:
     """The launches for ``args``, and the feature tensors whose addresses the segment
     table holds (the caller keeps them alive until the kernel has run)."""
@@ -335,16 +413,19 @@ def _build_launch(args: _MergeArgs, out: torch.Tensor) -> tuple[_Launch, list[to
     feats, kind, seg = tables.feats, tables.kinds, tables.segs
     num_segs = len(feats)
     fused = args.table is not None
-    src = args.table if fused else args.embeds
+    src, src_stride_0, src_stride_1, src_col_stride, src_seq = _source_layout(args)
     vocab = args.table.shape[0] if fused else 0
     counts = torch.empty(num_blocks, len(args.kind_ids) + 1, dtype=torch.int32, device=device)
     feat_base = feats[0] if feats else out
-    count_args = (args.ids, kind[0], counts, T, vocab)
+    # One id per row: a stride of 1 where the ids are contiguous (specialized by the JIT),
+    # any other (a strided or expanded view) read as is.
+    ids_stride = args.ids.stride(0) if T > 1 else 1
+    count_args = (args.ids, ids_stride, kind[0], counts, T, vocab)
     count_meta = dict(NUM_KINDS=len(args.kind_ids), FUSED_LOOKUP=fused, BLOCK_T=cfg.block_t, num_warps=1)
     rows_args = (
-        args.ids, kind[0], kind[1], kind[2], counts, None,  # block cumsum: filled in by the caller
+        args.ids, ids_stride, kind[0], kind[1], kind[2], counts, None,  # block cumsum: filled in by the caller
         seg[0], seg[1], seg[2], feat_base,
-        src, src.stride(0), out, out.stride(0), T, D, vocab, num_segs,
+        src, src_stride_0, src_stride_1, src_col_stride, src_seq, out, out.stride(0), T, D, vocab, num_segs,
     )  # fmt: skip
     rows_meta = dict(
         NUM_KINDS=len(args.kind_ids),
@@ -352,6 +433,7 @@ def _build_launch(args: _MergeArgs, out: torch.Tensor) -> tuple[_Launch, list[to
         # Bucketed: 1, 2, 4, 8, 16 steps cover up to 65536 feature tensors with five compiles.
         SEARCH_STEPS=next_power_of_2(max(math.ceil(math.log2(num_segs)), 1)) if num_segs > 1 else 0,
         FUSED_LOOKUP=fused,
+        SRC_BATCHED=src_seq > 1,
         CAST_FEATURES=bool(feats) and feats[0].dtype != out.dtype,
         FEAT_BYTES=feat_base.element_size(),
         FEATURES_ALIGNED=tables.aligned,
@@ -360,29 +442,31 @@ def _build_launch(args: _MergeArgs, out: torch.Tensor) -> tuple[_Launch, list[to
         num_warps=cfg.num_warps,
     )
     grid_rows = (num_blocks, cdiv(D, cfg.block_d))
-    return _Launch(count_args, count_meta, rows_args, rows_meta, num_blocks, grid_rows), feats
+    return _Launch(count_args, count_meta, rows_args, rows_meta, num_blocks, grid_rows, kind[1]), feats
 
 
 def _triton_impl(args: _MergeArgs, check: bool) -> torch.Tensor:
     out = empty_output(args.out_shape, args.out_dtype, args.ids.device)
     T = args.ids.shape[0]
-    if T == 0 or args.dim == 0:
+    if T == 0:
         if check:
             _check_counts(args, torch.zeros(len(args.kind_ids) + 1, dtype=torch.int64))
         return out
-    out2d = out.view(-1, args.dim)
+    out2d = out.view(T, args.dim)
     launch, _keepalive = _build_launch(args, out2d)
-    counts = launch.count_args[2]
+    counts = launch.count_args[3]
     kernels.merge_count_kernel[(launch.num_blocks,)](*launch.count_args, **launch.count_meta)
     block_cumsum = counts.cumsum(0, dtype=torch.int32)
     if check:
         # The one host sync of check=True: placeholder counts per kind and out-of-table text
         # ids, compared on the device with the expected counts (the kind table is there).
         totals = block_cumsum[-1].to(torch.int64)
-        if not torch.equal(totals, torch.nn.functional.pad(launch.rows_args[2], (0, 1))):
+        if not torch.equal(totals, torch.nn.functional.pad(launch.kind_rows, (0, 1))):
             _check_counts(args, totals)
+    if args.dim == 0:
+        return out  # nothing to write; the counts were still checked (D = 0 is a valid empty hidden dim)
     rows_args = list(launch.rows_args)
-    rows_args[5] = block_cumsum
+    rows_args[_BLOCK_CUMSUM_ARG] = block_cumsum
     kernels.merge_rows_kernel[launch.grid_rows](*rows_args, **launch.rows_meta)
     return out
 
@@ -392,7 +476,7 @@ def _check_counts(args: _MergeArgs, totals: torch.Tensor) -> None:
     totals = totals.tolist()
     placeholders, bad_text = totals[:-1], totals[-1]
     if placeholders != args.kind_rows:
-        raise _count_mismatch_error(args.kind_ids, placeholders, args.kind_rows)
+        raise PlaceholderCountError(args.kind_ids, placeholders, args.kind_rows)
     if bad_text:
         raise _out_of_table_error(bad_text, args.table.shape[0])
 
@@ -409,14 +493,17 @@ def _merge_body(
     placeholder_ids: list[int],
     embedding_weight: torch.Tensor | None,
     check: bool,
+    padding_idx: int | None = None,
 ) -> torch.Tensor:
-    args = _HANDOVER.take((input_ids, inputs_embeds, features, features_per_kind, placeholder_ids, embedding_weight, check))
+    args = _HANDOVER.take(
+        (input_ids, inputs_embeds, features, features_per_kind, placeholder_ids, embedding_weight, check, padding_idx)
+    )
     if args is None:
         per_kind, start = [], 0
         for n in features_per_kind:
             per_kind.append(features[start : start + n])
             start += n
-        args = _validate(input_ids, inputs_embeds, per_kind, placeholder_ids, embedding_weight)
+        args = _validate(input_ids, inputs_embeds, per_kind, placeholder_ids, embedding_weight, padding_idx)
     dtypes = {args.out_dtype} | {f.dtype for f in args.all_features}
     decision = choose_backend(OP_NAME, kernels.merge_rows_kernel, CAPABILITIES, input_ids.device, dtypes)
     if decision.backend is Backend.REFERENCE:
@@ -431,30 +518,36 @@ _merge_op = torch.library.custom_op("mmkernels::merge_multimodal_embeddings", mu
 
 
 @_merge_op.register_fake
-def _merge_op_fake(input_ids, inputs_embeds, features, features_per_kind, placeholder_ids, embedding_weight, check):
+def _merge_op_fake(input_ids, inputs_embeds, features, features_per_kind, placeholder_ids, embedding_weight, check,
+                   padding_idx=None):  # fmt: skip
     base = inputs_embeds if inputs_embeds is not None else embedding_weight
     return base.new_empty(tuple(input_ids.shape) + (base.shape[-1],))
 
 
 def _merge_setup_context(ctx, inputs, output):
-    input_ids, inputs_embeds, features, features_per_kind, placeholder_ids, embedding_weight, check = inputs
+    input_ids, inputs_embeds, features, features_per_kind, placeholder_ids, embedding_weight, _check, padding_idx = (
+        inputs
+    )
     ctx.features_per_kind = features_per_kind
     ctx.placeholder_ids = placeholder_ids
     ctx.feature_rows = [f.shape[0] for f in features]
     ctx.has_embeds = inputs_embeds is not None
     ctx.vocab = embedding_weight.shape[0] if embedding_weight is not None else None
+    # Validated in [-V, V) by the forward; stored in [0, V) as F.embedding does.
+    ctx.padding_idx = padding_idx % ctx.vocab if padding_idx is not None else None
     ctx.save_for_backward(input_ids)
 
 
 def _merge_backward(ctx, grad_out):
     """Gradients by gather/scatter in PyTorch (training is not the hot path).
 
-    Text rows flow to ``inputs_embeds`` (or are scattered into the table's rows),
-    placeholder rows to the feature rows they came from; rows written as NaN (unfilled
-    placeholders, out-of-table ids) pass no gradient."""
+    Text rows flow to ``inputs_embeds`` (or are scattered into the table's rows, except
+    ``padding_idx``'s row, which gets none, as in ``F.embedding``), placeholder rows to the
+    feature rows they came from; rows written as NaN (unfilled placeholders, out-of-table
+    ids) pass no gradient."""
     (input_ids,) = ctx.saved_tensors
     ids = input_ids.reshape(-1).long()
-    grad = grad_out.reshape(ids.shape[0], -1)
+    grad = grad_out.reshape(ids.shape[0], grad_out.shape[-1])
     is_placeholder = torch.zeros_like(ids, dtype=torch.bool)
     for kid in ctx.placeholder_ids:
         is_placeholder |= ids == kid
@@ -463,6 +556,8 @@ def _merge_backward(ctx, grad_out):
         grad_embeds = grad.masked_fill(is_placeholder[:, None], 0).reshape(grad_out.shape)
     else:
         text = ~is_placeholder & (ids >= 0) & (ids < ctx.vocab)
+        if ctx.padding_idx is not None:
+            text &= ids != ctx.padding_idx
         grad_weight = grad.new_zeros(ctx.vocab, grad.shape[1]).index_add_(0, ids[text], grad[text])
     grad_features, start = [], 0
     for kid, n_tensors in zip(ctx.placeholder_ids, ctx.features_per_kind):
@@ -473,7 +568,7 @@ def _merge_backward(ctx, grad_out):
         given[:n] = grad[positions[:n]]
         grad_features += list(given.split(rows))
         start += n_tensors
-    return None, grad_embeds, grad_features, None, None, grad_weight, None
+    return None, grad_embeds, grad_features, None, None, grad_weight, None, None
 
 
 _merge_op.register_autograd(_merge_backward, setup_context=_merge_setup_context)
@@ -487,6 +582,7 @@ def merge_multimodal_embeddings(
     *,
     embedding_weight: torch.Tensor | None = None,
     check: bool = True,
+    padding_idx: int | None = None,
 ) -> torch.Tensor:
     """Place multimodal features at the placeholder tokens of a text sequence.
 
@@ -506,11 +602,20 @@ def merge_multimodal_embeddings(
         embedding_weight: ``(V, D)``; fused lookup: text rows are gathered from this
             table instead of read from ``inputs_embeds`` (one pass instead of two).
         check: ``True``: raise ``ValueError`` naming both counts when the placeholder
-            count of any kind differs from its feature rows (and, with the fused lookup,
-            when a text id is outside ``[0, V)``); costs one host sync, as Hugging Face's
-            check does. ``False``: zero host syncs; never reads or writes out of bounds:
-            unfilled placeholder rows and out-of-table text rows are written as NaN, and
-            surplus features are ignored.
+            count of any kind differs from its feature rows (a :class:`PlaceholderCountError`,
+            which carries the counts), and, with the fused lookup, when a text id is
+            outside ``[0, V)``; costs one host sync, as Hugging Face's check does.
+            ``False``: zero host syncs; never reads or writes out of bounds whatever the
+            counts: the k-th placeholder of an id gets feature row k of that id while
+            there is one, placeholder rows beyond the given features and out-of-table
+            text rows are written as NaN, and surplus feature rows are ignored.
+        padding_idx: with ``embedding_weight`` only, as ``nn.Embedding``'s: the output is
+            unchanged, but the table row ``padding_idx`` receives no gradient (so a model
+            whose pad tokens embed through the fused lookup trains as unpatched). An
+            index in ``[-V, V)``; None: every text row passes its gradient.
+
+    Any strides are accepted (views into larger buffers, expanded or transposed
+    tensors); only feature tensors without unit column stride are copied first.
 
     Returns:
         A new contiguous tensor of shape ``input_ids.shape + (D,)`` with the dtype of
@@ -522,10 +627,10 @@ def merge_multimodal_embeddings(
     """
     # Validated here too: with a tensor on another device the dispatcher would route the
     # op by that device (a meta tensor reaches the fake kernel) before the body could check.
-    args = _validate(input_ids, inputs_embeds, features, placeholder_id, embedding_weight)
+    args = _validate(input_ids, inputs_embeds, features, placeholder_id, embedding_weight, padding_idx)
     op_inputs = (input_ids, inputs_embeds, args.all_features, [len(feats) for feats in args.kind_features],
                  args.kind_ids, embedding_weight)  # fmt: skip
-    return _HANDOVER.call(_merge_op, (*op_inputs, check), args, body=_merge_body)
+    return _HANDOVER.call(_merge_op, (*op_inputs, check, padding_idx), args, body=_merge_body)
 
 
 # --------------------------------------------------------------------------------------
@@ -547,7 +652,7 @@ def _aot_case(name: str, tokens: int, images: int, tokens_per_image: int, dim: i
         if not rows:
             return launch.count_args, launch.count_meta, (launch.num_blocks,)
         rows_args = list(launch.rows_args)
-        rows_args[5] = launch.count_args[2]
+        rows_args[_BLOCK_CUMSUM_ARG] = launch.count_args[3]
         # Keep the feature tensors referenced: the segment table holds their addresses.
         make_launch.keep = keep
         return tuple(rows_args), launch.rows_meta, launch.grid_rows
