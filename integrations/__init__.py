@@ -5,6 +5,8 @@ Installed as ``mmkernels.integrations`` (see pyproject's ``package-dir``).
 * :func:`patch` / :func:`unpatch`: swap methods on the live sub-models that a spec covers
   (matched by their own ``config.model_type`` and class), and restore them exactly.
 * :func:`supported_models`: the coverage table (Markdown), generated from the specs.
+* :func:`clear_caches`: drop what patched modules keep between calls (interpolated
+  position tables), e.g. after writing a weight in place through ``.data``.
 
 One generic engine (:mod:`.engine`), the generic merge pre-step (:mod:`.hf_merge`) and a
 short declarative spec per model family (:mod:`.hf_specs`); the patch-embed rule and its
@@ -31,7 +33,7 @@ from .engine import (
 )
 from .hf_attention import ATTENTION_RULES, register_attention
 from .hf_merge import MergeRule
-from .hf_patch_embed import CONV_PATCH_SPECS, PATCH_EMBED_SPECS, ConvPatchRule, PatchEmbedRule
+from .hf_patch_embed import CONV_PATCH_SPECS, PATCH_EMBED_SPECS, ConvPatchRule, PatchEmbedRule, clear_position_caches
 from .hf_specs import MERGE_SPECS
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "PatchReport",
     "Replacement",
     "Skip",
+    "clear_caches",
     "normalization_constants",
     "patch",
     "quantize_projector",
@@ -199,6 +202,20 @@ def unpatch(model: torch.nn.Module) -> None:
 
     check_unpatchable(model)  # a quantized projector cannot be restored: refuse, change nothing
     unpatch_model(model)
+
+
+def clear_caches(model: torch.nn.Module) -> int:
+    """Drop what the patched modules of ``model`` keep between calls: the interpolated
+    position tables of patched vision embeddings (made once per image size and reused
+    while their sources' version counters are unchanged) and the check that their
+    ``position_ids`` are arange. Needed only after an in-place write that bypasses the
+    version counter, i.e. through ``.data`` (``emb.position_embedding.weight.data.mul_(2)``):
+    updates through the parameters themselves are seen. The plain position table is never
+    kept (it is read from the weight on every call). ``unpatch`` drops them too. Returns
+    how many entries were dropped."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    return sum(clear_position_caches(module) for module in model.modules())
 
 
 _COLUMNS = (

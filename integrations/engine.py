@@ -15,21 +15,40 @@ How a method is replaced, and why this way:
 
 * On the instance, never the class: ``module.forward = MethodType(fn, module)``. The class,
   other instances, ``isinstance`` and ``state_dict`` (keys and values) are untouched.
-  ``MethodType`` (not a closure over the module) keeps ``copy.deepcopy(model)`` right: the
-  copy's method is bound to the copy.
 * What the instance held before goes into one dict on the module,
-  ``module._mmkernels_originals`` (method name -> previous instance attribute, or
-  :data:`ABSENT` when the method came from the class), so :func:`unpatch` restores the
-  instance ``__dict__`` exactly: re-set what was there, delete what was not.
+  ``module._mmkernels_originals`` (method name -> :class:`Swap`: the previous instance
+  attribute, or :data:`ABSENT` when the method came from the class, and the rule and
+  options that made the replacement), so :func:`unpatch` restores the instance
+  ``__dict__`` exactly: re-set what was there, delete what was not.
 * A replacement finds the behaviour it wraps with :func:`original_method`, so it wraps
   whatever was there (the class method or another library's instance patch).
+
+Copies and pickles stay patched, made again through the engine. A bound method does not
+survive pickling: ``MethodType`` pickles as ``getattr(module, "forward")``, evaluated
+while the module is rebuilt and before its ``__dict__`` is restored, so it came back as
+the CLASS's method, stored on the instance next to a record that still said "patched"
+(the model ran unpatched and ``patch()`` refused to patch it). So the first swap on a
+module also installs an instance ``__reduce_ex__`` (recorded like a swap, removed by
+unpatch) that pickles the module's own reduction without the swapped methods, plus a
+declarative list of them (method name, rule, options: data, pickled by value). The
+unpickler rebuilds the module through :func:`_rebuild_patched`, which asks each rule for
+a fresh replacement bound to the new module before the module's state is restored around
+it (an earlier instance patch bound to the module travels as its function and is bound
+to the copy: :class:`_SelfBound`). ``pickle``, ``torch.save`` /
+``torch.load(weights_only=False)``, ``copy.deepcopy`` and ``copy.copy`` all take this
+path (they all call ``__reduce_ex__``), so a copy is patched exactly as the original,
+with replacement state of its own (such as a patch-embed forward's position tables), and
+``unpatch`` on it restores what it wrapped. Loading needs mmkernels importable; a model
+loaded with ``attn_implementation="mmkernels"`` also needs that implementation registered
+in the loading process (``mmkernels.integrations.register_attention()``, as ``patch``
+does).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import types
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -42,6 +61,7 @@ __all__ = [
     "Rule",
     "Skip",
     "SpecRule",
+    "Swap",
     "backend_note",
     "coverage_table",
     "is_patched",
@@ -50,8 +70,11 @@ __all__ = [
     "unpatch_model",
 ]
 
-# The one attribute patch() adds to a module: method name -> what the instance held before.
+# The one attribute patch() adds to a module: method name -> Swap (what the instance held
+# before, and what made the replacement).
 ORIGINALS_ATTR = "_mmkernels_originals"
+# Installed with a module's first swap so that copies and pickles stay patched (see above).
+_REDUCE = "__reduce_ex__"
 
 
 class _Absent:
@@ -248,6 +271,35 @@ def _text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[st
 # Recording and undoing
 
 
+@dataclasses.dataclass(frozen=True)
+class Swap:
+    """One instance attribute patch() set: what the instance held before (``previous``,
+    :data:`ABSENT` when nothing), and the rule and options whose
+    ``make_replacement(options)`` made it (None for the engine's own ``__reduce_ex__``).
+    Data only, so a copy or an unpickled module can have its replacement made again."""
+
+    previous: Any
+    rule: Rule | None = None
+    options: PatchOptions | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _SelfBound:
+    """A previous instance attribute that was a method bound to the module itself, as a
+    pickled record holds it: the function alone, bound again when used. (Pickled as a
+    bound method it would come back as ``getattr(module, name)`` on the half-rebuilt
+    module, i.e. the new replacement, which would then wrap itself.)"""
+
+    function: Callable
+
+    def bind(self, module: torch.nn.Module) -> Callable:
+        return types.MethodType(self.function, module)
+
+
+def _previous(module: torch.nn.Module, swap: Swap):
+    return swap.previous.bind(module) if isinstance(swap.previous, _SelfBound) else swap.previous
+
+
 def is_patched(module: torch.nn.Module) -> bool:
     return ORIGINALS_ATTR in module.__dict__
 
@@ -255,30 +307,66 @@ def is_patched(module: torch.nn.Module) -> bool:
 def original_method(module: torch.nn.Module, name: str) -> Callable:
     """The behaviour a replacement of ``name`` on ``module`` wraps: the instance attribute
     that was there before patching, else the class's method bound to ``module``."""
-    previous = module.__dict__.get(ORIGINALS_ATTR, {}).get(name, ABSENT)
-    if previous is ABSENT:
+    swap = module.__dict__.get(ORIGINALS_ATTR, {}).get(name)
+    if swap is None or swap.previous is ABSENT:
         return getattr(type(module), name).__get__(module, type(module))
-    return previous
+    return _previous(module, swap)
 
 
-def _replace_method(module: torch.nn.Module, name: str, function: Callable) -> None:
+def _replace_method(module: torch.nn.Module, name: str, rule: Rule, options: PatchOptions) -> None:
     originals = module.__dict__.get(ORIGINALS_ATTR)
     if originals is None:
-        originals = {}
+        originals = {_REDUCE: Swap(module.__dict__.get(_REDUCE, ABSENT))}
         # Plain instance attribute (a dict is neither a Parameter, a buffer nor a Module),
         # so it never reaches state_dict.
         object.__setattr__(module, ORIGINALS_ATTR, originals)
-    originals[name] = module.__dict__.get(name, ABSENT)
-    object.__setattr__(module, name, types.MethodType(function, module))
+        object.__setattr__(module, _REDUCE, types.MethodType(_reduce_patched, module))
+    originals[name] = Swap(module.__dict__.get(name, ABSENT), rule, options)
+    object.__setattr__(module, name, types.MethodType(rule.make_replacement(options), module))
 
 
 def _restore(module: torch.nn.Module) -> None:
     originals = module.__dict__.pop(ORIGINALS_ATTR)
-    for name, previous in originals.items():
-        if previous is ABSENT:
+    for name, swap in originals.items():
+        if swap.previous is ABSENT:
             module.__dict__.pop(name, None)
         else:
-            module.__dict__[name] = previous
+            module.__dict__[name] = _previous(module, swap)
+
+
+def _reduce_patched(module: torch.nn.Module, protocol: int):
+    """``__reduce_ex__`` of a patched module: its own reduction (the class's, or what the
+    instance held before), with the swapped attributes left out of the state and rebuilt
+    by :func:`_rebuild_patched` from their rules instead (see the module docstring)."""
+    originals = module.__dict__[ORIGINALS_ATTR]
+    own = originals[_REDUCE]
+    reduce = type(module).__reduce_ex__.__get__(module) if own.previous is ABSENT else _previous(module, own)
+    reduced = reduce(protocol)
+    if not isinstance(reduced, tuple) or len(reduced) < 3 or not isinstance(reduced[2], dict):
+        raise TypeError(
+            f"{type(module).__name__}: a patched module pickles only with its __dict__ as state "
+            f"(mmkernels.unpatch it first), got a reduction of {type(reduced).__name__}"
+        )
+    rebuild, args, state, *rest = reduced
+    state = {key: value for key, value in state.items() if key == ORIGINALS_ATTR or key not in originals}
+    state[ORIGINALS_ATTR] = {  # the copy's own record (copy.copy shares the state's values)
+        name: dataclasses.replace(swap, previous=_SelfBound(swap.previous.__func__))
+        if isinstance(swap.previous, types.MethodType) and swap.previous.__self__ is module else swap
+        for name, swap in originals.items()
+    }
+    swaps = tuple((name, swap.rule, swap.options) for name, swap in originals.items() if swap.rule is not None)
+    return (_rebuild_patched, (rebuild, args, swaps), state, *rest)
+
+
+def _rebuild_patched(rebuild: Callable, args: tuple, swaps: tuple) -> torch.nn.Module:
+    """The unpickled (or copied) module, with a fresh replacement per swap bound to it; the
+    unpickler then restores the rest of its ``__dict__`` (``nn.Module.__setstate__``
+    updates it, keeping these), the record of :data:`ORIGINALS_ATTR` included."""
+    module = rebuild(*args)
+    object.__setattr__(module, _REDUCE, types.MethodType(_reduce_patched, module))
+    for name, rule, options in swaps:
+        object.__setattr__(module, name, types.MethodType(rule.make_replacement(options), module))
+    return module
 
 
 def unpatch_model(model: torch.nn.Module) -> int:
@@ -345,7 +433,7 @@ def patch_model(model: torch.nn.Module, rules: Sequence[Rule], *, kernels: Itera
             if reasons:
                 skipped.append(Skip(path, cls_name, f"{rule.family} {rule.kernel}: " + "; ".join(reasons)))
                 continue
-            _replace_method(module, rule.method, rule.make_replacement(options))
+            _replace_method(module, rule.method, rule, options)
             replaced.append(Replacement(path, cls_name, rule.method, rule.op, rule.family,
                                         tuple(rule.notes(module, options))))
 

@@ -13,12 +13,15 @@ and Qwen2-VL's ``PatchEmbed`` (a ``Conv3d`` over pre-flattened ``(N, C*T*P*P)`` 
 
 The patched ``forward`` makes ONE call of :func:`mmkernels.ops.patch_embed` with the
 module's own parameters (projection weight and bias, class embedding) and its own position
-table (``self.position_embedding(self.position_ids)``, or with
+table: ``self.position_embedding(self.position_ids)``, which with arange ids (what CLIP
+and SigLIP register) is the embedding weight's first rows, passed as a view and so always
+current (:func:`_position_rows`; other ids are looked up on every call), or with
 ``interpolate_pos_encoding=True`` what the module's own ``interpolate_pos_encoding``
-returns), computed once per image size and kept while its sources are unchanged
-(:class:`PositionTables`). Nothing of the model's code is copied: a spec names the
-submodules and the method; every call the op does not cover goes to the original
-``forward`` untouched:
+returns, computed once per image size and kept while its sources are unchanged
+(:class:`PositionTables`: an in-place write through ``.data`` is not seen, drop the
+tables with :func:`mmkernels.integrations.clear_caches`). Nothing of the model's code is
+copied: a spec names the submodules and the method; every call the op does not cover
+goes to the original ``forward`` untouched:
 
 * an argument the spec does not know, pixels that are not a floating tensor of the
   expected rank, or on another device than the weight (the original raises its own error);
@@ -54,6 +57,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import threading
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -63,7 +68,8 @@ from mmkernels.ops.patch_embed import CAPABILITIES as PATCH_EMBED_CAPABILITIES
 from .engine import PatchOptions, SpecRule, backend_note, original_method
 from .hf_merge import Call, _bind, _signature
 
-__all__ = ["CONV_PATCH_SPECS", "ConvPatchRule", "ConvPatchSpec", "PATCH_EMBED_SPECS", "PatchEmbedRule", "PatchEmbedSpec"]
+__all__ = ["CONV_PATCH_SPECS", "ConvPatchRule", "ConvPatchSpec", "PATCH_EMBED_SPECS", "PatchEmbedRule", "PatchEmbedSpec",
+           "PositionTables", "clear_position_caches", "position_tables"]  # fmt: skip
 
 PATCH_EMBED_OP = "patch_embed"
 IMAGE_FORM = "image"  # (B, C, H, W) pixels, Conv2d
@@ -244,48 +250,70 @@ def _constants_on(normalization, device: torch.device) -> tuple[torch.Tensor, to
 
 
 # --------------------------------------------------------------------------------------
-# Position tables, made once per image size
+# Position tables: rows of the embedding read in place, or interpolated once per size
 
 
 class PositionTables:
-    """The position tables one patched module's forward computes (its
-    ``position_embedding(position_ids)`` lookup, or its ``interpolate_pos_encoding`` for an
-    image size), kept and reused while what they are made from is unchanged: the same
-    tensors (identity, storage, in-place version counter, dtype, device) and the same
-    size. Hugging Face recomputes them on every call (an embedding gather, or a bicubic
-    interpolation of several kernels); here each is computed once per resolution.
+    """The interpolated position tables one patched module's forward computes (its
+    ``interpolate_pos_encoding`` for an image size), kept and reused while what they are
+    made from is unchanged: the same tensors (identity, storage, in-place version counter,
+    dtype, device) and the same size. Hugging Face recomputes them on every call (a bicubic
+    interpolation of several kernels); here each is computed once per resolution. (The
+    plain table, ``position_embedding(position_ids)``, is not kept: with ``position_ids``
+    = arange it is rows of the embedding's weight, read in place on every call; see
+    :func:`_position_rows`.)
+
+    What the key cannot see: an in-place write through ``tensor.data`` (for example
+    ``emb.position_embedding.weight.data.mul_(2)``). ``.data`` is an alias with a version
+    counter of its own, so such a write leaves the kept table stale. After one, drop the
+    tables with :func:`mmkernels.integrations.clear_caches` (or ``unpatch`` and ``patch``
+    again); updates through the parameter itself (``weight.mul_(2)`` under ``no_grad``,
+    an optimizer step, ``load_state_dict``) are seen.
 
     Always recomputed, never stored: when autograd records (grad enabled and a source
     requires grad: training must see the table's graph), when a source is an inference
     tensor (made under ``inference_mode``: no version counter tells an in-place update),
     under ``torch.compile`` (the compiled graph makes its own), while a CUDA graph is
-    being captured (the table would live in the graph's memory), and when the producing
-    module carries forward hooks (they must run). Tables made under ``inference_mode`` are kept apart from the others.
-    At most ``MAX_TABLES`` sizes, the least recently used dropped first. One instance per
-    patched module: it lives in the patched forward and goes with ``unpatch``."""
+    being captured (the table would live in the graph's memory). Tables made under
+    ``inference_mode`` are kept apart from the others. At most ``MAX_TABLES`` sizes, the
+    least recently used dropped first. Safe to share between threads (one lock around the
+    dictionary; a table is computed outside it, so two threads may both compute the same
+    new table and the last one is kept). One instance per patched module: it lives in the
+    patched forward and goes with ``unpatch``; a copy or an unpickled model gets its own."""
 
     MAX_TABLES = 8
 
     def __init__(self):
         self._tables: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
         self.made = 0  # tables computed (for tests and debugging)
 
-    def get(self, sources: tuple[torch.Tensor, ...], size: tuple, make: Callable[[], Any], hooked: bool = False):
+    def get(self, sources: tuple[torch.Tensor, ...], size: tuple, make: Callable[[], Any]):
         """``make()``, or the table kept for ``sources`` and ``size``."""
-        if hooked or not self._reusable(sources):
+        if not self._reusable(sources):
             return make()
         key = (size, torch.is_inference_mode_enabled(),
                tuple((id(t), t.data_ptr(), t._version, t.dtype, t.device) for t in sources))  # fmt: skip
-        table = self._tables.get(key)
-        if table is None:
-            table = make()
+        with self._lock:
+            table = self._tables.get(key)
+            if table is not None:
+                self._tables.move_to_end(key)
+                return table
+        table = make()
+        with self._lock:
             self.made += 1
             self._tables[key] = table
+            self._tables.move_to_end(key)
             while len(self._tables) > self.MAX_TABLES:
                 self._tables.popitem(last=False)
-        else:
-            self._tables.move_to_end(key)
         return table
+
+    def clear(self) -> int:
+        """Drop every kept table; returns how many there were."""
+        with self._lock:
+            count = len(self._tables)
+            self._tables.clear()
+        return count
 
     @staticmethod
     def _reusable(sources) -> bool:
@@ -295,8 +323,122 @@ class PositionTables:
             return False  # inference tensors keep no version counter: an in-place update would not show
         if torch.is_grad_enabled() and any(t.requires_grad for t in sources):
             return False
-        cuda = any(t.is_cuda for t in sources)
-        return not (cuda and torch.cuda.is_current_stream_capturing())
+        return not _capturing(sources)
+
+
+def _capturing(tensors) -> bool:
+    return any(t.is_cuda for t in tensors) and torch.cuda.is_current_stream_capturing()
+
+
+class _ArangeIds:
+    """Whether a ``position_ids`` tensor holds ``0, 1, ..., n-1``, remembered per tensor
+    while its identity, storage and version counter are unchanged. CLIP and SigLIP
+    register ``torch.arange(num_positions)`` as a non-persistent buffer (no checkpoint
+    loads it), and their ``interpolate_pos_encoding`` reads the weight directly, as if it
+    were: then ``position_embedding(position_ids)`` is the weight's first n rows.
+
+    Reading the values is one host sync. :meth:`PatchEmbedRule.notes` does it when
+    ``patch`` reports on the module; a patched forward does it only for a tensor not seen
+    before (the model moved to another device after patching, or unpickled), and never
+    while compiling or capturing a CUDA graph (the lookup runs instead, as it does for
+    inference tensors, which keep no version counter). Like any version-keyed memo it
+    cannot see a write through ``position_ids.data``; :func:`clear_position_caches`
+    forgets a module's verdict. Thread-safe (one lock)."""
+
+    MAX_TENSORS = 64
+
+    def __init__(self):
+        self._verdicts: collections.OrderedDict = collections.OrderedDict()  # id -> (weakref, state, verdict)
+        self._lock = threading.Lock()
+
+    def __call__(self, ids: torch.Tensor) -> bool:
+        if torch.compiler.is_compiling() or not isinstance(ids, torch.Tensor) or ids.is_inference():
+            return False
+        if ids.dim() not in (1, 2) or (ids.dim() == 2 and ids.shape[0] != 1):
+            return False  # one row of ids per image: a per-image table, looked up
+        if ids.dtype not in (torch.int64, torch.int32) or ids.requires_grad:
+            return False
+        state = (ids.data_ptr(), ids._version, tuple(ids.shape), ids.device)
+        with self._lock:
+            entry = self._verdicts.get(id(ids))
+            if entry is not None and entry[0]() is ids and entry[1] == state:
+                self._verdicts.move_to_end(id(ids))
+                return entry[2]
+        if _capturing([ids]):
+            return False
+        n = ids.shape[-1]
+        verdict = bool(torch.equal(ids.reshape(n), torch.arange(n, dtype=ids.dtype, device=ids.device)))
+        with self._lock:
+            self._verdicts[id(ids)] = (weakref.ref(ids), state, verdict)
+            self._verdicts.move_to_end(id(ids))
+            while len(self._verdicts) > self.MAX_TENSORS:
+                self._verdicts.popitem(last=False)
+        return verdict
+
+    def forget(self, ids) -> bool:
+        with self._lock:
+            return self._verdicts.pop(id(ids), None) is not None
+
+
+_ARANGE_IDS = _ArangeIds()
+
+
+def _plain_embedding(lookup) -> bool:
+    """An ``nn.Embedding`` whose forward is a plain gather of its weight rows (max_norm
+    would renormalize the weight in place; padding_idx and sparse change the gradient)."""
+    return (
+        isinstance(lookup, torch.nn.Embedding)
+        and type(lookup).forward is torch.nn.Embedding.forward
+        and "forward" not in lookup.__dict__
+        and not _hooked(lookup)
+        and lookup.max_norm is None
+        and lookup.padding_idx is None
+        and not lookup.sparse
+    )
+
+
+def _rows_of_weight(lookup, ids) -> bool:
+    """Whether ``lookup(ids)`` is ``lookup.weight[:n]``: a plain embedding and arange ids."""
+    return (
+        _plain_embedding(lookup)
+        and isinstance(ids, torch.Tensor)
+        and ids.device == lookup.weight.device
+        and 0 < ids.shape[-1] <= lookup.weight.shape[0]
+        and _ARANGE_IDS(ids)
+    )
+
+
+def _position_rows(lookup, ids):
+    """``lookup(ids)``, the table the original forward adds. With a plain embedding and ids
+    = arange that is ``weight[:n]``: a view, so always the weight's current values (an
+    in-place update through ``.data`` included), no gather and nothing kept; gradients
+    reach the weight through the view as through the gather. Otherwise the module's own
+    lookup on every call (its hooks run)."""
+    if _rows_of_weight(lookup, ids):
+        return lookup.weight[: ids.shape[-1]]
+    return lookup(ids)
+
+
+def position_tables(module: torch.nn.Module) -> PositionTables | None:
+    """The :class:`PositionTables` of ``module``'s patched forward (None when it has none)."""
+    forward = module.__dict__.get("forward")
+    tables = getattr(getattr(forward, "__func__", None), "position_tables", None)
+    return tables if isinstance(tables, PositionTables) else None
+
+
+def clear_position_caches(module: torch.nn.Module) -> int:
+    """Drop what a patched vision embeddings module keeps between calls: its interpolated
+    position tables and the arange verdict on its ``position_ids``. Returns how many were
+    dropped (0 for any other module)."""
+    tables = position_tables(module)
+    if tables is None:
+        return 0
+    count = tables.clear()
+    name = module.__dict__["forward"].__func__.position_ids
+    ids = getattr(module, name, None) if name else None
+    if isinstance(ids, torch.Tensor):
+        count += _ARANGE_IDS.forget(ids)
+    return count
 
 
 def _hooked(module) -> bool:
@@ -351,10 +493,7 @@ def _image_arguments(module: torch.nn.Module, spec: PatchEmbedSpec, call: Call,
         elif spec.position_table is not None:
             position = getattr(module, spec.position_table)
         else:
-            lookup = getattr(module, spec.position_embedding)
-            ids = getattr(module, spec.position_ids)
-            sources = tuple(lookup.parameters()) + (ids,) if isinstance(lookup, torch.nn.Module) else (ids,)
-            position = tables.get(sources, ("lookup",), lambda: lookup(ids), hooked=_hooked(lookup))
+            position = _position_rows(getattr(module, spec.position_embedding), getattr(module, spec.position_ids))
         if not isinstance(position, torch.Tensor):
             return None
         if position.dtype != weight.dtype or position.device != weight.device:
@@ -447,9 +586,17 @@ class PatchEmbedRule(SpecRule):
             fused = [f for f in fused if f]
             if fused:
                 notes.append("fused into the projection: " + ", ".join(fused))
+        if spec.position_embedding is not None:
+            lookup, ids = getattr(module, spec.position_embedding), getattr(module, spec.position_ids)
+            if _rows_of_weight(lookup, ids):  # reads the ids now: the host sync at patch time, not in a forward
+                notes.append(f"position table: the first rows of {spec.position_embedding}.weight, read in place "
+                             f"every call ({spec.position_ids} = arange: no lookup, nothing kept)")  # fmt: skip
+            else:
+                notes.append(f"position table: {spec.position_embedding}({spec.position_ids}) looked up every call")
         if spec.interpolation is not None:
             if callable(getattr(module, spec.interpolation, None)):
-                notes.append(f"interpolate_pos_encoding=True: the table from the module's own {spec.interpolation}")
+                notes.append(f"interpolate_pos_encoding=True: the table from the module's own {spec.interpolation} "
+                             "(kept per image size; see mmkernels.integrations.clear_caches)")  # fmt: skip
             else:
                 notes.append("interpolate_pos_encoding=True: original path")
         for name in spec.none_arguments:
@@ -488,6 +635,7 @@ class PatchEmbedRule(SpecRule):
 
         forward.__name__ = "forward"
         forward.position_tables = tables
+        forward.position_ids = spec.position_ids  # for clear_position_caches
         forward.__qualname__ = f"mmkernels_patch_embed_forward[{spec.family}]"
         forward.__doc__ = (
             f"mmkernels: {spec.model_class}.forward computed by mmkernels.ops.{PATCH_EMBED_OP}; "

@@ -501,41 +501,70 @@ def test_coverage_table_lists_the_rules():
 
 
 # --------------------------------------------------------------------------------------
-# Position tables: made once per image size, remade when their sources change
+# Position tables: the weight's rows read in place, interpolated tables made once per size
 
 
 def _tables(module):
     return module.__dict__["forward"].__func__.position_tables
 
 
-@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
-def test_position_table_is_looked_up_once_and_remade_after_an_update(llava, mode):
-    module = copy.deepcopy(embeddings(llava))
-    x = pixels((2, 3, 56, 56))
-    context = torch.no_grad if mode == "no_grad" else torch.inference_mode
-    with patched(module):
-        tables = _tables(module)
-        with context():
-            first = [module(x) for _ in range(3)]
-        assert tables.made == 1  # CLIP's position_embedding(position_ids): one gather, not three
-        with context():
-            unpatched_want = original_forward(module)(x)
-        for got in first:
-            assert_close(got, unpatched_want, reduction_length=reduction_length(module))
-        with torch.no_grad():
-            module.position_embedding.weight.add_(0.5)  # in place: the version counter moves
-        with context():
-            got = module(x)
-            want = original_forward(module)(x)
-        assert tables.made == 2
-        assert_close(got, want, reduction_length=reduction_length(module))
-    assert "forward" not in module.__dict__  # unpatch takes the tables with the forward
-
-
 def original_forward(module):
     from mmkernels.integrations.engine import original_method
 
     return original_method(module, "forward")
+
+
+class TableSpy:
+    """Records the ``position_embedding`` each ``mmkernels.ops.patch_embed`` call gets."""
+
+    def __init__(self, monkeypatch):
+        self.tables = []
+        self._op = mmkernels.ops.patch_embed
+        monkeypatch.setattr(mmkernels.ops, "patch_embed", self)
+
+    def __call__(self, *args, **kwargs):
+        self.tables.append(kwargs.get("position_embedding"))
+        return self._op(*args, **kwargs)
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_position_table_is_the_weight_and_follows_every_update(llava, mode, monkeypatch):
+    """CLIP's position_embedding(position_ids) with arange ids: the op gets the weight's
+    rows (no gather, nothing kept), so every update shows, one through ``.data`` included
+    (it bypasses the version counter: a kept table was stale, 0.068 off in issue 15)."""
+    module = copy.deepcopy(embeddings(llava))
+    weight = module.position_embedding.weight
+    x = pixels((2, 3, 56, 56))
+    context = torch.no_grad if mode == "no_grad" else torch.inference_mode
+    spy = TableSpy(monkeypatch)
+    with patched(module):
+        tables = _tables(module)
+        for update in (None, lambda: weight.add_(0.5), lambda: weight.data.mul_(2)):
+            if update is not None:
+                with torch.no_grad():
+                    update()
+            with context():
+                got, want = module(x), original_forward(module)(x)
+            assert_close(got, want, reduction_length=reduction_length(module))
+            table = spy.tables[-1]
+            assert table.data_ptr() == weight.data_ptr() and table.shape == weight.shape  # a view, not a copy
+        assert tables.made == 0
+    assert "forward" not in module.__dict__  # unpatch takes the tables with the forward
+
+
+def test_position_ids_that_are_not_arange_are_looked_up_every_call(llava):
+    module = copy.deepcopy(embeddings(llava))
+    module.position_ids = module.position_ids.flip(-1).contiguous()  # the same buffer slot, reversed
+    x = pixels((1, 3, 56, 56))
+    with torch.no_grad(), patched(module) as report:
+        (replaced,) = report.replaced
+        assert any("position_embedding(position_ids) looked up every call" in note for note in replaced.notes)
+        assert_close(module(x), original_forward(module)(x), reduction_length=reduction_length(module))
+        module.position_ids.copy_(torch.arange(module.position_ids.shape[-1]))  # arange again (version moves)
+        assert_close(module(x), original_forward(module)(x), reduction_length=reduction_length(module))
+        module.position_ids[0, :2] = torch.tensor([1, 0])
+        assert_close(module(x), original_forward(module)(x), reduction_length=reduction_length(module))
+        assert _tables(module).made == 0
 
 
 @pytest.mark.parametrize("name", ["llava", "vit"])
@@ -557,30 +586,128 @@ def test_interpolated_tables_are_made_once_per_size(request, name):
         assert tables.made == 5
 
 
+def test_clear_caches_drops_interpolated_tables_after_a_write_through_data(llava):
+    """``.data`` writes bypass the version counter the interpolated tables are keyed by
+    (documented); ``mmkernels.integrations.clear_caches`` drops them."""
+    module = copy.deepcopy(embeddings(llava))
+    x = pixels((2, 3, 70, 42))
+    with torch.no_grad(), patched(module) as report:
+        (replaced,) = report.replaced
+        assert any("see mmkernels.integrations.clear_caches" in note for note in replaced.notes)
+        module(x, interpolate_pos_encoding=True)
+        assert _tables(module).made == 1
+        module.position_embedding.weight.data.mul_(2)
+        assert integrations.clear_caches(module) >= 1
+        got = module(x, interpolate_pos_encoding=True)
+        assert _tables(module).made == 2
+        assert_close(got, original_forward(module)(x, interpolate_pos_encoding=True),
+                     reduction_length=reduction_length(module))  # fmt: skip
+    assert integrations.clear_caches(module) == 0  # unpatched: nothing kept
+    with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
+        integrations.clear_caches("model")
+
+
 def test_position_tables_are_not_kept_when_autograd_records_or_hooks_run(llava):
     module = copy.deepcopy(embeddings(llava))
     x = pixels((1, 3, 56, 56))
     with patched(module):
         tables = _tables(module)
-        out = module(x)  # grad enabled, trainable table: its graph is needed
+        out = module(x, interpolate_pos_encoding=True)  # grad enabled, trainable table: its graph is needed
         out.sum().backward()
         assert tables.made == 0 and module.position_embedding.weight.grad is not None
         seen = []
         handle = module.position_embedding.register_forward_hook(lambda *args: seen.append(1))
         try:
             with torch.no_grad():
-                module(x)
+                got = module(x)  # a hooked lookup runs (and its hooks) every call
                 module(x)
         finally:
             handle.remove()
         assert seen == [1, 1] and tables.made == 0
         with torch.no_grad():
-            module(x)
+            assert_close(got, original_forward(module)(x), reduction_length=reduction_length(module))
+            module(x, interpolate_pos_encoding=True)
         assert tables.made == 1
     with torch.inference_mode():  # weights made here are inference tensors: no version counter
         frozen = copy.deepcopy(embeddings(llava))
         frozen.position_embedding.weight = torch.nn.Parameter(frozen.position_embedding.weight.clone(), False)
         with patched(frozen):
-            frozen(x)
-            frozen(x)
+            want = original_forward(frozen)(x)
+            assert_close(frozen(x), want, reduction_length=reduction_length(frozen))
+            frozen(x, interpolate_pos_encoding=True)
+            frozen(x, interpolate_pos_encoding=True)
             assert _tables(frozen).made == 0
+
+
+# --------------------------------------------------------------------------------------
+# Threads
+
+
+def test_position_tables_are_thread_safe():
+    """Issue 15: from 8 threads the LRU raised KeyError (another thread dropped the key
+    between the lookup and ``move_to_end``; once in 160k calls there). Here every lookup
+    gives the other threads a turn (``sleep(0)`` releases the GIL), and 3 sizes with 2
+    kept make nearly every call add or drop one: without the lock the race showed in
+    every run."""
+    import collections
+    import threading
+    import time
+
+    from mmkernels.integrations.hf_patch_embed import PositionTables
+
+    class Yielding(collections.OrderedDict):
+        def get(self, *args):
+            value = super().get(*args)
+            time.sleep(0)
+            return value
+
+    tables, sources, errors = PositionTables(), (torch.zeros(3),), []
+    tables._tables, tables.MAX_TABLES = Yielding(), 2
+
+    def work(seed):
+        try:
+            for i in range(500):
+                size = (seed + i) % 3
+                assert tables.get(sources, (size,), lambda: size) == size
+        except Exception as error:  # noqa: BLE001 (reported below)
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert len(tables._tables) == 2
+
+
+def test_patched_embeddings_from_eight_threads_equal_one_thread(llava):
+    """8 threads over 4 image sizes (interpolated tables, 2 kept: made and dropped
+    concurrently) and the native size: every output equals the single-threaded one."""
+    import threading
+
+    module = copy.deepcopy(embeddings(llava))
+    sizes = [(56, 56), (70, 42), (42, 70), (63, 57)]
+    inputs = [(pixels((2, 3, *size), seed=i), size != (56, 56)) for i, size in enumerate(sizes)]
+    with torch.no_grad(), patched(module):
+        _tables(module).MAX_TABLES = 2
+        want = [module(x, interpolate_pos_encoding=flag) for x, flag in inputs]
+        got, errors = {}, []
+
+        def work(k):
+            try:
+                with torch.no_grad():
+                    for i in range(3):
+                        j = (k + i) % len(inputs)
+                        got[k, i] = (j, module(inputs[j][0], interpolate_pos_encoding=inputs[j][1]))
+            except Exception as error:  # noqa: BLE001 (reported below)
+                errors.append(repr(error))
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == [] and len(got) == 24
+    for j, out in got.values():
+        assert torch.equal(out, want[j])

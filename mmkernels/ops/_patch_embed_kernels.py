@@ -21,6 +21,19 @@ zeros to a multiple of 16 elements), which the GEMM then reads like any other
 (``IMAGE_FORM`` and ``NORMALIZE`` off) with 16-byte async copies: two launches and one
 extra write + read of ``M x K_pad`` elements. ``EmbedConfig.a_source`` names the
 forms.
+
+Offsets: every product of an index and a stride (or a row length) is taken in int64,
+except the position table's row offset, 64-bit only when the launcher finds the table
+spanning 2^31 elements (``POS_INT64``: always 64-bit, it cost SigLIP's sm_90 GEMM 2
+registers, 128 -> 130 at 8 warps). At the sizes of issue 15 (a Qwen2-VL video of
+thousands of frames: 100k+ rows of 1176 columns, packed or flat, into 1280 output
+columns; 64 x 3 x 1344 x 1344 uint8 pixels) the row, image, weight and output offsets
+already were. The products that were int32 (a patch's pixel row or column times the
+pixel row or column stride, a position row times the table's row stride) stay inside one
+image or one table; they overflowed only for pixels viewed out of a buffer of more than
+2^31 elements with the image rows outermost (the JIT passes each stride as int32 while
+it fits, their product need not) or a position table spanning more than 2^31 elements.
+Indices themselves (rows < M, columns < K or D) stay int32.
 """
 
 import triton
@@ -66,7 +79,8 @@ def _pixel_tile(pix_ptr, norm_ptr, row_base, row_ok, ks, K, channels, k_per_chan
     channel = ks // k_per_channel
     if IMAGE_FORM:
         within = ks % (P * P)
-        k_off = channel.to(tl.int64) * stride_pc + (within // P) * stride_ph + (within % P) * stride_pw
+        k_off = (channel.to(tl.int64) * stride_pc + (within // P).to(tl.int64) * stride_ph
+                 + (within % P).to(tl.int64) * stride_pw)  # fmt: skip
     else:
         k_off = ks.to(tl.int64) * stride_pc
     a = tl.load(pix_ptr + row_base[:, None] + k_off[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0)
@@ -144,6 +158,7 @@ def patch_embed_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_CLASS: tl.constexpr,
     HAS_POS: tl.constexpr,
+    POS_INT64: tl.constexpr,  # the table's rows span 2^31 elements or more: 64-bit row offsets
     NORMALIZE: tl.constexpr,
     UPCAST_DOT: tl.constexpr,  # interpreter only: bf16 tl.dot is wrong there
     DOT_PRECISION: tl.constexpr,  # "ieee" for exact fp32 GEMMs, "tf32" where torch allows it
@@ -191,14 +206,14 @@ def patch_embed_kernel(
         # columns are masked (14 of 16: 12.5% of the MMA idle).
         js = tl.arange(0, BLOCK_K)
         j_ok = js < P
-        a_base = pix_ptr + row_base[:, None] + js[None, :] * stride_pw
+        a_base = pix_ptr + row_base[:, None] + js.to(tl.int64)[None, :] * stride_pw
         a_mask = row_ok[:, None] & j_ok[None, :]
         w_base = w_ptr + cols[None, :].to(tl.int64) * K + js[:, None]
         w_mask = j_ok[:, None] & col_ok[None, :]
         for r in range(0, channels * P):
             c = r // P
             i = r - c * P
-            a = tl.load(a_base + (c.to(tl.int64) * stride_pc + i * stride_ph), mask=a_mask, other=0)
+            a = tl.load(a_base + (c.to(tl.int64) * stride_pc + i.to(tl.int64) * stride_ph), mask=a_mask, other=0)
             if NORMALIZE:
                 scale = tl.load(norm_ptr + c)
                 mean = tl.load(norm_ptr + channels + c)
@@ -234,11 +249,13 @@ def patch_embed_kernel(
     out_rows = patch + HAS_CLASS
     tile_ok = row_ok[:, None] & col_ok[None, :]
     if HAS_POS:
-        pos = tl.load(
-            pos_ptr + image.to(tl.int64)[:, None] * pos_stride_b + out_rows[:, None] * pos_stride_n + cols[None, :],
-            mask=tile_ok,
-            other=0,
-        )
+        if POS_INT64:
+            pos_row = image.to(tl.int64) * pos_stride_b + out_rows.to(tl.int64) * pos_stride_n
+        else:
+            # The launcher checked that row * pos_stride_n fits: the 64-bit product costs
+            # SigLIP's sm_90 tile 2 registers, 128 -> 130 at 8 warps (one CTA per SM less).
+            pos_row = image.to(tl.int64) * pos_stride_b + out_rows * pos_stride_n
+        pos = tl.load(pos_ptr + pos_row[:, None] + cols[None, :], mask=tile_ok, other=0)
         acc += pos.to(tl.float32)
     out_base = out_ptr + image.to(tl.int64)[:, None] * out_stride_b + cols[None, :]
     tl.store(out_base + out_rows.to(tl.int64)[:, None] * out_stride_n, acc.to(out_ptr.dtype.element_ty), mask=tile_ok)

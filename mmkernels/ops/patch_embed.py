@@ -88,15 +88,21 @@ class _EmbedArgs:
 
 
 def _per_channel(value, channels: int, name: str, device) -> torch.Tensor:
+    """``(C,)`` float32 from a number, a one-element tensor (``()`` or ``(1,)``: the same
+    value for every channel, as broadcasting gives) or a ``(C,)`` tensor of any stride."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return torch.full((channels,), float(value), dtype=torch.float32, device=device)
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name}: expected a float or a tensor of shape ({channels},), got {type(value).__name__}")
-    if value.shape != (channels,):
-        raise ValueError(f"{name}: expected shape ({channels},) (one value per channel), got {tuple(value.shape)}")
+    if value.shape not in ((), (1,), (channels,)):
+        raise ValueError(
+            f"{name}: expected shape ({channels},) (one value per channel), () or (1,), got {tuple(value.shape)}"
+        )
     if value.device != device:
         raise ValueError(f"{name}: expected device {device} (that of pixels), got {value.device}")
-    return value.to(torch.float32)
+    if value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"{name}: expected a real number dtype, got {value.dtype}")
+    return value.to(torch.float32).reshape(-1).expand(channels)  # torch.stack copies it
 
 
 def _validate(pixels, weight, bias, class_embedding, position_embedding, pixel_mean, pixel_std, pixel_scale) -> _EmbedArgs:
@@ -110,6 +116,9 @@ def _validate(pixels, weight, bias, class_embedding, position_embedding, pixel_m
     device = pixels.device
     if weight.device != device:
         raise ValueError(f"weight: expected device {device} (that of pixels), got {weight.device}")
+    if weight.dim() in (4, 5) and 0 in weight.shape[1:]:
+        # Conv2d/Conv3d reject these too; D = 0 (no output channels) is an empty result.
+        raise ValueError(f"weight: expected C, T and P of at least 1, got shape {tuple(weight.shape)}")
     if weight.dim() == 4:
         dim, channels, p, p2 = weight.shape
         if p != p2:
@@ -147,7 +156,9 @@ def _validate(pixels, weight, bias, class_embedding, position_embedding, pixel_m
             raise ValueError(f"{name}: expected device {device} (that of pixels), got {t.device}")
         if not t.is_floating_point():
             raise TypeError(f"{name}: expected a floating dtype, got {t.dtype}")
-        return t
+        # The kernel reads these at unit stride: a strided or expanded (stride 0) vector is
+        # copied (D elements; parameters are contiguous and go as they are).
+        return t if t.is_contiguous() else t.contiguous()
 
     bias = vector(bias, "bias")
     class_embedding = vector(class_embedding, "class_embedding")
@@ -190,7 +201,7 @@ def _validate(pixels, weight, bias, class_embedding, position_embedding, pixel_m
         )
     return _EmbedArgs(
         pixels=pixels,
-        weight2d=weight.reshape(dim, -1),
+        weight2d=weight.reshape(dim, math.prod(weight.shape[1:])),  # (-1 is ambiguous when D = 0)
         bias=bias,
         class_embedding=class_embedding,
         position_embedding=position_embedding,
@@ -224,6 +235,8 @@ def patch_embed_reference(pixels, weight, bias=None, *, class_embedding=None, po
 
 def _reference_impl(args: _EmbedArgs, weight: torch.Tensor) -> torch.Tensor:
     f64 = torch.float64
+    if args.dim == 0:  # no output channels (F.conv2d rejects such a weight): nothing to compute
+        return weight.new_empty(args.out_shape)
     x = args.pixels.to(f64)
     if args.norm is not None:
         scale, mean, std = args.norm.to(f64)
@@ -355,6 +368,11 @@ def _pack_launch(args: _EmbedArgs, packed: torch.Tensor):
     return launch_args, meta, (cdiv(rows, _PACK_BLOCK_M), cdiv(k_pad, _PACK_BLOCK_K))
 
 
+def _spans_int32(table: torch.Tensor) -> bool:
+    """Whether an offset inside ``table`` (through its strides) can reach 2^31 elements."""
+    return sum((size - 1) * stride for size, stride in zip(table.shape, table.stride()) if size) >= 2**31
+
+
 def _launch(args: _EmbedArgs, out: torch.Tensor, cfg: EmbedConfig | None = None, packed: torch.Tensor | None = None):
     """(args, meta, grid) of the GEMM launch (``cfg``: :func:`embed_config`'s unless
     given; ``packed``: the A matrix :func:`patch_pack_kernel` wrote, read instead of the
@@ -394,6 +412,7 @@ def _launch(args: _EmbedArgs, out: torch.Tensor, cfg: EmbedConfig | None = None,
         HAS_BIAS=args.bias is not None,
         HAS_CLASS=args.class_embedding is not None,
         HAS_POS=pe is not None,
+        POS_INT64=pe is not None and _spans_int32(pe[0]),
         NORMALIZE=args.norm is not None and packed is None,
         UPCAST_DOT=interpreter_enabled() and not fp32,
         # fp32 weights: exact fp32 products unless torch itself allows TF32 convolutions.
@@ -520,10 +539,12 @@ _patch_embed_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _as_tensor(value, device) -> torch.Tensor | None:
+    # The registered op takes tensors: a number becomes a 0-dim tensor, which _validate
+    # broadcasts to (C,) as it does the number itself (the reference takes both).
     if value is None or isinstance(value, torch.Tensor):
         return value
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return torch.tensor([float(value)], device=device)
+        return torch.tensor(float(value), dtype=torch.float32, device=device)
     return value  # wrong types are reported by _validate with the argument's name
 
 
@@ -544,14 +565,21 @@ def patch_embed(pixels, weight, bias=None, *, class_embedding=None, position_emb
         position_embedding: ``(N, D)`` / ``(1+N, D)`` shared by all images, or
             ``(B, N|1+N, D)`` per image (interpolated or tile-gated tables); added to
             every output row, the class row included.
-        pixel_mean, pixel_std, pixel_scale: ``(C,)`` (``pixel_scale`` also a float):
-            normalize in the kernel, ``x' = (x * scale - mean) / std`` (the CLIP/SigLIP
-            processor's rescale + normalize), so uint8 pixels skip the host entirely.
+        pixel_mean, pixel_std, pixel_scale: ``(C,)``, or one value for every channel (a
+            number or a ``()`` / ``(1,)`` tensor): normalize in the kernel,
+            ``x' = (x * scale - mean) / std`` (the CLIP/SigLIP processor's rescale +
+            normalize), so uint8 pixels skip the host entirely.
 
     Returns:
         ``(B, N, D)``, ``(B, 1+N, D)`` with a class embedding, or ``(N, D)`` for the
         pre-flattened form; dtype of ``weight``; N = (H // P) * (W // P) in row-major
-        patch order (what ``conv(x).flatten(2).transpose(1, 2)`` gives).
+        patch order (what ``conv(x).flatten(2).transpose(1, 2)`` gives). A weight with
+        D = 0 gives the empty result of that shape.
+
+    Every tensor may have any strides (channels_last or cropped pixels, views into larger
+    buffers, expanded position tables): pixels and position tables are read through their
+    strides; bias, class embedding, normalization constants and a non-contiguous weight
+    are copied first (a contiguous weight, as ``nn.Conv2d`` holds it, is read in place).
 
     Triton on CUDA (and on CPU under ``TRITON_INTERPRET=1``): one GEMM on tensor cores
     with fp32 accumulation, bias and position embedding in the epilogue, the class row
@@ -563,8 +591,6 @@ def patch_embed(pixels, weight, bias=None, *, class_embedding=None, position_emb
     """
     device = pixels.device if isinstance(pixels, torch.Tensor) else None
     mean, std, scale = (_as_tensor(v, device) for v in (pixel_mean, pixel_std, pixel_scale))
-    if isinstance(scale, torch.Tensor) and scale.numel() == 1 and isinstance(weight, torch.Tensor) and weight.dim() >= 4:
-        scale = scale.expand(weight.shape[1]).contiguous()
     # Validated here too: a tensor on another device would route the op by that device.
     op_inputs = (pixels, weight, bias, class_embedding, position_embedding, mean, std, scale)
     return _HANDOVER.call(_patch_embed_op, op_inputs, _validate(*op_inputs), body=_patch_embed_body)
