@@ -47,6 +47,7 @@ does).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -322,7 +323,29 @@ def _replace_method(module: torch.nn.Module, name: str, rule: Rule, options: Pat
         object.__setattr__(module, ORIGINALS_ATTR, originals)
         object.__setattr__(module, _REDUCE, types.MethodType(_reduce_patched, module))
     originals[name] = Swap(module.__dict__.get(name, ABSENT), rule, options)
-    object.__setattr__(module, name, types.MethodType(rule.make_replacement(options), module))
+    object.__setattr__(module, name, _bound_replacement(module, name, rule, options))
+
+
+def _bound_replacement(module: torch.nn.Module, name: str, rule: Rule, options: PatchOptions) -> types.MethodType:
+    """``rule``'s replacement of ``name`` bound to ``module``, showing the signature of
+    the method it wraps: code that inspects the method (Trainer's column pruning,
+    transformers' own input checks, ``generate``'s keyword validation) sees the original
+    parameters, not ``(*args, **kwargs)``. The function is a fresh copy per instance, so
+    the signature set on it is this module's alone."""
+    function = rule.make_replacement(options)
+    copy = types.FunctionType(function.__code__, function.__globals__, function.__name__, function.__defaults__,
+                              function.__closure__)  # fmt: skip
+    copy.__kwdefaults__ = function.__kwdefaults__
+    copy.__dict__.update(function.__dict__)
+    copy.__qualname__, copy.__doc__, copy.__module__ = function.__qualname__, function.__doc__, function.__module__
+    try:
+        wrapped = inspect.signature(original_method(module, name))
+    except (TypeError, ValueError):  # a builtin without a signature: leave the replacement's
+        wrapped = None
+    if wrapped is not None:
+        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+        copy.__signature__ = wrapped.replace(parameters=[self_param, *wrapped.parameters.values()])
+    return types.MethodType(copy, module)
 
 
 def _restore(module: torch.nn.Module) -> None:
@@ -365,7 +388,7 @@ def _rebuild_patched(rebuild: Callable, args: tuple, swaps: tuple) -> torch.nn.M
     module = rebuild(*args)
     object.__setattr__(module, _REDUCE, types.MethodType(_reduce_patched, module))
     for name, rule, options in swaps:
-        object.__setattr__(module, name, types.MethodType(rule.make_replacement(options), module))
+        object.__setattr__(module, name, _bound_replacement(module, name, rule, options))
     return module
 
 
