@@ -80,6 +80,15 @@ def unpatch(model):
     return _unpatch(model)
 
 
+def clear_caches(model):
+    """Drop what patched modules keep between calls (interpolated position tables); needed
+    only after an in-place write through ``.data``, which no version counter sees.
+    See :func:`mmkernels.integrations.clear_caches`."""
+    from mmkernels.integrations import clear_caches as _clear_caches
+
+    return _clear_caches(model)
+
+
 def supported_models():
     """The coverage table, generated from the patch rules."""
     from mmkernels.integrations import supported_models as _supported
@@ -87,5 +96,5 @@ def supported_models():
     return _supported()
 
 
-__all__ = ["Backend", "backend", "ops", "patch", "quant", "quantize_projector", "unpatch", "supported_models",
-           "__version__"]
+__all__ = ["Backend", "backend", "clear_caches", "ops", "patch", "quant", "quantize_projector", "unpatch",
+           "supported_models", "__version__"]

@@ -349,3 +349,38 @@ def test_offsets_past_2_31_elements():
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), (
         f"exit {result.returncode} (negative: killed by that signal)\n{result.stdout}\n{result.stderr[-3000:]}"
     )
+
+
+# --------------------------------------------------------------------------------------
+# Random valid layouts of every argument at once
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_layouts_of_every_argument(seed):
+    """Each argument in a layout drawn at random (pixels, weight, bias, class row, position
+    table, normalization constants), all in one call, against the reference."""
+    import random
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    pixel_dtype = rng.choice([torch.float32, torch.uint8])
+    pixels = _pixels(rng.choice(PIXEL_LAYOUTS), pixel_dtype)
+    weight = torch.randn(D, C, P, P) * 0.05
+    weight_layout = rng.choice(["contiguous", "channels_last", "offset", "permuted"])
+    if weight_layout == "channels_last":
+        weight = weight.contiguous(memory_format=torch.channels_last)
+    elif weight_layout == "offset":
+        weight = in_nan_buffer(weight)
+    elif weight_layout == "permuted":
+        weight = weight.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+    kw = {}
+    with_class = rng.random() < 0.5
+    if with_class:
+        kw["class_embedding"] = _vector(rng.choice(VECTOR_LAYOUTS))
+    if rng.random() < 0.7:
+        kw["position_embedding"] = _table(rng.choice(TABLE_LAYOUTS), N + with_class)
+    bias = _vector(rng.choice(VECTOR_LAYOUTS)) if rng.random() < 0.7 else None
+    if pixel_dtype == torch.uint8 or rng.random() < 0.3:
+        kw.update(pixel_mean=in_nan_buffer(MEAN, offset=rng.randint(0, 5)), pixel_std=STD[[0, 1, 2]],
+                  pixel_scale=rng.choice([1 / 255, torch.tensor(1 / 255)]))  # fmt: skip
+    check(pixels, weight, bias, **kw)
