@@ -47,6 +47,7 @@ does).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import types
 from typing import Any, Callable, Iterable, Iterator, Sequence
@@ -310,7 +311,17 @@ def original_method(module: torch.nn.Module, name: str) -> Callable:
     that was there before patching, else the class's method bound to ``module``."""
     swap = module.__dict__.get(ORIGINALS_ATTR, {}).get(name)
     if swap is None or swap.previous is ABSENT:
-        return getattr(type(module), name).__get__(module, type(module))
+        function = getattr(type(module), name)
+        if isinstance(function, types.FunctionType):
+            # Bound explicitly: under torch.compile, Dynamo resolved
+            # ``function.__get__(module, cls)`` to the INSTANCE attribute ``module.forward``,
+            # i.e. the replacement itself, which then called itself (a RecursionError, or a
+            # graph break per decode step in a compiled static-cache generate). Dynamo
+            # cannot call ``types.MethodType`` either (a graph break); it traces a partial.
+            if torch.compiler.is_compiling():
+                return functools.partial(function, module)
+            return types.MethodType(function, module)
+        return function.__get__(module, type(module))
     return _previous(module, swap)
 
 

@@ -196,30 +196,68 @@ def _version_covered(specifier: str) -> bool:
 # Binding a call
 
 
-_SIGNATURES: dict[Any, tuple[inspect.Signature, str | None]] = {}
+@dataclasses.dataclass(frozen=True)
+class _Signature:
+    """A forward's signature and what binding a call needs from it, as plain tuples:
+    ``inspect.Signature.bind`` cannot be traced by torch.compile (its parameters are a
+    mapping proxy: a graph break in every compiled decode step)."""
+
+    signature: inspect.Signature
+    var_keyword: str | None  # the **kwargs parameter's name
+    positional: tuple[str, ...]  # parameters a positional argument fills, in order
+    keywords: frozenset  # parameters a keyword argument fills
+    var_positional: bool
 
 
-def _signature(function: Callable) -> tuple[inspect.Signature, str | None]:
-    """The signature of ``function`` (following ``__wrapped__`` through HF's decorators) and
-    the name of its ``**kwargs`` parameter; cached per underlying function."""
-    key = getattr(function, "__func__", function)
+_SIGNATURES: dict[Any, _Signature] = {}
+
+
+def _plan(function: Callable) -> _Signature:
+    """``function``'s :class:`_Signature` (following ``__wrapped__`` through HF's
+    decorators), cached per underlying function: a bound method's, or a partial's
+    (``original_method`` binds the class's forward with ``functools.partial`` under
+    torch.compile). Filled when a rule checks a module at patch time, so a compiled
+    forward only reads it."""
+    key = getattr(function, "__func__", None) or getattr(function, "func", function)
     cached = _SIGNATURES.get(key)
     if cached is None:
         signature = inspect.signature(function)
-        var_keyword = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
-        cached = _SIGNATURES[key] = (signature, var_keyword)
+        params = list(signature.parameters.values())
+        cached = _SIGNATURES[key] = _Signature(
+            signature,
+            next((p.name for p in params if p.kind is p.VAR_KEYWORD), None),
+            tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)),
+            frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)),
+            any(p.kind is p.VAR_POSITIONAL for p in params),
+        )
     return cached
 
 
+def _signature(function: Callable) -> tuple[inspect.Signature, str | None]:
+    """The signature of ``function`` and the name of its ``**kwargs`` parameter (cached)."""
+    plan = _plan(function)
+    return plan.signature, plan.var_keyword
+
+
 def _bind(function: Callable, args: tuple, kwargs: dict) -> Call | None:
-    signature, var_keyword = _signature(function)
-    try:
-        bound = signature.bind(*args, **kwargs)
-    except TypeError:
-        return None  # let the original raise its own error
-    named = dict(bound.arguments)
-    extra = named.pop(var_keyword, {}) if var_keyword else {}
-    return Call(named, dict(extra))
+    """``Signature.bind`` without defaults (only what the call passed), in plain Python so
+    torch.compile traces it; None where the call does not bind (the original then raises
+    its own error) or where the function takes ``*args``."""
+    plan = _plan(function)
+    if plan.var_positional or len(args) > len(plan.positional):
+        return None
+    named = dict(zip(plan.positional, args))
+    extra = {}
+    for name, value in kwargs.items():
+        if name in named:
+            return None  # given positionally and by keyword
+        if name in plan.keywords:
+            named[name] = value
+        elif plan.var_keyword is not None:
+            extra[name] = value
+        else:
+            return None
+    return Call(named, extra)
 
 
 def _present(value: Any) -> bool:

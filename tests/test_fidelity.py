@@ -188,3 +188,40 @@ def test_dropout_in_train_mode(family):
         mmkernels.unpatch(model)
         model.eval()
     assert relative_error(got, want.double()) <= RTOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compiled_static_cache_generate_without_recompiles(family, attention):
+    """``generate`` with a static cache and the decode step under torch.compile, as
+    transformers compiles it, twice: the same tokens as the unpatched compiled model, and
+    no more graphs compiled than it compiles (the mask cache's identity guards recompiled
+    every step; the patched forward recursed). Some families recompile unpatched too (a
+    sliding-window cache's length guard): the count, not zero, is what must match."""
+    from torch._dynamo.utils import counters
+    from transformers import CompileConfig
+
+    tiny = build_or_skip(family)
+    model = tiny.model
+    config = CompileConfig(fullgraph=False, dynamic=False, backend="eager")
+    config._compile_all_devices = True  # CPU: transformers compiles only on accelerators by default
+
+    def two_compiled_generates():
+        torch._dynamo.reset()
+        counters.clear()
+        with torch.no_grad():
+            tokens = [model.generate(**tiny.inputs, max_new_tokens=3, do_sample=False, cache_implementation="static",
+                                     compile_config=config) for _ in range(2)]  # fmt: skip
+        graphs = counters["stats"]["unique_graphs"]
+        torch._dynamo.reset()
+        return tokens, graphs
+
+    _set_attention(model, "sdpa")
+    want, want_graphs = two_compiled_generates()
+    _set_attention(model, attention)
+    mmkernels.patch(model)
+    try:
+        got, got_graphs = two_compiled_generates()
+    finally:
+        mmkernels.unpatch(model)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert got_graphs <= want_graphs, f"{got_graphs} graphs compiled patched, {want_graphs} unpatched"
