@@ -43,6 +43,8 @@ __all__ = [
     "empty_output",
     "force_backend",
     "interpreter_enabled",
+    "is_interpreted",
+    "launch",
     "poison_outputs",
     "recent_decisions",
     "register_aot",
@@ -72,6 +74,12 @@ except ImportError:  # pragma: no cover - every supported triton has it
 
 
 def _is_interpreted(kernel: Any) -> bool:
+    return _InterpretedFunction is not None and isinstance(kernel, _InterpretedFunction)
+
+
+def is_interpreted(kernel: Any) -> bool:
+    """Whether ``kernel`` runs in Triton's interpreter (decorated under TRITON_INTERPRET=1):
+    the kernel object says so for certain, and asking it costs no environment read."""
     return _InterpretedFunction is not None and isinstance(kernel, _InterpretedFunction)
 
 
@@ -405,3 +413,298 @@ def aot_cases() -> list[AotCase]:
     import mmkernels.ops  # noqa: F401  (registration happens at import)
 
     return list(_AOT.values())
+
+
+# --------------------------------------------------------------------------------------
+# Direct launches: bind once, launch through the compiled kernel
+#
+# ``kernel[grid](*args, **meta)`` runs Triton's ``JITFunction.run`` on every call: it binds
+# every argument through a generated binder (one C call per argument), turns the
+# specialization into a string key, looks the compiled kernel up, builds launch metadata
+# and only then calls the compiled kernel's launcher. That is most of a small op's host
+# time. :func:`launch` keeps, per kernel and per *specialization key*, what that path
+# found (the compiled kernel's launcher, its function handle and packed metadata, the
+# constexpr values that trail the positional arguments) and launches later calls with
+# the same key straight through the launcher, with the same arguments in the same order
+# as ``JITFunction.run`` passes them. Any miss, and anything this layer does not model
+# (launch hooks of a profiler, pre-run hooks, an async compile, another driver), takes
+# Triton's own path, which then compiles, caches and launches as usual.
+#
+# The key is at least as fine as Triton's own specialization, so two calls with one key
+# always run the same binary Triton would choose (tests/test_launch.py checks this
+# against Triton's binder over generated arguments):
+#   * the argument types (positions of tensors, ints, floats, bools, None);
+#   * per tensor: its dtype and whether its data pointer is a multiple of 16 bytes;
+#   * per int: whether it is a multiple of 16, whether it equals 1 (Triton compiles 1 in
+#     as a constant), and its width class (all within int32, or each one's class);
+#   * the values of constexpr parameters passed positionally, of anything else that is
+#     not a tensor or a number, and every keyword (constexprs, num_warps, num_stages);
+#   * the current device (Triton keeps one cache per device);
+#   * Triton's debug and instrumentation knobs (part of its compile options).
+# Floats and bools are not specialized by Triton (fp32 / u1 whatever the value).
+#
+# Triton private API used here, and only here (checked by check_direct_launch_api() and
+# its test on every supported Triton, 3.6 to 3.9): ``triton.runtime.driver._active``;
+# ``JITFunction.params`` (``is_constexpr``), ``.device_caches`` (its binder),
+# ``.pre_run_hooks`` and ``.run(*args, grid=, warmup=, **meta)`` returning the compiled
+# kernel; ``CompiledKernel.run(gx, gy, gz, stream, function, packed_metadata,
+# launch_metadata, enter_hook, exit_hook, *bound_args)``, ``.function``,
+# ``.packed_metadata``; ``triton.knobs.runtime.launch_enter_hook`` / ``launch_exit_hook``
+# (hook chains with ``.calls``), ``.debug``, ``triton.knobs.compilation.instrumentation_mode``.
+
+_PLAIN_TYPES = {float: "float", bool: "bool", type(None): "None"}  # Triton: fp32 / u1 / constexpr None
+
+
+def _key_function(kernel, types: tuple, number: int):
+    """A function ``(args, device, meta) -> key`` for calls whose positional arguments have
+    ``types``; it returns None when a call's types differ (then the caller finds the
+    function for those types). Generated once per kernel and types tuple, like Triton's
+    own binder, so a key costs a few attribute reads per argument and no loop."""
+    params = kernel.params
+    names = [f"a{i}" for i in range(len(types))]
+    checks, parts = [], [str(number), "device"]
+    for i, (name, t) in enumerate(zip(names, types)):
+        if i < len(params) and params[i].is_constexpr:
+            parts.append(name)  # a constexpr passed positionally: its value is compiled in
+            checks.append(f"type({name}) is T{i}")
+        elif issubclass(t, torch.Tensor):
+            # dtype and 16-byte alignment; a non-tensor here fails the attribute reads
+            parts += [f"{name}.dtype", f"{name}.data_ptr() & 15 == 0"]
+        elif t is int:
+            checks.append(f"type({name}) is int")
+            parts += [f"{name} & 15 == 0", f"{name} == 1",
+                      f"(-2147483648 <= {name} <= 2147483647 or ({name} < 9223372036854775808 and 2))"]  # fmt: skip
+        elif t in _PLAIN_TYPES:
+            checks.append(f"type({name}) is T{i}")
+        else:
+            parts.append(name)  # anything else: its value (unhashable ones miss to Triton's path)
+            checks.append(f"type({name}) is T{i}")
+    unpack = f"    {', '.join(names)}, = args\n" if names else "    if args: return None\n"
+    guard = f"    if not ({' and '.join(checks)}): return None\n" if checks else ""
+    src = f"def key(args, device, meta):\n{unpack}{guard}    return ({', '.join(parts)}, *meta.items())\n"
+    namespace = {f"T{i}": t for i, t in enumerate(types)}
+    exec(src, namespace)  # noqa: S102 - generated from parameter positions only
+    return namespace["key"]
+
+
+class DirectLaunchAPIError(RuntimeError):
+    """The Triton private API the direct launch relies on is not what it was written for."""
+
+
+def check_direct_launch_api(kernel=None) -> None:
+    """Raise :class:`DirectLaunchAPIError`, naming the Triton version, when the private API
+    :func:`launch` uses is missing or changed (on ``kernel``, a ``JITFunction``, if given)."""
+    import inspect
+
+    import triton
+
+    problems = []
+    try:
+        from triton import knobs
+        from triton.compiler.compiler import CompiledKernel
+        from triton.runtime import driver as driver_config
+        from triton.runtime.jit import JITFunction
+    except ImportError as e:
+        raise DirectLaunchAPIError(f"triton {triton.__version__}: {e}") from e
+    if not hasattr(driver_config, "_active"):
+        problems.append("triton.runtime.driver has no _active")
+    for name in ("launch_enter_hook", "launch_exit_hook"):
+        hook = getattr(knobs.runtime, name, None)
+        if not hasattr(hook, "calls"):
+            problems.append(f"triton.knobs.runtime.{name} is not a hook chain with .calls ({type(hook).__name__})")
+    for owner, name in ((knobs.runtime, "debug"), (knobs.compilation, "instrumentation_mode")):
+        if not hasattr(owner, name):
+            problems.append(f"triton.knobs has no {name}")
+    run_params = list(inspect.signature(JITFunction.run).parameters)
+    if run_params[:2] != ["self", "args"] or "grid" not in run_params or "warmup" not in run_params:
+        problems.append(f"JITFunction.run(self, *args, grid, warmup, **kwargs) is now {run_params}")
+    if not isinstance(getattr(CompiledKernel, "run", None), property):
+        problems.append("CompiledKernel.run is not the launcher property")
+    if kernel is not None:
+        for name in ("params", "device_caches", "pre_run_hooks"):
+            if not hasattr(kernel, name):
+                problems.append(f"JITFunction has no {name}")
+        if hasattr(kernel, "params") and not all(hasattr(p, "is_constexpr") for p in kernel.params):
+            problems.append("JITFunction.params have no is_constexpr")
+    if problems:
+        raise DirectLaunchAPIError(
+            f"triton {triton.__version__}: the direct kernel launch in mmkernels.backend was written for "
+            f"triton 3.6-3.9 and this one differs: {'; '.join(problems)}"
+        )
+
+
+_MAX_ENTRIES = 1024
+
+
+class _KernelLauncher:
+    """Direct launches of one ``JITFunction`` (see the section comment above)."""
+
+    def __init__(self, kernel):
+        from triton import knobs
+        from triton.runtime import driver as driver_config
+
+        self.kernel = kernel
+        self._drivers = driver_config
+        self._runtime = knobs.runtime
+        self._compilation = knobs.compilation
+        self._driver = None
+        self._get_device = self._get_stream = None
+        self._knobs = None
+        self._key_functions: dict[tuple, Callable] = {}
+        self._key = self._first_key  # the key function of the latest types seen
+        self._cache: dict[tuple, tuple] = {}
+        self.direct = 0  # launches that took the direct path (tests read these)
+        self.missed = 0
+
+    def _rebind(self, drv) -> None:
+        # Another driver (a stand-in, a second backend): entries of the old one never apply.
+        self._cache.clear()
+        self._driver = drv
+        self._get_device = drv.get_current_device
+        self._get_stream = drv.get_current_stream
+
+    def __call__(self, grid, args: tuple, meta: dict):
+        drv = self._drivers._active
+        if drv is not self._driver:
+            if drv is None:  # nothing launched through Triton yet: its path creates the driver
+                return self._jit(grid, args, meta)
+            self._rebind(drv)
+        rt = self._runtime
+        enter, leave = rt.launch_enter_hook, rt.launch_exit_hook
+        if enter.calls or leave.calls or self.kernel.pre_run_hooks:
+            return self._jit(grid, args, meta)  # a profiler wants launch metadata: Triton's path
+        knob_state = (rt.debug, self._compilation.instrumentation_mode)
+        if knob_state != self._knobs:
+            self._cache.clear()
+            self._knobs = knob_state
+        device = self._get_device()
+        try:
+            key = self._key(args, device, meta)
+            if key is None:
+                key = self._retype(args)(args, device, meta)
+            entry = self._cache.get(key)
+        except (AttributeError, TypeError, ValueError):  # other types, unhashable: retype, else Triton's path
+            try:
+                key = self._retype(args)(args, device, meta)
+                entry = self._cache.get(key)
+            except (AttributeError, TypeError, ValueError):
+                return self._jit(grid, args, meta)
+        if entry is None:
+            return self._miss(key, device, grid, args, meta)
+        run, function, packed, tail = entry
+        n = len(grid)
+        stream = self._get_stream(device)
+        self.direct += 1
+        # Launch hooks and metadata: None, which the launcher reads as "no hook" (the chains
+        # are empty here; with a hook Triton's path ran above).
+        run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, stream, function, packed, None, None, None,
+            *args, *tail)  # fmt: skip
+
+    def _first_key(self, args, device, meta):
+        return None
+
+    def _retype(self, args):
+        types = tuple(map(type, args))
+        function = self._key_functions.get(types)
+        if function is None:
+            function = _key_function(self.kernel, types, len(self._key_functions))
+            self._key_functions[types] = function
+        self._key = function
+        return function
+
+    def _jit(self, grid, args, meta):
+        return self.kernel.run(*args, grid=grid, warmup=False, **meta)
+
+    def _miss(self, key, device, grid, args, meta):
+        self.missed += 1
+        compiled = self._jit(grid, args, meta)
+        if compiled is None or hasattr(compiled, "result"):
+            return compiled  # a hook took over, or an async compile: nothing to keep
+        # The constexprs (and defaults) that follow the positional arguments, in parameter
+        # order, as Triton's binder passes them to the launcher. Direct launches need the
+        # positional arguments to be exactly the leading parameters and everything after
+        # them to be compile-time constants (so they are fixed by the key).
+        binder = self.kernel.device_caches[device][4]
+        bound, specialization, _ = binder(*args, **meta)
+        names = list(bound)
+        params = self.kernel.params
+        if len(names) != len(params) or any(p.name != name for p, name in zip(params, names)):
+            return compiled
+        tail = []
+        for i in range(len(args), len(names)):
+            if not params[i].is_constexpr or specialization[i][0] != "constexpr":
+                return compiled  # a runtime argument passed by keyword: always Triton's path
+            tail.append(bound[names[i]])
+        if len(self._cache) >= _MAX_ENTRIES:
+            self._cache.clear()  # arguments keyed by value that never repeat: stay bounded
+        self._cache[key] = (compiled.run, compiled.function, compiled.packed_metadata, tuple(tail))
+        return compiled
+
+
+class _PassThrough:
+    """Launch of anything that is not a compiled-path ``JITFunction``: the interpreter's
+    functions, autotuner or heuristics wrappers, test stand-ins. Called as Triton is."""
+
+    __slots__ = ("kernel",)
+    direct = missed = 0
+
+    def __init__(self, kernel):
+        self.kernel = kernel
+
+    def __call__(self, grid, args, meta):
+        return self.kernel[grid](*args, **meta)
+
+
+_LAUNCHERS: dict[int, Any] = {}
+_LAUNCHERS_LOCK = threading.Lock()
+_API_WARNED = []
+
+
+def direct_launch_enabled() -> bool:
+    """False when ``MMKERNELS_DIRECT_LAUNCH=0``: every launch takes Triton's own path (to
+    compare, or to rule the direct path out). Read when a kernel is first launched."""
+    return os.environ.get("MMKERNELS_DIRECT_LAUNCH", "1").lower() not in ("0", "false", "no", "off")
+
+
+def _launcher_for(kernel):
+    try:
+        from triton.runtime.jit import JITFunction
+    except ImportError:  # pragma: no cover - triton is a dependency
+        return _PassThrough(kernel)
+    if type(kernel) is not JITFunction or not direct_launch_enabled():
+        return _PassThrough(kernel)
+    try:
+        check_direct_launch_api(kernel)
+    except DirectLaunchAPIError as e:
+        if not _API_WARNED:
+            _API_WARNED.append(True)
+            log.warning("mmkernels: %s; kernels launch through Triton's slower path", e)
+        return _PassThrough(kernel)
+    return _KernelLauncher(kernel)
+
+
+def launch(kernel, grid, args: tuple, meta: dict):
+    """``kernel[grid](*args, **meta)``, through the compiled kernel's launcher when this
+    call's specialization key was seen before (see the section comment). ``args``: the
+    positional arguments, ``meta``: the keywords (constexprs, ``num_warps``,
+    ``num_stages``). Interpreted kernels and stand-ins are called as before."""
+    entry = _LAUNCHERS.get(id(kernel))
+    if entry is None or entry.kernel is not kernel:
+        with _LAUNCHERS_LOCK:
+            entry = _launcher_for(kernel)
+            _LAUNCHERS[id(kernel)] = entry
+    return entry(grid, args, meta)
+
+
+def launcher_stats(kernel) -> tuple[int, int]:
+    """(direct launches, misses) of ``kernel`` so far (0, 0 for pass-through kernels)."""
+    entry = _LAUNCHERS.get(id(kernel))
+    if entry is None or entry.kernel is not kernel:
+        return 0, 0
+    return entry.direct, entry.missed
+
+
+def reset_launchers() -> None:
+    """Forget every direct-launch entry (the next launch of each kernel takes Triton's path)."""
+    with _LAUNCHERS_LOCK:
+        _LAUNCHERS.clear()

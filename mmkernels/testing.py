@@ -23,6 +23,7 @@ import collections
 import contextlib
 import importlib
 import math
+import warnings
 from typing import Any, Callable, Iterator
 
 import torch
@@ -288,3 +289,162 @@ class HostSyncCounter:
 
     def __repr__(self) -> str:
         return f"HostSyncCounter(count={self.count}, ops={dict(self.ops)})"
+
+
+# --------------------------------------------------------------------------------------
+# A stand-in GPU for Triton's compiled launch path
+
+
+class StandInLaunches:
+    """What :func:`stand_in_gpu` saw: ``compiles`` (kernel names, in order) and ``launches``
+    (kernel name -> count, counted at the C launch every path ends in); ``last`` holds the
+    arguments of the latest launch (grid, stream, function, kernel args)."""
+
+    def __init__(self):
+        self.compiles: list[str] = []
+        self.launches: collections.Counter[str] = collections.Counter()
+        self.last = None
+
+
+@contextlib.contextmanager
+def stand_in_gpu(cc: int = 90) -> Iterator[StandInLaunches]:
+    """Within the block Triton's active driver claims to be a CUDA GPU of compute
+    capability ``cc`` and every ``JITFunction`` launch runs Triton's real Python path
+    (binder, cache key, ``CompiledKernel.launch_metadata``, the launcher object) with two
+    parts stubbed: compilation (a ``CompiledKernel`` with no binary, made at once) and the
+    C launch (counted). CPU tensors stand for device tensors. Kernels must be real
+    ``JITFunction`` objects (not the interpreter's). What was compiled inside is dropped
+    afterwards, and the previous driver is put back."""
+    import gc
+    from collections import namedtuple
+
+    import triton.compiler as triton_compiler
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.driver import DriverBase
+    from triton.compiler.compiler import CompiledKernel
+    from triton.runtime import driver as driver_config
+
+    from mmkernels import backend
+
+    seen = StandInLaunches()
+    device_id = 7000 + cc  # the JIT keeps one cache per device id: one of our own
+
+    def c_launch(*args):  # the arguments of the C launch (triton.runtime.driver.active.utils.launch)
+        function, kernel_args = args[4], args[-1]
+        seen.launches[function] += 1
+        seen.last = (args[:3], args[3], function, tuple(kernel_args))
+
+    class Utils:
+        launch = staticmethod(c_launch)
+
+        @staticmethod
+        def load_binary(name, kernel, shared, device):
+            return 0, name, 0, 0, 1024  # module, function (the kernel's name), regs, spills, max threads
+
+        @staticmethod
+        def unload_module(module):
+            pass
+
+        @staticmethod
+        def get_device_properties(device):
+            return {"max_shared_mem": 228 * 1024, "multiprocessor_count": 132}
+
+    class StubLauncher:
+        """Stands in for the NVIDIA launcher object (whose argument annotations come from
+        a C module built against the CUDA driver): the same Python work per launch as
+        triton 3.8's ``CudaLauncher.__call__`` (scratch checks, then the C launch)."""
+
+        def __init__(self, src, metadata):
+            self.num_ctas = getattr(metadata, "num_ctas", 1)
+            self.global_scratch_size = metadata.global_scratch_size
+            self.profile_scratch_size = metadata.profile_scratch_size
+            self.launch_cooperative_grid = metadata.launch_cooperative_grid
+            self.launch_pdl = metadata.launch_pdl
+
+        def __call__(self, gx, gy, gz, stream, function, packed, launch_metadata, enter, leave, *args):
+            def allocate_scratch(size):
+                return None if size <= 0 else gx * gy * gz * self.num_ctas * size
+
+            global_scratch = allocate_scratch(self.global_scratch_size)
+            profile_scratch = allocate_scratch(self.profile_scratch_size)
+            c_launch(gx, gy, gz, stream, function, self.launch_cooperative_grid, self.launch_pdl, packed,
+                     launch_metadata, enter, leave, global_scratch, profile_scratch, None, None, args)  # fmt: skip
+
+    class StandInDriver(DriverBase):
+        utils = Utils()
+        launcher_cls = StubLauncher
+
+        @classmethod
+        def is_active(cls):
+            return True
+
+        def get_current_target(self):
+            return GPUTarget("cuda", cc, 32)
+
+        def get_current_device(self):
+            return device_id
+
+        def set_current_device(self, device):
+            pass
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+        def map_python_to_cpp_type(self, ty):
+            raise NotImplementedError
+
+        def get_benchmarker(self):
+            raise NotImplementedError
+
+    for name in sorted(getattr(StandInDriver, "__abstractmethods__", ())):
+        setattr(StandInDriver, name, lambda self, *a, **k: None)
+    StandInDriver.__abstractmethods__ = frozenset()
+
+    fields = ("name", "num_warps", "num_ctas", "shared", "global_scratch_size", "global_scratch_align",
+              "profile_scratch_size", "profile_scratch_align", "launch_cooperative_grid", "launch_pdl",
+              "tensordesc_meta", "instrumentation_mode", "tmem_size", "target", "warp_size")  # fmt: skip
+    Metadata = namedtuple("Metadata", fields)
+
+    class StubCompiled(CompiledKernel):
+        def __init__(self, src, target=None, options=None, **kwargs):
+            options = options or {}
+            name = src.fn.__name__ if hasattr(src, "fn") else str(src)
+            self.src, self.hash, self.name = src, name, name
+            self.metadata = Metadata(name, options.get("num_warps", 4), options.get("num_ctas", 1), 0, 0, 1, 0, 1,
+                                     False, False, None, "", None, target, 32)  # fmt: skip
+            self.packed_metadata = (self.metadata.num_warps, self.metadata.num_ctas, 0)
+            self.asm, self.kernel, self.metadata_group = {}, b"", {}
+            self.module = self.function = self._run = None
+            seen.compiles.append(name)
+
+        def __del__(self):  # nothing was loaded
+            pass
+
+    real_compile = triton_compiler.compile
+    previous = getattr(driver_config, "_active", None)
+    driver_config.set_active(StandInDriver())
+    triton_compiler.compile = StubCompiled
+    backend.reset_launchers()
+    touched = []
+    try:
+        yield seen
+    finally:
+        triton_compiler.compile = real_compile
+        driver_config.set_active(previous)
+        backend.reset_launchers()
+        # JITFunction.create_binder kept the stub as each kernel's compile: put the real one
+        # back and drop what was "compiled" for the stand-in device.
+        from triton.runtime.jit import JITFunction
+
+        with warnings.catch_warnings():  # isinstance on every object wakes deprecated torch aliases
+            warnings.simplefilter("ignore")
+            objects = gc.get_objects()
+        for obj in objects:
+            if type(obj) is JITFunction and getattr(obj, "compile", None) is StubCompiled:
+                touched.append(obj)
+        for kernel in touched:
+            kernel.compile = real_compile
+            kernel.device_caches.pop(device_id, None)

@@ -32,6 +32,7 @@ from mmkernels.backend import (
     next_power_of_2,
     register_aot,
 )
+from mmkernels.backend import launch as backend_launch
 from mmkernels.ops import _merge_kernels as kernels
 
 __all__ = [
@@ -455,7 +456,7 @@ def _triton_impl(args: _MergeArgs, check: bool) -> torch.Tensor:
     out2d = out.view(T, args.dim)
     launch, _keepalive = _build_launch(args, out2d)
     counts = launch.count_args[3]
-    kernels.merge_count_kernel[(launch.num_blocks,)](*launch.count_args, **launch.count_meta)
+    backend_launch(kernels.merge_count_kernel, (launch.num_blocks,), launch.count_args, launch.count_meta)
     block_cumsum = counts.cumsum(0, dtype=torch.int32)
     if check:
         # The one host sync of check=True: placeholder counts per kind and out-of-table text
@@ -467,7 +468,7 @@ def _triton_impl(args: _MergeArgs, check: bool) -> torch.Tensor:
         return out  # nothing to write; the counts were still checked (D = 0 is a valid empty hidden dim)
     rows_args = list(launch.rows_args)
     rows_args[_BLOCK_CUMSUM_ARG] = block_cumsum
-    kernels.merge_rows_kernel[launch.grid_rows](*rows_args, **launch.rows_meta)
+    backend_launch(kernels.merge_rows_kernel, launch.grid_rows, tuple(rows_args), launch.rows_meta)
     return out
 
 

@@ -31,7 +31,8 @@ from mmkernels.backend import (
     compute_capability,
     device_guard,
     empty_output,
-    interpreter_enabled,
+    is_interpreted,
+    launch,
     next_power_of_2,
     register_aot,
 )
@@ -326,7 +327,7 @@ def _launch(args: _LinearArgs, out: torch.Tensor, x_gemm: torch.Tensor, x_scales
         HAS_BIAS=args.bias is not None,
         ACTIVATION=ACTIVATIONS[args.activation],
         SPLIT_K=cfg.split_k,
-        UPCAST_DOT=interpreter_enabled() and not (fp32 and qw.scheme != "fp8"),
+        UPCAST_DOT=is_interpreted(kernels.quantized_linear_kernel) and not (fp32 and qw.scheme != "fp8"),
         DOT_PRECISION="tf32" if fp32 and qw.scheme != "fp8" and torch.backends.cuda.matmul.allow_tf32 and out.is_cuda else "ieee",
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
@@ -356,7 +357,7 @@ def _tma_launch(args: _LinearArgs, out: torch.Tensor, x_gemm: torch.Tensor, x_sc
     meta = dict(
         HAS_BIAS=args.bias is not None,
         ACTIVATION=ACTIVATIONS[args.activation],
-        UPCAST_DOT=interpreter_enabled(),
+        UPCAST_DOT=is_interpreted(kernels.fp8_linear_tma_kernel),
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
@@ -433,17 +434,17 @@ def _triton_impl(args: _LinearArgs) -> torch.Tensor:
         x_gemm = empty_output((m, k), torch.float8_e4m3fn, device)
         x_scales = empty_output((m,), torch.float32, device)
         a, meta, grid = _quantize_rows_launch(x2d, x_gemm, x_scales)
-        kernels.quantize_rows_fp8_kernel[grid](*a, **meta)
+        launch(kernels.quantize_rows_fp8_kernel, grid, a, meta)
     if cfg.tma:
         a, meta, grid = _tma_launch(args, out, x_gemm, x_scales, cfg)
-        kernels.fp8_linear_tma_kernel[grid](*a, **meta)
+        launch(kernels.fp8_linear_tma_kernel, grid, a, meta)
         return out.reshape(args.out_shape)
     partial = empty_output((cfg.split_k, m, n), torch.float32, device) if cfg.split_k > 1 else None
     a, meta, grid = _launch(args, out, x_gemm, x_scales, partial, cfg)
-    kernels.quantized_linear_kernel[grid](*a, **meta)
+    launch(kernels.quantized_linear_kernel, grid, a, meta)
     if partial is not None:
         a, meta, grid = _splitk_launch(args, out, x_scales, partial, cfg.split_k)
-        kernels.splitk_epilogue_kernel[grid](*a, **meta)
+        launch(kernels.splitk_epilogue_kernel, grid, a, meta)
     return out.reshape(args.out_shape)
 
 

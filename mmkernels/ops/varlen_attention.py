@@ -15,6 +15,7 @@ precision PyTorch" yardstick, and the differentiable path of the backward), and
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -31,7 +32,8 @@ from mmkernels.backend import (
     choose_backend,
     device_guard,
     empty_output,
-    interpreter_enabled,
+    is_interpreted,
+    launch,
     next_power_of_2,
     register_aot,
 )
@@ -266,6 +268,7 @@ def head_chunks(head_dim: int) -> tuple[int, int]:
     return head_a, (0 if rest == 0 else max(16, next_power_of_2(rest)))
 
 
+@functools.lru_cache(maxsize=4096)  # pure in its integer arguments; frozen result
 def attn_config(max_seqlen_q: int, head_dim: int, element_size: int) -> AttnConfig:
     """Deterministic tiles. 128-query blocks for long queries (vision self-attention, long
     prompts), 64 when few queries (BLIP-2's 32 Q-Former queries, short prompts) so less
@@ -333,7 +336,7 @@ def _launch(args: _AttnArgs, out: torch.Tensor):
     meta = dict(
         HAS_RANGES=ranges is not None,
         CAUSAL=args.causal,
-        UPCAST_DOT=interpreter_enabled() and not fp32,
+        UPCAST_DOT=is_interpreted(kernels.varlen_attention_fwd_kernel) and not fp32,
         DOT_PRECISION="tf32" if fp32 and torch.backends.cuda.matmul.allow_tf32 and q.is_cuda else "ieee",
         HEAD_DIM=args.head_dim,
         HEAD_PAD=cfg.head_pad,
@@ -363,7 +366,7 @@ def _triton_impl(args: _AttnArgs) -> torch.Tensor:
     if args.head_dim == 0:
         return out.zero_()
     launch_args, meta, grid = _launch(args, out)
-    kernels.varlen_attention_fwd_kernel[grid](*launch_args, **meta)
+    launch(kernels.varlen_attention_fwd_kernel, grid, launch_args, meta)
     return out
 
 
