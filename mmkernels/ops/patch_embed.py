@@ -43,7 +43,8 @@ from mmkernels.backend import (
     choose_backend,
     device_guard,
     empty_output,
-    interpreter_enabled,
+    is_interpreted,
+    launch,
     next_power_of_2,
     register_aot,
 )
@@ -414,7 +415,7 @@ def _launch(args: _EmbedArgs, out: torch.Tensor, cfg: EmbedConfig | None = None,
         HAS_POS=pe is not None,
         POS_INT64=pe is not None and _spans_int32(pe[0]),
         NORMALIZE=args.norm is not None and packed is None,
-        UPCAST_DOT=interpreter_enabled() and not fp32,
+        UPCAST_DOT=is_interpreted(kernels.patch_embed_kernel) and not fp32,
         # fp32 weights: exact fp32 products unless torch itself allows TF32 convolutions.
         DOT_PRECISION="tf32" if fp32 and torch.backends.cudnn.allow_tf32 and w.is_cuda else "ieee",
         BLOCK_M=cfg.block_m,
@@ -447,9 +448,9 @@ def _triton_impl(args: _EmbedArgs) -> torch.Tensor:
     if _packs(cfg.a_source, args.image_form, args.norm is not None):
         packed = empty_output(_packed_shape(args), args.weight2d.dtype, args.pixels.device)
         launch_args, meta, grid = _pack_launch(args, packed)
-        kernels.patch_pack_kernel[grid](*launch_args, **meta)
+        launch(kernels.patch_pack_kernel, grid, tuple(launch_args), meta)
     launch_args, meta, grid = _launch(args, out, cfg, packed)
-    kernels.patch_embed_kernel[grid](*launch_args, **meta)
+    launch(kernels.patch_embed_kernel, grid, tuple(launch_args), meta)
     return out
 
 
