@@ -864,30 +864,23 @@ def _host_sync_counter_class():
     return HostSyncCounter, ""
 
 
-def _recent_decisions() -> list:
-    try:
-        from mmkernels.backend import recent_decisions
-    except Exception:
-        return []
-    return recent_decisions()
-
-
 def _decision_mark():
-    """The newest recorded mmkernels backend decision (an object, compared by identity:
-    the log is a bounded deque, so positions shift once it is full)."""
-    recent = _recent_decisions()
-    return recent[-1] if recent else None
+    """A mark of the newest recorded mmkernels backend decision (its sequence number:
+    decisions are cached, so the same object is recorded call after call)."""
+    try:
+        from mmkernels.backend import decision_mark
+    except Exception:
+        return None
+    return decision_mark()
 
 
 def _mmkernels_decisions_since(mark) -> str:
     """The distinct backend decisions recorded after ``mark``, joined by "; "."""
-    recent = _recent_decisions()
-    start = 0
-    for i in range(len(recent) - 1, -1, -1):
-        if recent[i] is mark:
-            start = i + 1
-            break
-    return "; ".join(dict.fromkeys(str(d) for d in recent[start:]))
+    if mark is None:
+        return ""
+    from mmkernels.backend import decisions_since
+
+    return "; ".join(dict.fromkeys(str(d) for d in decisions_since(mark)))
 
 
 def _unexpected_backends(decisions: str, expected: str) -> list[str]:

@@ -235,18 +235,24 @@ def _pixel_dtype_ok(pixels: torch.Tensor) -> bool:
 
 
 def _normalization_tensors(normalization, channels: int, device) -> dict | None:
-    """The op's pixel_mean / pixel_std / pixel_scale for ``patch(pixel_normalization=...)``."""
+    """The op's ``pixel_norm`` for ``patch(pixel_normalization=...)``: one ``(3, C)`` device
+    tensor (scale, mean, std), made once per device and passed as it is on every forward."""
     if normalization is None or len(normalization[0]) != channels:
         return None
-    mean, std = _constants_on(normalization, torch.device(device))
-    return dict(pixel_mean=mean, pixel_std=std, pixel_scale=float(normalization[2]))
+    return dict(pixel_norm=_constants_on(normalization, torch.device(device)))
 
 
 @functools.lru_cache(maxsize=32)
-def _constants_on(normalization, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # Made once per device: a host-to-device copy on every forward would block the host.
-    mean, std, _ = normalization
-    return (torch.tensor(mean, dtype=torch.float32, device=device), torch.tensor(std, dtype=torch.float32, device=device))
+def _constants_on(normalization, device: torch.device) -> torch.Tensor:
+    # Made once per device: building it per call would stack three vectors and copy the
+    # scale host-to-device on every forward (a copy that blocks the host on CUDA).
+    from mmkernels.ops.patch_embed import pixel_norm_table
+
+    mean, std, scale = normalization
+    with torch.inference_mode(False), torch.no_grad():  # a plain tensor whatever mode the first call ran in
+        return pixel_norm_table(torch.tensor(mean, dtype=torch.float32, device=device),
+                                torch.tensor(std, dtype=torch.float32, device=device), float(scale),
+                                channels=len(mean), device=device)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------

@@ -266,8 +266,25 @@ class QuantizedLinear(torch.nn.Module):
         return QuantizedWeight(self.scheme, self.packed, self.scales, self.zeros, self.group_size,
                                self.in_features, self.out_features, self.weight_dtype)  # fmt: skip
 
+    def _kept_qweight(self) -> QuantizedWeight:
+        """The QuantizedWeight of the buffers, built (and its fields validated) once and
+        kept while the buffers are the same tensor objects: an in-place update (a
+        ``load_state_dict``, a ``copy_``) is seen through them, and anything that replaces
+        a buffer (``.to(device)``, assigning a tensor) makes the next forward build anew."""
+        buffers = self._buffers
+        packed, scales, zeros = buffers["packed"], buffers["scales"], buffers.get("zeros")
+        kept = self.__dict__.get("_qweight_kept")
+        if kept is not None and kept.packed is packed and kept.scales is scales and kept.zeros is zeros:
+            return kept
+        kept = QuantizedWeight(self.scheme, packed, scales, zeros, self.group_size, self.in_features,
+                               self.out_features, self.weight_dtype)  # fmt: skip
+        self.__dict__["_qweight_kept"] = kept
+        return kept
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return quantized_linear(x, self.qweight(), self.bias, activation=self.activation)
+        if torch.compiler.is_compiling():  # no module state written while Dynamo traces
+            return quantized_linear(x, self.qweight(), self.bias, activation=self.activation)
+        return quantized_linear(x, self._kept_qweight(), self.bias, activation=self.activation)
 
     def _apply(self, fn, recurse=True):
         kept = {name: buf for name, buf in self._buffers.items() if buf is not None}

@@ -234,8 +234,10 @@ def _merge(inputs_embeds: torch.Tensor, multimodal_embeddings, is_multimodal: to
         raise ValueError(f"Attempted to assign {expr} = {rows} multimodal tokens to {expected} placeholders")
     # The mask is the id tensor (placeholder id 1): every modality's positions, in order,
     # exactly the rows vLLM would overwrite. check=False: no device sync in the op.
+    # In place, as vLLM's contract says ("updates inputs_embeds in place"): the caller owns
+    # the buffer, so only the placeholder rows are written (no copy of the text rows).
     ids = is_multimodal.to(device=inputs_embeds.device, non_blocking=True).to(torch.int32)
-    out = merge_multimodal_embeddings(ids, inputs_embeds, feats, 1, check=False)
+    out = merge_multimodal_embeddings(ids, inputs_embeds, feats, 1, check=False, inplace=True)
     _record("merge", OP_NAME, arch)
     return out
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import enum
+import itertools
 import functools
 import logging
 import os
@@ -47,6 +48,7 @@ __all__ = [
     "launch",
     "poison_outputs",
     "recent_decisions",
+    "refresh_environment",
     "register_aot",
 ]
 
@@ -57,14 +59,50 @@ class Backend(str, enum.Enum):
     REFERENCE = "reference"
 
 
+def _read_interpreter_env() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+_ENV = {"interpret": _read_interpreter_env()}
+
+
 def interpreter_enabled() -> bool:
     """True when Triton's interpreter is on.
 
     Triton reads ``TRITON_INTERPRET`` when ``@triton.jit`` decorates a function, so the
     kernels' mode is fixed when mmkernels' kernel modules are imported; this reads the
-    same variable and is checked against each kernel object in :func:`choose_backend`.
+    same variable, once, when mmkernels is imported (an environment read is microseconds
+    of Python that every op call would pay): :func:`refresh_environment` reads it again.
+    It is checked against each kernel object in :func:`choose_backend`.
     """
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+    return _ENV["interpret"]
+
+
+def refresh_environment() -> None:
+    """Read again the environment variables mmkernels reads once (``TRITON_INTERPRET``;
+    ops keep their own, e.g. ``MMKERNELS_DEBUG_CHECKS``) and forget the backend decisions
+    made under the old values. For tests and tools that change the environment after
+    import; a process that sets its environment before importing mmkernels never needs it."""
+    _ENV["interpret"] = _read_interpreter_env()
+    for refresh in list(_ENV_REFRESHERS):
+        refresh()
+    clear_decision_cache()
+
+
+_ENV_REFRESHERS: list[Callable[[], None]] = []
+
+
+def env_flag(name: str) -> Callable[[], bool]:
+    """A cached reader of the boolean environment variable ``name`` ("1", "true", "yes",
+    "on"): read now and again by :func:`refresh_environment`, not on every call."""
+    state = [False]
+
+    def read():
+        state[0] = os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+    read()
+    _ENV_REFRESHERS.append(read)
+    return lambda: state[0]
 
 
 try:
@@ -140,13 +178,26 @@ class Decision:
         return f"{self.op}: {self.backend.value} ({'; '.join(self.reasons)})"
 
 
-_RECENT: collections.deque[Decision] = collections.deque(maxlen=64)
+_RECENT: collections.deque[tuple[int, Decision]] = collections.deque(maxlen=64)  # (sequence number, decision)
+_SEQUENCE = itertools.count(1)  # numbers every recorded decision: cached decisions repeat as objects
 _FORCED = threading.local()
 
 
 def recent_decisions() -> list[Decision]:
     """The most recent backend decisions (newest last), fallbacks and kernel runs alike."""
-    return list(_RECENT)
+    return [decision for _, decision in _RECENT]
+
+
+def decision_mark() -> int:
+    """A mark for :func:`decisions_since`: the number of the newest recorded decision."""
+    return _RECENT[-1][0] if _RECENT else 0
+
+
+def decisions_since(mark: int) -> list[Decision]:
+    """The decisions recorded after :func:`decision_mark` returned ``mark`` (those still in
+    the bounded log), oldest first. By number, not identity: a cached decision is the same
+    object every call."""
+    return [decision for number, decision in _RECENT if number > mark]
 
 
 class force_backend:
@@ -176,10 +227,43 @@ def choose_backend(
     dtypes: Iterable[torch.dtype],
     extra_reasons: Iterable[str] = (),
 ) -> Decision:
-    """Pick the backend for one call of ``op`` and record the decision."""
-    reasons = list(extra_reasons)
-    reasons += caps.not_supported_reasons(device, dtypes)
+    """Pick the backend for one call of ``op`` and record the decision.
+
+    Decided once per (op, kernel, capabilities, device, dtypes, extra reasons, forced
+    backend) and then looked up: none of these inputs can change between two calls with
+    the same key (compute capability and the interpreter flag are read once, see
+    :func:`refresh_environment`), and building the reasons was several microseconds of
+    every call. A :class:`force_backend` scope is part of the key, so it still forces."""
     forced = getattr(_FORCED, "value", None)
+    extra = tuple(extra_reasons)
+    try:
+        key = (op, kernel, caps, device, frozenset(dtypes), extra, forced)
+        decision = _DECISIONS.get(key)
+    except TypeError:  # something unhashable: decide without the cache
+        key, decision = None, None
+    if decision is None:
+        decision = _decide(op, kernel, caps, device, key[4] if key else dtypes, extra, forced)
+        if key is not None:
+            if len(_DECISIONS) >= 512:
+                _DECISIONS.clear()
+            _DECISIONS[key] = decision
+    if decision.reasons:
+        log.debug("mmkernels: %s", decision)
+    _RECENT.append((next(_SEQUENCE), decision))
+    return decision
+
+
+_DECISIONS: dict[tuple, Decision] = {}
+
+
+def clear_decision_cache() -> None:
+    """Forget the cached backend decisions (after a test patches what they depend on)."""
+    _DECISIONS.clear()
+
+
+def _decide(op, kernel, caps, device, dtypes, extra, forced) -> Decision:
+    reasons = list(extra)
+    reasons += caps.not_supported_reasons(device, dtypes)
     if not reasons:
         interpreted = _is_interpreted(kernel)
         if device.type == "cpu" and not interpreted:
@@ -192,12 +276,8 @@ def choose_backend(
     if forced is Backend.REFERENCE:
         reasons.append("forced by force_backend(REFERENCE)")
     if reasons:
-        decision = Decision(op, Backend.REFERENCE, tuple(reasons))
-        log.debug("mmkernels: %s", decision)
-    else:
-        decision = Decision(op, Backend.INTERPRETER if device.type == "cpu" else Backend.TRITON)
-    _RECENT.append(decision)
-    return decision
+        return Decision(op, Backend.REFERENCE, tuple(reasons))
+    return Decision(op, Backend.INTERPRETER if device.type == "cpu" else Backend.TRITON)
 
 
 _POISON = threading.local()
@@ -220,6 +300,7 @@ def poison_outputs():
 # once break each other ("Did you forget to add @triton.jit?", seen from 8 threads).
 # Interpreted launches are serialised by this lock; compiled launches take none.
 _INTERPRETER_LOCK = threading.RLock()
+_NULL_CONTEXT = contextlib.nullcontext()  # reusable: it keeps no state
 
 
 def device_guard(device: torch.device):
@@ -232,9 +313,9 @@ def device_guard(device: torch.device):
     CPU under the interpreter: the interpreter's lock (see ``_INTERPRETER_LOCK``), so ops
     may be called from several threads. Otherwise it does nothing."""
     if device.type == "cpu":
-        return _INTERPRETER_LOCK if interpreter_enabled() else contextlib.nullcontext()
+        return _INTERPRETER_LOCK if _ENV["interpret"] else _NULL_CONTEXT
     if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
-        return contextlib.nullcontext()
+        return _NULL_CONTEXT
     return torch.cuda.device(device.index)
 
 
@@ -290,8 +371,9 @@ def dispatcher_needed(op_inputs) -> bool:
     needed."""
     C = torch._C
     try:
+        # torch.jit.is_tracing() is C._is_tracing() behind a Python wrapper.
         if (
-            torch.jit.is_tracing()
+            C._is_tracing()
             or C._are_functorch_transforms_active()
             or C._len_torch_dispatch_stack()
             or C._is_torch_function_mode_enabled()
@@ -300,20 +382,22 @@ def dispatcher_needed(op_inputs) -> bool:
             return True
     except AttributeError:
         return True
-    tensors = []
+    grad = C.is_grad_enabled()
+    first = None
     for value in op_inputs:
         if isinstance(value, torch.Tensor):
-            tensors.append(value)
+            tensors = (value,)
         elif isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
-            tensors.extend(value)  # a list[Tensor] argument (anything else in it: not plain below)
-    if not tensors:
-        return False
-    if not {type(t) for t in tensors} <= _PLAIN_TENSOR_TYPES:
-        return True
+            tensors = value  # a list[Tensor] argument (anything else in it: not plain below)
+        else:
+            continue
+        for t in tensors:
+            if type(t) not in _PLAIN_TENSOR_TYPES or (grad and t.requires_grad):
+                return True
+            if first is None:
+                first = t
     # The public ops reject inputs on different devices before this: the first tells.
-    if tensors[0].is_meta:
-        return True
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    return first is not None and first.is_meta
 
 
 _PLAIN_TENSOR_TYPES = frozenset({torch.Tensor, torch.nn.Parameter})

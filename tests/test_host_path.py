@@ -276,3 +276,66 @@ def test_compute_capability_is_asked_once_per_device(monkeypatch):
     finally:
         backend._compute_capability.cache_clear()
 
+
+
+def test_backend_decisions_are_cached_and_a_forced_scope_still_forces(monkeypatch):
+    """choose_backend decides once per key; force_backend is part of the key, and
+    refresh_environment / clear_decision_cache forget what was decided."""
+    calls = []
+    real = backend._decide
+
+    def counting(*args):
+        calls.append(args[0])
+        return real(*args)
+
+    monkeypatch.setattr(backend, "_decide", counting)
+    backend.clear_decision_cache()
+    ids, embeds, feats = torch.tensor([[1, 9, 9]]), torch.randn(1, 3, 16), torch.randn(2, 16)
+    for _ in range(3):
+        ops.merge_multimodal_embeddings(ids, embeds, feats, 9)
+        assert backend.recent_decisions()[-1].backend is backend.Backend.INTERPRETER
+    assert len(calls) == 1
+    with backend.force_backend(backend.Backend.REFERENCE):
+        for _ in range(2):
+            ops.merge_multimodal_embeddings(ids, embeds, feats, 9)
+            assert backend.recent_decisions()[-1].backend is backend.Backend.REFERENCE
+    assert len(calls) == 2
+    ops.merge_multimodal_embeddings(ids, embeds, feats, 9)
+    assert backend.recent_decisions()[-1].backend is backend.Backend.INTERPRETER
+    ops.merge_multimodal_embeddings(ids, embeds.double(), feats.double(), 9)  # another dtype: decided anew
+    assert len(calls) == 3
+    # A changed environment, once refreshed, is seen (and the decisions made again).
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    backend.refresh_environment()
+    try:
+        assert not backend.interpreter_enabled()
+        ops.merge_multimodal_embeddings(ids, embeds, feats, 9)
+        decision = backend.recent_decisions()[-1]
+        assert decision.backend is backend.Backend.REFERENCE and "TRITON_INTERPRET is not set" in str(decision)
+    finally:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        backend.refresh_environment()
+    ops.merge_multimodal_embeddings(ids, embeds, feats, 9)
+    assert backend.recent_decisions()[-1].backend is backend.Backend.INTERPRETER
+
+
+def test_patch_embed_takes_a_precomputed_normalization_table():
+    from mmkernels.ops.patch_embed import pixel_norm_table
+
+    pixels = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    weight = torch.randn(16, 3, 4, 4)
+    mean, std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3])
+    norm = pixel_norm_table(mean, std, 1 / 255, channels=3, device="cpu")
+    assert norm.shape == (3, 3) and norm.dtype == torch.float32 and norm.is_contiguous()
+    want = ops.patch_embed(pixels, weight, pixel_mean=mean, pixel_std=std, pixel_scale=1 / 255)
+    got = ops.patch_embed(pixels, weight, pixel_norm=norm)
+    assert backend.recent_decisions()[-1].backend is backend.Backend.INTERPRETER
+    assert torch.equal(got, want)
+    assert torch.equal(ops.patch_embed_reference(pixels, weight, pixel_norm=norm),
+                       ops.patch_embed_reference(pixels, weight, pixel_mean=mean, pixel_std=std, pixel_scale=1 / 255))
+    with pytest.raises(ValueError, match="pixel_norm: pass either"):
+        ops.patch_embed(pixels, weight, pixel_norm=norm, pixel_mean=mean)
+    with pytest.raises(ValueError, match=r"pixel_norm: expected shape \(3, 3\)"):
+        ops.patch_embed(pixels, weight, pixel_norm=norm[:2])
+    with pytest.raises(TypeError, match="pixel_norm: expected dtype float32"):
+        ops.patch_embed(pixels, weight, pixel_norm=norm.double())

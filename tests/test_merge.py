@@ -305,3 +305,76 @@ def test_empty_feature_tensors_among_real_ones():
     assert_bitwise_equal(run_kernel(ids, embeds, [image, video], [IMAGE, VIDEO]), expected)
     fused = run_kernel(ids, None, [image, video], [IMAGE, VIDEO], embedding_weight=table)
     assert_bitwise_equal(fused, reference(ids, None, [image, video], [IMAGE, VIDEO], embedding_weight=table))
+
+
+# --------------------------------------------------------------------------------------
+# In place (inplace=True): only placeholder rows written into the caller's inputs_embeds
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inplace_writes_placeholder_rows_into_inputs_embeds(dtype):
+    ids = make_ids([40, 40], [[(3, 7, IMAGE), (20, 2, VIDEO)], [(0, 5, IMAGE)]])
+    image, video = [torch.randn(7, 64, dtype=dtype), torch.randn(5, 64, dtype=dtype)], torch.randn(2, 64, dtype=dtype)
+    embeds = torch.randn(2, 40, 64, dtype=dtype)
+    want = reference(ids, embeds, [image, video], [IMAGE, VIDEO])
+    target = embeds.clone()
+    got = merge(ids, target, [image, video], [IMAGE, VIDEO], inplace=True)
+    assert recent_decisions()[-1].backend is Backend.INTERPRETER
+    assert got is target
+    assert_bitwise_equal(target, want)
+
+
+def test_inplace_never_touches_text_rows():
+    """Text rows are neither read nor written: NaN text rows stay NaN bit for bit, and a
+    second run gives the same bits."""
+    ids = make_ids([30], [[(4, 6, IMAGE)]])
+    feats = torch.randn(6, 64)
+    target = torch.full((1, 30, 64), float("nan"))
+    merge(ids, target, feats, IMAGE, inplace=True)
+    is_image = (ids == IMAGE)[0]
+    assert target[0, ~is_image].isnan().all()
+    assert_bitwise_equal(target[0, is_image], feats)
+    again = target.clone()
+    merge(ids, again, feats, IMAGE, inplace=True)
+    assert_bitwise_equal(again, target)
+
+
+def test_inplace_count_mismatch_raises_before_writing_and_check_false_writes_nan():
+    ids = make_ids([20], [[(2, 5, IMAGE)]])
+    embeds = torch.randn(1, 20, 16)
+    target = embeds.clone()
+    with pytest.raises(PlaceholderCountError):
+        merge(ids, target, torch.randn(4, 16), IMAGE, inplace=True)
+    assert_bitwise_equal(target, embeds)  # nothing written
+    feats = torch.randn(4, 16)
+    merge(ids, target, feats, IMAGE, inplace=True, check=False)
+    assert_bitwise_equal(target, reference(ids, embeds, feats, IMAGE, check=False))
+
+
+def test_inplace_layouts_reference_autograd_and_compile():
+    ids = make_ids([12], [[(1, 3, IMAGE)]], flat=True)
+    feats = torch.randn(3, 8)
+    embeds = torch.randn(12, 8)
+    want = reference(ids, embeds, feats, IMAGE)
+    # A column-strided view cannot be written through: merged, then copied back.
+    strided = torch.randn(8, 12).t()
+    strided.copy_(embeds)
+    assert merge(ids, strided, feats, IMAGE, inplace=True) is strided
+    assert_bitwise_equal(strided, want)
+    with force_backend(Backend.REFERENCE):
+        target = embeds.clone()
+        merge(ids, target, feats, IMAGE, inplace=True)
+        assert recent_decisions()[-1].backend is Backend.REFERENCE
+    assert_bitwise_equal(target, want)
+    # Autograd records: copy_ of the differentiable op; placeholder rows pass no gradient.
+    leaf = embeds.clone().requires_grad_(True)
+    x = leaf * 1
+    merge(ids, x, feats, IMAGE, inplace=True)
+    x.sum().backward()
+    assert_bitwise_equal(leaf.grad[:, 0], (ids != IMAGE).to(torch.float32))
+    # torch.compile traces the mutating op.
+    target = embeds.clone()
+    torch.compile(lambda i, e, f: merge(i, e, f, IMAGE, inplace=True, check=False), fullgraph=True)(ids, target, feats)
+    assert_bitwise_equal(target, want)
+    with pytest.raises(ValueError, match="inplace=True"):
+        merge(ids, None, feats, IMAGE, embedding_weight=torch.randn(100, 8), inplace=True)

@@ -360,3 +360,22 @@ def test_group_size_must_be_an_int():
         mmkernels.quantize_projector(torch.nn.Linear(64, 4), {"scheme": "w4a16", "group_size": True})
     with pytest.raises(TypeError, match="group_size: expected an int"):
         QuantizedLinear(64, 4, scheme="w4a16", group_size=32.0, bias=False, activation=None, dtype=torch.float32)
+
+
+def test_quantized_linear_keeps_its_quantized_weight_between_forwards():
+    """The QuantizedWeight is built (and validated) once, kept while the buffers are the
+    same tensors (in-place updates seen), and built anew when a buffer is replaced."""
+    linear = torch.nn.Linear(64, 32)
+    module = hf_quant.QuantizedLinear.from_linear(linear, "w8a16", group_size=None)
+    x = torch.randn(3, 64)
+    first = module(x)
+    kept = module._kept_qweight()
+    module(x)
+    assert module._kept_qweight() is kept and kept.packed is module.packed
+    with torch.no_grad():
+        module.scales.mul_(2)  # in place: the kept weight sees it
+    assert module._kept_qweight() is kept
+    torch.testing.assert_close(module(x) - module.bias, 2 * (first - module.bias), rtol=1e-5, atol=1e-5)
+    module.packed = module.packed.clone()  # replaced: built anew
+    assert module._kept_qweight() is not kept and module._kept_qweight().packed is module.packed
+    assert copy.deepcopy(module)._kept_qweight().packed is not module.packed

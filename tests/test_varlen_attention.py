@@ -309,8 +309,15 @@ def test_debug_checks_name_the_argument(override, match, monkeypatch):
     with pytest.raises(ValueError, match=match):
         varlen_attention(**args, **kwargs, check=True)
     monkeypatch.setenv("MMKERNELS_DEBUG_CHECKS", "1")  # the same through the environment
-    with pytest.raises(ValueError, match=match):
-        varlen_attention(**args, **kwargs)
+    from mmkernels.backend import refresh_environment
+
+    refresh_environment()  # read at import; a changed environment is read again here
+    try:
+        with pytest.raises(ValueError, match=match):
+            varlen_attention(**args, **kwargs)
+    finally:
+        monkeypatch.delenv("MMKERNELS_DEBUG_CHECKS")
+        refresh_environment()
 
 
 def test_debug_checks_pass_valid_inputs_and_allow_empty_ranges():

@@ -83,6 +83,7 @@ def _patched_backend_choice():
         for m, fn in saved:
             m.choose_backend = fn
         backend.compute_capability = real_cc
+        backend.clear_decision_cache()  # decided under the stand-in capability
 
     return undo
 
@@ -107,6 +108,10 @@ def cases():
         feats = [torch.empty(576, 4096, dtype=bf16) for _ in range(prompts)]
         out.append(("merge", name, "mmkernels",
                     lambda ids=ids, e=embeds, f=feats: ops.merge_multimodal_embeddings(ids, e, f, 32000, check=False)))  # fmt: skip
+        # In place, as the vLLM wiring calls it (it owns inputs_embeds).
+        out.append(("merge", name + "/inplace", "mmkernels",
+                    lambda ids=ids, e=embeds, f=feats: ops.merge_multimodal_embeddings(ids, e, f, 32000, check=False,
+                                                                                       inplace=True)))  # fmt: skip
         small_e = torch.zeros(prompts, 640, 8, dtype=bf16)
         small_f = [torch.zeros(576, 8, dtype=bf16) for _ in range(prompts)]
 

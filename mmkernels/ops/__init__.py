@@ -6,7 +6,7 @@ from mmkernels.ops.merge import (
     merge_multimodal_embeddings,
     merge_multimodal_embeddings_reference,
 )
-from mmkernels.ops.patch_embed import patch_embed, patch_embed_reference
+from mmkernels.ops.patch_embed import patch_embed, patch_embed_reference, pixel_norm_table
 from mmkernels.ops.quantized_linear import quantized_linear, quantized_linear_reference
 from mmkernels.ops.varlen_attention import varlen_attention, varlen_attention_reference
 
@@ -16,6 +16,7 @@ __all__ = [
     "merge_multimodal_embeddings_reference",
     "patch_embed",
     "patch_embed_reference",
+    "pixel_norm_table",
     "quantized_linear",
     "quantized_linear_reference",
     "varlen_attention",

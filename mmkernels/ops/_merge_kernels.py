@@ -11,7 +11,8 @@ Two launches, no host sync:
    segments), text rows from ``inputs_embeds`` or gathered from the embedding table.
    Rows that cannot be filled (more placeholders than features, a text id outside the
    table) are written as NaN so an unchecked mismatch is visible, never read out of
-   bounds.
+   bounds. In place (``WRITE_TEXT=False``, ``out`` is ``inputs_embeds``) only the
+   placeholder rows are written.
 
 Layouts: ``input_ids`` and the text source are read through their strides (any view:
 offsets into a larger buffer, expanded zero strides, transposed); only the feature
@@ -87,6 +88,7 @@ def merge_rows_kernel(
     FEATURES_ALIGNED: tl.constexpr,  # every segment base and row stride is 16-byte aligned
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    WRITE_TEXT: tl.constexpr = True,  # False: in place, out is inputs_embeds; only placeholder rows are written
 ):
     block = tl.program_id(0)
     # Masks in int32 (T < 2^31), every address from int64 rows: with int64 masks too the
@@ -136,28 +138,36 @@ def merge_rows_kernel(
         if CAST_FEATURES:
             feat = feat.to(tl.float32).to(out_ptr.dtype.element_ty)
 
-    if FUSED_LOOKUP:
-        # ids is int64: token_id * row_stride passes 2^31 for large tables.
-        src_offset = ids * src_stride_0
-        text_ok = row_ok & (~is_placeholder) & (ids >= 0) & (ids < V)
-    elif SRC_BATCHED:
-        # Expanded over the batch, (S, B, D) memory, ...: row t is (t // S, t % S). Only
-        # these layouts pay the division; the others compile without it.
-        outer = rows // src_seq
-        src_offset = outer * src_stride_0 + (rows - outer * src_seq) * src_stride_1
-        text_ok = row_ok & (~is_placeholder)
+    if not WRITE_TEXT:
+        # In place: the text rows are already in out; placeholder rows get their feature
+        # row, or NaN where there is none (as the out-of-place form writes them).
+        value = tl.full([BLOCK_T, BLOCK_D], float("nan"), dtype=tl.float32).to(out_ptr.dtype.element_ty)
+        if HAS_FEATURES:
+            value = tl.where(has_feature[:, None], feat, value)
+        tl.store(out_ptr + rows[:, None] * out_row_stride + cols[None, :], value, mask=is_placeholder[:, None] & tile_ok)
     else:
-        src_offset = rows * src_stride_0
-        text_ok = row_ok & (~is_placeholder)
-    text = tl.load(
-        src_ptr + src_offset[:, None] + cols.to(tl.int64)[None, :] * src_col_stride,
-        mask=text_ok[:, None] & tile_ok,
-        other=float("nan"),
-    )
-    if HAS_FEATURES:
-        text = tl.where(has_feature[:, None], feat, text)
-    tl.store(
-        out_ptr + rows[:, None] * out_row_stride + cols[None, :],
-        text,
-        mask=row_ok[:, None] & tile_ok,
-    )
+        if FUSED_LOOKUP:
+            # ids is int64: token_id * row_stride passes 2^31 for large tables.
+            src_offset = ids * src_stride_0
+            text_ok = row_ok & (~is_placeholder) & (ids >= 0) & (ids < V)
+        elif SRC_BATCHED:
+            # Expanded over the batch, (S, B, D) memory, ...: row t is (t // S, t % S). Only
+            # these layouts pay the division; the others compile without it.
+            outer = rows // src_seq
+            src_offset = outer * src_stride_0 + (rows - outer * src_seq) * src_stride_1
+            text_ok = row_ok & (~is_placeholder)
+        else:
+            src_offset = rows * src_stride_0
+            text_ok = row_ok & (~is_placeholder)
+        text = tl.load(
+            src_ptr + src_offset[:, None] + cols.to(tl.int64)[None, :] * src_col_stride,
+            mask=text_ok[:, None] & tile_ok,
+            other=float("nan"),
+        )
+        if HAS_FEATURES:
+            text = tl.where(has_feature[:, None], feat, text)
+        tl.store(
+            out_ptr + rows[:, None] * out_row_stride + cols[None, :],
+            text,
+            mask=row_ok[:, None] & tile_ok,
+        )

@@ -70,6 +70,7 @@ class _MergeArgs:
     dim: int
     out_dtype: torch.dtype
     padding_idx: int | None = None  # in [0, V), or None
+    feat_dtype: torch.dtype | None = None  # the one dtype of every feature tensor (None: no features)
 
     @property
     def flat_embeds(self) -> torch.Tensor:
@@ -121,6 +122,10 @@ def _split_kinds(features, placeholder_id) -> tuple[list[int], list[list[torch.T
         raise ValueError(f"placeholder_id: ids must be distinct, got {kind_ids}")
     names = ["features"] if len(kind_ids) == 1 else [f"features[{k}]" for k in range(len(kind_ids))]
     return kind_ids, [_as_tensor_list(entry, name) for entry, name in zip(per_kind, names)]
+
+
+def _feature_name(name: str, feats: list, i: int) -> str:
+    return f"{name}[{i}]" if len(feats) > 1 else name
 
 
 def _validate(input_ids, inputs_embeds, features, placeholder_id, embedding_weight, padding_idx=None) -> _MergeArgs:
@@ -175,20 +180,23 @@ def _validate(input_ids, inputs_embeds, features, placeholder_id, embedding_weig
     for k, feats in enumerate(kind_features):
         name = "features" if len(kind_ids) == 1 else f"features[{k}]"
         for i, f in enumerate(feats):
-            fname = f"{name}[{i}]" if len(feats) > 1 else name
-            if not f.is_floating_point():
-                raise TypeError(f"{fname}: expected a floating dtype, got {f.dtype}")
-            if feat_dtype is None:
-                feat_dtype = f.dtype
-            elif f.dtype != feat_dtype:
-                raise TypeError(f"{fname}: all features must share one dtype, got {f.dtype} and {feat_dtype}")
-            if f.dim() != 2 or f.shape[1] != dim:
+            # The names are built only for an error (a per-image f-string is host time).
+            dtype, shape = f.dtype, f.shape
+            if dtype is not feat_dtype:
+                if not dtype.is_floating_point:
+                    raise TypeError(f"{_feature_name(name, feats, i)}: expected a floating dtype, got {dtype}")
+                if feat_dtype is not None:
+                    raise TypeError(f"{_feature_name(name, feats, i)}: all features must share one dtype, "
+                                    f"got {dtype} and {feat_dtype}")  # fmt: skip
+                feat_dtype = dtype
+            if len(shape) != 2 or shape[1] != dim:
                 raise ValueError(
-                    f"{fname}: expected shape (n, {dim}) (D of {base_name}), got {tuple(f.shape)}"
-                    + ("; flatten leading dims with .reshape(-1, D)" if f.dim() > 2 and f.shape[-1] == dim else "")
+                    f"{_feature_name(name, feats, i)}: expected shape (n, {dim}) (D of {base_name}), got {tuple(shape)}"
+                    + ("; flatten leading dims with .reshape(-1, D)" if len(shape) > 2 and shape[-1] == dim else "")
                 )
             if f.device != device:
-                raise ValueError(f"{fname}: expected device {device} (that of input_ids), got {f.device}")
+                raise ValueError(f"{_feature_name(name, feats, i)}: expected device {device} (that of input_ids), "
+                                 f"got {f.device}")  # fmt: skip
 
     return _MergeArgs(
         ids=input_ids.reshape(-1),
@@ -200,6 +208,7 @@ def _validate(input_ids, inputs_embeds, features, placeholder_id, embedding_weig
         dim=dim,
         out_dtype=base.dtype,
         padding_idx=padding_idx,
+        feat_dtype=feat_dtype,
     )
 
 
@@ -403,9 +412,10 @@ def _source_layout(args: _MergeArgs) -> tuple[torch.Tensor, int, int, int, int]:
     return src, src.stride(0), src.stride(1), col_stride, S
 
 
-def _build_launch(args: _MergeArgs, out: torch.Tensor) -> tuple[_Launch, list[torch.Tensor]]:
+def _build_launch(args: _MergeArgs, out: torch.Tensor, inplace: bool = False) -> tuple[_Launch, list[torch.Tensor]]:
     """The launches for ``args``, and the feature tensors whose addresses the segment
-    table holds (the caller keeps them alive until the kernel has run)."""
+    table holds (the caller keeps them alive until the kernel has run). ``inplace``:
+    ``out`` is ``inputs_embeds`` as (T, D) rows, and only placeholder rows are written."""
     device = args.ids.device
     T, D = args.ids.shape[0], args.dim
     cfg = merge_config(D, out.element_size())
@@ -442,19 +452,39 @@ def _build_launch(args: _MergeArgs, out: torch.Tensor) -> tuple[_Launch, list[to
         BLOCK_D=cfg.block_d,
         num_warps=cfg.num_warps,
     )
+    if inplace:
+        rows_meta["WRITE_TEXT"] = False  # absent otherwise: the default, one compiled variant
     grid_rows = (num_blocks, cdiv(D, cfg.block_d))
     return _Launch(count_args, count_meta, rows_args, rows_meta, num_blocks, grid_rows, kind[1]), feats
 
 
-def _triton_impl(args: _MergeArgs, check: bool) -> torch.Tensor:
-    out = empty_output(args.out_shape, args.out_dtype, args.ids.device)
+def _inplace_rows(embeds: torch.Tensor, T: int, D: int) -> torch.Tensor | None:
+    """``inputs_embeds`` as (T, D) rows of one stride with unit column stride (what the
+    kernel writes through), or None for a layout it cannot write in place."""
+    if D > 1 and embeds.stride(-1) != 1:
+        return None
+    try:
+        return embeds.view(T, D)
+    except RuntimeError:  # rows that do not flatten to one stride
+        return None
+
+
+def _triton_impl(args: _MergeArgs, check: bool, inplace: bool = False) -> torch.Tensor:
     T = args.ids.shape[0]
+    if inplace:
+        out = args.embeds
+        out2d = _inplace_rows(out, T, args.dim)
+        if out2d is None:  # a layout the kernel cannot write through: merge, then copy
+            return out.copy_(_triton_impl(args, check))
+    else:
+        out = empty_output(args.out_shape, args.out_dtype, args.ids.device)
     if T == 0:
         if check:
             _check_counts(args, torch.zeros(len(args.kind_ids) + 1, dtype=torch.int64))
         return out
-    out2d = out.view(T, args.dim)
-    launch, _keepalive = _build_launch(args, out2d)
+    if not inplace:
+        out2d = out.view(T, args.dim)
+    launch, _keepalive = _build_launch(args, out2d, inplace)
     counts = launch.count_args[3]
     backend_launch(kernels.merge_count_kernel, (launch.num_blocks,), launch.count_args, launch.count_meta)
     block_cumsum = counts.cumsum(0, dtype=torch.int32)
@@ -505,12 +535,47 @@ def _merge_body(
             per_kind.append(features[start : start + n])
             start += n
         args = _validate(input_ids, inputs_embeds, per_kind, placeholder_ids, embedding_weight, padding_idx)
-    dtypes = {args.out_dtype} | {f.dtype for f in args.all_features}
-    decision = choose_backend(OP_NAME, kernels.merge_rows_kernel, CAPABILITIES, input_ids.device, dtypes)
+    return _run(args, check, False)
+
+
+def _run(args: _MergeArgs, check: bool, inplace: bool) -> torch.Tensor:
+    """The merge of validated ``args``: the kernel or the reference (in place: written into
+    ``args.embeds``, which is returned)."""
+    # _validate checked that every feature tensor has one dtype.
+    dtypes = (args.out_dtype, args.feat_dtype) if args.feat_dtype is not None else (args.out_dtype,)
+    device = args.ids.device
+    decision = choose_backend(OP_NAME, kernels.merge_rows_kernel, CAPABILITIES, device, dtypes)
     if decision.backend is Backend.REFERENCE:
-        return _reference_impl(args, check)
-    with device_guard(input_ids.device):
-        return _triton_impl(args, check)
+        out = _reference_impl(args, check)
+        return args.embeds.copy_(out) if inplace else out
+    with device_guard(device):
+        return _triton_impl(args, check, inplace)
+
+
+def _merge_inplace_body(
+    input_ids: torch.Tensor,
+    inputs_embeds: torch.Tensor,
+    features: list[torch.Tensor],
+    features_per_kind: list[int],
+    placeholder_ids: list[int],
+    check: bool,
+) -> None:
+    args = _HANDOVER_INPLACE.take((input_ids, inputs_embeds, features, features_per_kind, placeholder_ids, check))
+    if args is None:
+        per_kind, start = [], 0
+        for n in features_per_kind:
+            per_kind.append(features[start : start + n])
+            start += n
+        args = _validate(input_ids, inputs_embeds, per_kind, placeholder_ids, None)
+    _run(args, check, True)
+
+
+_HANDOVER_INPLACE = ValidatedHandOver()
+# The in-place form mutates inputs_embeds: a custom op of its own that declares it (so
+# torch.compile and functionalization see the write).
+_merge_inplace_op = torch.library.custom_op("mmkernels::merge_multimodal_embeddings_", mutates_args=("inputs_embeds",))(
+    _merge_inplace_body
+)
 
 
 # The body is also called directly by the public function where the dispatcher is not
@@ -584,6 +649,7 @@ def merge_multimodal_embeddings(
     embedding_weight: torch.Tensor | None = None,
     check: bool = True,
     padding_idx: int | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Place multimodal features at the placeholder tokens of a text sequence.
 
@@ -618,9 +684,18 @@ def merge_multimodal_embeddings(
     Any strides are accepted (views into larger buffers, expanded or transposed
     tensors); only feature tensors without unit column stride are copied first.
 
+        inplace: write the placeholder rows into ``inputs_embeds`` itself (as vLLM's merge
+            does) and return it; text rows are neither read nor written. For callers that
+            own ``inputs_embeds``. Needs ``inputs_embeds`` (not the fused lookup); the
+            same counts, checks and NaN rows as the out-of-place form (with
+            ``check=True`` a mismatch raises before anything is written). Layouts whose
+            rows do not flatten to one stride are merged out of place and copied back;
+            with autograd recording, the out-of-place result is copied in (``copy_``).
+
     Returns:
         A new contiguous tensor of shape ``input_ids.shape + (D,)`` with the dtype of
-        ``inputs_embeds`` (or ``embedding_weight``).
+        ``inputs_embeds`` (or ``embedding_weight``); with ``inplace=True``,
+        ``inputs_embeds``.
 
     Runs the Triton kernel on CUDA (and on CPU under ``TRITON_INTERPRET=1``), otherwise
     the reference; see :mod:`mmkernels.backend`. Registered as
@@ -629,16 +704,34 @@ def merge_multimodal_embeddings(
     # Validated here too: with a tensor on another device the dispatcher would route the
     # op by that device (a meta tensor reaches the fake kernel) before the body could check.
     args = _validate(input_ids, inputs_embeds, features, placeholder_id, embedding_weight, padding_idx)
+    if inplace:
+        return _merge_inplace(input_ids, args, check)
     op_inputs = (input_ids, inputs_embeds, args.all_features, [len(feats) for feats in args.kind_features],
                  args.kind_ids, embedding_weight)  # fmt: skip
     return _HANDOVER.call(_merge_op, (*op_inputs, check, padding_idx), args, body=_merge_body)
+
+
+def _merge_inplace(input_ids: torch.Tensor, args: _MergeArgs, check: bool) -> torch.Tensor:
+    embeds = args.embeds
+    if embeds is None:
+        raise ValueError("inplace=True: needs inputs_embeds to write into (the fused lookup has none)")
+    if torch.is_grad_enabled() and (embeds.requires_grad or any(f.requires_grad for f in args.all_features)):
+        # Autograd records: the differentiable out-of-place op, copied in (copy_ is tracked).
+        op_inputs = (input_ids, embeds, args.all_features, [len(feats) for feats in args.kind_features],
+                     args.kind_ids, None, check, None)  # fmt: skip
+        return embeds.copy_(_merge_op(*op_inputs))
+    op_inputs = (input_ids, embeds, args.all_features, [len(feats) for feats in args.kind_features], args.kind_ids,
+                 check)  # fmt: skip
+    _HANDOVER_INPLACE.call(_merge_inplace_op, op_inputs, args, body=_merge_inplace_body)
+    return embeds
 
 
 # --------------------------------------------------------------------------------------
 # Ahead-of-time cases (tools/kernel_report.py): the launches of real models.
 
 
-def _aot_case(name: str, tokens: int, images: int, tokens_per_image: int, dim: int, dtype, fused: bool, rows: bool):
+def _aot_case(name: str, tokens: int, images: int, tokens_per_image: int, dim: int, dtype, fused: bool, rows: bool,
+              inplace: bool = False):  # fmt: skip
     def make_launch():
         n_feat = images * tokens_per_image
         ids = torch.zeros(tokens, dtype=torch.int64)
@@ -648,8 +741,8 @@ def _aot_case(name: str, tokens: int, images: int, tokens_per_image: int, dim: i
             args = _validate(ids, None, feats, 7, torch.empty(32000, dim, dtype=dtype))
         else:
             args = _validate(ids, torch.empty(tokens, dim, dtype=dtype), feats, 7, None)
-        out = torch.empty(tokens, dim, dtype=dtype)
-        launch, keep = _build_launch(args, out)
+        out = args.embeds if inplace else torch.empty(tokens, dim, dtype=dtype)
+        launch, keep = _build_launch(args, out, inplace)
         if not rows:
             return launch.count_args, launch.count_meta, (launch.num_blocks,)
         rows_args = list(launch.rows_args)
@@ -666,6 +759,9 @@ def _aot_case(name: str, tokens: int, images: int, tokens_per_image: int, dim: i
 _aot_case("merge.rows/llava-1.5-7b/bf16", 9472, 16, 576, 4096, torch.bfloat16, fused=False, rows=True)
 # Same, fused embedding lookup.
 _aot_case("merge.rows-fused/llava-1.5-7b/bf16", 9472, 16, 576, 4096, torch.bfloat16, fused=True, rows=True)
+# In place (vLLM's wiring): only the placeholder rows written into inputs_embeds.
+_aot_case("merge.rows-inplace/llava-1.5-7b/bf16", 9472, 16, 576, 4096, torch.bfloat16, fused=False, rows=True,
+          inplace=True)  # fmt: skip
 # Qwen2-VL-7B: D=3584, three images of 700 tokens, fp16.
 _aot_case("merge.rows/qwen2-vl-7b/fp16", 3000, 3, 700, 3584, torch.float16, fused=False, rows=True)
 _aot_case("merge.count/llava-1.5-7b", 9472, 16, 576, 4096, torch.bfloat16, fused=False, rows=False)

@@ -50,7 +50,7 @@ from mmkernels.backend import (
 )
 from mmkernels.ops import _patch_embed_kernels as kernels
 
-__all__ = ["CAPABILITIES", "patch_embed", "patch_embed_reference"]
+__all__ = ["CAPABILITIES", "patch_embed", "patch_embed_reference", "pixel_norm_table"]
 
 OP_NAME = "patch_embed"
 # Weight (= output) dtypes the kernel computes with; float64 runs the reference.
@@ -106,7 +106,37 @@ def _per_channel(value, channels: int, name: str, device) -> torch.Tensor:
     return value.to(torch.float32).reshape(-1).expand(channels)  # torch.stack copies it
 
 
-def _validate(pixels, weight, bias, class_embedding, position_embedding, pixel_mean, pixel_std, pixel_scale) -> _EmbedArgs:
+def pixel_norm_table(pixel_mean, pixel_std, pixel_scale=None, *, channels: int, device) -> torch.Tensor:
+    """The ``(3, C)`` float32 table ``[scale; mean; std]`` that :func:`patch_embed` takes as
+    ``pixel_norm``: what it builds from ``pixel_mean`` / ``pixel_std`` / ``pixel_scale``
+    on every call (a stack, and a host-to-device copy for a number), made once. A patched
+    module keeps one per device and passes it on every forward."""
+    device = torch.device(device)
+    return torch.stack(
+        [
+            _per_channel(1.0 if pixel_scale is None else pixel_scale, channels, "pixel_scale", device),
+            _per_channel(0.0 if pixel_mean is None else pixel_mean, channels, "pixel_mean", device),
+            _per_channel(1.0 if pixel_std is None else pixel_std, channels, "pixel_std", device),
+        ]
+    )
+
+
+def _check_pixel_norm(pixel_norm, channels: int, device, others) -> torch.Tensor:
+    if any(v is not None for v in others):
+        raise ValueError("pixel_norm: pass either pixel_norm or pixel_mean / pixel_std / pixel_scale, not both")
+    if not isinstance(pixel_norm, torch.Tensor):
+        raise TypeError(f"pixel_norm: expected a torch.Tensor of shape (3, {channels}), got {type(pixel_norm).__name__}")
+    if pixel_norm.dtype != torch.float32:
+        raise TypeError(f"pixel_norm: expected dtype float32 (from pixel_norm_table), got {pixel_norm.dtype}")
+    if pixel_norm.shape != (3, channels):
+        raise ValueError(f"pixel_norm: expected shape (3, {channels}) = ([scale, mean, std], C), got {tuple(pixel_norm.shape)}")
+    if pixel_norm.device != device:
+        raise ValueError(f"pixel_norm: expected device {device} (that of pixels), got {pixel_norm.device}")
+    return pixel_norm if pixel_norm.is_contiguous() else pixel_norm.contiguous()
+
+
+def _validate(pixels, weight, bias, class_embedding, position_embedding, pixel_mean, pixel_std, pixel_scale,
+              pixel_norm=None) -> _EmbedArgs:  # fmt: skip
     for name, t in (("pixels", pixels), ("weight", weight)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -185,21 +215,19 @@ def _validate(pixels, weight, bias, class_embedding, position_embedding, pixel_m
             pe = pe.unsqueeze(0)
         position_embedding = pe if pe.stride(-1) == 1 else pe.contiguous()
 
+    if pixel_norm is not None:
+        norm = _check_pixel_norm(pixel_norm, channels, device, (pixel_mean, pixel_std, pixel_scale))
+        pixel_mean = pixel_std = pixel_scale = None
+    else:
+        norm = None
     given = [v is not None for v in (pixel_mean, pixel_std)]
-    if pixels.dtype == torch.uint8 and not all(given):
+    if pixels.dtype == torch.uint8 and norm is None and not all(given):
         raise ValueError("pixels: uint8 pixels need pixel_mean and pixel_std (normalization happens in the kernel)")
-    norm = None
     if any(given) or pixel_scale is not None:
         if any(given) and not all(given):
             missing = "pixel_std" if given[0] else "pixel_mean"
             raise ValueError(f"{missing}: pixel_mean and pixel_std come together")
-        norm = torch.stack(
-            [
-                _per_channel(1.0 if pixel_scale is None else pixel_scale, channels, "pixel_scale", device),
-                _per_channel(0.0 if pixel_mean is None else pixel_mean, channels, "pixel_mean", device),
-                _per_channel(1.0 if pixel_std is None else pixel_std, channels, "pixel_std", device),
-            ]
-        )
+        norm = pixel_norm_table(pixel_mean, pixel_std, pixel_scale, channels=channels, device=device)
     return _EmbedArgs(
         pixels=pixels,
         weight2d=weight.reshape(dim, math.prod(weight.shape[1:])),  # (-1 is ambiguous when D = 0)
@@ -223,14 +251,15 @@ def _validate(pixels, weight, bias, class_embedding, position_embedding, pixel_m
 
 
 def patch_embed_reference(pixels, weight, bias=None, *, class_embedding=None, position_embedding=None,
-                          pixel_mean=None, pixel_std=None, pixel_scale=None) -> torch.Tensor:  # fmt: skip
+                          pixel_mean=None, pixel_std=None, pixel_scale=None, pixel_norm=None) -> torch.Tensor:  # fmt: skip
     """PyTorch reference of :func:`patch_embed` (it defines the op), in float64.
 
     The only roundings are the ones the op defines: normalized pixels are converted to the
     weight dtype (as Hugging Face converts ``pixel_values``), and the result to the weight
     dtype at the end. The projection is ``F.conv2d`` / ``F.conv3d`` with stride == kernel.
     """
-    args = _validate(pixels, weight, bias, class_embedding, position_embedding, pixel_mean, pixel_std, pixel_scale)
+    args = _validate(pixels, weight, bias, class_embedding, position_embedding, pixel_mean, pixel_std, pixel_scale,
+                     pixel_norm)  # fmt: skip
     return _reference_impl(args, weight)
 
 
@@ -415,7 +444,7 @@ def _launch(args: _EmbedArgs, out: torch.Tensor, cfg: EmbedConfig | None = None,
         HAS_POS=pe is not None,
         POS_INT64=pe is not None and _spans_int32(pe[0]),
         NORMALIZE=args.norm is not None and packed is None,
-        UPCAST_DOT=is_interpreted(kernels.patch_embed_kernel) and not fp32,
+        UPCAST_DOT=_INTERPRETED and not fp32,
         # fp32 weights: exact fp32 products unless torch itself allows TF32 convolutions.
         DOT_PRECISION="tf32" if fp32 and torch.backends.cudnn.allow_tf32 and w.is_cuda else "ieee",
         BLOCK_M=cfg.block_m,
@@ -431,6 +460,10 @@ def _launch(args: _EmbedArgs, out: torch.Tensor, cfg: EmbedConfig | None = None,
     )
     grid = (cdiv(rows, cfg.block_m) * cdiv(args.dim, cfg.block_n),)
     return launch_args, meta, grid
+
+
+# Whether the kernel runs in the interpreter: fixed when it was decorated.
+_INTERPRETED = is_interpreted(kernels.patch_embed_kernel)
 
 
 def _triton_impl(args: _EmbedArgs) -> torch.Tensor:
@@ -467,10 +500,13 @@ def _patch_embed_body(
     pixel_mean: torch.Tensor | None,
     pixel_std: torch.Tensor | None,
     pixel_scale: torch.Tensor | None,
+    pixel_norm: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    op_inputs = (pixels, weight, bias, class_embedding, position_embedding, pixel_mean, pixel_std, pixel_scale)
+    op_inputs = (pixels, weight, bias, class_embedding, position_embedding, pixel_mean, pixel_std, pixel_scale,
+                 pixel_norm)  # fmt: skip
     args = _HANDOVER.take(op_inputs) or _validate(*op_inputs)
-    dtypes = {weight.dtype} | {t.dtype for t in (pixels,) if t.is_floating_point() and t.dtype != torch.float64}
+    pdt = pixels.dtype
+    dtypes = (weight.dtype, pdt) if pdt.is_floating_point and pdt != torch.float64 else (weight.dtype,)
     decision = choose_backend(OP_NAME, kernels.patch_embed_kernel, CAPABILITIES, pixels.device, dtypes)
     if decision.backend is Backend.REFERENCE:
         return _reference_impl(args, weight)
@@ -484,8 +520,10 @@ _patch_embed_op = torch.library.custom_op("mmkernels::patch_embed", mutates_args
 
 
 @_patch_embed_op.register_fake
-def _patch_embed_fake(pixels, weight, bias, class_embedding, position_embedding, pixel_mean, pixel_std, pixel_scale):
-    args = _validate(pixels, weight, bias, class_embedding, position_embedding, pixel_mean, pixel_std, pixel_scale)
+def _patch_embed_fake(pixels, weight, bias, class_embedding, position_embedding, pixel_mean, pixel_std, pixel_scale,
+                      pixel_norm=None):  # fmt: skip
+    args = _validate(pixels, weight, bias, class_embedding, position_embedding, pixel_mean, pixel_std, pixel_scale,
+                     pixel_norm)  # fmt: skip
     return weight.new_empty(args.out_shape)
 
 
@@ -516,8 +554,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out):
-    pixels, weight, bias, cls, pos, mean, std, scale = ctx.saved_tensors
-    args = _validate(pixels, weight, bias, cls, pos, mean, std, scale)
+    pixels, weight, bias, cls, pos, mean, std, scale, norm = ctx.saved_tensors
+    args = _validate(pixels, weight, bias, cls, pos, mean, std, scale, norm)
     wanted = {"pixels": pixels, "weight": weight, "bias": bias, "class_embedding": cls, "position_embedding": pos}
     leaves = {k: v.detach().requires_grad_(True) for k, v in wanted.items()
               if v is not None and v.is_floating_point() and ctx.needs_input_grad[list(wanted).index(k)]}  # fmt: skip
@@ -533,7 +571,7 @@ def _backward(ctx, grad_out):
         )
         grads = torch.autograd.grad(out, list(leaves.values()), grad_out.to(out.dtype)) if leaves else ()
     found = dict(zip(leaves, grads))
-    return tuple(found.get(k) for k in wanted) + (None, None, None)
+    return tuple(found.get(k) for k in wanted) + (None, None, None, None)
 
 
 _patch_embed_op.register_autograd(_backward, setup_context=_setup_context)
@@ -550,7 +588,7 @@ def _as_tensor(value, device) -> torch.Tensor | None:
 
 
 def patch_embed(pixels, weight, bias=None, *, class_embedding=None, position_embedding=None,
-                pixel_mean=None, pixel_std=None, pixel_scale=None) -> torch.Tensor:  # fmt: skip
+                pixel_mean=None, pixel_std=None, pixel_scale=None, pixel_norm=None) -> torch.Tensor:  # fmt: skip
     """Patch embedding of images (or pre-flattened patches).
 
     Args:
@@ -570,6 +608,10 @@ def patch_embed(pixels, weight, bias=None, *, class_embedding=None, position_emb
             number or a ``()`` / ``(1,)`` tensor): normalize in the kernel,
             ``x' = (x * scale - mean) / std`` (the CLIP/SigLIP processor's rescale +
             normalize), so uint8 pixels skip the host entirely.
+        pixel_norm: instead of those three, the ``(3, C)`` float32 table ``[scale; mean;
+            std]`` on ``pixels``' device, made once by :func:`pixel_norm_table`: the call
+            then builds nothing from them (a caller that normalizes on every call, such as
+            a patched module, keeps one per device).
 
     Returns:
         ``(B, N, D)``, ``(B, 1+N, D)`` with a class embedding, or ``(N, D)`` for the
@@ -590,10 +632,13 @@ def patch_embed(pixels, weight, bias=None, *, class_embedding=None, position_emb
     fewer are gathered inside the GEMM (see :func:`embed_config`). Otherwise the
     reference. Registered as ``torch.ops.mmkernels.patch_embed``.
     """
-    device = pixels.device if isinstance(pixels, torch.Tensor) else None
-    mean, std, scale = (_as_tensor(v, device) for v in (pixel_mean, pixel_std, pixel_scale))
+    if pixel_mean is None and pixel_std is None and pixel_scale is None:
+        mean = std = scale = None
+    else:
+        device = pixels.device if isinstance(pixels, torch.Tensor) else None
+        mean, std, scale = _as_tensor(pixel_mean, device), _as_tensor(pixel_std, device), _as_tensor(pixel_scale, device)
     # Validated here too: a tensor on another device would route the op by that device.
-    op_inputs = (pixels, weight, bias, class_embedding, position_embedding, mean, std, scale)
+    op_inputs = (pixels, weight, bias, class_embedding, position_embedding, mean, std, scale, pixel_norm)
     return _HANDOVER.call(_patch_embed_op, op_inputs, _validate(*op_inputs), body=_patch_embed_body)
 
 

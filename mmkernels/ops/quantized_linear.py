@@ -327,7 +327,7 @@ def _launch(args: _LinearArgs, out: torch.Tensor, x_gemm: torch.Tensor, x_scales
         HAS_BIAS=args.bias is not None,
         ACTIVATION=ACTIVATIONS[args.activation],
         SPLIT_K=cfg.split_k,
-        UPCAST_DOT=is_interpreted(kernels.quantized_linear_kernel) and not (fp32 and qw.scheme != "fp8"),
+        UPCAST_DOT=_INTERPRETED and not (fp32 and qw.scheme != "fp8"),
         DOT_PRECISION="tf32" if fp32 and qw.scheme != "fp8" and torch.backends.cuda.matmul.allow_tf32 and out.is_cuda else "ieee",
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
@@ -339,6 +339,10 @@ def _launch(args: _LinearArgs, out: torch.Tensor, x_gemm: torch.Tensor, x_scales
     )
     grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n), cfg.split_k)
     return launch_args, meta, grid
+
+
+# Whether the kernels run in the interpreter: fixed when they were decorated.
+_INTERPRETED = is_interpreted(kernels.quantized_linear_kernel)
 
 
 def _tma_launch(args: _LinearArgs, out: torch.Tensor, x_gemm: torch.Tensor, x_scales: torch.Tensor,
@@ -411,7 +415,8 @@ def _quantize_rows_launch(x2d, xq, xs):
 
 def _triton_impl(args: _LinearArgs) -> torch.Tensor:
     qw = args.qweight
-    if not all(t.is_contiguous() for t in qw.tensors().values()):  # the kernel assumes row-major tensors
+    # The kernel assumes row-major tensors (checked without building the tensors() dict).
+    if not (qw.packed.is_contiguous() and qw.scales.is_contiguous() and (qw.zeros is None or qw.zeros.is_contiguous())):
         qw = dataclasses.replace(qw, **{name: t.contiguous() for name, t in qw.tensors().items()})
         args = dataclasses.replace(args, qweight=qw)
     x2d = args.x2d
@@ -465,6 +470,9 @@ def _rebuild(x, packed, scales, zeros, scheme, group_size) -> QuantizedWeight:
     )
 
 
+_OP_NAMES = {scheme: f"{OP_NAME}[{scheme}]" for scheme in CAPABILITIES}
+
+
 def _quantized_linear_body(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -479,8 +487,8 @@ def _quantized_linear_body(
     if args is None:
         qw = _rebuild(x, packed, scales, zeros, scheme, group_size)
         args = _validate(x, qw, bias, None if activation == "none" else activation)
-    dtypes = {x.dtype} | ({bias.dtype} if bias is not None and bias.dtype != torch.float64 else set())
-    decision = choose_backend(f"{OP_NAME}[{scheme}]", kernels.quantized_linear_kernel, CAPABILITIES[scheme], x.device, dtypes)
+    dtypes = (x.dtype, bias.dtype) if bias is not None and bias.dtype != torch.float64 else (x.dtype,)
+    decision = choose_backend(_OP_NAMES[scheme], kernels.quantized_linear_kernel, CAPABILITIES[scheme], x.device, dtypes)
     if decision.backend is Backend.REFERENCE:
         return _reference_impl(args)
     with device_guard(x.device):

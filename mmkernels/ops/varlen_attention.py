@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +27,7 @@ from mmkernels.backend import (
     Capabilities,
     ValidatedHandOver,
     aligned_elements,
+    env_flag,
     cdiv,
     choose_backend,
     device_guard,
@@ -38,6 +38,10 @@ from mmkernels.backend import (
     register_aot,
 )
 from mmkernels.ops import _varlen_attention_kernels as kernels
+
+# MMKERNELS_DEBUG_CHECKS, read at import (not per call); mmkernels.backend.refresh_environment()
+# reads it again.
+_debug_checks = env_flag("MMKERNELS_DEBUG_CHECKS")
 
 __all__ = [
     "CAPABILITIES",
@@ -312,51 +316,69 @@ def _kernel_operand(name: str, t: torch.Tensor) -> torch.Tensor:
 
 def _launch(args: _AttnArgs, out: torch.Tensor):
     """(args, meta, grid) of the one launch; also used by the AOT report."""
-    q, k, v = (_kernel_operand(name, t) for name, t in (("q", args.q), ("k", args.k), ("v", args.v)))
-    if out.stride(0) >= _MAX_TILE_TOKEN_STRIDE:
-        raise ValueError(f"q: heads x head_dim = {out.stride(0)} elements per token is too large for the kernel "
+    q, k, v = args.q, args.k, args.v
+    # Each tensor's strides read once (every stride() call is a C call and a tuple).
+    qs, ks, vs, os_ = q.stride(), k.stride(), v.stride(), out.stride()
+    if qs[2] != 1 or qs[0] >= _MAX_TILE_TOKEN_STRIDE:
+        q = _kernel_operand("q", q)
+        qs = q.stride()
+    if ks[2] != 1 or ks[0] >= _MAX_TILE_TOKEN_STRIDE:
+        k = _kernel_operand("k", k)
+        ks = k.stride()
+    if vs[2] != 1 or vs[0] >= _MAX_TILE_TOKEN_STRIDE:
+        v = _kernel_operand("v", v)
+        vs = v.stride()
+    if os_[0] >= _MAX_TILE_TOKEN_STRIDE:
+        raise ValueError(f"q: heads x head_dim = {os_[0]} elements per token is too large for the kernel "
                          f"(at most {_MAX_TILE_TOKEN_STRIDE - 1})")  # fmt: skip
+    total_q, hq, head_dim = q.shape
+    total_k, hkv = k.shape[0], k.shape[1]
     # The kernel clamps every sequence to the rows that exist, so no sequence is longer
     # than total_q: a larger max_seqlen_q (a caller's bound, or garbage) only adds
     # programs with nothing to do.
-    max_seqlen_q = min(args.max_seqlen_q, q.shape[0])
-    cfg = attn_config(max_seqlen_q, args.head_dim, q.element_size())
+    max_seqlen_q = min(args.max_seqlen_q, total_q)
+    fp32 = q.dtype == torch.float32
+    cfg = attn_config(max_seqlen_q, head_dim, q.element_size())
     n_slots = max(1, cdiv(max_seqlen_q, cfg.block_m))
     ranges = args.kv_ranges
+    rs = ranges.stride() if ranges is not None else (0, 0)
+    batch = args.cu_seqlens_q.shape[0] - 1
     launch_args = (
         q, k, v, out, args.cu_seqlens_q, args.cu_seqlens_k,
         ranges if ranges is not None else args.cu_seqlens_q,  # never read without HAS_RANGES
-        args.softmax_scale * math.log2(math.e), q.shape[0], k.shape[0], args.batch, n_slots,
-        q.shape[1] // k.shape[1],
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        out.stride(0), out.stride(1),
-        ranges.stride(0) if ranges is not None else 0, ranges.stride(1) if ranges is not None else 0,
+        args.softmax_scale * _LOG2E, total_q, total_k, batch, n_slots, hq // hkv,
+        qs[0], qs[1], ks[0], ks[1], vs[0], vs[1], os_[0], os_[1], rs[0], rs[1],
     )  # fmt: skip
-    fp32 = q.dtype == torch.float32
+    strides = (qs[0], qs[1], ks[0], ks[1], vs[0], vs[1], os_[0], os_[1])
     meta = dict(
         HAS_RANGES=ranges is not None,
         CAUSAL=args.causal,
-        UPCAST_DOT=is_interpreted(kernels.varlen_attention_fwd_kernel) and not fp32,
+        UPCAST_DOT=_INTERPRETED and not fp32,
         DOT_PRECISION="tf32" if fp32 and torch.backends.cuda.matmul.allow_tf32 and q.is_cuda else "ieee",
-        HEAD_DIM=args.head_dim,
+        HEAD_DIM=head_dim,
         HEAD_PAD=cfg.head_pad,
         HEAD_A=cfg.head_a,
         HEAD_B=cfg.head_b,
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
-        ALIGN=aligned_elements((q, k, v, out), [st for t in (q, k, v, out) for st in t.stride()[:2]]),
-        WIDE_HEADS=max((t.shape[1] - 1) * t.stride(1) for t in (q, k, v, out)) >= 2**31,
+        ALIGN=aligned_elements((q, k, v, out), strides),
+        WIDE_HEADS=max((hq - 1) * qs[1], (hkv - 1) * ks[1], (hkv - 1) * vs[1], (hq - 1) * os_[1]) >= 2**31,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
     # One program per query block, sequence and head; one more sequence writes the rows no
     # block owns (past cu_seqlens_q[-1]: 0; past max_seqlen_q or before cu_seqlens_q[0]:
     # NaN). Blocks and sequences share axis 0: CUDA's y and z stop at 65535.
-    grid = (n_slots * (args.batch + 1), q.shape[1])
+    grid = (n_slots * (batch + 1), hq)
     if grid[0] >= 2**31:
-        raise ValueError(f"cu_seqlens_q: {args.batch} sequences x {n_slots} query blocks of {cfg.block_m} "
+        raise ValueError(f"cu_seqlens_q: {batch} sequences x {n_slots} query blocks of {cfg.block_m} "
                          f"is more programs than one launch can have (2^31 - 1)")  # fmt: skip
     return launch_args, meta, grid
+
+
+_LOG2E = math.log2(math.e)
+# Whether the kernel object runs in the interpreter: fixed when it was decorated.
+_INTERPRETED = is_interpreted(kernels.varlen_attention_fwd_kernel)
 
 
 def _triton_impl(args: _AttnArgs) -> torch.Tensor:
@@ -493,7 +515,7 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     """
     args = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, kv_ranges)
     if check is None:
-        check = os.environ.get("MMKERNELS_DEBUG_CHECKS", "0").lower() in ("1", "true", "yes", "on")
+        check = _debug_checks()
     if check:
         check_values(args)
     op_inputs = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, args.softmax_scale, causal, kv_ranges)
