@@ -295,7 +295,21 @@ class _SelfBound:
     function: Callable
 
     def bind(self, module: torch.nn.Module) -> Callable:
-        return types.MethodType(self.function, module)
+        return _bind_method(self.function, module)
+
+
+def _bind_method(function: Callable, module: torch.nn.Module) -> Callable:
+    """``function`` bound to ``module``, in a form torch.compile calls as it is: a bound
+    method in eager code, a ``functools.partial`` while Dynamo traces (it cannot call
+    ``types.MethodType``: a graph break in every compiled call). Never
+    ``function.__get__(module, cls)``: Dynamo gives that method the source
+    ``module.<function name>``, which on a patched module is the INSTANCE attribute, the
+    replacement itself; a graph break inside the original then resumed by calling the
+    replacement, which called itself (the RecursionError of a compiled static-cache
+    generate, issue 16)."""
+    if torch.compiler.is_compiling():
+        return functools.partial(function, module)
+    return types.MethodType(function, module)
 
 
 def _previous(module: torch.nn.Module, swap: Swap):
@@ -313,14 +327,7 @@ def original_method(module: torch.nn.Module, name: str) -> Callable:
     if swap is None or swap.previous is ABSENT:
         function = getattr(type(module), name)
         if isinstance(function, types.FunctionType):
-            # Bound explicitly: under torch.compile, Dynamo resolved
-            # ``function.__get__(module, cls)`` to the INSTANCE attribute ``module.forward``,
-            # i.e. the replacement itself, which then called itself (a RecursionError, or a
-            # graph break per decode step in a compiled static-cache generate). Dynamo
-            # cannot call ``types.MethodType`` either (a graph break); it traces a partial.
-            if torch.compiler.is_compiling():
-                return functools.partial(function, module)
-            return types.MethodType(function, module)
+            return _bind_method(function, module)  # not function.__get__: see _bind_method
         return function.__get__(module, type(module))
     return _previous(module, swap)
 
