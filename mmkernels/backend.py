@@ -36,9 +36,12 @@ log = logging.getLogger("mmkernels")
 __all__ = [
     "AotCase",
     "Backend",
+    "CallPlans",
     "Capabilities",
     "Decision",
     "aot_cases",
+    "call_plans_enabled",
+    "clear_call_plans",
     "choose_backend",
     "compute_capability",
     "empty_output",
@@ -250,6 +253,9 @@ def choose_backend(
     if decision.reasons:
         log.debug("mmkernels: %s", decision)
     _RECENT.append((next(_SEQUENCE), decision))
+    recording = _RECORDING.top
+    if recording is not None:
+        recording.decisions.append(decision)
     return decision
 
 
@@ -257,8 +263,10 @@ _DECISIONS: dict[tuple, Decision] = {}
 
 
 def clear_decision_cache() -> None:
-    """Forget the cached backend decisions (after a test patches what they depend on)."""
+    """Forget the cached backend decisions (after a test patches what they depend on), and
+    the call plans made under them."""
     _DECISIONS.clear()
+    clear_call_plans()
 
 
 def _decide(op, kernel, caps, device, dtypes, extra, forced) -> Decision:
@@ -333,19 +341,36 @@ class ValidatedHandOver:
     2.13, this project's CI machine) and does nothing there. Anything that works at the
     dispatcher level (autograd, torch.compile, modes, transforms, the profiler) gets the
     registered op. Not used while ``torch.compile`` traces (the compiled graph calls the
-    op without the wrapper)."""
+    op without the wrapper).
 
-    def __init__(self):
+    With ``op`` (the op's name), it also keeps the op's :class:`CallPlans`: a public op
+    computes the call's :func:`plan_key`, asks :meth:`replay`, and only on a miss
+    validates and calls :meth:`call` with the key, which records the call as a plan where
+    it qualifies."""
+
+    def __init__(self, op: str | None = None):
         self._local = threading.local()
+        self.plans = CallPlans(op) if op is not None else None
 
-    def call(self, op, op_inputs: tuple, args, body=None):
+    def replay(self, key, op_inputs: tuple):
+        """The result of the call with ``op_inputs`` from the plan of ``key`` (its
+        :func:`plan_key`), or :data:`MISS`."""
+        plan = self.plans._plans.get(key) if key is not None else None
+        if plan is None:
+            return MISS
+        self.plans.replays += 1
+        return plan.run(op_inputs)
+
+    def call(self, op, op_inputs: tuple, args, body=None, key=None):
         """``op(*op_inputs)`` with ``args`` (the wrapper's validation) handed over; or
         ``body(*op_inputs)``, the function ``op`` registers, where the dispatcher is not
-        needed."""
+        needed (recorded as the plan of ``key``, the call's :func:`plan_key`, if given)."""
         if torch.compiler.is_compiling():
             return op(*op_inputs)
         self._local.value = (op_inputs, args)
         try:
+            if body is not None and key is not None:
+                return self.plans.record(key, body, op_inputs)  # a key implies no dispatcher is needed
             if body is not None and not dispatcher_needed(op_inputs):
                 return body(*op_inputs)
             return op(*op_inputs)
@@ -450,10 +475,18 @@ def aligned_elements(tensors, strides) -> int:
 
 
 def empty_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """How launchers allocate outputs: ``torch.empty``, or NaN under :func:`poison_outputs`."""
+    """How launchers allocate outputs and scratch: ``torch.empty``, or NaN under
+    :func:`poison_outputs`. A call being recorded as a plan (see :class:`CallPlans`) notes
+    the allocation, so the plan makes the same one on each replay."""
     if getattr(_POISON, "on", False):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    return torch.empty(shape, dtype=dtype, device=device)
+        fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
+        out = torch.full(shape, fill, dtype=dtype, device=device)
+    else:
+        out = torch.empty(shape, dtype=dtype, device=device)
+    recording = _RECORDING.top
+    if recording is not None:
+        recording.allocations.append((out, tuple(shape), dtype, device))
+    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -687,6 +720,46 @@ class _KernelLauncher:
     def _first_key(self, args, device, meta):
         return None
 
+    def find(self, args, meta):
+        """(key, cache entry, device) of a launch just made with ``args`` and ``meta``, for
+        a call plan; None where it has no entry (it took Triton's path for good)."""
+        if self._driver is None or self._drivers._active is not self._driver:
+            return None
+        device = self._get_device()
+        try:
+            key = self._key(args, device, meta)
+            if key is None:
+                key = self._retype(args)(args, device, meta)
+            entry = self._cache.get(key)
+        except (AttributeError, TypeError, ValueError):
+            return None
+        return None if entry is None else (key, entry, device)
+
+    def replay(self, step, args: list):
+        """The launch of a call plan's ``step`` with ``args``: its cache entry straight
+        away while every condition :meth:`__call__` checks still holds (same driver, no
+        hooks, same knobs, same current device, the entry still cached), else
+        :meth:`__call__`."""
+        rt = self._runtime
+        if (
+            self._drivers._active is not self._driver
+            or rt.launch_enter_hook.calls
+            or rt.launch_exit_hook.calls
+            or self.kernel.pre_run_hooks
+            or (rt.debug, self._compilation.instrumentation_mode) != self._knobs
+            or self._cache.get(step.key) is not step.entry
+        ):
+            return self(step.grid, tuple(args), step.meta)
+        device = self._get_device()
+        if device != step.device:
+            return self(step.grid, tuple(args), step.meta)
+        run, function, packed, tail = step.entry
+        grid = step.grid
+        n = len(grid)
+        self.direct += 1
+        run(grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1, self._get_stream(device), function, packed,
+            None, None, None, *args, *tail)  # fmt: skip
+
     def _retype(self, args):
         types = tuple(map(type, args))
         function = self._key_functions.get(types)
@@ -777,6 +850,9 @@ def launch(kernel, grid, args: tuple, meta: dict):
         with _LAUNCHERS_LOCK:
             entry = _launcher_for(kernel)
             _LAUNCHERS[id(kernel)] = entry
+    recording = _RECORDING.top
+    if recording is not None:
+        recording.launches.append((entry, grid, args, meta))
     return entry(grid, args, meta)
 
 
@@ -792,3 +868,372 @@ def reset_launchers() -> None:
     """Forget every direct-launch entry (the next launch of each kernel takes Triton's path)."""
     with _LAUNCHERS_LOCK:
         _LAUNCHERS.clear()
+    clear_call_plans()
+
+
+# --------------------------------------------------------------------------------------
+# Call plans: a call seen before replays its launches
+#
+# Even with direct launches, an op's Python (validation, the backend decision, the tile
+# config, building launch arguments, the launcher's specialization key) was 3-5x the cost
+# of an allocation plus a launch (tools/host_overhead.py). All of it is a function of
+# what a call's *plan key* holds: per tensor input its shape, strides, dtype, device and
+# whether its address is 16-byte aligned (everything an op or Triton reads from a tensor
+# except the address itself), and the value and type of every other input. So the first
+# plain eager call with a key runs as before and is recorded: the allocations it made
+# through :func:`empty_output`, the launches it made through :func:`launch` and the
+# decisions it logged. Later calls with that key skip straight to the same allocations
+# and launches with this call's tensors substituted in (and log the same decisions).
+#
+# A call becomes a plan only when it is certainly a function of its key:
+#   * the op's launcher says its path is made of launches only (:func:`plan_ok`; paths
+#     that copy inputs with torch ops, sync, read global flags or fall back to the
+#     reference never call it, or call :func:`no_plan`);
+#   * every tensor a launch receives is an input of the call, an allocation it made, or
+#     a view of one starting at the same address with the same dtype (what the kernel
+#     sees of a tensor is its address and dtype; strides travel as integers, fixed by
+#     the key); a temporary made any other way (a copy, a pinned table, a TMA
+#     descriptor) leaves the call unplanned; so does an address two inputs share;
+#   * no dispatcher-level feature is active (the same conditions as
+#     :func:`dispatcher_needed`: autograd recording, modes, transforms, the profiler,
+#     tracing, tensor subclasses), nothing is being compiled, no backend is forced.
+# Plans are forgotten with the backend decisions (:func:`clear_decision_cache`, hence
+# :func:`refresh_environment`) and with the launchers (:func:`reset_launchers`).
+# ``MMKERNELS_CALL_PLANS=0`` turns them off.
+
+_PARAMETER = torch.nn.Parameter
+_PLAN_SCALAR_TYPES = frozenset({int, float, bool})
+MISS = object()  # CallPlans.replay: no plan for this call
+
+
+class _RecordingState(threading.local):
+    top = None  # the _Recording of the call being recorded on this thread
+
+
+_RECORDING = _RecordingState()
+
+
+class _Recording:
+    __slots__ = ("launches", "allocations", "decisions", "constants", "plannable", "spoiled")
+
+    def __init__(self):
+        self.launches: list[tuple] = []  # (launcher, grid, args, meta), or (None, fn, tensors, result) for plan_step
+        self.allocations: list[tuple] = []  # (tensor, shape, dtype, device)
+        self.decisions: list[Decision] = []
+        self.constants: list[torch.Tensor] = []
+        self.plannable = False
+        self.spoiled = False
+
+
+def plan_constant(*tensors: torch.Tensor) -> None:
+    """Tensors made by the call being recorded whose contents are a function of its plan
+    key (with the key's ``extra``): its plan keeps them and its launches read them again.
+    (The merge's segment table: kinds, row counts, segment offsets relative to the first
+    feature, all held by its key.)"""
+    recording = _RECORDING.top
+    if recording is not None:
+        recording.constants.extend(tensors)
+
+
+def plan_step(fn: Callable, *tensors: torch.Tensor):
+    """``fn(*tensors)``: work of the call being recorded that is not a launch (a cumsum,
+    a count check that syncs and raises); its plan calls ``fn`` again at this point with
+    that call's tensors. ``fn`` may read nothing but its tensors and what the key holds."""
+    result = fn(*tensors)
+    recording = _RECORDING.top
+    if recording is not None:
+        recording.launches.append((None, fn, tensors, result))
+    return result
+
+
+def plan_ok() -> None:
+    """An op's launcher states that the call being run is made of :func:`empty_output`
+    allocations and :func:`launch` launches only, so it may become a plan."""
+    recording = _RECORDING.top
+    if recording is not None:
+        recording.plannable = True
+
+
+def no_plan() -> None:
+    """The call being run depends on something its plan key does not hold (a global flag
+    such as ``allow_tf32``): it never becomes a plan."""
+    recording = _RECORDING.top
+    if recording is not None:
+        recording.spoiled = True
+
+
+def _read_plans_flag() -> None:
+    _PLANS_ON[0] = os.environ.get("MMKERNELS_CALL_PLANS", "1").lower() not in ("0", "false", "no", "off")
+
+
+_PLANS_ON = [True]
+_read_plans_flag()
+_ENV_REFRESHERS.append(_read_plans_flag)
+
+
+def call_plans_enabled() -> bool:
+    """False when ``MMKERNELS_CALL_PLANS=0`` (read at import and by :func:`refresh_environment`)."""
+    return _PLANS_ON[0]
+
+
+def _tensor_key(t):
+    return t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15
+
+
+def plan_key(op_inputs: tuple, extra: tuple = ()):
+    """The plan key of a call with ``op_inputs`` (see the section comment), or None when
+    the call must not use plans: a dispatcher-level feature is active, a tensor requires
+    grad under grad mode or is a subclass or meta, something is being compiled, a backend
+    is forced, an input has a type a key cannot hold. ``extra``: what the public function
+    reads beyond ``op_inputs`` (fields of an argument object), made part of the key."""
+    if torch.compiler.is_compiling():  # first: Dynamo folds it, and traces nothing below
+        return None
+    C = torch._C
+    try:
+        if (
+            C._is_tracing()
+            or C._are_functorch_transforms_active()
+            or C._len_torch_dispatch_stack()
+            or C._is_torch_function_mode_enabled()
+            or C._autograd._profiler_enabled()
+        ):
+            return None
+    except AttributeError:  # pragma: no cover - another torch: no plans
+        return None
+    if not _PLANS_ON[0] or getattr(_FORCED, "value", None) is not None:
+        return None
+    grad = C.is_grad_enabled()
+    parts = []
+    append = parts.append
+    device = None
+    for v in op_inputs:
+        t = type(v)
+        if t is torch.Tensor or t is _PARAMETER:
+            if (grad and v.requires_grad) or v.is_meta:
+                return None
+            device = v.device
+            append((v.shape, v.stride(), v.dtype, device, v.data_ptr() & 15))
+        elif v is None or t is str:
+            parts.append(v)
+        elif t in _PLAN_SCALAR_TYPES:
+            parts.append((t, v))  # 1, 1.0 and True are equal keys otherwise
+        elif t is list or t is tuple:
+            sub = []
+            for x in v:
+                tx = type(x)
+                if tx is torch.Tensor or tx is _PARAMETER:
+                    if grad and x.requires_grad:
+                        return None
+                    sub.append((x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15))
+                elif tx in _PLAN_SCALAR_TYPES or tx is str or x is None:
+                    sub.append((tx, x))
+                else:
+                    return None
+            parts.append(tuple(sub))
+        else:
+            return None
+    if device is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # A graph captured from a replay would read the plan's constants, which the plan
+        # may drop; captured calls take the ordinary path (its memory is the graph's).
+        return None
+    if extra:
+        parts.append(extra)
+    return tuple(parts)
+
+
+class _Step:
+    """One recorded launch: its arguments with the call's tensors as slots."""
+
+    __slots__ = ("launcher", "grid", "args", "meta", "slots", "key", "entry", "device")
+
+    def __init__(self, launcher, grid, args, meta, slots, found):
+        self.launcher, self.grid, self.args, self.meta, self.slots = launcher, grid, args, meta, slots
+        self.key, self.entry, self.device = found if found is not None else (None, None, None)
+
+
+class _TorchStep:
+    __slots__ = ("fn", "slots", "result")
+
+    def __init__(self, fn, slots, result):
+        self.fn, self.slots, self.result = fn, slots, result  # result: the allocation slot it fills, or None
+
+
+class _Plan:
+    __slots__ = ("allocations", "steps", "decisions", "result", "device", "cuda_index")
+
+    def __init__(self, allocations, steps, decisions, result, device):
+        self.allocations, self.steps, self.decisions, self.result, self.device = (
+            allocations, steps, decisions, result, device)  # fmt: skip
+        self.cuda_index = device.index if device.type == "cuda" and device.index is not None else None
+
+    def run(self, op_inputs: tuple):
+        allocs = [empty_output(a[0], a[1], a[2]) if a is not None else None for a in self.allocations]
+        # device_guard's choice, with what cannot change for this plan decided once.
+        if self.cuda_index is not None:
+            guard = _NULL_CONTEXT if self.cuda_index == torch.cuda.current_device() else device_guard(self.device)
+        else:
+            guard = device_guard(self.device)
+        with guard:
+            for step in self.steps:
+                if type(step) is _TorchStep:
+                    out = step.fn(*[(op_inputs[i] if j < 0 else op_inputs[i][j]) if i >= 0 else allocs[-1 - i]
+                                    for i, j in step.slots])  # fmt: skip
+                    if step.result is not None:
+                        allocs[step.result] = out
+                    continue
+                args = list(step.args)
+                for position, i, j in step.slots:
+                    # i >= 0: input i (j >= 0: item j of that list input); i < 0: allocation -1 - i
+                    args[position] = (op_inputs[i] if j < 0 else op_inputs[i][j]) if i >= 0 else allocs[-1 - i]
+                launcher = step.launcher
+                if step.entry is not None:
+                    launcher.replay(step, args)
+                else:
+                    launcher(step.grid, tuple(args), step.meta)
+        for decision in self.decisions:
+            _RECENT.append((next(_SEQUENCE), decision))
+        result = self.result
+        if result is None:
+            return None
+        i, j, view = result
+        out = (op_inputs[i] if j < 0 else op_inputs[i][j]) if i >= 0 else allocs[-1 - i]
+        return out if view is None else out.as_strided(*view)
+
+
+_PLAN_CACHES: list["CallPlans"] = []
+
+
+class CallPlans:
+    """The plans of one op (see the section comment above), keyed by :func:`plan_key`."""
+
+    def __init__(self, op: str, max_entries: int = 256):
+        self.op = op
+        self.max_entries = max_entries
+        self._plans: dict[tuple, _Plan] = {}
+        self.replays = 0  # tests read these
+        self.recorded = 0
+        _PLAN_CACHES.append(self)
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def clear(self) -> None:
+        self._plans.clear()
+
+    def get(self, key) -> _Plan | None:
+        return self._plans.get(key) if key is not None else None
+
+    def record(self, key, body, op_inputs: tuple):
+        """``body(*op_inputs)``, recorded; the recording becomes the plan of ``key`` if it
+        qualifies (see the section comment)."""
+        outer = _RECORDING.top
+        recording = _RECORDING.top = _Recording()
+        try:
+            result = body(*op_inputs)
+        finally:
+            _RECORDING.top = outer
+        if outer is not None:
+            outer.spoiled = True  # an op inside another op's call: not modelled
+        if recording.plannable and not recording.spoiled:
+            plan = _make_plan(recording, op_inputs, result)
+            if plan is not None:
+                if len(self._plans) >= self.max_entries:
+                    self._plans.clear()  # keys that never repeat (new shapes each call): stay bounded
+                self._plans[key] = plan
+                self.recorded += 1
+        return result
+
+
+def _make_plan(recording: _Recording, op_inputs: tuple, result) -> _Plan | None:
+    """The plan of a recorded call, or None where a launch receives a tensor that is not
+    an input, an allocation, or a same-address same-dtype view of one."""
+    by_id: dict[int, tuple[int, int]] = {}
+    by_address: dict[tuple, tuple[int, int] | None] = {}
+    device = None
+
+    def note(t, slot):
+        nonlocal device
+        by_id.setdefault(id(t), slot)
+        device = device or t.device
+        if t.numel():
+            address = (t.data_ptr(), t.dtype)
+            # Two inputs at one address: which one a view came from is unknowable.
+            by_address[address] = None if address in by_address and by_address[address] != slot else slot
+
+    for i, v in enumerate(op_inputs):
+        if isinstance(v, torch.Tensor):
+            note(v, (i, -1))
+        elif isinstance(v, (list, tuple)):
+            for j, x in enumerate(v):
+                if isinstance(x, torch.Tensor):
+                    note(x, (i, j))
+    for n, (t, _, _, _) in enumerate(recording.allocations):
+        note(t, (-1 - n, -1))
+    allocations = [(shape, dtype, dev) for _, shape, dtype, dev in recording.allocations]
+    constants = {id(t) for t in recording.constants}
+    constant_addresses = {(t.data_ptr(), t.dtype) for t in recording.constants if t.numel()}
+
+    def slot_of(t):
+        slot = by_id.get(id(t))
+        if slot is None and t.numel():
+            slot = by_address.get((t.data_ptr(), t.dtype))
+        return slot
+
+    steps = []
+    for launcher, grid, args, meta in recording.launches:
+        if launcher is None:  # plan_step(fn, *tensors) -> result: (None, fn, tensors, result)
+            fn, tensors, out = grid, args, meta
+            slots = [slot_of(t) for t in tensors]
+            if any(slot is None for slot in slots):
+                return None
+            filled = None
+            if isinstance(out, torch.Tensor):
+                filled = len(allocations)
+                allocations.append(None)
+                note(out, (-1 - filled, -1))
+            steps.append(_TorchStep(fn, tuple(slots), filled))
+            continue
+        slots = []
+        for position, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                if id(a) in constants or (a.numel() and (a.data_ptr(), a.dtype) in constant_addresses):
+                    continue  # kept by the plan as it is
+                slot = slot_of(a)
+                if slot is None:
+                    return None
+                slots.append((position, *slot))
+            elif not (a is None or type(a) in _PLAN_SCALAR_TYPES or type(a) is str):
+                return None  # a descriptor or another object made for this call
+        found = launcher.find(args, meta) if hasattr(launcher, "find") else None
+        template = list(args)
+        for position, _, _ in slots:
+            template[position] = None  # the plan must not keep the recorded call's tensors alive
+        steps.append(_Step(launcher, grid, tuple(template), meta, tuple(slots), found))
+    planned_result = None
+    if result is not None:
+        if not isinstance(result, torch.Tensor):
+            return None
+        slot = by_id.get(id(result))
+        view = None
+        if slot is None:
+            slot = slot_of(result)
+            if slot is None:
+                return None
+            view = (tuple(result.shape), result.stride())
+            if slot[0] < 0 and allocations[-1 - slot[0]] is not None:  # an allocation, not a plan_step's result
+                alloc = recording.allocations[-1 - slot[0]][0]
+                if alloc.is_contiguous() and result.is_contiguous() and alloc.numel() == result.numel():
+                    # A reshape of an allocation: allocate it in the result's shape (the
+                    # kernels see only its address) and return it as it is.
+                    allocations[-1 - slot[0]] = (tuple(result.shape), alloc.dtype, alloc.device)
+                    view = None
+        planned_result = (*slot, view)
+    allocations = tuple(allocations)
+    return _Plan(allocations, tuple(steps), tuple(recording.decisions), planned_result,
+                 device if device is not None else torch.device("cpu"))  # fmt: skip
+
+
+def clear_call_plans() -> None:
+    """Forget every op's plans (the next call of each key runs and records again)."""
+    for plans in _PLAN_CACHES:
+        plans.clear()

@@ -17,6 +17,11 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+    # Call plans replay what an earlier call with the same key launched; a test that
+    # patches an op's internals (its config, its launcher) must not replay another test's.
+    from mmkernels import backend
+
+    backend.clear_call_plans()
     yield
 
 

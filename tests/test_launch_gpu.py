@@ -71,3 +71,79 @@ def test_direct_launch_in_a_cuda_graph():
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, x + y * 2.0)
+
+
+def _op_calls():
+    """(name, make_inputs, call) of each op at small real-model shapes, bf16 on CUDA."""
+    from mmkernels import ops
+    from mmkernels.quant import quantize
+
+    dev, bf16 = "cuda", torch.bfloat16
+    qw = quantize(torch.randn(4096, 1024, device=dev, dtype=bf16), "w8a16")
+    cu = torch.tensor([0, 64, 128], dtype=torch.int32, device=dev)
+
+    def merge_inputs():
+        ids = torch.randint(0, 32000, (1, 640), device=dev)
+        ids[:, 5:581] = 32000
+        return ids, torch.randn(1, 640, 4096, device=dev, dtype=bf16), list(torch.randn(576, 4096, device=dev,
+                                                                                         dtype=bf16).split(288))  # fmt: skip
+
+    return [
+        ("merge", merge_inputs, lambda ids, e, f: ops.merge_multimodal_embeddings(ids, e, f, 32000, check=False)),
+        ("merge-checked", merge_inputs, lambda ids, e, f: ops.merge_multimodal_embeddings(ids, e, f, 32000)),
+        ("patch_embed", lambda: (torch.randn(1, 3, 384, 384, device=dev, dtype=bf16),
+                                 torch.randn(1152, 3, 14, 14, device=dev, dtype=bf16)),
+         lambda p, w: ops.patch_embed(p, w)),  # fmt: skip
+        ("quantized_linear", lambda: (torch.randn(16, 1024, device=dev, dtype=bf16),),
+         lambda x: ops.quantized_linear(x, qw, activation="gelu")),
+        ("varlen_attention", lambda: tuple(torch.randn(128, 16, 64, device=dev, dtype=bf16) for _ in range(3)),
+         lambda q, k, v: ops.varlen_attention(q, k, v, cu, cu, 64, 64)),
+    ]
+
+
+_NAMES = ["merge", "merge-checked", "patch_embed", "quantized_linear", "varlen_attention"]
+
+
+def _op_call(name):
+    """Built in the test (collection runs on machines without CUDA too)."""
+    return next((make, call) for n, make, call in _op_calls() if n == name)
+
+
+@pytest.mark.parametrize("name", _NAMES)
+def test_call_plan_replay_equals_the_ordinary_path(name):
+    make, call = _op_call(name)
+    backend.clear_call_plans()
+    call(*make())  # recorded
+    inputs = make()
+    with backend.poison_outputs():
+        replayed = call(*inputs)
+    with backend.force_backend(backend.Backend.TRITON):  # a forced scope takes the ordinary path
+        ordinary = call(*inputs)
+    torch.cuda.synchronize()
+    assert torch.equal(replayed.view(torch.uint8), ordinary.view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("name", [n for n in _NAMES if n != "merge-checked"])  # check=True syncs: not capturable
+def test_cuda_graph_capture_with_plans_around(name):
+    """Capture takes the ordinary path (a plan's constants are not the graph's memory); a
+    graph captured after plans were made replays right after they are dropped and their
+    memory reused."""
+    make, call = _op_call(name)
+    backend.clear_call_plans()
+    inputs = make()
+    call(*make())  # a plan for this key exists before the capture
+    want = call(*inputs).clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call(*inputs)  # warm up on the side stream
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call(*inputs)
+    backend.clear_call_plans()
+    junk = [torch.full((1 << 16,), 7, dtype=torch.int64, device="cuda") for _ in range(64)]  # reuse freed blocks
+    graph.replay()
+    torch.cuda.synchronize()
+    del junk
+    assert torch.equal(captured.view(torch.uint8), want.view(torch.uint8)), name

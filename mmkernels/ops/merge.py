@@ -21,6 +21,7 @@ from typing import Sequence, Union
 import torch
 
 from mmkernels.backend import (
+    MISS,
     AotCase,
     Backend,
     Capabilities,
@@ -30,6 +31,11 @@ from mmkernels.backend import (
     device_guard,
     empty_output,
     next_power_of_2,
+    no_plan,
+    plan_constant,
+    plan_key,
+    plan_ok,
+    plan_step,
     register_aot,
 )
 from mmkernels.backend import launch as backend_launch
@@ -52,7 +58,7 @@ CAPABILITIES = Capabilities(
     min_compute_capability=(7, 0),
 )
 _ID_DTYPES = (torch.int32, torch.int64)
-_HANDOVER = ValidatedHandOver()  # the public wrapper's validation, reused by the op
+_HANDOVER = ValidatedHandOver(OP_NAME)  # the public wrapper's validation, reused by the op; and its call plans
 
 
 # --------------------------------------------------------------------------------------
@@ -356,9 +362,13 @@ def _tables(args: _MergeArgs, device: torch.device) -> _Tables:
     # kernel reads a row with unit column stride (a per-segment column stride would cost
     # the 16-byte vectors of every segment): the rare tensor without one is copied. Every
     # copy is made before the base pointer is taken, since offsets are relative to it.
-    feats = [
-        f if f.shape[1] == 1 or f.stride(1) == 1 else f.contiguous() for f in args.all_features if f.shape[0] > 0
-    ]
+    feats = []
+    for f in args.all_features:
+        if f.shape[0] > 0:
+            if f.shape[1] != 1 and f.stride(1) != 1:
+                f = f.contiguous()
+                no_plan()  # the copy's address goes into the table: never replayed
+            feats.append(f)
     base = feats[0].data_ptr() if feats else 0
     es = feats[0].element_size() if feats else 1
     offsets, first_rows, strides, aligned, total = [], [], [], True, 0
@@ -367,6 +377,7 @@ def _tables(args: _MergeArgs, device: torch.device) -> _Tables:
         if (ptr - base) % es:  # not a whole number of elements from the base: copy it
             f = feats[i] = f.clone(memory_format=torch.contiguous_format)
             ptr = f.data_ptr()
+            no_plan()
         # Offsets may be negative (a tensor below the base) and strides zero (an expanded
         # view): the kernel's int64 arithmetic takes both. A one-row tensor's stride is
         # never used; 0 keeps it from spoiling the alignment claim.
@@ -383,7 +394,11 @@ def _tables(args: _MergeArgs, device: torch.device) -> _Tables:
         # Pinned + non_blocking: a plain H2D copy from pageable memory syncs the stream.
         table = table.pin_memory().to(device, non_blocking=True)
     k = len(args.kind_ids)
-    return _Tables(feats, table[: 3 * k].view(3, k), table[3 * k :].view(3, len(feats)), aligned)
+    kinds, segs = table[: 3 * k].view(3, k), table[3 * k :].view(3, len(feats))
+    # Its contents are a function of the call's plan key (kinds, row counts, strides, and
+    # the segment offsets relative to the first feature, which the public function adds).
+    plan_constant(table, kinds, segs, *kinds, *segs)
+    return _Tables(feats, kinds, segs, aligned)
 
 
 def _source_layout(args: _MergeArgs) -> tuple[torch.Tensor, int, int, int, int]:
@@ -426,7 +441,7 @@ def _build_launch(args: _MergeArgs, out: torch.Tensor, inplace: bool = False) ->
     fused = args.table is not None
     src, src_stride_0, src_stride_1, src_col_stride, src_seq = _source_layout(args)
     vocab = args.table.shape[0] if fused else 0
-    counts = torch.empty(num_blocks, len(args.kind_ids) + 1, dtype=torch.int32, device=device)
+    counts = empty_output((num_blocks, len(args.kind_ids) + 1), torch.int32, device)
     feat_base = feats[0] if feats else out
     # One id per row: a stride of 1 where the ids are contiguous (specialized by the JIT),
     # any other (a strided or expanded view) read as is.
@@ -475,25 +490,30 @@ def _triton_impl(args: _MergeArgs, check: bool, inplace: bool = False) -> torch.
         out = args.embeds
         out2d = _inplace_rows(out, T, args.dim)
         if out2d is None:  # a layout the kernel cannot write through: merge, then copy
-            return out.copy_(_triton_impl(args, check))
+            result = out.copy_(_triton_impl(args, check))
+            no_plan()  # the copy is not a launch
+            return result
     else:
         out = empty_output(args.out_shape, args.out_dtype, args.ids.device)
+    vocab = args.table.shape[0] if args.table is not None else 0
     if T == 0:
         if check:
-            _check_counts(args, torch.zeros(len(args.kind_ids) + 1, dtype=torch.int64))
+            _check_totals(args.kind_ids, args.kind_rows, vocab, torch.zeros(len(args.kind_ids) + 1, dtype=torch.int64))
+        plan_ok()  # nothing to launch; the check passed for counts the key fixes
         return out
+    # Allocations, launches and plan steps from here (see mmkernels.backend.CallPlans).
+    plan_ok()
     if not inplace:
         out2d = out.view(T, args.dim)
     launch, _keepalive = _build_launch(args, out2d, inplace)
     counts = launch.count_args[3]
     backend_launch(kernels.merge_count_kernel, (launch.num_blocks,), launch.count_args, launch.count_meta)
-    block_cumsum = counts.cumsum(0, dtype=torch.int32)
+    block_cumsum = plan_step(_block_cumsum, counts)
     if check:
         # The one host sync of check=True: placeholder counts per kind and out-of-table text
         # ids, compared on the device with the expected counts (the kind table is there).
-        totals = block_cumsum[-1].to(torch.int64)
-        if not torch.equal(totals, torch.nn.functional.pad(launch.kind_rows, (0, 1))):
-            _check_counts(args, totals)
+        plan_step(functools.partial(_check_on_device, args.kind_ids, args.kind_rows, vocab, launch.kind_rows),
+                  block_cumsum)  # fmt: skip
     if args.dim == 0:
         return out  # nothing to write; the counts were still checked (D = 0 is a valid empty hidden dim)
     rows_args = list(launch.rows_args)
@@ -502,14 +522,27 @@ def _triton_impl(args: _MergeArgs, check: bool, inplace: bool = False) -> torch.
     return out
 
 
-def _check_counts(args: _MergeArgs, totals: torch.Tensor) -> None:
+def _block_cumsum(counts: torch.Tensor) -> torch.Tensor:
+    return counts.cumsum(0, dtype=torch.int32)
+
+
+def _check_on_device(kind_ids: list[int], kind_rows: list[int], vocab: int, kind_rows_on_device: torch.Tensor,
+                     block_cumsum: torch.Tensor) -> None:  # fmt: skip
+    """check=True: compare the totals with the expected counts on the device, and read them
+    on the host (the sync) only to raise."""
+    totals = block_cumsum[-1].to(torch.int64)
+    if not torch.equal(totals, torch.nn.functional.pad(kind_rows_on_device, (0, 1))):
+        _check_totals(kind_ids, kind_rows, vocab, totals)
+
+
+def _check_totals(kind_ids: list[int], kind_rows: list[int], vocab: int, totals: torch.Tensor) -> None:
     """Raise the error ``totals`` (placeholders per kind, then bad text ids) implies, if any."""
     totals = totals.tolist()
     placeholders, bad_text = totals[:-1], totals[-1]
-    if placeholders != args.kind_rows:
-        raise PlaceholderCountError(args.kind_ids, placeholders, args.kind_rows)
+    if placeholders != kind_rows:
+        raise PlaceholderCountError(kind_ids, placeholders, kind_rows)
     if bad_text:
-        raise _out_of_table_error(bad_text, args.table.shape[0])
+        raise _out_of_table_error(bad_text, vocab)
 
 
 # --------------------------------------------------------------------------------------
@@ -570,7 +603,7 @@ def _merge_inplace_body(
     _run(args, check, True)
 
 
-_HANDOVER_INPLACE = ValidatedHandOver()
+_HANDOVER_INPLACE = ValidatedHandOver(OP_NAME + "_")
 # The in-place form mutates inputs_embeds: a custom op of its own that declares it (so
 # torch.compile and functionalization see the write).
 _merge_inplace_op = torch.library.custom_op("mmkernels::merge_multimodal_embeddings_", mutates_args=("inputs_embeds",))(
@@ -703,15 +736,38 @@ def merge_multimodal_embeddings(
     """
     # Validated here too: with a tensor on another device the dispatcher would route the
     # op by that device (a meta tensor reaches the fake kernel) before the body could check.
+    op_inputs = key = None
+    if type(placeholder_id) is int:
+        # The common forms (one placeholder id; a tensor or a list of them) are keyed for a
+        # call plan before any validation: a call seen before replays its launches.
+        feats = [features] if type(features) is torch.Tensor else list(features) if type(features) in (list, tuple) else None
+        if feats is not None:
+            if inplace:
+                op_inputs = (input_ids, inputs_embeds, feats, [len(feats)], [placeholder_id], check)
+            else:
+                op_inputs = (input_ids, inputs_embeds, feats, [len(feats)], [placeholder_id], embedding_weight, check,
+                             padding_idx)  # fmt: skip
+            key = plan_key(op_inputs)  # None while compiling, before any data_ptr is read
+            if key is not None:
+                try:
+                    # The segment table holds each feature's offset from the first: so does the key.
+                    first = feats[0].data_ptr() if feats else 0
+                    key = (key, tuple([f.data_ptr() - first for f in feats]))
+                except AttributeError:  # not tensors: the validation below names them
+                    key = None
+            out = (_HANDOVER_INPLACE if inplace else _HANDOVER).replay(key, op_inputs)
+            if out is not MISS:
+                return inputs_embeds if inplace else out
     args = _validate(input_ids, inputs_embeds, features, placeholder_id, embedding_weight, padding_idx)
     if inplace:
-        return _merge_inplace(input_ids, args, check)
-    op_inputs = (input_ids, inputs_embeds, args.all_features, [len(feats) for feats in args.kind_features],
-                 args.kind_ids, embedding_weight)  # fmt: skip
-    return _HANDOVER.call(_merge_op, (*op_inputs, check, padding_idx), args, body=_merge_body)
+        return _merge_inplace(input_ids, args, check, op_inputs, key)
+    if op_inputs is None:
+        op_inputs = (input_ids, inputs_embeds, args.all_features, [len(feats) for feats in args.kind_features],
+                     args.kind_ids, embedding_weight, check, padding_idx)  # fmt: skip
+    return _HANDOVER.call(_merge_op, op_inputs, args, body=_merge_body, key=key)
 
 
-def _merge_inplace(input_ids: torch.Tensor, args: _MergeArgs, check: bool) -> torch.Tensor:
+def _merge_inplace(input_ids: torch.Tensor, args: _MergeArgs, check: bool, op_inputs=None, key=None) -> torch.Tensor:
     embeds = args.embeds
     if embeds is None:
         raise ValueError("inplace=True: needs inputs_embeds to write into (the fused lookup has none)")
@@ -720,9 +776,10 @@ def _merge_inplace(input_ids: torch.Tensor, args: _MergeArgs, check: bool) -> to
         op_inputs = (input_ids, embeds, args.all_features, [len(feats) for feats in args.kind_features],
                      args.kind_ids, None, check, None)  # fmt: skip
         return embeds.copy_(_merge_op(*op_inputs))
-    op_inputs = (input_ids, embeds, args.all_features, [len(feats) for feats in args.kind_features], args.kind_ids,
-                 check)  # fmt: skip
-    _HANDOVER_INPLACE.call(_merge_inplace_op, op_inputs, args, body=_merge_inplace_body)
+    if op_inputs is None:
+        op_inputs = (input_ids, embeds, args.all_features, [len(feats) for feats in args.kind_features], args.kind_ids,
+                     check)  # fmt: skip
+    _HANDOVER_INPLACE.call(_merge_inplace_op, op_inputs, args, body=_merge_inplace_body, key=key)
     return embeds
 
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from mmkernels.backend import (
+    MISS,
     AotCase,
     Backend,
     Capabilities,
@@ -45,6 +46,9 @@ from mmkernels.backend import (
     empty_output,
     is_interpreted,
     launch,
+    no_plan,
+    plan_key,
+    plan_ok,
     next_power_of_2,
     register_aot,
 )
@@ -56,7 +60,7 @@ OP_NAME = "patch_embed"
 # Weight (= output) dtypes the kernel computes with; float64 runs the reference.
 CAPABILITIES = Capabilities(dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}), min_compute_capability=(8, 0))
 _PIXEL_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_HANDOVER = ValidatedHandOver()  # the public wrapper's validation, reused by the op
+_HANDOVER = ValidatedHandOver(OP_NAME)  # the public wrapper's validation, reused by the op; and its call plans
 
 
 @dataclass
@@ -436,6 +440,8 @@ def _launch(args: _EmbedArgs, out: torch.Tensor, cfg: EmbedConfig | None = None,
         out.stride(1) if args.image_form else out.stride(0),
     )  # fmt: skip
     fp32 = w.dtype == torch.float32
+    if fp32 and w.is_cuda:
+        no_plan()  # reads torch's cudnn.allow_tf32, which a plan key does not hold
     meta = dict(
         P=args.patch,
         IMAGE_FORM=image_form,
@@ -475,7 +481,11 @@ def _triton_impl(args: _EmbedArgs) -> torch.Tensor:
             if args.position_embedding is not None:
                 cls = cls + args.position_embedding[:, :1].to(torch.float32)
             out.copy_(cls)
+        else:
+            plan_ok()
         return out
+    # Allocations and launches only from here (a weight copy is a temporary a plan refuses).
+    plan_ok()
     cfg = embed_config(args.rows, args.dim, args.weight2d.shape[1], args.weight2d.element_size())
     packed = None
     if _packs(cfg.a_source, args.image_form, args.norm is not None):
@@ -639,7 +649,11 @@ def patch_embed(pixels, weight, bias=None, *, class_embedding=None, position_emb
         mean, std, scale = _as_tensor(pixel_mean, device), _as_tensor(pixel_std, device), _as_tensor(pixel_scale, device)
     # Validated here too: a tensor on another device would route the op by that device.
     op_inputs = (pixels, weight, bias, class_embedding, position_embedding, mean, std, scale, pixel_norm)
-    return _HANDOVER.call(_patch_embed_op, op_inputs, _validate(*op_inputs), body=_patch_embed_body)
+    key = plan_key(op_inputs)
+    out = _HANDOVER.replay(key, op_inputs)
+    if out is not MISS:
+        return out
+    return _HANDOVER.call(_patch_embed_op, op_inputs, _validate(*op_inputs), body=_patch_embed_body, key=key)
 
 
 # --------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from mmkernels.backend import (
+    MISS,
     AotCase,
     Backend,
     Capabilities,
@@ -33,6 +34,9 @@ from mmkernels.backend import (
     empty_output,
     is_interpreted,
     launch,
+    no_plan,
+    plan_key,
+    plan_ok,
     next_power_of_2,
     register_aot,
 )
@@ -70,7 +74,7 @@ CAPABILITIES: dict[str, Capabilities] = {
 }
 # Programs the small-M heuristic aims for: about two waves of an H100 / H200 (132 SMs).
 _TARGET_PROGRAMS = 264
-_HANDOVER = ValidatedHandOver()  # the public wrapper's validation, reused by the op
+_HANDOVER = ValidatedHandOver(OP_NAME)  # the public wrapper's validation, reused by the op; and its call plans
 
 
 # --------------------------------------------------------------------------------------
@@ -321,6 +325,8 @@ def _launch(args: _LinearArgs, out: torch.Tensor, x_gemm: torch.Tensor, x_scales
         x_gemm.stride(0), qw.packed.stride(0), n, m * n,
     )  # fmt: skip
     fp32 = args.x2d.dtype == torch.float32
+    if fp32 and qw.scheme != "fp8" and out.is_cuda:
+        no_plan()  # reads torch's allow_tf32, which a plan key does not hold
     meta = dict(
         SCHEME=_SCHEME_IDS[qw.scheme],
         GROUP_SIZE=qw.group_size or 1,
@@ -414,6 +420,8 @@ def _quantize_rows_launch(x2d, xq, xs):
 
 
 def _triton_impl(args: _LinearArgs) -> torch.Tensor:
+    # Allocations and launches only (operand copies are temporaries a plan refuses).
+    plan_ok()
     qw = args.qweight
     # The kernel assumes row-major tensors (checked without building the tensors() dict).
     if not (qw.packed.is_contiguous() and qw.scales.is_contiguous() and (qw.zeros is None or qw.zeros.is_contiguous())):
@@ -569,10 +577,19 @@ def quantized_linear(x, qweight, bias=None, *, activation=None) -> torch.Tensor:
     and ``bias`` (computed in PyTorch from the same dequantized weight); the quantized
     weight itself is frozen. Registered as ``torch.ops.mmkernels.quantized_linear``.
     """
+    key = None
+    if type(qweight) is QuantizedWeight:
+        op_inputs = (x, qweight.packed, qweight.scales, qweight.zeros, bias, qweight.scheme, qweight.group_size or 0,
+                     activation or "none")  # fmt: skip
+        # The fields the validation reads beyond the op's inputs are part of the key.
+        key = plan_key(op_inputs, (qweight.in_features, qweight.out_features, qweight.dtype))
+        out = _HANDOVER.replay(key, op_inputs)
+        if out is not MISS:
+            return out
     args = _validate(x, qweight, bias, activation)  # here, so errors name the public arguments
     op_inputs = (x, qweight.packed, qweight.scales, qweight.zeros, bias, qweight.scheme, qweight.group_size or 0,
                  activation or "none")  # fmt: skip
-    return _HANDOVER.call(_quantized_linear_op, op_inputs, args, body=_quantized_linear_body)
+    return _HANDOVER.call(_quantized_linear_op, op_inputs, args, body=_quantized_linear_body, key=key)
 
 
 # --------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from mmkernels.backend import (
+    MISS,
     AotCase,
     Backend,
     Capabilities,
@@ -34,6 +35,9 @@ from mmkernels.backend import (
     empty_output,
     is_interpreted,
     launch,
+    no_plan,
+    plan_key,
+    plan_ok,
     next_power_of_2,
     register_aot,
 )
@@ -55,7 +59,7 @@ OP_NAME = "varlen_attention"
 CAPABILITIES = Capabilities(dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}), min_compute_capability=(8, 0))
 # Head dims run inside the kernel as two power-of-two chunks (see head_chunks).
 MAX_HEAD_DIM = 256
-_HANDOVER = ValidatedHandOver()  # the public wrapper's validation, reused by the op
+_HANDOVER = ValidatedHandOver(OP_NAME)  # the public wrapper's validation, reused by the op; and its call plans
 
 
 @dataclass
@@ -338,6 +342,8 @@ def _launch(args: _AttnArgs, out: torch.Tensor):
     # programs with nothing to do.
     max_seqlen_q = min(args.max_seqlen_q, total_q)
     fp32 = q.dtype == torch.float32
+    if fp32 and q.is_cuda:
+        no_plan()  # reads torch's allow_tf32, which a plan key does not hold
     cfg = attn_config(max_seqlen_q, head_dim, q.element_size())
     n_slots = max(1, cdiv(max_seqlen_q, cfg.block_m))
     ranges = args.kv_ranges
@@ -387,6 +393,7 @@ def _triton_impl(args: _AttnArgs) -> torch.Tensor:
         return out
     if args.head_dim == 0:
         return out.zero_()
+    plan_ok()  # an allocation and one launch (operand copies are temporaries a plan refuses)
     launch_args, meta, grid = _launch(args, out)
     launch(kernels.varlen_attention_fwd_kernel, grid, launch_args, meta)
     return out
@@ -513,13 +520,22 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     available through a PyTorch recomputation (see :func:`varlen_attention_torch`).
     Registered as ``torch.ops.mmkernels.varlen_attention``.
     """
-    args = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, kv_ranges)
     if check is None:
         check = _debug_checks()
+    key = None
+    if not check:  # the check reads values on the host: never replayed
+        # Keyed by the arguments as given (softmax_scale None or a number); the plan takes
+        # only the tensors from them, at the same positions as in the op's inputs.
+        given = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, kv_ranges)
+        key = plan_key(given)
+        out = _HANDOVER.replay(key, given)
+        if out is not MISS:
+            return out
+    args = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, kv_ranges)
     if check:
         check_values(args)
     op_inputs = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, args.softmax_scale, causal, kv_ranges)
-    return _HANDOVER.call(_varlen_attention_op, op_inputs, args, body=_varlen_attention_body)
+    return _HANDOVER.call(_varlen_attention_op, op_inputs, args, body=_varlen_attention_body, key=key)
 
 
 # --------------------------------------------------------------------------------------

@@ -1,0 +1,202 @@
+"""Call plans (``mmkernels.backend.CallPlans``): a plain eager call whose plan key was seen
+before replays the allocations and launches the first call with that key made, with its
+own tensors. These tests pin what makes that safe: a replay gives bit for bit what the
+ordinary path gives, writes every output element, keeps no tensor of an earlier call
+alive, and anything its key does not hold (another layout, dtype, alignment, feature
+offsets, autograd, a forced backend, a path that copies or syncs) takes the ordinary path.
+Run in the interpreter (the direct-launch replay is covered by tests/test_launch.py's
+stand-in driver and tools/host_overhead.py)."""
+
+import gc
+import importlib
+import weakref
+
+import pytest
+import torch
+
+from mmkernels import backend, ops
+from mmkernels.quant import quantize
+
+MERGE = importlib.import_module("mmkernels.ops.merge")
+PLANS = {
+    "merge": MERGE._HANDOVER.plans,
+    "merge_inplace": MERGE._HANDOVER_INPLACE.plans,
+    "patch_embed": importlib.import_module("mmkernels.ops.patch_embed")._HANDOVER.plans,
+    "quantized_linear": importlib.import_module("mmkernels.ops.quantized_linear")._HANDOVER.plans,
+    "varlen_attention": importlib.import_module("mmkernels.ops.varlen_attention")._HANDOVER.plans,
+}
+
+
+def _merge_inputs():
+    # Features as splits of one tensor (as Hugging Face models hand them over): the same
+    # offsets from the first each call, so the same key.
+    ids = torch.tensor([[5, 9, 9, 9, 2, 3, 9, 1], [4, 4, 9, 9, 9, 9, 7, 0]])
+    return ids, torch.randn(2, 8, 40), list(torch.randn(8, 40).split([4, 4]))
+
+
+def _cases():
+    """(name, make_inputs, call): make_inputs() gives fresh tensors of one key each time."""
+    qw = quantize(torch.randn(48, 64), "w4a16", group_size=32)
+    bias = torch.randn(48)
+    cu = torch.tensor([0, 3, 10], dtype=torch.int32)
+    return [
+        ("merge", _merge_inputs, lambda ids, e, f: ops.merge_multimodal_embeddings(ids, e, f, 9, check=False)),
+        ("merge", _merge_inputs, lambda ids, e, f: ops.merge_multimodal_embeddings(ids, e, f, 9)),
+        ("merge", lambda: (_merge_inputs()[0], torch.randn(50, 40), [torch.randn(8, 40)]),
+         lambda ids, w, f: ops.merge_multimodal_embeddings(ids, None, f, 9, embedding_weight=w, padding_idx=0)),
+        ("merge_inplace", _merge_inputs,
+         lambda ids, e, f: ops.merge_multimodal_embeddings(ids, e, f, 9, inplace=True).clone()),
+        ("patch_embed", lambda: (torch.randn(2, 3, 12, 8), torch.randn(24, 3, 4, 4), torch.randn(6, 24)),
+         lambda p, w, pos: ops.patch_embed(p, w, position_embedding=pos)),
+        ("quantized_linear", lambda: (torch.randn(5, 64),),
+         lambda x: ops.quantized_linear(x, qw, bias, activation="silu")),
+        ("varlen_attention", lambda: tuple(torch.randn(10, 4, 16) for _ in range(3)),
+         lambda q, k, v: ops.varlen_attention(q, k, v, cu, cu, 7, 7, causal=True)),
+    ]
+
+
+CASES = _cases()
+IDS = [f"{name}-{i}" for i, (name, _, _) in enumerate(CASES)]
+
+
+def _ordinary(call, inputs):
+    """The same call on the ordinary path (no plan)."""
+    backend.clear_call_plans()
+    with backend.force_backend(backend.Backend.INTERPRETER):  # a forced scope never uses plans
+        return call(*inputs)
+
+
+@pytest.mark.parametrize("name,make,call", CASES, ids=IDS)
+def test_a_repeated_call_replays_bit_for_bit(name, make, call):
+    plans = PLANS[name]
+    recorded = plans.recorded
+    call(*make())  # recorded
+    assert plans.recorded == recorded + 1 and len(plans) == 1
+    inputs = make()
+    replays = plans.replays
+    with backend.poison_outputs():  # every element the replay returns was written by it
+        got = call(*inputs)
+    assert plans.replays == replays + 1, "the second call of one key did not replay"
+    assert backend.recent_decisions()[-1].backend is backend.Backend.INTERPRETER
+    want = _ordinary(call, inputs)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert torch.equal(torch.nan_to_num(got, nan=123.0), torch.nan_to_num(want, nan=123.0))
+    assert not got.isnan().any()
+
+
+@pytest.mark.parametrize("name,make,call", CASES, ids=IDS)
+def test_plans_keep_no_tensor_of_the_recorded_call(name, make, call):
+    inputs = make()
+    out = call(*inputs)
+    refs = [weakref.ref(t) for t in inputs if isinstance(t, torch.Tensor)] + [weakref.ref(out)]
+    del inputs, out
+    gc.collect()
+    assert len(PLANS[name]) == 1
+    assert all(r() is None for r in refs), "a plan keeps a tensor of the call it was recorded from"
+
+
+def _variants(x):
+    """Tensors with the values of ``x`` that differ in what a plan key holds."""
+    yield "transposed", x.t().contiguous().t() if x.dim() == 2 else x.transpose(0, 1).contiguous().transpose(0, 1)
+    yield "misaligned", torch.cat([x.new_zeros(1), x.flatten()])[1:].view_as(x)
+    yield "dtype", x.to(torch.float64)
+
+
+def test_what_the_key_does_not_hold_takes_the_ordinary_path():
+    qw = quantize(torch.randn(48, 64), "w8a16")
+    plans = PLANS["quantized_linear"]
+    x = torch.randn(6, 64)
+    ops.quantized_linear(x, qw)
+    for what, other in _variants(torch.randn(6, 64)):
+        replays = plans.replays
+        got = ops.quantized_linear(other, qw)
+        assert plans.replays == replays, what
+        backend.clear_call_plans()
+        assert torch.equal(got, ops.quantized_linear(other, qw)), what
+        ops.quantized_linear(x, qw)  # record the first key again
+    replays = plans.replays
+    ops.quantized_linear(torch.randn(7, 64), qw)  # another shape
+    ops.quantized_linear(x, qw, activation="gelu")  # another scalar
+    with backend.force_backend(backend.Backend.REFERENCE):
+        ops.quantized_linear(x, qw)
+        assert backend.recent_decisions()[-1].backend is backend.Backend.REFERENCE
+    ops.quantized_linear(x.clone().requires_grad_(), qw)  # autograd records: the dispatcher
+    assert plans.replays == replays
+    ops.quantized_linear(torch.randn(6, 64), qw)
+    assert plans.replays == replays + 1
+
+
+def test_scalars_of_another_type_do_not_share_a_key():
+    assert backend.plan_key((1,)) != backend.plan_key((True,)) != backend.plan_key((1.0,))
+    assert backend.plan_key((torch.zeros(2, requires_grad=True),)) is None
+    with torch.no_grad():
+        assert backend.plan_key((torch.zeros(2, requires_grad=True),)) is not None
+    assert backend.plan_key((torch.empty(2, device="meta"),)) is None
+    assert backend.plan_key((object(),)) is None
+
+
+def test_merge_feature_offsets_are_part_of_the_key():
+    """The segment table the plan keeps holds each feature's offset from the first."""
+    plans = PLANS["merge"]
+    ids, embeds, _ = _merge_inputs()
+    pool = torch.randn(20, 40)
+    ops.merge_multimodal_embeddings(ids, embeds, [pool[0:4], pool[4:8]], 9, check=False)
+    replays = plans.replays
+    # Same shapes, another gap between the two features: a miss, and the right rows.
+    feats = [pool[0:4], pool[10:14]]
+    got = ops.merge_multimodal_embeddings(ids, embeds, feats, 9, check=False)
+    assert plans.replays == replays
+    assert torch.equal(got, ops.merge_multimodal_embeddings_reference(ids, embeds, feats, 9, check=False))
+    # Same gap in another buffer: a replay, and the right rows.
+    other = torch.randn(20, 40)
+    feats = [other[0:4], other[4:8]]
+    got = ops.merge_multimodal_embeddings(ids, embeds, feats, 9, check=False)
+    assert plans.replays == replays + 1
+    assert torch.equal(got, ops.merge_multimodal_embeddings_reference(ids, embeds, feats, 9, check=False))
+
+
+def test_merge_check_still_raises_on_a_replay():
+    ids, embeds, feats = _merge_inputs()
+    plans = PLANS["merge"]
+    ops.merge_multimodal_embeddings(ids, embeds, feats, 9)
+    bad = ids.clone()
+    bad[0, 0] = 9  # one placeholder more than feature rows: same key
+    replays = plans.replays
+    with pytest.raises(ops.PlaceholderCountError, match="9 placeholder tokens"):
+        ops.merge_multimodal_embeddings(bad, embeds, feats, 9)
+    assert plans.replays == replays + 1
+
+
+def test_paths_that_copy_are_never_planned():
+    ids, embeds, feats = _merge_inputs()
+    strided = [f.t().contiguous().t() for f in feats]  # column stride != 1: copied into the table
+    ops.merge_multimodal_embeddings(ids, embeds, strided, 9, check=False)
+    assert len(PLANS["merge"]) == 0
+    # An in-place merge into a layout the kernel cannot write through: merged, then copied back.
+    e = torch.randn(2, 40, 8).transpose(1, 2)
+    ops.merge_multimodal_embeddings(ids, e, feats, 9, check=False, inplace=True)
+    assert len(PLANS["merge_inplace"]) == 0
+    # A non-contiguous Linear bias is copied first.
+    qw = quantize(torch.randn(48, 64), "w8a16")
+    ops.quantized_linear(torch.randn(3, 64), qw, torch.randn(96)[::2])
+    assert len(PLANS["quantized_linear"]) == 0
+
+
+def test_plans_are_dropped_with_the_decisions_and_can_be_switched_off(monkeypatch):
+    x = torch.randn(4, 64)
+    qw = quantize(torch.randn(48, 64), "w8a16")
+    ops.quantized_linear(x, qw)
+    assert len(PLANS["quantized_linear"]) == 1
+    backend.clear_decision_cache()
+    assert len(PLANS["quantized_linear"]) == 0
+    monkeypatch.setenv("MMKERNELS_CALL_PLANS", "0")
+    backend.refresh_environment()
+    try:
+        ops.quantized_linear(x, qw)
+        ops.quantized_linear(x, qw)
+        assert len(PLANS["quantized_linear"]) == 0
+    finally:
+        monkeypatch.delenv("MMKERNELS_CALL_PLANS")
+        backend.refresh_environment()
+    ops.quantized_linear(x, qw)
+    assert len(PLANS["quantized_linear"]) == 1
