@@ -183,7 +183,11 @@ class Decision:
 
 _RECENT: collections.deque[tuple[int, Decision]] = collections.deque(maxlen=64)  # (sequence number, decision)
 _SEQUENCE = itertools.count(1)  # numbers every recorded decision: cached decisions repeat as objects
-_FORCED = threading.local()
+class _ForcedState(threading.local):
+    value = None  # the class default: a missing thread attribute would cost an exception
+
+
+_FORCED = _ForcedState()
 
 
 def recent_decisions() -> list[Decision]:
@@ -213,7 +217,7 @@ class force_backend:
         self.backend = Backend(backend) if backend is not None else None
 
     def __enter__(self):
-        self._prev = getattr(_FORCED, "value", None)
+        self._prev = _FORCED.value
         _FORCED.value = self.backend
         return self
 
@@ -237,7 +241,7 @@ def choose_backend(
     the same key (compute capability and the interpreter flag are read once, see
     :func:`refresh_environment`), and building the reasons was several microseconds of
     every call. A :class:`force_backend` scope is part of the key, so it still forces."""
-    forced = getattr(_FORCED, "value", None)
+    forced = _FORCED.value
     extra = tuple(extra_reasons)
     try:
         key = (op, kernel, caps, device, frozenset(dtypes), extra, forced)
@@ -288,14 +292,18 @@ def _decide(op, kernel, caps, device, dtypes, extra, forced) -> Decision:
     return Decision(op, Backend.INTERPRETER if device.type == "cpu" else Backend.TRITON)
 
 
-_POISON = threading.local()
+class _PoisonState(threading.local):
+    on = False  # the class default: a plain attribute read on every thread
+
+
+_POISON = _PoisonState()
 
 
 @contextlib.contextmanager
 def poison_outputs():
     """Within this block, outputs allocated by mmkernels' launchers start as NaN, so an
     element a kernel forgot to write shows (see :mod:`mmkernels.testing`)."""
-    prev = getattr(_POISON, "on", False)
+    prev = _POISON.on
     _POISON.on = True
     try:
         yield
@@ -478,7 +486,7 @@ def empty_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """How launchers allocate outputs and scratch: ``torch.empty``, or NaN under
     :func:`poison_outputs`. A call being recorded as a plan (see :class:`CallPlans`) notes
     the allocation, so the plan makes the same one on each replay."""
-    if getattr(_POISON, "on", False):
+    if _POISON.on:
         fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
         out = torch.full(shape, fill, dtype=dtype, device=device)
     else:
@@ -877,9 +885,12 @@ def reset_launchers() -> None:
 # Even with direct launches, an op's Python (validation, the backend decision, the tile
 # config, building launch arguments, the launcher's specialization key) was 3-5x the cost
 # of an allocation plus a launch (tools/host_overhead.py). All of it is a function of
-# what a call's *plan key* holds: per tensor input its shape, strides, dtype, device and
-# whether its address is 16-byte aligned (everything an op or Triton reads from a tensor
-# except the address itself), and the value and type of every other input. So the first
+# what a call's *plan key* holds: per tensor input its shape, strides (or that it is
+# contiguous, which fixes every stride that can matter: PyTorch ignores only those of
+# size-1 dims, whose index is always 0), dtype, device and whether its address is 16-byte
+# aligned (everything an op or Triton reads from a tensor except the address itself;
+# tensors in a list input: their addresses relative to the list's first), and the value
+# and type of every other input. So the first
 # plain eager call with a key runs as before and is recorded: the allocations it made
 # through :func:`empty_output`, the launches it made through :func:`launch` and the
 # decisions it logged. Later calls with that key skip straight to the same allocations
@@ -1000,45 +1011,105 @@ def plan_key(op_inputs: tuple, extra: tuple = ()):
             return None
     except AttributeError:  # pragma: no cover - another torch: no plans
         return None
-    if not _PLANS_ON[0] or getattr(_FORCED, "value", None) is not None:
+    if not _PLANS_ON[0] or _FORCED.value is not None:
         return None
-    grad = C.is_grad_enabled()
+    types = tuple(map(type, op_inputs))
+    key_function = _PLAN_KEY_FUNCTIONS.get(types)
+    if key_function is None:
+        key_function = _plan_key_function(types)
+    key = key_function(op_inputs, C.is_grad_enabled())
+    if key is None:
+        return None
+    device = key[-1]  # the first tensor's device (all must share it: a call mixing devices fails, so has no plan)
+    if device is not None:
+        if device.type == "meta":
+            return None  # the fake kernel, through the dispatcher
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # A graph captured from a replay would read the plan's constants, which the
+            # plan may drop; captured calls take the ordinary path (its memory is the graph's).
+            return None
+    return (key, extra) if extra else key
+
+
+_PLAN_KEY_FUNCTIONS: dict[tuple, Callable] = {}
+_PLAIN_TENSORS = (torch.Tensor, _PARAMETER)
+
+
+def _sequence_key(values, grad: bool):
+    """The key part of a list or tuple input (tensors described, scalars with their type),
+    or None when it holds a tensor that requires grad or something a key cannot hold.
+    Tensors in a list are described with their address relative to the list's first
+    tensor (and that one's alignment): stricter than alignment alone, and what an op that
+    addresses a list through one base pointer (the merge's segment table) depends on."""
     parts = []
-    append = parts.append
-    device = None
-    for v in op_inputs:
-        t = type(v)
-        if t is torch.Tensor or t is _PARAMETER:
-            if (grad and v.requires_grad) or v.is_meta:
+    base = None
+    for x in values:
+        tx = type(x)
+        if tx is torch.Tensor or tx is _PARAMETER:
+            if grad and x.requires_grad:
                 return None
-            device = v.device
-            append((v.shape, v.stride(), v.dtype, device, v.data_ptr() & 15))
-        elif v is None or t is str:
-            parts.append(v)
-        elif t in _PLAN_SCALAR_TYPES:
-            parts.append((t, v))  # 1, 1.0 and True are equal keys otherwise
-        elif t is list or t is tuple:
-            sub = []
-            for x in v:
-                tx = type(x)
-                if tx is torch.Tensor or tx is _PARAMETER:
-                    if grad and x.requires_grad:
-                        return None
-                    sub.append((x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15))
-                elif tx in _PLAN_SCALAR_TYPES or tx is str or x is None:
-                    sub.append((tx, x))
-                else:
-                    return None
-            parts.append(tuple(sub))
+            address = x.data_ptr()
+            if base is None:
+                base = address
+                parts.append(address & 15)
+            parts.append((x.shape, x.is_contiguous() or x.stride(), x.dtype, x.device, address - base))
+        elif tx in _PLAN_SCALAR_TYPES or tx is str or x is None:
+            parts.append((tx, x))
         else:
             return None
-    if device is not None and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        # A graph captured from a replay would read the plan's constants, which the plan
-        # may drop; captured calls take the ordinary path (its memory is the graph's).
-        return None
-    if extra:
-        parts.append(extra)
     return tuple(parts)
+
+
+def _plan_key_function(types: tuple) -> Callable:
+    """A function ``(op_inputs, grad) -> key or None`` for inputs of exactly ``types``,
+    generated once per types tuple (straight-line attribute reads: a loop with a type
+    test per input cost twice as much). The key starts with the types tuple's number, so
+    equal values of other types (1, 1.0, True) never share a key, and ends with the first
+    tensor's device (or None)."""
+    number = len(_PLAN_KEY_FUNCTIONS)
+    names = [f"a{i}" for i in range(len(types))]
+    parts, grads, first = [str(number)], [], None
+    supported = True
+    for name, t in zip(names, types):
+        if t in _PLAIN_TENSORS:
+            grads.append(f"{name}.requires_grad")
+            device = f"{name}.device"
+            if first is None:
+                first = name
+                device = "device"
+            parts.append(f"({name}.shape, {name}.is_contiguous() or {name}.stride(), {name}.dtype, {device}, "
+                         f"{name}.data_ptr() & 15)")  # fmt: skip
+        elif t is type(None):
+            parts.append("None")
+        elif t in _PLAN_SCALAR_TYPES or t is str:
+            parts.append(name)
+        elif t is list or t is tuple:
+            parts.append(f"_sequence_key({name}, grad)")
+            grads.append(f"{parts[-1]} is None")  # evaluated below, once: see the generated body
+        else:
+            supported = False
+    if not supported:  # a subclass, another object: never keyed
+        function = lambda op_inputs, grad: None  # noqa: E731
+        _PLAN_KEY_FUNCTIONS[types] = function
+        return function
+    lines = ["def key(op_inputs, grad):"]
+    lines.append(f"    {', '.join(names)}{',' if len(names) == 1 else ''} = op_inputs" if names else "    pass")
+    tensor_grads = [g for g in grads if g.endswith(".requires_grad")]
+    if tensor_grads:
+        lines.append(f"    if grad and ({' or '.join(tensor_grads)}): return None")
+    sequences = [i for i, t in enumerate(types) if t is list or t is tuple]
+    for i in sequences:
+        lines.append(f"    s{i} = _sequence_key(a{i}, grad)")
+        lines.append(f"    if s{i} is None: return None")
+        parts[1 + i] = f"s{i}"
+    if first is not None:
+        lines.append(f"    device = {first}.device")
+    lines.append(f"    return ({', '.join(parts)}, {'device' if first is not None else 'None'})")
+    namespace = {"_sequence_key": _sequence_key}
+    exec("\n".join(lines), namespace)  # noqa: S102 - generated from the input types only
+    function = namespace["key"]
+    _PLAN_KEY_FUNCTIONS[types] = function
+    return function
 
 
 class _Step:
@@ -1067,7 +1138,11 @@ class _Plan:
         self.cuda_index = device.index if device.type == "cuda" and device.index is not None else None
 
     def run(self, op_inputs: tuple):
-        allocs = [empty_output(a[0], a[1], a[2]) if a is not None else None for a in self.allocations]
+        if _POISON.on:
+            allocs = [empty_output(a[0], a[1], a[2]) if a is not None else None for a in self.allocations]
+        else:  # empty_output's common case, without its calls
+            empty = torch.empty
+            allocs = [empty(a[0], dtype=a[1], device=a[2]) if a is not None else None for a in self.allocations]
         # device_guard's choice, with what cannot change for this plan decided once.
         if self.cuda_index is not None:
             guard = _NULL_CONTEXT if self.cuda_index == torch.cuda.current_device() else device_guard(self.device)
@@ -1085,13 +1160,13 @@ class _Plan:
                 for position, i, j in step.slots:
                     # i >= 0: input i (j >= 0: item j of that list input); i < 0: allocation -1 - i
                     args[position] = (op_inputs[i] if j < 0 else op_inputs[i][j]) if i >= 0 else allocs[-1 - i]
-                launcher = step.launcher
                 if step.entry is not None:
-                    launcher.replay(step, args)
+                    step.launcher.replay(step, args)
                 else:
-                    launcher(step.grid, tuple(args), step.meta)
+                    step.launcher(step.grid, tuple(args), step.meta)
+        recent = _RECENT.append
         for decision in self.decisions:
-            _RECENT.append((next(_SEQUENCE), decision))
+            recent((next(_SEQUENCE), decision))
         result = self.result
         if result is None:
             return None

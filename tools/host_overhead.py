@@ -206,11 +206,18 @@ def _thread_us(fn, calls: int) -> float:
 
 def measure_all(rows: list[dict], seen, rounds: int, calls: int) -> None:
     """Fill ``us_per_call`` (min over interleaved rounds) and ``launches_per_call`` of each row."""
-    for row in rows:  # warm up: compiles (stubbed), first-call caches, the direct-launch keys
+    from mmkernels import backend
+
+    def replays():
+        return sum(plans.replays for plans in backend._PLAN_CACHES)
+
+    for row in rows:  # warm up: compiles (stubbed), first-call caches, the direct-launch keys, the call plan
         for _ in range(3):
             row["fn"]()
         seen.launches.clear()
+        before = replays()
         row["fn"]()
+        row["replayed"] = replays() > before  # the call ran from its call plan
         row["launches_per_call"] = sum(seen.launches.values())
         row["kernels"] = dict(seen.launches)
         row["us_per_call"] = float("inf")
@@ -282,8 +289,9 @@ def render(result: dict) -> str:
     ]
     for row in result["rows"]:
         budget = f"{row['budget_us']:7.1f}" if "budget_us" in row else ""
+        plan = " (ordinary path)" if row["route"] == "mmkernels" and not row["replayed"] else ""
         lines.append(f"{row['op']:17s} {row['case']:38s} {row['route']:9s} {row['us_per_call']:8.1f} "
-                     f"{row['launches_per_call']:8d} {budget}")  # fmt: skip
+                     f"{row['launches_per_call']:8d} {budget}{plan}")  # fmt: skip
         for line in row.get("top_functions", ()):
             lines.append(f"      {line}")
     lines.append("budget: 2 x anchor x launches per call")

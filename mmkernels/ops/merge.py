@@ -747,14 +747,9 @@ def merge_multimodal_embeddings(
             else:
                 op_inputs = (input_ids, inputs_embeds, feats, [len(feats)], [placeholder_id], embedding_weight, check,
                              padding_idx)  # fmt: skip
-            key = plan_key(op_inputs)  # None while compiling, before any data_ptr is read
-            if key is not None:
-                try:
-                    # The segment table holds each feature's offset from the first: so does the key.
-                    first = feats[0].data_ptr() if feats else 0
-                    key = (key, tuple([f.data_ptr() - first for f in feats]))
-                except AttributeError:  # not tensors: the validation below names them
-                    key = None
+            # The segment table holds each feature's offset from the first: so does the key
+            # (plan_key describes the tensors of a list by their offsets from the first).
+            key = plan_key(op_inputs)
             out = (_HANDOVER_INPLACE if inplace else _HANDOVER).replay(key, op_inputs)
             if out is not MISS:
                 return inputs_embeds if inplace else out
