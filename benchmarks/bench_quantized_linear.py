@@ -108,14 +108,13 @@ class ProjectorShape:
 
     def weight_bytes(self, scheme: str | None = None) -> int:
         """The weight as each provider reads it: bf16, or the quantized format with scales."""
+        from mmkernels.quant import scheme_info
+
         n, k = self.n, self.k
         if scheme is None:
             return 2 * n * k
-        if scheme in ("w8a16", "fp8"):
-            return n * k + 4 * n
-        if scheme == "w4a16":
-            return n * k // 2 + 2 * 4 * n * (k // GROUP_SIZE)
-        raise ValueError(f"scheme: unknown {scheme!r}")
+        info = scheme_info(scheme)
+        return info.weight_bytes(n, k, GROUP_SIZE if info.grouped else None)
 
     def bytes_moved(self, scheme: str | None = None) -> int:
         return 2 * self.m * self.k + self.weight_bytes(scheme) + 2 * self.n * self.bias + 2 * self.m * self.n

@@ -53,7 +53,7 @@ from typing import Callable, Mapping
 import torch
 
 from mmkernels.ops.quantized_linear import CAPABILITIES, _apply_activation, quantized_linear
-from mmkernels.quant import SCHEMES, QuantizedWeight, check_group_size, quantize
+from mmkernels.quant import SCHEME_TABLE, QuantizedWeight, check_group_size, quantize, scheme_info
 
 from .engine import PatchReport, Replacement, Skip, backend_note
 
@@ -192,26 +192,20 @@ class QuantizedLinear(torch.nn.Module):
     def __init__(self, in_features: int, out_features: int, *, scheme: str, group_size: int | None,
                  bias: bool, activation: str | None, dtype: torch.dtype, device=None):  # fmt: skip
         super().__init__()
-        if scheme not in SCHEMES:
-            raise ValueError(f"scheme: expected one of {list(SCHEMES)}, got {scheme!r}")
+        info = scheme_info(scheme)
         group_size = check_group_size(group_size, scheme)
-        if scheme != "w4a16":
+        if not info.grouped:
             group_size = None  # per-channel: no groups
         elif in_features % group_size:
             raise ValueError(f"group_size: in_features={in_features} is not a multiple of group_size={group_size}")
         self.in_features, self.out_features = in_features, out_features
         self.scheme, self.group_size, self.activation, self.weight_dtype = scheme, group_size, activation, dtype
-        n, k = out_features, in_features
-        packed_shape, packed_dtype = {
-            "w8a16": ((n, k), torch.int8),
-            "w4a16": ((n, k // 2), torch.uint8),
-            "fp8": ((n, k), torch.float8_e4m3fn),
-        }[scheme]
-        groups = (n, k // group_size) if scheme == "w4a16" else (n,)
-        self.register_buffer("packed", torch.zeros(packed_shape, dtype=packed_dtype, device=device))
-        self.register_buffer("scales", torch.ones(groups, dtype=torch.float32, device=device))
-        if scheme == "w4a16":
-            self.register_buffer("zeros", torch.zeros(groups, dtype=torch.float32, device=device))
+        n = out_features
+        layout = info.layout(out_features, in_features, group_size)  # packed, scales (and zeros when grouped)
+        self.register_buffer("packed", torch.zeros(layout["packed"][0], dtype=layout["packed"][1], device=device))
+        self.register_buffer("scales", torch.ones(layout["scales"][0], dtype=torch.float32, device=device))
+        if "zeros" in layout:
+            self.register_buffer("zeros", torch.zeros(layout["zeros"][0], dtype=torch.float32, device=device))
         else:
             self.zeros = None
         self.bias = torch.nn.Parameter(torch.zeros(n, dtype=dtype, device=device)) if bias else None
@@ -353,9 +347,9 @@ def _normalize_request(scheme, group_size) -> tuple[str, int | None]:
                              f"got keys {sorted(scheme)}")  # fmt: skip
         group_size = scheme.get("group_size", group_size)
         scheme = scheme["scheme"]
-    if scheme not in SCHEMES:
-        raise ValueError(f"quantize_projector: expected one of {list(SCHEMES)}, got {scheme!r}")
-    if scheme != "w4a16":
+    if scheme not in SCHEME_TABLE:
+        raise ValueError(f"quantize_projector: expected one of {list(SCHEME_TABLE)}, got {scheme!r}")
+    if not SCHEME_TABLE[scheme].grouped:
         return scheme, None
     return scheme, check_group_size(group_size, scheme)
 
@@ -403,7 +397,7 @@ def quantize_projector(model: torch.nn.Module, scheme, *, group_size: int = 128)
             if type(target) is not torch.nn.Linear:
                 skipped.append(Skip(full, type(target).__name__, f"{spec.family}: expected an nn.Linear"))
                 continue
-            if scheme == "w4a16" and target.in_features % group_size:
+            if SCHEME_TABLE[scheme].grouped and target.in_features % group_size:
                 raise ValueError(
                     f"group_size: {full} has in_features={target.in_features}, not a multiple of "
                     f"group_size={group_size}; pass group_size=32 or 64"
@@ -470,7 +464,7 @@ def _plan_matmul(projector, proj_path: str, spec: ProjectorSpec, scheme: str, gr
                             f"{spec.family}: expected a 2-D Parameter {mw.parameter} (in_features, out_features) "
                             f"and no submodule {mw.module}"))  # fmt: skip
         return None
-    if scheme == "w4a16" and weight.shape[0] % group_size:
+    if SCHEME_TABLE[scheme].grouped and weight.shape[0] % group_size:
         raise ValueError(
             f"group_size: {where} has in_features={weight.shape[0]} (its first dim), not a multiple of "
             f"group_size={group_size}; pass group_size=32 or 64"

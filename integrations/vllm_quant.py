@@ -80,7 +80,16 @@ from vllm.model_executor.layers.linear import (
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
-from mmkernels.quant import GROUP_SIZES, SCHEMES, QuantizationError, QuantizedWeight, check_group_size, quantize
+from mmkernels.quant import (
+    GROUP_SIZES,
+    SCHEME_TABLE,
+    SCHEMES,
+    QuantizationError,
+    QuantizedWeight,
+    check_group_size,
+    quantize,
+    scheme_info,
+)
 
 __all__ = [
     "METHODS",
@@ -152,8 +161,7 @@ class ProjectorLinearMethod(LinearMethodBase):
     :func:`mmkernels.quant.quantize` and :func:`mmkernels.ops.quantized_linear`."""
 
     def __init__(self, scheme: str, group_size: int, prefix: str, method: str) -> None:
-        if scheme not in SCHEMES:
-            raise ValueError(f"scheme: expected one of {list(SCHEMES)}, got {scheme!r}")
+        scheme_info(scheme)  # a ValueError naming the known schemes
         self.scheme = scheme
         self.requested_group_size = group_size
         self.prefix = prefix
@@ -172,7 +180,7 @@ class ProjectorLinearMethod(LinearMethodBase):
         k = input_size_per_partition
         if params_dtype not in _ACT_DTYPES:
             self.reason = f"params dtype {params_dtype}"
-        elif self.scheme == "w4a16":
+        elif SCHEME_TABLE[self.scheme].grouped:
             sizes = sorted((g for g in GROUP_SIZES if g <= self.requested_group_size), reverse=True)
             fits = [g for g in sizes if k % g == 0]
             if not fits:
@@ -299,7 +307,7 @@ class _ProjectorConfig(QuantizationConfig):
         self.prefixes = _check_prefixes(prefixes)
 
     def __repr__(self) -> str:
-        group = f", group_size={self.group_size}" if self.scheme == "w4a16" else ""
+        group = f", group_size={self.group_size}" if SCHEME_TABLE[self.scheme].grouped else ""
         return f"{type(self).__name__}(scheme={self.scheme!r}{group}, prefixes={list(self.prefixes)})"
 
     def get_name(self) -> str:

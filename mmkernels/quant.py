@@ -51,17 +51,81 @@ __all__ = [
     "GROUP_SIZES",
     "MIN_SCALE",
     "SCHEMES",
+    "SCHEME_TABLE",
     "QuantizationError",
     "QuantizedWeight",
+    "Scheme",
     "check_group_size",
     "quantize",
+    "scheme_info",
 ]
 
-SCHEMES: tuple[str, ...] = ("w8a16", "w4a16", "fp8")
 GROUP_SIZES: tuple[int, ...] = (32, 64, 128)  # w4a16
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-_INT8_MAX = 127.0
-_INT4_MAX = 15.0
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """What one quantization format is, in one place: every caller (the op, its
+    reference, the Hugging Face and vLLM integrations, the benchmarks) reads these fields
+    instead of comparing scheme names.
+
+    ``code_dtype``: the dtype of ``packed``. ``codes_per_byte``: K elements per element
+    of ``packed`` (2: two int4 codes per uint8, even K in the low nibble). ``levels``: the
+    largest code magnitude (127, 15, 448). ``grouped``: scales and zero points per group
+    of ``group_size`` K elements (asymmetric; else one symmetric scale per output channel
+    and no zeros). ``quantized_activations``: activations are quantized per token on the
+    fly (fp8's e4m3 x e4m3 dot). ``min_compute_capability``: of the compiled kernel on
+    CUDA (e4m3 dots need sm_89)."""
+
+    name: str
+    code_dtype: torch.dtype
+    codes_per_byte: int
+    levels: float
+    grouped: bool
+    quantized_activations: bool
+    min_compute_capability: tuple[int, int]
+
+    def layout(self, out_features: int, in_features: int, group_size: int | None) -> dict[str, tuple]:
+        """``{buffer: (shape, dtype)}`` of the format's tensors for an ``(N, K)`` weight:
+        ``packed``, ``scales`` and, when grouped, ``zeros`` (what a checkpoint holds)."""
+        n, k = out_features, in_features
+        groups = (n, k // group_size) if self.grouped else (n,)
+        out = {"packed": ((n, k // self.codes_per_byte), self.code_dtype), "scales": (groups, torch.float32)}
+        if self.grouped:
+            out["zeros"] = (groups, torch.float32)
+        return out
+
+    def weight_bytes(self, out_features: int, in_features: int, group_size: int | None) -> int:
+        """Bytes of the format's tensors (what a GEMM reads of the weight)."""
+        total = 0
+        for shape, dtype in self.layout(out_features, in_features, group_size).values():
+            numel = 1
+            for size in shape:
+                numel *= size
+            total += numel * dtype.itemsize
+        return total
+
+
+SCHEME_TABLE: dict[str, Scheme] = {
+    s.name: s
+    for s in (
+        Scheme("w8a16", torch.int8, 1, 127.0, grouped=False, quantized_activations=False, min_compute_capability=(8, 0)),
+        Scheme("w4a16", torch.uint8, 2, 15.0, grouped=True, quantized_activations=False, min_compute_capability=(8, 0)),
+        Scheme("fp8", torch.float8_e4m3fn, 1, FP8_MAX, grouped=False, quantized_activations=True,
+               min_compute_capability=(8, 9)),
+    )
+}
+SCHEMES: tuple[str, ...] = tuple(SCHEME_TABLE)
+
+
+def scheme_info(scheme, name: str = "scheme") -> Scheme:
+    """The :class:`Scheme` named ``scheme``; ``ValueError`` naming the argument otherwise."""
+    info = SCHEME_TABLE.get(scheme) if isinstance(scheme, str) else None
+    if info is None:
+        raise ValueError(f"{name}: expected one of {list(SCHEMES)}, got {scheme!r}")
+    return info
+
 _WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Smallest scale: float32's smallest normal number. Below it a scale (and the dequantized
 # weights (q - z) * s) would be subnormal, which GPUs may flush to zero where the float64
@@ -82,14 +146,15 @@ def check_group_size(group_size, scheme: str, name: str = "group_size") -> int |
     """Validate a group size argument: a Python int (not a bool, not a float such as
     ``64.0``), and for w4a16 one of :data:`GROUP_SIZES`; None is accepted (and returned)
     only for the per-channel schemes, which have no groups. Returns it as an ``int``."""
-    if group_size is None and scheme != "w4a16":
+    grouped = scheme_info(scheme).grouped
+    if group_size is None and not grouped:
         return None
     if isinstance(group_size, bool) or not isinstance(group_size, _INTS):
         raise TypeError(f"{name}: expected an int (one of {GROUP_SIZES} for w4a16), got {type(group_size).__name__} "
                         f"{group_size!r}")  # fmt: skip
     if group_size <= 0:
         raise ValueError(f"{name}: expected a positive int, got {group_size}")
-    if scheme == "w4a16" and group_size not in GROUP_SIZES:
+    if grouped and group_size not in GROUP_SIZES:
         raise ValueError(f"{name}: expected one of {GROUP_SIZES} for w4a16, got {group_size!r}")
     return group_size
 
@@ -134,40 +199,43 @@ class QuantizedWeight:
         _check_features(self.in_features, "in_features")
         _check_features(self.out_features, "out_features")
         n, k = self.out_features, self.in_features
-        if self.scheme == "w4a16":
-            self.group_size = check_group_size(self.group_size, "w4a16")
+        info = SCHEME_TABLE[self.scheme]
+        if info.grouped:
+            self.group_size = check_group_size(self.group_size, self.scheme)
             if k % self.group_size:
                 # The kernel would read the scale of the next row's first group for the
                 # last, partial one; the format has no partial groups.
                 raise ValueError(f"group_size: in_features (K={k}) must be a multiple of group_size={self.group_size}")
         elif self.group_size is not None:
             raise ValueError(f"group_size: scheme {self.scheme!r} is per-channel (None), got {self.group_size!r}")
-        expect = {
-            "w8a16": ((n, k), torch.int8, (n,)),
-            "w4a16": ((n, k // 2), torch.uint8, (n, k // (self.group_size or 1))),
-            "fp8": ((n, k), torch.float8_e4m3fn, (n,)),
-        }[self.scheme]
+        layout = info.layout(n, k, self.group_size)
         for name in ("packed", "scales", "zeros"):
             t = getattr(self, name)
             if t is not None and not isinstance(t, torch.Tensor):
                 raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-        if tuple(self.packed.shape) != expect[0] or self.packed.dtype != expect[1]:
+        (packed_shape, packed_dtype), (groups, _) = layout["packed"], layout["scales"]
+        if tuple(self.packed.shape) != packed_shape or self.packed.dtype != packed_dtype:
             raise ValueError(
-                f"packed: expected {expect[1]} of shape {expect[0]} for scheme {self.scheme!r}, "
+                f"packed: expected {packed_dtype} of shape {packed_shape} for scheme {self.scheme!r}, "
                 f"got {self.packed.dtype} {tuple(self.packed.shape)}"
             )
-        if tuple(self.scales.shape) != expect[2] or self.scales.dtype != torch.float32:
-            raise ValueError(f"scales: expected float32 of shape {expect[2]}, got {self.scales.dtype} {tuple(self.scales.shape)}")
-        if self.scheme == "w4a16":
-            if self.zeros is None or tuple(self.zeros.shape) != expect[2] or self.zeros.dtype != torch.float32:
+        if tuple(self.scales.shape) != groups or self.scales.dtype != torch.float32:
+            raise ValueError(f"scales: expected float32 of shape {groups}, got {self.scales.dtype} {tuple(self.scales.shape)}")
+        if info.grouped:
+            if self.zeros is None or tuple(self.zeros.shape) != groups or self.zeros.dtype != torch.float32:
                 got = None if self.zeros is None else f"{self.zeros.dtype} {tuple(self.zeros.shape)}"
-                raise ValueError(f"zeros: expected float32 of shape {expect[2]} for w4a16, got {got}")
+                raise ValueError(f"zeros: expected float32 of shape {groups} for {self.scheme}, got {got}")
         elif self.zeros is not None:
             raise ValueError(f"zeros: scheme {self.scheme!r} has no zero points, got a tensor")
         if self.dtype not in _WEIGHT_DTYPES:
             raise ValueError(f"dtype: expected a float dtype, got {self.dtype}")
 
     # ----------------------------------------------------------------------------------
+    @property
+    def info(self) -> Scheme:
+        """The :class:`Scheme` of this weight's format."""
+        return SCHEME_TABLE[self.scheme]
+
     @property
     def device(self) -> torch.device:
         return self.packed.device
@@ -217,7 +285,7 @@ class QuantizedWeight:
 
     def codes(self) -> torch.Tensor:
         """The integer (w8a16, w4a16) or e4m3 (fp8) codes as float32 ``(N, K)``, unpacked."""
-        if self.scheme == "w4a16":
+        if self.info.codes_per_byte == 2:
             lo = (self.packed & 0xF).to(torch.float32)
             hi = (self.packed >> 4).to(torch.float32)
             return torch.stack([lo, hi], dim=-1).reshape(self.out_features, self.in_features)
@@ -227,7 +295,7 @@ class QuantizedWeight:
         """The weight ``(N, K)`` in ``dtype`` (default: :attr:`dtype`), computed in float32:
         ``q * s[n]`` (w8a16, fp8) or ``(q - z) * s`` per group (w4a16), then rounded once."""
         q = self.codes()
-        if self.scheme == "w4a16":
+        if self.info.grouped:
             g = self.group_size
             s = self.scales.repeat_interleave(g, dim=1)
             z = self.zeros.repeat_interleave(g, dim=1)
@@ -243,14 +311,13 @@ class QuantizedWeight:
         w8a16 and fp8 multiply by the raw codes and apply the scale to the fp32
         accumulator, so theirs is ``q * s[n]`` unrounded. (For fp8 the activations are
         quantized too: see :func:`quantize_activations_fp8`.)"""
-        if self.scheme == "w4a16":
+        if self.info.grouped:
             return self.dequantize(activation_dtype).to(torch.float64)
         return self.codes().to(torch.float64) * self.scales.to(torch.float64)[:, None]
 
 
 def _check_scheme(scheme) -> None:
-    if scheme not in SCHEMES:
-        raise ValueError(f"scheme: expected one of {list(SCHEMES)}, got {scheme!r}")
+    scheme_info(scheme)
 
 
 def _scales(span: torch.Tensor, levels: float) -> torch.Tensor:
@@ -282,7 +349,7 @@ def quantize(weight: torch.Tensor, scheme: str, *, group_size: int = 128) -> Qua
         QuantizationError (a ``ValueError``): NaN or inf in ``weight`` (after conversion
         to float32), or a row whose dequantized format overflows ``weight.dtype``.
     """
-    _check_scheme(scheme)
+    info = scheme_info(scheme)
     group_size = check_group_size(group_size, scheme)
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
@@ -293,29 +360,30 @@ def quantize(weight: torch.Tensor, scheme: str, *, group_size: int = 128) -> Qua
     n, k = weight.shape
     if n == 0 or k == 0:
         raise ValueError(f"weight: expected a non-empty (out_features, in_features), got {tuple(weight.shape)}")
-    if scheme == "w4a16":
-        if k % 2:
+    if info.grouped:
+        if k % info.codes_per_byte:
             raise ValueError(f"weight: int4 packing needs an even in_features (K), got K={k}")
         if k % group_size:
             raise ValueError(f"weight: in_features (K={k}) must be divisible by group_size={group_size}")
     w = weight.detach().to(torch.float32)
     if not bool(torch.isfinite(w).all()):
         raise QuantizationError("weight: expected finite values (found NaN or inf, or float64 values beyond float32's range)")
-    if scheme == "w8a16":
-        scales = _scales(w.abs().amax(dim=1), _INT8_MAX)
-        q = torch.round(w / scales[:, None]).clamp_(-_INT8_MAX, _INT8_MAX).to(torch.int8)
+    levels = info.levels
+    if not info.grouped and not info.code_dtype.is_floating_point:  # symmetric integer codes per channel
+        scales = _scales(w.abs().amax(dim=1), levels)
+        q = torch.round(w / scales[:, None]).clamp_(-levels, levels).to(info.code_dtype)
         qw = QuantizedWeight(scheme, q.contiguous(), scales.contiguous(), None, None, k, n, weight.dtype)
-    elif scheme == "fp8":
-        scales = _scales(w.abs().amax(dim=1), FP8_MAX)
-        q = (w / scales[:, None]).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    elif not info.grouped:  # float codes per channel: round to nearest by the cast
+        scales = _scales(w.abs().amax(dim=1), levels)
+        q = (w / scales[:, None]).clamp_(-levels, levels).to(info.code_dtype)
         qw = QuantizedWeight(scheme, q.contiguous(), scales.contiguous(), None, None, k, n, weight.dtype)
-    else:
+    else:  # asymmetric integer codes per group, packed codes_per_byte to a byte
         groups = w.reshape(n, k // group_size, group_size)  # any strides (a transposed weight)
         lo = groups.amin(dim=2).clamp(max=0.0)  # the range always holds 0, so 0 stays exact
         hi = groups.amax(dim=2).clamp(min=0.0)
-        scales = _scales(hi.to(torch.float64) - lo.to(torch.float64), _INT4_MAX)
-        zeros = torch.round(-lo / scales).clamp_(0, _INT4_MAX)
-        q = (torch.round(groups / scales[..., None]) + zeros[..., None]).clamp_(0, _INT4_MAX).to(torch.uint8)
+        scales = _scales(hi.to(torch.float64) - lo.to(torch.float64), levels)
+        zeros = torch.round(-lo / scales).clamp_(0, levels)
+        q = (torch.round(groups / scales[..., None]) + zeros[..., None]).clamp_(0, levels).to(info.code_dtype)
         q = q.reshape(n, k)
         packed = (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
         qw = QuantizedWeight(scheme, packed, scales.contiguous(), zeros.contiguous(), group_size, k, n, weight.dtype)

@@ -314,3 +314,45 @@ def test_vllm_projector_weight_that_cannot_be_quantized_stays_unquantized(vllm_q
     assert not hasattr(layer, "weight") and hasattr(layer, "weight_packed")
     want = quantize(weights["multi_modal_projector.linear_2"], scheme, group_size=64)
     assert torch.equal(method.apply(layer, x, bias), quantized_linear(x, want, bias))
+
+
+# --------------------------------------------------------------------------------------
+# The scheme table: one description of each format that every caller reads
+
+
+def test_scheme_table_describes_what_quantize_makes():
+    from mmkernels.quant import SCHEME_TABLE, SCHEMES, scheme_info
+
+    assert tuple(SCHEME_TABLE) == SCHEMES
+    w = torch.randn(48, 128)
+    for name, info in SCHEME_TABLE.items():
+        qw = quantize(w, name, group_size=64)
+        assert qw.info is info
+        layout = info.layout(48, 128, qw.group_size)
+        assert set(layout) == set(qw.tensors())
+        for buffer, (shape, dtype) in layout.items():
+            t = qw.tensors()[buffer]
+            assert (tuple(t.shape), t.dtype) == (shape, dtype), (name, buffer)
+        assert info.weight_bytes(48, 128, qw.group_size) == sum(t.numel() * t.element_size() for t in qw.tensors().values())
+        assert float(qw.codes().abs().max()) <= info.levels
+    with pytest.raises(ValueError, match=r"scheme: expected one of \['w8a16', 'w4a16', 'fp8'\], got 'int3'"):
+        scheme_info("int3")
+    with pytest.raises(ValueError, match="mode: expected one of"):
+        scheme_info(None, "mode")
+
+
+def test_no_scheme_name_is_compared_outside_the_table():
+    """Callers read SCHEME_TABLE's fields (grouped, quantized_activations, layout, ...);
+    a comparison with a scheme name is the drift the table exists to end."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    pattern = re.compile(r"""(==|!=)\s*["'](w8a16|w4a16|fp8)["']|["'](w8a16|w4a16|fp8)["']\s*(==|!=)|in \(["'](w8a16|w4a16|fp8)""")
+    found = []
+    for folder in ("mmkernels", "integrations"):
+        for path in (root / folder).rglob("*.py"):
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                if pattern.search(line):
+                    found.append(f"{path.relative_to(root)}:{number}: {line.strip()}")
+    assert not found, "\n".join(found)

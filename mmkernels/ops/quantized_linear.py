@@ -41,7 +41,7 @@ from mmkernels.backend import (
     register_aot,
 )
 from mmkernels.ops import _quantized_linear_kernels as kernels
-from mmkernels.quant import FP8_MAX, MIN_SCALE, SCHEMES, QuantizedWeight, quantize_activations_fp8
+from mmkernels.quant import FP8_MAX, MIN_SCALE, SCHEME_TABLE, SCHEMES, QuantizedWeight, quantize_activations_fp8
 
 __all__ = [
     "ACTIVATIONS",
@@ -68,9 +68,8 @@ _X_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 # is not round-to-nearest-even (see _triton_impl), so the interpreter path quantizes the
 # activations with PyTorch.
 CAPABILITIES: dict[str, Capabilities] = {
-    "w8a16": Capabilities(dtypes=_X_DTYPES, min_compute_capability=(8, 0)),
-    "w4a16": Capabilities(dtypes=_X_DTYPES, min_compute_capability=(8, 0)),
-    "fp8": Capabilities(dtypes=_X_DTYPES, min_compute_capability=(8, 9)),
+    name: Capabilities(dtypes=_X_DTYPES, min_compute_capability=info.min_compute_capability)
+    for name, info in SCHEME_TABLE.items()
 }
 # Programs the small-M heuristic aims for: about two waves of an H100 / H200 (132 SMs).
 _TARGET_PROGRAMS = 264
@@ -114,7 +113,8 @@ def _validate(x, qweight, bias, activation) -> _LinearArgs:
     if x.dim() < 1:
         raise ValueError("x: expected (..., in_features), got a scalar")
     k = qweight.in_features
-    if qweight.scheme == "w4a16" and (not isinstance(qweight.group_size, (int, torch.SymInt)) or k % qweight.group_size):
+    if SCHEME_TABLE[qweight.scheme].grouped and (not isinstance(qweight.group_size, (int, torch.SymInt))
+                                                  or k % qweight.group_size):  # fmt: skip
         # QuantizedWeight refuses this when built; a field changed afterwards would make the
         # kernel read the next row's scales for a partial last group.
         raise ValueError(f"qweight: in_features (K={k}) must be a multiple of its group_size={qweight.group_size!r}")
@@ -180,7 +180,7 @@ def quantized_linear_reference(x, qweight, bias=None, *, activation=None) -> tor
 def _reference_impl(args: _LinearArgs) -> torch.Tensor:
     f64 = torch.float64
     qw, x2d = args.qweight, args.x2d
-    if qw.scheme == "fp8":
+    if qw.info.quantized_activations:
         xq, sx = quantize_activations_fp8(x2d)
         xr = xq.to(f64) * sx.to(f64)[:, None]
     else:
@@ -274,13 +274,15 @@ def linear_config(m: int, n: int, k: int, scheme: str, group_size: int | None, e
     run at 9359c97 timed the unswapped kernels only: w8a16 reached 456 TFLOP/s at
     M = 2304).
     """
-    if tma and scheme == "fp8" and m > 256:
+    info = SCHEME_TABLE[scheme]
+    fp8 = info.quantized_activations  # e4m3 operands: tiles of their own
+    if tma and fp8 and m > 256:
         wide = cdiv(m, 128) * cdiv(n, 256) >= _TARGET_PROGRAMS // 2
         return LinearConfig(128, 256 if wide else 128, 128, 1, cdiv(k, 128) * 128, group_m=8, num_warps=8,
                             num_stages=3 if wide else 4, tma=True)  # fmt: skip
     # Integer weights are converted (and w4a16 unpacked) in registers: 8 warps share that
     # work; at 4 warps the 64 x 128 (K x N) tiles spill (kernel report, sm_80 and sm_90).
-    small_warps = 4 if scheme == "fp8" else 8
+    small_warps = 4 if fp8 else 8
     if m <= 16:
         bm, bn, bk, warps, stages = 16, 64, 128, small_warps, 4
     elif m <= 64:
@@ -289,12 +291,12 @@ def linear_config(m: int, n: int, k: int, scheme: str, group_size: int | None, e
         bm, bn, bk, warps, stages = 64, 128, 64, 8, 3
     else:
         bm, bn, bk, warps, stages = 128, 128, 64, 8, 3
-    if scheme == "fp8" and m > 64:
+    if fp8 and m > 64:
         bk = 128
     if element_size >= 4:
         bk = min(bk, 32)
-    if scheme == "w4a16":
-        bk = min(bk, group_size)
+    if info.grouped:
+        bk = min(bk, group_size)  # a K tile holds one group's scale
     k_steps = max(cdiv(k, bk), 1)
     split = 1
     if m <= 64:
@@ -305,7 +307,7 @@ def linear_config(m: int, n: int, k: int, scheme: str, group_size: int | None, e
     k_per_split = cdiv(k_steps, split) * bk
     split = max(cdiv(k, k_per_split), 1)  # no empty splits
     return LinearConfig(bm, bn, bk, split, k_per_split, group_m=8, num_warps=warps, num_stages=stages,
-                        swap_ab=scheme == "w4a16" and m > 16)
+                        swap_ab=info.grouped and m > 16)
 
 
 def _launch(args: _LinearArgs, out: torch.Tensor, x_gemm: torch.Tensor, x_scales: torch.Tensor | None,
@@ -325,7 +327,8 @@ def _launch(args: _LinearArgs, out: torch.Tensor, x_gemm: torch.Tensor, x_scales
         x_gemm.stride(0), qw.packed.stride(0), n, m * n,
     )  # fmt: skip
     fp32 = args.x2d.dtype == torch.float32
-    if fp32 and qw.scheme != "fp8" and out.is_cuda:
+    fp8 = qw.info.quantized_activations
+    if fp32 and not fp8 and out.is_cuda:
         no_plan()  # reads torch's allow_tf32, which a plan key does not hold
     meta = dict(
         SCHEME=_SCHEME_IDS[qw.scheme],
@@ -333,13 +336,13 @@ def _launch(args: _LinearArgs, out: torch.Tensor, x_gemm: torch.Tensor, x_scales
         HAS_BIAS=args.bias is not None,
         ACTIVATION=ACTIVATIONS[args.activation],
         SPLIT_K=cfg.split_k,
-        UPCAST_DOT=_INTERPRETED and not (fp32 and qw.scheme != "fp8"),
-        DOT_PRECISION="tf32" if fp32 and qw.scheme != "fp8" and torch.backends.cuda.matmul.allow_tf32 and out.is_cuda else "ieee",
+        UPCAST_DOT=_INTERPRETED and not (fp32 and not fp8),
+        DOT_PRECISION="tf32" if fp32 and not fp8 and torch.backends.cuda.matmul.allow_tf32 and out.is_cuda else "ieee",
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
         GROUP_M=cfg.group_m,
-        SWAP_AB=cfg.swap_ab and qw.scheme != "fp8",
+        SWAP_AB=cfg.swap_ab and not fp8,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -384,7 +387,7 @@ def _tma_ready(qw: QuantizedWeight, device: torch.device) -> bool:
     interpreter, which runs them too), and the weight's rows 16-byte aligned, as
     descriptors require (the quantized activations are a fresh contiguous tensor with the
     same row length, so aligned with it)."""
-    if qw.scheme != "fp8" or qw.in_features % 16 or qw.packed.data_ptr() % 16:
+    if not qw.info.quantized_activations or qw.in_features % 16 or qw.packed.data_ptr() % 16:
         return False
     if device.type == "cuda":
         return torch.version.hip is None and compute_capability(device) >= (9, 0)
@@ -436,14 +439,15 @@ def _triton_impl(args: _LinearArgs) -> torch.Tensor:
         return out.reshape(args.out_shape)
     cfg = linear_config(m, n, k, qw.scheme, qw.group_size, x2d.element_size(), _tma_ready(qw, device))
     x_gemm, x_scales = x2d, None
-    if qw.scheme == "fp8" and device.type == "cpu":
+    fp8 = qw.info.quantized_activations
+    if fp8 and device.type == "cpu":
         # Triton 3.9's interpreter rounds fp32 -> e4m3 wrongly (a carry into the exponent
         # gives half the power of two: 126.5 -> 64, not 128; ties are not rounded to even),
         # so under the interpreter the per-token quantization is PyTorch's (the
         # definition); the GEMM kernel still runs there. quantize_rows_fp8_kernel is
         # compiled by the kernel report; tests pin its interpreter run to those two flaws.
         x_gemm, x_scales = quantize_activations_fp8(x2d)
-    elif qw.scheme == "fp8":
+    elif fp8:
         x_gemm = empty_output((m, k), torch.float8_e4m3fn, device)
         x_scales = empty_output((m,), torch.float32, device)
         a, meta, grid = _quantize_rows_launch(x2d, x_gemm, x_scales)
@@ -598,23 +602,20 @@ def quantized_linear(x, qweight, bias=None, *, activation=None) -> torch.Tensor:
 
 def _aot_gemm_case(name, scheme, m, k, n, *, bias=True, activation=None, group_size=128, notes="", swap_ab=None,
                    tma=False):  # fmt: skip
+    info = SCHEME_TABLE[scheme]
+
     def make_launch():
-        if scheme == "w8a16":
-            qw = QuantizedWeight(scheme, torch.empty(n, k, dtype=torch.int8), torch.empty(n), None, None, k, n, torch.bfloat16)
-        elif scheme == "fp8":
-            qw = QuantizedWeight(scheme, torch.empty(n, k, dtype=torch.float8_e4m3fn), torch.empty(n), None, None, k, n, torch.bfloat16)
-        else:
-            g = group_size
-            qw = QuantizedWeight(scheme, torch.empty(n, k // 2, dtype=torch.uint8), torch.empty(n, k // g),
-                                 torch.empty(n, k // g), g, k, n, torch.bfloat16)  # fmt: skip
+        g = group_size if info.grouped else None
+        tensors = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in info.layout(n, k, g).items()}
+        qw = QuantizedWeight(scheme, tensors["packed"], tensors["scales"], tensors.get("zeros"), g, k, n, torch.bfloat16)
         x = torch.empty(m, k, dtype=torch.bfloat16)
         args = _validate(x, qw, torch.empty(n, dtype=torch.bfloat16) if bias else None, activation)
         cfg = linear_config(m, n, k, scheme, qw.group_size, 2, tma)
         if swap_ab is not None:
             cfg = dataclasses.replace(cfg, swap_ab=swap_ab)
         out = torch.empty(m, n, dtype=torch.bfloat16)
-        x_gemm = torch.empty(m, k, dtype=torch.float8_e4m3fn) if scheme == "fp8" else x
-        x_scales = torch.empty(m) if scheme == "fp8" else None
+        x_gemm = torch.empty(m, k, dtype=torch.float8_e4m3fn) if info.quantized_activations else x
+        x_scales = torch.empty(m) if info.quantized_activations else None
         if cfg.tma:
             launch_args, meta, grid = _tma_launch(args, out, x_gemm, x_scales, cfg)
             meta["UPCAST_DOT"] = False  # compiled for a GPU, never the interpreter
@@ -627,14 +628,17 @@ def _aot_gemm_case(name, scheme, m, k, n, *, bias=True, activation=None, group_s
     # fp8: Triton refuses e4m3 below sm_89, and the op runs the reference there; TMA
     # descriptors are sm_90+.
     kernel = kernels.fp8_linear_tma_kernel if tma else kernels.quantized_linear_kernel
+    cc = info.min_compute_capability
     return register_aot(AotCase(name, kernel, make_launch, tensor_cores=True, notes=notes,
-                                min_compute_capability=90 if tma else 89 if scheme == "fp8" else 0))
+                                min_compute_capability=90 if tma else 0 if cc <= (8, 0) else cc[0] * 10 + cc[1]))
 
 
 def _aot_aux_cases():
     def splitk():
         m, n, k = 16, 4096, 7680
-        qw = QuantizedWeight("w8a16", torch.empty(n, k, dtype=torch.int8), torch.empty(n), None, None, k, n, torch.bfloat16)
+        (packed_shape, packed_dtype), (scales_shape, _) = SCHEME_TABLE["w8a16"].layout(n, k, None).values()
+        qw = QuantizedWeight("w8a16", torch.empty(packed_shape, dtype=packed_dtype), torch.empty(scales_shape), None, None,
+                             k, n, torch.bfloat16)  # fmt: skip
         args = _validate(torch.empty(m, k, dtype=torch.bfloat16), qw, torch.empty(n, dtype=torch.bfloat16), "gelu")
         split = linear_config(m, n, k, "w8a16", None, 2).split_k
         return _splitk_launch(args, torch.empty(m, n, dtype=torch.bfloat16), None, torch.empty(split, m, n), split)
@@ -651,7 +655,7 @@ def _aot_aux_cases():
 for _scheme in SCHEMES:
     # fp8 at M > 256: sm_90 reads the operands through TMA (the default there); the
     # pointer-load kernel is what sm_89 runs, under the /pointer names.
-    _tma = _scheme == "fp8"
+    _tma = SCHEME_TABLE[_scheme].quantized_activations
     # LLaVA-1.5-7B projector linear_1 (CLIP-L 1024 -> 4096, GELU fused), one 336 px image.
     _aot_gemm_case(f"quantized_linear/{_scheme}/llava-1.5-7b-linear_1/m576", _scheme, 576, 1024, 4096, activation="gelu",
                    tma=_tma)  # fmt: skip
