@@ -345,8 +345,8 @@ class ValidatedHandOver:
     launches in ``tools/host_overhead.py``.
 
     A plain eager call (see :func:`dispatcher_needed`) runs the op's body straight away:
-    the custom-op dispatch costs about 8 us per call (``torch.library.custom_op``, torch
-    2.13, this project's CI machine) and does nothing there. Anything that works at the
+    the custom-op dispatch costs more host time than a whole call plan's replay
+    (``docs/defaults.md``) and does nothing there. Anything that works at the
     dispatcher level (autograd, torch.compile, modes, transforms, the profiler) gets the
     registered op. Not used while ``torch.compile`` traces (the compiled graph calls the
     op without the wrapper).
@@ -454,8 +454,8 @@ def _same_inputs(a: tuple | list, b: tuple | list) -> bool:
 
 def cdiv(a: int, b: int) -> int:
     """Ceiling division on the host. ``triton.cdiv`` is a constexpr function: called from
-    Python it goes through Triton's JIT call machinery (~1-2 us each on a slow host, and a
-    launcher makes several per call), which the host-overhead profile showed."""
+    Python it goes through Triton's JIT call machinery, a cost per call that a launcher
+    would pay several times (the host-overhead profile showed it)."""
     return -(-a // b)
 
 
@@ -527,17 +527,25 @@ _AOT: dict[str, AotCase] = {}
 
 
 def register_aot(case: AotCase) -> AotCase:
+    """Add a case beyond the ops' own (:func:`mmkernels.ops.aot_cases` makes those when
+    asked; nothing registers at import): for kernels outside mmkernels' ops."""
     if case.name in _AOT:
         raise ValueError(f"AOT case {case.name!r} is already registered")
     _AOT[case.name] = case
     return case
 
 
-def aot_cases() -> list[AotCase]:
-    """Every registered AOT case (importing :mod:`mmkernels.ops` registers them all)."""
-    import mmkernels.ops  # noqa: F401  (registration happens at import)
-
+def registered_aot_cases() -> list[AotCase]:
+    """The cases added with :func:`register_aot`."""
     return list(_AOT.values())
+
+
+def aot_cases() -> list[AotCase]:
+    """Every AOT case: the ops' (:func:`mmkernels.ops.aot_cases`) and any registered.
+    Kept for callers of this name; the ops package is where the cases live."""
+    import mmkernels.ops
+
+    return mmkernels.ops.aot_cases()
 
 
 # --------------------------------------------------------------------------------------
@@ -883,8 +891,8 @@ def reset_launchers() -> None:
 # Call plans: a call seen before replays its launches
 #
 # Even with direct launches, an op's Python (validation, the backend decision, the tile
-# config, building launch arguments, the launcher's specialization key) was 3-5x the cost
-# of an allocation plus a launch (tools/host_overhead.py). All of it is a function of
+# config, building launch arguments, the launcher's specialization key) cost several
+# times an allocation plus a launch (tools/host_overhead.py). All of it is a function of
 # what a call's *plan key* holds: per tensor input its shape, strides (or that it is
 # contiguous, which fixes every stride that can matter: PyTorch ignores only those of
 # size-1 dims, whose index is always 0), dtype, device and whether its address is 16-byte

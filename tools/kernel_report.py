@@ -496,7 +496,7 @@ def check(records) -> list:
     """Everything ``--check`` fails on, one line per finding ("case @ sm_XX: why")."""
     records = list(records)
     if not records:
-        return ["no AOT cases: nothing registered with mmkernels.backend.register_aot (or all filtered out)"]
+        return ["no AOT cases: mmkernels.ops.aot_cases() made none (or all were filtered out)"]
     problems = []
     for record in records:
         where = f"{record['case']} @ {record['target']}"
@@ -622,11 +622,12 @@ def load_module(spec: str):
 
 
 def collect_cases(extra_modules=(), skip_registered: bool = False) -> list:
-    """mmkernels' registered cases (unless skipped), then each extra module's ``AOT_CASES``
-    (a list of :class:`mmkernels.backend.AotCase`). The first case of a name wins."""
+    """mmkernels' cases (:func:`mmkernels.ops.aot_cases`, unless skipped), then each extra
+    module's ``AOT_CASES`` (a list of :class:`mmkernels.backend.AotCase`). The first case
+    of a name wins."""
     cases = {}
     if not skip_registered:
-        from mmkernels.backend import aot_cases
+        from mmkernels.ops import aot_cases
 
         cases.update((case.name, case) for case in aot_cases())
     for spec in extra_modules:

@@ -36,7 +36,6 @@ from mmkernels.backend import (
     plan_key,
     plan_ok,
     plan_step,
-    register_aot,
 )
 from mmkernels.backend import launch as backend_launch
 from mmkernels.ops import _merge_kernels as kernels
@@ -782,38 +781,43 @@ def _merge_inplace(input_ids: torch.Tensor, args: _MergeArgs, check: bool, op_in
 # Ahead-of-time cases (tools/kernel_report.py): the launches of real models.
 
 
-def _aot_case(name: str, tokens: int, images: int, tokens_per_image: int, dim: int, dtype, fused: bool, rows: bool,
-              inplace: bool = False):  # fmt: skip
-    def make_launch():
-        n_feat = images * tokens_per_image
-        ids = torch.zeros(tokens, dtype=torch.int64)
-        ids[:n_feat] = 7
-        feats = [torch.empty(tokens_per_image, dim, dtype=dtype) for _ in range(images)]
-        if fused:
-            args = _validate(ids, None, feats, 7, torch.empty(32000, dim, dtype=dtype))
-        else:
-            args = _validate(ids, torch.empty(tokens, dim, dtype=dtype), feats, 7, None)
-        out = args.embeds if inplace else torch.empty(tokens, dim, dtype=dtype)
-        launch, keep = _build_launch(args, out, inplace)
-        if not rows:
-            return launch.count_args, launch.count_meta, (launch.num_blocks,)
-        rows_args = list(launch.rows_args)
-        rows_args[_BLOCK_CUMSUM_ARG] = launch.count_args[3]
-        # Keep the feature tensors referenced: the segment table holds their addresses.
-        make_launch.keep = keep
-        return tuple(rows_args), launch.rows_meta, launch.grid_rows
+def aot_cases() -> list[AotCase]:
+    """The launches of real models that ``tools/kernel_report.py`` compiles ahead of time for
+    sm_80 and sm_90 (made when asked, not when the module is imported)."""
+    cases: list[AotCase] = []
 
-    kernel = kernels.merge_rows_kernel if rows else kernels.merge_count_kernel
-    return register_aot(AotCase(name, kernel, make_launch))
+    def _aot_case(name: str, tokens: int, images: int, tokens_per_image: int, dim: int, dtype, fused: bool, rows: bool,
+                  inplace: bool = False):  # fmt: skip
+        def make_launch():
+            n_feat = images * tokens_per_image
+            ids = torch.zeros(tokens, dtype=torch.int64)
+            ids[:n_feat] = 7
+            feats = [torch.empty(tokens_per_image, dim, dtype=dtype) for _ in range(images)]
+            if fused:
+                args = _validate(ids, None, feats, 7, torch.empty(32000, dim, dtype=dtype))
+            else:
+                args = _validate(ids, torch.empty(tokens, dim, dtype=dtype), feats, 7, None)
+            out = args.embeds if inplace else torch.empty(tokens, dim, dtype=dtype)
+            launch, keep = _build_launch(args, out, inplace)
+            if not rows:
+                return launch.count_args, launch.count_meta, (launch.num_blocks,)
+            rows_args = list(launch.rows_args)
+            rows_args[_BLOCK_CUMSUM_ARG] = launch.count_args[3]
+            # Keep the feature tensors referenced: the segment table holds their addresses.
+            make_launch.keep = keep
+            return tuple(rows_args), launch.rows_meta, launch.grid_rows
 
+        kernel = kernels.merge_rows_kernel if rows else kernels.merge_count_kernel
+        cases.append(AotCase(name, kernel, make_launch))
 
-# LLaVA-1.5-7B: 16 images x 576 tokens, D=4096, bf16 (the benchmark goal shape).
-_aot_case("merge.rows/llava-1.5-7b/bf16", 9472, 16, 576, 4096, torch.bfloat16, fused=False, rows=True)
-# Same, fused embedding lookup.
-_aot_case("merge.rows-fused/llava-1.5-7b/bf16", 9472, 16, 576, 4096, torch.bfloat16, fused=True, rows=True)
-# In place (vLLM's wiring): only the placeholder rows written into inputs_embeds.
-_aot_case("merge.rows-inplace/llava-1.5-7b/bf16", 9472, 16, 576, 4096, torch.bfloat16, fused=False, rows=True,
-          inplace=True)  # fmt: skip
-# Qwen2-VL-7B: D=3584, three images of 700 tokens, fp16.
-_aot_case("merge.rows/qwen2-vl-7b/fp16", 3000, 3, 700, 3584, torch.float16, fused=False, rows=True)
-_aot_case("merge.count/llava-1.5-7b", 9472, 16, 576, 4096, torch.bfloat16, fused=False, rows=False)
+    # LLaVA-1.5-7B: 16 images x 576 tokens, D=4096, bf16 (the benchmark goal shape).
+    _aot_case("merge.rows/llava-1.5-7b/bf16", 9472, 16, 576, 4096, torch.bfloat16, fused=False, rows=True)
+    # Same, fused embedding lookup.
+    _aot_case("merge.rows-fused/llava-1.5-7b/bf16", 9472, 16, 576, 4096, torch.bfloat16, fused=True, rows=True)
+    # In place (vLLM's wiring): only the placeholder rows written into inputs_embeds.
+    _aot_case("merge.rows-inplace/llava-1.5-7b/bf16", 9472, 16, 576, 4096, torch.bfloat16, fused=False, rows=True,
+              inplace=True)  # fmt: skip
+    # Qwen2-VL-7B: D=3584, three images of 700 tokens, fp16.
+    _aot_case("merge.rows/qwen2-vl-7b/fp16", 3000, 3, 700, 3584, torch.float16, fused=False, rows=True)
+    _aot_case("merge.count/llava-1.5-7b", 9472, 16, 576, 4096, torch.bfloat16, fused=False, rows=False)
+    return cases

@@ -50,7 +50,6 @@ from mmkernels.backend import (
     plan_key,
     plan_ok,
     next_power_of_2,
-    register_aot,
 )
 from mmkernels.ops import _patch_embed_kernels as kernels
 
@@ -331,8 +330,8 @@ class EmbedConfig:
 
 
 def _block_k(a_source: str, element_size: int) -> int:
-    # Packed rows: 64-deep steps (32 spill on sm_80 with triton 3.6, SigLIP); the gathers:
-    # 32, their A tile is converted in registers. Four-byte weights: 16.
+    # Packed rows: 64-deep steps (32-deep ones spilled on sm_80 for SigLIP: docs/defaults.md);
+    # the gathers: 32, their A tile is converted in registers. Four-byte weights: 16.
     return (64 if a_source == "packed" else 32) if element_size <= 2 else 16
 
 
@@ -346,21 +345,15 @@ def embed_config(rows: int, dim: int, k: int, element_size: int) -> EmbedConfig:
 
     From ``_PACK_MIN_ROWS`` rows (8 CLIP images, 3 Mllama tiles) images are packed
     first (``a_source="packed"``), with 64-deep K steps (K = 588 in P = 14 towers: 10
-    steps, the last 12 deep; 32-deep steps spill on sm_80 with triton 3.6 for SigLIP's
-    1152 columns). On the H200 (torch 2.11, triton 3.6) the one-launch gather took
-    1.02 ms for CLIP-L/14-336 x 64 images: 6% of the roofline, slower than unfold +
-    cuBLAS (0.64 ms). Compiled for sm_90 (triton 3.9), its K loop issues 234
-    instructions per 32-deep step and thread from float32 pixels (one 4-byte async copy
-    per element, the im2col address arithmetic, the conversion; 327 from uint8 with
-    normalization), where the GEMM over packed rows issues 82 (16-byte copies, operands
-    straight from shared memory to wgmma). Packing costs a pass over M x K_pad
-    weight-dtype elements (write, then read) and a second launch.
+    steps, the last 12 deep): the gather's K loop issues about three times the
+    instructions of a GEMM over packed rows (per-element copies, im2col address
+    arithmetic, the conversion, against 16-byte copies straight to the tensor cores),
+    which pays for packing's extra pass over M x K_pad elements and second launch.
 
     Below it the gather stays in the GEMM (one launch, 32-deep K steps): there the GPU
-    work is a few microseconds and the call waits for the host (SigLIP, one image: 0.12
-    ms against 0.034 ms for unfold + cuBLAS on the H200), so a launch saved counts more
-    than the loop. Neither choice is timed yet: ``tools/gpu_probe.py`` sweeps all three
-    sources."""
+    work is a few microseconds and the call waits for the host, so a launch saved counts
+    more than the loop. The measurements behind both choices, and what is not timed yet
+    (``tools/gpu_probe.py`` sweeps all three sources): ``docs/defaults.md``."""
     a_source = "packed" if rows >= _PACK_MIN_ROWS else "gather"
     block_m = 128 if rows >= 4096 else 64
     block_n = 128 if dim >= 128 else max(16, next_power_of_2(dim))
@@ -660,70 +653,75 @@ def patch_embed(pixels, weight, bias=None, *, class_embedding=None, position_emb
 # Ahead-of-time cases: real towers, bf16.
 
 
-def _aot_case(name, pixels_shape, weight_shape, *, uint8=False, cls=False, pos=False, bias=False, a_source="packed",
-              pixel_dtype=torch.bfloat16):  # fmt: skip
-    """Registers the GEMM launch as ``name`` and, when the call packs first, the pack
-    launch as ``name + "/pack"``. ``a_source``: forced (None: :func:`embed_config`'s)."""
+def aot_cases() -> list[AotCase]:
+    """The launches of real models that ``tools/kernel_report.py`` compiles ahead of time for
+    sm_80 and sm_90 (made when asked, not when the module is imported)."""
+    cases: list[AotCase] = []
 
-    image_form = len(pixels_shape) == 4
-    dim, k = weight_shape[0], math.prod(weight_shape[1:])
-    n = (pixels_shape[2] // weight_shape[-1]) * (pixels_shape[3] // weight_shape[-1]) if image_form else 0
-    cfg = embed_config(pixels_shape[0] * n if image_form else pixels_shape[0], dim, k, 2)
-    if a_source is not None and a_source != cfg.a_source:  # the other loops as the GPU probe times them
-        cfg = cfg.with_a_source(a_source)
-    packs = _packs(cfg.a_source, image_form, uint8)
+    def _aot_case(name, pixels_shape, weight_shape, *, uint8=False, cls=False, pos=False, bias=False, a_source="packed",
+                  pixel_dtype=torch.bfloat16):  # fmt: skip
+        """Registers the GEMM launch as ``name`` and, when the call packs first, the pack
+        launch as ``name + "/pack"``. ``a_source``: forced (None: :func:`embed_config`'s)."""
 
-    def prepare():
-        weight = torch.empty(weight_shape, dtype=torch.bfloat16)
-        pixels = torch.empty(pixels_shape, dtype=torch.uint8 if uint8 else pixel_dtype)
-        args = _validate(
-            pixels, weight,
-            torch.empty(dim, dtype=torch.bfloat16) if bias else None,
-            torch.empty(dim, dtype=torch.bfloat16) if cls else None,
-            torch.empty(n + cls, dim, dtype=torch.bfloat16) if pos else None,
-            torch.empty(weight_shape[1]) if uint8 else None,
-            torch.empty(weight_shape[1]) if uint8 else None,
-            torch.empty(weight_shape[1]) if uint8 else None,
-        )  # fmt: skip
-        return args, torch.empty(_packed_shape(args), dtype=torch.bfloat16) if packs else None
+        image_form = len(pixels_shape) == 4
+        dim, k = weight_shape[0], math.prod(weight_shape[1:])
+        n = (pixels_shape[2] // weight_shape[-1]) * (pixels_shape[3] // weight_shape[-1]) if image_form else 0
+        cfg = embed_config(pixels_shape[0] * n if image_form else pixels_shape[0], dim, k, 2)
+        if a_source is not None and a_source != cfg.a_source:  # the other loops as the GPU probe times them
+            cfg = cfg.with_a_source(a_source)
+        packs = _packs(cfg.a_source, image_form, uint8)
 
-    def make_gemm_launch():
-        args, packed = prepare()
-        launch_args, meta, grid = _launch(args, torch.empty(args.out_shape, dtype=torch.bfloat16), cfg, packed)
-        meta["UPCAST_DOT"] = False  # compiled for a GPU, never the interpreter
-        return launch_args, meta, grid
+        def prepare():
+            weight = torch.empty(weight_shape, dtype=torch.bfloat16)
+            pixels = torch.empty(pixels_shape, dtype=torch.uint8 if uint8 else pixel_dtype)
+            args = _validate(
+                pixels, weight,
+                torch.empty(dim, dtype=torch.bfloat16) if bias else None,
+                torch.empty(dim, dtype=torch.bfloat16) if cls else None,
+                torch.empty(n + cls, dim, dtype=torch.bfloat16) if pos else None,
+                torch.empty(weight_shape[1]) if uint8 else None,
+                torch.empty(weight_shape[1]) if uint8 else None,
+                torch.empty(weight_shape[1]) if uint8 else None,
+            )  # fmt: skip
+            return args, torch.empty(_packed_shape(args), dtype=torch.bfloat16) if packs else None
 
-    def make_pack_launch():
-        args, packed = prepare()
-        return _pack_launch(args, packed)
+        def make_gemm_launch():
+            args, packed = prepare()
+            launch_args, meta, grid = _launch(args, torch.empty(args.out_shape, dtype=torch.bfloat16), cfg, packed)
+            meta["UPCAST_DOT"] = False  # compiled for a GPU, never the interpreter
+            return launch_args, meta, grid
 
-    register_aot(AotCase(name, kernels.patch_embed_kernel, make_gemm_launch, tensor_cores=True))
-    if packs:
-        register_aot(AotCase(name + "/pack", kernels.patch_pack_kernel, make_pack_launch))
+        def make_pack_launch():
+            args, packed = prepare()
+            return _pack_launch(args, packed)
 
+        cases.append(AotCase(name, kernels.patch_embed_kernel, make_gemm_launch, tensor_cores=True))
+        if packs:
+            cases.append(AotCase(name + "/pack", kernels.patch_pack_kernel, make_pack_launch))
 
-# CLIP-L/14-336, batch 8: 576 patches, D=1024, class token and 577 positions; packed
-# first (the default), from float32 pixels as Hugging Face passes them.
-_aot_case("patch_embed/clip-l-14-336/fp32-pixels", (8, 3, 336, 336), (1024, 3, 14, 14), cls=True, pos=True,
-          pixel_dtype=torch.float32)  # fmt: skip
-# The same from uint8 pixels, normalized by the pack kernel.
-_aot_case("patch_embed/clip-l-14-336/uint8", (8, 3, 336, 336), (1024, 3, 14, 14), uint8=True, cls=True, pos=True)
-# The one-launch K loops the GPU probe times against it: the per-element gather and one
-# step per (channel, patch row).
-_aot_case("patch_embed/clip-l-14-336/fp32-pixels-gather", (8, 3, 336, 336), (1024, 3, 14, 14), cls=True, pos=True,
-          a_source="gather", pixel_dtype=torch.float32)  # fmt: skip
-_aot_case("patch_embed/clip-l-14-336/fp32-pixels-row-steps", (8, 3, 336, 336), (1024, 3, 14, 14), cls=True,
-          pos=True, a_source="row_steps", pixel_dtype=torch.float32)  # fmt: skip
-_aot_case("patch_embed/clip-l-14-336/uint8-gather", (8, 3, 336, 336), (1024, 3, 14, 14), uint8=True, cls=True,
-          pos=True, a_source="gather")  # fmt: skip
-# SigLIP-so400m/14-384: bias, 729 positions, no class token.
-_aot_case("patch_embed/siglip-so400m-14-384/bf16", (8, 3, 384, 384), (1152, 3, 14, 14), pos=True, bias=True)
-# One image (729 rows): the one-launch gather with 64-row tiles, from float32 pixels.
-_aot_case("patch_embed/siglip-so400m-14-384/b1-fp32-pixels", (1, 3, 384, 384), (1152, 3, 14, 14), pos=True, bias=True,
-          a_source=None, pixel_dtype=torch.float32)  # fmt: skip
-# Qwen2-VL-7B vision: 4096 pre-flattened 2x14x14 patches, D=1280, read directly: bf16,
-# and float32 (what its processor gives; converted in the loop after 16-byte copies).
-_aot_case("patch_embed/qwen2-vl-7b/bf16", (4096, 1176), (1280, 3, 2, 14, 14))
-_aot_case("patch_embed/qwen2-vl-7b/fp32-patches", (4096, 1176), (1280, 3, 2, 14, 14), pixel_dtype=torch.float32)
-# Flat uint8 patches with normalization: packed first.
-_aot_case("patch_embed/qwen2-vl-7b/uint8-patches", (4096, 1176), (1280, 3, 2, 14, 14), uint8=True)
+    # CLIP-L/14-336, batch 8: 576 patches, D=1024, class token and 577 positions; packed
+    # first (the default), from float32 pixels as Hugging Face passes them.
+    _aot_case("patch_embed/clip-l-14-336/fp32-pixels", (8, 3, 336, 336), (1024, 3, 14, 14), cls=True, pos=True,
+              pixel_dtype=torch.float32)  # fmt: skip
+    # The same from uint8 pixels, normalized by the pack kernel.
+    _aot_case("patch_embed/clip-l-14-336/uint8", (8, 3, 336, 336), (1024, 3, 14, 14), uint8=True, cls=True, pos=True)
+    # The one-launch K loops the GPU probe times against it: the per-element gather and one
+    # step per (channel, patch row).
+    _aot_case("patch_embed/clip-l-14-336/fp32-pixels-gather", (8, 3, 336, 336), (1024, 3, 14, 14), cls=True, pos=True,
+              a_source="gather", pixel_dtype=torch.float32)  # fmt: skip
+    _aot_case("patch_embed/clip-l-14-336/fp32-pixels-row-steps", (8, 3, 336, 336), (1024, 3, 14, 14), cls=True,
+              pos=True, a_source="row_steps", pixel_dtype=torch.float32)  # fmt: skip
+    _aot_case("patch_embed/clip-l-14-336/uint8-gather", (8, 3, 336, 336), (1024, 3, 14, 14), uint8=True, cls=True,
+              pos=True, a_source="gather")  # fmt: skip
+    # SigLIP-so400m/14-384: bias, 729 positions, no class token.
+    _aot_case("patch_embed/siglip-so400m-14-384/bf16", (8, 3, 384, 384), (1152, 3, 14, 14), pos=True, bias=True)
+    # One image (729 rows): the one-launch gather with 64-row tiles, from float32 pixels.
+    _aot_case("patch_embed/siglip-so400m-14-384/b1-fp32-pixels", (1, 3, 384, 384), (1152, 3, 14, 14), pos=True, bias=True,
+              a_source=None, pixel_dtype=torch.float32)  # fmt: skip
+    # Qwen2-VL-7B vision: 4096 pre-flattened 2x14x14 patches, D=1280, read directly: bf16,
+    # and float32 (what its processor gives; converted in the loop after 16-byte copies).
+    _aot_case("patch_embed/qwen2-vl-7b/bf16", (4096, 1176), (1280, 3, 2, 14, 14))
+    _aot_case("patch_embed/qwen2-vl-7b/fp32-patches", (4096, 1176), (1280, 3, 2, 14, 14), pixel_dtype=torch.float32)
+    # Flat uint8 patches with normalization: packed first.
+    _aot_case("patch_embed/qwen2-vl-7b/uint8-patches", (4096, 1176), (1280, 3, 2, 14, 14), uint8=True)
+    return cases

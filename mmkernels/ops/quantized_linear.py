@@ -38,7 +38,6 @@ from mmkernels.backend import (
     plan_key,
     plan_ok,
     next_power_of_2,
-    register_aot,
 )
 from mmkernels.ops import _quantized_linear_kernels as kernels
 from mmkernels.quant import FP8_MAX, MIN_SCALE, SCHEME_TABLE, SCHEMES, QuantizedWeight, quantize_activations_fp8
@@ -239,40 +238,19 @@ def linear_config(m: int, n: int, k: int, scheme: str, group_size: int | None, e
     tiles, 8 warps, 3 stages, the tile of Triton's own Hopper fp8 matmul tutorials, or
     128 x 128 x 128 and 4 stages where 256-wide tiles would leave the GPU less than one
     program per SM (``_TARGET_PROGRAMS // 2``). The copy engine moves each tile, so the K
-    loop has no address arithmetic and no per-thread copies (8 16-byte ``LDGSTS`` per
-    thread and step at 128 x 128 with pointers), and 21 fewer registers at 128 x 256 (169 against 190,
-    sm_90, no activation). At that tile a GELU epilogue over the whole fp32 accumulator
-    spills (255 registers, 64 bytes, pointer and TMA loads alike); the TMA kernel runs it
-    on the two column halves in turn: 233 registers, no spill.
+    loop has no address arithmetic and no per-thread copies, and needs fewer registers;
+    a GELU epilogue over the whole 128 x 256 fp32 accumulator spills, so the TMA kernel
+    runs it on the two column halves in turn.
 
-    The tile layout (``swap_ab``) is chosen from the SASS of the K loop, instructions per
-    weight element and thread (sm_90; triton 3.6, the GPU image, and 3.9 agree within
-    15%). The swapped layout (``W . x^T``: the dequantized tile is wgmma's register
-    operand, no per-step store to shared memory, asynchronous wgmma) pays for it in byte
-    shuffles into that operand's layout (``PRMT``, narrow ``LDS``):
-
-    =========  ======  ==========  =========
-    scheme     M       unswapped   swapped
-    =========  ======  ==========  =========
-    w8a16      16      5.4         12.6-14.3
-    w8a16      64      8.3-8.5     12.8-15.3
-    w8a16      2304    5.0-5.2     7.6-9.2
-    w4a16      16      10.0-10.1   15.3-15.9
-    w4a16      64      17.6        15.4
-    w4a16      2304    10.2-10.5   9.8-9.9
-    =========  ======  ==========  =========
-
-    (w4a16 counts with its nibbles turned into floats by exponent bits: one more add per
-    weight than an ``I2F``, which issues at a quarter of the add rate.)
-
-    Small M is memory-bound, where the issue rate caps the weight stream (an H200 SM
-    issues 128 thread-instructions per clock; 14 per int8 weight cannot keep up with
-    HBM, 5 can), so w8a16 is unswapped at every M (at large M also 128 registers against
-    157: two CTAs per SM instead of one) and w4a16 at M <= 16; w4a16 above that keeps the
-    swapped layout (fewer or equal instructions, asynchronous wgmma). Not yet timed:
-    ``tools/gpu_probe.py`` times each default against the other layout first (the H200
-    run at 9359c97 timed the unswapped kernels only: w8a16 reached 456 TFLOP/s at
-    M = 2304).
+    The tile layout (``swap_ab``) follows the instructions the K loop issues per weight
+    element and thread: the swapped layout (``W . x^T``: the dequantized tile is wgmma's
+    register operand, no per-step store to shared memory, asynchronous wgmma) pays for
+    that in byte shuffles into the operand's layout. Small M is memory-bound, where the
+    issue rate caps the weight stream, so the layout with fewer instructions per weight
+    wins: w8a16 unswapped at every M (at large M it also needs fewer registers: two CTAs
+    per SM) and w4a16 at M <= 16; w4a16 above that keeps the swapped layout (fewer or
+    equal instructions, asynchronous wgmma). The instruction counts, the registers
+    behind these choices and what has been timed: ``docs/defaults.md``.
     """
     info = SCHEME_TABLE[scheme]
     fp8 = info.quantized_activations  # e4m3 operands: tiles of their own
@@ -600,82 +578,85 @@ def quantized_linear(x, qweight, bias=None, *, activation=None) -> torch.Tensor:
 # Ahead-of-time cases: real projector shapes, bf16 activations.
 
 
-def _aot_gemm_case(name, scheme, m, k, n, *, bias=True, activation=None, group_size=128, notes="", swap_ab=None,
-                   tma=False):  # fmt: skip
-    info = SCHEME_TABLE[scheme]
+def aot_cases() -> list[AotCase]:
+    """The launches of real models that ``tools/kernel_report.py`` compiles ahead of time for
+    sm_80 and sm_90 (made when asked, not when the module is imported)."""
+    cases: list[AotCase] = []
 
-    def make_launch():
-        g = group_size if info.grouped else None
-        tensors = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in info.layout(n, k, g).items()}
-        qw = QuantizedWeight(scheme, tensors["packed"], tensors["scales"], tensors.get("zeros"), g, k, n, torch.bfloat16)
-        x = torch.empty(m, k, dtype=torch.bfloat16)
-        args = _validate(x, qw, torch.empty(n, dtype=torch.bfloat16) if bias else None, activation)
-        cfg = linear_config(m, n, k, scheme, qw.group_size, 2, tma)
-        if swap_ab is not None:
-            cfg = dataclasses.replace(cfg, swap_ab=swap_ab)
-        out = torch.empty(m, n, dtype=torch.bfloat16)
-        x_gemm = torch.empty(m, k, dtype=torch.float8_e4m3fn) if info.quantized_activations else x
-        x_scales = torch.empty(m) if info.quantized_activations else None
-        if cfg.tma:
-            launch_args, meta, grid = _tma_launch(args, out, x_gemm, x_scales, cfg)
+    def _aot_gemm_case(name, scheme, m, k, n, *, bias=True, activation=None, group_size=128, notes="", swap_ab=None,
+                       tma=False):  # fmt: skip
+        info = SCHEME_TABLE[scheme]
+
+        def make_launch():
+            g = group_size if info.grouped else None
+            tensors = {name: torch.empty(shape, dtype=dtype) for name, (shape, dtype) in info.layout(n, k, g).items()}
+            qw = QuantizedWeight(scheme, tensors["packed"], tensors["scales"], tensors.get("zeros"), g, k, n, torch.bfloat16)
+            x = torch.empty(m, k, dtype=torch.bfloat16)
+            args = _validate(x, qw, torch.empty(n, dtype=torch.bfloat16) if bias else None, activation)
+            cfg = linear_config(m, n, k, scheme, qw.group_size, 2, tma)
+            if swap_ab is not None:
+                cfg = dataclasses.replace(cfg, swap_ab=swap_ab)
+            out = torch.empty(m, n, dtype=torch.bfloat16)
+            x_gemm = torch.empty(m, k, dtype=torch.float8_e4m3fn) if info.quantized_activations else x
+            x_scales = torch.empty(m) if info.quantized_activations else None
+            if cfg.tma:
+                launch_args, meta, grid = _tma_launch(args, out, x_gemm, x_scales, cfg)
+                meta["UPCAST_DOT"] = False  # compiled for a GPU, never the interpreter
+                return launch_args, meta, grid
+            partial = torch.empty(cfg.split_k, m, n) if cfg.split_k > 1 else None
+            launch_args, meta, grid = _launch(args, out, x_gemm, x_scales, partial, cfg)
             meta["UPCAST_DOT"] = False  # compiled for a GPU, never the interpreter
             return launch_args, meta, grid
-        partial = torch.empty(cfg.split_k, m, n) if cfg.split_k > 1 else None
-        launch_args, meta, grid = _launch(args, out, x_gemm, x_scales, partial, cfg)
-        meta["UPCAST_DOT"] = False  # compiled for a GPU, never the interpreter
-        return launch_args, meta, grid
 
-    # fp8: Triton refuses e4m3 below sm_89, and the op runs the reference there; TMA
-    # descriptors are sm_90+.
-    kernel = kernels.fp8_linear_tma_kernel if tma else kernels.quantized_linear_kernel
-    cc = info.min_compute_capability
-    return register_aot(AotCase(name, kernel, make_launch, tensor_cores=True, notes=notes,
-                                min_compute_capability=90 if tma else 0 if cc <= (8, 0) else cc[0] * 10 + cc[1]))
+        # fp8: Triton refuses e4m3 below sm_89, and the op runs the reference there; TMA
+        # descriptors are sm_90+.
+        kernel = kernels.fp8_linear_tma_kernel if tma else kernels.quantized_linear_kernel
+        cc = info.min_compute_capability
+        cases.append(AotCase(name, kernel, make_launch, tensor_cores=True, notes=notes,
+                                    min_compute_capability=90 if tma else 0 if cc <= (8, 0) else cc[0] * 10 + cc[1]))
 
+    def _aot_aux_cases():
+        def splitk():
+            m, n, k = 16, 4096, 7680
+            (packed_shape, packed_dtype), (scales_shape, _) = SCHEME_TABLE["w8a16"].layout(n, k, None).values()
+            qw = QuantizedWeight("w8a16", torch.empty(packed_shape, dtype=packed_dtype), torch.empty(scales_shape), None, None,
+                                 k, n, torch.bfloat16)  # fmt: skip
+            args = _validate(torch.empty(m, k, dtype=torch.bfloat16), qw, torch.empty(n, dtype=torch.bfloat16), "gelu")
+            split = linear_config(m, n, k, "w8a16", None, 2).split_k
+            return _splitk_launch(args, torch.empty(m, n, dtype=torch.bfloat16), None, torch.empty(split, m, n), split)
 
-def _aot_aux_cases():
-    def splitk():
-        m, n, k = 16, 4096, 7680
-        (packed_shape, packed_dtype), (scales_shape, _) = SCHEME_TABLE["w8a16"].layout(n, k, None).values()
-        qw = QuantizedWeight("w8a16", torch.empty(packed_shape, dtype=packed_dtype), torch.empty(scales_shape), None, None,
-                             k, n, torch.bfloat16)  # fmt: skip
-        args = _validate(torch.empty(m, k, dtype=torch.bfloat16), qw, torch.empty(n, dtype=torch.bfloat16), "gelu")
-        split = linear_config(m, n, k, "w8a16", None, 2).split_k
-        return _splitk_launch(args, torch.empty(m, n, dtype=torch.bfloat16), None, torch.empty(split, m, n), split)
+        def rows():
+            m, k = 4096, 5120
+            return _quantize_rows_launch(torch.empty(m, k, dtype=torch.bfloat16), torch.empty(m, k, dtype=torch.float8_e4m3fn), torch.empty(m))
 
-    def rows():
-        m, k = 4096, 5120
-        return _quantize_rows_launch(torch.empty(m, k, dtype=torch.bfloat16), torch.empty(m, k, dtype=torch.float8_e4m3fn), torch.empty(m))
+        cases.append(AotCase("quantized_linear/splitk-epilogue/mllama-11b/m16", kernels.splitk_epilogue_kernel, splitk))
+        cases.append(AotCase("quantized_linear/fp8-quantize-rows/qwen2-vl-7b-merger/m4096", kernels.quantize_rows_fp8_kernel,
+                             rows, min_compute_capability=89))
 
-    register_aot(AotCase("quantized_linear/splitk-epilogue/mllama-11b/m16", kernels.splitk_epilogue_kernel, splitk))
-    register_aot(AotCase("quantized_linear/fp8-quantize-rows/qwen2-vl-7b-merger/m4096", kernels.quantize_rows_fp8_kernel,
-                         rows, min_compute_capability=89))
-
-
-for _scheme in SCHEMES:
-    # fp8 at M > 256: sm_90 reads the operands through TMA (the default there); the
-    # pointer-load kernel is what sm_89 runs, under the /pointer names.
-    _tma = SCHEME_TABLE[_scheme].quantized_activations
-    # LLaVA-1.5-7B projector linear_1 (CLIP-L 1024 -> 4096, GELU fused), one 336 px image.
-    _aot_gemm_case(f"quantized_linear/{_scheme}/llava-1.5-7b-linear_1/m576", _scheme, 576, 1024, 4096, activation="gelu",
-                   tma=_tma)  # fmt: skip
-    # Llama-3.2-11B-Vision projector (7680 -> 4096), a few tokens: the split-K path.
-    _aot_gemm_case(f"quantized_linear/{_scheme}/mllama-11b/m16", _scheme, 16, 7680, 4096)
-    # LLaVA-NeXT-34B projector linear_1 (1024 -> 7168), 64 tokens: 32 x 64 tiles + split-K.
-    _aot_gemm_case(f"quantized_linear/{_scheme}/llava-next-34b-linear_1/m64", _scheme, 64, 1024, 7168, activation="gelu")
-    # LLaVA-1.5-7B projector linear_2 (4096 -> 4096), 256 tokens: 64 x 128 tiles.
-    _aot_gemm_case(f"quantized_linear/{_scheme}/llava-1.5-7b-linear_2/m256", _scheme, 256, 4096, 4096)
-    # Qwen2-VL-7B merger linear_2 (5120 -> 3584), 4096 merged tokens: 128 x 128 tiles
-    # (fp8 on sm_90: 128 x 256 through TMA, GELU fused to check the two-half epilogue).
-    _aot_gemm_case(f"quantized_linear/{_scheme}/qwen2-vl-7b-merger/m4096", _scheme, 4096, 5120, 3584,
-                   activation="gelu" if _tma else None, tma=_tma)  # fmt: skip
-_aot_gemm_case("quantized_linear/fp8/llava-1.5-7b-linear_1/m576/pointer", "fp8", 576, 1024, 4096, activation="gelu")
-_aot_gemm_case("quantized_linear/fp8/qwen2-vl-7b-merger/m4096/pointer", "fp8", 4096, 5120, 3584)
-# The other tile layout (LinearConfig.swap_ab) of a default, which the GPU probe times
-# against it: it must stay compilable without spills.
-_aot_gemm_case("quantized_linear/w4a16/qwen2-vl-7b-merger/m4096/unswapped", "w4a16", 4096, 5120, 3584, swap_ab=False)
-_aot_gemm_case("quantized_linear/w4a16/mllama-11b/m16/swapped", "w4a16", 16, 7680, 4096, swap_ab=True)
-_aot_gemm_case("quantized_linear/w8a16/mllama-11b/m16/swapped", "w8a16", 16, 7680, 4096, swap_ab=True)
-_aot_gemm_case("quantized_linear/w8a16/qwen2-vl-7b-merger/m4096/swapped", "w8a16", 4096, 5120, 3584, swap_ab=True)
-_aot_aux_cases()
-del _scheme, _tma
+    for scheme_name in SCHEMES:
+        # fp8 at M > 256: sm_90 reads the operands through TMA (the default there); the
+        # pointer-load kernel is what sm_89 runs, under the /pointer names.
+        tma = SCHEME_TABLE[scheme_name].quantized_activations
+        # LLaVA-1.5-7B projector linear_1 (CLIP-L 1024 -> 4096, GELU fused), one 336 px image.
+        _aot_gemm_case(f"quantized_linear/{scheme_name}/llava-1.5-7b-linear_1/m576", scheme_name, 576, 1024, 4096, activation="gelu",
+                       tma=tma)  # fmt: skip
+        # Llama-3.2-11B-Vision projector (7680 -> 4096), a few tokens: the split-K path.
+        _aot_gemm_case(f"quantized_linear/{scheme_name}/mllama-11b/m16", scheme_name, 16, 7680, 4096)
+        # LLaVA-NeXT-34B projector linear_1 (1024 -> 7168), 64 tokens: 32 x 64 tiles + split-K.
+        _aot_gemm_case(f"quantized_linear/{scheme_name}/llava-next-34b-linear_1/m64", scheme_name, 64, 1024, 7168, activation="gelu")
+        # LLaVA-1.5-7B projector linear_2 (4096 -> 4096), 256 tokens: 64 x 128 tiles.
+        _aot_gemm_case(f"quantized_linear/{scheme_name}/llava-1.5-7b-linear_2/m256", scheme_name, 256, 4096, 4096)
+        # Qwen2-VL-7B merger linear_2 (5120 -> 3584), 4096 merged tokens: 128 x 128 tiles
+        # (fp8 on sm_90: 128 x 256 through TMA, GELU fused to check the two-half epilogue).
+        _aot_gemm_case(f"quantized_linear/{scheme_name}/qwen2-vl-7b-merger/m4096", scheme_name, 4096, 5120, 3584,
+                       activation="gelu" if tma else None, tma=tma)  # fmt: skip
+    _aot_gemm_case("quantized_linear/fp8/llava-1.5-7b-linear_1/m576/pointer", "fp8", 576, 1024, 4096, activation="gelu")
+    _aot_gemm_case("quantized_linear/fp8/qwen2-vl-7b-merger/m4096/pointer", "fp8", 4096, 5120, 3584)
+    # The other tile layout (LinearConfig.swap_ab) of a default, which the GPU probe times
+    # against it: it must stay compilable without spills.
+    _aot_gemm_case("quantized_linear/w4a16/qwen2-vl-7b-merger/m4096/unswapped", "w4a16", 4096, 5120, 3584, swap_ab=False)
+    _aot_gemm_case("quantized_linear/w4a16/mllama-11b/m16/swapped", "w4a16", 16, 7680, 4096, swap_ab=True)
+    _aot_gemm_case("quantized_linear/w8a16/mllama-11b/m16/swapped", "w8a16", 16, 7680, 4096, swap_ab=True)
+    _aot_gemm_case("quantized_linear/w8a16/qwen2-vl-7b-merger/m4096/swapped", "w8a16", 4096, 5120, 3584, swap_ab=True)
+    _aot_aux_cases()
+    return cases

@@ -39,7 +39,6 @@ from mmkernels.backend import (
     plan_key,
     plan_ok,
     next_power_of_2,
-    register_aot,
 )
 from mmkernels.ops import _varlen_attention_kernels as kernels
 
@@ -283,7 +282,7 @@ def attn_config(max_seqlen_q: int, head_dim: int, element_size: int) -> AttnConf
     of the tile is padding; 64-key blocks. Head dims over 64 (72, 80, 96, 128) count as
     128 wide for warps and stages, and 128-query blocks take 8 warps: with 4 the fp32
     accumulator, the score tile and the Q operand spill on sm_80, or sit at 255 registers
-    (kernel report, triton 3.8 and 3.9). max_seqlen_q only picks between two configs, so
+    (``docs/kernel_report.md``). max_seqlen_q only picks between two configs, so
     new lengths every batch never recompile."""
     head_pad = max(16, next_power_of_2(head_dim))
     block_m = 128 if max_seqlen_q > 64 else 64
@@ -542,41 +541,46 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
 # Ahead-of-time cases: real models, bf16.
 
 
-def _aot_case(name, lengths_q, lengths_k, hq, hkv, d, *, causal=False, ranges=False, wide_heads=False):
-    def make_launch():
-        cu_q = torch.tensor([0] + list(torch.tensor(lengths_q).cumsum(0)), dtype=torch.int32)
-        cu_k = torch.tensor([0] + list(torch.tensor(lengths_k).cumsum(0)), dtype=torch.int32)
-        q = torch.empty(int(cu_q[-1]), hq, d, dtype=torch.bfloat16)
-        k = torch.empty(int(cu_k[-1]), hkv, d, dtype=torch.bfloat16)
-        kv_ranges = torch.zeros(q.shape[0], 2, dtype=torch.int32) if ranges else None
-        args = _validate(q, k, torch.empty_like(k), cu_q, cu_k, max(lengths_q), max(lengths_k), None, causal, kv_ranges)
-        out = torch.empty_like(q)
-        launch_args, meta, grid = _launch(args, out)
-        meta["UPCAST_DOT"] = False  # compiled for a GPU, never the interpreter
-        meta["WIDE_HEADS"] = meta["WIDE_HEADS"] or wide_heads  # the real layout would need > 4 GB here
-        return launch_args, meta, grid
+def aot_cases() -> list[AotCase]:
+    """The launches of real models that ``tools/kernel_report.py`` compiles ahead of time for
+    sm_80 and sm_90 (made when asked, not when the module is imported)."""
+    cases: list[AotCase] = []
 
-    return register_aot(AotCase(name, kernels.varlen_attention_fwd_kernel, make_launch, tensor_cores=True))
+    def _aot_case(name, lengths_q, lengths_k, hq, hkv, d, *, causal=False, ranges=False, wide_heads=False):
+        def make_launch():
+            cu_q = torch.tensor([0] + list(torch.tensor(lengths_q).cumsum(0)), dtype=torch.int32)
+            cu_k = torch.tensor([0] + list(torch.tensor(lengths_k).cumsum(0)), dtype=torch.int32)
+            q = torch.empty(int(cu_q[-1]), hq, d, dtype=torch.bfloat16)
+            k = torch.empty(int(cu_k[-1]), hkv, d, dtype=torch.bfloat16)
+            kv_ranges = torch.zeros(q.shape[0], 2, dtype=torch.int32) if ranges else None
+            args = _validate(q, k, torch.empty_like(k), cu_q, cu_k, max(lengths_q), max(lengths_k), None, causal, kv_ranges)
+            out = torch.empty_like(q)
+            launch_args, meta, grid = _launch(args, out)
+            meta["UPCAST_DOT"] = False  # compiled for a GPU, never the interpreter
+            meta["WIDE_HEADS"] = meta["WIDE_HEADS"] or wide_heads  # the real layout would need > 4 GB here
+            return launch_args, meta, grid
 
+        cases.append(AotCase(name, kernels.varlen_attention_fwd_kernel, make_launch, tensor_cores=True))
 
-# Llama-3.2-11B-Vision cross-attention: 1024 text tokens x (2 images x 4 tiles x 1601) keys,
-# GQA 32/8, d=128, per-token image ranges.
-_aot_case("varlen_attention/mllama-11b-cross/bf16", [1024], [2 * 4 * 1601], 32, 8, 128, ranges=True)
-# Qwen2-VL-7B vision self-attention: images of 1024 and 256 patches, 16 heads, d=80.
-_aot_case("varlen_attention/qwen2-vl-7b-vision/bf16", [1024, 256], [1024, 256], 16, 16, 80)
-# BLIP-2 Q-Former cross-attention: 32 queries x 257 image tokens, d=64.
-_aot_case("varlen_attention/blip2-qformer-cross/bf16", [32] * 8, [257] * 8, 12, 12, 64)
-# Mllama cross-attention from a short prompt (64-query blocks, d=128).
-_aot_case("varlen_attention/mllama-11b-cross-short/bf16", [40, 17], [4 * 1601, 2 * 1601], 32, 8, 128, ranges=True)
-# Whisper-large-v3 decoder cross-attention: 448 tokens x 1500 frames, d=64.
-_aot_case("varlen_attention/whisper-large-v3-cross/bf16", [448], [1500], 20, 20, 64)
-# Head dims 72 and 96 (64 + 16 with 8 masked, 64 + 32): ViT-style towers with 72- and
-# 96-wide heads (e.g. SigLIP-so400m: 1152 / 16 = 72), one image of 729 patches each.
-_aot_case("varlen_attention/siglip-so400m-d72/bf16", [729, 729], [729, 729], 16, 16, 72)
-_aot_case("varlen_attention/siglip-so400m-d72-short/bf16", [40, 17], [729, 729], 16, 16, 72)
-_aot_case("varlen_attention/d96/bf16", [577, 257], [577, 257], 16, 16, 96)
-# The same with 64-bit head offsets: q/k/v head-major with a head stride past 2^31 / 16
-# elements (a long video's vision tower through the "mmkernels" attention after RoPE).
-_aot_case("varlen_attention/qwen2-vl-7b-vision-wide-heads/bf16", [1024, 256], [1024, 256], 16, 16, 80, wide_heads=True)
-# Causal text self-attention with d=128 (decoder prefill through the same op).
-_aot_case("varlen_attention/causal-d128/bf16", [2048, 777], [2048, 777], 32, 8, 128, causal=True)
+    # Llama-3.2-11B-Vision cross-attention: 1024 text tokens x (2 images x 4 tiles x 1601) keys,
+    # GQA 32/8, d=128, per-token image ranges.
+    _aot_case("varlen_attention/mllama-11b-cross/bf16", [1024], [2 * 4 * 1601], 32, 8, 128, ranges=True)
+    # Qwen2-VL-7B vision self-attention: images of 1024 and 256 patches, 16 heads, d=80.
+    _aot_case("varlen_attention/qwen2-vl-7b-vision/bf16", [1024, 256], [1024, 256], 16, 16, 80)
+    # BLIP-2 Q-Former cross-attention: 32 queries x 257 image tokens, d=64.
+    _aot_case("varlen_attention/blip2-qformer-cross/bf16", [32] * 8, [257] * 8, 12, 12, 64)
+    # Mllama cross-attention from a short prompt (64-query blocks, d=128).
+    _aot_case("varlen_attention/mllama-11b-cross-short/bf16", [40, 17], [4 * 1601, 2 * 1601], 32, 8, 128, ranges=True)
+    # Whisper-large-v3 decoder cross-attention: 448 tokens x 1500 frames, d=64.
+    _aot_case("varlen_attention/whisper-large-v3-cross/bf16", [448], [1500], 20, 20, 64)
+    # Head dims 72 and 96 (64 + 16 with 8 masked, 64 + 32): ViT-style towers with 72- and
+    # 96-wide heads (e.g. SigLIP-so400m: 1152 / 16 = 72), one image of 729 patches each.
+    _aot_case("varlen_attention/siglip-so400m-d72/bf16", [729, 729], [729, 729], 16, 16, 72)
+    _aot_case("varlen_attention/siglip-so400m-d72-short/bf16", [40, 17], [729, 729], 16, 16, 72)
+    _aot_case("varlen_attention/d96/bf16", [577, 257], [577, 257], 16, 16, 96)
+    # The same with 64-bit head offsets: q/k/v head-major with a head stride past 2^31 / 16
+    # elements (a long video's vision tower through the "mmkernels" attention after RoPE).
+    _aot_case("varlen_attention/qwen2-vl-7b-vision-wide-heads/bf16", [1024, 256], [1024, 256], 16, 16, 80, wide_heads=True)
+    # Causal text self-attention with d=128 (decoder prefill through the same op).
+    _aot_case("varlen_attention/causal-d128/bf16", [2048, 777], [2048, 777], 32, 8, 128, causal=True)
+    return cases
