@@ -56,6 +56,7 @@ import torch
 
 __all__ = [
     "ABSENT",
+    "Call",
     "ORIGINALS_ATTR",
     "PatchOptions",
     "PatchReport",
@@ -65,7 +66,9 @@ __all__ = [
     "SpecRule",
     "Swap",
     "backend_note",
+    "bind_call",
     "coverage_table",
+    "forward_signature",
     "is_patched",
     "original_method",
     "patch_model",
@@ -509,3 +512,86 @@ def coverage_table(rules: Sequence[Rule], columns: Sequence[tuple[str, str]]) ->
         row = rule.coverage_row()
         lines.append("| " + " | ".join(cell(row.get(key, "")) for key, _ in columns) + " |")
     return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------
+# Binding a call (the merge, patch-embed and attention replacements all bind the original
+# forward's call the same way)
+
+
+@dataclasses.dataclass
+class Call:
+    """One call of the original ``forward``, bound to its signature: ``named`` holds the
+    named parameters, ``extra`` what went into its ``**kwargs``."""
+
+    named: dict[str, Any]
+    extra: dict[str, Any]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        if name in self.named:
+            return self.named[name]
+        return self.extra.get(name, default)
+
+
+@dataclasses.dataclass(frozen=True)
+class _BindPlan:
+    """A forward's signature and what binding a call needs from it, as plain tuples:
+    ``inspect.Signature.bind`` cannot be traced by torch.compile (its parameters are a
+    mapping proxy: a graph break in every compiled decode step)."""
+
+    signature: inspect.Signature
+    var_keyword: str | None  # the **kwargs parameter's name
+    positional: tuple[str, ...]  # parameters a positional argument fills, in order
+    keywords: frozenset  # parameters a keyword argument fills
+    var_positional: bool
+
+
+_SIGNATURES: dict[Any, _BindPlan] = {}
+
+
+def _plan(function: Callable) -> _BindPlan:
+    """``function``'s :class:`_BindPlan` (following ``__wrapped__`` through HF's
+    decorators), cached per underlying function: a bound method's, or a partial's
+    (``original_method`` binds the class's forward with ``functools.partial`` under
+    torch.compile). Filled when a rule checks a module at patch time, so a compiled
+    forward only reads it."""
+    key = getattr(function, "__func__", None) or getattr(function, "func", function)
+    cached = _SIGNATURES.get(key)
+    if cached is None:
+        signature = inspect.signature(function)
+        params = list(signature.parameters.values())
+        cached = _SIGNATURES[key] = _BindPlan(
+            signature,
+            next((p.name for p in params if p.kind is p.VAR_KEYWORD), None),
+            tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)),
+            frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)),
+            any(p.kind is p.VAR_POSITIONAL for p in params),
+        )
+    return cached
+
+
+def forward_signature(function: Callable) -> tuple[inspect.Signature, str | None]:
+    """The signature of ``function`` and the name of its ``**kwargs`` parameter (cached)."""
+    plan = _plan(function)
+    return plan.signature, plan.var_keyword
+
+
+def bind_call(function: Callable, args: tuple, kwargs: dict) -> Call | None:
+    """``Signature.bind`` without defaults (only what the call passed), in plain Python so
+    torch.compile traces it; None where the call does not bind (the original then raises
+    its own error) or where the function takes ``*args``."""
+    plan = _plan(function)
+    if plan.var_positional or len(args) > len(plan.positional):
+        return None
+    named = dict(zip(plan.positional, args))
+    extra = {}
+    for name, value in kwargs.items():
+        if name in named:
+            return None  # given positionally and by keyword
+        if name in plan.keywords:
+            named[name] = value
+        elif plan.var_keyword is not None:
+            extra[name] = value
+        else:
+            return None
+    return Call(named, extra)

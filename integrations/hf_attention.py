@@ -575,12 +575,12 @@ class MllamaCrossMaskRule(Rule):
 
 
 def _mllama_model_forward(self, *args, **kwargs):
-    from .hf_merge import _bind
+    from .engine import bind_call
 
     original = original_method(self, "forward")
     if torch.compiler.is_compiling():  # the conversion's verdict is a host sync: the dense path
         return original(*args, **kwargs)
-    call = _bind(original, args, kwargs)
+    call = bind_call(original, args, kwargs)
     if call is None:
         return original(*args, **kwargs)
     named = call.named

@@ -40,7 +40,6 @@ a case a spec marks as the original's) goes to the original ``forward`` untouche
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any, Callable, Sequence
 
 import torch
@@ -49,7 +48,7 @@ from torch.nn.modules import module as nn_module
 from mmkernels.ops.merge import CAPABILITIES as MERGE_CAPABILITIES
 from mmkernels.ops.merge import PlaceholderCountError
 
-from .engine import PatchOptions, SpecRule, backend_note, original_method
+from .engine import Call, PatchOptions, SpecRule, backend_note, bind_call, forward_signature, original_method
 
 __all__ = ["Call", "Features", "MergeRule", "MergeSpec", "Modality", "placeholder_id"]
 
@@ -61,20 +60,6 @@ MERGE_OP = "merge_multimodal_embeddings"
 #                     (transformers <= 5.23: image_hidden_states)
 #   "flat_features":  the same, reshaped to (N, D)
 OUTPUT_VALUE_KINDS = ("encoder_output", "features", "flat_features")
-
-
-@dataclasses.dataclass
-class Call:
-    """One call of the original ``forward``, bound to its signature: ``named`` holds the
-    named parameters, ``extra`` what went into its ``**kwargs``."""
-
-    named: dict[str, Any]
-    extra: dict[str, Any]
-
-    def get(self, name: str, default: Any = None) -> Any:
-        if name in self.named:
-            return self.named[name]
-        return self.extra.get(name, default)
 
 
 @dataclasses.dataclass
@@ -192,74 +177,6 @@ def _version_covered(specifier: str) -> bool:
     return SpecifierSet(specifier).contains(version, prereleases=True)
 
 
-# --------------------------------------------------------------------------------------
-# Binding a call
-
-
-@dataclasses.dataclass(frozen=True)
-class _Signature:
-    """A forward's signature and what binding a call needs from it, as plain tuples:
-    ``inspect.Signature.bind`` cannot be traced by torch.compile (its parameters are a
-    mapping proxy: a graph break in every compiled decode step)."""
-
-    signature: inspect.Signature
-    var_keyword: str | None  # the **kwargs parameter's name
-    positional: tuple[str, ...]  # parameters a positional argument fills, in order
-    keywords: frozenset  # parameters a keyword argument fills
-    var_positional: bool
-
-
-_SIGNATURES: dict[Any, _Signature] = {}
-
-
-def _plan(function: Callable) -> _Signature:
-    """``function``'s :class:`_Signature` (following ``__wrapped__`` through HF's
-    decorators), cached per underlying function: a bound method's, or a partial's
-    (``original_method`` binds the class's forward with ``functools.partial`` under
-    torch.compile). Filled when a rule checks a module at patch time, so a compiled
-    forward only reads it."""
-    key = getattr(function, "__func__", None) or getattr(function, "func", function)
-    cached = _SIGNATURES.get(key)
-    if cached is None:
-        signature = inspect.signature(function)
-        params = list(signature.parameters.values())
-        cached = _SIGNATURES[key] = _Signature(
-            signature,
-            next((p.name for p in params if p.kind is p.VAR_KEYWORD), None),
-            tuple(p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)),
-            frozenset(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)),
-            any(p.kind is p.VAR_POSITIONAL for p in params),
-        )
-    return cached
-
-
-def _signature(function: Callable) -> tuple[inspect.Signature, str | None]:
-    """The signature of ``function`` and the name of its ``**kwargs`` parameter (cached)."""
-    plan = _plan(function)
-    return plan.signature, plan.var_keyword
-
-
-def _bind(function: Callable, args: tuple, kwargs: dict) -> Call | None:
-    """``Signature.bind`` without defaults (only what the call passed), in plain Python so
-    torch.compile traces it; None where the call does not bind (the original then raises
-    its own error) or where the function takes ``*args``."""
-    plan = _plan(function)
-    if plan.var_positional or len(args) > len(plan.positional):
-        return None
-    named = dict(zip(plan.positional, args))
-    extra = {}
-    for name, value in kwargs.items():
-        if name in named:
-            return None  # given positionally and by keyword
-        if name in plan.keywords:
-            named[name] = value
-        elif plan.var_keyword is not None:
-            extra[name] = value
-        else:
-            return None
-    return Call(named, extra)
-
-
 def _present(value: Any) -> bool:
     """Media is present: not None and not an empty batch (HF skips ``size(0) == 0``)."""
     if value is None:
@@ -340,7 +257,7 @@ class MergeRule(SpecRule):
             return [f"transformers {_transformers_version()} is outside the covered versions ({ranges})"]
         if not callable(getattr(module, "get_input_embeddings", None)):
             reasons.append(f"{type(module).__name__} has no get_input_embeddings()")
-        signature, _ = _signature(original_method(module, "forward"))
+        signature, _ = forward_signature(original_method(module, "forward"))
         params = signature.parameters
         if any(p.kind is p.VAR_POSITIONAL for p in params.values()):
             reasons.append("forward takes *args; the pre-step binds calls by name")
@@ -396,7 +313,7 @@ class MergeRule(SpecRule):
 
         def forward(model, *args, **kwargs):
             original = original_method(model, "forward")
-            call = _bind(original, args, kwargs)
+            call = bind_call(original, args, kwargs)
             if call is None:
                 return original(*args, **kwargs)
             media = _media_to_merge(model, spec, covered, uncovered, call)

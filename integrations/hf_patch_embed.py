@@ -65,8 +65,7 @@ import torch
 
 from mmkernels.ops.patch_embed import CAPABILITIES as PATCH_EMBED_CAPABILITIES
 
-from .engine import PatchOptions, SpecRule, backend_note, original_method
-from .hf_merge import Call, _bind, _signature
+from .engine import Call, PatchOptions, SpecRule, backend_note, bind_call, forward_signature, original_method
 
 __all__ = ["CONV_PATCH_SPECS", "ConvPatchRule", "ConvPatchSpec", "PATCH_EMBED_SPECS", "PatchEmbedRule", "PatchEmbedSpec",
            "PositionTables", "clear_position_caches", "position_tables"]  # fmt: skip
@@ -622,7 +621,7 @@ class PatchEmbedRule(SpecRule):
 
         def forward(module, *args, **kwargs):
             original = original_method(module, "forward")
-            call = _bind(original, args, kwargs)
+            call = bind_call(original, args, kwargs)
             if call is None or call.extra or any(n not in spec.arguments for n in call.named):
                 return original(*args, **kwargs)
             found = arguments(module, spec, call)
@@ -723,7 +722,7 @@ class ConvPatchRule(SpecRule):
 def _bind_signature(module: torch.nn.Module) -> list[str] | None:
     """The names of the original forward's parameters (None when it takes ``*args`` or
     ``**kwargs``)."""
-    signature, _ = _signature(original_method(module, "forward"))
+    signature, _ = forward_signature(original_method(module, "forward"))
     parameters = signature.parameters.values()
     if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters):
         return None

@@ -52,7 +52,7 @@ from typing import Callable, Mapping
 
 import torch
 
-from mmkernels.ops.quantized_linear import CAPABILITIES, _apply_activation, quantized_linear
+from mmkernels.ops.quantized_linear import CAPABILITIES, apply_activation, quantized_linear
 from mmkernels.quant import SCHEME_TABLE, QuantizedWeight, check_group_size, quantize, scheme_info
 
 from .engine import PatchReport, Replacement, Skip, backend_note
@@ -313,7 +313,7 @@ def _fusable_activation(module: torch.nn.Module) -> str | None:
     if not isinstance(y, torch.Tensor) or y.shape != x.shape or y.dtype != torch.float64:
         return None
     for name in _CANDIDATE_ACTIVATIONS:
-        if torch.allclose(y, _apply_activation(x, name), rtol=1e-12, atol=1e-12):
+        if torch.allclose(y, apply_activation(x, name), rtol=1e-12, atol=1e-12):
             return name
     return None
 
@@ -339,7 +339,7 @@ def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
-def _normalize_request(scheme, group_size) -> tuple[str, int | None]:
+def normalize_request(scheme, group_size) -> tuple[str, int | None]:
     if isinstance(scheme, Mapping):
         unknown = set(scheme) - {"scheme", "group_size"}
         if unknown or "scheme" not in scheme:
@@ -376,7 +376,7 @@ def quantize_projector(model: torch.nn.Module, scheme, *, group_size: int = 128)
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    scheme, group_size = _normalize_request(scheme, group_size)
+    scheme, group_size = normalize_request(scheme, group_size)
     replaced, skipped, plans, matmul_plans = [], [], [], []
     found = []
     for path, holder, spec in _projectors(model):

@@ -5,7 +5,7 @@ expanded, strided inside a NaN buffer, another float dtype) and of the quantized
 weight's tensors, every scheme and activation, NaN and inf in some rows, against the
 reference with the op's own tolerance, outputs NaN-poisoned. Then vLLM's quantization
 config (prefixes, group size, projector weights that cannot be quantized), loaded from
-integrations/vllm_quant.py over stand-in vLLM modules: vLLM is not installed here
+integrations/vllm/quant.py over stand-in vLLM modules: vLLM is not installed here
 (tests_vllm/test_quant.py runs the same checks against real vLLM)."""
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def test_random_layouts_match_the_reference(case):
 
 
 def _vllm_stand_ins() -> dict[str, types.ModuleType]:
-    """The few vLLM names integrations/vllm_quant.py imports, with the behaviour it relies
+    """The few vLLM names integrations/vllm/quant.py imports, with the behaviour it relies
     on (vLLM 0.32): the unquantized method creates and runs an (N, K) ``weight``."""
 
     class LinearBase(torch.nn.Module):
@@ -240,12 +240,12 @@ def _vllm_stand_ins() -> dict[str, types.ModuleType]:
 
 @pytest.fixture
 def vllm_quant(monkeypatch):
-    """integrations/vllm_quant.py executed over the stand-ins, as a private module (the
-    stand-ins leave sys.modules after the test; mmkernels.integrations.vllm_quant is not
+    """integrations/vllm/quant.py executed over the stand-ins, as a private module (the
+    stand-ins leave sys.modules after the test; mmkernels.integrations.vllm.quant is not
     touched)."""
     for name, mod in _vllm_stand_ins().items():
         monkeypatch.setitem(sys.modules, name, mod)
-    path = Path(mmkernels.integrations.__file__).parent / "vllm_quant.py"
+    path = Path(mmkernels.integrations.__file__).parent / "vllm" / "quant.py"
     spec = importlib.util.spec_from_file_location("_mmkernels_vllm_quant_over_stand_ins", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -57,7 +57,7 @@ def _entry_point_installed():
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True, timeout=60)
     names = json.loads(out.stdout) if out.returncode == 0 else {"error": out.stderr[-2000:]}
-    if names.get("mmkernels") != "mmkernels.integrations.vllm_plugin:register":
+    if names.get("mmkernels") != "mmkernels.integrations.vllm.plugin:register":
         pytest.fail(
             "the vllm.general_plugins entry point 'mmkernels' is not installed "
             f"(found {names}); reinstall mmkernels (pip install -e .) in this environment"

@@ -194,7 +194,7 @@ def full_facts(plugin) -> dict:
 
 
 if __name__ == "__main__":
-    from mmkernels.integrations import vllm_plugin
+    from mmkernels.integrations.vllm import plugin as vllm_plugin
 
     mode = sys.argv[1]
     if mode == "full":

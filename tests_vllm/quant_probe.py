@@ -16,7 +16,7 @@ import sys
 
 
 def main(model: str, family: str, method: str) -> None:
-    from mmkernels.integrations import vllm_quant
+    from mmkernels.integrations.vllm import quant as vllm_quant
     import run_offline
 
     summary = vllm_quant.register_quantization()

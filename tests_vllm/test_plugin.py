@@ -13,7 +13,7 @@ import pytest
 import logs
 from conftest import HERE, vllm_env
 
-OURS = "mmkernels.integrations.vllm_plugin"
+OURS = "mmkernels.integrations.vllm.plugin"
 VLLM_LLAVA = "vllm.model_executor.models.llava.LlavaForConditionalGeneration"
 VLLM_ENCODER_ATTENTION = "vllm.model_executor.layers.attention.mm_encoder_attention.MMEncoderAttention"
 
@@ -147,3 +147,25 @@ def test_registers_nothing(case):
     assert facts["llava_class"] == VLLM_LLAVA
     assert facts["encoder_attention_class"] == VLLM_ENCODER_ATTENTION
     assert not logs.registered(text)
+
+
+def test_plugin_loads_no_transformers_model_code_beyond_vllms():
+    """vLLM imports what it imports of transformers; registering the plugin (in a fresh
+    process, after vLLM's own model registry is loaded) adds no transformers model
+    module and no module of mmkernels' Hugging Face side (issue 21)."""
+    code = (
+        "import json, sys\n"
+        "import vllm, vllm.model_executor.models.registry\n"
+        "before = set(sys.modules)\n"
+        f"from {OURS} import register\n"
+        "register()\n"
+        "added = sorted(set(sys.modules) - before)\n"
+        "print('PROBE ' + json.dumps(added))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=vllm_env(True), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    (line,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("PROBE ")]
+    added = json.loads(line[len("PROBE "):])
+    assert not [m for m in added if m.startswith("transformers.models.")], added
+    hf_side = [m for m in added if m.startswith("mmkernels.integrations.") and ".vllm" not in m]
+    assert not hf_side, hf_side

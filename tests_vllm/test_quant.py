@@ -1,5 +1,5 @@
 """Quantized multimodal projectors in vLLM (``--quantization mmkernels-w8a16`` / ``-w4a16`` /
-``-fp8``, integrations/vllm_quant.py).
+``-fp8``, integrations/vllm/quant.py).
 
 Unit: the registered configs and their linear method on real vLLM linear layers built on
 the CPU (a one-rank gloo group, as vLLM's own layer tests set up), against ``F.linear`` by
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 from conftest import HERE, vllm_env
 
-from mmkernels.integrations import vllm_quant  # noqa: E402
+from mmkernels.integrations.vllm import quant as vllm_quant  # noqa: E402
 from mmkernels.ops.quantized_linear import quantized_linear  # noqa: E402
 from mmkernels.quant import quantize  # noqa: E402
 

@@ -46,6 +46,7 @@ __all__ = [
     "ACTIVATIONS",
     "CAPABILITIES",
     "LinearConfig",
+    "apply_activation",
     "linear_config",
     "quantized_linear",
     "quantized_linear_reference",
@@ -151,7 +152,10 @@ def _validate(x, qweight, bias, activation) -> _LinearArgs:
 # Reference
 
 
-def _apply_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+def apply_activation(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """``activation`` (a key of :data:`ACTIVATIONS`) applied to ``y`` in PyTorch: what the
+    kernels' epilogue computes, for references and for integrations that check a module's
+    activation against it."""
     if activation is None:
         return y
     if activation == "gelu":
@@ -188,7 +192,7 @@ def _reference_impl(args: _LinearArgs) -> torch.Tensor:
     y = xr @ w.t()
     if args.bias is not None:
         y = y + args.bias.to(f64)
-    y = _apply_activation(y, args.activation)
+    y = apply_activation(y, args.activation)
     return y.to(x2d.dtype).reshape(args.out_shape)
 
 
@@ -512,7 +516,7 @@ def _backward(ctx, grad_out):
         xl = x.detach().requires_grad_(needs_x)
         bl = bias.detach().requires_grad_(needs_b) if bias is not None else None
         w = qw.kernel_weight(x.dtype).to(device=x.device, dtype=x.dtype)
-        y = _apply_activation(F.linear(xl, w, None if bl is None else bl.to(x.dtype)), None if activation == "none" else activation)
+        y = apply_activation(F.linear(xl, w, None if bl is None else bl.to(x.dtype)), None if activation == "none" else activation)
         leaves = [t for t, need in ((xl, needs_x), (bl, needs_b)) if need]
         grads = list(torch.autograd.grad(y, leaves, grad_out.to(y.dtype))) if leaves else []
     gx = grads.pop(0) if needs_x else None

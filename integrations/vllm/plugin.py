@@ -1,7 +1,7 @@
 """The vLLM plugin: ``vllm serve <model>`` runs mmkernels' kernels with no change to the command.
 
 Installed as the ``vllm.general_plugins`` entry point ``mmkernels`` ->
-``mmkernels.integrations.vllm_plugin:register``. vLLM calls :func:`register` in every
+``mmkernels.integrations.vllm.plugin:register``. vLLM calls :func:`register` in every
 process it starts (the CLI / API server, the engine core, each worker; CPU and CUDA
 workers are spawned, so everything is registered inside the function, never at import).
 Each process logs ONE line that says what was registered, or why nothing was (logger
@@ -69,7 +69,7 @@ other than CUDA and CPU, nothing is registered and the line says why.
 
 Quantized projectors: ``quantized_projector`` registers the quantization methods
 ``mmkernels-w8a16`` / ``mmkernels-w4a16`` / ``mmkernels-fp8``, which a model opts into with
-``--quantization`` (:mod:`mmkernels.integrations.vllm_quant`); they quantize only the
+``--quantization`` (:mod:`mmkernels.integrations.vllm.quant`); they quantize only the
 multimodal projector's linear layers, at load time, from an ordinary checkpoint.
 """
 
@@ -308,7 +308,7 @@ _LAZY_PREFIX = "MMKernels_"
 
 
 def __getattr__(name: str):
-    # "mmkernels.integrations.vllm_plugin:MMKernels_<arch>" is what the registry imports.
+    # "mmkernels.integrations.vllm.plugin:MMKernels_<arch>" is what the registry imports.
     if name.startswith(_LAZY_PREFIX) and name[len(_LAZY_PREFIX):] in _SOURCES:
         return _merge_model_class(name[len(_LAZY_PREFIX):])
     if name.startswith(_LAZY_PREFIX) and name[len(_LAZY_PREFIX):] in MERGE_ARCHITECTURES:
@@ -590,8 +590,8 @@ def _register_encoder_attention() -> str:
 
 def _register_quantized_projector() -> str:
     """The ``--quantization mmkernels-w8a16|w4a16|fp8`` methods (opt-in per model: nothing
-    is quantized unless asked for); see :mod:`mmkernels.integrations.vllm_quant`."""
-    from mmkernels.integrations.vllm_quant import register_quantization
+    is quantized unless asked for); see :mod:`mmkernels.integrations.vllm.quant`."""
+    from mmkernels.integrations.vllm.quant import register_quantization
 
     return register_quantization()
 
