@@ -183,6 +183,8 @@ class Decision:
 
 _RECENT: collections.deque[tuple[int, Decision]] = collections.deque(maxlen=64)  # (sequence number, decision)
 _SEQUENCE = itertools.count(1)  # numbers every recorded decision: cached decisions repeat as objects
+
+
 class _ForcedState(threading.local):
     value = None  # the class default: a missing thread attribute would cost an exception
 
@@ -487,7 +489,8 @@ def empty_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     :func:`poison_outputs`. A call being recorded as a plan (see :class:`CallPlans`) notes
     the allocation, so the plan makes the same one on each replay."""
     if _POISON.on:
-        fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
+        # Integer scratch (counts) starts at the most negative value, just as visible.
+        fill = float("nan") if dtype.is_floating_point else True if dtype is torch.bool else torch.iinfo(dtype).min
         out = torch.full(shape, fill, dtype=dtype, device=device)
     else:
         out = torch.empty(shape, dtype=dtype, device=device)
@@ -898,11 +901,13 @@ def reset_launchers() -> None:
 # size-1 dims, whose index is always 0), dtype, device and whether its address is 16-byte
 # aligned (everything an op or Triton reads from a tensor except the address itself;
 # tensors in a list input: their addresses relative to the list's first), and the value
-# and type of every other input. So the first
-# plain eager call with a key runs as before and is recorded: the allocations it made
-# through :func:`empty_output`, the launches it made through :func:`launch` and the
-# decisions it logged. Later calls with that key skip straight to the same allocations
-# and launches with this call's tensors substituted in (and log the same decisions).
+# and type of every other input. So the first plain eager call with a key runs as before
+# and is recorded: the allocations it made through :func:`empty_output`, the launches it
+# made through :func:`launch`, the torch work between them it declared with
+# :func:`plan_step` (the merge's cumsum and count check), the tensors it made that are a
+# function of the key (:func:`plan_constant`: the merge's segment table) and the
+# decisions it logged. Later calls with that key skip straight to the same allocations,
+# steps and launches with this call's tensors substituted in (and log the same decisions).
 #
 # A call becomes a plan only when it is certainly a function of its key:
 #   * the op's launcher says its path is made of launches only (:func:`plan_ok`; paths
@@ -915,7 +920,9 @@ def reset_launchers() -> None:
 #     descriptor) leaves the call unplanned; so does an address two inputs share;
 #   * no dispatcher-level feature is active (the same conditions as
 #     :func:`dispatcher_needed`: autograd recording, modes, transforms, the profiler,
-#     tracing, tensor subclasses), nothing is being compiled, no backend is forced.
+#     tracing, tensor subclasses, meta tensors), nothing is being compiled or captured
+#     into a CUDA graph (a graph must not read a plan's constants, which the plan may
+#     drop), no backend is forced.
 # Plans are forgotten with the backend decisions (:func:`clear_decision_cache`, hence
 # :func:`refresh_environment`) and with the launchers (:func:`reset_launchers`).
 # ``MMKERNELS_CALL_PLANS=0`` turns them off.
@@ -995,10 +1002,6 @@ def call_plans_enabled() -> bool:
     return _PLANS_ON[0]
 
 
-def _tensor_key(t):
-    return t.shape, t.stride(), t.dtype, t.device, t.data_ptr() & 15
-
-
 def plan_key(op_inputs: tuple, extra: tuple = ()):
     """The plan key of a call with ``op_inputs`` (see the section comment), or None when
     the call must not use plans: a dispatcher-level feature is active, a tensor requires
@@ -1040,6 +1043,7 @@ def plan_key(op_inputs: tuple, extra: tuple = ()):
 
 
 _PLAN_KEY_FUNCTIONS: dict[tuple, Callable] = {}
+_PLAN_KEY_NUMBERS = itertools.count()  # next() is atomic: two threads never share a number
 _PLAIN_TENSORS = (torch.Tensor, _PARAMETER)
 
 
@@ -1068,17 +1072,23 @@ def _sequence_key(values, grad: bool):
     return tuple(parts)
 
 
+def _alias_pattern(tensors: tuple) -> tuple[int, ...]:
+    """For each tensor, the position of its first occurrence among ``tensors`` (by identity)."""
+    first: dict[int, int] = {}
+    return tuple(first.setdefault(id(t), i) for i, t in enumerate(tensors))
+
+
 def _plan_key_function(types: tuple) -> Callable:
     """A function ``(op_inputs, grad) -> key or None`` for inputs of exactly ``types``,
     generated once per types tuple (straight-line attribute reads: a loop with a type
     test per input cost twice as much). The key starts with the types tuple's number, so
     equal values of other types (1, 1.0, True) never share a key, and ends with the first
     tensor's device (or None)."""
-    number = len(_PLAN_KEY_FUNCTIONS)
+    number = next(_PLAN_KEY_NUMBERS)
     names = [f"a{i}" for i in range(len(types))]
-    parts, grads, first = [str(number)], [], None
+    parts, grads, sequences, first = [str(number)], [], [], None
     supported = True
-    for name, t in zip(names, types):
+    for i, (name, t) in enumerate(zip(names, types)):
         if t in _PLAIN_TENSORS:
             grads.append(f"{name}.requires_grad")
             device = f"{name}.device"
@@ -1092,8 +1102,8 @@ def _plan_key_function(types: tuple) -> Callable:
         elif t in _PLAN_SCALAR_TYPES or t is str:
             parts.append(name)
         elif t is list or t is tuple:
-            parts.append(f"_sequence_key({name}, grad)")
-            grads.append(f"{parts[-1]} is None")  # evaluated below, once: see the generated body
+            parts.append(f"s{i}")  # computed (and checked for None) before the return
+            sequences.append(i)
         else:
             supported = False
     if not supported:  # a subclass, another object: never keyed
@@ -1102,18 +1112,20 @@ def _plan_key_function(types: tuple) -> Callable:
         return function
     lines = ["def key(op_inputs, grad):"]
     lines.append(f"    {', '.join(names)}{',' if len(names) == 1 else ''} = op_inputs" if names else "    pass")
-    tensor_grads = [g for g in grads if g.endswith(".requires_grad")]
-    if tensor_grads:
-        lines.append(f"    if grad and ({' or '.join(tensor_grads)}): return None")
-    sequences = [i for i, t in enumerate(types) if t is list or t is tuple]
+    tensors = [name for name, t in zip(names, types) if t in _PLAIN_TENSORS]
+    if len(tensors) > 1:
+        # Which top-level tensor inputs are one tensor (q is k is v): True when none are.
+        parts.append(f"len({{{', '.join(f'id({n})' for n in tensors)}}}) == {len(tensors)} or "
+                     f"_alias_pattern(({', '.join(tensors)},))")  # fmt: skip
+    if grads:
+        lines.append(f"    if grad and ({' or '.join(grads)}): return None")
     for i in sequences:
         lines.append(f"    s{i} = _sequence_key(a{i}, grad)")
         lines.append(f"    if s{i} is None: return None")
-        parts[1 + i] = f"s{i}"
     if first is not None:
         lines.append(f"    device = {first}.device")
     lines.append(f"    return ({', '.join(parts)}, {'device' if first is not None else 'None'})")
-    namespace = {"_sequence_key": _sequence_key}
+    namespace = {"_sequence_key": _sequence_key, "_alias_pattern": _alias_pattern}
     exec("\n".join(lines), namespace)  # noqa: S102 - generated from the input types only
     function = namespace["key"]
     _PLAN_KEY_FUNCTIONS[types] = function
@@ -1230,18 +1242,27 @@ class CallPlans:
 def _make_plan(recording: _Recording, op_inputs: tuple, result) -> _Plan | None:
     """The plan of a recorded call, or None where a launch receives a tensor that is not
     an input, an allocation, or a same-address same-dtype view of one."""
-    by_id: dict[int, tuple[int, int]] = {}
+    by_id: dict[int, tuple[int, int] | None] = {}
     by_address: dict[tuple, tuple[int, int] | None] = {}
     device = None
 
     def note(t, slot):
         nonlocal device
-        by_id.setdefault(id(t), slot)
         device = device or t.device
+        key = id(t)
+        if key not in by_id:
+            by_id[key] = slot
+        elif by_id[key] is None or by_id[key][1] >= 0 or slot[1] >= 0:
+            # One tensor at two places, one of them in a list: which one a later call's
+            # launch should read is unknowable. (One tensor as two top-level inputs, q is
+            # k, is fine: the key holds which top-level inputs are one tensor.)
+            by_id[key] = None
         if t.numel():
             address = (t.data_ptr(), t.dtype)
-            # Two inputs at one address: which one a view came from is unknowable.
-            by_address[address] = None if address in by_address and by_address[address] != slot else slot
+            if address not in by_address:
+                by_address[address] = by_id[key]
+            elif by_address[address] != by_id[key]:
+                by_address[address] = None  # two tensors at one address: a view's origin is unknowable
 
     for i, v in enumerate(op_inputs):
         if isinstance(v, torch.Tensor):

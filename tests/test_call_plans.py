@@ -200,3 +200,30 @@ def test_plans_are_dropped_with_the_decisions_and_can_be_switched_off(monkeypatc
         backend.refresh_environment()
     ops.quantized_linear(x, qw)
     assert len(PLANS["quantized_linear"]) == 1
+
+
+def test_one_tensor_at_two_inputs_never_stands_for_two():
+    """q is k is v (and cu_seqlens_q is cu_seqlens_k) in one call, distinct tensors of the
+    same key in the next: the plan of one must not give the other's result."""
+    plans = PLANS["varlen_attention"]
+    cu = torch.tensor([0, 3, 10], dtype=torch.int32)
+    q = torch.randn(10, 4, 16)
+    ops.varlen_attention(q, q, q, cu, cu, 7, 7)  # recorded with aliases
+    q2, k2, v2 = (torch.randn(10, 4, 16) for _ in range(3))
+    cu_k = cu.clone()
+    replays = plans.replays
+    got = ops.varlen_attention(q2, k2, v2, cu, cu_k, 7, 7)
+    assert plans.replays == replays  # another alias pattern: another key
+    want = ops.varlen_attention_reference(q2, k2, v2, cu, cu_k, 7, 7)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    ops.varlen_attention(q2, q2, q2, cu, cu, 7, 7)  # the aliased key again: its plan, and right
+    assert plans.replays == replays + 1
+    torch.testing.assert_close(ops.varlen_attention(k2, k2, k2, cu, cu, 7, 7),
+                               ops.varlen_attention_reference(k2, k2, k2, cu, cu, 7, 7), rtol=1e-5, atol=1e-5)
+    # One tensor both in a list and at the top (the features are inputs_embeds): no plan.
+    ids = torch.full((8,), 9)
+    e = torch.randn(8, 40)
+    before = len(PLANS["merge"])
+    got = ops.merge_multimodal_embeddings(ids, e, [e], 9, check=False)
+    assert len(PLANS["merge"]) == before
+    assert torch.equal(got, ops.merge_multimodal_embeddings_reference(ids, e, [e], 9, check=False))
