@@ -36,21 +36,7 @@ from .hf_merge import MergeRule
 from .hf_patch_embed import CONV_PATCH_SPECS, PATCH_EMBED_SPECS, ConvPatchRule, PatchEmbedRule, clear_position_caches
 from .hf_specs import MERGE_SPECS
 
-__all__ = [
-    "KERNELS",
-    "PatchReport",
-    "Replacement",
-    "Skip",
-    "clear_caches",
-    "normalization_constants",
-    "patch",
-    "quantize_projector",
-    "raw_pixel_inputs",
-    "register_attention",
-    "rules",
-    "supported_models",
-    "unpatch",
-]
+from . import __all__  # noqa: E402,F401  (the package lists the public names it forwards here)
 
 # Every kernel a model can be patched with; ``patch(kernels=None)`` applies all of them.
 KERNELS: tuple[str, ...] = ("merge", "patch_embed", "attention")

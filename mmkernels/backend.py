@@ -397,6 +397,24 @@ class ValidatedHandOver:
         return args if _same_inputs(given, op_inputs) else None
 
 
+def _dispatcher_feature_active() -> bool:
+    """A feature that works at the dispatcher level is on for this thread: ``torch.jit``
+    tracing, a functorch transform, a dispatch or function mode, the autograd profiler.
+    True where this torch lacks one of the checks (the safe answer)."""
+    C = torch._C
+    try:
+        # torch.jit.is_tracing() is C._is_tracing() behind a Python wrapper.
+        return bool(
+            C._is_tracing()
+            or C._are_functorch_transforms_active()
+            or C._len_torch_dispatch_stack()
+            or C._is_torch_function_mode_enabled()
+            or C._autograd._profiler_enabled()
+        )
+    except AttributeError:
+        return True
+
+
 def dispatcher_needed(op_inputs) -> bool:
     """Whether a call with ``op_inputs`` must go through its registered custom op rather
     than straight to the op's body: autograd (a tensor requires grad), a dispatch or
@@ -404,20 +422,9 @@ def dispatcher_needed(op_inputs) -> bool:
     a functorch transform (``vmap``, ``grad``), tensor subclasses and meta tensors, the
     autograd profiler (it records the op), ``torch.jit`` tracing. Unknown to this torch:
     needed."""
-    C = torch._C
-    try:
-        # torch.jit.is_tracing() is C._is_tracing() behind a Python wrapper.
-        if (
-            C._is_tracing()
-            or C._are_functorch_transforms_active()
-            or C._len_torch_dispatch_stack()
-            or C._is_torch_function_mode_enabled()
-            or C._autograd._profiler_enabled()
-        ):
-            return True
-    except AttributeError:
+    if _dispatcher_feature_active():
         return True
-    grad = C.is_grad_enabled()
+    grad = torch._C.is_grad_enabled()
     first = None
     for value in op_inputs:
         if isinstance(value, torch.Tensor):
@@ -715,10 +722,7 @@ class _KernelLauncher:
             self._knobs = knob_state
         device = self._get_device()
         try:
-            key = self._key(args, device, meta)
-            if key is None:
-                key = self._retype(args)(args, device, meta)
-            entry = self._cache.get(key)
+            key, entry = self._lookup(args, device, meta)
         except (AttributeError, TypeError, ValueError):  # other types, unhashable: retype, else Triton's path
             try:
                 key = self._retype(args)(args, device, meta)
@@ -739,6 +743,14 @@ class _KernelLauncher:
     def _first_key(self, args, device, meta):
         return None
 
+    def _lookup(self, args, device, meta):
+        """(key, cache entry or None); raises AttributeError, TypeError or ValueError for
+        arguments the latest key function cannot take (then retype, or Triton's path)."""
+        key = self._key(args, device, meta)
+        if key is None:
+            key = self._retype(args)(args, device, meta)
+        return key, self._cache.get(key)
+
     def find(self, args, meta):
         """(key, cache entry, device) of a launch just made with ``args`` and ``meta``, for
         a call plan; None where it has no entry (it took Triton's path for good)."""
@@ -746,10 +758,7 @@ class _KernelLauncher:
             return None
         device = self._get_device()
         try:
-            key = self._key(args, device, meta)
-            if key is None:
-                key = self._retype(args)(args, device, meta)
-            entry = self._cache.get(key)
+            key, entry = self._lookup(args, device, meta)
         except (AttributeError, TypeError, ValueError):
             return None
         return None if entry is None else (key, entry, device)
@@ -1010,25 +1019,13 @@ def plan_key(op_inputs: tuple, extra: tuple = ()):
     reads beyond ``op_inputs`` (fields of an argument object), made part of the key."""
     if torch.compiler.is_compiling():  # first: Dynamo folds it, and traces nothing below
         return None
-    C = torch._C
-    try:
-        if (
-            C._is_tracing()
-            or C._are_functorch_transforms_active()
-            or C._len_torch_dispatch_stack()
-            or C._is_torch_function_mode_enabled()
-            or C._autograd._profiler_enabled()
-        ):
-            return None
-    except AttributeError:  # pragma: no cover - another torch: no plans
-        return None
-    if not _PLANS_ON[0] or _FORCED.value is not None:
+    if _dispatcher_feature_active() or not _PLANS_ON[0] or _FORCED.value is not None:
         return None
     types = tuple(map(type, op_inputs))
     key_function = _PLAN_KEY_FUNCTIONS.get(types)
     if key_function is None:
         key_function = _plan_key_function(types)
-    key = key_function(op_inputs, C.is_grad_enabled())
+    key = key_function(op_inputs, torch._C.is_grad_enabled())
     if key is None:
         return None
     device = key[-1]  # the first tensor's device (all must share it: a call mixing devices fails, so has no plan)
