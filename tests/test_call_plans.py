@@ -227,3 +227,87 @@ def test_one_tensor_at_two_inputs_never_stands_for_two():
     got = ops.merge_multimodal_embeddings(ids, e, [e], 9, check=False)
     assert len(PLANS["merge"]) == before
     assert torch.equal(got, ops.merge_multimodal_embeddings_reference(ids, e, [e], 9, check=False))
+
+
+def _layout(t: torch.Tensor, how: str) -> torch.Tensor:
+    """``t``'s values in another memory layout: the things a plan key tells apart."""
+    if how == "contiguous":
+        return t
+    if how == "offset":  # one element off the allocation's start: another alignment
+        return torch.cat([t.new_zeros(1), t.flatten()])[1:].view_as(t)
+    if how == "padded":  # rows of a wider buffer
+        wide = t.new_zeros(*t.shape[:-1], t.shape[-1] + 8)
+        wide[..., : t.shape[-1]] = t
+        return wide[..., : t.shape[-1]]
+    raise ValueError(how)
+
+
+def _random_call(rng, data):
+    """One op call (name, inputs, call) drawn from ``rng`` (the structure: shapes, dtypes,
+    layouts, aliasing) with values from ``data`` (so the same structure can be drawn again
+    with other values: the same plan key)."""
+    op = rng.choice(["merge", "patch_embed", "quantized_linear", "varlen_attention"])
+    dtype = rng.choice([torch.float32, torch.bfloat16])
+    how = rng.choice(["contiguous", "offset", "padded"])
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=data).to(dtype)
+
+    if op == "merge":
+        t, d, n_img = rng.choice([6, 9]), rng.choice([8, 24]), rng.choice([1, 2])
+        ids = torch.arange(t) % 5 + 10
+        rows = 2 * n_img
+        ids[1 : 1 + rows] = 3
+        feats = list(_layout(randn(rows, d), how).split(2)) if rng.random() < 0.5 else [randn(2, d) for _ in range(n_img)]
+        embeds = _layout(randn(1, t, d), how)
+        inplace = rng.random() < 0.3
+        check = rng.random() < 0.5
+
+        def call(ids, embeds, *feats):
+            out = ops.merge_multimodal_embeddings(ids, embeds.clone() if inplace else embeds, list(feats), 3,
+                                                  check=check, inplace=inplace)  # fmt: skip
+            return out
+
+        return op, (ids[None], embeds, *feats), call
+    if op == "patch_embed":
+        pixels = _layout(randn(rng.choice([1, 2]), 3, 8, 12), how)
+        weight = randn(16, 3, 4, 4)
+        pos = randn(6, 16) if rng.random() < 0.5 else None
+        return op, (pixels, weight, pos), lambda p, w, pos: ops.patch_embed(p, w, position_embedding=pos)
+    if op == "quantized_linear":
+        scheme = rng.choice(["w8a16", "w4a16"])
+        qw = quantize(torch.randn(24, 64, generator=data), scheme, group_size=32)
+        x = _layout(randn(rng.choice([3, 17]), 64), how)
+        act = rng.choice([None, "gelu"])
+        return op, (x,), lambda x: ops.quantized_linear(x, qw, activation=act)
+    lengths = [rng.choice([1, 5, 9]) for _ in range(rng.choice([1, 3]))]
+    total = sum(lengths)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    q = _layout(randn(total, 2, 16), how)
+    alias = rng.random() < 0.4
+    k = q if alias else randn(total, 2, 16)
+    v = q if alias else randn(total, 2, 16)
+    causal = rng.random() < 0.5
+    return op, (q, k, v), lambda q, k, v: ops.varlen_attention(q, k, v, cu, cu, max(lengths), max(lengths),
+                                                               causal=causal)  # fmt: skip
+
+
+def test_random_calls_replay_what_the_ordinary_path_computes():
+    """Drawn structures (ops, dtypes, alignments, padded rows, split or separate features,
+    in place, checks, aliasing), each called three times with new values: every result
+    equals the ordinary path's on the same inputs, bit for bit."""
+    import random
+
+    rng = random.Random(1234)
+    replays = sum(p.replays for p in PLANS.values())
+    for case in range(24):
+        state = rng.getstate()
+        for attempt in range(3):
+            rng.setstate(state)  # the same structure again, new values
+            data = torch.Generator().manual_seed(case * 10 + attempt)
+            name, inputs, call = _random_call(rng, data)
+            got = call(*inputs)
+            with backend.force_backend(backend.Backend.INTERPRETER):
+                want = call(*inputs)
+            assert torch.equal(torch.nan_to_num(got, nan=7.0), torch.nan_to_num(want, nan=7.0)), (case, attempt, name)
+    assert sum(p.replays for p in PLANS.values()) - replays >= 24, "repeated structures should replay"
