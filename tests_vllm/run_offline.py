@@ -55,8 +55,9 @@ def generate_greedy(llm, family: str):
     return llm.generate(prompts(family), params, use_tqdm=False)
 
 
-def main(model: str, family: str, out_path: str) -> None:
-    llm = make_llm(model)
+def main(model: str, family: str, out_path: str, tensor_parallel_size: str = "1") -> None:
+    tp = int(tensor_parallel_size)
+    llm = make_llm(model, **({"tensor_parallel_size": tp} if tp > 1 else {}))
     results = generate_greedy(llm, family)
     rows = []
     for name, r in zip(IMAGE_SIZES, results):
@@ -74,4 +75,4 @@ def main(model: str, family: str, out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])

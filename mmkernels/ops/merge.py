@@ -395,7 +395,8 @@ def _tables(args: _MergeArgs, device: torch.device) -> _Tables:
     k = len(args.kind_ids)
     kinds, segs = table[: 3 * k].view(3, k), table[3 * k :].view(3, len(feats))
     # Its contents are a function of the call's plan key (kinds, row counts, strides, and
-    # the segment offsets relative to the first feature, which the public function adds).
+    # the segment offsets relative to the first feature: plan_key describes the tensors
+    # of a list by their addresses relative to the list's first).
     plan_constant(table, kinds, segs, *kinds, *segs)
     return _Tables(feats, kinds, segs, aligned)
 
