@@ -55,9 +55,12 @@ def generate_greedy(llm, family: str):
     return llm.generate(prompts(family), params, use_tqdm=False)
 
 
-def main(model: str, family: str, out_path: str, tensor_parallel_size: str = "1") -> None:
+def main(model: str, family: str, out_path: str, tensor_parallel_size: str = "1", quantization: str = "") -> None:
     tp = int(tensor_parallel_size)
-    llm = make_llm(model, **({"tensor_parallel_size": tp} if tp > 1 else {}))
+    extra = {"tensor_parallel_size": tp} if tp > 1 else {}
+    if quantization:
+        extra["quantization"] = quantization
+    llm = make_llm(model, **extra)
     results = generate_greedy(llm, family)
     rows = []
     for name, r in zip(IMAGE_SIZES, results):
@@ -75,4 +78,4 @@ def main(model: str, family: str, out_path: str, tensor_parallel_size: str = "1"
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:5])
+    main(*sys.argv[1:6])
