@@ -315,6 +315,10 @@ def _offline(model, family: str, out, *, plugin: bool, tp: int = 1, quantization
         timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
+    if quantization and tp > 1:  # each rank says it quantized its own shard
+        ranks = {line.split("tensor-parallel rank ")[1][0] for line in (proc.stdout + proc.stderr).splitlines()
+                 if "quantized projector layer" in line and "tensor-parallel rank " in line}  # fmt: skip
+        assert ranks == {str(r) for r in range(tp)}, (proc.stdout + proc.stderr)[-4000:]
     return json.loads(out.read_text())
 
 

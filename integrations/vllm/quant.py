@@ -143,6 +143,19 @@ def is_projector(prefix: str, prefixes: tuple[str, ...] = PROJECTOR_PREFIXES) ->
     return any(prefix.startswith(p) or prefix == p.rstrip(".") for p in prefixes)
 
 
+def _tensor_parallel_note() -> str:
+    """Under tensor parallelism, which rank this is: each quantizes its own shard (the
+    sizes logged are the shard's), with scales of its own."""
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
+
+        world = get_tensor_model_parallel_world_size()
+        rank = get_tensor_model_parallel_rank()
+    except Exception:  # noqa: BLE001 - no parallel state (a layer built outside an engine)
+        return ""
+    return f", tensor-parallel rank {rank} of {world}: this rank's shard" if world > 1 else ""
+
+
 def _note_once(key, level: int, msg: str, *args) -> None:
     with _LOCK:
         if key in _NOTED:
@@ -232,9 +245,10 @@ class ProjectorLinearMethod(LinearMethodBase):
             "method": self.method,
         }
         _note_once(("quantized", self.prefix), logging.INFO,
-                   "%s: quantized projector layer %s (%d -> %d, %s%s) [pid %d]", self.method, self.prefix,
+                   "%s: quantized projector layer %s (%d -> %d, %s%s)%s [pid %d]", self.method, self.prefix,
                    qw.in_features, qw.out_features, qw.scheme,
-                   f", group_size {qw.group_size}" if qw.group_size else "", os.getpid())  # fmt: skip
+                   f", group_size {qw.group_size}" if qw.group_size else "", _tensor_parallel_note(),
+                   os.getpid())  # fmt: skip
 
     def qweight(self, layer) -> QuantizedWeight:
         """The layer's :class:`QuantizedWeight` (views of its buffers)."""
