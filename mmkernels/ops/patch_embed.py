@@ -660,7 +660,7 @@ def aot_cases() -> list[AotCase]:
 
     def _aot_case(name, pixels_shape, weight_shape, *, uint8=False, cls=False, pos=False, bias=False, a_source="packed",
                   pixel_dtype=torch.bfloat16):  # fmt: skip
-        """Registers the GEMM launch as ``name`` and, when the call packs first, the pack
+        """Adds the GEMM launch as ``name`` and, when the call packs first, the pack
         launch as ``name + "/pack"``. ``a_source``: forced (None: :func:`embed_config`'s)."""
 
         image_form = len(pixels_shape) == 4
