@@ -1069,12 +1069,6 @@ def _sequence_key(values, grad: bool):
     return tuple(parts)
 
 
-def _alias_pattern(tensors: tuple) -> tuple[int, ...]:
-    """For each tensor, the position of its first occurrence among ``tensors`` (by identity)."""
-    first: dict[int, int] = {}
-    return tuple(first.setdefault(id(t), i) for i, t in enumerate(tensors))
-
-
 def _plan_key_function(types: tuple) -> Callable:
     """A function ``(op_inputs, grad) -> key or None`` for inputs of exactly ``types``,
     generated once per types tuple (straight-line attribute reads: a loop with a type
@@ -1111,9 +1105,10 @@ def _plan_key_function(types: tuple) -> Callable:
     lines.append(f"    {', '.join(names)}{',' if len(names) == 1 else ''} = op_inputs" if names else "    pass")
     tensors = [name for name, t in zip(names, types) if t in _PLAIN_TENSORS]
     if len(tensors) > 1:
-        # Which top-level tensor inputs are one tensor (q is k is v): True when none are.
-        parts.append(f"len({{{', '.join(f'id({n})' for n in tensors)}}}) == {len(tensors)} or "
-                     f"_alias_pattern(({', '.join(tensors)},))")  # fmt: skip
+        # Which top-level tensor inputs are one tensor (q is k is v): True when none are,
+        # else every pair's identity (straight-line comparisons, no call).
+        pairs = [f"{a} is {b}" for i, a in enumerate(tensors) for b in tensors[i + 1 :]]
+        parts.append(f"len({{{', '.join(f'id({n})' for n in tensors)}}}) == {len(tensors)} or ({', '.join(pairs)},)")
     if grads:
         lines.append(f"    if grad and ({' or '.join(grads)}): return None")
     for i in sequences:
@@ -1122,7 +1117,7 @@ def _plan_key_function(types: tuple) -> Callable:
     if first is not None:
         lines.append(f"    device = {first}.device")
     lines.append(f"    return ({', '.join(parts)}, {'device' if first is not None else 'None'})")
-    namespace = {"_sequence_key": _sequence_key, "_alias_pattern": _alias_pattern}
+    namespace = {"_sequence_key": _sequence_key}
     exec("\n".join(lines), namespace)  # noqa: S102 - generated from the input types only
     function = namespace["key"]
     _PLAN_KEY_FUNCTIONS[types] = function
