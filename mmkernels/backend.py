@@ -880,7 +880,7 @@ def launch(kernel, grid, args: tuple, meta: dict):
             _LAUNCHERS[id(kernel)] = entry
     recording = _RECORDING.top
     if recording is not None:
-        recording.launches.append((entry, grid, args, meta))
+        recording.steps.append(("launch", entry, grid, args, meta))
     return entry(grid, args, meta)
 
 
@@ -949,10 +949,10 @@ _RECORDING = _RecordingState()
 
 
 class _Recording:
-    __slots__ = ("launches", "allocations", "decisions", "constants", "plannable", "spoiled")
+    __slots__ = ("steps", "allocations", "decisions", "constants", "plannable", "spoiled")
 
     def __init__(self):
-        self.launches: list[tuple] = []  # (launcher, grid, args, meta), or (None, fn, tensors, result) for plan_step
+        self.steps: list[tuple] = []  # ("launch", launcher, grid, args, meta) or ("torch", fn, tensors, result)
         self.allocations: list[tuple] = []  # (tensor, shape, dtype, device)
         self.decisions: list[Decision] = []
         self.constants: list[torch.Tensor] = []
@@ -962,7 +962,7 @@ class _Recording:
 
 def plan_constant(*tensors: torch.Tensor) -> None:
     """Tensors made by the call being recorded whose contents are a function of its plan
-    key (with the key's ``extra``): its plan keeps them and its launches read them again.
+    key: its plan keeps them and its launches read them again.
     (The merge's segment table: kinds, row counts, segment offsets relative to the first
     feature, all held by its key.)"""
     recording = _RECORDING.top
@@ -977,7 +977,7 @@ def plan_step(fn: Callable, *tensors: torch.Tensor):
     result = fn(*tensors)
     recording = _RECORDING.top
     if recording is not None:
-        recording.launches.append((None, fn, tensors, result))
+        recording.steps.append(("torch", fn, tensors, result))
     return result
 
 
@@ -995,6 +995,20 @@ def no_plan() -> None:
     recording = _RECORDING.top
     if recording is not None:
         recording.spoiled = True
+
+
+def matmul_tf32() -> bool:
+    """``torch.backends.cuda.matmul.allow_tf32``, read for a launch. A plan key does not
+    hold torch's global flags, so the call being recorded never becomes a plan
+    (:func:`no_plan`): put it last in a condition, so it is read only where it matters."""
+    no_plan()
+    return torch.backends.cuda.matmul.allow_tf32
+
+
+def cudnn_tf32() -> bool:
+    """``torch.backends.cudnn.allow_tf32``, read for a launch (see :func:`matmul_tf32`)."""
+    no_plan()
+    return torch.backends.cudnn.allow_tf32
 
 
 def _read_plans_flag() -> None:
@@ -1207,9 +1221,6 @@ class CallPlans:
     def clear(self) -> None:
         self._plans.clear()
 
-    def get(self, key) -> _Plan | None:
-        return self._plans.get(key) if key is not None else None
-
     def record(self, key, body, op_inputs: tuple):
         """``body(*op_inputs)``, recorded; the recording becomes the plan of ``key`` if it
         qualifies (see the section comment)."""
@@ -1276,9 +1287,9 @@ def _make_plan(recording: _Recording, op_inputs: tuple, result) -> _Plan | None:
         return slot
 
     steps = []
-    for launcher, grid, args, meta in recording.launches:
-        if launcher is None:  # plan_step(fn, *tensors) -> result: (None, fn, tensors, result)
-            fn, tensors, out = grid, args, meta
+    for kind, *recorded in recording.steps:
+        if kind == "torch":  # plan_step(fn, *tensors) -> out
+            fn, tensors, out = recorded
             slots = [slot_of(t) for t in tensors]
             if any(slot is None for slot in slots):
                 return None
@@ -1289,6 +1300,7 @@ def _make_plan(recording: _Recording, op_inputs: tuple, result) -> _Plan | None:
                 note(out, (-1 - filled, -1))
             steps.append(_TorchStep(fn, tuple(slots), filled))
             continue
+        launcher, grid, args, meta = recorded
         slots = []
         for position, a in enumerate(args):
             if isinstance(a, torch.Tensor):

@@ -41,12 +41,12 @@ from mmkernels.backend import (
     ValidatedHandOver,
     aligned_elements,
     cdiv,
+    cudnn_tf32,
     choose_backend,
     device_guard,
     empty_output,
     is_interpreted,
     launch,
-    no_plan,
     plan_key,
     plan_ok,
     next_power_of_2,
@@ -433,8 +433,6 @@ def _launch(args: _EmbedArgs, out: torch.Tensor, cfg: EmbedConfig | None = None,
         out.stride(1) if args.image_form else out.stride(0),
     )  # fmt: skip
     fp32 = w.dtype == torch.float32
-    if fp32 and w.is_cuda:
-        no_plan()  # reads torch's cudnn.allow_tf32, which a plan key does not hold
     meta = dict(
         P=args.patch,
         IMAGE_FORM=image_form,
@@ -445,7 +443,7 @@ def _launch(args: _EmbedArgs, out: torch.Tensor, cfg: EmbedConfig | None = None,
         NORMALIZE=args.norm is not None and packed is None,
         UPCAST_DOT=_INTERPRETED and not fp32,
         # fp32 weights: exact fp32 products unless torch itself allows TF32 convolutions.
-        DOT_PRECISION="tf32" if fp32 and torch.backends.cudnn.allow_tf32 and w.is_cuda else "ieee",
+        DOT_PRECISION="tf32" if fp32 and w.is_cuda and cudnn_tf32() else "ieee",
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=max(16, next_power_of_2(args.patch)) if row_steps else cfg.block_k,
@@ -459,6 +457,7 @@ def _launch(args: _EmbedArgs, out: torch.Tensor, cfg: EmbedConfig | None = None,
     )
     grid = (cdiv(rows, cfg.block_m) * cdiv(args.dim, cfg.block_n),)
     return launch_args, meta, grid
+
 
 
 # Whether the kernel runs in the interpreter: fixed when it was decorated.

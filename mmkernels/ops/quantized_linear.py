@@ -28,13 +28,13 @@ from mmkernels.backend import (
     Capabilities,
     ValidatedHandOver,
     cdiv,
+    matmul_tf32,
     choose_backend,
     compute_capability,
     device_guard,
     empty_output,
     is_interpreted,
     launch,
-    no_plan,
     plan_key,
     plan_ok,
     next_power_of_2,
@@ -310,8 +310,6 @@ def _launch(args: _LinearArgs, out: torch.Tensor, x_gemm: torch.Tensor, x_scales
     )  # fmt: skip
     fp32 = args.x2d.dtype == torch.float32
     fp8 = qw.info.quantized_activations
-    if fp32 and not fp8 and out.is_cuda:
-        no_plan()  # reads torch's allow_tf32, which a plan key does not hold
     meta = dict(
         SCHEME=_SCHEME_IDS[qw.scheme],
         GROUP_SIZE=qw.group_size or 1,
@@ -319,7 +317,7 @@ def _launch(args: _LinearArgs, out: torch.Tensor, x_gemm: torch.Tensor, x_scales
         ACTIVATION=ACTIVATIONS[args.activation],
         SPLIT_K=cfg.split_k,
         UPCAST_DOT=_INTERPRETED and not (fp32 and not fp8),
-        DOT_PRECISION="tf32" if fp32 and not fp8 and torch.backends.cuda.matmul.allow_tf32 and out.is_cuda else "ieee",
+        DOT_PRECISION="tf32" if fp32 and not fp8 and out.is_cuda and matmul_tf32() else "ieee",
         BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k,
@@ -330,6 +328,7 @@ def _launch(args: _LinearArgs, out: torch.Tensor, x_gemm: torch.Tensor, x_scales
     )
     grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n), cfg.split_k)
     return launch_args, meta, grid
+
 
 
 # Whether the kernels run in the interpreter: fixed when they were decorated.
@@ -572,9 +571,10 @@ def quantized_linear(x, qweight, bias=None, *, activation=None) -> torch.Tensor:
         out = _HANDOVER.replay(key, op_inputs)
         if out is not MISS:
             return out
-    args = _validate(x, qweight, bias, activation)  # here, so errors name the public arguments
-    op_inputs = (x, qweight.packed, qweight.scales, qweight.zeros, bias, qweight.scheme, qweight.group_size or 0,
-                 activation or "none")  # fmt: skip
+    args = _validate(x, qweight, bias, activation)  # here, so errors name the public arguments (a subclass passes)
+    if key is None:
+        op_inputs = (x, qweight.packed, qweight.scales, qweight.zeros, bias, qweight.scheme, qweight.group_size or 0,
+                     activation or "none")  # fmt: skip
     return _HANDOVER.call(_quantized_linear_op, op_inputs, args, body=_quantized_linear_body, key=key)
 
 

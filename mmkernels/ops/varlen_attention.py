@@ -30,12 +30,12 @@ from mmkernels.backend import (
     aligned_elements,
     env_flag,
     cdiv,
+    matmul_tf32,
     choose_backend,
     device_guard,
     empty_output,
     is_interpreted,
     launch,
-    no_plan,
     plan_key,
     plan_ok,
     next_power_of_2,
@@ -341,8 +341,6 @@ def _launch(args: _AttnArgs, out: torch.Tensor):
     # programs with nothing to do.
     max_seqlen_q = min(args.max_seqlen_q, total_q)
     fp32 = q.dtype == torch.float32
-    if fp32 and q.is_cuda:
-        no_plan()  # reads torch's allow_tf32, which a plan key does not hold
     cfg = attn_config(max_seqlen_q, head_dim, q.element_size())
     n_slots = max(1, cdiv(max_seqlen_q, cfg.block_m))
     ranges = args.kv_ranges
@@ -359,7 +357,7 @@ def _launch(args: _AttnArgs, out: torch.Tensor):
         HAS_RANGES=ranges is not None,
         CAUSAL=args.causal,
         UPCAST_DOT=_INTERPRETED and not fp32,
-        DOT_PRECISION="tf32" if fp32 and torch.backends.cuda.matmul.allow_tf32 and q.is_cuda else "ieee",
+        DOT_PRECISION="tf32" if fp32 and q.is_cuda and matmul_tf32() else "ieee",
         HEAD_DIM=head_dim,
         HEAD_PAD=cfg.head_pad,
         HEAD_A=cfg.head_a,
@@ -382,6 +380,7 @@ def _launch(args: _AttnArgs, out: torch.Tensor):
 
 
 _LOG2E = math.log2(math.e)
+
 # Whether the kernel object runs in the interpreter: fixed when it was decorated.
 _INTERPRETED = is_interpreted(kernels.varlen_attention_fwd_kernel)
 
