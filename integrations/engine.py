@@ -154,6 +154,12 @@ class Rule:
         run, what stays on the original path)."""
         return []
 
+    def for_module(self, module: torch.nn.Module) -> "Rule":
+        """The rule that patches this (matching, applicable) instance: itself, or for a
+        rule that reads what to do from the instance's class (the generic merge rule), a
+        rule of its own for that class (what the swap records, pickles and reports)."""
+        return self
+
     def make_replacement(self, options: PatchOptions) -> Callable:
         """A function ``(self, *args, **kwargs)`` that replaces :attr:`method`; it reaches
         the behaviour it wraps through :func:`original_method`."""
@@ -477,11 +483,14 @@ def patch_model(model: torch.nn.Module, rules: Sequence[Rule], *, kernels: Itera
             if reasons:
                 skipped.append(Skip(path, cls_name, f"{rule.family} {rule.kernel}: " + "; ".join(reasons)))
                 continue
+            rule = rule.for_module(module)
             _replace_method(module, rule.method, rule, options)
             replaced.append(Replacement(path, cls_name, rule.method, rule.op, rule.family,
                                         tuple(rule.notes(module, options))))
 
-    supported = sorted({rule.model_type for rule in rules})
+    supported = sorted({rule.model_type for rule in rules if not getattr(rule, "generic", False)})
+    if any(getattr(rule, "generic", False) for rule in rules):
+        supported.append("any model with the shared merge pattern (generic rule)")
     if not matched_any:
         found = ", ".join(seen_types) if seen_types else "none (no sub-module has a config.model_type)"
         skipped.append(

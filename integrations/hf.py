@@ -33,6 +33,7 @@ from .engine import (
 )
 from .hf_attention import ATTENTION_RULES, register_attention
 from .hf_merge import MergeRule
+from .hf_merge_generic import GenericMergeRule, coverage_tables
 from .hf_patch_embed import CONV_PATCH_SPECS, PATCH_EMBED_SPECS, ConvPatchRule, PatchEmbedRule, clear_position_caches
 from .hf_specs import MERGE_SPECS
 
@@ -41,8 +42,11 @@ from . import __all__  # noqa: E402,F401  (the package lists the public names it
 # Every kernel a model can be patched with; ``patch(kernels=None)`` applies all of them.
 KERNELS: tuple[str, ...] = ("merge", "patch_embed", "attention")
 
+_SPEC_MODEL_TYPES = frozenset(spec.model_type for spec in MERGE_SPECS)
 _RULES: tuple[Rule, ...] = (
     tuple(MergeRule(spec) for spec in MERGE_SPECS)
+    # After the specs, and never for a model_type one of them names.
+    + (GenericMergeRule(_SPEC_MODEL_TYPES),)
     + tuple(PatchEmbedRule(spec) for spec in PATCH_EMBED_SPECS)
     + tuple(ConvPatchRule(spec) for spec in CONV_PATCH_SPECS)
     + ATTENTION_RULES
@@ -224,5 +228,8 @@ def quantize_projector(model: torch.nn.Module, scheme, *, group_size: int = 128)
 
 
 def supported_models() -> str:
-    """The coverage table as Markdown, one row per spec (deterministic, README-ready)."""
-    return coverage_table(_RULES, _COLUMNS)
+    """The coverage as Markdown (deterministic, README-ready): one row per rule, then the
+    model types of the installed transformers that the generic merge rule patches, and
+    those it refuses with the reason (read from their forwards; the first call imports
+    the modeling modules that define ``get_placeholder_mask``, ~10 s)."""
+    return coverage_table(_RULES, _COLUMNS) + "\n" + coverage_tables(_SPEC_MODEL_TYPES)

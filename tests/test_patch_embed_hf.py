@@ -230,7 +230,10 @@ def test_all_kernels_patch_merge_and_embeddings(baseline, embed_spy, monkeypatch
         inner = [p for p, m in tiny.model.named_modules() if type(m).__name__ == tiny.inner_model_class]
         merged = [(inner[0], tiny.inner_model_class)] if merge_rules(tiny) else []
         assert replaced == merged + EXPECTED[tiny.family]
-        assert [s for s in report.skipped if s.class_name not in ATTENTION_CLASSES] == []
+        # Beside the attention rules' skips, the generic merge rule's refusal of a forward
+        # that merges its own way (BLIP-2's language_model_inputs), with its reason.
+        assert [s for s in report.skipped
+                if s.class_name not in ATTENTION_CLASSES and not s.reason.startswith("generic rule merge:")] == []  # fmt: skip
         output = tiny.model(**tiny.inputs)
     if merge_rules(tiny):
         # The merge runs where it covers every medium in the inputs on this transformers
