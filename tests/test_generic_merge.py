@@ -199,3 +199,25 @@ def test_every_installed_model_with_the_pattern_is_read():
             assert (model_type in patched) == follows_pattern_here(model_type), model_type
     table = mmkernels.supported_models()
     assert "Merged by the generic rule" in table and "| internvl | InternVLModel |" in table
+
+
+def test_a_generic_patched_model_copies_patched(merge_calls):
+    """deepcopy (pickle takes the same __reduce_ex__ path, tests/test_patch_hf.py; an
+    InternVL whose vision tower has run does not pickle, patched or not: transformers'
+    output-capturing hooks are local functions)."""
+    import copy
+
+    model, inputs = generic_models.internvl()
+    mmkernels.patch(model, kernels=["merge"])
+    try:
+        with torch.no_grad():
+            want = model(**inputs).logits
+            clone = copy.deepcopy(model)
+            calls = len(merge_calls)
+            assert torch.equal(clone(**inputs).logits, want)
+            assert len(merge_calls) == calls + 1  # the copy merges through the op too
+            assert clone.model.forward.__self__ is clone.model
+            mmkernels.unpatch(clone)
+            assert "forward" not in clone.model.__dict__ and ORIGINALS_ATTR not in clone.model.__dict__
+    finally:
+        mmkernels.unpatch(model)
