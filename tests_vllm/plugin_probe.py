@@ -18,15 +18,33 @@ def registry_facts(plugin) -> dict:
     from vllm.model_executor.custom_op import op_registry_oot
     from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS
 
+    import importlib
+
+    # A model module imported before the plugin ran holds vLLM's function by name: the
+    # plugin rebinds it. Modules imported after bind the replacement themselves.
+    early = importlib.import_module("vllm.model_executor.models.molmo2")
     returned = plugin.register()
     returned_again = plugin.register()  # idempotent: no second registration, no second line
     llava = ModelRegistry._try_load_model_cls("LlavaForConditionalGeneration")
     attn = encoder_attention_layers()["packed"]  # what a vision tower's constructor gets
+    utils = importlib.import_module("vllm.model_executor.models.utils")
+    late = {name: importlib.import_module(f"vllm.model_executor.models.{name}") for name in ("qwen3_vl", "qwen3_5")}
+    onevision2 = importlib.import_module("vllm.model_executor.models.llava_onevision2")
+
+    def ours(fn) -> bool:
+        return getattr(fn, "mmkernels_replaces", None) is not None
+
     return {
         "returned": returned,
         "returned_again": returned_again,
         "oot": {k: f"{v.__module__}.{v.__qualname__}" for k, v in op_registry_oot.items()},
         "llava_class": f"{llava.__module__}.{llava.__qualname__}",
+        "shared_merge": {
+            "utils": ours(utils._merge_multimodal_embeddings),
+            "molmo2 (imported before)": ours(early._merge_multimodal_embeddings),
+            **{f"{name} (imported after)": ours(m._merge_multimodal_embeddings) for name, m in late.items()},
+            "llava_onevision2 (alias)": ours(onevision2.merge_multimodal_embeddings),
+        },
         "encoder_attention_class": f"{type(attn).__module__}.{type(attn).__qualname__}",
         "quantization_methods": sorted(m for m in QUANTIZATION_METHODS if m.startswith("mmkernels")),
     }
@@ -115,7 +133,6 @@ def full_facts(plugin) -> dict:
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers.conv import Conv2dLayer, Conv3dLayer
     from vllm.model_executor.models import utils as vllm_utils
-    from vllm.model_executor.models.interfaces import SupportsMultiModal
 
     facts = registry_facts(plugin)
     facts["register_again"] = plugin._register_patch_embed()  # guarded: vLLM would assert
@@ -152,8 +169,12 @@ def full_facts(plugin) -> dict:
         }
     facts["layers"] = runs
 
-    # The merge: against vLLM's own _merge_multimodal_embeddings, nested features of
-    # several images (3-D and 2-D), a mask with several runs.
+    # The merge: against vLLM's own _merge_multimodal_embeddings (which the plugin keeps as
+    # its fall-through), nested features of several images (3-D and 2-D), a mask with
+    # several runs; first through the replaced shared function, as a model's
+    # embed_input_ids calls it (its class names the call in the log), then directly.
+    shared = vllm_utils._merge_multimodal_embeddings
+    vllm_merge = shared.mmkernels_replaces
     dim, tokens = 48, 40
     mask = torch.zeros(tokens, dtype=torch.bool)
     mask[3:9] = True
@@ -161,34 +182,22 @@ def full_facts(plugin) -> dict:
     mask[30:34] = True
     feats = [torch.randn(2, 3, dim), [torch.randn(8, dim), torch.randn(4, dim)]]
     embeds = torch.randn(tokens, dim)
-    want = vllm_utils._merge_multimodal_embeddings(embeds.clone(), feats, mask)
+    want = vllm_merge(embeds.clone(), feats, mask)
+
+    class ProbeModel:
+        def embed_input_ids(self, embeds, feats, mask):
+            return vllm_utils._merge_multimodal_embeddings(embeds, feats, mask)
+
+    facts["shared_merge_equal"] = bool(torch.equal(ProbeModel().embed_input_ids(embeds.clone(), feats, mask), want))
     got = plugin._merge(embeds.clone(), feats, mask, "probe")
     facts["merge_equal"] = bool(torch.equal(got, want))
     errors = []
-    for fn in (vllm_utils._merge_multimodal_embeddings, lambda *a: plugin._merge(*a, "probe")):
+    for fn in (vllm_merge, lambda *a: plugin._merge(*a, "probe")):
         try:
             fn(embeds.clone(), [torch.randn(5, dim)], mask)
         except ValueError as e:
             errors.append(str(e))
     facts["merge_errors"] = errors
-    cls = plugin._merge_model_class("LlavaForConditionalGeneration")
-    base = cls.__mro__[1]
-    facts["merge_class"] = {
-        "name": cls.__name__,
-        "subclass_of": f"{base.__module__}.{base.__qualname__}",
-        "methods": sorted(k for k, v in vars(cls).items() if callable(v) and not k.startswith("__")),
-        "base_uses_default": base.embed_input_ids is SupportsMultiModal.embed_input_ids,
-    }
-    facts["qwen3_vl_default_merge"] = plugin._uses_default_merge(
-        __import__("vllm.model_executor.models.qwen3_vl", fromlist=["x"]).Qwen3VLForConditionalGeneration
-    )
-    facts["llava_next_default_merge"] = plugin._uses_default_merge(
-        __import__("vllm.model_executor.models.llava_next", fromlist=["x"]).LlavaNextForConditionalGeneration
-    )
-    # Every listed architecture exists in this vLLM and still merges the default way.
-    facts["all_architectures"] = {
-        arch: plugin._merge_model_class(arch).__module__ == plugin.__name__ for arch in plugin.MERGE_ARCHITECTURES
-    }
     facts["stats"] = {f"{k[0]}/{k[1]}": v for k, v in plugin.stats().items()}
     return facts
 

@@ -43,7 +43,8 @@ def test_offline_greedy_parity_and_kernels_ran(family, tiny_models, tmp_path):
     registered = logs.registered(on_log)
     assert len(registered) == 1, on_log[-3000:]
     (line,) = registered.values()
-    assert ARCH[family] in line and "Conv2dLayer" in line and "Conv3dLayer" in line, line
+    assert "merge -> vLLM's shared _merge_multimodal_embeddings" in line, line
+    assert "Conv2dLayer" in line and "Conv3dLayer" in line, line
     assert "encoder_attention -> MMEncoderAttention" in line, line
 
     # The debug hook: every replacement ran on the Triton interpreter, none fell back

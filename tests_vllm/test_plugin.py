@@ -41,7 +41,9 @@ def test_replaced_layers_and_merge_match_vllm():
         "MMEncoderAttention": f"{OURS}.MMKernelsMMEncoderAttention",
     }
     assert facts["encoder_attention_class"] == f"{OURS}.MMKernelsMMEncoderAttention"
-    assert facts["llava_class"] == f"{OURS}.LlavaForConditionalGeneration"
+    assert facts["llava_class"] == VLLM_LLAVA  # vLLM's own class: the merge is replaced under it
+    # vLLM's one shared merge function is replaced, wherever a model reaches it.
+    assert all(facts["shared_merge"].values()), facts["shared_merge"]
     assert "already registered" in facts["register_again"]
 
     layers = facts["layers"]
@@ -58,17 +60,10 @@ def test_replaced_layers_and_merge_match_vllm():
     assert facts["merge_equal"]  # bit-identical to vLLM's merge, nested 3-D and 2-D features
     msg_vllm, msg_ours = facts["merge_errors"]
     assert msg_ours == msg_vllm and "multimodal tokens to 18 placeholders" in msg_ours
-    merge_class = facts["merge_class"]
-    assert merge_class == {
-        "name": "LlavaForConditionalGeneration",
-        "subclass_of": VLLM_LLAVA,
-        "methods": ["embed_input_ids"],
-        "base_uses_default": True,
-    }
-    assert facts["llava_next_default_merge"] is None  # delegates to the default: covered
-    assert "merges its own way" in facts["qwen3_vl_default_merge"]  # deepstack: not covered
-    assert facts["stats"]["merge/triton-interpreter"] == 1
-    assert len(facts["all_architectures"]) >= 13 and all(facts["all_architectures"].values()), facts["all_architectures"]
+    assert facts["shared_merge_equal"]  # through vLLM's shared function, as models call it
+    (ran,) = [r for r in logs.ran(text) if r[0] == "merge"]
+    assert ran[1:3] == ("triton-interpreter", "ProbeModel")  # the caller's class names the first call
+    assert facts["stats"]["merge/triton-interpreter"] == 2
 
 
 def test_encoder_attention_matches_vllm():
@@ -105,7 +100,7 @@ def test_kernel_selection():
     facts, text = _probe("registry", MMKERNELS_KERNELS="merge,bogus")
     assert set(facts["returned"]) == {"merge"}
     assert facts["oot"] == {}  # patch embed not selected: vLLM's conv layers untouched
-    assert facts["llava_class"] == f"{OURS}.LlavaForConditionalGeneration"
+    assert all(facts["shared_merge"].values()), facts["shared_merge"]
     assert facts["encoder_attention_class"] == VLLM_ENCODER_ATTENTION
     (line,) = logs.registered(text).values()
     assert "ignored unknown MMKERNELS_KERNELS entries ['bogus']" in line
@@ -125,14 +120,14 @@ def test_kernel_selection():
     facts, text = _probe("registry", MMKERNELS_KERNELS="patch_embed")
     assert set(facts["returned"]) == {"patch_embed"}
     assert set(facts["oot"]) == {"Conv2dLayer", "Conv3dLayer"}
-    assert facts["llava_class"] == VLLM_LLAVA
+    assert not any(facts["shared_merge"].values()), facts["shared_merge"]  # vLLM's own merge
     assert facts["encoder_attention_class"] == VLLM_ENCODER_ATTENTION
 
     facts, text = _probe("registry", MMKERNELS_KERNELS="encoder_attention")
     assert set(facts["returned"]) == {"encoder_attention"}
     assert facts["oot"] == {"MMEncoderAttention": f"{OURS}.MMKernelsMMEncoderAttention"}
     assert facts["encoder_attention_class"] == f"{OURS}.MMKernelsMMEncoderAttention"
-    assert facts["llava_class"] == VLLM_LLAVA
+    assert not any(facts["shared_merge"].values()), facts["shared_merge"]  # vLLM's own merge
 
 
 @pytest.mark.parametrize("case", ["disabled", "no_interpreter"])
@@ -144,7 +139,7 @@ def test_registers_nothing(case):
         facts, text = _probe("registry", TRITON_INTERPRET="0")
         assert "registered nothing: CPU platform without TRITON_INTERPRET=1" in text
     assert facts["returned"] == {} and facts["oot"] == {}
-    assert facts["llava_class"] == VLLM_LLAVA
+    assert not any(facts["shared_merge"].values()), facts["shared_merge"]  # vLLM's own merge
     assert facts["encoder_attention_class"] == VLLM_ENCODER_ATTENTION
     assert not logs.registered(text)
 
@@ -172,3 +167,21 @@ def test_plugin_loads_no_transformers_model_code_beyond_vllms():
     assert not modeling, modeling
     hf_side = [m for m in added if m.startswith("mmkernels.integrations.") and ".vllm" not in m]
     assert not hf_side, hf_side
+
+
+def test_merge_coverage_tool_reads_which_architectures_use_the_shared_merge():
+    """tools/vllm_merge_coverage.py: the interface default (LLaVA), a model's own
+    embed_input_ids calling the shared function by name (Qwen3-VL's deepstack), and one
+    that merges its own way (Gemma 3n), read from this vLLM."""
+    proc = subprocess.run(
+        [sys.executable, str(HERE.parent / "tools" / "vllm_merge_coverage.py"), "LlavaForConditionalGeneration",
+         "Qwen3VLForConditionalGeneration", "Gemma3nForConditionalGeneration"],
+        env=vllm_env(True), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    verdicts = {line.split()[1]: line.split()[0] for line in proc.stdout.splitlines() if line.split()[:1] in (["shared"], ["own"])}
+    assert verdicts == {
+        "LlavaForConditionalGeneration": "shared",
+        "Qwen3VLForConditionalGeneration": "shared",
+        "Gemma3nForConditionalGeneration": "own",
+    }, proc.stdout

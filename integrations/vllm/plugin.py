@@ -9,26 +9,29 @@ Each process logs ONE line that says what was registered, or why nothing was (lo
 ``[mmkernels]``, in a process where vLLM has not configured logging yet: the CLI and
 ``LLM(...)`` load plugins before that)::
 
-    mmkernels vLLM plugin (pid 1234, backend triton-interpreter): registered merge -> 13
-    architectures [LlavaForConditionalGeneration, ...]; patch_embed -> Conv2dLayer, Conv3dLayer
-    (kernel == stride); encoder_attention -> MMEncoderAttention (varlen)
+    mmkernels vLLM plugin (pid 1234, backend triton-interpreter): registered merge -> vLLM's
+    shared _merge_multimodal_embeddings (every architecture that merges through it);
+    patch_embed -> Conv2dLayer, Conv3dLayer (kernel == stride); encoder_attention ->
+    MMEncoderAttention (varlen)
 
-Replacements, all through vLLM's own extension points (read against vLLM 0.32):
+Replacements (read against vLLM 0.32): the merge by replacing vLLM's one shared merge
+function, the others through vLLM's own extension points:
 
-* ``merge``: for each architecture in :data:`MERGE_ARCHITECTURES`, a subclass of vLLM's
-  in-tree model class (same class name, so vLLM's name-based checks still match) is
-  registered with ``ModelRegistry.register_model`` under the in-tree architecture name, in
-  the lazy ``"module:Class"`` form (the model module is imported only where vLLM builds
-  the model). It overrides only ``embed_input_ids``: the text embedding is vLLM's own
-  (``_embed_text_input_ids``: LoRA, out-of-vocabulary placeholders), and the merge is
-  :func:`mmkernels.ops.merge_multimodal_embeddings` driven by vLLM's host-computed
-  ``is_multimodal`` mask (the mask is the id tensor, placeholder id 1): the per-image
-  feature tensors are read where they lie (no concatenation, the cast happens in the
-  kernel), and the count check is done on the host mask (no device sync). The subclass
-  is built only if the in-tree class still uses the interface's default merge (its
-  ``embed_input_ids`` is ``SupportsMultiModal.embed_input_ids`` or a pure
-  ``super().embed_input_ids(...)`` delegation); otherwise vLLM's class is used unchanged
-  and the log says so.
+* ``merge``: vLLM's shared merge, ``vllm.model_executor.models.utils.
+  _merge_multimodal_embeddings`` (what the interface default
+  ``SupportsMultiModal.embed_input_ids`` calls, and every model module that imports it:
+  Qwen3-VL's and Qwen3-Omni's deepstack merges, Qwen3.5, Molmo2, MiniCPM-V 4.6, the
+  audio LLMs, ...), is replaced once in each process by a function of the same contract
+  (:func:`_register_merge`), so every architecture that merges through it is covered,
+  not a list. The text embedding stays vLLM's (LoRA, out-of-vocabulary placeholders);
+  the merge is :func:`mmkernels.ops.merge_multimodal_embeddings` driven by vLLM's
+  host-computed ``is_multimodal`` mask (the mask is the id tensor, placeholder id 1):
+  the per-image feature tensors are read where they lie (no concatenation, the cast
+  happens in the kernel), only the placeholder rows are written (in place, as vLLM's
+  contract says), and the count check is done on the host mask (no device sync).
+  Architectures whose ``embed_input_ids`` merges another way keep vLLM's code;
+  ``python tools/vllm_merge_coverage.py`` lists, from vLLM's sources, which architectures
+  go through the shared merge and which do not.
 * ``patch_embed``: ``CustomOp.register_oot`` of subclasses of ``Conv2dLayer`` and
   ``Conv3dLayer`` (keyed by the in-tree class name; registration is guarded, vLLM asserts
   on a duplicate). ``enabled()`` is true and ``forward_cuda`` / ``forward_cpu`` run
@@ -76,7 +79,6 @@ multimodal projector's linear layers, at load time, from an ordinary checkpoint.
 from __future__ import annotations
 
 import collections
-import functools
 import logging
 import os
 import re
@@ -86,7 +88,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["KERNELS", "MERGE_ARCHITECTURES", "register", "stats"]
+__all__ = ["KERNELS", "register", "stats"]
 
 # A child of vLLM's logger: vLLM's handler prints it in every process, with vLLM's prefix.
 log = logging.getLogger("vllm.mmkernels")
@@ -95,31 +97,10 @@ ENV_DISABLE = "MMKERNELS_DISABLE"
 ENV_KERNELS = "MMKERNELS_KERNELS"
 KERNELS = ("merge", "patch_embed", "encoder_attention", "quantized_projector")
 
-# In-tree architectures whose merge is the interface default in vLLM 0.32 (checked again
-# when the class is built). LlavaNext and Gemma 3 override ``embed_input_ids`` only to
-# delegate to the default, which the check accepts. Architectures that merge their own
-# way (Qwen3-VL with deepstack, InternVL, Phi-3-V, ...) are not listed.
-MERGE_ARCHITECTURES = (
-    "LlavaForConditionalGeneration",
-    "LlavaNextForConditionalGeneration",
-    "LlavaNextVideoForConditionalGeneration",
-    "LlavaOnevisionForConditionalGeneration",
-    "Qwen2VLForConditionalGeneration",
-    "Qwen2_5_VLForConditionalGeneration",
-    "PaliGemmaForConditionalGeneration",
-    "Gemma3ForConditionalGeneration",
-    "Idefics3ForConditionalGeneration",
-    "SmolVLMForConditionalGeneration",
-    "Qwen2AudioForConditionalGeneration",
-    "Mistral3ForConditionalGeneration",
-    "AriaForConditionalGeneration",
-)
-
 _LOCK = threading.Lock()
 _REGISTERED: dict[str, str] | None = None  # kernel -> summary, once per process
 _NOTED: set = set()
 _STATS: collections.Counter = collections.Counter()
-_SOURCES: dict[str, tuple[str, str]] = {}  # architecture -> vLLM's (module, class)
 
 
 def stats() -> dict[tuple[str, str], int]:
@@ -197,11 +178,18 @@ def _flat_features(embeddings, dim: int) -> list[torch.Tensor] | None:
     return None
 
 
-def _merge(inputs_embeds: torch.Tensor, multimodal_embeddings, is_multimodal: torch.Tensor, arch: str):
-    """vLLM's ``_merge_multimodal_embeddings`` contract (same errors), by mmkernels' op."""
+def _merge(inputs_embeds: torch.Tensor, multimodal_embeddings, is_multimodal: torch.Tensor, where: str,
+           original: Callable | None = None):  # fmt: skip
+    """vLLM's ``_merge_multimodal_embeddings`` contract (same errors, ``inputs_embeds``
+    updated in place and returned), by mmkernels' op; ``original`` (vLLM's own function)
+    runs what the op does not cover. ``where``: the caller, for the log."""
     from mmkernels.ops.merge import CAPABILITIES, OP_NAME, merge_multimodal_embeddings
     from vllm.model_executor.models import utils as vllm_utils
 
+    if original is None:
+        original = _ORIGINAL_MERGE[0] if _ORIGINAL_MERGE else vllm_utils._merge_multimodal_embeddings
+    if len(multimodal_embeddings) == 0:
+        return inputs_embeds
     reason = None
     feats = None
     if inputs_embeds.dim() != 2:
@@ -219,10 +207,9 @@ def _merge(inputs_embeds: torch.Tensor, multimodal_embeddings, is_multimodal: to
         elif len({f.dtype for f in feats}) > 1 or not all(f.is_floating_point() for f in feats):
             reason = "features of mixed or non-float dtypes"
     if reason is not None:
-        _fallthrough("merge", reason, arch)
-        return vllm_utils._merge_multimodal_embeddings(
-            inputs_embeds=inputs_embeds, multimodal_embeddings=multimodal_embeddings, is_multimodal=is_multimodal
-        )
+        _fallthrough("merge", reason, where)
+        return original(inputs_embeds=inputs_embeds, multimodal_embeddings=multimodal_embeddings,
+                        is_multimodal=is_multimodal)  # fmt: skip
     rows = sum(f.shape[0] for f in feats)
     # The count check, with vLLM's own error (its message, ValueError). vLLM builds the
     # mask on the host, where counting costs no device sync; a mask on the GPU costs one,
@@ -238,118 +225,63 @@ def _merge(inputs_embeds: torch.Tensor, multimodal_embeddings, is_multimodal: to
     # the buffer, so only the placeholder rows are written (no copy of the text rows).
     ids = is_multimodal.to(device=inputs_embeds.device, non_blocking=True).to(torch.int32)
     out = merge_multimodal_embeddings(ids, inputs_embeds, feats, 1, check=False, inplace=True)
-    _record("merge", OP_NAME, arch)
+    _record("merge", OP_NAME, where)
     return out
 
 
-def _uses_default_merge(cls) -> str | None:
-    """None if ``cls.embed_input_ids`` is the interface default or a pure delegation to it;
-    else why not."""
-    from vllm.model_executor.models.interfaces import SupportsMultiModal
-
-    fn = getattr(cls, "embed_input_ids", None)
-    default = SupportsMultiModal.embed_input_ids
-    if fn is default:
-        return None
-    # Walk the MRO: each override must only call super().embed_input_ids until the default.
-    for klass in cls.__mro__:
-        own = klass.__dict__.get("embed_input_ids")
-        if own is None:
-            continue
-        if own is default:
-            return None
-        code = getattr(own, "__code__", None)
-        if code is None or set(code.co_names) - {"super", "embed_input_ids"}:
-            return f"{klass.__name__}.embed_input_ids merges its own way"
-    return "no SupportsMultiModal.embed_input_ids in its bases"
+_ORIGINAL_MERGE: list[Callable] = []  # vLLM's _merge_multimodal_embeddings, once replaced
+_SHARED_MERGE = "_merge_multimodal_embeddings"
+_SHARED_MERGE_MODULE = "vllm.model_executor.models.utils"
 
 
-def _make_embed_input_ids(arch: str):
-    def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
-        """The interface default (``SupportsMultiModal.embed_input_ids``) with mmkernels' merge."""
-        from vllm.model_executor.models.interfaces import _require_is_multimodal
+def _shared_merge(original: Callable) -> Callable:
+    def _merge_multimodal_embeddings(inputs_embeds, multimodal_embeddings, is_multimodal):
+        # The log names the model: the caller's ``self`` (the interface default and the
+        # models' own embed_input_ids are its methods), else the calling function.
+        frame = sys._getframe(1)
+        owner = frame.f_locals.get("self")
+        where = type(owner).__name__ if owner is not None else getattr(frame.f_code, "co_qualname", frame.f_code.co_name)
+        del frame
+        return _merge(inputs_embeds, multimodal_embeddings, is_multimodal, where, original)
 
-        inputs_embeds = self._embed_text_input_ids(
-            input_ids, self.get_language_model().embed_input_ids, is_multimodal=is_multimodal
-        )
-        if multimodal_embeddings is None or len(multimodal_embeddings) == 0:
-            return inputs_embeds
-        return _merge(inputs_embeds, multimodal_embeddings, _require_is_multimodal(is_multimodal), arch)
-
-    return embed_input_ids
-
-
-@functools.lru_cache(maxsize=None)
-def _merge_model_class(arch: str):
-    """vLLM's in-tree class for ``arch`` with mmkernels' merge, or the class unchanged."""
-    import importlib
-
-    module_name, class_name = _SOURCES[arch]
-    base = getattr(importlib.import_module(module_name), class_name)
-    why_not = _uses_default_merge(base)
-    if why_not is not None:
-        _fallthrough("merge", why_not, arch)
-        return base
-    cls = type(
-        base.__name__,  # the in-tree name: vLLM compares class names in places
-        (base,),
-        {
-            "__module__": __name__,
-            "__qualname__": base.__qualname__,
-            "__doc__": f"{base.__name__} with mmkernels' multimodal merge (mmkernels vLLM plugin).",
-            "embed_input_ids": _make_embed_input_ids(arch),
-            "mmkernels_replaced": ("merge",),
-        },
+    _merge_multimodal_embeddings.__doc__ = (
+        f"mmkernels: vLLM's {_SHARED_MERGE} (same contract) by mmkernels.ops.merge_multimodal_embeddings; "
+        "vLLM's own function runs what it does not cover."
     )
-    return cls
-
-
-_LAZY_PREFIX = "MMKernels_"
-
-
-def __getattr__(name: str):
-    # "mmkernels.integrations.vllm.plugin:MMKernels_<arch>" is what the registry imports.
-    if name.startswith(_LAZY_PREFIX) and name[len(_LAZY_PREFIX):] in _SOURCES:
-        return _merge_model_class(name[len(_LAZY_PREFIX):])
-    if name.startswith(_LAZY_PREFIX) and name[len(_LAZY_PREFIX):] in MERGE_ARCHITECTURES:
-        # A process that imports the class without having run register() (vLLM's model
-        # inspection subprocess): take the in-tree source from vLLM's registry table.
-        _remember_sources()
-        if name[len(_LAZY_PREFIX):] in _SOURCES:
-            return _merge_model_class(name[len(_LAZY_PREFIX):])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _remember_sources() -> list[str]:
-    """Record vLLM's (module, class) of each listed architecture; the missing ones."""
-    from vllm.model_executor.models import registry
-
-    missing = []
-    table = getattr(registry, "_MULTIMODAL_MODELS", {})
-    for arch in MERGE_ARCHITECTURES:
-        if arch in _SOURCES:
-            continue
-        if arch not in table:
-            missing.append(arch)
-            continue
-        short_module, class_name = table[arch]
-        _SOURCES[arch] = (f"vllm.model_executor.models.{short_module}", class_name)
-    return missing
+    _merge_multimodal_embeddings.mmkernels_replaces = original
+    return _merge_multimodal_embeddings
 
 
 def _register_merge() -> str:
-    from vllm import ModelRegistry
+    """Replace vLLM's shared merge, ``vllm.model_executor.models.utils.
+    _merge_multimodal_embeddings``, once: what the interface default
+    (``SupportsMultiModal.embed_input_ids``, importing it at call time) and every model
+    module that imports it by name (Qwen3-VL's deepstack, Qwen3.5, Molmo2, MiniCPM-V 4.6,
+    the audio LLMs, ...) call. Model modules are imported after the plugins run, so they
+    bind the replacement; a module already imported holding vLLM's function gets the
+    replacement too. Architectures whose ``embed_input_ids`` merges without it keep
+    vLLM's path (tools/vllm_merge_coverage.py lists them)."""
+    import importlib
 
-    missing = _remember_sources()
-    done = []
-    for arch in MERGE_ARCHITECTURES:
-        if arch not in _SOURCES:
+    utils = importlib.import_module(_SHARED_MERGE_MODULE)
+    current = getattr(utils, _SHARED_MERGE)
+    original = getattr(current, "mmkernels_replaces", current)
+    replacement = current if original is not current else _shared_merge(original)
+    with _LOCK:
+        if not _ORIGINAL_MERGE:
+            _ORIGINAL_MERGE.append(original)
+    setattr(utils, _SHARED_MERGE, replacement)
+    rebound = []
+    for name, module in list(sys.modules.items()):
+        if module is None or module is utils or not name.startswith("vllm."):
             continue
-        ModelRegistry.register_model(arch, f"{__name__}:{_LAZY_PREFIX}{arch}")
-        done.append(arch)
-    summary = f"merge -> {len(done)} architectures [{', '.join(done)}]"
-    if missing:
-        summary += f" (not in this vLLM: {', '.join(missing)})"
+        for attr, value in list(vars(module).items()):
+            if value is original:
+                setattr(module, attr, replacement)
+                rebound.append(f"{name.rsplit('.', 1)[-1]}.{attr}")
+    summary = f"merge -> vLLM's shared {_SHARED_MERGE} (every architecture that merges through it)"
+    if rebound:
+        summary += f", rebound in already imported {', '.join(sorted(rebound))}"
     return summary
 
 
