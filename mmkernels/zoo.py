@@ -103,7 +103,8 @@ def save(family: str, path, *, seed: int = 0) -> pathlib.Path:
         recipe.processor.save_pretrained(path)
     else:
         recipe.tokenizer.save_pretrained(path)
-        (path / "processor_config.json").write_text(json.dumps(recipe.processor_config, indent=2) + "\n")
+        if recipe.processor_config is not None:  # none for the families built without a processor
+            (path / "processor_config.json").write_text(json.dumps(recipe.processor_config, indent=2) + "\n")
     return path
 
 
@@ -1203,6 +1204,168 @@ def _whisper_inputs(recipe: _Recipe, model, samples: list[_Sample], rng) -> dict
     }
 
 
+# --------------------------------------------------- families of the generic merge rule
+#
+# Transformers VLMs that no merge spec names (mmkernels.integrations.hf_merge_generic
+# reads their forward). No processor is built: each image is one fixed-size random image,
+# and its placeholder count is what the model's own get_image_features gives for it
+# (asked once), so no recipe restates a family's token arithmetic.
+
+
+def _counted_image_inputs(image_size: int, extra: Callable[[int], dict] | None = None, *, token_types: bool = False):
+    """make_inputs: ``image_size`` square images, ``extra(n_images)`` more image inputs
+    (image_sizes, ...), prompts expanded by the counts get_image_features gives."""
+
+    def make(recipe: _Recipe, model, samples: list[_Sample], rng) -> dict:
+        images = sum(len(sample.image_sizes) for sample in samples)
+        pixels = torch.from_numpy(rng.standard_normal((images, 3, image_size, image_size)).astype(np.float32))
+        kwargs = extra(images) if extra is not None else {}
+        with torch.no_grad():
+            pooled = model.model.get_image_features(pixel_values=pixels, return_dict=True, **kwargs).pooler_output
+        if isinstance(pooled, (list, tuple)):
+            rows = [t.reshape(-1, t.shape[-1]).shape[0] for t in pooled]
+        else:
+            rows = [pooled.reshape(-1, pooled.shape[-1]).shape[0] // images] * images
+        encoded = _tokenize_expanded(recipe, samples, {"image": rows})
+        if not token_types:
+            encoded.pop("mm_token_type_ids")
+        return {**encoded, "pixel_values": pixels, **kwargs}
+
+    return make
+
+
+_GENERIC_SAMPLES = (
+    _Sample("user : {image} describe the image . assistant :", ((56, 56),)),
+    _Sample("user : compare {image} and {image} , which one is brighter ? assistant :", ((56, 56), (56, 56))),
+)
+
+
+def _samples(image: str) -> tuple[_Sample, ...]:
+    return tuple(_Sample(s.text.format(image=image), s.image_sizes) for s in _GENERIC_SAMPLES)
+
+
+def _internvl() -> _Recipe:
+    """InternVL 3: InternViT, pixel-shuffle 0.5 (4x4 patches -> 4 tokens), MLP, Qwen2."""
+    import transformers
+
+    tokenizer = _tokenizer(named_tokens={"image_token": "<IMG_CONTEXT>"}, add_bos=False)
+    vision = _vision_config("InternVLVisionConfig", [56, 56], patch_size=[PATCH, PATCH])
+    config = transformers.InternVLConfig(
+        vision_config=vision,
+        text_config=_text_config("Qwen2Config", tokenizer),
+        image_token_id=tokenizer.image_token_id,
+        downsample_ratio=0.5,
+    )
+    return _Recipe(
+        config=config,
+        model_class=transformers.InternVLForConditionalGeneration,
+        inner_model_class="InternVLModel",
+        tokenizer=tokenizer,
+        placeholders={"image": "<IMG_CONTEXT>"},
+        samples=_samples("<IMG_CONTEXT>"),
+        make_inputs=_counted_image_inputs(56),
+    )
+
+
+def _mistral3() -> _Recipe:
+    """Mistral 3 (Small 3.1): Pixtral ViT, 2x2 patch merger, Mistral."""
+    import transformers
+
+    tokenizer = _tokenizer(named_tokens={"image_token": "[IMG]"})
+    vision = _vision_config("PixtralVisionConfig", 56, head_dim=HEAD_DIM)
+    config = transformers.Mistral3Config(
+        vision_config=vision,
+        text_config=_text_config("MistralConfig", tokenizer, head_dim=HEAD_DIM),
+        image_token_index=tokenizer.image_token_id,
+        spatial_merge_size=2,
+        vision_feature_layer=-1,
+    )
+    return _Recipe(
+        config=config,
+        model_class=transformers.Mistral3ForConditionalGeneration,
+        inner_model_class="Mistral3Model",
+        tokenizer=tokenizer,
+        placeholders={"image": "[IMG]"},
+        samples=_samples("[IMG]"),
+        make_inputs=_counted_image_inputs(56, lambda n: {"image_sizes": torch.tensor([[56, 56]] * n)}),
+    )
+
+
+def _siglip_cohere(model_type: str) -> _Recipe:
+    """Aya Vision / Command A Vision: SigLIP, pixel-shuffle 2, SwiGLU adapter, Cohere 2."""
+    import transformers
+
+    tokenizer = _tokenizer(named_tokens={"image_token": "<image>"})
+    prefix = {"aya_vision": "AyaVision", "cohere2_vision": "Cohere2Vision"}[model_type]
+    token_field = {"aya_vision": "image_token_index", "cohere2_vision": "image_token_id"}[model_type]
+    config = getattr(transformers, f"{prefix}Config")(
+        vision_config=_vision_config("SiglipVisionConfig", 56),
+        text_config=_text_config("Cohere2Config", tokenizer),
+        downsample_factor=2,
+        alignment_intermediate_size=INTERMEDIATE,
+        **{token_field: tokenizer.image_token_id},
+    )
+    return _Recipe(
+        config=config,
+        model_class=getattr(transformers, f"{prefix}ForConditionalGeneration"),
+        inner_model_class=f"{prefix}Model",
+        tokenizer=tokenizer,
+        placeholders={"image": "<image>"},
+        samples=_samples("<image>"),
+        make_inputs=_counted_image_inputs(56),
+    )
+
+
+def _qwen3_5() -> _Recipe:
+    """Qwen3.5: natively multimodal; Qwen3-VL-style ViT over pre-flattened patches, 2x2
+    merger, interleaved M-RoPE, hybrid linear / full attention text model."""
+    import transformers
+
+    tokenizer = _tokenizer(
+        ["<|vision_start|>", "<|vision_end|>"],
+        named_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+        add_bos=False,
+    )
+    vision = transformers.Qwen3_5VisionConfig(
+        depth=LAYERS, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_heads=HEADS, out_hidden_size=HIDDEN,
+        patch_size=PATCH, temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=16,
+    )  # fmt: skip
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6], "mrope_interleaved": True,
+            "partial_rotary_factor": 1.0}  # fmt: skip
+    text = _text_config(
+        "Qwen3_5TextConfig", tokenizer, head_dim=HEAD_DIM, rope_parameters=rope,
+        layer_types=["linear_attention", "full_attention"], linear_num_key_heads=HEADS, linear_num_value_heads=HEADS,
+        linear_key_head_dim=16, linear_value_head_dim=16,
+    )  # fmt: skip
+    config = transformers.Qwen3_5Config(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.image_token_id,
+        video_token_id=tokenizer.video_token_id,
+        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
+        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
+    )
+    return _Recipe(
+        config=config,
+        model_class=transformers.Qwen3_5ForConditionalGeneration,
+        inner_model_class="Qwen3_5Model",
+        tokenizer=tokenizer,
+        placeholders={"image": "<|image_pad|>"},  # images only here (video: the same merge)
+        samples=_samples("<|vision_start|><|image_pad|><|vision_end|>"),
+        make_inputs=_qwen3_5_inputs,
+    )
+
+
+def _qwen3_5_inputs(recipe: _Recipe, model, samples: list[_Sample], rng) -> dict:
+    """Pre-flattened patches of 56x56 images (4x4 patches, 4 tokens after the 2x2 merge)
+    with their image_grid_thw, and mm_token_type_ids for M-RoPE, as the processor gives."""
+    images = sum(len(sample.image_sizes) for sample in samples)
+    grid = torch.tensor([[1, 4, 4]] * images)
+    patches = torch.from_numpy(rng.standard_normal((int(grid.prod(-1).sum()), 3 * 2 * PATCH * PATCH)).astype(np.float32))
+    encoded = _tokenize_expanded(recipe, samples, {"image": [int(n) // 4 for n in grid.prod(-1)]})
+    return {**encoded, "pixel_values": patches, "image_grid_thw": grid}
+
+
 _RECIPES: dict[str, Callable[[], _Recipe]] = {
     "llava": _llava,
     "llava_next": _llava_next,
@@ -1217,6 +1380,12 @@ _RECIPES: dict[str, Callable[[], _Recipe]] = {
     "vision_encoder_decoder": _vision_encoder_decoder,
     "mllama": _mllama,
     "whisper": _whisper,
+    # The generic merge rule's (no spec names them).
+    "internvl": _internvl,
+    "mistral3": _mistral3,
+    "aya_vision": lambda: _siglip_cohere("aya_vision"),
+    "cohere2_vision": lambda: _siglip_cohere("cohere2_vision"),
+    "qwen3_5": _qwen3_5,
 }
 
 FAMILIES: tuple[str, ...] = tuple(_RECIPES)

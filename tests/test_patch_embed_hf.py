@@ -49,6 +49,10 @@ EXPECTED = {
     "blip_2": [("vision_model.embeddings", "Blip2VisionEmbeddings")],
     "vision_encoder_decoder": [("encoder.embeddings", "ViTEmbeddings")],
     "mllama": [("model.vision_model.patch_embedding", "Conv2d")],  # the bare patch conv
+    # The generic merge rule's families whose towers are ones the patch-embed rules know.
+    "mistral3": [("model.vision_tower.patch_conv", "Conv2d")],  # Pixtral's bare patch conv
+    "aya_vision": [("model.vision_tower.embeddings", "SiglipVisionEmbeddings")],
+    "cohere2_vision": [("model.vision_tower.embeddings", "SiglipVisionEmbeddings")],
 }
 ATTENTION_OP = f"mmkernels.ops.{ATTENTION_OP_NAME}"
 ATTENTION_CLASSES = {rule.model_class for rule in integrations.rules() if rule.kernel == "attention"}
@@ -135,8 +139,18 @@ def assert_same_instance_dicts(got: dict[str, dict], want: dict[str, dict]) -> N
 
 
 def merge_rules(tiny) -> list:
-    """The merge rules of the family (none for BLIP-2 and VisionEncoderDecoder)."""
+    """The merge spec rules of the family (none for BLIP-2 and VisionEncoderDecoder)."""
     return [r for r in integrations.rules() if r.kernel == "merge" and r.model_type == tiny.family]
+
+
+def generic_merge(tiny) -> bool:
+    """The generic merge rule patches the family (no spec, and its forward reads as the pattern)."""
+    from mmkernels.integrations.hf_merge_generic import derive_merge_spec
+
+    if merge_rules(tiny):
+        return False
+    inner = [m for m in tiny.model.modules() if type(m).__name__ == tiny.inner_model_class]
+    return bool(inner) and derive_merge_spec(type(inner[0])).spec is not None
 
 
 def generate(tiny) -> torch.Tensor:
@@ -228,7 +242,7 @@ def test_all_kernels_patch_merge_and_embeddings(baseline, embed_spy, monkeypatch
         # Merge and patch embed; the attention rules (tests/test_attention_hf.py) may add theirs.
         replaced = [(r.module_path, r.class_name) for r in report.replaced if r.op != ATTENTION_OP]
         inner = [p for p, m in tiny.model.named_modules() if type(m).__name__ == tiny.inner_model_class]
-        merged = [(inner[0], tiny.inner_model_class)] if merge_rules(tiny) else []
+        merged = [(inner[0], tiny.inner_model_class)] if merge_rules(tiny) or generic_merge(tiny) else []
         assert replaced == merged + EXPECTED[tiny.family]
         # Beside the attention rules' skips, the generic merge rule's refusal of a forward
         # that merges its own way (BLIP-2's language_model_inputs), with its reason.
@@ -243,7 +257,7 @@ def test_all_kernels_patch_merge_and_embeddings(baseline, embed_spy, monkeypatch
         uncovered = [m for m in merge_rule.spec.modalities if m not in covered and m.trigger in tiny.inputs]
         assert merge_spy.calls == (0 if uncovered else 1)
     else:
-        assert merge_spy.calls == 0
+        assert merge_spy.calls == (1 if generic_merge(tiny) else 0)
     assert embed_spy.calls >= 1
     assert_outputs_close(output, baseline.output)
 
