@@ -804,6 +804,20 @@ PATCH_EMBED_SPECS: tuple[PatchEmbedSpec, ...] = (
         pixels="hidden_states",
         projection="proj",
     ),
+    # The towers that kept Qwen2-VL's patch embed (a biased Conv3d over flattened patches).
+    *(
+        PatchEmbedSpec(family=family, model_type=model_type, model_class=model_class, form=FLAT_FORM,
+                       pixels="hidden_states", projection="proj")  # fmt: skip
+        for family, model_type, model_class in (
+            ("Qwen3-VL vision", "qwen3_vl_vision", "Qwen3VLVisionPatchEmbed"),
+            ("Qwen3-VL-MoE vision", "qwen3_vl_moe_vision", "Qwen3VLMoeVisionPatchEmbed"),
+            ("Qwen3.5 vision", "qwen3_5_vision", "Qwen3_5VisionPatchEmbed"),
+            ("Qwen3.5-MoE vision", "qwen3_5_moe_vision", "Qwen3_5MoeVisionPatchEmbed"),
+            ("GLM-4.1V vision", "glm4v_vision", "Glm4vVisionPatchEmbed"),
+            ("GLM-4.5V vision", "glm4v_moe_vision", "Glm4vMoeVisionPatchEmbed"),
+            ("GLM-OCR vision", "glm_ocr_vision", "GlmOcrVisionPatchEmbed"),
+        )
+    ),
 )
 
 # Towers whose patch conv is the only part the op can take over without a copied forward.

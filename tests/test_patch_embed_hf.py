@@ -53,6 +53,7 @@ EXPECTED = {
     "mistral3": [("model.vision_tower.patch_conv", "Conv2d")],  # Pixtral's bare patch conv
     "aya_vision": [("model.vision_tower.embeddings", "SiglipVisionEmbeddings")],
     "cohere2_vision": [("model.vision_tower.embeddings", "SiglipVisionEmbeddings")],
+    "qwen3_5": [("model.visual.patch_embed", "Qwen3_5VisionPatchEmbed")],
 }
 ATTENTION_OP = f"mmkernels.ops.{ATTENTION_OP_NAME}"
 ATTENTION_CLASSES = {rule.model_class for rule in integrations.rules() if rule.kernel == "attention"}
