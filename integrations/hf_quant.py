@@ -21,7 +21,12 @@ sub-model that holds the projector attribute):
 * LLaVA, LLaVA-NeXT, LLaVA-OneVision: ``multi_modal_projector.linear_1`` (its activation
   ``act`` fused into it) and ``linear_2``;
 * Qwen2-VL, Qwen2.5-VL: the vision tower's ``merger.mlp.0`` (GELU ``mlp.1`` fused) and
-  ``merger.mlp.2`` (the LayerNorm / RMSNorm before stays as is);
+  ``merger.mlp.2`` (the LayerNorm / RMSNorm before stays as is); Qwen3-VL, Qwen3.5 (and
+  their MoE): ``merger.linear_fc1`` (GELU ``act_fn`` fused) and ``linear_fc2`` (Qwen3-VL's
+  deepstack mergers stay as they are);
+* InternVL: as LLaVA; Mistral 3: ``multi_modal_projector.patch_merger.merging_layer``,
+  then as LLaVA; Aya Vision, Command A Vision: ``linear_1`` and ``linear_2`` (their
+  SwiGLU takes half of ``linear_1``'s output, so it is not fused);
 * PaliGemma: ``multi_modal_projector.linear``; Idefics3 / SmolVLM:
   ``connector.modality_projection.proj``; Mllama: ``multi_modal_projector`` (a Linear);
 * Gemma 3: ``multi_modal_projector.mm_input_projection_weight``, a bare ``(K, N)``
@@ -161,6 +166,7 @@ _GEMMA3 = MatmulWeight("mm_input_projection_weight", "mm_input_projection", _gem
                        _gemma3_not_equivalent)  # fmt: skip
 _LLAVA = (("linear_1", "act"), ("linear_2", None))
 _MERGER = (("mlp.0", "mlp.1"), ("mlp.2", None))
+_FC_MERGER = (("linear_fc1", "act_fn"), ("linear_fc2", None))  # Qwen3-VL / Qwen3.5 (deepstack mergers aside)
 PROJECTOR_SPECS: tuple[ProjectorSpec, ...] = (
     ProjectorSpec("LLaVA", "llava", "multi_modal_projector", _LLAVA),
     ProjectorSpec("LLaVA-NeXT", "llava_next", "multi_modal_projector", _LLAVA),
@@ -172,6 +178,17 @@ PROJECTOR_SPECS: tuple[ProjectorSpec, ...] = (
     ProjectorSpec("SmolVLM", "smolvlm", "connector", (("modality_projection.proj", None),)),
     ProjectorSpec("Mllama", "mllama", "multi_modal_projector", (("", None),)),
     ProjectorSpec("Gemma 3", "gemma3", "multi_modal_projector", (), matmul=_GEMMA3),
+    # The generic merge rule's families (issue 20.3).
+    ProjectorSpec("InternVL", "internvl", "multi_modal_projector", _LLAVA),
+    ProjectorSpec("Mistral 3", "mistral3", "multi_modal_projector",
+                  (("patch_merger.merging_layer", None), *_LLAVA)),  # fmt: skip
+    # SwiGLU: the activation takes half of linear_1's output, so nothing is fused.
+    ProjectorSpec("Aya Vision", "aya_vision", "multi_modal_projector", (("linear_1", None), ("linear_2", None))),
+    ProjectorSpec("Command A Vision", "cohere2_vision", "multi_modal_projector",
+                  (("linear_1", None), ("linear_2", None))),  # fmt: skip
+    *(ProjectorSpec(family, model_type, "merger", _FC_MERGER) for family, model_type in (
+        ("Qwen3-VL", "qwen3_vl_vision"), ("Qwen3-VL-MoE", "qwen3_vl_moe_vision"),
+        ("Qwen3.5", "qwen3_5_vision"), ("Qwen3.5-MoE", "qwen3_5_moe_vision"))),  # fmt: skip
 )
 
 

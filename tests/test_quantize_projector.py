@@ -35,6 +35,12 @@ EXPECTED = {
     "idefics3": (["model.connector.modality_projection.proj"], None),
     "mllama": (["model.multi_modal_projector"], None),
     "gemma3": (["model.multi_modal_projector.mm_input_projection"], None),
+    "internvl": (["model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2"], "linear_1"),
+    "mistral3": (["model.multi_modal_projector.patch_merger.merging_layer", "model.multi_modal_projector.linear_1",
+                  "model.multi_modal_projector.linear_2"], "linear_1"),
+    "aya_vision": (["model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2"], None),
+    "cohere2_vision": (["model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2"], None),
+    "qwen3_5": (["model.visual.merger.linear_fc1", "model.visual.merger.linear_fc2"], "linear_fc1"),
 }
 FAMILIES = [f for f in EXPECTED if f in zoo.FAMILIES]
 # The tiny models are 64 wide: w4a16 needs a group that divides K = 64.
@@ -110,7 +116,8 @@ def test_fused_activation_and_state_dict_keys(tiny_models):
 
 @pytest.mark.parametrize("family,scheme", [("llava", "w4a16"), ("qwen2_vl", "fp8"), ("idefics3", "w8a16"),
                                            ("paligemma", "fp8"), ("mllama", "w4a16"), ("gemma3", "w8a16"),
-                                           ("gemma3", "w4a16"), ("gemma3", "fp8")])  # fmt: skip
+                                           ("gemma3", "w4a16"), ("gemma3", "fp8"), ("internvl", "w4a16"),
+                                           ("mistral3", "w8a16"), ("qwen3_5", "fp8")])  # fmt: skip
 def test_save_pretrained_then_from_pretrained_is_bit_identical(tiny_models, tmp_path, family, scheme):
     if family not in zoo.FAMILIES:
         pytest.skip(f"{family} is not in mmkernels.zoo")
