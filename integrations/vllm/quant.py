@@ -47,7 +47,12 @@ Projector prefixes (vLLM module names, not Hugging Face checkpoint names):
                            ``linear_1`` / ``linear_2``); PaliGemma's and Mistral 3's
                            ``merging_layer`` are plain ``nn.Linear`` in vLLM and Gemma 3's
                            is a bare Parameter: vLLM gives them no quantization method
-``visual.merger.``         Qwen2-VL, Qwen2.5-VL (``mlp.0`` / ``mlp.2``)
+``visual.merger.``         Qwen2-VL, Qwen2.5-VL (``mlp.0`` / ``mlp.2``); Qwen3-VL, Qwen3.5 and
+                           their MoE (``linear_fc1`` / ``linear_fc2``, read against vLLM 0.32's
+                           module names; the lane serves Qwen2-VL). Qwen3-VL's deepstack
+                           mergers (``visual.deepstack_merger_list.``) are not the projector
+                           and stay unquantized; InternVL-Chat's ``mlp1`` is plain
+                           ``nn.Linear`` in vLLM (no quantization method)
 ``model.connector.``       Idefics3, SmolVLM (``modality_projection.proj``)
 =========================  =================================================================
 
