@@ -425,7 +425,7 @@ class _ForwardReader:
     def _check_feature_use(self, node: ast.Name) -> None:
         parent = self.parents.get(node)
         if isinstance(parent, ast.Attribute) and parent.value is node:
-            if parent.attr in _FEATURE_RESHAPES or parent.attr in ("shape", "device", "dtype", "numel"):
+            if parent.attr in _FEATURE_RESHAPES or parent.attr in ("shape", "size", "dim", "device", "dtype", "numel"):
                 return
             raise _Refused(f"uses {node.id}.{parent.attr} ({_line(node)})")
         if isinstance(parent, ast.Call):

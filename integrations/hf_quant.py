@@ -24,7 +24,7 @@ sub-model that holds the projector attribute):
   ``merger.mlp.2`` (the LayerNorm / RMSNorm before stays as is); Qwen3-VL, Qwen3.5 (and
   their MoE): ``merger.linear_fc1`` (GELU ``act_fn`` fused) and ``linear_fc2`` (Qwen3-VL's
   deepstack mergers stay as they are);
-* InternVL: as LLaVA; Mistral 3: ``multi_modal_projector.patch_merger.merging_layer``,
+* Llama 4: ``multi_modal_projector.linear_1``; InternVL: as LLaVA; Mistral 3: ``multi_modal_projector.patch_merger.merging_layer``,
   then as LLaVA; Aya Vision, Command A Vision: ``linear_1`` and ``linear_2`` (their
   SwiGLU takes half of ``linear_1``'s output, so it is not fused);
 * PaliGemma: ``multi_modal_projector.linear``; Idefics3 / SmolVLM:
@@ -186,6 +186,7 @@ PROJECTOR_SPECS: tuple[ProjectorSpec, ...] = (
     ProjectorSpec("Aya Vision", "aya_vision", "multi_modal_projector", (("linear_1", None), ("linear_2", None))),
     ProjectorSpec("Command A Vision", "cohere2_vision", "multi_modal_projector",
                   (("linear_1", None), ("linear_2", None))),  # fmt: skip
+    ProjectorSpec("Llama 4", "llama4", "multi_modal_projector", (("linear_1", None),)),
     *(ProjectorSpec(family, model_type, "merger", _FC_MERGER) for family, model_type in (
         ("Qwen3-VL", "qwen3_vl_vision"), ("Qwen3-VL-MoE", "qwen3_vl_moe_vision"),
         ("Qwen3.5", "qwen3_5_vision"), ("Qwen3.5-MoE", "qwen3_5_moe_vision"))),  # fmt: skip

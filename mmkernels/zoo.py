@@ -31,6 +31,7 @@ image processor says, so a tiny Aria would need every caller to pass ``max_image
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import math
 import pathlib
@@ -41,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["FAMILIES", "TinyModel", "build", "save"]
+__all__ = ["FAMILIES", "FamilyUnavailable", "TinyModel", "build", "save"]
 
 # Shared sizes. head_dim 32: vLLM's CPU attention takes 32/64/80 (16 fails).
 HIDDEN = 64
@@ -69,6 +70,11 @@ _PUNCTUATION = tuple(":?.,!;'\"()-")
 
 
 # ----------------------------------------------------------------------------- API
+
+
+class FamilyUnavailable(ImportError):
+    """The installed transformers cannot build this family's tiny model (its classes or
+    methods differ in a way the recipe names)."""
 
 
 @dataclass
@@ -125,7 +131,11 @@ def _build(family: str, recipe: _Recipe, *, seed: int, dtype: torch.dtype, batch
     _set_generation_ids(model, recipe.tokenizer)
     samples = [recipe.samples[i % len(recipe.samples)] for i in range(batch)]
     inputs = recipe.make_inputs(recipe, model, samples, np.random.default_rng(seed))
-    model.to(dtype)
+    # Floating tensors only: Module.to(dtype) also casts complex buffers to the real dtype,
+    # dropping their imaginary part (Llama 4's vision rotary table).
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor.data = tensor.data.to(dtype)
     inputs = {name: value.to(dtype) if value.is_floating_point() else value for name, value in inputs.items()}
     return TinyModel(
         family=family,
@@ -1220,8 +1230,22 @@ def _counted_image_inputs(image_size: int, extra: Callable[[int], dict] | None =
         images = sum(len(sample.image_sizes) for sample in samples)
         pixels = torch.from_numpy(rng.standard_normal((images, 3, image_size, image_size)).astype(np.float32))
         kwargs = extra(images) if extra is not None else {}
+        merging = next(m for m in model.modules() if type(m).__name__ == recipe.inner_model_class)
+        # Arguments a version requires (Llama 4 on 5.17: vision_feature_select_strategy) from the config.
+        required = {
+            name: getattr(model.config, name, getattr(model.config.vision_config, name, None))
+            for name, p in inspect.signature(merging.get_image_features).parameters.items()
+            if p.default is p.empty and p.kind is p.POSITIONAL_OR_KEYWORD and name != "pixel_values" and name not in kwargs
+        }  # fmt: skip
         with torch.no_grad():
-            pooled = model.model.get_image_features(pixel_values=pixels, return_dict=True, **kwargs).pooler_output
+            pooled = merging.get_image_features(pixel_values=pixels, return_dict=True, **kwargs, **required).pooler_output
+        if pooled is None:
+            import transformers
+
+            raise FamilyUnavailable(
+                f"{recipe.inner_model_class}.get_image_features of transformers {transformers.__version__} returns no "
+                "pooled features (its forward projects them itself): the zoo counts placeholders from them"
+            )
         if isinstance(pooled, (list, tuple)):
             rows = [t.reshape(-1, t.shape[-1]).shape[0] for t in pooled]
         else:
@@ -1316,6 +1340,28 @@ def _siglip_cohere(model_type: str) -> _Recipe:
     )
 
 
+def _llama4() -> _Recipe:
+    """Llama 4 (Scout / Maverick): unfold-linear ViT, pixel-shuffle 0.5 MLP, one Linear
+    projector, MoE text model with chunked attention; merged in the ForConditionalGeneration."""
+    import transformers
+
+    tokenizer = _tokenizer(named_tokens={"image_token": "<|patch|>"})
+    vision = _vision_config("Llama4VisionConfig", 56, intermediate_size=4 * HIDDEN, vision_output_dim=HIDDEN,
+                            projector_input_dim=HIDDEN, projector_output_dim=HIDDEN, pixel_shuffle_ratio=0.5)  # fmt: skip
+    text = _text_config("Llama4TextConfig", tokenizer, head_dim=HEAD_DIM, intermediate_size_mlp=INTERMEDIATE,
+                        num_local_experts=2)  # fmt: skip
+    config = transformers.Llama4Config(vision_config=vision, text_config=text, image_token_index=tokenizer.image_token_id)
+    return _Recipe(
+        config=config,
+        model_class=transformers.Llama4ForConditionalGeneration,
+        inner_model_class="Llama4ForConditionalGeneration",
+        tokenizer=tokenizer,
+        placeholders={"image": "<|patch|>"},
+        samples=_samples("<|patch|>"),
+        make_inputs=_counted_image_inputs(56),
+    )
+
+
 def _qwen3_5() -> _Recipe:
     """Qwen3.5: natively multimodal; Qwen3-VL-style ViT over pre-flattened patches, 2x2
     merger, interleaved M-RoPE, hybrid linear / full attention text model."""
@@ -1386,6 +1432,7 @@ _RECIPES: dict[str, Callable[[], _Recipe]] = {
     "aya_vision": lambda: _siglip_cohere("aya_vision"),
     "cohere2_vision": lambda: _siglip_cohere("cohere2_vision"),
     "qwen3_5": _qwen3_5,
+    "llama4": _llama4,
 }
 
 FAMILIES: tuple[str, ...] = tuple(_RECIPES)

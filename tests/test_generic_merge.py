@@ -26,11 +26,11 @@ from mmkernels.integrations.hf_merge_generic import (  # noqa: E402
 from mmkernels.integrations.hf_specs import MERGE_SPECS  # noqa: E402
 
 from mmkernels import zoo  # noqa: E402
-from zoo_helpers import assert_same_output  # noqa: E402
+from zoo_helpers import assert_same_output, build_or_skip  # noqa: E402
 
 SPEC_MODEL_TYPES = frozenset(spec.model_type for spec in MERGE_SPECS)
 # The zoo's families that no spec names: the generic rule patches them.
-GENERIC_FAMILIES = sorted(f for f in zoo.FAMILIES if f in {"internvl", "mistral3", "aya_vision", "cohere2_vision", "qwen3_5"})
+GENERIC_FAMILIES = sorted(f for f in zoo.FAMILIES if f in {"internvl", "mistral3", "aya_vision", "cohere2_vision", "qwen3_5", "llama4"})
 # Model types whose forward follows the pattern only from some transformers on: before,
 # the rule refuses them (Qwen3.5's 5.17 forward takes one of input_ids / inputs_embeds and
 # reads input_ids for M-RoPE), and the test checks the refusal instead.
@@ -60,10 +60,11 @@ def merge_calls(monkeypatch):
 def test_generic_rule_patches_with_identical_outputs(family, merge_calls):
     # Two builds of one seed: some models keep state between calls (Qwen3.5's rope_deltas),
     # so the patched model makes the same sequence of calls as the unpatched one.
-    reference = zoo.build(family).model
-    tiny = zoo.build(family)
+    reference = build_or_skip(family).model
+    tiny = build_or_skip(family)
     model, inputs = tiny.model, tiny.inputs
-    inner = model.model
+    # The module that merges: the inner model, or the whole model (Llama 4 has no inner one).
+    path, inner = next((p, m) for p, m in model.named_modules() if type(m).__name__ == tiny.inner_model_class)
     assert inner.config.model_type not in SPEC_MODEL_TYPES  # what this file is about
     with torch.no_grad():
         want = reference(**inputs)
@@ -78,7 +79,7 @@ def test_generic_rule_patches_with_identical_outputs(family, merge_calls):
             return
         try:
             merged = [r for r in report.replaced if r.method == "forward"]
-            assert [(r.module_path, r.family) for r in merged] == [("model", f"{type(inner).__name__} (generic rule)")]
+            assert [(r.module_path, r.family) for r in merged] == [(path, f"{type(inner).__name__} (generic rule)")]
             assert "merge_multimodal_embeddings" in str(report)
             got = model(**inputs)
             assert len(merge_calls) == 1  # the op merged, not the original forward

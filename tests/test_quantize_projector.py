@@ -41,6 +41,7 @@ EXPECTED = {
     "aya_vision": (["model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2"], None),
     "cohere2_vision": (["model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2"], None),
     "qwen3_5": (["model.visual.merger.linear_fc1", "model.visual.merger.linear_fc2"], "linear_fc1"),
+    "llama4": (["multi_modal_projector.linear_1"], None),
 }
 FAMILIES = [f for f in EXPECTED if f in zoo.FAMILIES]
 # The tiny models are 64 wide: w4a16 needs a group that divides K = 64.
