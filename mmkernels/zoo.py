@@ -1362,6 +1362,31 @@ def _llama4() -> _Recipe:
     )
 
 
+def _janus() -> _Recipe:
+    """Janus: SigLIP-style ViT + aligner for understanding (what is merged), a VQ-VAE for
+    image generation (built, not used by the forward), Llama."""
+    import transformers
+
+    tokenizer = _tokenizer(named_tokens={"image_token": "<image_placeholder>"})
+    vision = _vision_config("JanusVisionConfig", 56, projection_dim=HIDDEN, mlp_ratio=2.0, depth=1,
+                            num_image_tokens=(56 // PATCH) ** 2)  # fmt: skip
+    # The generation VQ-VAE at its smallest (GroupNorm needs 32 channels).
+    vq = transformers.JanusVQVAEConfig(embed_dim=8, num_embeddings=64, latent_channels=32, base_channels=32,
+                                       channel_multiplier=[1, 1], num_res_blocks=1, num_patches=4,
+                                       projection_dim=HIDDEN, image_token_embed_dim=HIDDEN, num_hidden_layers=1)  # fmt: skip
+    config = transformers.JanusConfig(vision_config=vision, vq_config=vq, text_config=_text_config("LlamaConfig", tokenizer),
+                                      image_token_id=tokenizer.image_token_id)  # fmt: skip
+    return _Recipe(
+        config=config,
+        model_class=transformers.JanusForConditionalGeneration,
+        inner_model_class="JanusModel",
+        tokenizer=tokenizer,
+        placeholders={"image": "<image_placeholder>"},
+        samples=_samples("<image_placeholder>"),
+        make_inputs=_counted_image_inputs(56),
+    )
+
+
 def _qwen3_5() -> _Recipe:
     """Qwen3.5: natively multimodal; Qwen3-VL-style ViT over pre-flattened patches, 2x2
     merger, interleaved M-RoPE, hybrid linear / full attention text model."""
@@ -1433,6 +1458,7 @@ _RECIPES: dict[str, Callable[[], _Recipe]] = {
     "cohere2_vision": lambda: _siglip_cohere("cohere2_vision"),
     "qwen3_5": _qwen3_5,
     "llama4": _llama4,
+    "janus": _janus,
 }
 
 FAMILIES: tuple[str, ...] = tuple(_RECIPES)

@@ -30,7 +30,7 @@ from zoo_helpers import assert_same_output, build_or_skip  # noqa: E402
 
 SPEC_MODEL_TYPES = frozenset(spec.model_type for spec in MERGE_SPECS)
 # The zoo's families that no spec names: the generic rule patches them.
-GENERIC_FAMILIES = sorted(f for f in zoo.FAMILIES if f in {"internvl", "mistral3", "aya_vision", "cohere2_vision", "qwen3_5", "llama4"})
+GENERIC_FAMILIES = sorted(f for f in zoo.FAMILIES if f in {"internvl", "mistral3", "aya_vision", "cohere2_vision", "qwen3_5", "llama4", "janus"})
 # Model types whose forward follows the pattern only from some transformers on: before,
 # the rule refuses them (Qwen3.5's 5.17 forward takes one of input_ids / inputs_embeds and
 # reads input_ids for M-RoPE), and the test checks the refusal instead.
