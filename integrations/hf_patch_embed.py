@@ -761,6 +761,18 @@ PATCH_EMBED_SPECS: tuple[PatchEmbedSpec, ...] = (
         interpolation="interpolate_pos_encoding",
     ),
     PatchEmbedSpec(
+        family="Janus vision",  # SigLIP's embeddings, under Janus's own class
+        model_type="janus_vision_model",
+        model_class="JanusVisionEmbeddings",
+        form=IMAGE_FORM,
+        pixels="pixel_values",
+        flag_arguments=("interpolate_pos_encoding",),
+        projection="patch_embedding",
+        position_embedding="position_embedding",
+        position_ids="position_ids",
+        interpolation="interpolate_pos_encoding",
+    ),
+    PatchEmbedSpec(
         family="BLIP-2 vision",
         model_type="blip_2_vision_model",
         model_class="Blip2VisionEmbeddings",

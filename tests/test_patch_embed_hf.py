@@ -54,6 +54,7 @@ EXPECTED = {
     "aya_vision": [("model.vision_tower.embeddings", "SiglipVisionEmbeddings")],
     "cohere2_vision": [("model.vision_tower.embeddings", "SiglipVisionEmbeddings")],
     "qwen3_5": [("model.visual.patch_embed", "Qwen3_5VisionPatchEmbed")],
+    "janus": [("model.vision_model.embeddings", "JanusVisionEmbeddings")],
 }
 ATTENTION_OP = f"mmkernels.ops.{ATTENTION_OP_NAME}"
 ATTENTION_CLASSES = {rule.model_class for rule in integrations.rules() if rule.kernel == "attention"}
