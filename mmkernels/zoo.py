@@ -1268,6 +1268,20 @@ def _samples(image: str) -> tuple[_Sample, ...]:
     return tuple(_Sample(s.text.format(image=image), s.image_sizes) for s in _GENERIC_SAMPLES)
 
 
+def _image_family(config, model_class, inner_model_class: str, tokenizer, extra=None) -> _Recipe:
+    """The recipe of such a family: 56x56 images, the tokenizer's ``image_token`` as placeholder."""
+    token = tokenizer.image_token
+    return _Recipe(
+        config=config,
+        model_class=model_class,
+        inner_model_class=inner_model_class,
+        tokenizer=tokenizer,
+        placeholders={"image": token},
+        samples=_samples(token),
+        make_inputs=_counted_image_inputs(56, extra),
+    )
+
+
 def _internvl() -> _Recipe:
     """InternVL 3: InternViT, pixel-shuffle 0.5 (4x4 patches -> 4 tokens), MLP, Qwen2."""
     import transformers
@@ -1280,15 +1294,7 @@ def _internvl() -> _Recipe:
         image_token_id=tokenizer.image_token_id,
         downsample_ratio=0.5,
     )
-    return _Recipe(
-        config=config,
-        model_class=transformers.InternVLForConditionalGeneration,
-        inner_model_class="InternVLModel",
-        tokenizer=tokenizer,
-        placeholders={"image": "<IMG_CONTEXT>"},
-        samples=_samples("<IMG_CONTEXT>"),
-        make_inputs=_counted_image_inputs(56),
-    )
+    return _image_family(config, transformers.InternVLForConditionalGeneration, "InternVLModel", tokenizer)
 
 
 def _mistral3() -> _Recipe:
@@ -1304,15 +1310,8 @@ def _mistral3() -> _Recipe:
         spatial_merge_size=2,
         vision_feature_layer=-1,
     )
-    return _Recipe(
-        config=config,
-        model_class=transformers.Mistral3ForConditionalGeneration,
-        inner_model_class="Mistral3Model",
-        tokenizer=tokenizer,
-        placeholders={"image": "[IMG]"},
-        samples=_samples("[IMG]"),
-        make_inputs=_counted_image_inputs(56, lambda n: {"image_sizes": torch.tensor([[56, 56]] * n)}),
-    )
+    return _image_family(config, transformers.Mistral3ForConditionalGeneration, "Mistral3Model", tokenizer,
+                         extra=lambda n: {"image_sizes": torch.tensor([[56, 56]] * n)})
 
 
 def _siglip_cohere(model_type: str) -> _Recipe:
@@ -1329,15 +1328,7 @@ def _siglip_cohere(model_type: str) -> _Recipe:
         alignment_intermediate_size=INTERMEDIATE,
         **{token_field: tokenizer.image_token_id},
     )
-    return _Recipe(
-        config=config,
-        model_class=getattr(transformers, f"{prefix}ForConditionalGeneration"),
-        inner_model_class=f"{prefix}Model",
-        tokenizer=tokenizer,
-        placeholders={"image": "<image>"},
-        samples=_samples("<image>"),
-        make_inputs=_counted_image_inputs(56),
-    )
+    return _image_family(config, getattr(transformers, f"{prefix}ForConditionalGeneration"), f"{prefix}Model", tokenizer)
 
 
 def _llama4() -> _Recipe:
@@ -1351,15 +1342,7 @@ def _llama4() -> _Recipe:
     text = _text_config("Llama4TextConfig", tokenizer, head_dim=HEAD_DIM, intermediate_size_mlp=INTERMEDIATE,
                         num_local_experts=2)  # fmt: skip
     config = transformers.Llama4Config(vision_config=vision, text_config=text, image_token_index=tokenizer.image_token_id)
-    return _Recipe(
-        config=config,
-        model_class=transformers.Llama4ForConditionalGeneration,
-        inner_model_class="Llama4ForConditionalGeneration",
-        tokenizer=tokenizer,
-        placeholders={"image": "<|patch|>"},
-        samples=_samples("<|patch|>"),
-        make_inputs=_counted_image_inputs(56),
-    )
+    return _image_family(config, transformers.Llama4ForConditionalGeneration, "Llama4ForConditionalGeneration", tokenizer)
 
 
 def _janus() -> _Recipe:
@@ -1376,15 +1359,7 @@ def _janus() -> _Recipe:
                                        projection_dim=HIDDEN, image_token_embed_dim=HIDDEN, num_hidden_layers=1)  # fmt: skip
     config = transformers.JanusConfig(vision_config=vision, vq_config=vq, text_config=_text_config("LlamaConfig", tokenizer),
                                       image_token_id=tokenizer.image_token_id)  # fmt: skip
-    return _Recipe(
-        config=config,
-        model_class=transformers.JanusForConditionalGeneration,
-        inner_model_class="JanusModel",
-        tokenizer=tokenizer,
-        placeholders={"image": "<image_placeholder>"},
-        samples=_samples("<image_placeholder>"),
-        make_inputs=_counted_image_inputs(56),
-    )
+    return _image_family(config, transformers.JanusForConditionalGeneration, "JanusModel", tokenizer)
 
 
 def _qwen3_5() -> _Recipe:

@@ -38,3 +38,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def merge_calls(monkeypatch):
+    """The keyword arguments of each call of ``mmkernels.ops.merge_multimodal_embeddings``
+    (the patched forwards import it at call time, so the spy sees theirs)."""
+    import mmkernels.ops
+
+    calls = []
+    op = mmkernels.ops.merge_multimodal_embeddings
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(mmkernels.ops, "merge_multimodal_embeddings", spy)
+    return calls

@@ -43,19 +43,6 @@ def follows_pattern_here(model_type: str) -> bool:
     return Version(transformers.__version__) >= Version(PATTERN_FROM.get(model_type, "0"))
 
 
-@pytest.fixture
-def merge_calls(monkeypatch):
-    calls = []
-    op = mmkernels.ops.merge_multimodal_embeddings
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return op(*args, **kwargs)
-
-    monkeypatch.setattr(mmkernels.ops, "merge_multimodal_embeddings", spy)
-    return calls
-
-
 @pytest.mark.parametrize("family", GENERIC_FAMILIES)
 def test_generic_rule_patches_with_identical_outputs(family, merge_calls):
     # Two builds of one seed: some models keep state between calls (Qwen3.5's rope_deltas),

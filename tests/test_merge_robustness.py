@@ -480,22 +480,6 @@ def _assert_same_training_step(tiny, spy_calls):
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-@pytest.fixture
-def merge_calls(monkeypatch):
-    """Counts the patched forward's calls of the op (it imports it at call time)."""
-    import mmkernels.ops
-
-    calls = []
-    op = mmkernels.ops.merge_multimodal_embeddings
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return op(*args, **kwargs)
-
-    monkeypatch.setattr(mmkernels.ops, "merge_multimodal_embeddings", spy)
-    return calls
-
-
 def test_patched_model_pad_row_gets_no_gradient(llava, merge_calls):
     """Training through the fused lookup: every parameter's gradient equals the unpatched
     model's; the padding_idx row of embed_tokens gets none (it got one per pad token)."""
