@@ -733,6 +733,18 @@ def _bind_signature(module: torch.nn.Module) -> list[str] | None:
 # The specs
 
 
+_SIGLIP = PatchEmbedSpec(
+    family="SigLIP vision",
+    model_type="siglip_vision_model",
+    model_class="SiglipVisionEmbeddings",
+    form=IMAGE_FORM,
+    pixels="pixel_values",
+    flag_arguments=("interpolate_pos_encoding",),
+    projection="patch_embedding",
+    position_embedding="position_embedding",
+    position_ids="position_ids",
+    interpolation="interpolate_pos_encoding",
+)
 PATCH_EMBED_SPECS: tuple[PatchEmbedSpec, ...] = (
     PatchEmbedSpec(
         family="CLIP vision",
@@ -748,30 +760,10 @@ PATCH_EMBED_SPECS: tuple[PatchEmbedSpec, ...] = (
         interpolation="interpolate_pos_encoding",
         image_size="image_size",
     ),
-    PatchEmbedSpec(
-        family="SigLIP vision",
-        model_type="siglip_vision_model",
-        model_class="SiglipVisionEmbeddings",
-        form=IMAGE_FORM,
-        pixels="pixel_values",
-        flag_arguments=("interpolate_pos_encoding",),
-        projection="patch_embedding",
-        position_embedding="position_embedding",
-        position_ids="position_ids",
-        interpolation="interpolate_pos_encoding",
-    ),
-    PatchEmbedSpec(
-        family="Janus vision",  # SigLIP's embeddings, under Janus's own class
-        model_type="janus_vision_model",
-        model_class="JanusVisionEmbeddings",
-        form=IMAGE_FORM,
-        pixels="pixel_values",
-        flag_arguments=("interpolate_pos_encoding",),
-        projection="patch_embedding",
-        position_embedding="position_embedding",
-        position_ids="position_ids",
-        interpolation="interpolate_pos_encoding",
-    ),
+    _SIGLIP,
+    # SigLIP's embeddings, under Janus's own class.
+    dataclasses.replace(_SIGLIP, family="Janus vision", model_type="janus_vision_model",
+                        model_class="JanusVisionEmbeddings"),  # fmt: skip
     PatchEmbedSpec(
         family="BLIP-2 vision",
         model_type="blip_2_vision_model",
