@@ -3,12 +3,15 @@
 ``quantize_projector(model, scheme, *, group_size=128)`` replaces the ``nn.Linear`` layers
 of the multimodal projector with :class:`QuantizedLinear` modules that run
 :func:`mmkernels.ops.quantized_linear` (int8 / int4 / fp8 weights, bias and activation
-fused), and records what it did in ``model.config`` so that the checkpoint carries it:
+fused), and records what it did in ``model.config.quantization_config``
+(``quant_method`` "mmkernels", :class:`~.hf_quantizer.MmkernelsConfig`) so that the
+checkpoint carries it and every loader reads it:
 
     model = LlavaForConditionalGeneration.from_pretrained(...)
     mmkernels.quantize_projector(model, "w4a16")       # or mmkernels.patch(model, quantize_projector="w4a16")
-    model.save_pretrained(path)                        # config.json gets "mmkernels_quantization"
-    model = mmkernels.integrations.hf_quant.from_pretrained(LlavaForConditionalGeneration, path)  # one call
+    model.save_pretrained(path)                        # config.json: "quantization_config": {"quant_method": "mmkernels", ...}
+    model = LlavaForConditionalGeneration.from_pretrained(path)   # with mmkernels imported: quantized and patched
+    # vllm serve path                                  # with the plugin: the stored codes (integrations/vllm/quant.py)
 
 Unlike :func:`mmkernels.patch`'s method swaps this changes the module tree and the
 ``state_dict`` (``linear_1.weight`` becomes ``linear_1.packed`` / ``.scales`` / ``.zeros``,
@@ -61,6 +64,7 @@ from mmkernels.ops.quantized_linear import CAPABILITIES, apply_activation, quant
 from mmkernels.quant import SCHEME_TABLE, QuantizedWeight, check_group_size, quantize, scheme_info
 
 from .engine import PatchReport, Replacement, Skip, backend_note
+from .hf_quantizer import QUANT_METHOD, MmkernelsConfig, no_patch_on_load
 
 __all__ = [
     "CONFIG_ATTR",
@@ -89,15 +93,16 @@ class MatmulWeight:
     :class:`QuantizedLinear` submodule (holding the ``(out_features, in_features)``
     transpose) that replaces it. ``forward``: the projector's new ``forward``, bound to the
     instance; it calls ``module`` where the original called ``torch.matmul``.
-    ``not_equivalent(projector)``: why ``forward`` would not compute what the projector's
-    current forward does, given the unquantized weight (None when it does); called before
-    anything changes.
+    ``not_equivalent(projector, shape=None, device=None, dtype=None)``: why ``forward`` would
+    not compute what the projector class's forward does, given a weight (None when it
+    does); called before anything changes, and after a quantized checkpoint loads (then
+    with the weight's shape, device and dtype: the Parameter is gone).
     """
 
     parameter: str
     module: str
     forward: Callable
-    not_equivalent: Callable[[torch.nn.Module], str | None]
+    not_equivalent: Callable[..., str | None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,27 +140,40 @@ def _gemma3_projector_forward(self, vision_outputs: torch.Tensor) -> torch.Tenso
     return self.mm_input_projection(_gemma3_features(self, vision_outputs)).type_as(vision_outputs)
 
 
-def _gemma3_not_equivalent(projector: torch.nn.Module) -> str | None:
-    """Run the projector's current forward and ``matmul(_gemma3_features(x), w)`` on one
+def _gemma3_not_equivalent(projector: torch.nn.Module, shape=None, device=None, dtype=None) -> str | None:
+    """Run the projector's forward and ``matmul(_gemma3_features(x), w)`` on one
     random image's worth of vision outputs, with a random weight ``w`` in place of
     ``mm_input_projection_weight`` (which may be all zeros before a checkpoint is loaded
-    into it): they must be bit-identical (the same ops on the same device and dtype)."""
+    into it, or gone once quantized): they must be bit-identical (the same ops on the same
+    device and dtype). ``shape`` / ``device`` / ``dtype``: the weight's, where the
+    Parameter is no longer there (a checkpoint loaded quantized)."""
     missing = [a for a in ("patches_per_image", "avg_pool", "mm_soft_emb_norm") if not hasattr(projector, a)]
     if missing:
         return f"the projector has no {', '.join(missing)} (a transformers version mmkernels does not know)"
-    weight = projector.mm_input_projection_weight
-    if weight.device.type == "meta":
+    weight = projector._parameters.get("mm_input_projection_weight")
+    if weight is not None:
+        shape, device, dtype = tuple(weight.shape), weight.device, weight.dtype
+    if torch.device(device).type == "meta":
         return "its weight is on the meta device (not loaded)"
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(1, projector.patches_per_image**2, weight.shape[0], generator=generator)
-    w = torch.randn(tuple(weight.shape), generator=generator) * weight.shape[0] ** -0.5
-    x, w = (t.to(device=weight.device, dtype=weight.dtype) for t in (x, w))
+    x = torch.randn(1, projector.patches_per_image**2, shape[0], generator=generator)
+    w = torch.randn(tuple(shape), generator=generator) * shape[0] ** -0.5
+    x, w = (t.to(device=device, dtype=dtype) for t in (x, w))
+    # The projector's forward (someone else's, if swapped on the instance; the class's once
+    # mmkernels' is there), reading w through an instance attribute, which attribute lookup
+    # finds before the module's parameters.
+    forward = projector.forward
+    if getattr(forward, "__func__", None) is _gemma3_projector_forward:
+        forward = types.MethodType(type(projector).forward, projector)
+    projector.__dict__["mm_input_projection_weight"] = w
     try:
         with torch.no_grad():
-            want = torch.func.functional_call(projector, {"mm_input_projection_weight": w}, (x,))
+            want = forward(x)
             got = torch.matmul(_gemma3_features(projector, x), w).type_as(x)
     except Exception as error:  # noqa: BLE001: any failure means the restated glue does not fit
         return f"the projector forward could not be restated ({type(error).__name__}: {error})"
+    finally:
+        del projector.__dict__["mm_input_projection_weight"]
     if got.shape != want.shape or not torch.equal(got, want):
         return ("its forward does not compute matmul(mm_soft_emb_norm(avg_pool(patch grid)), "
                 "mm_input_projection_weight) as mmkernels restates it")  # fmt: skip
@@ -357,6 +375,27 @@ def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
+def _linear_slots(holder: torch.nn.Module, spec: ProjectorSpec, proj_path: str):
+    """``(path, activation path, module, parent, name in parent)`` of each Linear that
+    ``spec`` names in the projector ``holder.<spec.attribute>`` (at ``proj_path``)."""
+    projector = holder._modules[spec.attribute]
+    for linear_path, act_path in spec.linears:
+        target = projector.get_submodule(linear_path) if linear_path else projector
+        if linear_path:
+            parent_path, _, name = linear_path.rpartition(".")
+            parent = projector.get_submodule(parent_path) if parent_path else projector
+        else:
+            parent, name = holder, spec.attribute
+        yield _join(proj_path, linear_path), act_path, target, parent, name
+
+
+def _make_identity(projector: torch.nn.Module, act_path: str) -> None:
+    """The activation at ``act_path`` is fused into the layer before it: it becomes Identity."""
+    act_parent_path, _, act_name = act_path.rpartition(".")
+    act_parent = projector.get_submodule(act_parent_path) if act_parent_path else projector
+    act_parent._modules[act_name] = torch.nn.Identity()
+
+
 def normalize_request(scheme, group_size) -> tuple[str, int | None]:
     if isinstance(scheme, Mapping):
         unknown = set(scheme) - {"scheme", "group_size"}
@@ -395,6 +434,11 @@ def quantize_projector(model: torch.nn.Module, scheme, *, group_size: int = 128)
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     scheme, group_size = normalize_request(scheme, group_size)
+    foreign = _foreign_quantization(model)
+    if foreign is not None:
+        raise ValueError(f"model: its config already holds a quantization_config of quant_method {foreign!r}; one "
+                         f"checkpoint carries one quantization method, so mmkernels' projector quantization cannot be "
+                         f"recorded beside it (nothing was changed)")  # fmt: skip
     replaced, skipped, plans, matmul_plans = [], [], [], []
     found = []
     for path, holder, spec in _projectors(model):
@@ -406,9 +450,7 @@ def quantize_projector(model: torch.nn.Module, scheme, *, group_size: int = 128)
             if plan is not None:
                 matmul_plans.append(plan)
             continue
-        for linear_path, act_path in spec.linears:
-            target = projector.get_submodule(linear_path) if linear_path else projector
-            full = _join(proj_path, linear_path)
+        for full, act_path, target, parent, name in _linear_slots(holder, spec, proj_path):
             if isinstance(target, QuantizedLinear):
                 _already_quantized(target, full, scheme, group_size, skipped)
                 continue
@@ -422,13 +464,7 @@ def quantize_projector(model: torch.nn.Module, scheme, *, group_size: int = 128)
                 )
             activation = None
             if act_path is not None:
-                act_module = projector.get_submodule(act_path)
-                activation = _fusable_activation(act_module)
-            if linear_path:
-                parent_path, _, name = linear_path.rpartition(".")
-                parent = projector.get_submodule(parent_path) if parent_path else projector
-            else:
-                parent, name = holder, spec.attribute
+                activation = _fusable_activation(projector.get_submodule(act_path))
             plans.append((projector, parent, name, act_path if activation else None, full, target, activation, spec))
     if not plans and not matmul_plans and not any(s.code == "already_patched" for s in skipped):
         covered = ", ".join(sorted({s.model_type for s in PROJECTOR_SPECS}))
@@ -441,9 +477,7 @@ def quantize_projector(model: torch.nn.Module, scheme, *, group_size: int = 128)
     for projector, parent, name, act_path, full, linear, activation, spec in plans:
         parent._modules[name] = QuantizedLinear.from_linear(linear, scheme, group_size=group_size, activation=activation)
         if act_path is not None:
-            act_parent_path, _, act_name = act_path.rpartition(".")
-            act_parent = projector.get_submodule(act_parent_path) if act_parent_path else projector
-            act_parent._modules[act_name] = torch.nn.Identity()
+            _make_identity(projector, act_path)
         records[full] = {"activation": activation, "fused": act_path}
         notes = [f"{scheme}" + (f", group_size={group_size}" if group_size else "")
                  + (f"; activation {activation!r} fused (the {act_path} module is now Identity)" if act_path else ""),
@@ -514,20 +548,45 @@ def _apply_matmul(projector, full: str, spec: ProjectorSpec, scheme: str, group_
     return Replacement(full, "Parameter", "module", "mmkernels::quantized_linear", spec.family, notes)
 
 
+def _foreign_quantization(model) -> str | None:
+    """The ``quant_method`` of a quantization that is not mmkernels' in the model's config."""
+    existing = getattr(getattr(model, "config", None), "quantization_config", None)
+    if existing is None:
+        return None
+    method = existing.get("quant_method") if isinstance(existing, Mapping) else getattr(existing, "quant_method", None)
+    method = getattr(method, "value", method)
+    return None if method == QUANT_METHOD else str(method)
+
+
 def _record_config(model, scheme, group_size, records) -> None:
+    """Write (or extend) ``model.config.quantization_config``: what ``save_pretrained`` stores
+    and every loader reads (see :mod:`.hf_quantizer`)."""
     config = getattr(model, "config", None)
     if config is None:
         return
-    previous = getattr(config, CONFIG_ATTR, None) or {}
+    previous = quantization_config(config) or {}
     modules = dict(previous.get("modules", {}))
     modules.update(records)
-    setattr(config, CONFIG_ATTR, {"version": _FORMAT_VERSION, "scheme": scheme, "group_size": group_size,
-                                  "modules": modules})  # fmt: skip
+    current = getattr(config, "quantization_config", None)
+    if isinstance(current, MmkernelsConfig):  # loaded through the quantizer: the same object stays there
+        current.scheme, current.group_size, current.modules = scheme, group_size, modules
+    else:
+        config.quantization_config = MmkernelsConfig(scheme, group_size, modules)
+    if hasattr(config, CONFIG_ATTR):  # a format-1 checkpoint's entry: the new one replaces it
+        delattr(config, CONFIG_ATTR)
 
 
 def quantization_config(model_or_config) -> dict | None:
-    """The ``mmkernels_quantization`` entry of a model's (or a config's) config, or None."""
+    """What mmkernels quantized in a model (or config): ``{"scheme", "group_size",
+    "modules", ...}`` from its ``quantization_config`` (``quant_method`` "mmkernels"), or from
+    the ``mmkernels_quantization`` entry of a format-1 checkpoint; None if neither."""
     config = getattr(model_or_config, "config", model_or_config)
+    current = getattr(config, "quantization_config", None)
+    if current is not None:
+        as_dict = dict(current)
+        method = as_dict.get("quant_method")
+        if getattr(method, "value", method) == QUANT_METHOD:
+            return as_dict
     return getattr(config, CONFIG_ATTR, None)
 
 
@@ -610,30 +669,152 @@ def _check_tensor(key: str, got: torch.Tensor, expected: torch.Tensor, *, cast_f
         raise ValueError(f"{key}{where}: expected dtype {expected.dtype}, got {got.dtype}")
 
 
-def from_pretrained(model_class, path, *, patch: bool = True, **kwargs):
-    """Load a checkpoint written by ``save_pretrained`` after :func:`quantize_projector`:
-    the one call that gives back the quantized model.
+def _recorded_entry(modules: Mapping, path: str) -> tuple[str, dict] | None:
+    """The recorded module that is the model's ``path``: equal, or differing by leading
+    dotted components (a checkpoint saved from ``LlavaForConditionalGeneration`` loaded into
+    ``LlavaModel`` drops ``model.``)."""
+    found = [r for r in modules if r == path or path.endswith("." + r) or r.endswith("." + path)]
+    if len(found) > 1:
+        raise ValueError(f"quantization_config: modules {found} all match the model's {path}")
+    return (found[0], modules[found[0]]) if found else None
 
-    ``model_class.from_pretrained(path, **kwargs)`` loads everything but the projector;
-    the config's ``mmkernels_quantization`` entry says which Linears (or Gemma 3's
-    Parameter) were quantized and how; they are rebuilt as :class:`QuantizedLinear` (by
-    :func:`quantize_projector`, from whatever the model was initialised with) and filled
-    from the checkpoint's ``packed`` / ``scales`` / ``zeros`` / ``bias`` tensors (every
-    one must be there, of exactly the shape and dtype the module holds: ``ValueError``
-    naming the key otherwise, before anything is copied; a bias may be cast to the
-    ``dtype`` the caller passed, as transformers casts every floating weight). With
-    ``patch=True`` (default) the model is also patched with mmkernels' other kernels
-    (:func:`mmkernels.patch`), as the model that was saved usually was.
-    """
-    path = Path(path)
-    with _quiet_transformers():
+
+def prepare_quantized_modules(model: torch.nn.Module, config) -> tuple[str, ...]:
+    """Before a mmkernels checkpoint's weights load (:mod:`.hf_quantizer`): turn the
+    projector layers its ``quantization_config`` records into empty :class:`QuantizedLinear`
+    modules (on the device the model is built on, the meta device in ``from_pretrained``),
+    fuse the recorded activations, and for Gemma 3 replace the Parameter and swap the
+    projector's forward. Returns the quantized modules' paths. ``ValueError`` when a
+    recorded module is not where the model's spec puts a projector layer."""
+    qcfg = quantization_config(config) if not isinstance(config, MmkernelsConfig) else dict(config)
+    scheme, group_size, recorded = qcfg["scheme"], qcfg.get("group_size"), qcfg.get("modules") or {}
+    prepared, matched = [], set()
+
+    def take(full: str) -> dict | None:
+        hit = _recorded_entry(recorded, full)
+        if hit is None:
+            return None
+        matched.add(hit[0])
+        prepared.append(full)
+        return hit[1]
+
+    for path, holder, spec in _projectors(model):
+        projector = holder._modules[spec.attribute]
+        proj_path = _join(path, spec.attribute)
+        if spec.matmul is not None:
+            mw = spec.matmul
+            entry = take(_join(proj_path, mw.module))
+            if entry is None:
+                continue
+            weight = projector._parameters.get(mw.parameter)
+            if weight is None or weight.dim() != 2:
+                raise ValueError(f"quantization_config: {_join(proj_path, mw.parameter)} is not a 2-D Parameter in "
+                                 f"this model ({type(projector).__name__})")  # fmt: skip
+            k, n = weight.shape
+            module = QuantizedLinear(k, n, scheme=scheme, group_size=group_size, bias=False, activation=None,
+                                     dtype=weight.dtype, device=weight.device)  # fmt: skip
+            delattr(projector, mw.parameter)
+            projector.add_module(mw.module, module)
+            object.__setattr__(projector, "forward", types.MethodType(mw.forward, projector))
+            # The family's _init_weights would initialise the Parameter that is gone: the
+            # projector's own init is only that one (its submodules are initialised apart).
+            projector._is_hf_initialized = True
+            continue
+        for full, act_path, target, parent, name in _linear_slots(holder, spec, proj_path):
+            entry = take(full)
+            if entry is None:
+                continue
+            if type(target) is not torch.nn.Linear:
+                raise ValueError(f"quantization_config: {full} is a {type(target).__name__} in this model, "
+                                 f"expected an nn.Linear")  # fmt: skip
+            activation = entry.get("activation")
+            if activation is not None:
+                if activation not in _CANDIDATE_ACTIVATIONS or entry.get("fused") != act_path:
+                    raise ValueError(f"quantization_config: {full} records activation {activation!r} fused from "
+                                     f"{entry.get('fused')!r}; this model's spec fuses one of "
+                                     f"{list(_CANDIDATE_ACTIVATIONS)} from {act_path!r}")  # fmt: skip
+                _make_identity(projector, act_path)
+            parent._modules[name] = QuantizedLinear(
+                target.in_features, target.out_features, scheme=scheme, group_size=group_size,
+                bias=target.bias is not None, activation=activation, dtype=target.weight.dtype,
+                device=target.weight.device)  # fmt: skip
+    unmatched = sorted(set(recorded) - matched)
+    if unmatched:
+        raise ValueError(f"quantization_config: the checkpoint's quantized modules {unmatched} are not projector "
+                         f"layers of this {type(model).__name__} (covered model_types: "
+                         f"{sorted({s.model_type for s in PROJECTOR_SPECS})})")  # fmt: skip
+    return tuple(prepared)
+
+
+def check_loaded_modules(model: torch.nn.Module, paths) -> None:
+    """After a mmkernels checkpoint loaded: every quantized tensor was in the checkpoint,
+    with exactly its format's shape and dtype (``ValueError`` naming each key otherwise;
+    transformers would leave a missing buffer uninitialised, and a cast code is another
+    weight); a Gemma 3 projector still computes what mmkernels restates."""
+    problems = []
+    for path in paths:
+        module = model.get_submodule(path)
+        layout = scheme_info(module.scheme).layout(module.out_features, module.in_features, module.group_size)
+        for name, (shape, dtype) in layout.items():
+            tensor, key = module._buffers.get(name), f"{path}.{name}"
+            if tensor is None or tensor.device.type == "meta" or not getattr(tensor, "_is_hf_initialized", False):
+                problems.append(f"{key}: missing from the checkpoint")
+            elif tuple(tensor.shape) != tuple(shape):
+                problems.append(f"{key}: expected shape {tuple(shape)}, got {tuple(tensor.shape)}")
+            elif tensor.dtype != dtype:
+                problems.append(f"{key}: expected dtype {dtype} (the {module.scheme} format), got {tensor.dtype}")
+    if problems:
+        raise ValueError("the mmkernels checkpoint's quantized tensors do not load: " + "; ".join(problems))
+    for path in paths:
+        # transformers < 5.25 loads a pre-quantized checkpoint's renamed keys (LLaVA's
+        # legacy names) in their stored dtype: the bias follows the dtype the model was
+        # built in, as transformers casts it elsewhere.
+        module = model.get_submodule(path)
+        if module.bias is not None and module.bias.dtype != module.weight_dtype:
+            module.bias.data = module.bias.data.to(module.weight_dtype)
+    for path, holder, spec in _projectors(model):
+        mw = spec.matmul
+        if mw is None or _join(path, spec.attribute, mw.module) not in paths:
+            continue
+        projector = holder._modules[spec.attribute]
+        module = projector._modules[mw.module]
+        reason = mw.not_equivalent(projector, (module.in_features, module.out_features), module.packed.device,
+                                   module.weight_dtype)  # fmt: skip
+        if reason is not None:
+            raise ValueError(f"{_join(path, spec.attribute)}: {spec.family}'s projector in this transformers version "
+                             f"does not take the stored quantized weight: {reason}")  # fmt: skip
+
+
+def from_pretrained(model_class, path, *, patch: bool = True, **kwargs):
+    """``model_class.from_pretrained(path, **kwargs)`` for a checkpoint written by
+    ``save_pretrained`` after :func:`quantize_projector`; since the ``quantization_config``
+    format (:mod:`.hf_quantizer`) plain ``from_pretrained`` does the same, and this alias
+    remains for ``patch=False`` (quantized, not patched with the other kernels) and for
+    format-1 checkpoints (an ``mmkernels_quantization`` config entry), which plain
+    ``from_pretrained`` cannot read. ``ValueError`` when the checkpoint holds no mmkernels
+    quantization."""
+    config_file = Path(path) / "config.json"
+    saved = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    if CONFIG_ATTR in saved and "quantization_config" not in saved:
+        return _from_pretrained_format_1(model_class, Path(path), patch=patch, **kwargs)
+    with contextlib.nullcontext() if patch else no_patch_on_load():
         model = model_class.from_pretrained(path, **kwargs)
-    qcfg = quantization_config(model)
-    if not qcfg:
+    if quantization_config(model) is None:
         raise ValueError(
-            f"path: {path} has no {CONFIG_ATTR!r} in its config: it was not saved after mmkernels.quantize_projector "
+            f"path: {path} has no mmkernels quantization_config: it was not saved after mmkernels.quantize_projector "
             f"(load it with {getattr(model_class, '__name__', model_class)}.from_pretrained)"
         )
+    return model
+
+
+def _from_pretrained_format_1(model_class, path: Path, *, patch: bool = True, **kwargs):
+    """Format 1: load everything but the projector, quantize the projector from whatever
+    it was initialised with, then fill it from the checkpoint's tensors (each checked
+    first: shape and dtype exactly the module's; a bias may follow a ``dtype`` asked of
+    transformers)."""
+    with _quiet_transformers():
+        model = model_class.from_pretrained(path, **kwargs)
+    qcfg = getattr(model.config, CONFIG_ATTR)
     quantize_projector(model, qcfg["scheme"], group_size=qcfg["group_size"] or 128)
     own = model.state_dict()
     wanted = [k for k in own if any(k == f"{m}.{t}" for m in qcfg["modules"] for t in ("packed", "scales", "zeros", "bias"))]

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+import importlib as _importlib  # noqa: E402
 import importlib.abc as _importlib_abc  # noqa: E402
+import importlib.machinery as _importlib_machinery  # noqa: E402
 import importlib.util as _importlib_util  # noqa: E402
 import sys as _sys  # noqa: E402
 from pathlib import Path as _Path  # noqa: E402
@@ -38,6 +40,60 @@ if (_SOURCE_INTEGRATIONS / "__init__.py").is_file() and not any(
 ):
     _sys.meta_path.append(_SourceTreeIntegrations(_SOURCE_INTEGRATIONS))
 
+
+class _RegisterWithTransformers(_importlib_abc.MetaPathFinder):
+    """Adds mmkernels' quantization method (``quant_method "mmkernels"``,
+    ``integrations/hf_quantizer.py``) to transformers' quantizer registry the moment
+    transformers imports it (``transformers.quantizers.auto``), so that plain
+    ``from_pretrained`` loads the checkpoints :func:`quantize_projector` writes while
+    importing mmkernels never imports transformers. First on ``sys.meta_path``; it finds
+    nothing itself, it only wraps the loader the path finder gives that one module."""
+
+    target = "transformers.quantizers.auto"
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != self.target:
+            return None
+        spec = _importlib_machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or not hasattr(spec.loader, "exec_module"):
+            return None
+        spec.loader = _RegisteringLoader(spec.loader)
+        return spec
+
+
+class _RegisteringLoader(_importlib_abc.Loader):
+    def __init__(self, loader):
+        self.loader = loader
+
+    def create_module(self, spec):
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module):
+        self.loader.exec_module(module)
+        _register_with_transformers()
+
+    def __getattr__(self, name):  # get_source, get_filename, ...: the wrapped loader's
+        return getattr(self.loader, name)
+
+
+def _register_with_transformers() -> None:
+    try:
+        # Importing it registers (at its end); a partial import (this hook fired while it
+        # imported transformers' quantizer base) finishes, and registers, by itself.
+        _importlib.import_module("mmkernels.integrations.hf_quantizer")
+    except Exception as error:  # noqa: BLE001 - an incompatible transformers must not break its import
+        import warnings
+
+        warnings.warn(f"mmkernels: the 'mmkernels' quantization method could not be registered with transformers "
+                      f"({type(error).__name__}: {error}); checkpoints saved after quantize_projector will not load "
+                      f"quantized", RuntimeWarning, stacklevel=2)  # fmt: skip
+
+
+if not any(isinstance(finder, _RegisterWithTransformers) for finder in _sys.meta_path):
+    _sys.meta_path.insert(0, _RegisterWithTransformers())
+if "transformers.quantizers.auto" in _sys.modules:
+    _register_with_transformers()
+
 from mmkernels import backend, ops, quant  # noqa: E402
 from mmkernels.backend import Backend  # noqa: E402
 
@@ -62,8 +118,9 @@ def patch(model, *, kernels=None, quantize_projector=None, strict=False, check_p
 
 def quantize_projector(model, scheme, *, group_size=128):
     """Quantize the multimodal projector's Linear layers of a Hugging Face model in place
-    (``"w8a16"``, ``"w4a16"``, ``"fp8"``); returns a report. Saved checkpoints load back
-    with :func:`mmkernels.integrations.hf_quant.from_pretrained`.
+    (``"w8a16"``, ``"w4a16"``, ``"fp8"``); returns a report. ``save_pretrained`` writes a
+    ``quantization_config`` (``quant_method`` "mmkernels") that plain ``from_pretrained``
+    (with mmkernels imported) and ``vllm serve`` (with the plugin) load quantized.
 
     See :func:`mmkernels.integrations.hf_quant.quantize_projector`.
     """
@@ -98,3 +155,12 @@ def supported_models():
 
 __all__ = ["Backend", "backend", "clear_caches", "ops", "patch", "quant", "quantize_projector", "unpatch",
            "supported_models", "__version__"]
+
+
+def __getattr__(name: str):
+    # MmkernelsConfig is transformers-side: it loads (with transformers) on first use only.
+    if name == "MmkernelsConfig":
+        from mmkernels.integrations.hf_quantizer import MmkernelsConfig
+
+        return MmkernelsConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
