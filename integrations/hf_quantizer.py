@@ -41,20 +41,18 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import logging
 from typing import Any
 
 from transformers.quantizers.base import HfQuantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from mmkernels.quant import CHECKPOINT_FORMAT_VERSION as FORMAT_VERSION
+from mmkernels.quant import CHECKPOINT_METHOD as QUANT_METHOD
+
 __all__ = ["FORMAT_VERSION", "QUANT_METHOD", "MmkernelsConfig", "MmkernelsHfQuantizer", "no_patch_on_load", "register"]
 
-QUANT_METHOD = "mmkernels"
-# 1: the config key "mmkernels_quantization" (read by hf_quant.from_pretrained only);
-# 2: "quantization_config" with quant_method "mmkernels".
-FORMAT_VERSION = 2
-
-log = logging.getLogger(__name__)
+# FORMAT_VERSION 1 was the config key "mmkernels_quantization" (read by
+# hf_quant.from_pretrained only); 2 is "quantization_config" with quant_method "mmkernels".
 
 # Whether a load through the quantizer also runs mmkernels.patch (hf_quant.from_pretrained(patch=False)).
 _PATCH_ON_LOAD: contextvars.ContextVar[bool] = contextvars.ContextVar("mmkernels_patch_on_load", default=True)

@@ -47,6 +47,8 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
+    "CHECKPOINT_FORMAT_VERSION",
+    "CHECKPOINT_METHOD",
     "FP8_MAX",
     "GROUP_SIZES",
     "MIN_SCALE",
@@ -62,6 +64,13 @@ __all__ = [
 
 GROUP_SIZES: tuple[int, ...] = (32, 64, 128)  # w4a16
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+
+# A checkpoint whose projector mmkernels quantized says so in its config.json, read by
+# the Hugging Face side (a transformers quantizer) and the vLLM side (a vLLM method):
+# "quantization_config": {"quant_method": CHECKPOINT_METHOD, "version":
+# CHECKPOINT_FORMAT_VERSION, "scheme", "group_size", "modules": {path: {...}}}.
+CHECKPOINT_METHOD = "mmkernels"
+CHECKPOINT_FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)

@@ -307,7 +307,7 @@ def _per_rank_dequantized(src, dst, family: str, scheme: str, ranks: int):
     return dst
 
 
-def _offline(model, family: str, out, *, plugin: bool, tp: int = 1, quantization: str = "") -> list[dict]:
+def _offline(model, family: str, out, *, plugin: bool, tp: int = 1, quantization: str = "", with_log: bool = False):
     extra = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"} if tp == 2 else {}
     proc = subprocess.run(
         [sys.executable, str(HERE / "run_offline.py"), str(model), family, str(out), str(tp), quantization],
@@ -319,7 +319,8 @@ def _offline(model, family: str, out, *, plugin: bool, tp: int = 1, quantization
         ranks = {line.split("tensor-parallel rank ")[1][0] for line in (proc.stdout + proc.stderr).splitlines()
                  if "quantized projector layer" in line and "tensor-parallel rank " in line}  # fmt: skip
         assert ranks == {str(r) for r in range(tp)}, (proc.stdout + proc.stderr)[-4000:]
-    return json.loads(out.read_text())
+    rows = json.loads(out.read_text())
+    return (rows, proc.stdout + proc.stderr) if with_log else rows
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
@@ -335,6 +336,123 @@ def test_tensor_parallel_2_quantizes_each_ranks_shard(family, tiny_models, tmp_p
     want = _offline(reference, family, tmp_path / "want.json", plugin=False)
     got = _offline(tiny_models[family], family, tmp_path / "got.json", plugin=True, tp=2,
                    quantization="mmkernels-w8a16")  # fmt: skip
+    for row_want, row_got in zip(want, got):
+        assert row_got["token_ids"] == row_want["token_ids"], row_want["name"]
+        assert row_got["logprobs"] == pytest.approx(row_want["logprobs"], abs=2e-5), row_want["name"]
+
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints saved quantized on the Hugging Face side (quant_method "mmkernels"): vLLM
+# serves their stored codes
+
+
+def _stored_config(scheme: str, group_size: int | None, *prefixes: str):
+    modules = {f"model.{p}": {"activation": None, "fused": None} for p in prefixes}
+    return vllm_quant.StoredProjectorConfig.from_config({"quant_method": "mmkernels", "version": 2, "scheme": scheme,
+                                                         "group_size": group_size, "modules": modules})  # fmt: skip
+
+
+@pytest.mark.parametrize("scheme,group_size,kind,dtype", [
+    ("w8a16", None, "column", torch.float32), ("w8a16", None, "row", torch.bfloat16),
+    ("w4a16", 64, "row", torch.float32), ("w4a16", 32, "replicated", torch.bfloat16),
+    ("fp8", None, "column", torch.float32)])  # fmt: skip
+def test_stored_projector_layer(scheme, group_size, kind, dtype, dist):
+    """The stored tensors load through the layer's own loaders into parameters of their
+    format (no full-precision weight is ever created) and the layer runs exactly
+    mmkernels' op on them; other linear layers stay unquantized."""
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    prefix = f"multi_modal_projector.stored_{kind}_{scheme}"
+    config = _stored_config(scheme, group_size, prefix)
+    assert config.get_name() == "mmkernels" and config.get_min_capability() == (89 if scheme == "fp8" else 80)
+    k, n = 256, 96
+    layer = _layer(kind, k, n, config, prefix, dtype)
+    assert type(layer.quant_method) is vllm_quant.StoredProjectorLinearMethod
+    assert "weight" not in dict(layer.named_parameters())
+    g = torch.Generator().manual_seed(3)
+    weight = (torch.randn(n, k, generator=g) * k**-0.5).to(dtype)
+    bias = (torch.randn(n, generator=g) * 0.02).to(dtype)
+    qw = quantize(weight, scheme, group_size=group_size or 128)
+    for name, tensor in qw.tensors().items():
+        param = getattr(layer, name)
+        assert param.dtype == tensor.dtype and param.shape == tensor.shape, name
+        param.weight_loader(param, tensor)
+    layer.bias.weight_loader(layer.bias, bias)
+    layer.quant_method.process_weights_after_loading(layer)
+    assert vllm_quant.stats()["quantized"][prefix]["stored"] is True
+    x = torch.randn(3, k, generator=g).to(dtype)
+    assert torch.equal(layer(x)[0], quantized_linear(x, qw, bias))
+    other = _layer(kind, k, n, config, "multi_modal_projector.not_recorded", dtype)
+    assert type(other.quant_method) is UnquantizedLinearMethod
+
+
+def test_stored_config_refusals(dist):
+    with pytest.raises(ValueError, match=r"version \(mmkernels\): this mmkernels reads quantization_config version 2, "
+                                         r"got 1"):  # fmt: skip
+        vllm_quant.StoredProjectorConfig.from_config({"quant_method": "mmkernels", "version": 1, "scheme": "w8a16",
+                                                      "modules": {"a": {}}})  # fmt: skip
+    with pytest.raises(ValueError, match=r"modules \(mmkernels\): expected the checkpoint's quantized modules"):
+        _stored_config("w8a16", None)
+    with pytest.raises(ValueError, match="scheme"):
+        _stored_config("int3", None, "multi_modal_projector.linear_1")
+    # K = 48 cannot hold whole groups of 32 (a rank's shard under tensor parallelism, or a layer): a clear error.
+    config = _stored_config("w4a16", 32, "multi_modal_projector.k48")
+    with pytest.raises(ValueError, match=r"in_features 48 per tensor-parallel rank \(of 48\), not a multiple of the "
+                                         r"checkpoint's group_size 32"):  # fmt: skip
+        _layer("column", 48, 16, config, "multi_modal_projector.k48", torch.float32)
+
+
+@pytest.fixture(scope="module")
+def stored_models(tiny_models, tmp_path_factory):
+    """The lane's tiny models saved quantized by the Hugging Face side. LLaVA: w4a16 in
+    groups of 64 (what ``--quantization mmkernels-w4a16`` picks for its K = 64); Qwen2-VL:
+    w8a16."""
+    import tiny_models as tm
+
+    root = tmp_path_factory.mktemp("stored")
+    return {"llava": tm.write_quantized("llava", tiny_models["llava"], root, "w4a16", 64),
+            "qwen2_vl": tm.write_quantized("qwen2_vl", tiny_models["qwen2_vl"], root, "w8a16")}  # fmt: skip
+
+
+def test_stored_checkpoint_is_picked_from_its_config_and_refused_without_the_plugin(stored_models):
+    from vllm.config import ModelConfig
+
+    model_config = ModelConfig(model=str(stored_models["llava"]), dtype="float32", max_model_len=512,
+                               enforce_eager=True)  # fmt: skip
+    assert model_config.quantization == "mmkernels"
+    code = ("import sys\nfrom vllm.config import ModelConfig\n"
+            "ModelConfig(model=sys.argv[1], dtype='float32', max_model_len=512, enforce_eager=True)\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(stored_models["llava"])], env=vllm_env(False),
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode != 0
+    assert "Unknown quantization method: mmkernels" in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("family,method", [("llava", "mmkernels-w4a16"), ("qwen2_vl", "mmkernels-w8a16")])
+def test_serving_a_stored_checkpoint_equals_quantizing_at_load(family, method, tiny_models, stored_models, tmp_path):
+    """``vllm serve`` of the checkpoint saved quantized uses its stored codes and gives
+    the tokens and logprobs of the full-precision checkpoint served with ``--quantization``
+    of the same scheme (the same quantize on the same weights: the same codes)."""
+    want = _offline(tiny_models[family], family, tmp_path / "want.json", plugin=True, quantization=method)
+    got, text = _offline(stored_models[family], family, tmp_path / "got.json", plugin=True, with_log=True)
+    assert "loaded the stored quantized projector layer" in text, text[-4000:]
+    for row_want, row_got in zip(want, got):
+        assert row_got["token_ids"] == row_want["token_ids"], row_want["name"]
+        assert row_got["logprobs"] == row_want["logprobs"], row_want["name"]
+
+
+def test_stored_checkpoint_under_tensor_parallel_2(tiny_models, stored_models, tmp_path):
+    """Under ``tensor_parallel_size=2`` the ranks load their shards of the stored codes (a
+    row-parallel rank its K slice with the whole row's scale: the same dequantized weight
+    as one rank), so the tokens equal the one-worker run and the logprobs agree to fp32
+    summation order."""
+    want = _offline(stored_models["qwen2_vl"], "qwen2_vl", tmp_path / "want.json", plugin=True)
+    got, text = _offline(stored_models["qwen2_vl"], "qwen2_vl", tmp_path / "got.json", plugin=True, tp=2,
+                         with_log=True)  # fmt: skip
+    ranks = {line.split("tensor-parallel rank ")[1][0] for line in text.splitlines()
+             if "loaded the stored quantized projector layer" in line and "tensor-parallel rank " in line}  # fmt: skip
+    assert ranks == {"0", "1"}, text[-4000:]
     for row_want, row_got in zip(want, got):
         assert row_got["token_ids"] == row_want["token_ids"], row_want["name"]
         assert row_got["logprobs"] == pytest.approx(row_want["logprobs"], abs=2e-5), row_want["name"]

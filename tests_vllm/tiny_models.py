@@ -63,6 +63,30 @@ def write(family: str, root) -> pathlib.Path:
     return path
 
 
+def write_quantized(family: str, source: pathlib.Path, root, scheme: str, group_size: int = 128) -> pathlib.Path:
+    """The tiny ``family`` (the same weights as :func:`write`'s ``source``) with its
+    projector quantized on the Hugging Face side and saved by ``save_pretrained``: the
+    checkpoint's ``quantization_config`` (quant_method "mmkernels") and stored codes, in
+    the names vLLM loads. Written under ``root / f"{family}-{scheme}"``."""
+    import shutil
+    import tempfile
+
+    import mmkernels
+    from mmkernels import zoo
+
+    model = zoo.build(family, batch=1).model  # write() saved zoo.save's model: the same seed, the same weights
+    mmkernels.quantize_projector(model, scheme, group_size=group_size)
+    path = pathlib.Path(root) / f"{family}-{scheme}"
+    shutil.copytree(source, path)
+    with tempfile.TemporaryDirectory() as saved:
+        model.save_pretrained(saved)
+        for name in ("model.safetensors", "config.json"):
+            shutil.copy(pathlib.Path(saved) / name, path / name)
+    if family == "llava":
+        _rename(path, _llava_name)
+    return path
+
+
 if __name__ == "__main__":
     out = pathlib.Path(sys.argv[1])
     print(json.dumps({f: str(write(f, out)) for f in FAMILIES}))

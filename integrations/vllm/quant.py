@@ -12,6 +12,21 @@ is an ordinary bf16 / fp16 / fp32 one (no ``quantization_config`` needed). Every
 layer (vision tower, language model, LM head, embeddings, attention, MoE) gets vLLM's own
 unquantized method, exactly as without ``--quantization``.
 
+A fourth method, ``mmkernels`` (:class:`StoredProjectorConfig`), is the one vLLM picks by
+itself for a checkpoint saved after :func:`mmkernels.quantize_projector` (its
+``quantization_config`` has ``quant_method`` "mmkernels", :data:`mmkernels.quant.CHECKPOINT_METHOD`):
+``vllm serve <that checkpoint>`` loads the stored ``packed`` / ``scales`` / ``zeros`` of the
+recorded modules into parameters of exactly their format, sharded by vLLM's own parameter
+classes under tensor parallelism (a row-parallel rank takes its slice of K with the whole
+row's per-channel scale, or its whole groups: a shard that would split a group is an
+error naming the layer), and runs them with :func:`mmkernels.ops.quantized_linear`. No
+full-precision weight is created and nothing is requantized. The recorded modules are
+matched to vLLM's layers by name (equal, or differing by leading components such as
+``model.``); a recorded module that vLLM does not build as a linear layer (Gemma 3's bare
+Parameter, PaliGemma's and Mistral 3's ``nn.Linear`` projectors) fails the load in vLLM's
+weight loader, naming the tensor. Without the plugin vLLM refuses the checkpoint
+("Unknown quantization method: mmkernels").
+
 How it plugs into vLLM (read against vLLM 0.32):
 
 * :func:`register_quantization` registers one :class:`QuantizationConfig` subclass per
@@ -84,8 +99,11 @@ from vllm.model_executor.layers.linear import (
 )
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
+from vllm.model_executor.parameter import ChannelQuantScaleParameter, GroupQuantScaleParameter, ModelWeightParameter
 
 from mmkernels.quant import (
+    CHECKPOINT_FORMAT_VERSION,
+    CHECKPOINT_METHOD,
     GROUP_SIZES,
     SCHEME_TABLE,
     SCHEMES,
@@ -97,7 +115,10 @@ from mmkernels.quant import (
 )
 
 __all__ = [
+    "CHECKPOINT_METHOD",
     "METHODS",
+    "StoredProjectorConfig",
+    "StoredProjectorLinearMethod",
     "PROJECTOR_PREFIXES",
     "ProjectorLinearMethod",
     "is_projector",
@@ -109,6 +130,8 @@ log = logging.getLogger("vllm.mmkernels.quant")
 
 # vLLM quantization name -> mmkernels scheme.
 METHODS: dict[str, str] = {f"mmkernels-{scheme}": scheme for scheme in SCHEMES}
+# CHECKPOINT_METHOD (mmkernels.quant): the quant_method of a checkpoint saved after
+# mmkernels.quantize_projector, whose stored codes load as they are.
 
 # The projector's linear layers, by vLLM module prefix (see the module docstring).
 PROJECTOR_PREFIXES: tuple[str, ...] = (
@@ -291,6 +314,72 @@ class ProjectorLinearMethod(LinearMethodBase):
                    "[pid %d, first call]", self.method, self.prefix, backend, reasons, os.getpid())  # fmt: skip
 
 
+@register_weight_loader_v2_supported_method  # its parameters carry vLLM's sharding loaders
+class StoredProjectorLinearMethod(ProjectorLinearMethod):
+    """One projector linear layer of a mmkernels checkpoint: the stored ``packed`` /
+    ``scales`` (/ ``zeros``) load into parameters of exactly their format (vLLM's
+    parameter classes shard them under tensor parallelism: a column-parallel layer takes
+    its output rows, a row-parallel one its slice of K with the whole row's per-channel
+    scale, or its groups), then :func:`mmkernels.ops.quantized_linear` runs them. No
+    requantization: the codes served are the codes saved."""
+
+    def __init__(self, scheme: str, group_size: int | None, prefix: str, method: str) -> None:
+        super().__init__(scheme, group_size or _DEFAULT_GROUP_SIZE, prefix, method)
+        self.group_size = group_size  # the checkpoint's (None: per channel)
+
+    def create_weights(self, layer, input_size_per_partition, output_partition_sizes, input_size, output_size,
+                       params_dtype, **extra_weight_attrs):  # fmt: skip
+        info, k, n = SCHEME_TABLE[self.scheme], input_size_per_partition, sum(output_partition_sizes)
+        if len(output_partition_sizes) != 1:
+            raise ValueError(f"{self.method}: {self.prefix} merges {len(output_partition_sizes)} layers "
+                             f"(sizes {list(output_partition_sizes)}); a stored projector layer is one Linear")  # fmt: skip
+        if params_dtype not in _ACT_DTYPES:
+            raise ValueError(f"{self.method}: {self.prefix} has params dtype {params_dtype}; the stored projector "
+                             f"serves in {_ACT_DTYPES}")  # fmt: skip
+        if info.grouped and k % self.group_size:
+            raise ValueError(
+                f"{self.method}: {self.prefix} has in_features {k} per tensor-parallel rank (of {input_size}), not a "
+                f"multiple of the checkpoint's group_size {self.group_size}: serve with a tensor_parallel_size that "
+                f"keeps whole groups per rank, or quantize with a smaller group_size")  # fmt: skip
+        loader = extra_weight_attrs["weight_loader"]
+        layout = info.layout(n, k, self.group_size if info.grouped else None)
+        for name, (shape, dtype) in layout.items():
+            data = torch.empty(shape, dtype=dtype)
+            if name == "packed":
+                param = ModelWeightParameter(data=data, input_dim=1, output_dim=0, weight_loader=loader)
+            elif info.grouped:
+                param = GroupQuantScaleParameter(data=data, input_dim=1, output_dim=0, weight_loader=loader)
+            else:  # one scale per output channel, whatever slice of K a rank holds
+                param = ChannelQuantScaleParameter(data=data, output_dim=0, weight_loader=loader)
+            layer.register_parameter(name, param)
+        self._dtype = params_dtype
+
+    def process_weights_after_loading(self, layer) -> None:
+        # The parameters become the plain buffers ProjectorLinearMethod runs from.
+        tensors = {}
+        for name in ("packed", "scales", "zeros"):
+            if name in layer._parameters:
+                tensors[name] = layer._parameters.pop(name).data
+        qw = QuantizedWeight(self.scheme, tensors["packed"], tensors["scales"], tensors.get("zeros"), self.group_size,
+                             tensors["packed"].shape[1] * SCHEME_TABLE[self.scheme].codes_per_byte,
+                             tensors["packed"].shape[0], self._dtype)  # fmt: skip
+        if not bool(torch.isfinite(qw.scales).all()) or (qw.zeros is not None and not bool(torch.isfinite(qw.zeros).all())):
+            raise ValueError(f"{self.method}: {self.prefix}: the checkpoint's scales or zero points are not finite")
+        for name, tensor in qw.tensors().items():
+            layer.register_buffer(f"weight_{name}", tensor)
+        self._meta = {"scheme": qw.scheme, "group_size": qw.group_size, "in_features": qw.in_features,
+                      "out_features": qw.out_features, "dtype": qw.dtype}  # fmt: skip
+        _QUANTIZED[self.prefix] = {"scheme": qw.scheme, "group_size": qw.group_size,
+                                   "shape": [qw.out_features, qw.in_features],
+                                   "dtype": str(qw.dtype).replace("torch.", ""), "method": self.method,
+                                   "stored": True}  # fmt: skip
+        _note_once(("quantized", self.prefix), logging.INFO,
+                   "%s: loaded the stored quantized projector layer %s (%d -> %d, %s%s, no requantization)%s [pid %d]",
+                   self.method, self.prefix, qw.in_features, qw.out_features, qw.scheme,
+                   f", group_size {qw.group_size}" if qw.group_size else "", _tensor_parallel_note(),
+                   os.getpid())  # fmt: skip
+
+
 # --------------------------------------------------------------------------------------
 # The configs
 
@@ -382,6 +471,65 @@ CONFIGS: dict[str, type[_ProjectorConfig]] = {
 assert set(CONFIGS) == set(METHODS)
 
 
+def _recorded(modules, prefix: str) -> bool:
+    """Whether the vLLM layer ``prefix`` is one of the checkpoint's quantized modules
+    (Hugging Face paths: equal, or differing by leading components such as ``model.``)."""
+    return any(r == prefix or r.endswith("." + prefix) or prefix.endswith("." + r) for r in modules)
+
+
+class StoredProjectorConfig(QuantizationConfig):
+    """A checkpoint whose projector mmkernels quantized (``quantization_config``:
+    ``{"quant_method": "mmkernels", "scheme", "group_size", "modules", "version"}``, written
+    by ``save_pretrained`` after :func:`mmkernels.quantize_projector`). vLLM picks it from
+    the checkpoint by its ``quant_method``; the recorded modules get
+    :class:`StoredProjectorLinearMethod`, every other linear layer vLLM's unquantized one."""
+
+    def __init__(self, scheme: str, group_size: int | None, modules: dict) -> None:
+        super().__init__()
+        self.scheme = scheme_info(scheme).name
+        self.group_size = check_group_size(group_size, scheme, name=f"group_size ({CHECKPOINT_METHOD})")
+        if not isinstance(modules, dict) or not modules:
+            raise ValueError(f"modules ({CHECKPOINT_METHOD}): expected the checkpoint's quantized modules "
+                             f"{{path: {{...}}}}, got {modules!r}")  # fmt: skip
+        self.modules = dict(modules)
+
+    def __repr__(self) -> str:
+        group = f", group_size={self.group_size}" if self.group_size else ""
+        return f"{type(self).__name__}(scheme={self.scheme!r}{group}, modules={sorted(self.modules)})"
+
+    def get_name(self) -> str:
+        return CHECKPOINT_METHOD
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return list(_ACT_DTYPES)
+
+    def get_min_capability(self) -> int:  # noqa: D102 - the scheme's (an instance's: the checkpoint says which)
+        from mmkernels.ops.quantized_linear import CAPABILITIES
+
+        major, minor = CAPABILITIES[self.scheme].min_compute_capability
+        return 10 * major + minor
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []  # vLLM passes the checkpoint's quantization_config to from_config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "StoredProjectorConfig":
+        version = config.get("version")
+        if version != CHECKPOINT_FORMAT_VERSION:
+            raise ValueError(f"version ({CHECKPOINT_METHOD}): this mmkernels reads quantization_config version "
+                             f"{CHECKPOINT_FORMAT_VERSION}, got {version!r}")  # fmt: skip
+        return cls(config.get("scheme"), config.get("group_size"), config.get("modules"))
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str):
+        if not isinstance(layer, LinearBase):
+            return None
+        if _recorded(self.modules, prefix):
+            return StoredProjectorLinearMethod(self.scheme, self.group_size, prefix, CHECKPOINT_METHOD)
+        _UNQUANTIZED.append(prefix)
+        return UnquantizedLinearMethod()
+
+
 def register_quantization() -> str:
     """Register the ``mmkernels-*`` quantization methods with vLLM, once per process.
     Returns a one-line summary for the plugin's log line."""
@@ -390,8 +538,9 @@ def register_quantization() -> str:
 
     with _LOCK:
         if _REGISTERED is None:
-            for name, cls in CONFIGS.items():
+            for name, cls in {**CONFIGS, CHECKPOINT_METHOD: StoredProjectorConfig}.items():
                 if vq._CUSTOMIZED_METHOD_TO_QUANT_CONFIG.get(name) is not cls:
                     register_quantization_config(name)(cls)
-            _REGISTERED = f"quantized_projector -> --quantization {', '.join(CONFIGS)} (projector Linears only)"
+            _REGISTERED = (f"quantized_projector -> --quantization {', '.join(CONFIGS)} (projector Linears only); "
+                           f"checkpoints of quant_method {CHECKPOINT_METHOD!r} serve their stored codes")  # fmt: skip
     return _REGISTERED
