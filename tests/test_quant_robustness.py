@@ -235,6 +235,10 @@ def _vllm_stand_ins() -> dict[str, types.ModuleType]:
                                          _CUSTOMIZED_METHOD_TO_QUANT_CONFIG=registered),  # fmt: skip
         f"{layers}.quantization.base_config": module(f"{layers}.quantization.base_config",
                                                      QuantizationConfig=QuantizationConfig),  # fmt: skip
+        # (the stored-checkpoint method's parameters; not used by these tests)
+        "vllm.model_executor.parameter": module("vllm.model_executor.parameter", **{
+            name: type(name, (torch.nn.Parameter,), {})
+            for name in ("ChannelQuantScaleParameter", "GroupQuantScaleParameter", "ModelWeightParameter")}),  # fmt: skip
     }
 
 

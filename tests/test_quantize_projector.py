@@ -212,6 +212,7 @@ def test_mmkernels_config_refuses_bad_fields():
     with pytest.raises(ValueError, match=r"unknown keys \['bits'\]"):
         MmkernelsConfig.from_dict({"quant_method": "mmkernels", "scheme": "w8a16", "bits": 8})
     assert MmkernelsConfig("fp8", 64).group_size is None  # per channel: no groups
+    assert mmkernels.MmkernelsConfig is MmkernelsConfig
 
 
 def test_a_model_quantized_by_another_method_is_refused(tiny_models):
