@@ -79,9 +79,8 @@ __all__ = [
     "quantization_config",
 ]
 
-# The key under which the checkpoint's config.json carries the quantization.
+# Format 1's config.json key (read by from_pretrained); format 2 is quantization_config.
 CONFIG_ATTR = "mmkernels_quantization"
-_FORMAT_VERSION = 1
 
 
 @dataclasses.dataclass(frozen=True)
