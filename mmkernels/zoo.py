@@ -1381,7 +1381,7 @@ def _qwen3_5() -> _Recipe:
     text = _text_config(
         "Qwen3_5TextConfig", tokenizer, head_dim=HEAD_DIM, rope_parameters=rope,
         layer_types=["linear_attention", "full_attention"], linear_num_key_heads=HEADS, linear_num_value_heads=HEADS,
-        linear_key_head_dim=16, linear_value_head_dim=16,
+        linear_key_head_dim=128, linear_value_head_dim=128,  # what vLLM's CPU GDN kernel takes
     )  # fmt: skip
     config = transformers.Qwen3_5Config(
         vision_config=vision,

@@ -14,11 +14,12 @@ import json
 import sys
 
 # The prompts: one image, and three images of different sizes (tokens per image differ
-# for Qwen2-VL's dynamic resolution; LLaVA resizes each image to 56x56).
+# for Qwen2-VL's and Qwen3.5's dynamic resolution; LLaVA resizes each image to 56x56).
 # "one_other": the text of "one" with another image, to show the answers depend on the
 # image features (a parity test that the features cannot move would prove nothing).
 IMAGE_SIZES = {"one": [(40, 60)], "three": [(56, 56), (70, 50), (90, 40)], "one_other": [(60, 40)]}
-PLACEHOLDER = {"llava": "<image>", "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>"}
+PLACEHOLDER = {"llava": "<image>", "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+               "qwen3_5": "<|vision_start|><|image_pad|><|vision_end|>"}
 MAX_TOKENS = 8
 
 
@@ -40,11 +41,15 @@ def prompts(family: str) -> list[dict]:
     return out
 
 
-def make_llm(model: str, **extra):
-    """The lane's offline engine: fp32, eager, seeded, up to 3 images per prompt."""
+# fp32 but where vLLM's CPU kernels take only bf16 (Qwen3.5's Gated DeltaNet layers).
+DTYPE = {"qwen3_5": "bfloat16"}
+
+
+def make_llm(model: str, dtype: str = "float32", **extra):
+    """The lane's offline engine: eager, seeded, up to 3 images per prompt."""
     from vllm import LLM
 
-    return LLM(model=model, seed=0, dtype="float32", enforce_eager=True, max_model_len=512, max_num_seqs=4,
+    return LLM(model=model, seed=0, dtype=dtype, enforce_eager=True, max_model_len=512, max_num_seqs=4,
                limit_mm_per_prompt={"image": 3}, **extra)  # fmt: skip
 
 
@@ -60,7 +65,7 @@ def main(model: str, family: str, out_path: str, tensor_parallel_size: str = "1"
     extra = {"tensor_parallel_size": tp} if tp > 1 else {}
     if quantization:
         extra["quantization"] = quantization
-    llm = make_llm(model, **extra)
+    llm = make_llm(model, DTYPE.get(family, "float32"), **extra)
     results = generate_greedy(llm, family)
     rows = []
     for name, r in zip(IMAGE_SIZES, results):

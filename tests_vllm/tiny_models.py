@@ -1,6 +1,8 @@
 """Tiny zoo models on disk, in the parameter names vLLM 0.32 loads.
 
-``mmkernels.zoo.save`` writes what transformers 5 writes. vLLM 0.32's LLaVA maps the
+``mmkernels.zoo.save`` writes what transformers 5 writes; the zoo's Qwen3.5 has no
+processor, so its processor_config.json (Qwen3-VL's processor, which vLLM builds) is
+written here. Its text model runs in bf16 in the lane (run_offline.DTYPE). vLLM 0.32's LLaVA maps the
 post-4.52 names (``model.vision_tower.`` ...) but not the CLIP tower's inner
 ``vision_model.`` level that transformers 5 drops (``vision_tower.embeddings...``), so the
 LLaVA checkpoint is rewritten with that level put back. Real weights (not
@@ -17,7 +19,7 @@ import json
 import pathlib
 import sys
 
-FAMILIES = ("llava", "qwen2_vl")
+FAMILIES = ("llava", "qwen2_vl", "qwen3_5")
 
 # A chat template for the OpenAI server: the zoo's tokenizers carry none. Images become
 # the family's placeholder, in message order.
@@ -36,6 +38,7 @@ _CHAT_TEMPLATES = {
         "{% endfor %}assistant :"
     ),
 }
+_CHAT_TEMPLATES["qwen3_5"] = _CHAT_TEMPLATES["qwen2_vl"]  # the same placeholder
 
 
 def _rename(path: pathlib.Path, rename) -> None:
@@ -52,6 +55,20 @@ def _llava_name(key: str) -> str:
     return key
 
 
+def _qwen3_5_processor_config() -> dict:
+    """processor_config.json for the zoo's Qwen3.5, which the zoo builds without a
+    processor (its inputs are pre-flattened patches): Qwen3-VL's processor, images in
+    14-pixel patches merged 2x2, 4 to 16 tokens per image, as the zoo's Qwen2-VL."""
+    from transformers import Qwen2VLImageProcessor
+
+    merged = (14 * 2) ** 2
+    image = json.loads(Qwen2VLImageProcessor(min_pixels=4 * merged, max_pixels=16 * merged, patch_size=14,
+                                             temporal_patch_size=2, merge_size=2).to_json_string())  # fmt: skip
+    video = {k: v for k, v in image.items() if k not in ("image_processor_type", "min_pixels", "max_pixels")}
+    video.update(video_processor_type="Qwen3VLVideoProcessor", do_sample_frames=False)
+    return {"processor_class": "Qwen3VLProcessor", "image_processor": image, "video_processor": video}
+
+
 def write(family: str, root) -> pathlib.Path:
     """Write the tiny ``family`` under ``root / family``; returns the folder."""
     from mmkernels import zoo
@@ -59,6 +76,8 @@ def write(family: str, root) -> pathlib.Path:
     path = zoo.save(family, pathlib.Path(root) / family)
     if family == "llava":
         _rename(path, _llava_name)
+    if family == "qwen3_5":
+        (path / "processor_config.json").write_text(json.dumps(_qwen3_5_processor_config(), indent=2) + "\n")
     (path / "chat_template.jinja").write_text(_CHAT_TEMPLATES[family])
     return path
 
