@@ -1286,7 +1286,10 @@ def _internvl() -> _Recipe:
     """InternVL 3: InternViT, pixel-shuffle 0.5 (4x4 patches -> 4 tokens), MLP, Qwen2."""
     import transformers
 
-    tokenizer = _tokenizer(named_tokens={"image_token": "<IMG_CONTEXT>"}, add_bos=False)
+    # InternVLProcessor's names for its tokens (what a server builds the processor from).
+    tokenizer = _tokenizer(named_tokens={"image_token": "<IMG_CONTEXT>", "context_image_token": "<IMG_CONTEXT>",
+                                         "start_image_token": "<img>", "end_image_token": "</img>",
+                                         "video_token": "<video>"}, add_bos=False)  # fmt: skip
     vision = _vision_config("InternVLVisionConfig", [56, 56], patch_size=[PATCH, PATCH])
     config = transformers.InternVLConfig(
         vision_config=vision,

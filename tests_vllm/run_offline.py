@@ -19,7 +19,7 @@ import sys
 # image features (a parity test that the features cannot move would prove nothing).
 IMAGE_SIZES = {"one": [(40, 60)], "three": [(56, 56), (70, 50), (90, 40)], "one_other": [(60, 40)]}
 PLACEHOLDER = {"llava": "<image>", "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
-               "qwen3_5": "<|vision_start|><|image_pad|><|vision_end|>"}
+               "qwen3_5": "<|vision_start|><|image_pad|><|vision_end|>", "internvl": "<IMG_CONTEXT>"}
 MAX_TOKENS = 8
 
 

@@ -1,8 +1,8 @@
 """Tiny zoo models on disk, in the parameter names vLLM 0.32 loads.
 
 ``mmkernels.zoo.save`` writes what transformers 5 writes; the zoo's Qwen3.5 has no
-processor, so its processor_config.json (Qwen3-VL's processor, which vLLM builds) is
-written here. Its text model runs in bf16 in the lane (run_offline.DTYPE). vLLM 0.32's LLaVA maps the
+processor, nor the zoo's InternVL, so their processor_config.json (Qwen3-VL's
+processor; InternVLProcessor, one tile per image), which vLLM builds, is written here. Its text model runs in bf16 in the lane (run_offline.DTYPE). vLLM 0.32's LLaVA maps the
 post-4.52 names (``model.vision_tower.`` ...) but not the CLIP tower's inner
 ``vision_model.`` level that transformers 5 drops (``vision_tower.embeddings...``), so the
 LLaVA checkpoint is rewritten with that level put back. Real weights (not
@@ -19,7 +19,7 @@ import json
 import pathlib
 import sys
 
-FAMILIES = ("llava", "qwen2_vl", "qwen3_5")
+FAMILIES = ("llava", "qwen2_vl", "qwen3_5", "internvl")
 
 # A chat template for the OpenAI server: the zoo's tokenizers carry none. Images become
 # the family's placeholder, in message order.
@@ -39,6 +39,7 @@ _CHAT_TEMPLATES = {
     ),
 }
 _CHAT_TEMPLATES["qwen3_5"] = _CHAT_TEMPLATES["qwen2_vl"]  # the same placeholder
+_CHAT_TEMPLATES["internvl"] = _CHAT_TEMPLATES["llava"].replace("<image>", "<IMG_CONTEXT>")
 
 
 def _rename(path: pathlib.Path, rename) -> None:
@@ -69,6 +70,21 @@ def _qwen3_5_processor_config() -> dict:
     return {"processor_class": "Qwen3VLProcessor", "image_processor": image, "video_processor": video}
 
 
+def _internvl_processor_config() -> dict:
+    """processor_config.json for the zoo's InternVL (built without a processor): one 56x56
+    tile per image (no dynamic tiling), 4 tokens each after the 0.5 pixel shuffle."""
+    from transformers import GotOcr2ImageProcessor
+
+    image = json.loads(GotOcr2ImageProcessor(size={"height": 56, "width": 56}, crop_to_patches=False,
+                                             image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+                       .to_json_string())  # fmt: skip
+    video = {k: v for k, v in image.items() if k not in ("image_processor_type", "crop_to_patches", "min_patches",
+                                                          "max_patches")}  # fmt: skip
+    video.update(video_processor_type="InternVLVideoProcessor", do_sample_frames=False)
+    return {"processor_class": "InternVLProcessor", "image_seq_length": 4, "image_processor": image,
+            "video_processor": video}  # fmt: skip
+
+
 def write(family: str, root) -> pathlib.Path:
     """Write the tiny ``family`` under ``root / family``; returns the folder."""
     from mmkernels import zoo
@@ -76,8 +92,9 @@ def write(family: str, root) -> pathlib.Path:
     path = zoo.save(family, pathlib.Path(root) / family)
     if family == "llava":
         _rename(path, _llava_name)
-    if family == "qwen3_5":
-        (path / "processor_config.json").write_text(json.dumps(_qwen3_5_processor_config(), indent=2) + "\n")
+    processor_config = {"qwen3_5": _qwen3_5_processor_config, "internvl": _internvl_processor_config}.get(family)
+    if processor_config is not None:
+        (path / "processor_config.json").write_text(json.dumps(processor_config(), indent=2) + "\n")
     (path / "chat_template.jinja").write_text(_CHAT_TEMPLATES[family])
     return path
 
