@@ -505,10 +505,11 @@ def patch_model(model: torch.nn.Module, rules: Sequence[Rule], *, kernels: Itera
 # Coverage table
 
 
-def coverage_table(rules: Sequence[Rule], columns: Sequence[tuple[str, str]]) -> str:
+def coverage_table(rules: Sequence[Rule], columns: Sequence[tuple[str, str]],
+                   extra: Callable[[Rule], dict[str, str]] | None = None) -> str:  # fmt: skip
     """A Markdown table with one row per rule, in the rules' order (deterministic, so a
     generator can paste it into the README). ``columns``: (key in
-    :meth:`Rule.coverage_row`, header)."""
+    :meth:`Rule.coverage_row`, or in ``extra(rule)``, header)."""
 
     def cell(text: str) -> str:
         return str(text).replace("|", "\\|").replace("\n", " ")
@@ -518,7 +519,7 @@ def coverage_table(rules: Sequence[Rule], columns: Sequence[tuple[str, str]]) ->
         "|" + "|".join("---" for _ in columns) + "|",
     ]
     for rule in rules:
-        row = rule.coverage_row()
+        row = {**rule.coverage_row(), **(extra(rule) if extra is not None else {})}
         lines.append("| " + " | ".join(cell(row.get(key, "")) for key, _ in columns) + " |")
     return "\n".join(lines) + "\n"
 

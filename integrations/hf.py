@@ -33,9 +33,10 @@ from .engine import (
 )
 from .hf_attention import ATTENTION_RULES, register_attention
 from .hf_merge import MergeRule
-from .hf_merge_generic import GenericMergeRule, coverage_tables
+from .hf_merge_generic import GenericMergeRule, coverage_tables, installed_coverage
 from .hf_patch_embed import CONV_PATCH_SPECS, PATCH_EMBED_SPECS, ConvPatchRule, PatchEmbedRule, clear_position_caches
 from .hf_specs import MERGE_SPECS
+from . import hf_versions
 
 from . import __all__  # noqa: E402,F401  (the package lists the public names it forwards here)
 
@@ -216,6 +217,7 @@ _COLUMNS = (
     ("op", "op"),
     ("features", "features from"),
     ("modalities", "modalities (placeholder config fields)"),
+    ("transformers", "transformers (class defined)"),
 )
 
 
@@ -227,9 +229,17 @@ def quantize_projector(model: torch.nn.Module, scheme, *, group_size: int = 128)
     return _quantize_projector(model, scheme, group_size=group_size)
 
 
+def coverage_facts() -> dict[str, list[str]]:
+    """What the installed transformers gives the coverage table: the rules whose class it
+    defines and the model types the generic rule merges (see :mod:`.hf_versions`)."""
+    merged = [model_type for model_type, _, derivation in installed_coverage(_SPEC_MODEL_TYPES) if derivation.spec]
+    return hf_versions.installed_facts(_RULES, merged)
+
+
 def supported_models() -> str:
     """The coverage as Markdown (deterministic, README-ready): one row per rule, then the
     model types of the installed transformers that the generic merge rule patches, and
     those it refuses with the reason (read from their forwards; the first call imports
     the modeling modules that define ``get_placeholder_mask``, ~10 s)."""
-    return coverage_table(_RULES, _COLUMNS) + "\n" + coverage_tables(_SPEC_MODEL_TYPES)
+    return (coverage_table(_RULES, _COLUMNS, lambda rule: {"transformers": hf_versions.cell_for_rule(rule)})
+            + "\n" + coverage_tables(_SPEC_MODEL_TYPES, hf_versions.cell_for_merged))  # fmt: skip

@@ -47,6 +47,8 @@ import inspect
 import os
 import re
 import textwrap
+from typing import Callable
+
 import torch
 
 from .engine import Rule
@@ -585,9 +587,10 @@ def _importable(transformers, name: str) -> bool:
         return False
 
 
-def coverage_tables(spec_model_types: frozenset[str]) -> str:
+def coverage_tables(spec_model_types: frozenset[str], merged_since: Callable[[str], str] | None = None) -> str:
     """Markdown: the installed transformers' model types the generic rule patches (with
-    the media and the feature calls it read), and those it refuses, with the reason."""
+    the media and the feature calls it read, and ``merged_since(model_type)``: the
+    releases it merges them in), and those it refuses, with the reason."""
     rows = installed_coverage(spec_model_types)
     try:
         import transformers
@@ -603,12 +606,13 @@ def coverage_tables(spec_model_types: frozenset[str]) -> str:
         return f"{m.kind}: `{m.feature_method}({', '.join(args)})`"
 
     lines = [f"Merged by the generic rule on transformers {version} ({len(patched)} model types):", "",
-             "| HF `model_type` | patched class | media: feature call | `input_ids` to the forward |",
-             "|---|---|---|---|"]  # fmt: skip
+             "| HF `model_type` | patched class | media: feature call | `input_ids` to the forward | merged on transformers |",
+             "|---|---|---|---|---|"]  # fmt: skip
     for model_type, name, derivation in patched:
         spec = derivation.spec
         media = "; ".join(call(m) for m in spec.modalities)
-        lines.append(f"| {model_type} | {name} | {media} | {'kept' if spec.keeps_input_ids else 'dropped'} |")
+        since = merged_since(model_type) if merged_since is not None else ""
+        lines.append(f"| {model_type} | {name} | {media} | {'kept' if spec.keeps_input_ids else 'dropped'} | {since} |")
     lines += ["", f"Not merged (the forward does more with its media than the shared pattern; a spec "
                   f"would be needed), transformers {version} ({len(refused)}):", "",
               "| HF `model_type` | class | why |", "|---|---|---|"]  # fmt: skip
