@@ -97,7 +97,11 @@ class PatchEmbedSpec:
     image size against when not interpolating (None: no check). ``none_arguments``: forward
     arguments the op covers only when they are None (ViT's ``bool_masked_pos``: mask
     tokens run the original); ``dropout``: a ``Dropout`` submodule applied to the result,
-    covered only while it is the identity (eval mode or ``p == 0``).
+    covered only while it is the identity (eval mode or ``p == 0``). ``always_interpolates``:
+    the forward takes no ``interpolate_pos_encoding`` flag and always adds the table its
+    ``interpolation`` method returns (InternViT, DINO-style: the stored table where the
+    grid matches it, else interpolated); a ``position_table`` that is None (the tower built
+    without one) runs the original.
     """
 
     family: str
@@ -116,6 +120,7 @@ class PatchEmbedSpec:
     position_prefix: bool = False
     none_arguments: tuple[str, ...] = ()
     dropout: str | None = None
+    always_interpolates: bool = False
 
     def __post_init__(self):
         if self.form not in (IMAGE_FORM, FLAT_FORM):
@@ -128,6 +133,8 @@ class PatchEmbedSpec:
             raise ValueError(f"{self.family}: position_prefix slices a position_table")
         if self.form == FLAT_FORM and (self.class_embedding or self.has_position or self.interpolation):
             raise ValueError(f"{self.family}: the flat form takes no class or position embedding")
+        if self.always_interpolates and (self.interpolation is None or self.flag_arguments):
+            raise ValueError(f"{self.family}: always_interpolates takes an interpolation method and no flag")
 
     @property
     def has_position(self) -> bool:
@@ -457,7 +464,7 @@ def _hooked(module) -> bool:
 def _image_arguments(module: torch.nn.Module, spec: PatchEmbedSpec, call: Call,
                      tables: PositionTables | None = None) -> dict | None:  # fmt: skip
     pixels = call.get(spec.pixels)
-    interpolate = bool(call.get("interpolate_pos_encoding", False))
+    interpolate = spec.always_interpolates or bool(call.get("interpolate_pos_encoding", False))
     conv = _projection(module, spec)
     if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or not _pixel_dtype_ok(pixels):
         return None
@@ -486,6 +493,8 @@ def _image_arguments(module: torch.nn.Module, spec: PatchEmbedSpec, call: Call,
     position = None
     tables = tables if tables is not None else PositionTables()
     if spec.has_position:
+        if spec.position_table is not None and getattr(module, spec.position_table, None) is None:
+            return None  # InternViT without absolute positions (the original adds none)
         if interpolate:
             if spec.interpolation is None:
                 return None
@@ -807,6 +816,22 @@ PATCH_EMBED_SPECS: tuple[PatchEmbedSpec, ...] = (
         form=FLAT_FORM,
         pixels="hidden_states",
         projection="proj",
+    ),
+    # InternViT (InternVL): ViT's embeddings without the flag: the table always comes from
+    # its interpolate_pos_encoding (the stored one where the grid matches it).
+    PatchEmbedSpec(
+        family="InternVL vision",
+        model_type="internvl_vision",
+        model_class="InternVLVisionEmbeddings",
+        form=IMAGE_FORM,
+        pixels="pixel_values",
+        none_arguments=("bool_masked_pos",),
+        projection="patch_embeddings.projection",
+        class_embedding="cls_token",
+        position_table="position_embeddings",
+        interpolation="interpolate_pos_encoding",
+        always_interpolates=True,
+        dropout="dropout",
     ),
     # The towers that kept Qwen2-VL's patch embed (a biased Conv3d over flattened patches).
     *(

@@ -55,6 +55,7 @@ EXPECTED = {
     "cohere2_vision": [("model.vision_tower.embeddings", "SiglipVisionEmbeddings")],
     "qwen3_5": [("model.visual.patch_embed", "Qwen3_5VisionPatchEmbed")],
     "janus": [("model.vision_model.embeddings", "JanusVisionEmbeddings")],
+    "internvl": [("model.vision_tower.embeddings", "InternVLVisionEmbeddings")],
 }
 ATTENTION_OP = f"mmkernels.ops.{ATTENTION_OP_NAME}"
 ATTENTION_CLASSES = {rule.model_class for rule in integrations.rules() if rule.kernel == "attention"}
@@ -455,6 +456,38 @@ def test_vit_cases_the_op_does_not_cover_run_the_original(vit, embed_spy):
             assert torch.equal(dropped, module.dropout(want))
             assert embed_spy.calls == 1
     assert_close(got, want, reduction_length=reduction_length(module))
+
+
+@pytest.mark.parametrize("size", [(56, 56), (70, 42), (63, 57)], ids=["same", "non-square", "ragged"])
+def test_internvl_always_takes_its_interpolated_table(size, embed_spy):
+    """InternViT takes no interpolate_pos_encoding flag: its forward always adds what its
+    interpolate_pos_encoding returns (the stored table for the 56x56 grid, else bicubic);
+    the op adds the same. Mask tokens and a tower without absolute positions run the
+    original."""
+    tiny = zoo.build("internvl", batch=1)
+    model = tiny.model.model.vision_tower
+    module = model.embeddings
+    module.mask_token = torch.nn.Parameter(torch.randn(1, 1, module.cls_token.shape[-1]))  # use_mask_token=True
+    with torch.no_grad():  # transformers initialises both to zeros: an interpolated zero table shows nothing
+        module.position_embeddings.normal_(generator=torch.Generator().manual_seed(3))
+        module.cls_token.normal_(generator=torch.Generator().manual_seed(4))
+    x = pixels((2, 3, *size))
+    masked = torch.zeros(2, (size[0] // 14) * (size[1] // 14), dtype=torch.bool)
+    masked[:, ::3] = True
+    with torch.no_grad():
+        want, want_masked = module(x), module(x, bool_masked_pos=masked)
+        with patched(model):
+            got = module(x)
+            assert embed_spy.calls == 1
+            assert torch.equal(module(x, bool_masked_pos=masked), want_masked)
+            table = module.position_embeddings
+            module.position_embeddings = None  # use_absolute_position_embeddings=False
+            without = module(x)
+            module.position_embeddings = table
+            assert embed_spy.calls == 1
+    assert got.shape == want.shape == (2, 1 + masked.shape[1], module.cls_token.shape[-1])
+    assert_close(got, want, reduction_length=reduction_length(module))
+    assert not torch.equal(without, want)
 
 
 def test_a_patched_projection_is_not_applicable(paligemma):
