@@ -754,6 +754,21 @@ _SIGLIP = PatchEmbedSpec(
     position_ids="position_ids",
     interpolation="interpolate_pos_encoding",
 )
+_VIT = PatchEmbedSpec(
+    family="ViT",
+    model_type="vit",
+    model_class="ViTEmbeddings",
+    form=IMAGE_FORM,
+    pixels="pixel_values",
+    flag_arguments=("interpolate_pos_encoding",),
+    none_arguments=("bool_masked_pos",),
+    projection="patch_embeddings.projection",
+    class_embedding="cls_token",
+    position_table="position_embeddings",
+    interpolation="interpolate_pos_encoding",
+    image_size="image_size",
+    dropout="dropout",
+)
 PATCH_EMBED_SPECS: tuple[PatchEmbedSpec, ...] = (
     PatchEmbedSpec(
         family="CLIP vision",
@@ -786,21 +801,7 @@ PATCH_EMBED_SPECS: tuple[PatchEmbedSpec, ...] = (
         position_prefix=True,
         interpolation="interpolate_pos_encoding",
     ),
-    PatchEmbedSpec(
-        family="ViT",
-        model_type="vit",
-        model_class="ViTEmbeddings",
-        form=IMAGE_FORM,
-        pixels="pixel_values",
-        flag_arguments=("interpolate_pos_encoding",),
-        none_arguments=("bool_masked_pos",),
-        projection="patch_embeddings.projection",
-        class_embedding="cls_token",
-        position_table="position_embeddings",
-        interpolation="interpolate_pos_encoding",
-        image_size="image_size",
-        dropout="dropout",
-    ),
+    _VIT,
     PatchEmbedSpec(
         family="Qwen2-VL vision",
         model_type="qwen2_vl_vision",
@@ -817,22 +818,11 @@ PATCH_EMBED_SPECS: tuple[PatchEmbedSpec, ...] = (
         pixels="hidden_states",
         projection="proj",
     ),
-    # InternViT (InternVL): ViT's embeddings without the flag: the table always comes from
-    # its interpolate_pos_encoding (the stored one where the grid matches it).
-    PatchEmbedSpec(
-        family="InternVL vision",
-        model_type="internvl_vision",
-        model_class="InternVLVisionEmbeddings",
-        form=IMAGE_FORM,
-        pixels="pixel_values",
-        none_arguments=("bool_masked_pos",),
-        projection="patch_embeddings.projection",
-        class_embedding="cls_token",
-        position_table="position_embeddings",
-        interpolation="interpolate_pos_encoding",
-        always_interpolates=True,
-        dropout="dropout",
-    ),
+    # InternViT (InternVL): ViT's embeddings without the flag and the size check: the table
+    # always comes from its interpolate_pos_encoding (the stored one where the grid fits).
+    dataclasses.replace(_VIT, family="InternVL vision", model_type="internvl_vision",
+                        model_class="InternVLVisionEmbeddings", flag_arguments=(), image_size=None,
+                        always_interpolates=True),  # fmt: skip
     # The towers that kept Qwen2-VL's patch embed (a biased Conv3d over flattened patches).
     *(
         PatchEmbedSpec(family=family, model_type=model_type, model_class=model_class, form=FLAT_FORM,
