@@ -61,7 +61,7 @@ from typing import Callable, Mapping
 import torch
 
 from mmkernels.ops.quantized_linear import CAPABILITIES, apply_activation, quantized_linear
-from mmkernels.quant import SCHEME_TABLE, QuantizedWeight, check_group_size, quantize, scheme_info
+from mmkernels.quant import SCHEME_TABLE, QuantizedWeight, check_group_size, quantize, same_module_path, scheme_info
 
 from .engine import PatchReport, Replacement, Skip, backend_note
 from .hf_quantizer import QUANT_METHOD, MmkernelsConfig, no_patch_on_load
@@ -646,7 +646,7 @@ def _checkpoint_tensors(path: Path, keys) -> tuple[dict[str, torch.Tensor], list
                 located[key] = file
     out, missing = {}, []
     for key in keys:
-        found = [c for c in located if c == key or key.endswith("." + c) or c.endswith("." + key)]
+        found = [c for c in located if same_module_path(c, key)]
         if len(found) != 1:
             missing.append(key if not found else f"{key} (ambiguous: {found})")
             continue
@@ -672,7 +672,7 @@ def _recorded_entry(modules: Mapping, path: str) -> tuple[str, dict] | None:
     """The recorded module that is the model's ``path``: equal, or differing by leading
     dotted components (a checkpoint saved from ``LlavaForConditionalGeneration`` loaded into
     ``LlavaModel`` drops ``model.``)."""
-    found = [r for r in modules if r == path or path.endswith("." + r) or r.endswith("." + path)]
+    found = [r for r in modules if same_module_path(r, path)]
     if len(found) > 1:
         raise ValueError(f"quantization_config: modules {found} all match the model's {path}")
     return (found[0], modules[found[0]]) if found else None

@@ -59,6 +59,7 @@ __all__ = [
     "Scheme",
     "check_group_size",
     "quantize",
+    "same_module_path",
     "scheme_info",
 ]
 
@@ -71,6 +72,13 @@ FP8_MAX = 448.0  # largest finite float8_e4m3fn
 # CHECKPOINT_FORMAT_VERSION, "scheme", "group_size", "modules": {path: {...}}}.
 CHECKPOINT_METHOD = "mmkernels"
 CHECKPOINT_FORMAT_VERSION = 2
+
+
+def same_module_path(saved: str, path: str) -> bool:
+    """Whether a module path as a checkpoint records it names the model's ``path``: equal,
+    or differing by leading dotted components (``model.`` dropped by a loader's names,
+    ``LlavaModel`` vs ``LlavaForConditionalGeneration``, vLLM's prefixes)."""
+    return saved == path or path.endswith("." + saved) or saved.endswith("." + path)
 
 
 @dataclass(frozen=True)

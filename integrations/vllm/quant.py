@@ -111,6 +111,7 @@ from mmkernels.quant import (
     QuantizedWeight,
     check_group_size,
     quantize,
+    same_module_path,
     scheme_info,
 )
 
@@ -471,12 +472,6 @@ CONFIGS: dict[str, type[_ProjectorConfig]] = {
 assert set(CONFIGS) == set(METHODS)
 
 
-def _recorded(modules, prefix: str) -> bool:
-    """Whether the vLLM layer ``prefix`` is one of the checkpoint's quantized modules
-    (Hugging Face paths: equal, or differing by leading components such as ``model.``)."""
-    return any(r == prefix or r.endswith("." + prefix) or prefix.endswith("." + r) for r in modules)
-
-
 class StoredProjectorConfig(QuantizationConfig):
     """A checkpoint whose projector mmkernels quantized (``quantization_config``:
     ``{"quant_method": "mmkernels", "scheme", "group_size", "modules", "version"}``, written
@@ -524,7 +519,8 @@ class StoredProjectorConfig(QuantizationConfig):
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         if not isinstance(layer, LinearBase):
             return None
-        if _recorded(self.modules, prefix):
+        # Hugging Face paths against vLLM's prefixes (leading components such as "model." differ)
+        if any(same_module_path(saved, prefix) for saved in self.modules):
             return StoredProjectorLinearMethod(self.scheme, self.group_size, prefix, CHECKPOINT_METHOD)
         _UNQUANTIZED.append(prefix)
         return UnquantizedLinearMethod()
