@@ -25,6 +25,7 @@ import itertools
 import functools
 import logging
 import os
+import re
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -39,6 +40,8 @@ __all__ = [
     "CallPlans",
     "Capabilities",
     "Decision",
+    "Needs",
+    "Op",
     "aot_cases",
     "call_plans_enabled",
     "clear_call_plans",
@@ -53,6 +56,7 @@ __all__ = [
     "recent_decisions",
     "refresh_environment",
     "register_aot",
+    "resolve_check",
 ]
 
 
@@ -82,8 +86,8 @@ def interpreter_enabled() -> bool:
 
 
 def refresh_environment() -> None:
-    """Read again the environment variables mmkernels reads once (``TRITON_INTERPRET``;
-    ops keep their own, e.g. ``MMKERNELS_DEBUG_CHECKS``) and forget the backend decisions
+    """Read again the environment variables mmkernels reads once (``TRITON_INTERPRET``,
+    ``MMKERNELS_DEBUG_CHECKS``, any made with :func:`env_flag`) and forget the backend decisions
     made under the old values. For tests and tools that change the environment after
     import; a process that sets its environment before importing mmkernels never needs it."""
     _ENV["interpret"] = _read_interpreter_env()
@@ -459,6 +463,122 @@ def _same_inputs(a: tuple | list, b: tuple | list) -> bool:
         elif isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor) or type(x) is not type(y) or x != y:
             return False
     return True
+
+
+# --------------------------------------------------------------------------------------
+# The op scaffold: what every op has, made once from what each op states
+
+
+# MMKERNELS_DEBUG_CHECKS, read at import (not per call); refresh_environment() reads it again.
+_debug_checks = env_flag("MMKERNELS_DEBUG_CHECKS")
+
+
+def resolve_check(check: bool | None, default: bool) -> bool:
+    """The one meaning of an op's ``check`` argument. ``True``: read the values that the
+    contract constrains but shapes cannot show (placeholder counts, ``cu_seqlens``
+    offsets, key ranges, table ids) on the host, one sync, and raise ``ValueError``
+    naming the argument on a violation. ``False``: no host sync; whatever those values
+    are, nothing is read or written out of bounds and every output row is written (the
+    op's docstring says with what). ``None``: the op's default (``default``: on where the
+    framework it replaces checks by default, as Hugging Face's merge does), turned on for
+    every op by the environment variable ``MMKERNELS_DEBUG_CHECKS=1``."""
+    if check is None:
+        return default or _debug_checks()
+    if check is True or check is False:
+        return check
+    raise TypeError(f"check: expected a bool or None, got {type(check).__name__}")
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a validated call asks of the backend choice: its device, the dtypes the kernel
+    would compute with, reasons beyond the capabilities that it cannot take the call, and
+    which of the op's capabilities apply (``variant``: quantized_linear's scheme; None
+    for an op with one :class:`Capabilities`)."""
+
+    device: torch.device
+    dtypes: tuple
+    reasons: tuple = ()
+    variant: str | None = None
+
+
+class Op:
+    """The generic half of an op, made from what the op's file states.
+
+    An op file states its contract and its own parts:
+
+    * ``name`` and ``schema``: the registered op ``mmkernels::<name>`` and its signature
+      (``torch.library`` schema syntax; ``Tensor(a!)`` for an argument it writes);
+    * ``validate(*op_inputs)``: the registered op's inputs checked and turned into the
+      op's arguments object (errors name the argument);
+    * ``needs(args)``: a :class:`Needs` (device, dtypes, extra reasons, variant);
+    * ``kernel`` and ``capabilities`` (one :class:`Capabilities`, or one per variant);
+    * ``reference(args)`` and ``launch(args)``: the PyTorch reference and the Triton
+      launcher on validated arguments, each returning the result (None for an op that
+      only writes an argument);
+    * ``fake(*op_inputs)``: the result's shape and dtype without computing it;
+    * optionally ``setup_context`` / ``backward``, as ``register_autograd`` takes them.
+
+    From these this makes the custom op with its fake and autograd registrations, the
+    body the custom op runs (the public function's validation if it was handed over for
+    these very inputs, else validation; the backend choice; the reference, or the
+    launcher under :func:`device_guard`), and the call path of the public function:
+    :meth:`replay` a call plan, else :meth:`call` with the validated arguments (the body
+    straight away where no dispatcher feature is needed, else the registered op)."""
+
+    def __init__(self, name: str, *, schema: str, validate: Callable, needs: Callable[[Any], Needs], kernel: Any,
+                 capabilities, reference: Callable, launch: Callable, fake: Callable,
+                 setup_context: Callable | None = None, backward: Callable | None = None):  # fmt: skip
+        self.name = name
+        self.validate = validate
+        self.needs = needs
+        self.kernel = kernel
+        self.capabilities = capabilities
+        self.reference = reference
+        self.launch = launch
+        self.handover = ValidatedHandOver(name)
+        # Decision names per variant, made once ("quantized_linear[w8a16]").
+        self._decision_names = (
+            {variant: f"{name}[{variant}]" for variant in capabilities} if isinstance(capabilities, dict) else None
+        )
+        mutates = tuple(re.findall(r"Tensor\(\w+!\)\s*(\w+)", schema))
+        self._returns_nothing = schema.replace(" ", "").endswith("->()")  # an op that only writes an argument
+        self.op = torch.library.custom_op(f"mmkernels::{name}", self.body, mutates_args=mutates, schema=schema)
+        self.op.register_fake(fake)
+        if backward is not None:
+            self.op.register_autograd(backward, setup_context=setup_context)
+
+    def body(self, *op_inputs):
+        """What the registered op runs (and the public function, where no dispatcher is needed)."""
+        args = self.handover.take(op_inputs) or self.validate(*op_inputs)
+        out = self.run(args)
+        return None if self._returns_nothing else out
+
+    def run(self, args):
+        """The result for validated ``args``: the backend choice, then the reference or the launcher."""
+        needs = self.needs(args)
+        if self._decision_names is None:
+            name, caps = self.name, self.capabilities
+        else:
+            name, caps = self._decision_names[needs.variant], self.capabilities[needs.variant]
+        decision = choose_backend(name, self.kernel, caps, needs.device, needs.dtypes, needs.reasons)
+        if decision.backend is Backend.REFERENCE:
+            return self.reference(args)
+        with device_guard(needs.device):
+            return self.launch(args)
+
+    def replay(self, key, op_inputs: tuple):
+        """The result of the call plan of ``key`` (a :func:`plan_key` of the call), or :data:`MISS`."""
+        return self.handover.replay(key, op_inputs)
+
+    def call(self, op_inputs: tuple, args, key=None):
+        """The op on ``op_inputs`` with ``args``, the public function's validation of them,
+        handed over (recorded as the call plan of ``key`` where the call qualifies)."""
+        return self.handover.call(self.op, op_inputs, args, body=self.body, key=key)
+
+    @property
+    def plans(self) -> "CallPlans":
+        return self.handover.plans
 
 
 def cdiv(a: int, b: int) -> int:

@@ -31,6 +31,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from mmkernels.backend import empty_output, poison_outputs
+from mmkernels.ops import OP_MODULES  # the one table of op modules
 
 __all__ = [
     "RTOL",
@@ -159,7 +160,6 @@ SYNC_OPS = frozenset(
 SYNC_METHODS = {torch.Tensor.tolist: "Tensor.tolist", torch.Tensor.numpy: "Tensor.numpy"}
 
 
-OP_MODULES = ("merge", "patch_embed", "quantized_linear", "varlen_attention")
 
 
 @contextlib.contextmanager

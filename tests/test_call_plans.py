@@ -19,11 +19,11 @@ from mmkernels.quant import quantize
 
 MERGE = importlib.import_module("mmkernels.ops.merge")
 PLANS = {
-    "merge": MERGE._HANDOVER.plans,
-    "merge_inplace": MERGE._HANDOVER_INPLACE.plans,
-    "patch_embed": importlib.import_module("mmkernels.ops.patch_embed")._HANDOVER.plans,
-    "quantized_linear": importlib.import_module("mmkernels.ops.quantized_linear")._HANDOVER.plans,
-    "varlen_attention": importlib.import_module("mmkernels.ops.varlen_attention")._HANDOVER.plans,
+    "merge": MERGE.OP.plans,
+    "merge_inplace": MERGE.OP_INPLACE.plans,
+    "patch_embed": importlib.import_module("mmkernels.ops.patch_embed").OP.plans,
+    "quantized_linear": importlib.import_module("mmkernels.ops.quantized_linear").OP.plans,
+    "varlen_attention": importlib.import_module("mmkernels.ops.varlen_attention").OP.plans,
 }
 
 

@@ -51,6 +51,8 @@ def test_public_op_validates_once_per_call(monkeypatch, name, call):
         return original(*args, **kwargs)
 
     monkeypatch.setattr(module, "_validate", counting)
+    if module.OP.validate is original:  # the op's own validation of its inputs, if a direct call needs it
+        monkeypatch.setattr(module.OP, "validate", counting)
     out = call()
     assert torch.isfinite(out).all()
     assert len(calls) == 1, f"{name}: _validate ran {len(calls)} times for one call"
@@ -79,9 +81,9 @@ def test_kernels_launch_under_the_inputs_device_guard(monkeypatch, name, call):
         launched_inside.append(list(guard_depth))
         return original_impl(*args, **kwargs)
 
-    original_impl = module._triton_impl
-    monkeypatch.setattr(module, "device_guard", Recorder)
-    monkeypatch.setattr(module, "_triton_impl", impl)
+    original_impl = module.OP.launch  # the op's launcher, run by the scaffold (backend.Op)
+    monkeypatch.setattr(backend, "device_guard", Recorder)
+    monkeypatch.setattr(module.OP, "launch", impl)
     assert torch.isfinite(call()).all()
     assert launched_inside == [[torch.device("cpu")]], launched_inside
 
@@ -117,24 +119,20 @@ def test_direct_custom_op_call_still_validates():
         torch.ops.mmkernels.varlen_attention(q, q, q, cu, cu[:2], 4, 4, 0.25, False, None)
 
 
-_OP_ATTRS = {"merge": "_merge_op", "patch_embed": "_patch_embed_op", "quantized_linear": "_quantized_linear_op",
-             "varlen_attention": "_varlen_attention_op"}  # fmt: skip
-
-
 def _dispatches(monkeypatch, name, call) -> bool:
     """Whether a call of the public op goes through its registered custom op."""
-    module = _module(name)
-    op = getattr(module, _OP_ATTRS[name])
+    declared = _module(name).OP
+    op = declared.op
     entered = []
 
     def recording(*args):
         entered.append(1)
         return op(*args)
 
-    monkeypatch.setattr(module, _OP_ATTRS[name], recording)
+    monkeypatch.setattr(declared, "op", recording)
     out = call()
     assert torch.isfinite(out).all()
-    monkeypatch.setattr(module, _OP_ATTRS[name], op)
+    monkeypatch.setattr(declared, "op", op)
     return bool(entered)
 
 

@@ -63,12 +63,10 @@ def _empty_kernel(x_ptr, y_ptr, n):
 
 
 def _patched_backend_choice():
-    """The ops' own ``choose_backend``, asked about CUDA device 0 of compute capability
-    9.0 instead of the CPU device of the stand-in tensors. Returns an undo function."""
-    import importlib
-
+    """The ops' backend choice (``backend.choose_backend``, which every op's scaffold
+    calls), asked about CUDA device 0 of compute capability 9.0 instead of the CPU device
+    of the stand-in tensors. Returns an undo function."""
     from mmkernels import backend
-    from mmkernels.testing import OP_MODULES
 
     cuda0 = torch.device("cuda", 0)
     real_choose, real_cc = backend.choose_backend, backend.compute_capability
@@ -76,15 +74,11 @@ def _patched_backend_choice():
     def choose(op, kernel, caps, device, dtypes, extra_reasons=()):
         return real_choose(op, kernel, caps, cuda0 if device.type == "cpu" else device, dtypes, extra_reasons)
 
-    modules = [importlib.import_module(f"mmkernels.ops.{name}") for name in OP_MODULES]
-    saved = [(m, m.choose_backend) for m in modules]
-    for m in modules:
-        m.choose_backend = choose
+    backend.choose_backend = choose
     backend.compute_capability = lambda device: (9, 0)
 
     def undo():
-        for m, fn in saved:
-            m.choose_backend = fn
+        backend.choose_backend = real_choose
         backend.compute_capability = real_cc
         backend.clear_decision_cache()  # decided under the stand-in capability
 

@@ -11,6 +11,7 @@ from mmkernels.ops.quantized_linear import quantized_linear, quantized_linear_re
 from mmkernels.ops.varlen_attention import varlen_attention, varlen_attention_reference
 
 __all__ = [
+    "OP_MODULES",
     "PlaceholderCountError",
     "aot_cases",
     "merge_multimodal_embeddings",
@@ -24,7 +25,8 @@ __all__ = [
     "varlen_attention_reference",
 ]
 
-_OP_MODULES = ("merge", "patch_embed", "quantized_linear", "varlen_attention")
+# The op modules: one line per op (see docs/extending.md).
+OP_MODULES = ("merge", "patch_embed", "quantized_linear", "varlen_attention")
 
 
 def aot_cases():
@@ -37,7 +39,7 @@ def aot_cases():
 
     # By module path: this package's names patch_embed, quantized_linear and
     # varlen_attention are the op functions, not their modules.
-    modules = [importlib.import_module(f"mmkernels.ops.{name}") for name in _OP_MODULES]
+    modules = [importlib.import_module(f"mmkernels.ops.{name}") for name in OP_MODULES]
     cases: dict[str, backend.AotCase] = {}
     for case in [*(c for m in modules for c in m.aot_cases()), *backend.registered_aot_cases()]:
         if case.name in cases:

@@ -23,12 +23,10 @@ import torch
 from mmkernels.backend import (
     MISS,
     AotCase,
-    Backend,
     Capabilities,
-    ValidatedHandOver,
+    Needs,
+    Op,
     cdiv,
-    choose_backend,
-    device_guard,
     empty_output,
     next_power_of_2,
     no_plan,
@@ -36,6 +34,7 @@ from mmkernels.backend import (
     plan_key,
     plan_ok,
     plan_step,
+    resolve_check,
 )
 from mmkernels.backend import launch as backend_launch
 from mmkernels.ops import _merge_kernels as kernels
@@ -57,7 +56,6 @@ CAPABILITIES = Capabilities(
     min_compute_capability=(7, 0),
 )
 _ID_DTYPES = (torch.int32, torch.int64)
-_HANDOVER = ValidatedHandOver(OP_NAME)  # the public wrapper's validation, reused by the op; and its call plans
 
 
 # --------------------------------------------------------------------------------------
@@ -76,6 +74,8 @@ class _MergeArgs:
     out_dtype: torch.dtype
     padding_idx: int | None = None  # in [0, V), or None
     feat_dtype: torch.dtype | None = None  # the one dtype of every feature tensor (None: no features)
+    check: bool = True  # the call's check (see merge_multimodal_embeddings)
+    inplace: bool = False  # write the placeholder rows into embeds
 
     @property
     def flat_embeds(self) -> torch.Tensor:
@@ -133,7 +133,8 @@ def _feature_name(name: str, feats: list, i: int) -> str:
     return f"{name}[{i}]" if len(feats) > 1 else name
 
 
-def _validate(input_ids, inputs_embeds, features, placeholder_id, embedding_weight, padding_idx=None) -> _MergeArgs:
+def _validate(input_ids, inputs_embeds, features, placeholder_id, embedding_weight, padding_idx=None, *, check=True,
+              inplace=False) -> _MergeArgs:
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids: expected a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dtype not in _ID_DTYPES:
@@ -214,6 +215,8 @@ def _validate(input_ids, inputs_embeds, features, placeholder_id, embedding_weig
         out_dtype=base.dtype,
         padding_idx=padding_idx,
         feat_dtype=feat_dtype,
+        check=check,
+        inplace=inplace,
     )
 
 
@@ -267,7 +270,7 @@ def merge_multimodal_embeddings_reference(
     given features, and (fused lookup) text ids outside the table, become NaN rows.
     Its autograd defines the op's gradients (``padding_idx`` as in ``F.embedding``).
     """
-    args = _validate(input_ids, inputs_embeds, features, placeholder_id, embedding_weight, padding_idx)
+    args = _validate(input_ids, inputs_embeds, features, placeholder_id, embedding_weight, padding_idx, check=check)
     return _reference_impl(args, check)
 
 
@@ -549,81 +552,49 @@ def _check_totals(kind_ids: list[int], kind_rows: list[int], vocab: int, totals:
 # The op: torch.library registration and the public function
 
 
-def _merge_body(
-    input_ids: torch.Tensor,
-    inputs_embeds: torch.Tensor | None,
-    features: list[torch.Tensor],
-    features_per_kind: list[int],
-    placeholder_ids: list[int],
-    embedding_weight: torch.Tensor | None,
-    check: bool,
-    padding_idx: int | None = None,
-) -> torch.Tensor:
-    args = _HANDOVER.take(
-        (input_ids, inputs_embeds, features, features_per_kind, placeholder_ids, embedding_weight, check, padding_idx)
-    )
-    if args is None:
-        per_kind, start = [], 0
-        for n in features_per_kind:
-            per_kind.append(features[start : start + n])
-            start += n
-        args = _validate(input_ids, inputs_embeds, per_kind, placeholder_ids, embedding_weight, padding_idx)
-    return _run(args, check, False)
+def _per_kind(features: list[torch.Tensor], features_per_kind: list[int]) -> list[list[torch.Tensor]]:
+    """The registered op's flat feature list, grouped again per placeholder id."""
+    per_kind, start = [], 0
+    for n in features_per_kind:
+        per_kind.append(features[start : start + n])
+        start += n
+    return per_kind
 
 
-def _run(args: _MergeArgs, check: bool, inplace: bool) -> torch.Tensor:
-    """The merge of validated ``args``: the kernel or the reference (in place: written into
-    ``args.embeds``, which is returned)."""
+def _validate_op_inputs(input_ids, inputs_embeds, features, features_per_kind, placeholder_ids, embedding_weight,
+                        check, padding_idx=None) -> _MergeArgs:  # fmt: skip
+    return _validate(input_ids, inputs_embeds, _per_kind(features, features_per_kind), placeholder_ids,
+                     embedding_weight, padding_idx, check=check)  # fmt: skip
+
+
+def _validate_inplace_op_inputs(input_ids, inputs_embeds, features, features_per_kind, placeholder_ids,
+                                check) -> _MergeArgs:  # fmt: skip
+    return _validate(input_ids, inputs_embeds, _per_kind(features, features_per_kind), placeholder_ids, None,
+                     check=check, inplace=True)  # fmt: skip
+
+
+def _needs(args: _MergeArgs) -> Needs:
     # _validate checked that every feature tensor has one dtype.
     dtypes = (args.out_dtype, args.feat_dtype) if args.feat_dtype is not None else (args.out_dtype,)
-    device = args.ids.device
-    decision = choose_backend(OP_NAME, kernels.merge_rows_kernel, CAPABILITIES, device, dtypes)
-    if decision.backend is Backend.REFERENCE:
-        out = _reference_impl(args, check)
-        return args.embeds.copy_(out) if inplace else out
-    with device_guard(device):
-        return _triton_impl(args, check, inplace)
+    return Needs(args.ids.device, dtypes)
 
 
-def _merge_inplace_body(
-    input_ids: torch.Tensor,
-    inputs_embeds: torch.Tensor,
-    features: list[torch.Tensor],
-    features_per_kind: list[int],
-    placeholder_ids: list[int],
-    check: bool,
-) -> None:
-    args = _HANDOVER_INPLACE.take((input_ids, inputs_embeds, features, features_per_kind, placeholder_ids, check))
-    if args is None:
-        per_kind, start = [], 0
-        for n in features_per_kind:
-            per_kind.append(features[start : start + n])
-            start += n
-        args = _validate(input_ids, inputs_embeds, per_kind, placeholder_ids, None)
-    _run(args, check, True)
+def _reference_run(args: _MergeArgs) -> torch.Tensor:
+    out = _reference_impl(args, args.check)
+    return args.embeds.copy_(out) if args.inplace else out
 
 
-_HANDOVER_INPLACE = ValidatedHandOver(OP_NAME + "_")
-# The in-place form mutates inputs_embeds: a custom op of its own that declares it (so
-# torch.compile and functionalization see the write).
-_merge_inplace_op = torch.library.custom_op("mmkernels::merge_multimodal_embeddings_", mutates_args=("inputs_embeds",))(
-    _merge_inplace_body
-)
+def _triton_run(args: _MergeArgs) -> torch.Tensor:
+    return _triton_impl(args, args.check, args.inplace)
 
 
-# The body is also called directly by the public function where the dispatcher is not
-# needed (ValidatedHandOver.call).
-_merge_op = torch.library.custom_op("mmkernels::merge_multimodal_embeddings", mutates_args=())(_merge_body)
-
-
-@_merge_op.register_fake
-def _merge_op_fake(input_ids, inputs_embeds, features, features_per_kind, placeholder_ids, embedding_weight, check,
-                   padding_idx=None):  # fmt: skip
+def _fake(input_ids, inputs_embeds, features, features_per_kind, placeholder_ids, embedding_weight, check,
+          padding_idx=None):  # fmt: skip
     base = inputs_embeds if inputs_embeds is not None else embedding_weight
     return base.new_empty(tuple(input_ids.shape) + (base.shape[-1],))
 
 
-def _merge_setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output):
     input_ids, inputs_embeds, features, features_per_kind, placeholder_ids, embedding_weight, _check, padding_idx = (
         inputs
     )
@@ -637,7 +608,7 @@ def _merge_setup_context(ctx, inputs, output):
     ctx.save_for_backward(input_ids)
 
 
-def _merge_backward(ctx, grad_out):
+def _backward(ctx, grad_out):
     """Gradients by gather/scatter in PyTorch (training is not the hot path).
 
     Text rows flow to ``inputs_embeds`` (or are scattered into the table's rows, except
@@ -670,7 +641,34 @@ def _merge_backward(ctx, grad_out):
     return None, grad_embeds, grad_features, None, None, grad_weight, None, None
 
 
-_merge_op.register_autograd(_merge_backward, setup_context=_merge_setup_context)
+OP = Op(
+    OP_NAME,
+    schema="(Tensor input_ids, Tensor? inputs_embeds, Tensor[] features, SymInt[] features_per_kind, "
+    "SymInt[] placeholder_ids, Tensor? embedding_weight, bool check, SymInt? padding_idx=None) -> Tensor",
+    validate=_validate_op_inputs,
+    needs=_needs,
+    kernel=kernels.merge_rows_kernel,
+    capabilities=CAPABILITIES,
+    reference=_reference_run,
+    launch=_triton_run,
+    fake=_fake,
+    setup_context=_setup_context,
+    backward=_backward,
+)
+# The in-place form writes inputs_embeds: an op of its own that declares the write (so
+# torch.compile and functionalization see it).
+OP_INPLACE = Op(
+    OP_NAME + "_",
+    schema="(Tensor input_ids, Tensor(a1!) inputs_embeds, Tensor[] features, SymInt[] features_per_kind, "
+    "SymInt[] placeholder_ids, bool check) -> ()",
+    validate=_validate_inplace_op_inputs,
+    needs=_needs,
+    kernel=kernels.merge_rows_kernel,
+    capabilities=CAPABILITIES,
+    reference=_reference_run,
+    launch=_triton_run,
+    fake=lambda *op_inputs: None,
+)
 
 
 def merge_multimodal_embeddings(
@@ -680,7 +678,7 @@ def merge_multimodal_embeddings(
     placeholder_id: int | Sequence[int],
     *,
     embedding_weight: torch.Tensor | None = None,
-    check: bool = True,
+    check: bool | None = True,
     padding_idx: int | None = None,
     inplace: bool = False,
 ) -> torch.Tensor:
@@ -701,7 +699,8 @@ def merge_multimodal_embeddings(
         placeholder_id: the placeholder token id, or a sequence of distinct ids.
         embedding_weight: ``(V, D)``; fused lookup: text rows are gathered from this
             table instead of read from ``inputs_embeds`` (one pass instead of two).
-        check: ``True``: raise ``ValueError`` naming both counts when the placeholder
+        check: as for every op (:func:`mmkernels.backend.resolve_check`; None: the
+            default, True). ``True``: raise ``ValueError`` naming both counts when the placeholder
             count of any kind differs from its feature rows (a :class:`PlaceholderCountError`,
             which carries the counts), and, with the fused lookup, when a text id is
             outside ``[0, V)``; costs one host sync, as Hugging Face's check does.
@@ -734,6 +733,7 @@ def merge_multimodal_embeddings(
     the reference; see :mod:`mmkernels.backend`. Registered as
     ``torch.ops.mmkernels.merge_multimodal_embeddings`` (traceable by ``torch.compile``).
     """
+    check = resolve_check(check, default=True)
     # Validated here too: with a tensor on another device the dispatcher would route the
     # op by that device (a meta tensor reaches the fake kernel) before the body could check.
     op_inputs = key = None
@@ -750,16 +750,17 @@ def merge_multimodal_embeddings(
             # The segment table holds each feature's offset from the first: so does the key
             # (plan_key describes the tensors of a list by their offsets from the first).
             key = plan_key(op_inputs)
-            out = (_HANDOVER_INPLACE if inplace else _HANDOVER).replay(key, op_inputs)
+            out = (OP_INPLACE if inplace else OP).replay(key, op_inputs)
             if out is not MISS:
                 return inputs_embeds if inplace else out
-    args = _validate(input_ids, inputs_embeds, features, placeholder_id, embedding_weight, padding_idx)
+    args = _validate(input_ids, inputs_embeds, features, placeholder_id, embedding_weight, padding_idx, check=check,
+                     inplace=inplace)  # fmt: skip
     if inplace:
         return _merge_inplace(input_ids, args, check, op_inputs, key)
     if op_inputs is None:
         op_inputs = (input_ids, inputs_embeds, args.all_features, [len(feats) for feats in args.kind_features],
                      args.kind_ids, embedding_weight, check, padding_idx)  # fmt: skip
-    return _HANDOVER.call(_merge_op, op_inputs, args, body=_merge_body, key=key)
+    return OP.call(op_inputs, args, key)
 
 
 def _merge_inplace(input_ids: torch.Tensor, args: _MergeArgs, check: bool, op_inputs=None, key=None) -> torch.Tensor:
@@ -770,11 +771,11 @@ def _merge_inplace(input_ids: torch.Tensor, args: _MergeArgs, check: bool, op_in
         # Autograd records: the differentiable out-of-place op, copied in (copy_ is tracked).
         op_inputs = (input_ids, embeds, args.all_features, [len(feats) for feats in args.kind_features],
                      args.kind_ids, None, check, None)  # fmt: skip
-        return embeds.copy_(_merge_op(*op_inputs))
+        return embeds.copy_(OP.op(*op_inputs))
     if op_inputs is None:
         op_inputs = (input_ids, embeds, args.all_features, [len(feats) for feats in args.kind_features], args.kind_ids,
                      check)  # fmt: skip
-    _HANDOVER_INPLACE.call(_merge_inplace_op, op_inputs, args, body=_merge_inplace_body, key=key)
+    OP_INPLACE.call(op_inputs, args, key)
     return embeds
 
 

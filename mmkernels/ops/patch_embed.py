@@ -36,14 +36,12 @@ import torch
 from mmkernels.backend import (
     MISS,
     AotCase,
-    Backend,
     Capabilities,
-    ValidatedHandOver,
+    Needs,
+    Op,
     aligned_elements,
     cdiv,
     cudnn_tf32,
-    choose_backend,
-    device_guard,
     empty_output,
     is_interpreted,
     launch,
@@ -59,12 +57,12 @@ OP_NAME = "patch_embed"
 # Weight (= output) dtypes the kernel computes with; float64 runs the reference.
 CAPABILITIES = Capabilities(dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}), min_compute_capability=(8, 0))
 _PIXEL_DTYPES = (torch.uint8, torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_HANDOVER = ValidatedHandOver(OP_NAME)  # the public wrapper's validation, reused by the op; and its call plans
 
 
 @dataclass
 class _EmbedArgs:
     pixels: torch.Tensor
+    weight: torch.Tensor  # as given: (D, C, P, P) or (D, C, T, P, P)
     weight2d: torch.Tensor  # (D, K)
     bias: torch.Tensor | None
     class_embedding: torch.Tensor | None
@@ -233,6 +231,7 @@ def _validate(pixels, weight, bias, class_embedding, position_embedding, pixel_m
         norm = pixel_norm_table(pixel_mean, pixel_std, pixel_scale, channels=channels, device=device)
     return _EmbedArgs(
         pixels=pixels,
+        weight=weight,
         weight2d=weight.reshape(dim, math.prod(weight.shape[1:])),  # (-1 is ambiguous when D = 0)
         bias=bias,
         class_embedding=class_embedding,
@@ -263,11 +262,11 @@ def patch_embed_reference(pixels, weight, bias=None, *, class_embedding=None, po
     """
     args = _validate(pixels, weight, bias, class_embedding, position_embedding, pixel_mean, pixel_std, pixel_scale,
                      pixel_norm)  # fmt: skip
-    return _reference_impl(args, weight)
+    return _reference_impl(args)
 
 
-def _reference_impl(args: _EmbedArgs, weight: torch.Tensor) -> torch.Tensor:
-    f64 = torch.float64
+def _reference_impl(args: _EmbedArgs) -> torch.Tensor:
+    f64, weight = torch.float64, args.weight
     if args.dim == 0:  # no output channels (F.conv2d rejects such a weight): nothing to compute
         return weight.new_empty(args.out_shape)
     x = args.pixels.to(f64)
@@ -493,37 +492,14 @@ def _triton_impl(args: _EmbedArgs) -> torch.Tensor:
 # The op
 
 
-def _patch_embed_body(
-    pixels: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    class_embedding: torch.Tensor | None,
-    position_embedding: torch.Tensor | None,
-    pixel_mean: torch.Tensor | None,
-    pixel_std: torch.Tensor | None,
-    pixel_scale: torch.Tensor | None,
-    pixel_norm: torch.Tensor | None = None,
-) -> torch.Tensor:
-    op_inputs = (pixels, weight, bias, class_embedding, position_embedding, pixel_mean, pixel_std, pixel_scale,
-                 pixel_norm)  # fmt: skip
-    args = _HANDOVER.take(op_inputs) or _validate(*op_inputs)
-    pdt = pixels.dtype
-    dtypes = (weight.dtype, pdt) if pdt.is_floating_point and pdt != torch.float64 else (weight.dtype,)
-    decision = choose_backend(OP_NAME, kernels.patch_embed_kernel, CAPABILITIES, pixels.device, dtypes)
-    if decision.backend is Backend.REFERENCE:
-        return _reference_impl(args, weight)
-    with device_guard(pixels.device):
-        return _triton_impl(args)
+def _needs(args: _EmbedArgs) -> Needs:
+    pdt = args.pixels.dtype
+    dtypes = (args.weight.dtype, pdt) if pdt.is_floating_point and pdt != torch.float64 else (args.weight.dtype,)
+    return Needs(args.pixels.device, dtypes)
 
 
-# The body is also called directly by the public function where the dispatcher is not
-# needed (ValidatedHandOver.call).
-_patch_embed_op = torch.library.custom_op("mmkernels::patch_embed", mutates_args=())(_patch_embed_body)
-
-
-@_patch_embed_op.register_fake
-def _patch_embed_fake(pixels, weight, bias, class_embedding, position_embedding, pixel_mean, pixel_std, pixel_scale,
-                      pixel_norm=None):  # fmt: skip
+def _fake(pixels, weight, bias, class_embedding, position_embedding, pixel_mean, pixel_std, pixel_scale,
+          pixel_norm=None):  # fmt: skip
     args = _validate(pixels, weight, bias, class_embedding, position_embedding, pixel_mean, pixel_std, pixel_scale,
                      pixel_norm)  # fmt: skip
     return weight.new_empty(args.out_shape)
@@ -576,7 +552,20 @@ def _backward(ctx, grad_out):
     return tuple(found.get(k) for k in wanted) + (None, None, None, None)
 
 
-_patch_embed_op.register_autograd(_backward, setup_context=_setup_context)
+OP = Op(
+    OP_NAME,
+    schema="(Tensor pixels, Tensor weight, Tensor? bias, Tensor? class_embedding, Tensor? position_embedding, "
+    "Tensor? pixel_mean, Tensor? pixel_std, Tensor? pixel_scale, Tensor? pixel_norm=None) -> Tensor",
+    validate=_validate,
+    needs=_needs,
+    kernel=kernels.patch_embed_kernel,
+    capabilities=CAPABILITIES,
+    reference=_reference_impl,
+    launch=_triton_impl,
+    fake=_fake,
+    setup_context=_setup_context,
+    backward=_backward,
+)
 
 
 def _as_tensor(value, device) -> torch.Tensor | None:
@@ -642,10 +631,10 @@ def patch_embed(pixels, weight, bias=None, *, class_embedding=None, position_emb
     # Validated here too: a tensor on another device would route the op by that device.
     op_inputs = (pixels, weight, bias, class_embedding, position_embedding, mean, std, scale, pixel_norm)
     key = plan_key(op_inputs)
-    out = _HANDOVER.replay(key, op_inputs)
+    out = OP.replay(key, op_inputs)
     if out is not MISS:
         return out
-    return _HANDOVER.call(_patch_embed_op, op_inputs, _validate(*op_inputs), body=_patch_embed_body, key=key)
+    return OP.call(op_inputs, _validate(*op_inputs), key)
 
 
 # --------------------------------------------------------------------------------------

@@ -24,14 +24,12 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from mmkernels.backend import (
     MISS,
     AotCase,
-    Backend,
     Capabilities,
-    ValidatedHandOver,
+    Needs,
+    Op,
     cdiv,
     matmul_tf32,
-    choose_backend,
     compute_capability,
-    device_guard,
     empty_output,
     is_interpreted,
     launch,
@@ -73,7 +71,6 @@ CAPABILITIES: dict[str, Capabilities] = {
 }
 # Programs the small-M heuristic aims for: about two waves of an H100 / H200 (132 SMs).
 _TARGET_PROGRAMS = 264
-_HANDOVER = ValidatedHandOver(OP_NAME)  # the public wrapper's validation, reused by the op; and its call plans
 
 
 # --------------------------------------------------------------------------------------
@@ -463,38 +460,19 @@ def _rebuild(x, packed, scales, zeros, scheme, group_size) -> QuantizedWeight:
     )
 
 
-_OP_NAMES = {scheme: f"{OP_NAME}[{scheme}]" for scheme in CAPABILITIES}
+def _validate_op_inputs(x, packed, scales, zeros, bias, scheme, group_size, activation) -> _LinearArgs:
+    """The registered op's inputs (the weight's tensors and fields, "none" for no activation) validated."""
+    return _validate(x, _rebuild(x, packed, scales, zeros, scheme, group_size), bias,
+                     None if activation == "none" else activation)  # fmt: skip
 
 
-def _quantized_linear_body(
-    x: torch.Tensor,
-    packed: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor | None,
-    bias: torch.Tensor | None,
-    scheme: str,
-    group_size: int,
-    activation: str,
-) -> torch.Tensor:
-    args = _HANDOVER.take((x, packed, scales, zeros, bias, scheme, group_size, activation))
-    if args is None:
-        qw = _rebuild(x, packed, scales, zeros, scheme, group_size)
-        args = _validate(x, qw, bias, None if activation == "none" else activation)
+def _needs(args: _LinearArgs) -> Needs:
+    x, bias = args.x2d, args.bias
     dtypes = (x.dtype, bias.dtype) if bias is not None and bias.dtype != torch.float64 else (x.dtype,)
-    decision = choose_backend(_OP_NAMES[scheme], kernels.quantized_linear_kernel, CAPABILITIES[scheme], x.device, dtypes)
-    if decision.backend is Backend.REFERENCE:
-        return _reference_impl(args)
-    with device_guard(x.device):
-        return _triton_impl(args)
+    return Needs(x.device, dtypes, variant=args.qweight.scheme)
 
 
-# The body is also called directly by the public function where the dispatcher is not
-# needed (ValidatedHandOver.call).
-_quantized_linear_op = torch.library.custom_op("mmkernels::quantized_linear", mutates_args=())(_quantized_linear_body)
-
-
-@_quantized_linear_op.register_fake
-def _quantized_linear_fake(x, packed, scales, zeros, bias, scheme, group_size, activation):
+def _fake(x, packed, scales, zeros, bias, scheme, group_size, activation):
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
 
 
@@ -523,7 +501,20 @@ def _backward(ctx, grad_out):
     return gx, None, None, None, gb, None, None, None
 
 
-_quantized_linear_op.register_autograd(_backward, setup_context=_setup_context)
+OP = Op(
+    OP_NAME,
+    schema="(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, Tensor? bias, str scheme, SymInt group_size, "
+    "str activation) -> Tensor",
+    validate=_validate_op_inputs,
+    needs=_needs,
+    kernel=kernels.quantized_linear_kernel,
+    capabilities=CAPABILITIES,
+    reference=_reference_impl,
+    launch=_triton_impl,
+    fake=_fake,
+    setup_context=_setup_context,
+    backward=_backward,
+)
 
 
 def quantized_linear(x, qweight, bias=None, *, activation=None) -> torch.Tensor:
@@ -568,14 +559,14 @@ def quantized_linear(x, qweight, bias=None, *, activation=None) -> torch.Tensor:
                      activation or "none")  # fmt: skip
         # The fields the validation reads beyond the op's inputs are part of the key.
         key = plan_key(op_inputs, (qweight.in_features, qweight.out_features, qweight.dtype))
-        out = _HANDOVER.replay(key, op_inputs)
+        out = OP.replay(key, op_inputs)
         if out is not MISS:
             return out
     args = _validate(x, qweight, bias, activation)  # here, so errors name the public arguments (a subclass passes)
     if key is None:
         op_inputs = (x, qweight.packed, qweight.scales, qweight.zeros, bias, qweight.scheme, qweight.group_size or 0,
                      activation or "none")  # fmt: skip
-    return _HANDOVER.call(_quantized_linear_op, op_inputs, args, body=_quantized_linear_body, key=key)
+    return OP.call(op_inputs, args, key)
 
 
 # --------------------------------------------------------------------------------------

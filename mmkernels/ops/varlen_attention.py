@@ -24,27 +24,21 @@ import torch
 from mmkernels.backend import (
     MISS,
     AotCase,
-    Backend,
     Capabilities,
-    ValidatedHandOver,
+    Needs,
+    Op,
     aligned_elements,
-    env_flag,
     cdiv,
     matmul_tf32,
-    choose_backend,
-    device_guard,
     empty_output,
     is_interpreted,
     launch,
     plan_key,
     plan_ok,
     next_power_of_2,
+    resolve_check,
 )
 from mmkernels.ops import _varlen_attention_kernels as kernels
-
-# MMKERNELS_DEBUG_CHECKS, read at import (not per call); mmkernels.backend.refresh_environment()
-# reads it again.
-_debug_checks = env_flag("MMKERNELS_DEBUG_CHECKS")
 
 __all__ = [
     "CAPABILITIES",
@@ -58,7 +52,6 @@ OP_NAME = "varlen_attention"
 CAPABILITIES = Capabilities(dtypes=frozenset({torch.float16, torch.bfloat16, torch.float32}), min_compute_capability=(8, 0))
 # Head dims run inside the kernel as two power-of-two chunks (see head_chunks).
 MAX_HEAD_DIM = 256
-_HANDOVER = ValidatedHandOver(OP_NAME)  # the public wrapper's validation, reused by the op; and its call plans
 
 
 @dataclass
@@ -401,41 +394,22 @@ def _triton_impl(args: _AttnArgs) -> torch.Tensor:
 # The op
 
 
-def _varlen_attention_body(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    softmax_scale: float,
-    causal: bool,
-    kv_ranges: torch.Tensor | None,
-) -> torch.Tensor:
-    op_inputs = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, kv_ranges)
-    args = _HANDOVER.take(op_inputs) or _validate(*op_inputs)
-    extra = []
+def _needs(args: _AttnArgs) -> Needs:
+    reasons = []
     if args.head_dim > MAX_HEAD_DIM:
-        extra.append(f"head_dim {args.head_dim} > {MAX_HEAD_DIM}")
-    if q.shape[1] > _MAX_GRID_Y:
-        extra.append(f"{q.shape[1]} query heads > {_MAX_GRID_Y} (the launch grid's second axis)")
-    decision = choose_backend(OP_NAME, kernels.varlen_attention_fwd_kernel, CAPABILITIES, q.device, {q.dtype}, extra)
-    if decision.backend is Backend.REFERENCE:
-        return varlen_attention_reference(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                          softmax_scale=softmax_scale, causal=causal, kv_ranges=kv_ranges)  # fmt: skip
-    with device_guard(q.device):
-        return _triton_impl(args)
+        reasons.append(f"head_dim {args.head_dim} > {MAX_HEAD_DIM}")
+    if args.q.shape[1] > _MAX_GRID_Y:
+        reasons.append(f"{args.q.shape[1]} query heads > {_MAX_GRID_Y} (the launch grid's second axis)")
+    return Needs(args.q.device, (args.q.dtype,), tuple(reasons))
 
 
-# The body is also called directly by the public function where the dispatcher is not
-# needed (ValidatedHandOver.call).
-_varlen_attention_op = torch.library.custom_op("mmkernels::varlen_attention", mutates_args=())(_varlen_attention_body)
+def _reference_impl(args: _AttnArgs) -> torch.Tensor:
+    return varlen_attention_reference(args.q, args.k, args.v, args.cu_seqlens_q, args.cu_seqlens_k, args.max_seqlen_q,
+                                      args.max_seqlen_k, softmax_scale=args.softmax_scale, causal=args.causal,
+                                      kv_ranges=args.kv_ranges)  # fmt: skip
 
 
-@_varlen_attention_op.register_fake
-def _varlen_attention_fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                           kv_ranges):  # fmt: skip
+def _fake(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, kv_ranges):
     _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, kv_ranges)
     return q.new_empty(q.shape)
 
@@ -461,7 +435,20 @@ def _backward(ctx, grad_out):
     return tuple(next(grads) if t.requires_grad else None for t in leaves) + (None,) * 7
 
 
-_varlen_attention_op.register_autograd(_backward, setup_context=_setup_context)
+OP = Op(
+    OP_NAME,
+    schema="(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, "
+    "SymInt max_seqlen_k, float softmax_scale, bool causal, Tensor? kv_ranges) -> Tensor",
+    validate=_validate,
+    needs=_needs,
+    kernel=kernels.varlen_attention_fwd_kernel,
+    capabilities=CAPABILITIES,
+    reference=_reference_impl,
+    launch=_triton_impl,
+    fake=_fake,
+    setup_context=_setup_context,
+    backward=_backward,
+)
 
 
 def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *, softmax_scale=None,
@@ -493,13 +480,14 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
             expresses image masks such as Mllama's (text token t sees the tiles of the
             images before it) without a dense mask; key blocks outside every query's range
             are skipped, not masked.
-        check: the debug mode. True validates the VALUES of the index tensors, which needs
-            one host sync (so it is off by default, as in flash-attn): ``cu_seqlens`` start
+        check: as for every op (:func:`mmkernels.backend.resolve_check`): True validates
+            the VALUES of the index tensors, which needs one host sync (so it is off by
+            default, as in flash-attn): ``cu_seqlens`` start
             at 0, never decrease and end at ``total_q`` / ``total_k``; ``max_seqlen_*`` >=
             every length; every ``kv_ranges`` row lies inside its sequence's keys
             (``0 <= start``, ``end <= Lk``; ``start >= end`` is an empty range). Each
-            violation raises ``ValueError`` naming the argument. None (default) reads the
-            environment variable ``MMKERNELS_DEBUG_CHECKS=1``. Without the check, offsets
+            violation raises ``ValueError`` naming the argument. None (default): off, or on
+            under the environment variable ``MMKERNELS_DEBUG_CHECKS=1``. Without the check, offsets
             that break the contract never make the kernel read or write outside q, k, v,
             kv_ranges or the output (it clamps each sequence to ``[0, total]`` with
             ``end >= start``) and every output row is written, but the rows of such a
@@ -518,22 +506,21 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seql
     available through a PyTorch recomputation (see :func:`varlen_attention_torch`).
     Registered as ``torch.ops.mmkernels.varlen_attention``.
     """
-    if check is None:
-        check = _debug_checks()
+    check = resolve_check(check, default=False)
     key = None
     if not check:  # the check reads values on the host: never replayed
         # Keyed by the arguments as given (softmax_scale None or a number); the plan takes
         # only the tensors from them, at the same positions as in the op's inputs.
         given = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, kv_ranges)
         key = plan_key(given)
-        out = _HANDOVER.replay(key, given)
+        out = OP.replay(key, given)
         if out is not MISS:
             return out
     args = _validate(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, kv_ranges)
     if check:
         check_values(args)
     op_inputs = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, args.softmax_scale, causal, kv_ranges)
-    return _HANDOVER.call(_varlen_attention_op, op_inputs, args, body=_varlen_attention_body, key=key)
+    return OP.call(op_inputs, args, key)
 
 
 # --------------------------------------------------------------------------------------
