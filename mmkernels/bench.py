@@ -76,11 +76,11 @@ _REEXEC_ENV = "MMKERNELS_BENCH_REEXEC"
 
 
 def repo_root() -> Path:
-    """The source checkout holding ``benchmarks/harness.py`` (this file's parent's parent
+    """The source checkout holding ``benchmarks/harness/`` (this file's parent's parent
     in a checkout or an editable install; else the working directory), put on
     ``sys.path`` so ``benchmarks`` imports. Raises ``RuntimeError`` when there is none."""
     for candidate in (Path(__file__).resolve().parent.parent, Path.cwd()):
-        if (candidate / "benchmarks" / "harness.py").is_file():
+        if (candidate / "benchmarks" / "harness" / "__init__.py").is_file():
             if str(candidate) not in sys.path:
                 sys.path.insert(0, str(candidate))
             return candidate

@@ -180,7 +180,7 @@ def test_cpu_run_checks_every_provider_and_counts_syncs(quick_cpu_run):
     else:
         for name in mm_names:
             assert all(r.status == "skipped" and "not importable" in r.reason for r in by_provider[name])
-    if harness._host_sync_counter_class()[0] is not None:
+    if harness.syncs._host_sync_counter_class()[0] is not None:
         one_kind = [s.name for s in QUICK_MERGE_SHAPES if len(s.placeholder_ids) == 1]
         syncs = {(r.case, r.provider): r.host_syncs for r in result.rows}
         for case in one_kind:
@@ -225,8 +225,8 @@ def test_time_device_rotates_inputs_and_flushes_between_calls():
 
 
 def test_quantile_interpolates():
-    assert harness._quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.5) == 3.0
-    assert harness._quantile([1.0, 2.0], 0.2) == pytest.approx(1.2)
+    assert harness.timing._quantile([1.0, 2.0, 3.0, 4.0, 5.0], 0.5) == 3.0
+    assert harness.timing._quantile([1.0, 2.0], 0.2) == pytest.approx(1.2)
 
 
 def _stand_in_session(providers, *, cases):
@@ -464,7 +464,7 @@ def test_stamp_reads_nvml_fields(monkeypatch):
     assert gpu["nvml"] == "ok" and gpu["name"] == "NVIDIA H100 80GB HBM3" and gpu["driver"] == "580.65.06"
     assert (gpu["sm_clock_mhz"], gpu["memory_clock_mhz"], gpu["power_limit_w"]) == (1980, 2619, 700.0)
     assert gpu["enforced_power_limit_w"] == "unavailable: Not Supported" and gpu["memory_total_gib"] == 80.0
-    line = harness._stamp_line({"gpu": gpu, "torch": "2.11"})
+    line = harness.report._stamp_line({"gpu": gpu, "torch": "2.11"})
     assert "driver 580.65.06" in line and "power limit 700.0 W" in line
 
 
@@ -472,8 +472,8 @@ def test_roofline_helpers_and_cpu_refusal():
     assert harness.measure_roofline("cpu").reason == "not measured: no CUDA device"
     config = harness.TimingConfig(warmup_ms=0.1, rep_ms=0.5, min_runs=2, max_runs=3, flush_l2=False)
     clock = WallClock()
-    assert harness._copy_timing(torch.device("cpu"), 4096, clock, config).runs >= 2
-    assert harness._matmul_timing(torch.device("cpu"), 16, clock, config).median_ms > 0
+    assert harness.roofline._copy_timing(torch.device("cpu"), 4096, clock, config).runs >= 2
+    assert harness.roofline._matmul_timing(torch.device("cpu"), 16, clock, config).median_ms > 0
     assert clock.flushes == 0
 
 

@@ -339,7 +339,7 @@ def test_timed_rows_report_percent_of_roofline_and_uint8_bytes(tmp_path):
 
 
 def test_cpu_run_validates_every_provider_and_writes_not_timed(tmp_path, monkeypatch):
-    monkeypatch.setattr(harness, "cuda_available", lambda: False)  # also on a machine with a GPU
+    monkeypatch.setattr(harness.common, "cuda_available", lambda: False)  # also on a machine with a GPU
     result = bench.run(tmp_path, quick=True)
     assert not result.timed and result.not_timed_reason.startswith("not timed: no CUDA device")
     assert {r.case for r in result.rows} == {s.name for s in QUICK_PATCH_EMBED_SHAPES}
@@ -350,7 +350,7 @@ def test_cpu_run_validates_every_provider_and_writes_not_timed(tmp_path, monkeyp
             assert row.status == "skipped" and "not importable" in row.reason
         else:
             assert row.status == harness.NOT_TIMED and row.correct, (row.case, row.provider, row.reason)
-            if harness._host_sync_counter_class()[0] is not None:
+            if harness.syncs._host_sync_counter_class()[0] is not None:
                 assert row.host_syncs == 0, (row.case, row.provider, row.host_sync_ops)
     by_cell = {(r.case, r.provider): r for r in result.rows}
     for shape in QUICK_PATCH_EMBED_SHAPES:

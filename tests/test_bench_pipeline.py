@@ -173,7 +173,7 @@ def test_registry_holds_kernels_and_models():
 
 
 def test_registering_a_new_benchmark_is_one_call(monkeypatch):
-    monkeypatch.setattr(harness, "_REGISTRY", dict(harness._REGISTRY))
+    monkeypatch.setattr(harness.providers, "_REGISTRY", dict(harness.providers._REGISTRY))
     bench = dataclasses.replace(REGISTRY["merge"].benchmark, name="quantized_linear")
     assert harness.register(bench, size_param="M", module="benchmarks.bench_quantized_linear") is bench
     assert harness.registered()["quantized_linear"].kind == "kernel"

@@ -119,7 +119,7 @@ def test_timed_rows_use_each_providers_bytes():
 
 
 def test_cpu_run_validates_every_provider_and_writes_not_timed(tmp_path, monkeypatch):
-    monkeypatch.setattr(harness, "cuda_available", lambda: False)
+    monkeypatch.setattr(harness.common, "cuda_available", lambda: False)
     result = bench.run(tmp_path, quick=True)
     assert not result.timed and result.not_timed_reason.startswith("not timed: no CUDA device")
     assert {r.case for r in result.rows} == {s.name for s in bench.QUICK_SHAPES}
