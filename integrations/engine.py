@@ -190,13 +190,20 @@ class SpecRule(Rule):
         return f"{type(self).__name__}({self.spec.family}: {self.spec.model_class}.{self.method})"
 
 
-def backend_note(capabilities, tensor: torch.Tensor) -> str:
+def backend_note(capabilities, tensor: torch.Tensor, routed: bool = False) -> str:
     """The report's line on which backend a patched call will take for ``tensor``'s device
-    and dtype, from an op's declared capabilities."""
+    and dtype, from an op's declared capabilities; ``routed``: the op has routes, and the
+    line says what chooses among them on a CUDA device (:func:`mmkernels.routes.describe`)."""
     reasons = capabilities.not_supported_reasons(tensor.device, [tensor.dtype])
     if reasons:
         return "runs the PyTorch reference: " + "; ".join(reasons)
-    return "Triton kernel" + (" (interpreter)" if tensor.device.type == "cpu" else "")
+    note = "Triton kernel" + (" (interpreter)" if tensor.device.type == "cpu" else "")
+    if routed:
+        from mmkernels import routes
+
+        if tensor.device.type in routes.TABLE_DEVICE_TYPES:
+            note += "; " + routes.describe(tensor.device)
+    return note
 
 
 @dataclasses.dataclass(frozen=True)

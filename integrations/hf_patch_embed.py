@@ -589,7 +589,7 @@ class PatchEmbedRule(SpecRule):
     def notes(self, module: torch.nn.Module, options: PatchOptions) -> list[str]:
         spec = self.spec
         weight = _projection(module, spec).weight
-        notes = [backend_note(PATCH_EMBED_CAPABILITIES, weight)]
+        notes = [backend_note(PATCH_EMBED_CAPABILITIES, weight, routed=True)]
         if options.pixel_normalization is not None:
             mean, std, scale = options.pixel_normalization
             notes.append(f"raw pixels normalized in the kernel: (x * {scale:g} - mean {list(mean)}) / std {list(std)}")
@@ -684,7 +684,7 @@ class ConvPatchRule(SpecRule):
         return reasons or _conv_reasons(module, IMAGE_FORM)
 
     def notes(self, module: torch.nn.Module, options: PatchOptions) -> list[str]:
-        notes = [backend_note(PATCH_EMBED_CAPABILITIES, module.weight)]
+        notes = [backend_note(PATCH_EMBED_CAPABILITIES, module.weight, routed=True)]
         if options.pixel_normalization is not None:
             mean, std, scale = options.pixel_normalization
             notes.append(f"raw pixels normalized in the kernel: (x * {scale:g} - mean {list(mean)}) / std {list(std)}")

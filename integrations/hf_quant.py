@@ -73,6 +73,7 @@ __all__ = [
     "ProjectorSpec",
     "QuantizedLinear",
     "check_unpatchable",
+    "projector_linears",
     "from_pretrained",
     "is_quantized",
     "quantize_projector",
@@ -395,6 +396,20 @@ def _make_identity(projector: torch.nn.Module, act_path: str) -> None:
     act_parent._modules[act_name] = torch.nn.Identity()
 
 
+def projector_linears(model: torch.nn.Module) -> list[tuple[str, torch.nn.Linear, str | None]]:
+    """``(path, Linear, fused activation or None)`` of every projector Linear that
+    :func:`quantize_projector` would quantize in ``model`` (what ``mmkernels tune`` times;
+    Gemma 3's bare Parameter is not among them). Works on a model on the meta device."""
+    found = []
+    for path, holder, spec in _projectors(model):
+        projector = holder._modules[spec.attribute]
+        for full, act_path, target, _parent, _name in _linear_slots(holder, spec, _join(path, spec.attribute)):
+            if type(target) is torch.nn.Linear:
+                activation = _fusable_activation(projector.get_submodule(act_path)) if act_path is not None else None
+                found.append((full, target, activation))
+    return found
+
+
 def normalize_request(scheme, group_size) -> tuple[str, int | None]:
     if isinstance(scheme, Mapping):
         unknown = set(scheme) - {"scheme", "group_size"}
@@ -480,7 +495,7 @@ def quantize_projector(model: torch.nn.Module, scheme, *, group_size: int = 128)
         records[full] = {"activation": activation, "fused": act_path}
         notes = [f"{scheme}" + (f", group_size={group_size}" if group_size else "")
                  + (f"; activation {activation!r} fused (the {act_path} module is now Identity)" if act_path else ""),
-                 backend_note(CAPABILITIES[scheme], linear.weight)]  # fmt: skip
+                 backend_note(CAPABILITIES[scheme], linear.weight, routed=True)]  # fmt: skip
         replaced.append(Replacement(full, "Linear", "module", "mmkernels::quantized_linear", spec.family, tuple(notes)))
     for projector, full, spec in matmul_plans:
         replaced.append(_apply_matmul(projector, full, spec, scheme, group_size, records))
@@ -543,7 +558,7 @@ def _apply_matmul(projector, full: str, spec: ProjectorSpec, scheme: str, group_
     notes = (f"{scheme}" + (f", group_size={group_size}" if group_size else "")
              + f"; replaces the Parameter {mw.parameter} ({k}, {n}) (used with torch.matmul) by a "
              f"QuantizedLinear of its transpose; {type(projector).__name__}.forward swapped on the instance to call it",
-             backend_note(CAPABILITIES[scheme], weight))  # fmt: skip
+             backend_note(CAPABILITIES[scheme], weight, routed=True))  # fmt: skip
     return Replacement(full, "Parameter", "module", "mmkernels::quantized_linear", spec.family, notes)
 
 

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import enum
-import itertools
 import functools
+import itertools
 import logging
 import os
 import re
@@ -31,6 +32,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
+
+from mmkernels import routes as _routes
 
 log = logging.getLogger("mmkernels")
 
@@ -175,14 +178,21 @@ class Capabilities:
 
 @dataclass(frozen=True)
 class Decision:
+    """One call's backend, the reasons for the reference, and for an op with routes the
+    route a table (or :func:`mmkernels.routes.force_route`) chose and where that came from
+    ("measured" on this GPU, "shipped", "forced"); ``route`` None: the op's heuristic."""
+
     op: str
     backend: Backend
     reasons: tuple[str, ...] = ()
+    route: str | None = None
+    route_source: str | None = None
 
     def __str__(self) -> str:
-        if not self.reasons:
-            return f"{self.op}: {self.backend.value}"
-        return f"{self.op}: {self.backend.value} ({'; '.join(self.reasons)})"
+        text = f"{self.op}: {self.backend.value}"
+        if self.route is not None:
+            text += f" via {self.route} ({self.route_source})"
+        return text if not self.reasons else f"{text} ({'; '.join(self.reasons)})"
 
 
 _RECENT: collections.deque[tuple[int, Decision]] = collections.deque(maxlen=64)  # (sequence number, decision)
@@ -247,6 +257,12 @@ def choose_backend(
     the same key (compute capability and the interpreter flag are read once, see
     :func:`refresh_environment`), and building the reasons was several microseconds of
     every call. A :class:`force_backend` scope is part of the key, so it still forces."""
+    return record_decision(decide_backend(op, kernel, caps, device, dtypes, extra_reasons))
+
+
+def decide_backend(op: str, kernel: Any, caps: Capabilities, device: torch.device, dtypes: Iterable[torch.dtype],
+                   extra_reasons: Iterable[str] = ()) -> Decision:  # fmt: skip
+    """:func:`choose_backend` without recording the decision (see :func:`record_decision`)."""
     forced = _FORCED.value
     extra = tuple(extra_reasons)
     try:
@@ -260,6 +276,11 @@ def choose_backend(
             if len(_DECISIONS) >= 512:
                 _DECISIONS.clear()
             _DECISIONS[key] = decision
+    return decision
+
+
+def record_decision(decision: Decision) -> Decision:
+    """Keep ``decision`` in :func:`recent_decisions` (and in the call plan being recorded)."""
     if decision.reasons:
         log.debug("mmkernels: %s", decision)
     _RECENT.append((next(_SEQUENCE), decision))
@@ -517,7 +538,11 @@ class Op:
       launcher on validated arguments, each returning the result (None for an op that
       only writes an argument);
     * ``fake(*op_inputs)``: the result's shape and dtype without computing it;
-    * optionally ``setup_context`` / ``backward``, as ``register_autograd`` takes them.
+    * optionally ``setup_context`` / ``backward``, as ``register_autograd`` takes them;
+    * optionally ``routes`` (:class:`mmkernels.routes.Route`: other Triton forms, the
+      standard PyTorch path) and ``bucket(args)``, the call's shape bucket: a per-GPU
+      table (:mod:`mmkernels.routes`, written by ``mmkernels tune``) may choose one of them
+      for a bucket; without an entry the launcher runs (the route "heuristic").
 
     From these this makes the custom op with its fake and autograd registrations, the
     body the custom op runs (the public function's validation if it was handed over for
@@ -528,8 +553,15 @@ class Op:
 
     def __init__(self, name: str, *, schema: str, validate: Callable, needs: Callable[[Any], Needs], kernel: Any,
                  capabilities, reference: Callable, launch: Callable, fake: Callable,
-                 setup_context: Callable | None = None, backward: Callable | None = None):  # fmt: skip
+                 setup_context: Callable | None = None, backward: Callable | None = None, routes: tuple = (),
+                 bucket: Callable[[Any], str] | None = None):  # fmt: skip
+        if routes and bucket is None:
+            raise ValueError(f"{name}: an op with routes states its shape bucket (bucket=)")
         self.name = name
+        # The candidate routes (mmkernels.routes.Route) a table may choose for a call in
+        # bucket(args); the launcher is the heuristic, taken when no table entry applies.
+        self.routes = {route.name: route for route in routes}
+        self.bucket = bucket
         self.validate = validate
         self.needs = needs
         self.kernel = kernel
@@ -555,17 +587,40 @@ class Op:
         return None if self._returns_nothing else out
 
     def run(self, args):
-        """The result for validated ``args``: the backend choice, then the reference or the launcher."""
+        """The result for validated ``args``: the backend choice, then the reference, or the
+        launcher or the route a table (or :func:`mmkernels.routes.force_route`) chose."""
         needs = self.needs(args)
         if self._decision_names is None:
             name, caps = self.name, self.capabilities
         else:
             name, caps = self._decision_names[needs.variant], self.capabilities[needs.variant]
-        decision = choose_backend(name, self.kernel, caps, needs.device, needs.dtypes, needs.reasons)
+        decision = decide_backend(name, self.kernel, caps, needs.device, needs.dtypes, needs.reasons)
         if decision.backend is Backend.REFERENCE:
+            record_decision(decision)
             return self.reference(args)
+        route = chosen = None
+        if self.routes and (needs.device.type in _routes.TABLE_DEVICE_TYPES or _routes.routes_forced()):
+            route, chosen = self._route(args, name, needs.device)
+        if chosen is not None:
+            decision = dataclasses.replace(decision, route=chosen[0], route_source=chosen[1])
+        record_decision(decision)
         with device_guard(needs.device):
-            return self.launch(args)
+            return self.launch(args) if route is None else route.run(args)
+
+    def _route(self, args, variant_op: str, device: torch.device):
+        """(the route to run, None for the launcher; the (name, source) taken, or None for
+        the heuristic) from :func:`mmkernels.routes.lookup`."""
+        chosen = _routes.lookup(self.name, variant_op, device, self.bucket(args))
+        if chosen is None or chosen[0] == _routes.HEURISTIC:
+            return None, chosen
+        name, source = chosen
+        route = self.routes.get(name)
+        why = f"no route {name!r} (routes: {[_routes.HEURISTIC, *self.routes]})" if route is None else route.reason_not(args)
+        if why is None:
+            return route, chosen
+        if source == "forced":
+            raise ValueError(f"force_route: {self.name}: {why}")
+        return None, None  # a table of another mmkernels version, or a call its route cannot take: the heuristic
 
     def replay(self, key, op_inputs: tuple):
         """The result of the call plan of ``key`` (a :func:`plan_key` of the call), or :data:`MISS`."""
@@ -1153,7 +1208,7 @@ def plan_key(op_inputs: tuple, extra: tuple = ()):
     reads beyond ``op_inputs`` (fields of an argument object), made part of the key."""
     if torch.compiler.is_compiling():  # first: Dynamo folds it, and traces nothing below
         return None
-    if _dispatcher_feature_active() or not _PLANS_ON[0] or _FORCED.value is not None:
+    if _dispatcher_feature_active() or not _PLANS_ON[0] or _FORCED.value is not None or _routes.routes_forced():
         return None
     types = tuple(map(type, op_inputs))
     key_function = _PLAN_KEY_FUNCTIONS.get(types)

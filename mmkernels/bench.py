@@ -572,13 +572,18 @@ def main(argv: Sequence[str] | None = None, *, timing_source=None, stamp: dict |
 
 
 def cli(argv: Sequence[str] | None = None) -> int:
-    """The ``mmkernels`` console script: ``mmkernels bench ARGS`` (the only subcommand)."""
+    """The ``mmkernels`` console script: ``mmkernels bench ARGS`` (this module) and
+    ``mmkernels tune ARGS`` (:mod:`mmkernels.tune`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: mmkernels bench [ARGS]   (mmkernels bench --help for the arguments)")
+        print("usage: mmkernels {bench,tune} [ARGS]   (mmkernels bench --help, mmkernels tune --help for the arguments)")
         return 0 if argv else EXIT_REFUSED
+    if argv[0] == "tune":
+        from mmkernels import tune
+
+        return tune.main(argv[1:])
     if argv[0] != "bench":
-        print(f"mmkernels: unknown command {argv[0]!r}; commands: bench", file=sys.stderr)
+        print(f"mmkernels: unknown command {argv[0]!r}; commands: bench, tune", file=sys.stderr)
         return EXIT_REFUSED
     return main(argv[1:])
 

@@ -23,7 +23,12 @@ costs that step only), and is recorded in the summary however it ends:
    (taken before the benchmarks' share; with ``--benchmarks`` only when
    ``--probe-budget`` is given); ``--probe-budget`` fixes its seconds (the sweep
    compiles each config it times: a few seconds each).
-6. ``plots``: every benchmark's plots and the Markdown summary redrawn from
+6. ``tune``: ``mmkernels tune --benchmark-shapes --quick`` (at most 60 s, whole suites
+   only) writes ``routes.json`` into the folder: every route of patch_embed and
+   quantized_linear timed at the benchmark shapes, the fastest kept (the standard
+   PyTorch path is a candidate). The benchmarks run after it with that table; commit it
+   as ``mmkernels/tables/routes.json`` (the shipped table) with the results.
+7. ``plots``: every benchmark's plots and the Markdown summary redrawn from
    ``results.json`` (a step stopped by its budget leaves rows but no plots).
 
 On the lent GPU machines only 8 files come back from ``$OUT``: tar the folder into one
@@ -315,6 +320,8 @@ def _bench_step(name: str, out_dir: Path, *, budget: Budget, benches_left: int, 
     cmd = [sys.executable, "-m", "mmkernels.bench", "--benchmarks", name, "--out", str(out_dir), "--no-table",
            *(["--quick"] if quick else []), *(["--dry-run"] if dry_run else [])]  # fmt: skip
     env = step_env(dry_run=dry_run, interpret=True, deadline=deadline)
+    if (out_dir / "routes.json").is_file():
+        env["MMKERNELS_CACHE_DIR"] = str(out_dir)  # the routes the tune step chose
     step, rc = run_process_step("bench:" + name, cmd, budget_s=budget_s, out_dir=out_dir, env=env)
     if rc == EXIT_ROWS_FAILED:
         step.detail = "rows failed their correctness check; " + step.detail
@@ -332,6 +339,22 @@ def bench_reserve_s(n_benches: int, remaining_s: float) -> float:
 
 SERVE_VLLM_CAP_S = 150.0
 PROBE_CAP_S = 60.0
+TUNE_CAP_S = 60.0
+
+
+def tune_step(out_dir: Path, *, budget_s: float, dry_run: bool) -> StepResult:
+    """``mmkernels tune --benchmark-shapes --quick`` into ``routes.json`` in the results
+    folder: every route of each op timed at the benchmark shapes, the winners kept. The
+    benchmarks after it run with that table (``MMKERNELS_CACHE_DIR`` = the folder); commit
+    it as ``mmkernels/tables/routes.json``, the shipped table, with the results."""
+    if dry_run:
+        return StepResult("tune", "skipped", 0.0, 0.0, "dry run: tuning times routes on a CUDA device")
+    cmd = [sys.executable, "-m", "mmkernels.tune", "--benchmark-shapes", "--quick", "--table", str(out_dir / "routes.json"),
+           "--budget", f"{max(budget_s - 20.0, 1.0):.0f}"]  # fmt: skip
+    step, rc = run_process_step("tune", cmd, budget_s=budget_s, out_dir=out_dir, env=step_env(dry_run=False))
+    if rc == 0:
+        step.detail = _tail(out_dir / step.log, lines=1)
+    return step
 
 
 def runs_probe(only: list[str] | None, probe_budget_s: float | None) -> bool:
@@ -454,6 +477,10 @@ def run_suite(out_dir: Path, *, quick: bool, dry_run: bool, stamp: dict, stamp_s
     if runs_probe(only, probe_budget_s):
         probe_s = budget.allot_step(probe_budget_s, PROBE_CAP_S, bench_reserve)
         steps.append(probe_step(out_dir, budget_s=probe_s, dry_run=dry_run))
+        record("running")
+
+    if only is None:
+        steps.append(tune_step(out_dir, budget_s=budget.allot(TUNE_CAP_S, reserve_s=bench_reserve), dry_run=dry_run))
         record("running")
 
     for i, name in enumerate(benches):

@@ -63,22 +63,22 @@ def _empty_kernel(x_ptr, y_ptr, n):
 
 
 def _patched_backend_choice():
-    """The ops' backend choice (``backend.choose_backend``, which every op's scaffold
+    """The ops' backend choice (``backend.decide_backend``, which every op's scaffold
     calls), asked about CUDA device 0 of compute capability 9.0 instead of the CPU device
     of the stand-in tensors. Returns an undo function."""
     from mmkernels import backend
 
     cuda0 = torch.device("cuda", 0)
-    real_choose, real_cc = backend.choose_backend, backend.compute_capability
+    real_decide, real_cc = backend.decide_backend, backend.compute_capability
 
-    def choose(op, kernel, caps, device, dtypes, extra_reasons=()):
-        return real_choose(op, kernel, caps, cuda0 if device.type == "cpu" else device, dtypes, extra_reasons)
+    def decide(op, kernel, caps, device, dtypes, extra_reasons=()):
+        return real_decide(op, kernel, caps, cuda0 if device.type == "cpu" else device, dtypes, extra_reasons)
 
-    backend.choose_backend = choose
+    backend.decide_backend = decide
     backend.compute_capability = lambda device: (9, 0)
 
     def undo():
-        backend.choose_backend = real_choose
+        backend.decide_backend = real_decide
         backend.compute_capability = real_cc
         backend.clear_decision_cache()  # decided under the stand-in capability
 

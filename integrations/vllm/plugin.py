@@ -139,10 +139,12 @@ def _record(replacement: str, op: str, where: str) -> None:
     decision = decisions[-1]
     _STATS[(replacement, decision.backend.value)] += 1
     reasons = f" ({'; '.join(decision.reasons)})" if decision.reasons else ""
+    # The route a table chose (mmkernels.routes), for ops that have routes.
+    route = f" route={decision.route} ({decision.route_source})" if decision.route is not None else ""
     _note_once(
-        ("ran", replacement, decision.backend.value, decision.reasons),
-        "mmkernels %s ran: backend=%s%s [%s, pid %d, first call]",
-        replacement, decision.backend.value, reasons, where, os.getpid(),
+        ("ran", replacement, decision.backend.value, decision.reasons, decision.route),
+        "mmkernels %s ran: backend=%s%s%s [%s, pid %d, first call]",
+        replacement, decision.backend.value, route, reasons, where, os.getpid(),
     )  # fmt: skip
 
 

@@ -311,8 +311,12 @@ class ProjectorLinearMethod(LinearMethodBase):
         backend = decisions[-1].backend.value if decisions else "unknown"
         _CALLS[(self.prefix, backend)] += 1
         reasons = f" ({'; '.join(decisions[-1].reasons)})" if decisions and decisions[-1].reasons else ""
-        _note_once(("ran", self.prefix, backend), logging.INFO, "%s: %s ran mmkernels quantized_linear: backend=%s%s "
-                   "[pid %d, first call]", self.method, self.prefix, backend, reasons, os.getpid())  # fmt: skip
+        # The route a table chose (mmkernels.routes), if any: one line per route.
+        route = decisions[-1].route if decisions else None
+        route_text = f" route={route} ({decisions[-1].route_source})" if route is not None else ""
+        _note_once(("ran", self.prefix, backend, route), logging.INFO, "%s: %s ran mmkernels quantized_linear: "
+                   "backend=%s%s%s [pid %d, first call]", self.method, self.prefix, backend, route_text, reasons,
+                   os.getpid())  # fmt: skip
 
 
 @register_weight_loader_v2_supported_method  # its parameters carry vLLM's sharding loaders

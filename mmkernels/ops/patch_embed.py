@@ -45,11 +45,13 @@ from mmkernels.backend import (
     empty_output,
     is_interpreted,
     launch,
+    no_plan,
     plan_key,
     plan_ok,
     next_power_of_2,
 )
 from mmkernels.ops import _patch_embed_kernels as kernels
+from mmkernels.routes import Route
 
 __all__ = ["CAPABILITIES", "patch_embed", "patch_embed_reference", "pixel_norm_table"]
 
@@ -463,7 +465,9 @@ def _launch(args: _EmbedArgs, out: torch.Tensor, cfg: EmbedConfig | None = None,
 _INTERPRETED = is_interpreted(kernels.patch_embed_kernel)
 
 
-def _triton_impl(args: _EmbedArgs) -> torch.Tensor:
+def _triton_impl(args: _EmbedArgs, a_source: str | None = None) -> torch.Tensor:
+    """The kernel with the heuristic's tiles (:func:`embed_config`), reading A from
+    ``a_source`` where given (a route), else from the heuristic's choice."""
     out = empty_output(args.out_shape, args.weight2d.dtype, args.pixels.device)
     if args.rows == 0 or args.dim == 0:
         if args.image_form and args.class_embedding is not None and args.dim:
@@ -478,6 +482,8 @@ def _triton_impl(args: _EmbedArgs) -> torch.Tensor:
     # Allocations and launches only from here (a weight copy is a temporary a plan refuses).
     plan_ok()
     cfg = embed_config(args.rows, args.dim, args.weight2d.shape[1], args.weight2d.element_size())
+    if a_source is not None:
+        cfg = cfg.with_a_source(a_source, args.weight2d.element_size())
     packed = None
     if _packs(cfg.a_source, args.image_form, args.norm is not None):
         packed = empty_output(_packed_shape(args), args.weight2d.dtype, args.pixels.device)
@@ -552,6 +558,41 @@ def _backward(ctx, grad_out):
     return tuple(found.get(k) for k in wanted) + (None, None, None, None)
 
 
+def _torch_route(args: _EmbedArgs) -> torch.Tensor:
+    """The standard PyTorch path: cuDNN's convolution (cuBLAS for pre-flattened patches)
+    in the weight dtype, then the class row and position table added as Hugging Face does."""
+    no_plan()  # PyTorch ops, not launches a call plan can replay
+    with torch.no_grad():
+        out = _differentiable_forward(args, args.weight, args.bias, args.class_embedding, args.position_embedding)
+    return out.to(args.weight.dtype).contiguous()  # the op's dtype (a float32 table promotes) and layout
+
+
+def _torch_route_applies(args: _EmbedArgs) -> str | None:
+    return "no patches or no output channels (the launcher's empty result)" if args.rows == 0 or args.dim == 0 else None
+
+
+def _a_source_route(a_source: str) -> Route:
+    return Route(f"triton-{a_source}", functools.partial(_triton_impl, a_source=a_source))
+
+
+ROUTES = (
+    *(_a_source_route(a_source) for a_source in A_SOURCES),
+    Route("torch", _torch_route, standard=True, applies=_torch_route_applies),
+)
+
+
+def bucket(args: _EmbedArgs) -> str:
+    """The shape bucket of a call (what a route table is keyed by): the form, GEMM rows as
+    the next power of two, K, D and the dtypes."""
+    form = "image" if args.image_form else "flat"
+    return (f"{form}-m{max(16, next_power_of_2(args.rows))}-k{args.weight2d.shape[1]}-n{args.dim}-"
+            f"{_short(args.weight.dtype)}-{_short(args.pixels.dtype)}")  # fmt: skip
+
+
+def _short(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 OP = Op(
     OP_NAME,
     schema="(Tensor pixels, Tensor weight, Tensor? bias, Tensor? class_embedding, Tensor? position_embedding, "
@@ -565,6 +606,8 @@ OP = Op(
     fake=_fake,
     setup_context=_setup_context,
     backward=_backward,
+    routes=ROUTES,
+    bucket=bucket,
 )
 
 

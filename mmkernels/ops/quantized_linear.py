@@ -33,12 +33,14 @@ from mmkernels.backend import (
     empty_output,
     is_interpreted,
     launch,
+    no_plan,
     plan_key,
     plan_ok,
     next_power_of_2,
 )
 from mmkernels.ops import _quantized_linear_kernels as kernels
 from mmkernels.quant import FP8_MAX, MIN_SCALE, SCHEME_TABLE, SCHEMES, QuantizedWeight, quantize_activations_fp8
+from mmkernels.routes import Route
 
 __all__ = [
     "ACTIVATIONS",
@@ -501,6 +503,36 @@ def _backward(ctx, grad_out):
     return gx, None, None, None, gb, None, None, None
 
 
+def _torch_route(args: _LinearArgs) -> torch.Tensor:
+    """The standard PyTorch path (vLLM's AWQ route from 256 tokens): the weight dequantized
+    to x's dtype, then cuBLAS (``F.linear`` with the bias) and the activation in x's dtype."""
+    no_plan()  # PyTorch ops, not launches a call plan can replay
+    x, qw = args.x2d, args.qweight
+    bias = args.bias.to(x.dtype) if args.bias is not None else None
+    with torch.no_grad():
+        y = apply_activation(F.linear(x, qw.dequantize(x.dtype).to(x.device), bias), args.activation)
+    return y.reshape(args.out_shape)
+
+
+def _torch_route_applies(args: _LinearArgs) -> str | None:
+    if args.qweight.info.quantized_activations:
+        return f"{args.qweight.scheme} quantizes the activations too: no weight-only PyTorch path computes the op"
+    return None
+
+
+# Besides the launcher (its heuristic tiles, split-K and TMA forms: the route "heuristic").
+ROUTES = (Route("torch", _torch_route, standard=True, applies=_torch_route_applies),)
+
+
+def bucket(args: _LinearArgs) -> str:
+    """The shape bucket of a call: M as the next power of two (at least 16), N, K, the
+    activation dtype and a w4a16 weight's group size (the scheme is in the op's variant)."""
+    qw = args.qweight
+    group = f"-g{qw.group_size}" if qw.group_size else ""
+    return (f"m{max(16, next_power_of_2(args.x2d.shape[0]))}-n{qw.out_features}-k{qw.in_features}-"
+            f"{str(args.x2d.dtype).removeprefix('torch.')}{group}")
+
+
 OP = Op(
     OP_NAME,
     schema="(Tensor x, Tensor packed, Tensor scales, Tensor? zeros, Tensor? bias, str scheme, SymInt group_size, "
@@ -514,6 +546,8 @@ OP = Op(
     fake=_fake,
     setup_context=_setup_context,
     backward=_backward,
+    routes=ROUTES,
+    bucket=bucket,
 )
 
 

@@ -1,0 +1,286 @@
+"""Routes and route tables (mmkernels.routes, mmkernels.tune) on the CPU: every route of
+every op with routes against the op's reference in the interpreter; tables written, read
+back, keyed by GPU and versions, shared by two processes under the lock, ignored with one
+warning when corrupt or foreign; the op taking a table's route (and saying so); `tune`
+over a tiny model folder end to end with a stand-in timer and device identity."""
+
+import importlib
+import json
+import multiprocessing
+import warnings
+
+import pytest
+import torch
+
+from mmkernels import backend, ops, routes, tune
+from mmkernels.quant import quantize
+from mmkernels.testing import assert_close, poison_outputs
+
+PATCH_EMBED = importlib.import_module("mmkernels.ops.patch_embed")
+QUANTIZED_LINEAR = importlib.import_module("mmkernels.ops.quantized_linear")
+STAND_IN = routes.DeviceIdentity("Stand-in GPU", "9.0", torch.__version__, "3.8.0")
+
+
+@pytest.fixture
+def tables(tmp_path, monkeypatch):
+    """The user's and the shipped table in tmp_path, read for CPU calls as if on the stand-in GPU."""
+    monkeypatch.setenv("MMKERNELS_CACHE_DIR", str(tmp_path / "cache"))
+    shipped = tmp_path / "shipped" / "routes.json"
+    monkeypatch.setattr(routes, "shipped_table_path", lambda: shipped)
+    monkeypatch.setattr(routes, "device_identity", lambda device: STAND_IN)
+    monkeypatch.setattr(routes, "TABLE_DEVICE_TYPES", {"cuda", "cpu"})
+    routes.reload_tables()
+    yield routes.user_table_path(), shipped
+    routes.reload_tables()
+
+
+def _patch_embed_inputs() -> dict[str, tuple[tuple, dict]]:
+    """(args, kwargs) of patch_embed calls of each form, fixed per case."""
+    gen = torch.Generator().manual_seed(1)
+    r = lambda *s: torch.randn(*s, generator=gen)  # noqa: E731
+    uint8 = torch.randint(0, 256, (2, 3, 30, 30), generator=gen, dtype=torch.uint8)
+    return {
+        "image-cls-pos": ((r(2, 3, 28, 29), r(24, 3, 7, 7), r(24)),
+                          dict(class_embedding=r(24), position_embedding=r(1 + 16, 24))),
+        "image-uint8-norm": ((uint8, r(24, 3, 6, 6), None),
+                             dict(pixel_mean=torch.tensor([0.4, 0.5, 0.6]), pixel_std=torch.tensor([0.2, 0.25, 0.3]),
+                                  pixel_scale=1 / 255)),
+        "flat-conv3d": ((r(37, 3 * 2 * 4 * 4), r(20, 3, 2, 4, 4), r(20)), {}),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize("route", ["heuristic", *PATCH_EMBED.OP.routes])
+@pytest.mark.parametrize("case", list(_patch_embed_inputs()))
+def test_every_patch_embed_route_matches_the_reference(route, case):
+    args, kwargs = _patch_embed_inputs()[case]
+    with routes.force_route("patch_embed", route), poison_outputs():
+        out = ops.patch_embed(*args, **kwargs)
+    decision = backend.recent_decisions()[-1]
+    assert (decision.route, decision.route_source) == (route, "forced")
+    k = args[1][0].numel()
+    assert_close(out, ops.patch_embed_reference(*args, **kwargs), reduction_length=k)
+    assert not out.isnan().any()
+
+
+@pytest.mark.parametrize("route", ["heuristic", "torch"])
+@pytest.mark.parametrize("scheme", ["w8a16", "w4a16"])
+@pytest.mark.parametrize("m", [1, 37])
+def test_every_quantized_linear_route_matches_the_reference(route, scheme, m):
+    gen = torch.Generator().manual_seed(2)
+    qw = quantize(torch.randn(40, 64, generator=gen), scheme, **({"group_size": 32} if scheme == "w4a16" else {}))
+    x, bias = torch.randn(m, 64, generator=gen), torch.randn(40, generator=gen)
+    with routes.force_route("quantized_linear", route), poison_outputs():
+        out = ops.quantized_linear(x, qw, bias, activation="gelu")
+    assert backend.recent_decisions()[-1].route == route
+    assert_close(out, ops.quantized_linear_reference(x, qw, bias, activation="gelu"), reduction_length=64)
+
+
+def test_forcing_a_route_that_cannot_take_the_call_names_why():
+    qw = quantize(torch.randn(16, 32), "fp8")
+    with routes.force_route("quantized_linear", "torch"), pytest.raises(ValueError, match="fp8 quantizes the activations"):
+        ops.quantized_linear(torch.randn(3, 32), qw)
+    with routes.force_route("quantized_linear[w8a16]", "gather"), pytest.raises(ValueError, match="no route 'gather'"):
+        ops.quantized_linear(torch.randn(3, 32), quantize(torch.randn(16, 32), "w8a16"))
+
+
+def _entry(op, bucket, winner, gpu="Stand-in GPU", **medians):
+    return routes.TableEntry(gpu, STAND_IN.cc, STAND_IN.torch, STAND_IN.triton, op, bucket, winner,
+                             medians or {winner: 1.0})  # fmt: skip
+
+
+def _linear_call(m=20):
+    """(call, its shape bucket, x, qw) of a quantized_linear call with ``m`` rows."""
+    gen = torch.Generator().manual_seed(3)
+    qw = quantize(torch.randn(48, 64, generator=gen), "w8a16")
+    x = torch.randn(m, 64, generator=gen)
+    args = QUANTIZED_LINEAR.OP.validate(x, qw.packed, qw.scales, qw.zeros, None, "w8a16", 0, "none")
+    return (lambda: ops.quantized_linear(x, qw)), QUANTIZED_LINEAR.bucket(args), x, qw
+
+
+def test_a_table_entry_chooses_the_route_and_the_decision_says_so(tables):
+    user, shipped = tables
+    call, bucket, x, qw = _linear_call()
+    call()
+    assert backend.recent_decisions()[-1].route is None  # no table entry: the heuristic
+    call()  # a call plan replays (recorded under the heuristic)
+    routes.write_entries(shipped, [_entry("quantized_linear[w8a16]", bucket, "heuristic", torch=2.0, heuristic=1.0)])
+    call()
+    assert (backend.recent_decisions()[-1].route, backend.recent_decisions()[-1].route_source) == ("heuristic", "shipped")
+    # The user's table wins over the shipped one; writing it drops plans made under the old choice.
+    routes.write_entries(user, [_entry("quantized_linear[w8a16]", bucket, "torch", torch=1.0, heuristic=2.0)])
+    out = call()
+    decision = backend.recent_decisions()[-1]
+    assert (decision.route, decision.route_source) == ("torch", "measured")
+    assert "via torch (measured)" in str(decision)
+    assert_close(out, ops.quantized_linear_reference(x, qw), reduction_length=64)
+    call_other_bucket, other, _, _ = _linear_call(m=200)
+    assert other != bucket
+    call_other_bucket()
+    assert backend.recent_decisions()[-1].route is None
+
+
+def test_entries_are_keyed_by_gpu_and_versions(tables):
+    user, _ = tables
+    call, bucket, _, _ = _linear_call()
+    other_gpu = _entry("quantized_linear[w8a16]", bucket, "torch", gpu="Another GPU")
+    other_torch = routes.TableEntry(STAND_IN.gpu, STAND_IN.cc, "1.0", STAND_IN.triton, "quantized_linear[w8a16]",
+                                    bucket, "torch", {"torch": 1.0})  # fmt: skip
+    routes.write_entries(user, [other_gpu, other_torch])
+    call()
+    assert backend.recent_decisions()[-1].route is None
+    assert len(routes.read_table(user)) == 2
+    # An entry naming a route this mmkernels does not have (another version's table): the heuristic.
+    routes.write_entries(user, [_entry("quantized_linear[w8a16]", bucket, "split-k-9000")])
+    call()
+    assert backend.recent_decisions()[-1].route is None
+
+
+@pytest.mark.parametrize("text", ["{not json", json.dumps({"format": "something-else", "version": 1}),
+                                  json.dumps({"format": "mmkernels-routes", "version": 99, "entries": []})])  # fmt: skip
+def test_a_corrupt_or_foreign_table_is_ignored_with_one_warning(tables, text):
+    user, _ = tables
+    user.parent.mkdir(parents=True, exist_ok=True)
+    user.write_text(text)
+    call = _linear_call()[0]
+    with pytest.warns(UserWarning, match="ignoring the route table"):
+        call()
+    assert backend.recent_decisions()[-1].route is None
+    routes.reload_tables()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        call()  # read again, not warned again
+    with pytest.warns(UserWarning, match="replacing an unreadable route table"):
+        routes.write_entries(user, [_entry("patch_embed", "b", "torch")])
+    assert [e.winner for e in routes.read_table(user)] == ["torch"]
+
+
+def _write_many(path, worker):
+    for i in range(15):
+        routes.write_entries(path, [_entry("patch_embed", f"w{worker}-{i}", "torch")])
+
+
+def test_two_processes_share_the_table_under_the_lock(tmp_path):
+    path = tmp_path / "routes.json"
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=_write_many, args=(path, w)) for w in range(2)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(120)
+        assert p.exitcode == 0
+    assert sorted(e.bucket for e in routes.read_table(path)) == sorted(f"w{w}-{i}" for w in range(2) for i in range(15))
+
+
+def test_tune_over_a_tiny_model_folder_end_to_end(tables, tmp_path, monkeypatch):
+    """A stand-in timer that prefers cuDNN for patch_embed and the heuristic elsewhere: the
+    table says so, the ops then take those routes, and a second run resumes (skips)."""
+    pytest.importorskip("transformers")
+    from mmkernels import zoo
+
+    folder = zoo.save("llava", tmp_path / "tiny-llava")
+    timed = []
+    current = {}
+
+    def timer(fn, capturable):
+        assert torch.isfinite(fn()).all()
+        op, route = current["op"], current["route"]
+        timed.append((op, route))
+        if op == "patch_embed":
+            return {"torch": 1.0, "heuristic": 2.0}.get(route, 3.0), "cuda-graph"
+        return {"heuristic": 1.0}.get(route, 2.0), "cuda-graph"
+
+    real_candidates = tune._candidates
+
+    def labelled(op, name, run):  # tells the stand-in timer which route it times
+        def go(args):
+            current.update(op=op.name, route=name)
+            return run(args)
+
+        return go
+
+    monkeypatch.setattr(tune, "_candidates",
+                        lambda op: {name: labelled(op, name, run) for name, run in real_candidates(op).items()})
+    argv = [str(folder), "--images", "1,2", "--schemes", "w8a16,w4a16", "--group-size", "32", "--dtype", "float32"]
+    assert tune.main(argv, timer=timer, device=torch.device("cpu"), identity=STAND_IN) == 0
+    entries = {(e.op, e.bucket): e for e in routes.read_table(tables[0])}
+    assert {op for op, _ in entries} == {"patch_embed", "quantized_linear[w8a16]", "quantized_linear[w4a16]"}
+    assert all(e.winner == ("torch" if e.op == "patch_embed" else "heuristic") for e in entries.values())
+    patch_entry = next(e for (op, _), e in entries.items() if op == "patch_embed")
+    assert set(patch_entry.medians_ms) == {"heuristic", "torch", "triton-packed", "triton-gather", "triton-row_steps"}
+    assert {"heuristic", "torch"} <= {route for _, route in timed}
+    timed.clear()
+    assert tune.main(argv, timer=timer, device=torch.device("cpu"), identity=STAND_IN) == 0
+    assert timed == []  # every bucket in the table already: nothing timed again
+    # A patch embedding of the tiny model's shape now runs the table's route.
+    ops.patch_embed(torch.randn(1, 3, 56, 56), torch.randn(64, 3, 14, 14))
+    decision = backend.recent_decisions()[-1]
+    assert (decision.route, decision.route_source) == ("torch", "measured")
+
+
+def test_tune_rejects_a_route_that_disagrees_with_the_reference(tables, monkeypatch):
+    case = tune.TuneCase("wrong", PATCH_EMBED.OP, lambda: (torch.randn(1, 3, 8, 8), torch.randn(16, 3, 4, 4), None,
+                                                         None, None, None, None, None, None), reduction_length=48)  # fmt: skip
+    wrong = routes.Route("torch", lambda args: torch.zeros(1, 4, 16))
+    monkeypatch.setitem(PATCH_EMBED.OP.routes, "torch", wrong)
+    (result,) = tune.tune([case], identity=STAND_IN, timer=lambda fn, capturable: (1.0, "eager"), table=tables[0])
+    assert "torch" in result.rejected and "relative error" in result.rejected["torch"]
+    assert result.winner != "torch" and "torch" not in result.medians_ms
+
+
+def test_tune_command_refuses_clearly(capsys):
+    if not torch.cuda.is_available():
+        assert tune.main(["some/model"]) == tune.EXIT_REFUSED
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+    assert tune.main([]) == tune.EXIT_REFUSED
+    assert "pass MODEL or --benchmark-shapes" in capsys.readouterr().err
+    assert tune.main(["m", "--images", "0"], device=torch.device("cpu"), identity=STAND_IN) == tune.EXIT_REFUSED
+    assert tune.main(["m", "--schemes", "int3"], device=torch.device("cpu"), identity=STAND_IN) == tune.EXIT_REFUSED
+    err = capsys.readouterr().err
+    assert "--images: expected positive integers" in err and "--schemes: expected names from" in err
+    from mmkernels.bench import cli
+
+    assert cli(["tune", "--benchmark-shapes", "x"]) == tune.EXIT_REFUSED
+
+
+def test_benchmark_shapes_make_cases_of_both_ops():
+    cases = tune.benchmark_cases(device=torch.device("cpu"), schemes=["w8a16", "fp8"], quick=True, scaled=True)
+    ops_named = {case.op.name for case in cases}
+    assert ops_named == {"patch_embed", "quantized_linear"}
+    for case in cases[:3]:
+        args = case.op.validate(*case.make_inputs())
+        assert isinstance(case.op.bucket(args), str)
+
+
+def test_the_shipped_table_is_readable_and_names_known_routes():
+    entries = routes.read_table(routes.shipped_table_path())  # raises on a malformed file
+    known = {"patch_embed": {"heuristic", *PATCH_EMBED.OP.routes}, "quantized_linear": {"heuristic", *QUANTIZED_LINEAR.OP.routes}}
+    for entry in entries:
+        assert entry.winner in known[entry.op.split("[")[0]], entry
+        assert entry.winner in entry.medians_ms and min(entry.medians_ms.values()) == entry.medians_ms[entry.winner]
+
+
+def test_the_patch_report_note_says_what_chooses_routes(tables):
+    from mmkernels.integrations.engine import backend_note
+
+    user, shipped = tables
+    weight = torch.empty(4, 3, 2, 2)
+    assert "no route table entry for Stand-in GPU" in backend_note(PATCH_EMBED.CAPABILITIES, weight, routed=True)
+    routes.write_entries(user, [_entry("patch_embed", "b1", "torch"), _entry("patch_embed", "b2", "heuristic")])
+    routes.write_entries(shipped, [_entry("patch_embed", "b3", "torch")])
+    note = backend_note(PATCH_EMBED.CAPABILITIES, weight, routed=True)
+    assert "2 buckets measured on this GPU, 1 shipped" in note
+    assert "routes" not in backend_note(PATCH_EMBED.CAPABILITIES, weight)  # an op without routes
+
+
+def test_the_torch_route_keeps_the_op_dtype_and_layout():
+    """bf16 weight with a float32 position table: the op's output is bf16 and contiguous on every route."""
+    pixels, weight = torch.randn(2, 3, 8, 8), torch.randn(16, 3, 4, 4).to(torch.bfloat16)
+    position = torch.randn(4, 16)
+    outs = {}
+    for route in ("heuristic", "torch"):
+        with routes.force_route("patch_embed", route):
+            outs[route] = ops.patch_embed(pixels, weight, position_embedding=position)
+            no_table = ops.patch_embed(pixels, weight)
+        assert outs[route].dtype == torch.bfloat16 and outs[route].is_contiguous()
+        assert no_table.dtype == torch.bfloat16 and no_table.is_contiguous()
+    assert_close(outs["torch"], outs["heuristic"].to(torch.float32).to(torch.bfloat16), reduction_length=48)
