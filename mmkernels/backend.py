@@ -540,9 +540,11 @@ class Op:
     * ``fake(*op_inputs)``: the result's shape and dtype without computing it;
     * optionally ``setup_context`` / ``backward``, as ``register_autograd`` takes them;
     * optionally ``routes`` (:class:`mmkernels.routes.Route`: other Triton forms, the
-      standard PyTorch path) and ``bucket(args)``, the call's shape bucket: a per-GPU
-      table (:mod:`mmkernels.routes`, written by ``mmkernels tune``) may choose one of them
-      for a bucket; without an entry the launcher runs (the route "heuristic").
+      standard PyTorch path), ``bucket(args)``, the call's shape bucket, and
+      ``reduction_length(args)``: a per-GPU table (:mod:`mmkernels.routes`, written by
+      ``mmkernels tune``, or at a bucket's first call under ``MMKERNELS_AUTOTUNE=1``) may
+      choose one of them for a bucket; without an entry the launcher runs (the route
+      "heuristic").
 
     From these this makes the custom op with its fake and autograd registrations, the
     body the custom op runs (the public function's validation if it was handed over for
@@ -554,14 +556,18 @@ class Op:
     def __init__(self, name: str, *, schema: str, validate: Callable, needs: Callable[[Any], Needs], kernel: Any,
                  capabilities, reference: Callable, launch: Callable, fake: Callable,
                  setup_context: Callable | None = None, backward: Callable | None = None, routes: tuple = (),
-                 bucket: Callable[[Any], str] | None = None):  # fmt: skip
-        if routes and bucket is None:
-            raise ValueError(f"{name}: an op with routes states its shape bucket (bucket=)")
+                 bucket: Callable[[Any], str] | None = None, reduction_length: Callable[[Any], int] | None = None):  # fmt: skip
+        if routes and (bucket is None or reduction_length is None):
+            raise ValueError(f"{name}: an op with routes states its shape bucket and reduction length "
+                             f"(bucket=, reduction_length=)")  # fmt: skip
         self.name = name
         # The candidate routes (mmkernels.routes.Route) a table may choose for a call in
         # bucket(args); the launcher is the heuristic, taken when no table entry applies.
+        # reduction_length(args): the length of the sums behind each output (K), which
+        # scales the tolerance a route is checked with when it is tuned.
         self.routes = {route.name: route for route in routes}
         self.bucket = bucket
+        self.reduction_length = reduction_length
         self.validate = validate
         self.needs = needs
         self.kernel = kernel
@@ -610,7 +616,12 @@ class Op:
     def _route(self, args, variant_op: str, device: torch.device):
         """(the route to run, None for the launcher; the (name, source) taken, or None for
         the heuristic) from :func:`mmkernels.routes.lookup`."""
-        chosen = _routes.lookup(self.name, variant_op, device, self.bucket(args))
+        bucket = self.bucket(args)
+        chosen = _routes.lookup(self.name, variant_op, device, bucket)
+        if chosen is None and _routes.autotune_enabled():
+            with _no_recording():  # the timed runs are not this call's plan
+                chosen = _routes.autotune(self, args, variant_op, bucket, device)
+            no_plan()
         if chosen is None or chosen[0] == _routes.HEURISTIC:
             return None, chosen
         name, source = chosen
@@ -1133,6 +1144,17 @@ class _Recording:
         self.constants: list[torch.Tensor] = []
         self.plannable = False
         self.spoiled = False
+
+
+@contextlib.contextmanager
+def _no_recording():
+    """No call plan records what runs inside the block (a bucket's first call that tunes its routes)."""
+    recording = _RECORDING.top
+    _RECORDING.top = None
+    try:
+        yield
+    finally:
+        _RECORDING.top = recording
 
 
 def plan_constant(*tensors: torch.Tensor) -> None:

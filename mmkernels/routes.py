@@ -38,6 +38,8 @@ import torch
 
 __all__ = [
     "FORMAT",
+    "autotune",
+    "autotune_enabled",
     "HEURISTIC",
     "TABLE_DEVICE_TYPES",
     "DeviceIdentity",
@@ -150,19 +152,28 @@ def write_entries(path: Path, entries: Iterable[TableEntry]) -> int:
     of entries in the table."""
     path = Path(path)
     with _locked(path):
-        try:
-            current = {e.key: e for e in read_table(path)}
-        except ValueError as error:
-            warnings.warn(f"mmkernels: replacing an unreadable route table: {error}", stacklevel=2)
-            current = {}
+        current = _read_for_update(path)
         for entry in entries:
             current[entry.key] = entry
-        data = {**FORMAT, "entries": [dataclasses.asdict(e) for e in sorted(current.values(), key=lambda e: e.key)]}
-        tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        _write(path, current)
     reload_tables()
     return len(current)
+
+
+def _read_for_update(path: Path) -> dict[tuple, TableEntry]:
+    try:
+        return {e.key: e for e in read_table(path)}
+    except ValueError as error:
+        warnings.warn(f"mmkernels: replacing an unreadable route table: {error}", stacklevel=3)
+        return {}
+
+
+def _write(path: Path, entries: dict[tuple, TableEntry]) -> None:
+    """Write the table (the caller holds the lock)."""
+    data = {**FORMAT, "entries": [dataclasses.asdict(e) for e in sorted(entries.values(), key=lambda e: e.key)]}
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------
@@ -208,7 +219,14 @@ _CHOICES: dict[tuple, tuple[str, str] | None] = {}  # (device, op, bucket) -> (r
 
 def reload_tables() -> None:
     """Read the tables again at the next lookup (after ``mmkernels tune`` wrote one, or
-    ``MMKERNELS_CACHE_DIR`` changed), and drop the call plans recorded under the old choices."""
+    ``MMKERNELS_CACHE_DIR`` or ``MMKERNELS_AUTOTUNE`` changed), and drop the call plans
+    recorded under the old choices."""
+    _AUTOTUNE[0] = None
+    _TRIED.clear()
+    _forget_choices()
+
+
+def _forget_choices() -> None:
     from mmkernels.backend import clear_call_plans
 
     _TABLES.index = None
@@ -309,3 +327,51 @@ def lookup(op: str, variant_op: str, device: torch.device, bucket: str) -> tuple
         _CHOICES.clear()
     _CHOICES[key] = choice
     return choice
+
+
+# --------------------------------------------------------------------------------------
+# Tuning a bucket at its first call (MMKERNELS_AUTOTUNE=1)
+
+_AUTOTUNE: list = [None]  # the environment variable, read at the first call that needs it
+_TRIED: set = set()  # (device, op, bucket) tuned (or tried) by this process
+
+
+def autotune_enabled() -> bool:
+    """``MMKERNELS_AUTOTUNE=1``: a call whose bucket no table holds tunes it first."""
+    value = _AUTOTUNE[0]
+    if value is None:
+        value = _AUTOTUNE[0] = os.environ.get("MMKERNELS_AUTOTUNE", "0").lower() in ("1", "true", "yes", "on")
+    return value
+
+
+def _capturing() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def autotune(op, args, variant_op: str, bucket: str, device: torch.device) -> tuple[str, str] | None:
+    """Tune the bucket of this call of ``op`` now, with its own arguments, into the user's
+    table, and return the table's choice (as :func:`lookup`). Under the table's lock: a
+    process that waited finds the entry another wrote and times nothing. Never while
+    ``torch.compile`` traces or a CUDA graph is captured (the call then takes the
+    heuristic, and a later eager call tunes); once per bucket and process."""
+    if torch.compiler.is_compiling() or _capturing():
+        return None
+    if (device, variant_op, bucket) in _TRIED:
+        return None
+    _TRIED.add((device, variant_op, bucket))
+    from mmkernels import tune
+
+    identity = device_identity(device)
+    key = (identity.gpu, identity.cc, identity.torch, identity.triton, variant_op, bucket)
+    path = user_table_path()
+    with _locked(path):
+        current = _read_for_update(path)
+        if key not in current:
+            winner, medians, _rejected, timing = tune.measure(op, args, timer=tune.default_timer(device),
+                                                              reduction_length=op.reduction_length(args))  # fmt: skip
+            if winner is None:
+                return None
+            current[key] = TableEntry(*key[:4], variant_op, bucket, winner, medians, timing)
+            _write(path, current)
+    _forget_choices()  # read the table again (with what another process may have added)
+    return lookup(op.name, variant_op, device, bucket)

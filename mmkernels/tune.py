@@ -48,7 +48,8 @@ import torch
 from mmkernels import routes
 from mmkernels.routes import HEURISTIC, DeviceIdentity, TableEntry
 
-__all__ = ["CudaTimer", "TuneCase", "TuneResult", "benchmark_cases", "main", "model_cases", "summary", "tune"]
+__all__ = ["CudaTimer", "TuneCase", "TuneResult", "benchmark_cases", "default_timer", "main", "measure", "model_cases",
+           "summary", "tune", "variant_and_bucket"]
 
 EXIT_REFUSED = 2
 
@@ -61,7 +62,6 @@ class TuneCase:
     name: str
     op: Any
     make_inputs: Callable[[], tuple]
-    reduction_length: int = 1  # for the tolerance (mmkernels.testing.tolerance)
 
 
 @dataclasses.dataclass
@@ -113,6 +113,19 @@ class CudaTimer:
         return statistics.median(times), timing
 
 
+_TIMERS: dict = {}
+
+
+def default_timer(device: torch.device) -> Callable:
+    """The timer for ``device``: one :class:`CudaTimer` per process (its L2 flush buffer is
+    256 MB)."""
+    if device.type != "cuda":
+        raise ValueError(f"device: tuning times routes on a CUDA device, got {device}")
+    if "cuda" not in _TIMERS:
+        _TIMERS["cuda"] = CudaTimer()
+    return _TIMERS["cuda"]
+
+
 # --------------------------------------------------------------------------------------
 # Tuning
 
@@ -122,13 +135,42 @@ def _candidates(op) -> dict[str, Callable]:
     return {HEURISTIC: op.launch, **{name: route.run for name, route in op.routes.items()}}
 
 
+def measure(op, args, *, timer: Callable, reduction_length: int = 1) -> tuple[str | None, dict, dict, str]:
+    """Every candidate of ``op`` on validated ``args``: checked against the op's reference
+    (a route beyond the op's tolerance is rejected, with why), the others timed.
+    Returns (winner or None, {route: median ms}, {route: why rejected}, timing)."""
+    from mmkernels.testing import relative_error, tolerance
+
+    reference = op.reference(args)
+    allowed = tolerance(reference.dtype, reduction_length)
+    medians, rejected, timings = {}, {}, set()
+    for name, run in _candidates(op).items():
+        route = op.routes.get(name)
+        why = route.reason_not(args) if route is not None else None
+        if why is not None:
+            rejected[name] = why
+            continue
+        error = relative_error(run(args), reference)
+        if not error <= allowed:
+            rejected[name] = f"relative error {error:.3g} > tolerance {allowed:.3g}"
+            continue
+        medians[name], timing = timer(lambda run=run: run(args), route is None or route.capturable)
+        timings.add(timing)
+    winner = min(medians, key=medians.get) if medians else None
+    return winner, medians, rejected, "eager" if "eager" in timings else "cuda-graph"
+
+
+def variant_and_bucket(op, args) -> tuple[str, str]:
+    """The table's op name (with the variant: ``quantized_linear[w8a16]``) and bucket of a call."""
+    variant = op.needs(args).variant
+    return (op.name if variant is None else f"{op.name}[{variant}]"), op.bucket(args)
+
+
 def tune(cases: Sequence[TuneCase], *, identity: DeviceIdentity, timer: Callable, table: Path,
          budget_s: float | None = None, retune: bool = False, progress=sys.stderr) -> list[TuneResult]:  # fmt: skip
     """Time every route of each case (see the module docstring) and write the winners to
     ``table``. ``timer(fn, capturable) -> (median ms, "cuda-graph" | "eager")``;
     ``identity``: the GPU and versions the entries are keyed by."""
-    from mmkernels.testing import relative_error, tolerance
-
     have = set()
     if not retune:
         try:
@@ -140,9 +182,7 @@ def tune(cases: Sequence[TuneCase], *, identity: DeviceIdentity, timer: Callable
     for number, case in enumerate(cases, 1):
         op = case.op
         args = op.validate(*case.make_inputs())
-        needs = op.needs(args)
-        variant_op = op.name if needs.variant is None else f"{op.name}[{needs.variant}]"
-        bucket = op.bucket(args)
+        variant_op, bucket = variant_and_bucket(op, args)
         key = (identity.gpu, identity.cc, identity.torch, identity.triton, variant_op, bucket)
         print(f"[{number}/{len(cases)}] {case.name} ({variant_op} {bucket})", file=progress, flush=True)
         if key in have:
@@ -151,27 +191,8 @@ def tune(cases: Sequence[TuneCase], *, identity: DeviceIdentity, timer: Callable
         if budget_s is not None and time.monotonic() - started > budget_s:
             results.append(TuneResult(case.name, variant_op, bucket, None, {}, {}, "", "budget spent"))
             continue
-        reference = op.reference(args)
-        dtype = reference.dtype
-        medians, rejected, timings = {}, {}, set()
-        for name, run in _candidates(op).items():
-            route = op.routes.get(name)
-            why = route.reason_not(args) if route is not None else None
-            if why is not None:
-                rejected[name] = why
-                continue
-            out = run(args)
-            error = relative_error(out, reference)
-            allowed = tolerance(dtype, case.reduction_length)
-            if not error <= allowed:
-                rejected[name] = f"relative error {error:.3g} > tolerance {allowed:.3g}"
-                continue
-            medians[name], timing = timer(lambda run=run: run(args), route is None or route.capturable)
-            timings.add(timing)
-        winner = min(medians, key=medians.get) if medians else None
-        timing = "eager" if "eager" in timings else "cuda-graph"
-        result = TuneResult(case.name, variant_op, bucket, winner, medians, rejected, timing)
-        results.append(result)
+        winner, medians, rejected, timing = measure(op, args, timer=timer, reduction_length=op.reduction_length(args))
+        results.append(TuneResult(case.name, variant_op, bucket, winner, medians, rejected, timing))
         if winner is not None:
             routes.write_entries(table, [TableEntry(identity.gpu, identity.cc, identity.torch, identity.triton,
                                                     variant_op, bucket, winner, medians, timing)])  # fmt: skip
@@ -284,8 +305,7 @@ def model_cases(model_or_path, *, device: torch.device, dtype: torch.dtype, imag
                 return (random(*pixel_shape), random(*weight_shape), random(weight_shape[0]) if bias else None,
                         None, None, None, None, None, None)  # fmt: skip
 
-            cases.append(TuneCase(f"patch_embed/{path}/x{n}", patch_embed_module.OP, make,
-                                  reduction_length=math.prod(weight_shape[1:])))  # fmt: skip
+            cases.append(TuneCase(f"patch_embed/{path}/x{n}", patch_embed_module.OP, make))
     for path, linear, activation in hf_quant.projector_linears(model):
         k, n_out = linear.in_features, linear.out_features
         for scheme in schemes:
@@ -301,8 +321,7 @@ def model_cases(model_or_path, *, device: torch.device, dtype: torch.dtype, imag
                     return (random(m, k), qw.packed, qw.scales, qw.zeros, random(n_out) if bias else None, qw.scheme,
                             qw.group_size or 0, activation or "none")  # fmt: skip
 
-                cases.append(TuneCase(f"quantized_linear/{path}/{scheme}/m{m}", quantized_linear_module.OP, make,
-                                      reduction_length=k))  # fmt: skip
+                cases.append(TuneCase(f"quantized_linear/{path}/{scheme}/m{m}", quantized_linear_module.OP, make))
     return cases
 
 
@@ -338,7 +357,7 @@ def benchmark_cases(*, device: torch.device, schemes: Sequence[str], quick: bool
             return (random(*pixels), random(*weight), random(weight[0]) if bias else None,
                     None, None, None, None, None, None)  # fmt: skip
 
-        cases.append(TuneCase(f"patch_embed/{shape.name}", patch_embed_module.OP, make, reduction_length=shape.gemm_k))
+        cases.append(TuneCase(f"patch_embed/{shape.name}", patch_embed_module.OP, make))
     for shape in projector.QUICK_SHAPES if quick else projector.QUANTIZED_LINEAR_SHAPES:
         shape = shape.scaled() if scaled else shape
         for scheme in schemes:
@@ -350,8 +369,7 @@ def benchmark_cases(*, device: torch.device, schemes: Sequence[str], quick: bool
                 return (random(shape.m, shape.k), qw.packed, qw.scales, qw.zeros, random(shape.n) if shape.bias else None,
                         qw.scheme, qw.group_size or 0, shape.activation or "none")  # fmt: skip
 
-            cases.append(TuneCase(f"quantized_linear/{shape.name}/{scheme}", quantized_linear_module.OP, make,
-                                  reduction_length=shape.k))  # fmt: skip
+            cases.append(TuneCase(f"quantized_linear/{shape.name}/{scheme}", quantized_linear_module.OP, make))
     return cases
 
 
@@ -404,7 +422,7 @@ def main(argv: Sequence[str] | None = None, *, timer: Callable | None = None, de
             return EXIT_REFUSED
         device = torch.device("cuda", torch.cuda.current_device())
     identity = identity or routes.device_identity(device)
-    timer = timer or CudaTimer()
+    timer = timer or default_timer(device)
     try:
         if args.benchmark_shapes:
             cases = benchmark_cases(device=device, schemes=schemes, quick=args.quick)

@@ -219,7 +219,7 @@ def test_tune_over_a_tiny_model_folder_end_to_end(tables, tmp_path, monkeypatch)
 
 def test_tune_rejects_a_route_that_disagrees_with_the_reference(tables, monkeypatch):
     case = tune.TuneCase("wrong", PATCH_EMBED.OP, lambda: (torch.randn(1, 3, 8, 8), torch.randn(16, 3, 4, 4), None,
-                                                         None, None, None, None, None, None), reduction_length=48)  # fmt: skip
+                                                         None, None, None, None, None, None))  # fmt: skip
     wrong = routes.Route("torch", lambda args: torch.zeros(1, 4, 16))
     monkeypatch.setitem(PATCH_EMBED.OP.routes, "torch", wrong)
     (result,) = tune.tune([case], identity=STAND_IN, timer=lambda fn, capturable: (1.0, "eager"), table=tables[0])
@@ -284,3 +284,92 @@ def test_the_torch_route_keeps_the_op_dtype_and_layout():
         assert outs[route].dtype == torch.bfloat16 and outs[route].is_contiguous()
         assert no_table.dtype == torch.bfloat16 and no_table.is_contiguous()
     assert_close(outs["torch"], outs["heuristic"].to(torch.float32).to(torch.bfloat16), reduction_length=48)
+
+
+def _logging_timer(log):
+    """A stand-in timer: runs the route once, appends a line to ``log``; the first
+    candidate timed is the fastest."""
+    timed = []
+
+    def timer(fn, capturable):
+        fn()
+        timed.append(1)
+        with open(log, "a") as f:
+            f.write(f"{len(timed)}\n")
+        return float(len(timed)), "cuda-graph"
+
+    return timer
+
+
+@pytest.fixture
+def autotune_on(tables, monkeypatch):
+    monkeypatch.setenv("MMKERNELS_AUTOTUNE", "1")
+    routes.reload_tables()
+    timed = []
+
+    def default_timer(device):
+        def timer(fn, capturable):
+            fn()
+            timed.append(1)
+            return float(len(timed)), "cuda-graph"  # the first candidate timed is the fastest
+
+        return timer
+
+    monkeypatch.setattr(tune, "default_timer", default_timer)
+    return timed
+
+
+def test_autotune_tunes_a_missing_bucket_at_its_first_call(tables, autotune_on):
+    call, bucket, x, qw = _linear_call()
+    out = call()
+    assert autotune_on, "the first call of the bucket timed its routes"
+    (entry,) = routes.read_table(tables[0])
+    assert (entry.op, entry.bucket, entry.winner) == ("quantized_linear[w8a16]", bucket, "heuristic")
+    assert set(entry.medians_ms) == {"heuristic", "torch"}
+    decision = backend.recent_decisions()[-1]
+    assert (decision.route, decision.route_source) == ("heuristic", "measured")
+    assert_close(out, ops.quantized_linear_reference(x, qw), reduction_length=64)
+    autotune_on.clear()
+    call()
+    call()
+    assert autotune_on == []  # tuned once: later calls read the table (or replay a plan)
+
+
+@pytest.mark.parametrize("when", ["compiling", "capturing"])
+def test_autotune_never_runs_while_compiling_or_capturing(tables, autotune_on, monkeypatch, when):
+    if when == "compiling":
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    else:
+        monkeypatch.setattr(routes, "_capturing", lambda: True)
+    call, bucket, _, _ = _linear_call()
+    call()
+    assert autotune_on == [] and routes.read_table(tables[0]) == []
+    assert backend.recent_decisions()[-1].route is None  # the heuristic
+    monkeypatch.undo()
+
+
+def _autotune_in_a_process(cache_dir, log):
+    import os
+
+    os.environ["MMKERNELS_CACHE_DIR"] = str(cache_dir)
+    os.environ["MMKERNELS_AUTOTUNE"] = "1"
+    routes.device_identity = lambda device: STAND_IN
+    routes.TABLE_DEVICE_TYPES.add("cpu")
+    tune.default_timer = lambda device: _logging_timer(log)
+    routes.reload_tables()
+    _linear_call()[0]()
+
+
+def test_two_processes_autotune_a_bucket_once(tmp_path):
+    log = tmp_path / "timed.log"
+    # Spawned, not forked: a child forked after torch's thread pool started can hang in its ops.
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_autotune_in_a_process, args=(tmp_path / "cache", log)) for _ in range(2)]
+    for p in workers:
+        p.start()
+    for p in workers:
+        p.join(300)
+        assert p.exitcode == 0
+    # One process timed the two candidates; the other waited for the lock and found the entry.
+    assert len(log.read_text().split()) == 2
+    assert len(routes.read_table(tmp_path / "cache" / "routes.json")) == 1

@@ -608,6 +608,7 @@ OP = Op(
     backward=_backward,
     routes=ROUTES,
     bucket=bucket,
+    reduction_length=lambda args: args.weight2d.shape[1],  # K
 )
 
 

@@ -548,6 +548,7 @@ OP = Op(
     backward=_backward,
     routes=ROUTES,
     bucket=bucket,
+    reduction_length=lambda args: args.qweight.in_features,  # K
 )
 
 
