@@ -556,11 +556,15 @@ class Op:
     def __init__(self, name: str, *, schema: str, validate: Callable, needs: Callable[[Any], Needs], kernel: Any,
                  capabilities, reference: Callable, launch: Callable, fake: Callable,
                  setup_context: Callable | None = None, backward: Callable | None = None, routes: tuple = (),
-                 bucket: Callable[[Any], str] | None = None, reduction_length: Callable[[Any], int] | None = None):  # fmt: skip
+                 bucket: Callable[[Any], str] | None = None, reduction_length: Callable[[Any], int] | None = None,
+                 decision_name: str | None = None):  # fmt: skip
         if routes and (bucket is None or reduction_length is None):
             raise ValueError(f"{name}: an op with routes states its shape bucket and reduction length "
                              f"(bucket=, reduction_length=)")  # fmt: skip
         self.name = name
+        # What backend decisions, route tables and force_route call the op: its name, or
+        # the name of the op it is a form of (the merge's in-place op decides as the merge).
+        self.decision_name = decision_name or name
         # The candidate routes (mmkernels.routes.Route) a table may choose for a call in
         # bucket(args); the launcher is the heuristic, taken when no table entry applies.
         # reduction_length(args): the length of the sums behind each output (K), which
@@ -577,7 +581,8 @@ class Op:
         self.handover = ValidatedHandOver(name)
         # Decision names per variant, made once ("quantized_linear[w8a16]").
         self._decision_names = (
-            {variant: f"{name}[{variant}]" for variant in capabilities} if isinstance(capabilities, dict) else None
+            {variant: f"{self.decision_name}[{variant}]" for variant in capabilities}
+            if isinstance(capabilities, dict) else None
         )
         mutates = tuple(re.findall(r"Tensor\(\w+!\)\s*(\w+)", schema))
         self._returns_nothing = schema.replace(" ", "").endswith("->()")  # an op that only writes an argument
@@ -597,7 +602,7 @@ class Op:
         launcher or the route a table (or :func:`mmkernels.routes.force_route`) chose."""
         needs = self.needs(args)
         if self._decision_names is None:
-            name, caps = self.name, self.capabilities
+            name, caps = self.decision_name, self.capabilities
         else:
             name, caps = self._decision_names[needs.variant], self.capabilities[needs.variant]
         decision = decide_backend(name, self.kernel, caps, needs.device, needs.dtypes, needs.reasons)
@@ -617,7 +622,7 @@ class Op:
         """(the route to run, None for the launcher; the (name, source) taken, or None for
         the heuristic) from :func:`mmkernels.routes.lookup`."""
         bucket = self.bucket(args)
-        chosen = _routes.lookup(self.name, variant_op, device, bucket)
+        chosen = _routes.lookup(self.decision_name, variant_op, device, bucket)
         if chosen is None and _routes.autotune_enabled():
             with _no_recording():  # the timed runs are not this call's plan
                 chosen = _routes.autotune(self, args, variant_op, bucket, device)
@@ -630,7 +635,7 @@ class Op:
         if why is None:
             return route, chosen
         if source == "forced":
-            raise ValueError(f"force_route: {self.name}: {why}")
+            raise ValueError(f"force_route: {self.decision_name}: {why}")
         return None, None  # a table of another mmkernels version, or a call its route cannot take: the heuristic
 
     def replay(self, key, op_inputs: tuple):

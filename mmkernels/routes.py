@@ -374,4 +374,4 @@ def autotune(op, args, variant_op: str, bucket: str, device: torch.device) -> tu
             current[key] = TableEntry(*key[:4], variant_op, bucket, winner, medians, timing)
             _write(path, current)
     _forget_choices()  # read the table again (with what another process may have added)
-    return lookup(op.name, variant_op, device, bucket)
+    return lookup(op.decision_name, variant_op, device, bucket)

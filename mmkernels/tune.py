@@ -163,7 +163,7 @@ def measure(op, args, *, timer: Callable, reduction_length: int = 1) -> tuple[st
 def variant_and_bucket(op, args) -> tuple[str, str]:
     """The table's op name (with the variant: ``quantized_linear[w8a16]``) and bucket of a call."""
     variant = op.needs(args).variant
-    return (op.name if variant is None else f"{op.name}[{variant}]"), op.bucket(args)
+    return (op.decision_name if variant is None else f"{op.decision_name}[{variant}]"), op.bucket(args)
 
 
 def tune(cases: Sequence[TuneCase], *, identity: DeviceIdentity, timer: Callable, table: Path,
@@ -439,7 +439,7 @@ def main(argv: Sequence[str] | None = None, *, timer: Callable | None = None, de
     print(f"mmkernels tune: {len(cases)} cases on {identity.gpu} (sm {identity.cc}, torch {identity.torch}, "
           f"triton {identity.triton}) -> {table}", file=sys.stderr)  # fmt: skip
     results = tune(cases, identity=identity, timer=timer, table=table, budget_s=args.budget, retune=args.retune)
-    standard = {case.op.name: next((n for n, r in case.op.routes.items() if r.standard), None) for case in cases}
+    standard = {case.op.decision_name: next((n for n, r in case.op.routes.items() if r.standard), None) for case in cases}
     print(summary(results, standard))
     return 0
 

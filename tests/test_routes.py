@@ -253,7 +253,8 @@ def test_benchmark_shapes_make_cases_of_both_ops():
 
 def test_the_shipped_table_is_readable_and_names_known_routes():
     entries = routes.read_table(routes.shipped_table_path())  # raises on a malformed file
-    known = {"patch_embed": {"heuristic", *PATCH_EMBED.OP.routes}, "quantized_linear": {"heuristic", *QUANTIZED_LINEAR.OP.routes}}
+    declared = [importlib.import_module(f"mmkernels.ops.{name}") for name in ops.OP_MODULES]
+    known = {op.decision_name: {"heuristic", *op.routes} for m in declared for op in (m.OP, getattr(m, "OP_INPLACE", m.OP))}
     for entry in entries:
         assert entry.winner in known[entry.op.split("[")[0]], entry
         assert entry.winner in entry.medians_ms and min(entry.medians_ms.values()) == entry.medians_ms[entry.winner]
@@ -373,3 +374,54 @@ def test_two_processes_autotune_a_bucket_once(tmp_path):
     # One process timed the two candidates; the other waited for the lock and found the entry.
     assert len(log.read_text().split()) == 2
     assert len(routes.read_table(tmp_path / "cache" / "routes.json")) == 1
+
+
+MERGE = importlib.import_module("mmkernels.ops.merge")
+VARLEN = importlib.import_module("mmkernels.ops.varlen_attention")
+
+
+@pytest.mark.parametrize("route", ["heuristic", "torch"])
+@pytest.mark.parametrize("form", ["out-of-place", "inplace", "fused", "two-kinds"])
+def test_every_merge_route_matches_the_reference(route, form):
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.tensor([[3, 9, 9, 4, 8, 9], [9, 1, 8, 8, 2, 0]])
+    embeds, table = torch.randn(2, 6, 16, generator=gen), torch.randn(12, 16, generator=gen)
+    image = [torch.randn(2, 16, generator=gen), torch.randn(2, 16, generator=gen)]
+    video = torch.randn(2, 16, generator=gen)
+    features, ids_of = (image, 9) if form != "two-kinds" else ([image, video], [9, 8])
+    if form == "two-kinds":
+        ids = torch.tensor([[3, 9, 9, 4, 8, 9], [9, 1, 8, 7, 2, 0]])
+    kwargs = {"embedding_weight": table} if form == "fused" else {}
+    base = None if form == "fused" else embeds
+    want = ops.merge_multimodal_embeddings_reference(ids, base, features, ids_of, **kwargs)
+    target = embeds.clone()
+    with routes.force_route("merge_multimodal_embeddings", route):  # both forms: the in-place op decides as the merge
+        if form == "inplace":
+            out = ops.merge_multimodal_embeddings(ids, target, features, ids_of, inplace=True)
+            assert out is target
+        else:
+            out = ops.merge_multimodal_embeddings(ids, None if form == "fused" else target, features, ids_of, **kwargs)
+    decision = backend.recent_decisions()[-1]
+    assert decision.route == route and decision.op == "merge_multimodal_embeddings"  # the in-place form too
+    torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
+def test_the_merge_index_copy_never_takes_a_sync_free_call():
+    ids, embeds = torch.tensor([[1, 9, 2]]), torch.randn(1, 3, 8)
+    with routes.force_route("merge_multimodal_embeddings", "torch"), pytest.raises(ValueError, match="no host sync"):
+        ops.merge_multimodal_embeddings(ids, embeds, torch.randn(1, 8), 9, check=False)
+
+
+@pytest.mark.parametrize("route", ["heuristic", "torch"])
+@pytest.mark.parametrize("mask", ["none", "causal", "ranges"])
+def test_every_varlen_route_matches_the_reference(route, mask):
+    gen = torch.Generator().manual_seed(5)
+    cu_q, cu_k = torch.tensor([0, 5, 5, 14], dtype=torch.int32), torch.tensor([0, 7, 10, 19], dtype=torch.int32)
+    q, k, v = torch.randn(16, 4, 24, generator=gen), torch.randn(19, 2, 24, generator=gen), torch.randn(19, 2, 24, generator=gen)
+    ranges = torch.randint(-2, 10, (16, 2), generator=gen, dtype=torch.int32) if mask == "ranges" else None
+    kwargs = dict(causal=mask == "causal", kv_ranges=ranges)
+    with routes.force_route("varlen_attention", route), poison_outputs():
+        out = ops.varlen_attention(q, k, v, cu_q, cu_k, 9, 9, **kwargs)
+    assert backend.recent_decisions()[-1].route == route
+    assert_close(out, ops.varlen_attention_reference(q, k, v, cu_q, cu_k, 9, 9, **kwargs), reduction_length=9)
+    assert not out.isnan().any()

@@ -38,6 +38,7 @@ from mmkernels.backend import (
 )
 from mmkernels.backend import launch as backend_launch
 from mmkernels.ops import _merge_kernels as kernels
+from mmkernels.routes import Route
 
 __all__ = [
     "CAPABILITIES",
@@ -641,6 +642,32 @@ def _backward(ctx, grad_out):
     return None, grad_embeds, grad_features, None, None, grad_weight, None, None
 
 
+def _index_copy_route(args: _MergeArgs) -> torch.Tensor:
+    """The standard PyTorch path (Hugging Face's and vLLM's shape of it): find the
+    placeholder positions, copy the concatenated features there (the reference, in the
+    output dtype: the merge only moves data)."""
+    no_plan()  # PyTorch ops with host syncs, not launches a call plan can replay
+    return _reference_run(args)
+
+
+def _index_copy_applies(args: _MergeArgs) -> str | None:
+    if not args.check:
+        return "check=False promises no host sync, and the index copy reads the placeholder positions on the host"
+    return None
+
+
+def bucket(args: _MergeArgs) -> str:
+    """The shape bucket of a call: tokens and feature tensors as powers of two, D, dtype,
+    kinds, and the form (fused lookup, in place)."""
+    features = sum(len(feats) for feats in args.kind_features)
+    form = ("-fused" if args.table is not None else "") + ("-inplace" if args.inplace else "")
+    return (f"t{next_power_of_2(max(args.ids.shape[0], 1))}-n{next_power_of_2(max(features, 1))}-d{args.dim}-"
+            f"{str(args.out_dtype).removeprefix('torch.')}-kinds{len(args.kind_ids)}{form}")  # fmt: skip
+
+
+_ROUTES = (Route("torch", _index_copy_route, standard=True, applies=_index_copy_applies, capturable=False),)
+
+
 OP = Op(
     OP_NAME,
     schema="(Tensor input_ids, Tensor? inputs_embeds, Tensor[] features, SymInt[] features_per_kind, "
@@ -654,6 +681,9 @@ OP = Op(
     fake=_fake,
     setup_context=_setup_context,
     backward=_backward,
+    routes=_ROUTES,
+    bucket=bucket,
+    reduction_length=lambda args: 1,  # a copy: exact on every route
 )
 # The in-place form writes inputs_embeds: an op of its own that declares the write (so
 # torch.compile and functionalization see it).
@@ -668,6 +698,10 @@ OP_INPLACE = Op(
     reference=_reference_run,
     launch=_triton_run,
     fake=lambda *op_inputs: None,
+    decision_name=OP_NAME,  # decided, routed and reported as the merge
+    routes=_ROUTES,
+    bucket=bucket,
+    reduction_length=lambda args: 1,
 )
 
 

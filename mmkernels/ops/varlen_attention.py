@@ -36,9 +36,11 @@ from mmkernels.backend import (
     plan_key,
     plan_ok,
     next_power_of_2,
+    no_plan,
     resolve_check,
 )
 from mmkernels.ops import _varlen_attention_kernels as kernels
+from mmkernels.routes import Route
 
 __all__ = [
     "CAPABILITIES",
@@ -435,6 +437,59 @@ def _backward(ctx, grad_out):
     return tuple(next(grads) if t.requires_grad else None for t in leaves) + (None,) * 7
 
 
+# The standard route materializes a (total_q, total_k) mask and SDPA's scores per head:
+# above this many score elements (1 GiB in fp32) it does not take the call.
+_MAX_DENSE_SCORES = 2**28
+
+
+def _torch_route(args: _AttnArgs) -> torch.Tensor:
+    """The standard PyTorch path: one ``scaled_dot_product_attention`` over all packed
+    tokens with a dense boolean mask built on the device from ``cu_seqlens`` (no host
+    sync): a query sees the keys of its own sequence, within ``kv_ranges`` and the causal
+    bound; a row that sees no key is 0, as in the op."""
+    no_plan()  # PyTorch ops, not launches a call plan can replay
+    q, k, v = args.q, args.k, args.v
+    batch, device = args.batch, q.device
+    cu_q, cu_k = args.cu_seqlens_q.long(), args.cu_seqlens_k.long()
+    rows, cols = torch.arange(q.shape[0], device=device), torch.arange(k.shape[0], device=device)
+    seq_q = torch.searchsorted(cu_q, rows, right=True) - 1  # -1 before the first sequence, batch after the last
+    seq_k = torch.searchsorted(cu_k, cols, right=True) - 1
+    inside = (seq_q >= 0) & (seq_q < batch)
+    mask = (seq_q[:, None] == seq_k[None, :]) & inside[:, None]
+    sq, sk = seq_q.clamp(0, max(batch - 1, 0)), seq_k.clamp(0, max(batch - 1, 0))
+    pos_q, pos_k = rows - cu_q[sq], cols - cu_k[sk]
+    if args.causal:
+        shift = (cu_k[sq + 1] - cu_k[sq]) - (cu_q[sq + 1] - cu_q[sq])  # bottom-right aligned
+        mask &= pos_k[None, :] <= (pos_q + shift)[:, None]
+    if args.kv_ranges is not None:
+        ranges = args.kv_ranges.long()
+        mask &= (pos_k[None, :] >= ranges[:, :1]) & (pos_k[None, :] < ranges[:, 1:])
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, scale=args.softmax_scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )  # fmt: skip
+    return out.transpose(0, 1).nan_to_num(0.0).contiguous()
+
+
+def _torch_route_applies(args: _AttnArgs) -> str | None:
+    total_q, hq, d = args.q.shape
+    if total_q == 0 or hq == 0 or d == 0 or args.k.shape[0] == 0:
+        return "an empty problem (the launcher's result)"
+    if total_q * args.k.shape[0] * hq > _MAX_DENSE_SCORES:
+        return f"{total_q} x {args.k.shape[0]} x {hq} heads of dense scores (more than {_MAX_DENSE_SCORES})"
+    return None
+
+
+def bucket(args: _AttnArgs) -> str:
+    """The shape bucket of a call: sequences, the longest query and all keys as powers of
+    two, heads, head dim, dtype, mask kind."""
+    q, k = args.q, args.k
+    mask = ("-causal" if args.causal else "") + ("-ranges" if args.kv_ranges is not None else "")
+    return (f"b{next_power_of_2(max(args.batch, 1))}-q{next_power_of_2(max(args.max_seqlen_q, 1))}-"
+            f"tk{next_power_of_2(max(k.shape[0], 1))}-h{q.shape[1]}x{k.shape[1]}-d{q.shape[2]}-"
+            f"{str(q.dtype).removeprefix('torch.')}{mask}")  # fmt: skip
+
+
 OP = Op(
     OP_NAME,
     schema="(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, SymInt max_seqlen_q, "
@@ -448,6 +503,9 @@ OP = Op(
     fake=_fake,
     setup_context=_setup_context,
     backward=_backward,
+    routes=(Route("torch", _torch_route, standard=True, applies=_torch_route_applies),),
+    bucket=bucket,
+    reduction_length=lambda args: max(args.max_seqlen_k, 1),  # the keys each row sums over
 )
 
 
