@@ -624,9 +624,9 @@ class Op:
         bucket = self.bucket(args)
         chosen = _routes.lookup(self.decision_name, variant_op, device, bucket)
         if chosen is None and _routes.autotune_enabled():
-            with _no_recording():  # the timed runs are not this call's plan
+            # The timed runs are not this call's plan; what runs after them is.
+            with _no_recording():
                 chosen = _routes.autotune(self, args, variant_op, bucket, device)
-            no_plan()
         if chosen is None or chosen[0] == _routes.HEURISTIC:
             return None, chosen
         name, source = chosen

@@ -15,8 +15,10 @@ An entry holds the GPU (name and compute capability), the torch and triton versi
 was measured with, the op (with its variant: ``quantized_linear[w4a16]``), the bucket,
 the winning route and every candidate's median; only an entry whose GPU and versions are
 this process's is used. A table that cannot be read, or is of another format, is ignored
-with one warning. Tables are only read while an op runs: tuning (:mod:`mmkernels.tune`)
-never happens during CUDA-graph capture or ``torch.compile`` tracing.
+with one warning. ``mmkernels tune`` (:mod:`mmkernels.tune`) writes tables ahead of time;
+with ``MMKERNELS_AUTOTUNE=1`` a call whose bucket no table holds tunes it first
+(:func:`autotune`), under the table's file lock, and never while ``torch.compile``
+traces or a CUDA graph is captured.
 
 What ran, and why, is on the backend decision (:func:`mmkernels.backend.recent_decisions`:
 ``route`` and ``route_source``: "measured" for the user's table, "shipped", "forced").
@@ -38,13 +40,13 @@ import torch
 
 __all__ = [
     "FORMAT",
-    "autotune",
-    "autotune_enabled",
     "HEURISTIC",
     "TABLE_DEVICE_TYPES",
     "DeviceIdentity",
     "Route",
     "TableEntry",
+    "autotune",
+    "autotune_enabled",
     "describe",
     "device_identity",
     "force_route",
@@ -275,7 +277,8 @@ def force_route(op: str, route: str):
     """Within the block (this thread), calls of ``op`` (its decision name, e.g.
     ``quantized_linear[w8a16]``, or the op name for all its variants) take ``route``
     wherever the kernel backend runs (CUDA, or the interpreter on CPU): how tests check
-    every route against the reference, and how tuning times each."""
+    every route against the reference. A forced route that cannot take a call (or does
+    not exist) is a ``ValueError`` naming why; call plans stand aside in the block."""
     previous = _FORCED.routes
     _FORCED.routes = {**(previous or {}), op: route}
     try:

@@ -425,3 +425,13 @@ def test_every_varlen_route_matches_the_reference(route, mask):
     assert backend.recent_decisions()[-1].route == route
     assert_close(out, ops.varlen_attention_reference(q, k, v, cu_q, cu_k, 9, 9, **kwargs), reduction_length=9)
     assert not out.isnan().any()
+
+
+def test_the_call_that_tunes_leaves_a_plan_of_what_it_ran(tables, autotune_on):
+    call, _, _, _ = _linear_call()
+    plans = QUANTIZED_LINEAR.OP.plans
+    before = plans.replays
+    call()  # tunes, then runs the winner: recorded as the plan of its key
+    assert autotune_on
+    call()
+    assert plans.replays == before + 1

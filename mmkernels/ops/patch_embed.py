@@ -583,14 +583,13 @@ ROUTES = (
 
 def bucket(args: _EmbedArgs) -> str:
     """The shape bucket of a call (what a route table is keyed by): the form, GEMM rows as
-    the next power of two, K, D and the dtypes."""
+    the next power of two, K, D, the weight dtype and whether pixels are uint8 (float
+    pixels share a bucket: processors give float32, and ``.to(bf16)`` on their output is
+    as common)."""
     form = "image" if args.image_form else "flat"
+    pixels = "uint8" if args.pixels.dtype == torch.uint8 else "float"
     return (f"{form}-m{max(16, next_power_of_2(args.rows))}-k{args.weight2d.shape[1]}-n{args.dim}-"
-            f"{_short(args.weight.dtype)}-{_short(args.pixels.dtype)}")  # fmt: skip
-
-
-def _short(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+            f"{str(args.weight.dtype).removeprefix('torch.')}-{pixels}")  # fmt: skip
 
 
 OP = Op(
