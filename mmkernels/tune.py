@@ -12,7 +12,11 @@ timed is random, of the model's shapes). The cases:
 * ``patch_embed``: each vision embedding that ``mmkernels.patch`` would patch, at the
   tower's image size, for each image count in ``--images``;
 * ``quantized_linear``: each projector Linear that ``quantize_projector`` would quantize,
-  for each scheme in ``--schemes``, at the vision tokens of each image count.
+  for each scheme in ``--schemes``, at the vision tokens of each image count;
+* with ``--benchmark-shapes`` instead of MODEL: the benchmark shape set of all four ops
+  (the merge and varlen_attention too: their shapes come from how prompts and images
+  are batched, which a model's config does not say; ``MMKERNELS_AUTOTUNE=1`` tunes
+  them at the shapes a server meets).
 
 For each case every route that applies (:mod:`mmkernels.routes`: the op's Triton forms, its
 heuristic, the standard PyTorch path) is run once and compared with the op's reference;
@@ -327,9 +331,9 @@ def model_cases(model_or_path, *, device: torch.device, dtype: torch.dtype, imag
 
 def benchmark_cases(*, device: torch.device, schemes: Sequence[str], quick: bool = False,
                     scaled: bool = False) -> list[TuneCase]:  # fmt: skip
-    """The benchmark shape set's patch_embed and quantized_linear cells (bf16, as the
-    benchmarks run them; ``quick``: the ``--quick`` subset; ``scaled``: CPU-sized, for
-    checks in the interpreter). Needs the source checkout (``benchmarks/``)."""
+    """The benchmark shape set's cells of all four ops, as the benchmarks build them
+    (``quick``: the ``--quick`` subset; ``scaled``: CPU-sized, for checks in the
+    interpreter). Needs the source checkout (``benchmarks/``)."""
     from mmkernels.bench import repo_root
     from mmkernels.quant import SCHEME_TABLE, quantize
 
@@ -370,6 +374,28 @@ def benchmark_cases(*, device: torch.device, schemes: Sequence[str], quick: bool
                         qw.scheme, qw.group_size or 0, shape.activation or "none")  # fmt: skip
 
             cases.append(TuneCase(f"quantized_linear/{shape.name}/{scheme}", quantized_linear_module.OP, make))
+    merge_bench = importlib.import_module("benchmarks.bench_merge")
+    merge_module = importlib.import_module("mmkernels.ops.merge")
+    for shape in shapes.QUICK_MERGE_SHAPES if quick else shapes.MERGE_SHAPES:
+        shape = shape.scaled() if scaled else shape
+
+        def make(shape=shape):  # check=True: what Hugging Face's merge does (every route applies)
+            inputs = merge_bench.make_merge_inputs(shape, device, seed=0)
+            return (inputs.input_ids, inputs.inputs_embeds, [f for items in inputs.items_per_kind for f in items],
+                    [len(items) for items in inputs.items_per_kind], list(inputs.placeholder_ids), None, True, None)  # fmt: skip
+
+        cases.append(TuneCase(f"merge/{shape.name}", merge_module.OP, make))
+    attention_bench = importlib.import_module("benchmarks.bench_varlen_attention")
+    attention_module = importlib.import_module("mmkernels.ops.varlen_attention")
+    for shape in attention_bench.QUICK_ATTENTION_SHAPES if quick else attention_bench.ATTENTION_SHAPES:
+        shape = shape.scaled() if scaled else shape
+
+        def make(shape=shape):
+            inputs = attention_bench.make_attention_inputs(shape, device, seed=0)
+            return (inputs.q, inputs.k, inputs.v, inputs.cu_seqlens_q, inputs.cu_seqlens_k, max(shape.q_lens),
+                    max(shape.k_lens), 1.0 / math.sqrt(shape.head_dim), shape.causal, inputs.kv_ranges)  # fmt: skip
+
+        cases.append(TuneCase(f"varlen_attention/{shape.name}", attention_module.OP, make))
     return cases
 
 

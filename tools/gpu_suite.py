@@ -24,9 +24,8 @@ costs that step only), and is recorded in the summary however it ends:
    ``--probe-budget`` is given); ``--probe-budget`` fixes its seconds (the sweep
    compiles each config it times: a few seconds each).
 6. ``tune``: ``mmkernels tune --benchmark-shapes --quick`` (at most 60 s, whole suites
-   only) writes ``routes.json`` into the folder: every route of patch_embed and
-   quantized_linear timed at the benchmark shapes, the fastest kept (the standard
-   PyTorch path is a candidate). The benchmarks run after it with that table; commit it
+   only) writes ``routes.json`` into the folder: every route of the four ops timed at
+   the benchmark shapes, the fastest kept (the standard PyTorch path is a candidate). The benchmarks run after it with that table; commit it
    as ``mmkernels/tables/routes.json`` (the shipped table) with the results.
 7. ``plots``: every benchmark's plots and the Markdown summary redrawn from
    ``results.json`` (a step stopped by its budget leaves rows but no plots).
