@@ -632,3 +632,25 @@ def test_gpu_suite_probe_step(tmp_path):
     step = suite.probe_step(tmp_path, budget_s=60, dry_run=False)
     assert step.status == "failed" and "needs a CUDA device" in step.detail
     assert (tmp_path / step.log).exists()
+
+
+def test_a_tuned_route_is_not_an_unexpected_backend():
+    """Rows keep each decision's text; a route a table chose ("via torch (measured)") is the
+    same backend, the reference with its reasons is not."""
+    from benchmarks.harness.syncs import unexpected_backends
+
+    from mmkernels.backend import Backend, Decision
+
+    routed = str(Decision("quantized_linear[w8a16]", Backend.TRITON, route="torch", route_source="measured"))
+    fallback = str(Decision("patch_embed", Backend.REFERENCE, ("dtype float64 not supported",)))
+    assert unexpected_backends(f"{routed}; merge_multimodal_embeddings: triton", "triton") == []
+    assert unexpected_backends(f"{routed}; {fallback}", "triton") == [fallback]
+
+
+def test_the_results_table_names_the_route_a_table_chose():
+    from benchmarks.harness.report import _row_line
+
+    row = {"case": "c", "provider": "mmkernels", "status": "ok", "median_ms": 0.1, "p20_ms": 0.1, "p80_ms": 0.1,
+           "backend": "quantized_linear[w8a16]: triton via torch (measured)"}  # fmt: skip
+    assert "route torch (measured)" in _row_line(row)
+    assert "route" not in _row_line({**row, "backend": "quantized_linear[w8a16]: triton"})

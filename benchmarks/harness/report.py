@@ -5,6 +5,7 @@ the roofline, the tables) and the summaries of ``results.json`` content
 from __future__ import annotations
 
 import math
+import re
 from typing import Sequence
 
 from .common import NOT_TIMED
@@ -69,6 +70,11 @@ def _row_line(r: dict, graph: bool = False) -> str:
         note = ""  # said once above the table
     if graph and r.get("graph_note"):
         note = f"{note}; graph: {r['graph_note']}" if note else f"graph: {r['graph_note']}"
+    # The route a table chose for mmkernels' ops (the decision text says "via ROUTE (SOURCE)").
+    routes = list(dict.fromkeys(re.findall(r" via (\S+) \((\w+)\)", r.get("backend") or "")))
+    if routes:
+        chosen = "route " + ", ".join(f"{name} ({source})" for name, source in routes)
+        note = f"{note}; {chosen}" if note else chosen
     graph_cells = [
         _fmt(r.get("graph_median_ms"), ".4f"), _fmt(r.get("graph_speedup"), ".2f"),
         _fmt(r.get("graph_pct_roofline"), ".1f"),

@@ -35,8 +35,9 @@ def mmkernels_decisions_since(mark) -> str:
 
 
 def unexpected_backends(decisions: str, expected: str) -> list[str]:
-    """The recorded decisions (``"op: backend (reasons)"``) whose backend is not ``expected``."""
-    return [d for d in decisions.split("; ") if d and d.split(": ", 1)[-1].split(" (", 1)[0] != expected]
+    """The recorded decisions (``"op: backend[ via route (source)][ (reasons)]"``) whose
+    backend is not ``expected`` (the route a table chose is not the backend)."""
+    return [d for d in decisions.split("; ") if d and d.split(": ", 1)[-1].split(" ", 1)[0] != expected]
 
 
 @dataclass(frozen=True)
