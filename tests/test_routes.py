@@ -62,17 +62,26 @@ def test_every_patch_embed_route_matches_the_reference(route, case):
     assert not out.isnan().any()
 
 
-@pytest.mark.parametrize("route", ["heuristic", "torch"])
-@pytest.mark.parametrize("scheme", ["w8a16", "w4a16"])
-@pytest.mark.parametrize("m", [1, 37])
+@pytest.mark.parametrize("route", ["heuristic", *QUANTIZED_LINEAR.OP.routes])
+@pytest.mark.parametrize("scheme", ["w8a16", "w4a16", "fp8"])
+@pytest.mark.parametrize("m", [1, 70])
 def test_every_quantized_linear_route_matches_the_reference(route, scheme, m):
     gen = torch.Generator().manual_seed(2)
-    qw = quantize(torch.randn(40, 64, generator=gen), scheme, **({"group_size": 32} if scheme == "w4a16" else {}))
-    x, bias = torch.randn(m, 64, generator=gen), torch.randn(40, generator=gen)
+    qw = quantize(torch.randn(40, 1024, generator=gen), scheme, **({"group_size": 32} if scheme == "w4a16" else {}))
+    x, bias = torch.randn(m, 1024, generator=gen), torch.randn(40, generator=gen)
+    args = QUANTIZED_LINEAR.OP.validate(x, qw.packed, qw.scales, qw.zeros, bias, scheme, qw.group_size or 0, "gelu")
+    why = QUANTIZED_LINEAR.OP.routes[route].reason_not(args) if route != "heuristic" else None
+    if route == "triton-no-split-k":
+        assert (why is None) == (m == 1)  # the heuristic splits K up to 64 rows
     with routes.force_route("quantized_linear", route), poison_outputs():
+        if why is not None:  # a route that cannot take the call says why (no split at M = 70, fp8's layout)
+            with pytest.raises(ValueError, match="force_route"):
+                ops.quantized_linear(x, qw, bias, activation="gelu")
+            return
         out = ops.quantized_linear(x, qw, bias, activation="gelu")
     assert backend.recent_decisions()[-1].route == route
-    assert_close(out, ops.quantized_linear_reference(x, qw, bias, activation="gelu"), reduction_length=64)
+    assert_close(out, ops.quantized_linear_reference(x, qw, bias, activation="gelu"), reduction_length=1024)
+    assert not out.isnan().any()
 
 
 def test_forcing_a_route_that_cannot_take_the_call_names_why():
@@ -95,6 +104,13 @@ def _linear_call(m=20):
     x = torch.randn(m, 64, generator=gen)
     args = QUANTIZED_LINEAR.OP.validate(x, qw.packed, qw.scales, qw.zeros, None, "w8a16", 0, "none")
     return (lambda: ops.quantized_linear(x, qw)), QUANTIZED_LINEAR.bucket(args), x, qw
+
+
+def _applicable(x, qw) -> set[str]:
+    """The candidates of a w8a16 quantized_linear call (the heuristic and every route that takes it)."""
+    op = QUANTIZED_LINEAR.OP
+    args = op.validate(x, qw.packed, qw.scales, qw.zeros, None, qw.scheme, qw.group_size or 0, "none")
+    return {"heuristic", *(name for name, route in op.routes.items() if route.reason_not(args) is None)}
 
 
 def test_a_table_entry_chooses_the_route_and_the_decision_says_so(tables):
@@ -329,7 +345,7 @@ def test_autotune_tunes_a_missing_bucket_at_its_first_call(tables, autotune_on):
     assert autotune_on, "the first call of the bucket timed its routes"
     (entry,) = routes.read_table(tables[0])
     assert (entry.op, entry.bucket, entry.winner) == ("quantized_linear[w8a16]", bucket, "heuristic")
-    assert set(entry.medians_ms) == {"heuristic", "torch"}
+    assert set(entry.medians_ms) == _applicable(x, qw)
     decision = backend.recent_decisions()[-1]
     assert (decision.route, decision.route_source) == ("heuristic", "measured")
     assert_close(out, ops.quantized_linear_reference(x, qw), reduction_length=64)
@@ -374,8 +390,9 @@ def test_two_processes_autotune_a_bucket_once(tmp_path):
     for p in workers:
         p.join(300)
         assert p.exitcode == 0
-    # One process timed the two candidates; the other waited for the lock and found the entry.
-    assert len(log.read_text().split()) == 2
+    # One process timed the candidates; the other waited for the lock and found the entry.
+    _, _, x, qw = _linear_call()
+    assert len(log.read_text().split()) == len(_applicable(x, qw))
     assert len(routes.read_table(tmp_path / "cache" / "routes.json")) == 1
 
 

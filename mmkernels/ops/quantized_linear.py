@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -402,7 +403,8 @@ def _quantize_rows_launch(x2d, xq, xs):
     return (x2d, xq, xs, k, x2d.stride(0)), meta, (x2d.shape[0],)
 
 
-def _triton_impl(args: _LinearArgs) -> torch.Tensor:
+def _triton_impl(args: _LinearArgs, variant: Callable[[LinearConfig], LinearConfig] | None = None) -> torch.Tensor:
+    """The kernels with :func:`linear_config`'s tiles, changed by ``variant`` where given (a route)."""
     # Allocations and launches only (operand copies are temporaries a plan refuses).
     plan_ok()
     qw = args.qweight
@@ -418,6 +420,8 @@ def _triton_impl(args: _LinearArgs) -> torch.Tensor:
     if m == 0:
         return out.reshape(args.out_shape)
     cfg = linear_config(m, n, k, qw.scheme, qw.group_size, x2d.element_size(), _tma_ready(qw, device))
+    if variant is not None:
+        cfg = variant(cfg)
     x_gemm, x_scales = x2d, None
     fp8 = qw.info.quantized_activations
     if fp8 and device.type == "cpu":
@@ -520,8 +524,39 @@ def _torch_route_applies(args: _LinearArgs) -> str | None:
     return None
 
 
-# Besides the launcher (its heuristic tiles, split-K and TMA forms: the route "heuristic").
-ROUTES = (Route("torch", _torch_route, standard=True, applies=_torch_route_applies),)
+def _heuristic_config(args: _LinearArgs) -> LinearConfig:
+    qw, x2d = args.qweight, args.x2d
+    return linear_config(x2d.shape[0], qw.out_features, qw.in_features, qw.scheme, qw.group_size, x2d.element_size(),
+                         _tma_ready(qw, x2d.device))  # fmt: skip
+
+
+def _swapped(cfg: LinearConfig) -> LinearConfig:
+    return dataclasses.replace(cfg, swap_ab=not cfg.swap_ab)
+
+
+def _swap_applies(args: _LinearArgs) -> str | None:
+    if args.qweight.info.quantized_activations:
+        return "fp8 dequantizes nothing in registers: one tile layout"
+    return None
+
+
+def _unsplit(cfg: LinearConfig) -> LinearConfig:
+    k_steps = cdiv(cfg.k_per_split * cfg.split_k, cfg.block_k)
+    return dataclasses.replace(cfg, split_k=1, k_per_split=k_steps * cfg.block_k)
+
+
+def _unsplit_applies(args: _LinearArgs) -> str | None:
+    return None if _heuristic_config(args).split_k > 1 else "the heuristic does not split K here"
+
+
+# Besides the launcher (its heuristic tiles, split-K and TMA forms: the route "heuristic"):
+# the other tile layout (linear_config's swap_ab, chosen from instruction counts, untimed),
+# K unsplit where the heuristic splits it, and the standard PyTorch path.
+ROUTES = (
+    Route("triton-swap_ab", functools.partial(_triton_impl, variant=_swapped), applies=_swap_applies),
+    Route("triton-no-split-k", functools.partial(_triton_impl, variant=_unsplit), applies=_unsplit_applies),
+    Route("torch", _torch_route, standard=True, applies=_torch_route_applies),
+)
 
 
 def bucket(args: _LinearArgs) -> str:
