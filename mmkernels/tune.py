@@ -276,10 +276,11 @@ def model_cases(model_or_path, *, device: torch.device, dtype: torch.dtype, imag
     import transformers
 
     from mmkernels.integrations import hf_quant
+    from mmkernels.quant import SCHEME_TABLE, quantize
+
     # By module path: mmkernels.ops' names patch_embed and quantized_linear are the op functions.
     patch_embed_module = importlib.import_module("mmkernels.ops.patch_embed")
     quantized_linear_module = importlib.import_module("mmkernels.ops.quantized_linear")
-    from mmkernels.quant import SCHEME_TABLE, quantize
 
     config = model_or_path
     if not isinstance(config, transformers.PretrainedConfig):
@@ -319,7 +320,8 @@ def model_cases(model_or_path, *, device: torch.device, dtype: torch.dtype, imag
             for n in images:
                 m = n * tokens_per_image
 
-                def make(m=m, k=k, n_out=n_out, scheme=scheme, bias=linear.bias is not None, activation=activation):
+                def make(m=m, k=k, n_out=n_out, scheme=scheme, grouped=grouped, bias=linear.bias is not None,
+                         activation=activation):  # fmt: skip
                     qw = quantize(torch.randn(n_out, k, generator=gen), scheme,
                                   **({"group_size": group_size} if grouped else {})).to(device)  # fmt: skip
                     return (random(m, k), qw.packed, qw.scales, qw.zeros, random(n_out) if bias else None, qw.scheme,

@@ -216,11 +216,12 @@ def test_tune_over_a_tiny_model_folder_end_to_end(tables, tmp_path, monkeypatch)
 
     monkeypatch.setattr(tune, "_candidates",
                         lambda op: {name: labelled(op, name, run) for name, run in real_candidates(op).items()})
-    argv = [str(folder), "--images", "1,2", "--schemes", "w8a16,w4a16", "--group-size", "32", "--dtype", "float32"]
+    argv = [str(folder), "--images", "1,2", "--schemes", "w4a16,w8a16", "--group-size", "32", "--dtype", "float32"]
     assert tune.main(argv, timer=timer, device=torch.device("cpu"), identity=STAND_IN) == 0
     entries = {(e.op, e.bucket): e for e in routes.read_table(tables[0])}
     assert {op for op, _ in entries} == {"patch_embed", "quantized_linear[w8a16]", "quantized_linear[w4a16]"}
     assert all(e.winner == ("torch" if e.op == "patch_embed" else "heuristic") for e in entries.values())
+    assert all(bucket.endswith("-g32") for op, bucket in entries if op == "quantized_linear[w4a16]")  # --group-size
     patch_entry = next(e for (op, _), e in entries.items() if op == "patch_embed")
     assert set(patch_entry.medians_ms) == {"heuristic", "torch", "triton-packed", "triton-gather", "triton-row_steps"}
     assert {"heuristic", "torch"} <= {route for _, route in timed}
