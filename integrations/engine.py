@@ -58,6 +58,7 @@ __all__ = [
     "ABSENT",
     "Call",
     "ORIGINALS_ATTR",
+    "PERMANENT_ATTR",
     "PatchOptions",
     "PatchReport",
     "Replacement",
@@ -67,17 +68,25 @@ __all__ = [
     "Swap",
     "backend_note",
     "bind_call",
+    "check_undoable",
     "coverage_table",
     "forward_signature",
     "is_patched",
     "original_method",
     "patch_model",
+    "permanent_changes",
+    "record_permanent",
+    "swap_method",
     "unpatch_model",
 ]
 
 # The one attribute patch() adds to a module: method name -> Swap (what the instance held
 # before, and what made the replacement).
 ORIGINALS_ATTR = "_mmkernels_originals"
+# The other attribute: what patching changed on a module that cannot be undone (a layer
+# replaced by a quantized one, its full-precision weight gone): attribute name -> what was
+# done. unpatch refuses while any module holds one (see record_permanent).
+PERMANENT_ATTR = "_mmkernels_permanent"
 # Installed with a module's first swap so that copies and pickles stay patched (see above).
 _REDUCE = "__reduce_ex__"
 
@@ -348,6 +357,45 @@ def original_method(module: torch.nn.Module, name: str) -> Callable:
     return _previous(module, swap)
 
 
+def swap_method(module: torch.nn.Module, rule: Rule, options: PatchOptions) -> None:
+    """Replace ``rule.method`` on ``module`` (the instance) with ``rule``'s replacement and
+    record it: what :func:`patch_model` does per matching module, and what a caller that
+    changes a module otherwise (the projector quantization) uses for the method swap that
+    goes with it, so that copies and pickles rebuild it and :func:`unpatch_model` knows it."""
+    _replace_method(module, rule.method, rule, options)
+
+
+def record_permanent(module: torch.nn.Module, name: str, what: str) -> None:
+    """Record on ``module`` that its attribute ``name`` was changed in a way :func:`unpatch_model`
+    cannot undo (``what`` says how, for the refusal). Plain data in the instance
+    ``__dict__``: it travels with copies and pickles, never reaches ``state_dict``."""
+    permanent = module.__dict__.get(PERMANENT_ATTR)
+    if permanent is None:
+        permanent = {}
+        object.__setattr__(module, PERMANENT_ATTR, permanent)
+    permanent[name] = what
+
+
+def permanent_changes(model: torch.nn.Module) -> list[str]:
+    """``"<path>: <what>"`` for every change :func:`record_permanent` recorded in ``model``."""
+    return [
+        f"{'.'.join(p for p in (path, name) if p)}: {what}"
+        for path, module in model.named_modules()
+        for name, what in module.__dict__.get(PERMANENT_ATTR, {}).items()
+    ]
+
+
+def check_undoable(model: torch.nn.Module) -> None:
+    """Raise ``RuntimeError`` naming every change in ``model`` that cannot be undone
+    (:func:`record_permanent`); nothing when there is none."""
+    permanent = permanent_changes(model)
+    if permanent:
+        raise RuntimeError(
+            f"unpatch: {type(model).__name__} holds changes that cannot be undone ({'; '.join(permanent)}), so it "
+            f"cannot be restored. Reload the original checkpoint instead (nothing was changed)."
+        )
+
+
 def _replace_method(module: torch.nn.Module, name: str, rule: Rule, options: PatchOptions) -> None:
     originals = module.__dict__.get(ORIGINALS_ATTR)
     if originals is None:
@@ -428,7 +476,9 @@ def _rebuild_patched(rebuild: Callable, args: tuple, swaps: tuple) -> torch.nn.M
 
 def unpatch_model(model: torch.nn.Module) -> int:
     """Undo every replacement on ``model`` and its sub-modules; returns how many modules
-    were restored (0 on an unpatched model)."""
+    were restored (0 on an unpatched model). Refuses with ``RuntimeError``, changing
+    nothing, when the model holds a change that cannot be undone (:func:`record_permanent`)."""
+    check_undoable(model)
     restored = 0
     for module in model.modules():
         if is_patched(module):
@@ -491,7 +541,7 @@ def patch_model(model: torch.nn.Module, rules: Sequence[Rule], *, kernels: Itera
                 skipped.append(Skip(path, cls_name, f"{rule.family} {rule.kernel}: " + "; ".join(reasons)))
                 continue
             rule = rule.for_module(module)
-            _replace_method(module, rule.method, rule, options)
+            swap_method(module, rule, options)
             replaced.append(Replacement(path, cls_name, rule.method, rule.op, rule.family,
                                         tuple(rule.notes(module, options))))
 

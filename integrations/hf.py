@@ -186,12 +186,11 @@ def patch(model: torch.nn.Module, *, kernels: Iterable[str] | None = None, quant
 
 def unpatch(model: torch.nn.Module) -> None:
     """Restore every method :func:`patch` replaced on ``model`` (exactly: the instance
-    ``__dict__`` is as before patching). A no-op on an unpatched model."""
+    ``__dict__`` is as before patching). A no-op on an unpatched model. Refuses with
+    ``RuntimeError``, changing nothing, on a model that holds a change that cannot be undone
+    (a quantized projector: its full-precision weights are gone)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    from .hf_quant import check_unpatchable
-
-    check_unpatchable(model)  # a quantized projector cannot be restored: refuse, change nothing
     unpatch_model(model)
 
 

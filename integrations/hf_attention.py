@@ -43,16 +43,25 @@ Two routes, both ending in ONE call of the op per attention layer:
      in the same argument) to the op: no loop and no sync. ``max_seqlen`` is the tower's
      value when it has one, else the number of patches (an upper bound known on the
      host: the op's grid gets idle programs, never a wrong answer).
-   * Mllama text-to-vision cross-attention: see :class:`MllamaCrossMaskRule`.
+   * Mllama text-to-vision cross-attention: see :func:`_mllama_model_forward`.
+
+   Each is one :class:`AttentionSpec` (the class covered, and the :class:`AttentionRoute`
+   its ``forward`` takes) in :data:`ATTENTION_SPECS`, applied by one :class:`AttentionRule`;
+   the towers that kept Qwen2-VL's attention layer (Qwen3-VL, Qwen3.5, GLM-4.xV, ...) are
+   a line each.
 
 Read against transformers 5.17 and 5.24 (``integrations/sdpa_attention.py``,
-``masking_utils.py``, ``models/{qwen2_vl,qwen2_5_vl,mllama}/modeling_*.py``).
+``masking_utils.py``, ``models/{qwen2_vl,qwen2_5_vl,mllama}/modeling_*.py``); the other
+towers' attention layers against 5.25 (``tests/test_attention_vision_towers.py`` checks
+each against its class in every installed release).
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
+import functools
 import logging
 import sys
 import weakref
@@ -63,16 +72,17 @@ import torch
 from mmkernels.backend import interpreter_enabled
 from mmkernels.ops.varlen_attention import CAPABILITIES as ATTENTION_CAPABILITIES
 
-from .engine import PatchOptions, Rule, backend_note, original_method
+from .engine import PatchOptions, Rule, SpecRule, backend_note, bind_call, original_method
 
 __all__ = [
     "ATTENTION_KERNEL",
     "ATTENTION_RULES",
     "ATTN_IMPLEMENTATION",
+    "ATTENTION_SPECS",
+    "AttentionRoute",
+    "AttentionRule",
+    "AttentionSpec",
     "MllamaCrossMask",
-    "MllamaCrossMaskRule",
-    "MllamaTextCrossMaskRule",
-    "QwenVisionAttentionRule",
     "is_registered",
     "mask_to_kv_ranges",
     "mllama_cross_mask",
@@ -350,51 +360,45 @@ def _is_flash(config) -> bool:
     return isinstance(implementation, str) and "flash" in implementation
 
 
-class QwenVisionAttentionRule(Rule):
-    """Swaps the vision attention layer's ``forward`` for one op call over ``cu_seqlens``."""
+def _cu_seqlens_not_applicable(module: torch.nn.Module, qk_norm: bool = False) -> list[str]:
+    name = type(module).__name__
+    reasons = [f"{name}.{attr} is not a plain nn.Linear" for attr in ("qkv", "proj")
+               if not isinstance(getattr(module, attr, None), torch.nn.Linear)]  # fmt: skip
+    if qk_norm:
+        reasons += [f"{name} has no module {attr}" for attr in ("q_norm", "k_norm")
+                    if not isinstance(getattr(module, attr, None), torch.nn.Module)]  # fmt: skip
+    if not isinstance(getattr(module, "num_heads", None), int):
+        reasons.append(f"{name} has no int num_heads")
+    if _rotary_function(module) is None:
+        reasons.append(f"{type(module).__module__} has no apply_rotary_pos_emb_vision")
+    return reasons
 
-    kernel = ATTENTION_KERNEL
-    method = "forward"
-    op = f"mmkernels.ops.{ATTENTION_OP}"
 
-    def __init__(self, family: str, model_type: str, model_class: str):
-        self.family = family
-        self.model_type = model_type
-        self.model_class = model_class
-
-    def __repr__(self) -> str:
-        return f"QwenVisionAttentionRule({self.family}: {self.model_class}.forward)"
-
-    def not_applicable_reasons(self, module: torch.nn.Module) -> list[str]:
-        reasons = super().not_applicable_reasons(module)
-        for name, kind in (("qkv", torch.nn.Linear), ("proj", torch.nn.Linear)):
-            if not isinstance(getattr(module, name, None), kind):
-                reasons.append(f"{type(module).__name__}.{name} is not a plain nn.Linear")
-        if not isinstance(getattr(module, "num_heads", None), int):
-            reasons.append(f"{type(module).__name__} has no int num_heads")
-        if _rotary_function(module) is None:
-            reasons.append(f"{type(module).__module__} has no apply_rotary_pos_emb_vision")
-        return reasons
-
-    def notes(self, module: torch.nn.Module, options: PatchOptions) -> list[str]:
-        return [backend_note(ATTENTION_CAPABILITIES, module.qkv.weight),
-                "one varlen_attention call over cu_seqlens per layer (no per-image loop, no .tolist())"]  # fmt: skip
-
-    def make_replacement(self, options: PatchOptions) -> Callable:
-        return _qwen_vision_attention_forward
-
-    def coverage_row(self) -> dict[str, str]:
-        row = super().coverage_row()
-        row["features"] = "cu_seqlens (and cu_window_seqlens)"
-        return row
+def _cu_seqlens_notes(module: torch.nn.Module) -> list[str]:
+    return [backend_note(ATTENTION_CAPABILITIES, module.qkv.weight),
+            "one varlen_attention call over cu_seqlens per layer (no per-image loop, no .tolist())"]  # fmt: skip
 
 
 def _rotary_function(module) -> Callable | None:
     return getattr(sys.modules.get(type(module).__module__), "apply_rotary_pos_emb_vision", None)
 
 
-def _qwen_vision_attention_forward(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None,
-                                   **kwargs):  # fmt: skip
+def _cu_seqlens_attention_forward(self, hidden_states, cu_seqlens, position_embeddings=None, max_seqlen=None,
+                                  **kwargs):  # fmt: skip
+    """The vision attention layer (qkv projection, the model's own
+    ``apply_rotary_pos_emb_vision``, attention, output projection) with one op call over
+    ``cu_seqlens``."""
+    return _cu_seqlens_attention(self, False, hidden_states, cu_seqlens, position_embeddings, max_seqlen, kwargs)
+
+
+def _cu_seqlens_qk_norm_attention_forward(self, hidden_states, cu_seqlens, position_embeddings=None,
+                                          max_seqlen=None, **kwargs):  # fmt: skip
+    """As :func:`_cu_seqlens_attention_forward`, with the layer's ``q_norm`` / ``k_norm``
+    applied per head before the rotary embedding (GLM-OCR's tower)."""
+    return _cu_seqlens_attention(self, True, hidden_states, cu_seqlens, position_embeddings, max_seqlen, kwargs)
+
+
+def _cu_seqlens_attention(self, qk_norm, hidden_states, cu_seqlens, position_embeddings, max_seqlen, kwargs):
     original = original_method(self, "forward")
     covered = (
         isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 2
@@ -414,6 +418,8 @@ def _qwen_vision_attention_forward(self, hidden_states, cu_seqlens, position_emb
 
     n = hidden_states.shape[0]
     q, k, v = self.qkv(hidden_states).reshape(n, 3, self.num_heads, -1).unbind(1)
+    if qk_norm:
+        q, k = self.q_norm(q), self.k_norm(k)
     cos, sin = position_embeddings
     q, k = _rotary_function(self)(q, k, cos, sin)
     cu = cu_seqlens if cu_seqlens.dtype == torch.int32 else cu_seqlens.to(torch.int32)
@@ -530,53 +536,32 @@ def _text_implementation(config) -> str | None:
     return getattr(text, "_attn_implementation", None)
 
 
-class MllamaCrossMaskRule(Rule):
+def _mllama_not_applicable(module: torch.nn.Module) -> list[str]:
+    reasons = []
+    if not isinstance(getattr(getattr(module, "vision_model", None), "num_patches", None), int):
+        reasons.append("vision_model.num_patches is not an int")
+    if _text_implementation(module.config) != ATTN_IMPLEMENTATION:
+        reasons.append(
+            f"the text model's attn_implementation is {_text_implementation(module.config)!r}: load the model "
+            f"with attn_implementation={ATTN_IMPLEMENTATION!r} (after mmkernels.integrations.register_attention())"
+        )
+    return reasons
+
+
+def _mllama_notes(module: torch.nn.Module) -> list[str]:
+    return [backend_note(ATTENTION_CAPABILITIES, next(module.parameters())),
+            "compact cross_attention_mask -> kv_ranges on the device; no dense 4-D mask"]  # fmt: skip
+
+
+def _mllama_model_forward(self, *args, **kwargs):
     """``MllamaModel.forward``: converts the compact ``cross_attention_mask`` into a
     :class:`MllamaCrossMask` on the device and calls the original forward WITHOUT the
     compact mask (so the dense 4-D mask is never built), handing the converted mask to the
-    text model through a keyword the text model's rule (:class:`MllamaTextCrossMaskRule`)
+    text model through a keyword the text model's replacement (:func:`_mllama_text_forward`)
     takes out again. Runs the original, dense path when: no compact mask, a mask that does
     not match the tokens (a plain forward with a cache and the whole mask), the text model
     not on the ``"mmkernels"`` attention implementation, or a token that sees
     non-consecutive images (logged)."""
-
-    kernel = ATTENTION_KERNEL
-    family = "Mllama"
-    model_type = "mllama"
-    model_class = "MllamaModel"
-    method = "forward"
-    op = f"mmkernels.ops.{ATTENTION_OP}"
-
-    def __repr__(self) -> str:
-        return "MllamaCrossMaskRule(MllamaModel.forward)"
-
-    def not_applicable_reasons(self, module):
-        reasons = super().not_applicable_reasons(module)
-        if not isinstance(getattr(getattr(module, "vision_model", None), "num_patches", None), int):
-            reasons.append("vision_model.num_patches is not an int")
-        if _text_implementation(module.config) != ATTN_IMPLEMENTATION:
-            reasons.append(
-                f"the text model's attn_implementation is {_text_implementation(module.config)!r}: load the model "
-                f"with attn_implementation={ATTN_IMPLEMENTATION!r} (after mmkernels.integrations.register_attention())"
-            )
-        return reasons
-
-    def notes(self, module, options):
-        return [backend_note(ATTENTION_CAPABILITIES, next(module.parameters())),
-                "compact cross_attention_mask -> kv_ranges on the device; no dense 4-D mask"]  # fmt: skip
-
-    def make_replacement(self, options):
-        return _mllama_model_forward
-
-    def coverage_row(self):
-        row = super().coverage_row()
-        row["features"] = "cross_attention_mask (B, S, images, tiles)"
-        return row
-
-
-def _mllama_model_forward(self, *args, **kwargs):
-    from .engine import bind_call
-
     original = original_method(self, "forward")
     if torch.compiler.is_compiling():  # the conversion's verdict is a host sync: the dense path
         return original(*args, **kwargs)
@@ -614,32 +599,11 @@ def _mllama_model_forward(self, *args, **kwargs):
     return original(**named, **call.extra, **{_CROSS_MASK_KWARG: mask})
 
 
-class MllamaTextCrossMaskRule(Rule):
+def _mllama_text_forward(self, *args, **kwargs):
     """``MllamaTextModel.forward``: takes the :class:`MllamaCrossMask` that the patched
     ``MllamaModel.forward`` passes and gives it to the decoder layers as their
     ``cross_attention_mask`` (which they hand, untouched, to the attention function) and
     its ``row_mask`` as ``full_text_row_masked_out_mask``. Any other call: the original."""
-
-    kernel = ATTENTION_KERNEL
-    family = "Mllama"
-    model_type = "mllama_text_model"
-    model_class = "MllamaTextModel"
-    method = "forward"
-    op = f"mmkernels.ops.{ATTENTION_OP}"
-
-    def __repr__(self) -> str:
-        return "MllamaTextCrossMaskRule(MllamaTextModel.forward)"
-
-    def make_replacement(self, options):
-        return _mllama_text_forward
-
-    def coverage_row(self):
-        row = super().coverage_row()
-        row["features"] = "the converted cross-attention mask"
-        return row
-
-
-def _mllama_text_forward(self, *args, **kwargs):
     original = original_method(self, "forward")
     mask = kwargs.pop(_CROSS_MASK_KWARG, None)
     if mask is None:
@@ -651,9 +615,102 @@ def _mllama_text_forward(self, *args, **kwargs):
     return original(*args, **kwargs)
 
 
-ATTENTION_RULES: tuple[Rule, ...] = (
-    QwenVisionAttentionRule("Qwen2-VL", "qwen2_vl_vision", "VisionAttention"),
-    QwenVisionAttentionRule("Qwen2.5-VL", "qwen2_5_vl_vision", "Qwen2_5_VLVisionAttention"),
-    MllamaCrossMaskRule(),
-    MllamaTextCrossMaskRule(),
+# --------------------------------------------------------------------------------------
+# The specs and the rule
+
+
+def _no_reasons(module: torch.nn.Module) -> list[str]:
+    return []
+
+
+def _no_notes(module: torch.nn.Module) -> list[str]:
+    return []
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionRoute:
+    """How one kind of attention layer reaches the op: the replacement of the covered
+    class's ``forward``, why an instance cannot take it (beyond having a ``forward``), the
+    report's notes, and the coverage table's features cell."""
+
+    name: str
+    forward: Callable
+    not_applicable: Callable[[torch.nn.Module], list[str]]
+    notes: Callable[[torch.nn.Module], list[str]]
+    features: str
+
+
+# Vision towers that call their attention layer with cu_seqlens (Qwen2-VL's layer: qkv,
+# the module's apply_rotary_pos_emb_vision, attention per image, proj).
+CU_SEQLENS = AttentionRoute("cu_seqlens", _cu_seqlens_attention_forward, _cu_seqlens_not_applicable,
+                            _cu_seqlens_notes, "cu_seqlens (and Qwen2.5-VL's cu_window_seqlens)")  # fmt: skip
+# The same layer with per-head q_norm / k_norm before the rotary embedding.
+CU_SEQLENS_QK_NORM = AttentionRoute(
+    "cu_seqlens, q/k norm", _cu_seqlens_qk_norm_attention_forward,
+    functools.partial(_cu_seqlens_not_applicable, qk_norm=True), _cu_seqlens_notes,
+    "cu_seqlens, q_norm / k_norm",
+)  # fmt: skip
+MLLAMA_COMPACT_MASK = AttentionRoute("Mllama compact mask", _mllama_model_forward, _mllama_not_applicable,
+                                     _mllama_notes, "cross_attention_mask (B, S, images, tiles)")  # fmt: skip
+MLLAMA_TEXT_MASK = AttentionRoute("Mllama converted mask", _mllama_text_forward, _no_reasons, _no_notes,
+                                  "the converted cross-attention mask")  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionSpec:
+    """One attention patch as data: the class it covers (within its governing
+    ``config.model_type``) and the :class:`AttentionRoute` its ``forward`` takes."""
+
+    family: str
+    model_type: str
+    model_class: str
+    route: AttentionRoute
+
+
+class AttentionRule(SpecRule):
+    """The attention patch of one :class:`AttentionSpec`: replaces the covered module's
+    ``forward`` on the live instance with its route's."""
+
+    kernel = ATTENTION_KERNEL
+    method = "forward"
+    op = f"mmkernels.ops.{ATTENTION_OP}"
+
+    def not_applicable_reasons(self, module: torch.nn.Module) -> list[str]:
+        return super().not_applicable_reasons(module) + self.spec.route.not_applicable(module)
+
+    def notes(self, module: torch.nn.Module, options: PatchOptions) -> list[str]:
+        return self.spec.route.notes(module)
+
+    def make_replacement(self, options: PatchOptions) -> Callable:
+        return self.spec.route.forward
+
+    def coverage_row(self) -> dict[str, str]:
+        row = super().coverage_row()
+        row["features"] = self.spec.route.features
+        return row
+
+
+ATTENTION_SPECS: tuple[AttentionSpec, ...] = (
+    *(
+        AttentionSpec(family, model_type, model_class, CU_SEQLENS)
+        for family, model_type, model_class in (
+            ("Qwen2-VL", "qwen2_vl_vision", "VisionAttention"),
+            ("Qwen2.5-VL", "qwen2_5_vl_vision", "Qwen2_5_VLVisionAttention"),
+            # The towers that kept Qwen2-VL's attention layer (read against transformers 5.25).
+            ("Qwen3-VL", "qwen3_vl_vision", "Qwen3VLVisionAttention"),
+            ("Qwen3-VL-MoE", "qwen3_vl_moe_vision", "Qwen3VLMoeVisionAttention"),
+            ("Qwen3.5", "qwen3_5_vision", "Qwen3_5VisionAttention"),
+            ("Qwen3.5-MoE", "qwen3_5_moe_vision", "Qwen3_5MoeVisionAttention"),
+            ("Qwen3-Omni-MoE", "qwen3_omni_moe_vision_encoder", "Qwen3OmniMoeVisionAttention"),
+            ("GLM-4.1V", "glm4v_vision", "Glm4vVisionAttention"),
+            ("GLM-4.5V", "glm4v_moe_vision", "Glm4vMoeVisionAttention"),
+            ("ERNIE 4.5 VL MoE", "ernie4_5_vl_moe_vision", "Ernie4_5_VLMoeVisionAttention"),
+            ("LLaVA-OneVision-1.5", "llava_onevision1_5_vision", "LlavaOnevision15VisionAttention"),
+        )
+    ),
+    AttentionSpec("GLM-OCR", "glm_ocr_vision", "GlmOcrVisionAttention", CU_SEQLENS_QK_NORM),
+    AttentionSpec("Mllama", "mllama", "MllamaModel", MLLAMA_COMPACT_MASK),
+    AttentionSpec("Mllama", "mllama_text_model", "MllamaTextModel", MLLAMA_TEXT_MASK),
 )
+
+ATTENTION_RULES: tuple[Rule, ...] = tuple(AttentionRule(spec) for spec in ATTENTION_SPECS)

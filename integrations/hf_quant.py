@@ -16,7 +16,9 @@ checkpoint carries it and every loader reads it:
 Unlike :func:`mmkernels.patch`'s method swaps this changes the module tree and the
 ``state_dict`` (``linear_1.weight`` becomes ``linear_1.packed`` / ``.scales`` / ``.zeros``,
 plain tensors; ``bias`` keeps its key) and cannot be undone: the full-precision weights
-are gone. :func:`mmkernels.unpatch` refuses on such a model (:func:`check_unpatchable`).
+are gone. Each replaced layer is recorded as a permanent change
+(:func:`~.engine.record_permanent`), so :func:`mmkernels.unpatch` refuses on such a model,
+changing nothing.
 
 Where the projectors are (one spec per family, keyed by the ``config.model_type`` of the
 sub-model that holds the projector attribute):
@@ -38,8 +40,9 @@ sub-model that holds the projector attribute):
   :class:`QuantizedLinear` submodule ``mm_input_projection`` holding the ``(N, K)``
   transpose (``state_dict``: ``mm_input_projection_weight`` becomes
   ``mm_input_projection.packed`` / ``.scales`` / ``.zeros``; there is no bias), and the
-  projector's ``forward`` is swapped on the instance (not through :mod:`.engine`:
-  :func:`mmkernels.unpatch` does not undo it) for one that runs the projector's own
+  projector's ``forward`` is swapped on the instance through :mod:`.engine`
+  (:class:`ProjectorForwardRule`: copies and pickles rebuild it; the model refuses
+  ``unpatch`` as a whole) for one that runs the projector's own
   ``avg_pool`` and ``mm_soft_emb_norm`` modules and then that submodule. Before anything
   changes, the swap is checked to compute exactly what the original forward does (on a
   random input, with the unquantized weight); where a transformers version computes
@@ -54,7 +57,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import types
+import warnings
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -63,13 +66,15 @@ import torch
 from mmkernels.ops.quantized_linear import CAPABILITIES, apply_activation, quantized_linear
 from mmkernels.quant import SCHEME_TABLE, QuantizedWeight, check_group_size, quantize, same_module_path, scheme_info
 
-from .engine import PatchReport, Replacement, Skip, backend_note
+from .engine import (ORIGINALS_ATTR, PatchOptions, PatchReport, Replacement, Rule, Skip, backend_note, original_method,
+                     check_undoable, record_permanent, swap_method)
 from .hf_quantizer import QUANT_METHOD, MmkernelsConfig, no_patch_on_load
 
 __all__ = [
     "CONFIG_ATTR",
     "MatmulWeight",
     "PROJECTOR_SPECS",
+    "ProjectorForwardRule",
     "ProjectorSpec",
     "QuantizedLinear",
     "check_unpatchable",
@@ -122,6 +127,47 @@ class ProjectorSpec:
     matmul: MatmulWeight | None = None
 
 
+class ProjectorForwardRule(Rule):
+    """The projector ``forward`` that goes with a :class:`MatmulWeight` (Gemma 3), swapped
+    through the engine (:func:`~.engine.swap_method`) so that copies and pickles of the
+    quantized model rebuild it. Never applied by :func:`mmkernels.patch` (no kernel
+    selects it) and never undone: the Parameter its original forward reads is gone (a
+    permanent change, so ``unpatch`` refuses the model)."""
+
+    kernel = "quantize_projector"
+    method = "forward"
+    op = "mmkernels::quantized_linear"
+
+    def __init__(self, spec: "ProjectorSpec"):
+        self.spec = spec
+        self.family = spec.family
+        self.model_type = spec.model_type
+
+    def __repr__(self) -> str:
+        return f"ProjectorForwardRule({self.spec.family}: {self.spec.attribute}.forward)"
+
+    def make_replacement(self, options: PatchOptions):
+        return self.spec.matmul.forward
+
+
+def _quantized_layer(parent: torch.nn.Module, name: str, module: "QuantizedLinear") -> None:
+    """Put ``module`` in ``parent`` as ``name`` (the Linear there is dropped) and record the
+    change as permanent."""
+    parent._modules[name] = module
+    record_permanent(parent, name, f"quantized to {module.scheme} (the full-precision weight is gone)")
+
+
+def _quantized_matmul(projector: torch.nn.Module, spec: "ProjectorSpec", module: "QuantizedLinear") -> None:
+    """Replace the projector's :class:`MatmulWeight` Parameter by ``module`` (the quantized
+    transpose) and swap its ``forward`` for the one that calls it; the Parameter's removal
+    is recorded as permanent."""
+    mw = spec.matmul
+    delattr(projector, mw.parameter)
+    projector.add_module(mw.module, module)
+    swap_method(projector, ProjectorForwardRule(spec), PatchOptions())
+    record_permanent(projector, mw.parameter, f"replaced by the {module.scheme} {mw.module} (the Parameter is gone)")
+
+
 def _gemma3_features(projector: torch.nn.Module, vision_outputs: torch.Tensor) -> torch.Tensor:
     """What ``Gemma3MultiModalProjector.forward`` multiplies by ``mm_input_projection_weight``:
     the patch grid average-pooled by the projector's ``avg_pool`` and normalized by its
@@ -159,12 +205,12 @@ def _gemma3_not_equivalent(projector: torch.nn.Module, shape=None, device=None, 
     x = torch.randn(1, projector.patches_per_image**2, shape[0], generator=generator)
     w = torch.randn(tuple(shape), generator=generator) * shape[0] ** -0.5
     x, w = (t.to(device=device, dtype=dtype) for t in (x, w))
-    # The projector's forward (someone else's, if swapped on the instance; the class's once
-    # mmkernels' is there), reading w through an instance attribute, which attribute lookup
-    # finds before the module's parameters.
-    forward = projector.forward
-    if getattr(forward, "__func__", None) is _gemma3_projector_forward:
-        forward = types.MethodType(type(projector).forward, projector)
+    # The projector's forward (someone else's, if swapped on the instance; what mmkernels'
+    # swap wraps once it is there), reading w through an instance attribute, which
+    # attribute lookup finds before the module's parameters.
+    swap = projector.__dict__.get(ORIGINALS_ATTR, {}).get("forward")
+    ours = swap is not None and isinstance(swap.rule, ProjectorForwardRule)
+    forward = original_method(projector, "forward") if ours else projector.forward
     projector.__dict__["mm_input_projection_weight"] = w
     try:
         with torch.no_grad():
@@ -489,7 +535,8 @@ def quantize_projector(model: torch.nn.Module, scheme, *, group_size: int = 128)
         )
     records = {}
     for projector, parent, name, act_path, full, linear, activation, spec in plans:
-        parent._modules[name] = QuantizedLinear.from_linear(linear, scheme, group_size=group_size, activation=activation)
+        _quantized_layer(parent, name, QuantizedLinear.from_linear(linear, scheme, group_size=group_size,
+                                                                   activation=activation))  # fmt: skip
         if act_path is not None:
             _make_identity(projector, act_path)
         records[full] = {"activation": activation, "fused": act_path}
@@ -545,14 +592,11 @@ def _plan_matmul(projector, proj_path: str, spec: ProjectorSpec, scheme: str, gr
 def _apply_matmul(projector, full: str, spec: ProjectorSpec, scheme: str, group_size: int | None,
                   records: dict) -> Replacement:  # fmt: skip
     """Replace the Parameter by a :class:`QuantizedLinear` of its transpose and swap the
-    projector's ``forward`` (a plain instance attribute, as :mod:`.engine` does it, but not
-    recorded for :func:`mmkernels.unpatch`: it cannot be undone)."""
+    projector's ``forward`` (:func:`_quantized_matmul`)."""
     mw = spec.matmul
     weight = projector._parameters[mw.parameter]
     module = QuantizedLinear.from_weight(weight.detach().t().contiguous(), None, scheme, group_size=group_size)
-    delattr(projector, mw.parameter)
-    projector.add_module(mw.module, module)
-    object.__setattr__(projector, "forward", types.MethodType(mw.forward, projector))
+    _quantized_matmul(projector, spec, module)
     records[full] = {"activation": None, "fused": None, "parameter": mw.parameter}
     k, n = weight.shape
     notes = (f"{scheme}" + (f", group_size={group_size}" if group_size else "")
@@ -609,16 +653,12 @@ def is_quantized(model: torch.nn.Module) -> bool:
 
 
 def check_unpatchable(model: torch.nn.Module) -> None:
-    """Raise ``RuntimeError`` if ``model`` has quantized projector layers: unpatch cannot
-    give back the full-precision weights."""
-    paths = [name for name, m in model.named_modules() if isinstance(m, QuantizedLinear)]
-    if paths:
-        schemes = sorted({model.get_submodule(p).scheme for p in paths})
-        raise RuntimeError(
-            f"unpatch: the projector of this model was quantized ({', '.join(schemes)}: {', '.join(paths)}) and the "
-            "full-precision weights are gone, so it cannot be restored. Reload the unquantized checkpoint instead "
-            "(nothing was changed)."
-        )
+    """Deprecated: :func:`mmkernels.unpatch` refuses by itself (the quantized layers are
+    recorded as permanent changes). Raises the ``RuntimeError`` unpatch would
+    (:func:`~.engine.check_undoable`), without unpatching."""
+    warnings.warn("hf_quant.check_unpatchable is deprecated: mmkernels.unpatch refuses a model with permanent "
+                  "changes by itself (engine.check_undoable)", DeprecationWarning, stacklevel=2)  # fmt: skip
+    check_undoable(model)
 
 
 # --------------------------------------------------------------------------------------
@@ -727,9 +767,7 @@ def prepare_quantized_modules(model: torch.nn.Module, config) -> tuple[str, ...]
             k, n = weight.shape
             module = QuantizedLinear(k, n, scheme=scheme, group_size=group_size, bias=False, activation=None,
                                      dtype=weight.dtype, device=weight.device)  # fmt: skip
-            delattr(projector, mw.parameter)
-            projector.add_module(mw.module, module)
-            object.__setattr__(projector, "forward", types.MethodType(mw.forward, projector))
+            _quantized_matmul(projector, spec, module)
             # The family's _init_weights would initialise the Parameter that is gone: the
             # projector's own init is only that one (its submodules are initialised apart).
             projector._is_hf_initialized = True
@@ -748,10 +786,10 @@ def prepare_quantized_modules(model: torch.nn.Module, config) -> tuple[str, ...]
                                      f"{entry.get('fused')!r}; this model's spec fuses one of "
                                      f"{list(_CANDIDATE_ACTIVATIONS)} from {act_path!r}")  # fmt: skip
                 _make_identity(projector, act_path)
-            parent._modules[name] = QuantizedLinear(
+            _quantized_layer(parent, name, QuantizedLinear(
                 target.in_features, target.out_features, scheme=scheme, group_size=group_size,
                 bias=target.bias is not None, activation=activation, dtype=target.weight.dtype,
-                device=target.weight.device)  # fmt: skip
+                device=target.weight.device))  # fmt: skip
     unmatched = sorted(set(recorded) - matched)
     if unmatched:
         raise ValueError(f"quantization_config: the checkpoint's quantized modules {unmatched} are not projector "

@@ -386,3 +386,76 @@ def test_plain_transformers_and_import_order(tiny_models, tmp_path):
     assert "Unknown quantization type, got mmkernels" in without.stderr
     missing = json.loads(without.stdout.strip().splitlines()[-1])
     assert {f"model.multi_modal_projector.linear_{i}.weight" for i in (1, 2)} <= set(missing)
+
+
+@pytest.mark.parametrize("family", ["llava", "gemma3", "mllama"])
+def test_unpatch_refuses_a_quantized_projector_and_changes_nothing(tiny_models, family):
+    """The quantized layers are permanent changes (engine.record_permanent): unpatch
+    refuses, naming each, and leaves every patched method and quantized layer in place."""
+    if family not in zoo.FAMILIES:
+        pytest.skip(f"{family} is not in mmkernels.zoo")
+    tiny = tiny_models(family)
+    model = copy.deepcopy(tiny.model)
+    mmkernels.patch(model, quantize_projector="w8a16")
+    want = logits(model, tiny.inputs)
+    patched = patched_paths(model)
+    records = {n: dict(sub.__dict__[ORIGINALS_ATTR]) for n, sub in model.named_modules() if n in patched}
+    with pytest.raises(RuntimeError, match="cannot be undone") as refused:
+        mmkernels.unpatch(model)
+    for path in EXPECTED[family][0]:
+        named = path if family != "gemma3" else path.rsplit(".", 1)[0] + ".mm_input_projection_weight"
+        assert f"{named}: " in str(refused.value), str(refused.value)
+    assert patched_paths(model) == patched
+    assert all(model.get_submodule(n).__dict__[ORIGINALS_ATTR] == r for n, r in records.items())
+    assert [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)] == EXPECTED[family][0]
+    assert torch.equal(logits(model, tiny.inputs), want)
+
+
+def test_a_loaded_quantized_checkpoint_refuses_unpatch_too(tiny_models, tmp_path):
+    tiny = tiny_models("llava")
+    model = copy.deepcopy(tiny.model)
+    mmkernels.quantize_projector(model, "fp8")
+    model.save_pretrained(tmp_path)
+    loaded = hf_quant.from_pretrained(type(tiny.model), tmp_path, patch=False)
+    with pytest.raises(RuntimeError, match=r"model\.multi_modal_projector\.linear_1: quantized to fp8"):
+        mmkernels.unpatch(loaded)
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_quantized_gemma3_copies_and_pickles_with_its_forward(tiny_models, how):
+    """Gemma 3's projector forward is swapped through the engine, so a copy or an unpickled
+    model rebuilds it (a bound method pickled by itself came back as the class's forward,
+    which reads the Parameter that is gone) and still refuses unpatch."""
+    import io
+    import pickle
+
+    if "gemma3" not in zoo.FAMILIES:
+        pytest.skip("gemma3 is not in mmkernels.zoo")
+    tiny = tiny_models("gemma3")
+    model = copy.deepcopy(tiny.model)
+    mmkernels.quantize_projector(model, "w8a16")
+    want = logits(model, tiny.inputs)
+    if how == "deepcopy":
+        clone = copy.deepcopy(model)
+    elif how == "pickle":
+        clone = pickle.loads(pickle.dumps(model))
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        clone = torch.load(buffer, weights_only=False)
+    projector = clone.model.multi_modal_projector
+    assert "mm_input_projection_weight" not in dict(projector.named_parameters())
+    assert projector.forward.__self__ is projector
+    assert torch.equal(logits(clone, tiny.inputs), want)
+    with pytest.raises(RuntimeError, match="cannot be undone"):
+        mmkernels.unpatch(clone)
+
+
+def test_check_unpatchable_is_deprecated_and_still_refuses(tiny_models):
+    model = copy.deepcopy(tiny_models("llava").model)
+    with pytest.warns(DeprecationWarning):
+        hf_quant.check_unpatchable(model)  # nothing permanent: no error
+    mmkernels.quantize_projector(model, "w8a16")
+    with pytest.warns(DeprecationWarning), pytest.raises(RuntimeError, match="linear_2: quantized to w8a16"):
+        hf_quant.check_unpatchable(model)
