@@ -649,7 +649,7 @@ def aot_cases() -> list[AotCase]:
     cases: list[AotCase] = []
 
     def _aot_gemm_case(name, scheme, m, k, n, *, bias=True, activation=None, group_size=128, notes="", swap_ab=None,
-                       tma=False):  # fmt: skip
+                       tma=False, variant=None):  # fmt: skip
         info = SCHEME_TABLE[scheme]
 
         def make_launch():
@@ -661,6 +661,8 @@ def aot_cases() -> list[AotCase]:
             cfg = linear_config(m, n, k, scheme, qw.group_size, 2, tma)
             if swap_ab is not None:
                 cfg = dataclasses.replace(cfg, swap_ab=swap_ab)
+            if variant is not None:  # a route's form of the heuristic config
+                cfg = variant(cfg)
             out = torch.empty(m, n, dtype=torch.bfloat16)
             x_gemm = torch.empty(m, k, dtype=torch.float8_e4m3fn) if info.quantized_activations else x
             x_scales = torch.empty(m) if info.quantized_activations else None
@@ -723,5 +725,11 @@ def aot_cases() -> list[AotCase]:
     _aot_gemm_case("quantized_linear/w4a16/mllama-11b/m16/swapped", "w4a16", 16, 7680, 4096, swap_ab=True)
     _aot_gemm_case("quantized_linear/w8a16/mllama-11b/m16/swapped", "w8a16", 16, 7680, 4096, swap_ab=True)
     _aot_gemm_case("quantized_linear/w8a16/qwen2-vl-7b-merger/m4096/swapped", "w8a16", 4096, 5120, 3584, swap_ab=True)
+    # The route "triton-no-split-k" where the heuristic splits K: one program walks all of K.
+    for scheme_name in SCHEMES:
+        _aot_gemm_case(f"quantized_linear/{scheme_name}/mllama-11b/m16/no-split-k", scheme_name, 16, 7680, 4096,
+                       variant=_unsplit)  # fmt: skip
+    _aot_gemm_case("quantized_linear/w4a16/llava-next-34b-linear_1/m64/no-split-k", "w4a16", 64, 1024, 7168,
+                   activation="gelu", variant=_unsplit)  # fmt: skip
     _aot_aux_cases()
     return cases
