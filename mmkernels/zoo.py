@@ -30,6 +30,7 @@ image processor says, so a tiny Aria would need every caller to pass ``max_image
 
 from __future__ import annotations
 
+import copy
 import inspect
 import itertools
 import json
@@ -120,17 +121,18 @@ def save(family: str, path, *, seed: int = 0) -> pathlib.Path:
 def _build(family: str, recipe: _Recipe, *, seed: int, dtype: torch.dtype, batch: int) -> TinyModel:
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
+    spec = recipe.spec
     # Weight init draws from torch's global generator: seed it, and leave the caller's
     # generator state as it was.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = recipe.model_class(recipe.config).eval()
-        if recipe.init_weights is not None:
+        if spec.init_weights is not None:
             with torch.no_grad():
-                recipe.init_weights(model)
+                spec.init_weights(model)
     _set_generation_ids(model, recipe.tokenizer)
-    samples = [recipe.samples[i % len(recipe.samples)] for i in range(batch)]
-    inputs = recipe.make_inputs(recipe, model, samples, np.random.default_rng(seed))
+    samples = [spec.samples[i % len(spec.samples)] for i in range(batch)]
+    inputs = spec.make_inputs(recipe, model, samples, np.random.default_rng(seed))
     # Floating tensors only: Module.to(dtype) also casts complex buffers to the real dtype,
     # dropping their imaginary part (Llama 4's vision rotary table).
     for tensor in itertools.chain(model.parameters(), model.buffers()):
@@ -142,10 +144,9 @@ def _build(family: str, recipe: _Recipe, *, seed: int, dtype: torch.dtype, batch
         model=model,
         inputs=inputs,
         placeholder_ids={
-            modality: recipe.tokenizer.convert_tokens_to_ids(token)
-            for modality, token in recipe.placeholders.items()
+            modality: recipe.tokenizer.convert_tokens_to_ids(token) for modality, token in spec.placeholders.items()
         },
-        inner_model_class=recipe.inner_model_class,
+        inner_model_class=spec.inner_model_class,
         tokenizer=recipe.tokenizer,
         processor=recipe.processor,
     )
@@ -161,23 +162,46 @@ class _Sample:
     audio_seconds: tuple[float, ...] = ()
 
 
-@dataclass
-class _Recipe:
-    """What :func:`build` needs to make one family."""
+@dataclass(frozen=True, init=False)
+class _Part:
+    """A transformers object of a family (a config, an image processor, a feature extractor,
+    a processor), kept as data until the family is built: the name of its class in
+    ``transformers`` and its keyword arguments (see :func:`_arguments` for the ones that
+    are made or looked up then)."""
 
-    config: Any
-    model_class: type
-    inner_model_class: str
-    tokenizer: Any
-    placeholders: dict[str, str]  # modality -> placeholder token string
-    samples: tuple[_Sample, ...]
-    make_inputs: Callable[[_Recipe, Any, list[_Sample], np.random.Generator], dict]
-    processor: Any = None  # the family's own processor, where it builds without torchvision
-    image_processor: Any = None  # used directly where ``processor`` is None
-    processor_config: dict | None = None  # processor_config.json to save where ``processor`` is None
-    # Fills weights that transformers initialises to zero and that would hide the images
-    # (seeded with the model's weights).
-    init_weights: Callable[[Any], None] | None = None
+    class_name: str
+    kwargs: dict[str, Any]
+
+    def __init__(self, class_name: str, /, **kwargs: Any) -> None:
+        object.__setattr__(self, "class_name", class_name)
+        object.__setattr__(self, "kwargs", kwargs)
+
+
+@dataclass(frozen=True)
+class _TokenId:
+    """A config argument: the id of ``token`` in the family's tokenizer."""
+
+    token: str
+
+
+class _TokenizerLength:
+    """A config argument: ``len(tokenizer)`` of the family's tokenizer."""
+
+    def __repr__(self) -> str:
+        return "_TOKENIZER_LENGTH"
+
+
+_TOKENIZER_LENGTH = _TokenizerLength()
+
+
+@dataclass(frozen=True)
+class _UnbuiltProcessor:
+    """A processor that cannot be built here (its video processor needs torchvision): what
+    :func:`save` writes for it to processor_config.json (see :func:`_processor_config`)."""
+
+    processor_class: str
+    video_processor_type: str
+    options: dict[str, Any] = field(default_factory=dict)  # the processor's own arguments
 
 
 def _tokenizer(
@@ -221,14 +245,10 @@ def _tokenizer(
     )
 
 
-def _token_ids(tokenizer) -> dict[str, int]:
-    """pad/bos/eos ids for a text config."""
-    return {
-        "vocab_size": len(tokenizer),
-        "pad_token_id": tokenizer.pad_token_id,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-    }
+# A text config's vocabulary and pad/bos/eos ids: the tokenizer's.
+_TEXT_TOKEN_IDS = dict(
+    vocab_size=_TOKENIZER_LENGTH, pad_token_id=_TokenId(PAD), bos_token_id=_TokenId(BOS), eos_token_id=_TokenId(EOS)
+)
 
 
 def _set_generation_ids(model, tokenizer) -> None:
@@ -240,37 +260,34 @@ def _set_generation_ids(model, tokenizer) -> None:
     generation_config.eos_token_id = tokenizer.eos_token_id
 
 
-def _text_config(config_class_name: str, tokenizer, **overrides):
-    """A 2-layer decoder config of width 64 (2 query heads, 1 KV head, head_dim 32)."""
-    import transformers
+# What every tiny transformer stack (decoder, ViT, Q-Former) is: 2 layers of width 64, 2 heads.
+_STACK_SIZES = dict(
+    hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=LAYERS, num_attention_heads=HEADS
+)
 
+
+def _text_config(config_class_name: str, **overrides) -> _Part:
+    """A 2-layer decoder config of width 64 (2 query heads, 1 KV head, head_dim 32)."""
     kwargs = dict(
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
+        **_STACK_SIZES,
         num_key_value_heads=KV_HEADS,
         max_position_embeddings=MAX_POSITIONS,
-        **_token_ids(tokenizer),
+        **_TEXT_TOKEN_IDS,
     )
     kwargs.update(overrides)
-    return getattr(transformers, config_class_name)(**kwargs)
+    return _Part(config_class_name, **kwargs)
 
 
-def _vision_config(config_class_name: str, image_size: int, **overrides):
-    """A 2-layer ViT config (CLIP, SigLIP, Idefics3) of width 64 with 14-pixel patches."""
-    import transformers
-
-    kwargs = dict(
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        image_size=image_size,
-        patch_size=PATCH,
-    )
+def _vision_config(config_class_name: str, image_size, **overrides) -> _Part:
+    """A 2-layer ViT config (CLIP, SigLIP, Idefics3, ...) of width 64 with 14-pixel patches."""
+    kwargs = dict(**_STACK_SIZES, image_size=image_size, patch_size=PATCH)
     kwargs.update(overrides)
-    return getattr(transformers, config_class_name)(**kwargs)
+    return _Part(config_class_name, **kwargs)
+
+
+def _square(side: int) -> dict[str, int]:
+    """An image processor's ``size`` / ``crop_size`` of ``side`` x ``side`` pixels."""
+    return {"height": side, "width": side}
 
 
 def _image_processor(class_name: str, **kwargs):
@@ -281,7 +298,7 @@ def _image_processor(class_name: str, **kwargs):
     import transformers
 
     pil_class = getattr(transformers, f"{class_name}Pil", None)
-    return (pil_class or getattr(transformers, class_name))(**kwargs)
+    return (pil_class or _transformers_class(class_name))(**kwargs)
 
 
 def _random_image(rng: np.random.Generator, height: int, width: int):
@@ -350,192 +367,148 @@ def _tokenize_expanded(recipe: _Recipe, samples, counts: dict[str, list[int]]) -
     Also returns ``mm_token_type_ids`` (0 text, 1 image, 2 video), as
     ``ProcessorMixin.create_mm_token_type_ids`` does.
     """
+    placeholders = recipe.spec.placeholders
     texts = []
     iterators = {modality: iter(values) for modality, values in counts.items()}
     for sample in samples:
         text = sample.text
         for modality, iterator in iterators.items():
-            text = _expand(text, recipe.placeholders[modality], iterator)
+            text = _expand(text, placeholders[modality], iterator)
         texts.append(text)
     encoded = recipe.tokenizer(texts, padding=True, return_tensors="pt")
     type_ids = torch.zeros_like(encoded["input_ids"])
     for type_id, modality in ((1, "image"), (2, "video")):
-        if modality in recipe.placeholders:
-            placeholder = recipe.tokenizer.convert_tokens_to_ids(recipe.placeholders[modality])
+        if modality in placeholders:
+            placeholder = recipe.tokenizer.convert_tokens_to_ids(placeholders[modality])
             type_ids[encoded["input_ids"] == placeholder] = type_id
     return {**encoded, "mm_token_type_ids": type_ids}
 
 
-# ------------------------------------------------------------------------ families
-#
-# Samples: sample 0 is the simple one (batch=1 gets only it); sample 1 has several
-# media with text before, between and after them; a shorter/longer pair gives left padding.
+# ------------------------------------------------------------- one row, one builder
 
 
-def _llava() -> _Recipe:
-    """LLaVA-1.5: CLIP (CLS dropped, 'default' strategy), 2-layer MLP projector, Llama."""
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+@dataclass(frozen=True, kw_only=True)
+class _FamilySpec:
+    """A family's row of the table :data:`_SPECS`: what differs between families.
+    :func:`_recipe` makes the tokenizer, image processor / feature extractor, processor
+    and config from it, the same way for every family."""
 
-    image_size = 56  # 4x4 patches -> 16 tokens per image
-    tokenizer = _tokenizer(named_tokens={"image_token": "<image>"})
-    processor = LlavaProcessor(
-        image_processor=_image_processor(
-            "CLIPImageProcessor",
-            size={"shortest_edge": image_size},
-            crop_size={"height": image_size, "width": image_size},
-        ),
-        tokenizer=tokenizer,
-        patch_size=PATCH,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # the CLS token, dropped by the 'default' strategy
+    model_class: str  # transformers' name of the *ForConditionalGeneration (or encoder-decoder) class
+    inner_model_class: str  # class name of the module that merges features into the text
+    # The composite config, or a function of the tokenizer that makes it where it is not
+    # one constructor call.
+    config: _Part | Callable[[Any], Any]
+    placeholders: dict[str, str] = field(default_factory=dict)  # modality -> placeholder token string
+    samples: tuple[_Sample, ...]
+    # The tokenizer (see :func:`_tokenizer`): its special tokens, the named ones, BOS or not.
+    special_tokens: tuple[str, ...] = ()
+    named_tokens: dict[str, str] = field(default_factory=dict)
+    add_bos: bool = True
+    # Words beyond the VOCAB_SIZE ones, from a function: they come from transformers, which
+    # is imported when the family is built, not with this module.
+    extra_words: Callable[[], Sequence[str]] | None = None
+    image_processor: _Part | None = None  # made by _image_processor (its PIL backend where one exists)
+    feature_extractor: _Part | None = None
+    # The family's own processor, where it builds without torchvision: its arguments besides
+    # the image processor / feature extractor and the tokenizer.
+    processor: _Part | None = None
+    unbuilt_processor: _UnbuiltProcessor | None = None  # where the processor needs torchvision
+    make_inputs: Callable[[_Recipe, Any, list[_Sample], np.random.Generator], dict] = _processor_inputs
+    # Fills weights that transformers initialises to zero and that would hide the images
+    # (seeded with the model's weights).
+    init_weights: Callable[[Any], None] | None = None
+
+
+@dataclass
+class _Recipe:
+    """A family's row and what :func:`_recipe` made from it: what :func:`build`, :func:`save`
+    and the input makers use."""
+
+    spec: _FamilySpec
+    tokenizer: Any
+    config: Any
+    model_class: type
+    processor: Any = None  # the family's own processor, where it builds without torchvision
+    image_processor: Any = None  # used directly where ``processor`` is None
+    processor_config: dict | None = None  # processor_config.json to save where ``processor`` is None
+
+
+def _recipe(family: str) -> _Recipe:
+    """The one builder: tokenizer, image processor / feature extractor, processor and
+    config of ``family``, made from its row of :data:`_SPECS`."""
+    try:
+        spec = _SPECS[family]
+    except KeyError:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}") from None
+    extra_words = tuple(spec.extra_words()) if spec.extra_words is not None else ()
+    tokenizer = _tokenizer(
+        spec.special_tokens,
+        named_tokens=dict(spec.named_tokens),  # a copy: the table's own dict is not handed out
+        add_bos=spec.add_bos,
+        extra_words=extra_words,
+        vocab_size=VOCAB_SIZE + len(extra_words),
     )
-    config = LlavaConfig(
-        vision_config=_vision_config("CLIPVisionConfig", image_size, projection_dim=HIDDEN),
-        text_config=_text_config("LlamaConfig", tokenizer),
-        image_token_index=tokenizer.image_token_id,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_seq_length=(image_size // PATCH) ** 2,
-    )
+    media = {}  # the processor's image processor or feature extractor
+    if spec.image_processor is not None:
+        part = spec.image_processor
+        media["image_processor"] = _image_processor(part.class_name, **_arguments(part, tokenizer))
+    if spec.feature_extractor is not None:
+        media["feature_extractor"] = _make(spec.feature_extractor, tokenizer)
+    processor = _make(spec.processor, tokenizer, **media, tokenizer=tokenizer) if spec.processor is not None else None
+    processor_config = None
+    if spec.unbuilt_processor is not None:
+        unbuilt = spec.unbuilt_processor
+        processor_config = _processor_config(
+            unbuilt.processor_class, media["image_processor"], unbuilt.video_processor_type, **unbuilt.options
+        )
     return _Recipe(
-        config=config,
-        model_class=LlavaForConditionalGeneration,
-        inner_model_class="LlavaModel",
+        spec=spec,
         tokenizer=tokenizer,
-        placeholders={"image": "<image>"},
-        samples=(
-            _Sample("user : <image> describe the image . assistant :", ((40, 60),)),
-            _Sample(
-                "user : compare <image> and <image> , which one is brighter ? assistant :",
-                ((56, 56), (70, 50)),
-            ),
-        ),
-        make_inputs=_processor_inputs,
+        config=_make(spec.config, tokenizer) if isinstance(spec.config, _Part) else spec.config(tokenizer),
+        model_class=_transformers_class(spec.model_class),
         processor=processor,
+        image_processor=media.get("image_processor"),
+        processor_config=processor_config,
     )
 
 
-def _llava_next() -> _Recipe:
-    """LLaVA-NeXT anyres: base tile + grid tiles, unpadded, with a newline per row."""
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaNextProcessor
-
-    tile = 28  # 2x2 patches per tile; grids of up to 2x2 tiles
-    pinpoints = [[28, 56], [56, 28], [56, 56]]
-    tokenizer = _tokenizer(named_tokens={"image_token": "<image>"})
-    processor = LlavaNextProcessor(
-        image_processor=_image_processor(
-            "LlavaNextImageProcessor",
-            size={"shortest_edge": tile},
-            crop_size={"height": tile, "width": tile},
-            image_grid_pinpoints=pinpoints,
-        ),
-        tokenizer=tokenizer,
-        patch_size=PATCH,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    )
-    config = LlavaNextConfig(
-        vision_config=_vision_config("CLIPVisionConfig", tile, projection_dim=HIDDEN),
-        text_config=_text_config("LlamaConfig", tokenizer),
-        image_token_index=tokenizer.image_token_id,
-        image_grid_pinpoints=pinpoints,
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_seq_length=(tile // PATCH) ** 2,
-    )
-    return _Recipe(
-        config=config,
-        model_class=LlavaNextForConditionalGeneration,
-        inner_model_class="LlavaNextModel",
-        tokenizer=tokenizer,
-        placeholders={"image": "<image>"},
-        samples=(
-            # wide, tall and square images pick different grids -> different token counts
-            _Sample("user : <image> describe the image . assistant :", ((30, 50),)),
-            _Sample(
-                "user : compare <image> and <image> , which one is larger ? assistant :",
-                ((50, 24), (44, 44)),
-            ),
-        ),
-        make_inputs=_processor_inputs,
-        processor=processor,
-    )
+def _make(part: _Part, tokenizer, /, **made):
+    """``part``'s object, given its arguments (see :func:`_arguments`) and ``made`` ones."""
+    return _transformers_class(part.class_name)(**made, **_arguments(part, tokenizer))
 
 
-def _qwen_vl(version: str) -> _Recipe:
-    """Qwen2-VL / Qwen2.5-VL: dynamic-resolution ViT over pre-flattened patches,
-    2x2 patch merger, multimodal RoPE (mrope) in the text model; images and video."""
+def _transformers_class(name: str):
+    """transformers' class ``name``; :class:`FamilyUnavailable` naming it where the
+    installed release has none (the tests then skip the family by name)."""
     import transformers
 
-    prefix = {"2": "Qwen2VL", "2.5": "Qwen2_5_VL"}[version]
-    tokenizer = _tokenizer(
-        ["<|vision_start|>", "<|vision_end|>"],
-        named_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-        add_bos=False,
-    )
-    merge = 2
-    image_processor = _image_processor(
-        "Qwen2VLImageProcessor",  # Qwen2.5-VL ships the same image processor
-        # each 28x28 pixel unit is one token after the 2x2 merge: 4 to 16 tokens per image
-        min_pixels=4 * (PATCH * merge) ** 2,
-        max_pixels=16 * (PATCH * merge) ** 2,
-        patch_size=PATCH,
-        temporal_patch_size=2,
-        merge_size=merge,
-    )
-    vision = dict(
-        depth=LAYERS, num_heads=HEADS, patch_size=PATCH, spatial_merge_size=merge, temporal_patch_size=2
-    )
-    if version == "2":
-        vision.update(embed_dim=HIDDEN, hidden_size=HIDDEN, mlp_ratio=2)
-    else:
-        # window_size 56 = 2x2 merged units per window, so window attention and the
-        # window reordering really happen; the last block attends fully.
-        vision.update(
-            hidden_size=HIDDEN,
-            out_hidden_size=HIDDEN,
-            intermediate_size=INTERMEDIATE,
-            window_size=2 * PATCH * merge,
-            fullatt_block_indexes=[LAYERS - 1],
-            tokens_per_second=2,
-        )
-    # mrope splits head_dim/2 rotary frequencies into (temporal, height, width) sections.
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}
-    config = getattr(transformers, f"{prefix}Config")(
-        vision_config=getattr(transformers, f"{prefix}VisionConfig")(**vision),
-        text_config=_text_config(f"{prefix}TextConfig", tokenizer, rope_parameters=rope),
-        image_token_id=tokenizer.image_token_id,
-        video_token_id=tokenizer.video_token_id,
-        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
-    )
-    image = "<|vision_start|><|image_pad|><|vision_end|>"
-    video = "<|vision_start|><|video_pad|><|vision_end|>"
-    return _Recipe(
-        config=config,
-        model_class=getattr(transformers, f"{prefix}ForConditionalGeneration"),
-        inner_model_class=f"{prefix}Model",
-        tokenizer=tokenizer,
-        placeholders={"image": "<|image_pad|>", "video": "<|video_pad|>"},
-        samples=(
-            _Sample(
-                f"user : {image} describe the image , then the clip {video} . assistant :",
-                image_sizes=((50, 80),),
-                videos=((4, 56, 56),),
-            ),
-            _Sample(
-                f"user : compare {image} and {image} , which one is brighter ? assistant :",
-                ((56, 56), (90, 60)),
-            ),
-        ),
-        make_inputs=_qwen_vl_inputs,
-        image_processor=image_processor,
-        processor_config=_processor_config(
-            f"{prefix}Processor",
-            image_processor,
-            "Qwen2VLVideoProcessor",  # both versions use it
-        ),
-    )
+    try:
+        return getattr(transformers, name)
+    except AttributeError:
+        raise FamilyUnavailable(f"transformers {transformers.__version__} has no {name}") from None
+
+
+def _arguments(part: _Part, tokenizer) -> dict[str, Any]:
+    """``part``'s arguments as its class takes them: a ``_Part`` made, a ``_TokenId`` or
+    ``_TOKENIZER_LENGTH`` looked up in ``tokenizer``, any other value copied (the table's
+    own lists and dicts are not handed to transformers, which may change them in place)."""
+
+    def argument(value):
+        if isinstance(value, _Part):
+            return _make(value, tokenizer)
+        if isinstance(value, _TokenId):
+            return tokenizer.convert_tokens_to_ids(value.token)
+        if isinstance(value, _TokenizerLength):
+            return len(tokenizer)
+        return copy.deepcopy(value)
+
+    return {name: argument(value) for name, value in part.kwargs.items()}
+
+
+# ------------------------------------------------------------------------ families
+#
+# What the table's rows refer to: input makers and init hooks where a family really differs,
+# and the parts several rows share.
 
 
 def _qwen_vl_inputs(recipe: _Recipe, model, samples: list[_Sample], rng) -> dict:
@@ -591,172 +564,12 @@ def _qwen_video_patches(image_processor, shape: tuple[int, int, int], rng) -> tu
     return pairs.reshape(frames // temporal * grid_h * grid_w, -1), [frames // temporal, grid_h, grid_w]
 
 
-def _paligemma() -> _Recipe:
-    """PaliGemma: SigLIP (no CLS), linear projector, Gemma with a bidirectional prefix."""
-    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
-    from transformers.models.paligemma.processing_paligemma import EXTRA_TOKENS
-
-    image_size = 56
-    # The processor adds 1024 <locXXXX> and 128 <segXXX> tokens to the tokenizer; put them
-    # in the vocabulary up front so that len(tokenizer) == vocab_size.
-    tokenizer = _tokenizer(
-        named_tokens={"image_token": "<image>"},
-        extra_words=EXTRA_TOKENS,
-        add_bos=False,  # the processor writes BOS after the image tokens itself
-        vocab_size=VOCAB_SIZE + len(EXTRA_TOKENS),
-    )
-    processor = PaliGemmaProcessor(
-        image_processor=_image_processor(
-            "SiglipImageProcessor",
-            size={"height": image_size, "width": image_size},
-            image_seq_length=(image_size // PATCH) ** 2,
-        ),
-        tokenizer=tokenizer,
-    )
-    config = PaliGemmaConfig(
-        vision_config=_vision_config("SiglipVisionConfig", image_size, vision_use_head=False),
-        text_config=_text_config("GemmaConfig", tokenizer, head_dim=HEAD_DIM),
-        image_token_index=tokenizer.image_token_id,
-        projection_dim=HIDDEN,
-        hidden_size=HIDDEN,
-        vocab_size=len(tokenizer),
-    )
-    return _Recipe(
-        config=config,
-        model_class=PaliGemmaForConditionalGeneration,
-        inner_model_class="PaliGemmaModel",
-        tokenizer=tokenizer,
-        placeholders={"image": "<image>"},
-        samples=(
-            # PaliGemma prompts are images first, then BOS and the prefix text
-            _Sample("<image> caption the image", ((40, 60),)),
-            _Sample(
-                "<image><image> answer : which one of these two pictures is brighter ?", ((56, 56), (70, 50))
-            ),
-        ),
-        make_inputs=_processor_inputs,
-        processor=processor,
-    )
-
-
-def _gemma3() -> _Recipe:
-    """Gemma 3: SigLIP, 2x2 average pooling to mm_tokens_per_image, soft image tokens
-    between <start_of_image> / <end_of_image>, bidirectional attention inside an image."""
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
-
-    image_size = 112  # 8x8 patches, average-pooled 2x2 -> 16 tokens per image
-    tokens_per_image = 16
-    tokenizer = _tokenizer(
-        named_tokens={
-            "boi_token": "<start_of_image>",
-            "eoi_token": "<end_of_image>",
-            "image_token": "<image_soft_token>",
-        }
-    )
-    processor = Gemma3Processor(
-        image_processor=_image_processor(
-            "Gemma3ImageProcessor", size={"height": image_size, "width": image_size}
-        ),
-        tokenizer=tokenizer,
-        image_seq_length=tokens_per_image,
-    )
-    text_config = _text_config(
-        "Gemma3TextConfig",
-        tokenizer,
-        head_dim=HEAD_DIM,
-        query_pre_attn_scalar=HEAD_DIM,
-        # one local (sliding) and one global layer, the window shorter than the prompts
-        layer_types=["sliding_attention", "full_attention"],
-        sliding_window=32,
-    )
-    config = Gemma3Config(
-        vision_config=_vision_config("SiglipVisionConfig", image_size, vision_use_head=False),
-        text_config=text_config,
-        mm_tokens_per_image=tokens_per_image,
-        boi_token_index=tokenizer.boi_token_id,
-        eoi_token_index=tokenizer.eoi_token_id,
-        image_token_index=tokenizer.image_token_id,
-    )
-    return _Recipe(
-        config=config,
-        model_class=Gemma3ForConditionalGeneration,
-        inner_model_class="Gemma3Model",
-        tokenizer=tokenizer,
-        placeholders={"image": "<image_soft_token>"},
-        samples=(
-            _Sample("user : <start_of_image> describe the image . assistant :", ((40, 60),)),
-            _Sample(
-                "user : compare <start_of_image> and <start_of_image> , which one is brighter ? assistant :",
-                ((56, 56), (70, 50)),
-            ),
-        ),
-        make_inputs=_processor_inputs,
-        processor=processor,
-        init_weights=_gemma3_projector_init,
-    )
-
-
 def _gemma3_projector_init(model) -> None:
     """transformers initialises Gemma 3's ``mm_input_projection_weight`` (K, N) to zeros:
     every image feature would be 0 and a merge writing them to the wrong rows would go
     unseen. Random, scaled like a Linear's."""
     weight = model.model.multi_modal_projector.mm_input_projection_weight
     weight.normal_(0.0, weight.shape[0] ** -0.5)
-
-
-def _llava_onevision() -> _Recipe:
-    """LLaVA-OneVision: SigLIP + Qwen2; anyres for a single image, base tile only for
-    each image of a multi-image prompt, 2x2-pooled frames for video."""
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
-
-    tile = 56  # 4x4 patches = 16 tokens per tile
-    pinpoints = [[56, 56], [56, 112], [112, 56], [112, 112]]
-    tokenizer = _tokenizer(named_tokens={"image_token": "<image>", "video_token": "<video>"}, add_bos=False)
-    image_processor = _image_processor(
-        "LlavaOnevisionImageProcessor",
-        size={"height": tile, "width": tile},
-        image_grid_pinpoints=pinpoints,
-    )
-    config = LlavaOnevisionConfig(
-        vision_config=_vision_config("SiglipVisionConfig", tile, vision_use_head=False),
-        text_config=_text_config("Qwen2Config", tokenizer),
-        image_token_index=tokenizer.image_token_id,
-        video_token_index=tokenizer.video_token_id,
-        image_grid_pinpoints=pinpoints,
-        vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-        vision_aspect_ratio="anyres_max_9",
-    )
-    return _Recipe(
-        config=config,
-        model_class=LlavaOnevisionForConditionalGeneration,
-        inner_model_class="LlavaOnevisionModel",
-        tokenizer=tokenizer,
-        placeholders={"image": "<image>", "video": "<video>"},
-        samples=(
-            _Sample(
-                "user : <image> describe the image , then the clip <video> . assistant :",
-                image_sizes=((40, 90),),
-                videos=((4, 56, 56),),
-            ),
-            _Sample(
-                "user : compare <image> and <image> , which one is brighter ? assistant :",
-                ((56, 56), (70, 50)),
-            ),
-        ),
-        make_inputs=_llava_onevision_inputs,
-        image_processor=image_processor,
-        processor_config=_processor_config(
-            "LlavaOnevisionProcessor",
-            image_processor,
-            "LlavaOnevisionVideoProcessor",
-            num_image_tokens=(tile // PATCH) ** 2,
-            vision_feature_select_strategy="full",
-            vision_aspect_ratio="anyres_max_9",
-            image_token="<image>",
-            video_token="<video>",
-        ),
-    )
 
 
 def _llava_onevision_inputs(recipe: _Recipe, model, samples: list[_Sample], rng) -> dict:
@@ -804,254 +617,6 @@ def _llava_onevision_inputs(recipe: _Recipe, model, samples: list[_Sample], rng)
     return {**encoded, **inputs}
 
 
-def _qwen2_audio() -> _Recipe:
-    """Qwen2-Audio: Whisper-style encoder (two convs, stride 2, then 2x average pooling)
-    over log-mel features padded to a fixed length, linear projector, Qwen2."""
-    from transformers import (
-        Qwen2AudioConfig,
-        Qwen2AudioEncoderConfig,
-        Qwen2AudioForConditionalGeneration,
-        Qwen2AudioProcessor,
-        WhisperFeatureExtractor,
-    )
-
-    mel_bins = 16
-    # 1-second windows: 100 mel frames -> 50 encoder positions -> at most 25 audio tokens
-    feature_extractor = WhisperFeatureExtractor(
-        feature_size=mel_bins, sampling_rate=16000, chunk_length=1, hop_length=160, n_fft=400
-    )
-    tokenizer = _tokenizer(
-        named_tokens={
-            "audio_token": "<|AUDIO|>",
-            "audio_bos_token": "<|audio_bos|>",
-            "audio_eos_token": "<|audio_eos|>",
-        },
-        add_bos=False,
-    )
-    processor = Qwen2AudioProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer)
-    audio_config = Qwen2AudioEncoderConfig(
-        num_mel_bins=mel_bins,
-        encoder_layers=LAYERS,
-        encoder_attention_heads=HEADS,
-        encoder_ffn_dim=INTERMEDIATE,
-        d_model=HIDDEN,
-        max_source_positions=feature_extractor.nb_max_frames // 2,
-    )
-    config = Qwen2AudioConfig(
-        audio_config=audio_config,
-        text_config=_text_config("Qwen2Config", tokenizer),
-        audio_token_index=tokenizer.audio_token_id,
-    )
-    audio = "<|audio_bos|><|AUDIO|><|audio_eos|>"
-    return _Recipe(
-        config=config,
-        model_class=Qwen2AudioForConditionalGeneration,
-        inner_model_class="Qwen2AudioModel",
-        tokenizer=tokenizer,
-        placeholders={"audio": "<|AUDIO|>"},
-        samples=(
-            _Sample(f"user : {audio} what is this sound ? assistant :", audio_seconds=(0.45,)),
-            _Sample(
-                f"user : first {audio} then {audio} , which one is larger ? assistant :",
-                audio_seconds=(0.8, 0.3),
-            ),
-        ),
-        make_inputs=_processor_inputs,
-        processor=processor,
-    )
-
-
-def _idefics3() -> _Recipe:
-    """Idefics3 (SmolVLM's architecture): SigLIP-like encoder over crops of a split image
-    plus a global view, pixel shuffle by scale_factor, linear connector, Llama."""
-    from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
-
-    crop = 56  # 4x4 patches, pixel-shuffled 2x2 -> 4 tokens per crop
-    scale_factor = 2
-    tokenizer = _tokenizer(
-        [
-            "<fake_token_around_image>",
-            "<end_of_utterance>",
-            "<global-img>",
-            *(f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)),
-        ],
-        named_tokens={"image_token": "<image>"},
-    )
-    processor = Idefics3Processor(
-        image_processor=_image_processor(
-            "Idefics3ImageProcessor",
-            size={"longest_edge": 2 * crop},  # at most 2x2 crops plus the global view
-            max_image_size={"longest_edge": crop},
-        ),
-        tokenizer=tokenizer,
-        image_seq_len=(crop // PATCH) ** 2 // scale_factor**2,
-    )
-    config = Idefics3Config(
-        vision_config=_vision_config("Idefics3VisionConfig", crop),
-        text_config=_text_config("LlamaConfig", tokenizer),
-        image_token_id=tokenizer.image_token_id,
-        scale_factor=scale_factor,
-    )
-    return _Recipe(
-        config=config,
-        model_class=Idefics3ForConditionalGeneration,
-        inner_model_class="Idefics3Model",
-        tokenizer=tokenizer,
-        placeholders={"image": "<image>"},
-        samples=(
-            _Sample("user : <image> describe the image . assistant :", ((40, 90),)),
-            _Sample(
-                "user : compare <image> and <image> , which one is brighter ? assistant :",
-                ((50, 50), (112, 70)),
-            ),
-        ),
-        make_inputs=_processor_inputs,
-        processor=processor,
-    )
-
-
-def _blip_2() -> _Recipe:
-    """BLIP-2: a ViT with a class row (``Blip2VisionEmbeddings``: conv with bias, class
-    token, learned position table), a Q-Former whose ``num_query_tokens`` query outputs are
-    projected into OPT's embedding space and replace as many ``<image>`` tokens in front
-    of the text (before BOS), as ``Blip2Processor`` lays them out.
-
-    ``Blip2Processor`` builds offline and expands the tokens; it pads the text *before* it
-    prepends the query tokens (padding would land between the image tokens and the text),
-    so each prompt goes through the processor alone and the rows are left-padded here.
-    """
-    from transformers import (
-        Blip2Config,
-        Blip2ForConditionalGeneration,
-        Blip2Processor,
-        Blip2QFormerConfig,
-        Blip2VisionConfig,
-        OPTConfig,
-    )
-
-    image_size = 56  # 4x4 patches + the class row
-    query_tokens = 8
-    # <image> in the vocabulary but not as tokenizer.image_token: Blip2Processor adds it as an
-    # AddedToken itself (already there, so the vocabulary does not grow) and reads its
-    # .content, which a named token (a str) lacks.
-    tokenizer = _tokenizer(["<image>"])
-    processor = Blip2Processor(
-        image_processor=_image_processor("BlipImageProcessor", size={"height": image_size, "width": image_size}),
-        tokenizer=tokenizer,
-        num_query_tokens=query_tokens,
-    )
-    vision = Blip2VisionConfig(
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        image_size=image_size,
-        patch_size=PATCH,
-    )
-    qformer = Blip2QFormerConfig(
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        cross_attention_frequency=1,
-        encoder_hidden_size=HIDDEN,
-        vocab_size=VOCAB_SIZE,
-    )
-    text = OPTConfig(
-        hidden_size=HIDDEN,
-        word_embed_proj_dim=HIDDEN,
-        ffn_dim=INTERMEDIATE,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        max_position_embeddings=MAX_POSITIONS,
-        **_token_ids(tokenizer),
-    )
-    config = Blip2Config(
-        vision_config=vision,
-        qformer_config=qformer,
-        text_config=text,
-        num_query_tokens=query_tokens,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
-    )
-    return _Recipe(
-        config=config,
-        model_class=Blip2ForConditionalGeneration,
-        inner_model_class="Blip2ForConditionalGeneration",
-        tokenizer=tokenizer,
-        placeholders={"image": "<image>"},
-        samples=(
-            # The processor puts the query tokens in front; prompts carry no <image>.
-            _Sample("question : what is in the picture ? answer :", ((40, 60),)),
-            _Sample("describe the image in more detail , please .", ((70, 50),)),
-        ),
-        make_inputs=_blip_2_inputs,
-        processor=processor,
-    )
-
-
-def _mllama() -> _Recipe:
-    """Llama-3.2-Vision (Mllama): a tiled ViT (28-pixel tiles of 2x2 patches + a class row:
-    5 vision tokens per tile, up to 4 tiles per image, gated tile and position embeddings)
-    whose hidden states the text model reads through gated cross-attention layers
-    (layer 1 of 2), masked by the compact ``cross_attention_mask`` (B, S, images, tiles)
-    that ``MllamaProcessor`` builds (it builds offline). Sample 1 has an image of 1 tile,
-    text, then two images of 3 and 2 tiles back to back, so the tokens after them see both
-    images with a padded tile between them; tokens before the first image see none.
-
-    The cross-attention gates (``cross_attn_attn_gate`` / ``cross_attn_mlp_gate``) are
-    zero-initialized by transformers, which would make the cross-attention layer inert in a
-    random-init model; the recipe sets them to 0.5 and 0.8 (see :func:`_mllama_open_gates`).
-    """
-    from transformers import (
-        MllamaConfig,
-        MllamaForConditionalGeneration,
-        MllamaProcessor,
-        MllamaVisionConfig,
-    )
-
-    tile = 2 * PATCH
-    tokenizer = _tokenizer(named_tokens={"image_token": "<|image|>"})
-    image_processor = _image_processor(
-        "MllamaImageProcessor", size={"height": tile, "width": tile}, max_image_tiles=4
-    )
-    processor = MllamaProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    vision = MllamaVisionConfig(
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_hidden_layers=LAYERS,
-        num_global_layers=1,
-        attention_heads=HEADS,
-        image_size=tile,
-        patch_size=PATCH,
-        max_num_tiles=4,
-        intermediate_layers_indices=[0],
-        vision_output_dim=2 * HIDDEN,  # hidden_size x (1 + len(intermediate_layers_indices))
-        supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]],
-    )
-    # Layer 0 self-attention, layer 1 cross-attention to the image tiles.
-    text = _text_config("MllamaTextConfig", tokenizer, cross_attention_layers=[1])
-    config = MllamaConfig(
-        vision_config=vision, text_config=text, image_token_index=tokenizer.image_token_id
-    )
-    return _Recipe(
-        config=config,
-        model_class=MllamaForConditionalGeneration,
-        inner_model_class="MllamaModel",
-        tokenizer=tokenizer,
-        placeholders={"image": "<|image|>"},
-        samples=(
-            _Sample("user : <|image|> describe the image . assistant :", ((40, 30),)),
-            _Sample(
-                "user : <|image|> is the first , then <|image|><|image|> compare these , which one is brighter ?",
-                ((28, 28), (28, 84), (56, 28)),
-            ),
-        ),
-        make_inputs=_processor_inputs,
-        processor=processor,
-        init_weights=_mllama_open_gates,
-    )
-
-
 def _mllama_open_gates(model) -> None:
     """The cross-attention gates are zero at init, so the text would not depend on the
     images at all: 0.5 and 0.8, as a trained checkpoint's are open."""
@@ -1075,7 +640,7 @@ def _left_pad(rows: Sequence[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, 
 
 def _blip_2_inputs(recipe: _Recipe, model, samples: list[_Sample], rng) -> dict:
     """One image per prompt through ``Blip2Processor`` one prompt at a time (it expands the
-    query tokens), then left padding of whole rows (see :func:`_blip_2`)."""
+    query tokens), then left padding of whole rows (see the ``blip_2`` row of :data:`_SPECS`)."""
     rows, pixels = [], []
     for sample in samples:
         if len(sample.image_sizes) != 1:
@@ -1086,52 +651,6 @@ def _blip_2_inputs(recipe: _Recipe, model, samples: list[_Sample], rng) -> dict:
         pixels.append(out["pixel_values"])
     ids, mask = _left_pad(rows, recipe.tokenizer.pad_token_id)
     return {"input_ids": ids, "attention_mask": mask, "pixel_values": torch.cat(pixels)}
-
-
-def _vision_encoder_decoder() -> _Recipe:
-    """VisionEncoderDecoder (TrOCR / ViT-GPT2 captioning): a ViT encoder (``ViTEmbeddings``:
-    conv with bias, class row, learned position table) and a GPT-2 decoder that reads it
-    through cross-attention. No placeholder tokens: the decoder prompt
-    (``decoder_input_ids``, left-padded) is text only; ``TrOCRProcessor`` pairs the image
-    processor and the tokenizer.
-    """
-    from transformers import (
-        GPT2Config,
-        TrOCRProcessor,
-        VisionEncoderDecoderConfig,
-        VisionEncoderDecoderModel,
-    )
-
-    image_size = 56  # 4x4 patches + the class row
-    tokenizer = _tokenizer()
-    image_processor = _image_processor("ViTImageProcessor", size={"height": image_size, "width": image_size})
-    processor = TrOCRProcessor(image_processor=image_processor, tokenizer=tokenizer)
-    encoder = _vision_config("ViTConfig", image_size)
-    decoder = GPT2Config(
-        n_embd=HIDDEN,
-        n_inner=INTERMEDIATE,
-        n_layer=LAYERS,
-        n_head=HEADS,
-        n_positions=MAX_POSITIONS,
-        **_token_ids(tokenizer),
-    )
-    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
-    config.decoder_start_token_id = tokenizer.bos_token_id
-    config.pad_token_id = tokenizer.pad_token_id
-    config.eos_token_id = tokenizer.eos_token_id
-    return _Recipe(
-        config=config,
-        model_class=VisionEncoderDecoderModel,
-        inner_model_class="VisionEncoderDecoderModel",
-        tokenizer=tokenizer,
-        placeholders={},
-        samples=(
-            _Sample("a photo of", ((40, 60),)),
-            _Sample("the picture is a red car on the left and", ((70, 50),)),
-        ),
-        make_inputs=_vision_encoder_decoder_inputs,
-        processor=processor,
-    )
 
 
 def _vision_encoder_decoder_inputs(recipe: _Recipe, model, samples: list[_Sample], rng) -> dict:
@@ -1147,53 +666,6 @@ def _vision_encoder_decoder_inputs(recipe: _Recipe, model, samples: list[_Sample
         "decoder_input_ids": encoded["input_ids"],
         "decoder_attention_mask": encoded["attention_mask"],
     }
-
-
-def _whisper() -> _Recipe:
-    """Whisper: an audio encoder (two convs, stride 2, over 1-second log-mel windows: 100
-    frames -> 50 positions) and a decoder that reads it through cross-attention. No
-    placeholder tokens: the decoder prompt (``decoder_input_ids``, left-padded) is text
-    only, as for VisionEncoderDecoder; ``WhisperProcessor`` pairs the feature extractor and
-    the tokenizer. ``generate`` here is Whisper's own (it needs no language or task tokens
-    when the generation config names none)."""
-    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperProcessor
-
-    mel_bins = 16
-    feature_extractor = WhisperFeatureExtractor(
-        feature_size=mel_bins, sampling_rate=16000, chunk_length=1, hop_length=160, n_fft=400
-    )
-    tokenizer = _tokenizer()
-    processor = WhisperProcessor(feature_extractor=feature_extractor, tokenizer=tokenizer)
-    ids = _token_ids(tokenizer)
-    config = WhisperConfig(
-        num_mel_bins=mel_bins,
-        d_model=HIDDEN,
-        encoder_layers=LAYERS,
-        decoder_layers=LAYERS,
-        encoder_attention_heads=HEADS,
-        decoder_attention_heads=HEADS,
-        encoder_ffn_dim=INTERMEDIATE,
-        decoder_ffn_dim=INTERMEDIATE,
-        max_source_positions=feature_extractor.nb_max_frames // 2,
-        max_target_positions=64,
-        decoder_start_token_id=ids["bos_token_id"],
-        begin_suppress_tokens=None,
-        suppress_tokens=None,
-        **ids,
-    )
-    return _Recipe(
-        config=config,
-        model_class=WhisperForConditionalGeneration,
-        inner_model_class="WhisperModel",
-        tokenizer=tokenizer,
-        placeholders={},
-        samples=(
-            _Sample("what is", audio_seconds=(0.45,)),
-            _Sample("the sound is a dog and then a car on the left", audio_seconds=(0.8,)),
-        ),
-        make_inputs=_whisper_inputs,
-        processor=processor,
-    )
 
 
 def _whisper_inputs(recipe: _Recipe, model, samples: list[_Sample], rng) -> dict:
@@ -1214,6 +686,139 @@ def _whisper_inputs(recipe: _Recipe, model, samples: list[_Sample], rng) -> dict
     }
 
 
+def _paligemma_extra_tokens() -> Sequence[str]:
+    """PaliGemma's processor adds 1024 <locXXXX> and 128 <segXXX> tokens to the tokenizer;
+    they are put in the vocabulary up front so that len(tokenizer) == vocab_size."""
+    from transformers.models.paligemma.processing_paligemma import EXTRA_TOKENS
+
+    return EXTRA_TOKENS
+
+
+def _vision_encoder_decoder_config(tokenizer):
+    """VisionEncoderDecoder's config: the ViT encoder's and the GPT-2 decoder's joined by
+    ``from_encoder_decoder_configs`` (which makes the decoder cross-attend), then the
+    decoder's start, pad and eos ids set on it."""
+    from transformers import VisionEncoderDecoderConfig
+
+    encoder = _make(_vision_config("ViTConfig", 56), tokenizer)  # 4x4 patches + the class row
+    decoder = _make(
+        _Part(
+            "GPT2Config",
+            n_embd=HIDDEN,
+            n_inner=INTERMEDIATE,
+            n_layer=LAYERS,
+            n_head=HEADS,
+            n_positions=MAX_POSITIONS,
+            **_TEXT_TOKEN_IDS,
+        ),
+        tokenizer,
+    )
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id = tokenizer.bos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    config.eos_token_id = tokenizer.eos_token_id
+    return config
+
+
+# Qwen2-Audio's and Whisper's log-mel features: 16 bins over 1-second windows.
+_MEL_FEATURES = dict(feature_size=16, sampling_rate=16000, chunk_length=1, hop_length=160, n_fft=400)
+# Their audio encoders' positions: the feature extractor's nb_max_frames (100 mel frames a
+# window) halved by the stride-2 conv.
+_MEL_POSITIONS = _MEL_FEATURES["chunk_length"] * _MEL_FEATURES["sampling_rate"] // _MEL_FEATURES["hop_length"] // 2
+# Whisper's audio encoder, which Qwen2-Audio's is, over those features.
+_WHISPER_ENCODER = dict(
+    num_mel_bins=_MEL_FEATURES["feature_size"],
+    d_model=HIDDEN,
+    encoder_layers=LAYERS,
+    encoder_attention_heads=HEADS,
+    encoder_ffn_dim=INTERMEDIATE,
+    max_source_positions=_MEL_POSITIONS,
+)
+
+# The vision tokens of the Qwen families: image / video pads between start / end markers.
+_QWEN_TOKENIZER = dict(
+    special_tokens=("<|vision_start|>", "<|vision_end|>"),
+    named_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    add_bos=False,
+)
+_QWEN_TOKEN_IDS = dict(
+    image_token_id=_TokenId("<|image_pad|>"),
+    video_token_id=_TokenId("<|video_pad|>"),
+    vision_start_token_id=_TokenId("<|vision_start|>"),
+    vision_end_token_id=_TokenId("<|vision_end|>"),
+)
+
+
+def _qwen_vl(prefix: str, vision: dict[str, Any]) -> _FamilySpec:
+    """Qwen2-VL / Qwen2.5-VL (transformers' class names start with ``prefix``):
+    dynamic-resolution ViT over pre-flattened patches, 2x2 patch merger, multimodal RoPE
+    (mrope) in the text model; images and video. ``vision``: the version's own vision
+    config arguments."""
+    merge = 2
+    image = "<|vision_start|><|image_pad|><|vision_end|>"
+    video = "<|vision_start|><|video_pad|><|vision_end|>"
+    # mrope splits head_dim/2 rotary frequencies into (temporal, height, width) sections.
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}
+    return _FamilySpec(
+        model_class=f"{prefix}ForConditionalGeneration",
+        inner_model_class=f"{prefix}Model",
+        **_QWEN_TOKENIZER,
+        image_processor=_Part(
+            "Qwen2VLImageProcessor",  # Qwen2.5-VL ships the same image processor
+            # each 28x28 pixel unit is one token after the 2x2 merge: 4 to 16 tokens per image
+            min_pixels=4 * (PATCH * merge) ** 2,
+            max_pixels=16 * (PATCH * merge) ** 2,
+            patch_size=PATCH,
+            temporal_patch_size=2,
+            merge_size=merge,
+        ),
+        unbuilt_processor=_UnbuiltProcessor(f"{prefix}Processor", "Qwen2VLVideoProcessor"),  # both versions use it
+        config=_Part(
+            f"{prefix}Config",
+            vision_config=_Part(
+                f"{prefix}VisionConfig",
+                depth=LAYERS,
+                num_heads=HEADS,
+                patch_size=PATCH,
+                spatial_merge_size=merge,
+                temporal_patch_size=2,
+                **vision,
+            ),
+            text_config=_text_config(f"{prefix}TextConfig", rope_parameters=rope),
+            **_QWEN_TOKEN_IDS,
+        ),
+        placeholders={"image": "<|image_pad|>", "video": "<|video_pad|>"},
+        samples=(
+            _Sample(
+                f"user : {image} describe the image , then the clip {video} . assistant :",
+                image_sizes=((50, 80),),
+                videos=((4, 56, 56),),
+            ),
+            _Sample(
+                f"user : compare {image} and {image} , which one is brighter ? assistant :",
+                ((56, 56), (90, 60)),
+            ),
+        ),
+        make_inputs=_qwen_vl_inputs,
+    )
+
+
+def _samples(
+    image: str,
+    single: tuple[int, int] = (56, 56),
+    pair: tuple[tuple[int, int], tuple[int, int]] = ((56, 56), (56, 56)),
+    *,
+    compare: str = "brighter",
+) -> tuple[_Sample, ...]:
+    """The image prompts most rows share (``image``: the placeholder text in them): one
+    image described (``single``: its height and width), then two compared (``pair``: their
+    sizes; which one is ``compare``?)."""
+    return (
+        _Sample(f"user : {image} describe the image . assistant :", (single,)),
+        _Sample(f"user : compare {image} and {image} , which one is {compare} ? assistant :", pair),
+    )
+
+
 # --------------------------------------------------- families of the generic merge rule
 #
 # Transformers VLMs that no merge spec names (mmkernels.integrations.hf_merge_generic
@@ -1230,7 +835,8 @@ def _counted_image_inputs(image_size: int, extra: Callable[[int], dict] | None =
         images = sum(len(sample.image_sizes) for sample in samples)
         pixels = torch.from_numpy(rng.standard_normal((images, 3, image_size, image_size)).astype(np.float32))
         kwargs = extra(images) if extra is not None else {}
-        merging = next(m for m in model.modules() if type(m).__name__ == recipe.inner_model_class)
+        inner_model_class = recipe.spec.inner_model_class
+        merging = next(m for m in model.modules() if type(m).__name__ == inner_model_class)
         # Arguments a version requires (Llama 4 on 5.17: vision_feature_select_strategy) from the config.
         required = {
             name: getattr(model.config, name, getattr(model.config.vision_config, name, None))
@@ -1243,7 +849,7 @@ def _counted_image_inputs(image_size: int, extra: Callable[[int], dict] | None =
             import transformers
 
             raise FamilyUnavailable(
-                f"{recipe.inner_model_class}.get_image_features of transformers {transformers.__version__} returns no "
+                f"{inner_model_class}.get_image_features of transformers {transformers.__version__} returns no "
                 "pooled features (its forward projects them itself): the zoo counts placeholders from them"
             )
         if isinstance(pooled, (list, tuple)):
@@ -1258,153 +864,6 @@ def _counted_image_inputs(image_size: int, extra: Callable[[int], dict] | None =
     return make
 
 
-_GENERIC_SAMPLES = (
-    _Sample("user : {image} describe the image . assistant :", ((56, 56),)),
-    _Sample("user : compare {image} and {image} , which one is brighter ? assistant :", ((56, 56), (56, 56))),
-)
-
-
-def _samples(image: str) -> tuple[_Sample, ...]:
-    return tuple(_Sample(s.text.format(image=image), s.image_sizes) for s in _GENERIC_SAMPLES)
-
-
-def _image_family(config, model_class, inner_model_class: str, tokenizer, extra=None) -> _Recipe:
-    """The recipe of such a family: 56x56 images, the tokenizer's ``image_token`` as placeholder."""
-    token = tokenizer.image_token
-    return _Recipe(
-        config=config,
-        model_class=model_class,
-        inner_model_class=inner_model_class,
-        tokenizer=tokenizer,
-        placeholders={"image": token},
-        samples=_samples(token),
-        make_inputs=_counted_image_inputs(56, extra),
-    )
-
-
-def _internvl() -> _Recipe:
-    """InternVL 3: InternViT, pixel-shuffle 0.5 (4x4 patches -> 4 tokens), MLP, Qwen2."""
-    import transformers
-
-    # InternVLProcessor's names for its tokens (what a server builds the processor from).
-    tokenizer = _tokenizer(named_tokens={"image_token": "<IMG_CONTEXT>", "context_image_token": "<IMG_CONTEXT>",
-                                         "start_image_token": "<img>", "end_image_token": "</img>",
-                                         "video_token": "<video>"}, add_bos=False)  # fmt: skip
-    vision = _vision_config("InternVLVisionConfig", [56, 56], patch_size=[PATCH, PATCH])
-    config = transformers.InternVLConfig(
-        vision_config=vision,
-        text_config=_text_config("Qwen2Config", tokenizer),
-        image_token_id=tokenizer.image_token_id,
-        downsample_ratio=0.5,
-    )
-    return _image_family(config, transformers.InternVLForConditionalGeneration, "InternVLModel", tokenizer)
-
-
-def _mistral3() -> _Recipe:
-    """Mistral 3 (Small 3.1): Pixtral ViT, 2x2 patch merger, Mistral."""
-    import transformers
-
-    tokenizer = _tokenizer(named_tokens={"image_token": "[IMG]"})
-    vision = _vision_config("PixtralVisionConfig", 56, head_dim=HEAD_DIM)
-    config = transformers.Mistral3Config(
-        vision_config=vision,
-        text_config=_text_config("MistralConfig", tokenizer, head_dim=HEAD_DIM),
-        image_token_index=tokenizer.image_token_id,
-        spatial_merge_size=2,
-        vision_feature_layer=-1,
-    )
-    return _image_family(config, transformers.Mistral3ForConditionalGeneration, "Mistral3Model", tokenizer,
-                         extra=lambda n: {"image_sizes": torch.tensor([[56, 56]] * n)})
-
-
-def _siglip_cohere(model_type: str) -> _Recipe:
-    """Aya Vision / Command A Vision: SigLIP, pixel-shuffle 2, SwiGLU adapter, Cohere 2."""
-    import transformers
-
-    tokenizer = _tokenizer(named_tokens={"image_token": "<image>"})
-    prefix = {"aya_vision": "AyaVision", "cohere2_vision": "Cohere2Vision"}[model_type]
-    token_field = {"aya_vision": "image_token_index", "cohere2_vision": "image_token_id"}[model_type]
-    config = getattr(transformers, f"{prefix}Config")(
-        vision_config=_vision_config("SiglipVisionConfig", 56),
-        text_config=_text_config("Cohere2Config", tokenizer),
-        downsample_factor=2,
-        alignment_intermediate_size=INTERMEDIATE,
-        **{token_field: tokenizer.image_token_id},
-    )
-    return _image_family(config, getattr(transformers, f"{prefix}ForConditionalGeneration"), f"{prefix}Model", tokenizer)
-
-
-def _llama4() -> _Recipe:
-    """Llama 4 (Scout / Maverick): unfold-linear ViT, pixel-shuffle 0.5 MLP, one Linear
-    projector, MoE text model with chunked attention; merged in the ForConditionalGeneration."""
-    import transformers
-
-    tokenizer = _tokenizer(named_tokens={"image_token": "<|patch|>"})
-    vision = _vision_config("Llama4VisionConfig", 56, intermediate_size=4 * HIDDEN, vision_output_dim=HIDDEN,
-                            projector_input_dim=HIDDEN, projector_output_dim=HIDDEN, pixel_shuffle_ratio=0.5)  # fmt: skip
-    text = _text_config("Llama4TextConfig", tokenizer, head_dim=HEAD_DIM, intermediate_size_mlp=INTERMEDIATE,
-                        num_local_experts=2)  # fmt: skip
-    config = transformers.Llama4Config(vision_config=vision, text_config=text, image_token_index=tokenizer.image_token_id)
-    return _image_family(config, transformers.Llama4ForConditionalGeneration, "Llama4ForConditionalGeneration", tokenizer)
-
-
-def _janus() -> _Recipe:
-    """Janus: SigLIP-style ViT + aligner for understanding (what is merged), a VQ-VAE for
-    image generation (built, not used by the forward), Llama."""
-    import transformers
-
-    tokenizer = _tokenizer(named_tokens={"image_token": "<image_placeholder>"})
-    vision = _vision_config("JanusVisionConfig", 56, projection_dim=HIDDEN, mlp_ratio=2.0, depth=1,
-                            num_image_tokens=(56 // PATCH) ** 2)  # fmt: skip
-    # The generation VQ-VAE at its smallest (GroupNorm needs 32 channels).
-    vq = transformers.JanusVQVAEConfig(embed_dim=8, num_embeddings=64, latent_channels=32, base_channels=32,
-                                       channel_multiplier=[1, 1], num_res_blocks=1, num_patches=4,
-                                       projection_dim=HIDDEN, image_token_embed_dim=HIDDEN, num_hidden_layers=1)  # fmt: skip
-    config = transformers.JanusConfig(vision_config=vision, vq_config=vq, text_config=_text_config("LlamaConfig", tokenizer),
-                                      image_token_id=tokenizer.image_token_id)  # fmt: skip
-    return _image_family(config, transformers.JanusForConditionalGeneration, "JanusModel", tokenizer)
-
-
-def _qwen3_5() -> _Recipe:
-    """Qwen3.5: natively multimodal; Qwen3-VL-style ViT over pre-flattened patches, 2x2
-    merger, interleaved M-RoPE, hybrid linear / full attention text model."""
-    import transformers
-
-    tokenizer = _tokenizer(
-        ["<|vision_start|>", "<|vision_end|>"],
-        named_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-        add_bos=False,
-    )
-    vision = transformers.Qwen3_5VisionConfig(
-        depth=LAYERS, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_heads=HEADS, out_hidden_size=HIDDEN,
-        patch_size=PATCH, temporal_patch_size=2, spatial_merge_size=2, num_position_embeddings=16,
-    )  # fmt: skip
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6], "mrope_interleaved": True,
-            "partial_rotary_factor": 1.0}  # fmt: skip
-    text = _text_config(
-        "Qwen3_5TextConfig", tokenizer, head_dim=HEAD_DIM, rope_parameters=rope,
-        layer_types=["linear_attention", "full_attention"], linear_num_key_heads=HEADS, linear_num_value_heads=HEADS,
-        linear_key_head_dim=128, linear_value_head_dim=128,  # what vLLM's CPU GDN kernel takes
-    )  # fmt: skip
-    config = transformers.Qwen3_5Config(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tokenizer.image_token_id,
-        video_token_id=tokenizer.video_token_id,
-        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
-    )
-    return _Recipe(
-        config=config,
-        model_class=transformers.Qwen3_5ForConditionalGeneration,
-        inner_model_class="Qwen3_5Model",
-        tokenizer=tokenizer,
-        placeholders={"image": "<|image_pad|>"},  # images only here (video: the same merge)
-        samples=_samples("<|vision_start|><|image_pad|><|vision_end|>"),
-        make_inputs=_qwen3_5_inputs,
-    )
-
-
 def _qwen3_5_inputs(recipe: _Recipe, model, samples: list[_Sample], rng) -> dict:
     """Pre-flattened patches of 56x56 images (4x4 patches, 4 tokens after the 2x2 merge)
     with their image_grid_thw, and mm_token_type_ids for M-RoPE, as the processor gives."""
@@ -1415,36 +874,541 @@ def _qwen3_5_inputs(recipe: _Recipe, model, samples: list[_Sample], rng) -> dict
     return {**encoded, "pixel_values": patches, "image_grid_thw": grid}
 
 
-_RECIPES: dict[str, Callable[[], _Recipe]] = {
-    "llava": _llava,
-    "llava_next": _llava_next,
-    "llava_onevision": _llava_onevision,
-    "qwen2_vl": lambda: _qwen_vl("2"),
-    "qwen2_5_vl": lambda: _qwen_vl("2.5"),
-    "paligemma": _paligemma,
-    "gemma3": _gemma3,
-    "qwen2_audio": _qwen2_audio,
-    "idefics3": _idefics3,
-    "blip_2": _blip_2,
-    "vision_encoder_decoder": _vision_encoder_decoder,
-    "mllama": _mllama,
-    "whisper": _whisper,
+def _generic(
+    model_class: str,
+    inner_model_class: str,
+    *,
+    named_tokens: dict[str, str],
+    config: _Part,
+    add_bos: bool = True,
+    extra: Callable[[int], dict] | None = None,
+) -> _FamilySpec:
+    """The row of such a family: 56x56 images, the tokenizer's ``image_token`` as placeholder;
+    ``extra`` as for :func:`_counted_image_inputs`."""
+    token = named_tokens["image_token"]
+    return _FamilySpec(
+        model_class=model_class,
+        inner_model_class=inner_model_class,
+        named_tokens=named_tokens,
+        add_bos=add_bos,
+        config=config,
+        placeholders={"image": token},
+        samples=_samples(token),
+        make_inputs=_counted_image_inputs(56, extra),
+    )
+
+
+def _siglip_cohere(prefix: str, token_argument: str) -> _FamilySpec:
+    """Aya Vision / Command A Vision (transformers' class names start with ``prefix``; the
+    config takes the image token's id as ``token_argument``): SigLIP, pixel-shuffle 2,
+    SwiGLU adapter, Cohere 2."""
+    return _generic(
+        f"{prefix}ForConditionalGeneration",
+        f"{prefix}Model",
+        named_tokens={"image_token": "<image>"},
+        config=_Part(
+            f"{prefix}Config",
+            vision_config=_vision_config("SiglipVisionConfig", 56),
+            text_config=_text_config("Cohere2Config"),
+            downsample_factor=2,
+            alignment_intermediate_size=INTERMEDIATE,
+            **{token_argument: _TokenId("<image>")},
+        ),
+    )
+
+
+# LLaVA-1.5's and LLaVA-NeXT's processor and config arguments: CLIP's second-to-last layer
+# without its CLS token (the 'default' strategy), Llama.
+_LLAVA_PROCESSOR = dict(
+    patch_size=PATCH,
+    vision_feature_select_strategy="default",
+    num_additional_image_tokens=1,  # the CLS token, dropped by the 'default' strategy
+)
+_LLAVA_CONFIG = dict(
+    text_config=_text_config("LlamaConfig"),
+    image_token_index=_TokenId("<image>"),
+    vision_feature_layer=-2,
+    vision_feature_select_strategy="default",
+)
+
+# The anyres grids (height, width in pixels) of LLaVA-NeXT's 28-pixel and LLaVA-OneVision's
+# 56-pixel tiles: the image processor picks from them and the model unpads by them.
+_LLAVA_NEXT_PINPOINTS = [[28, 56], [56, 28], [56, 56]]
+_LLAVA_ONEVISION_PINPOINTS = [[56, 56], [56, 112], [112, 56], [112, 112]]
+
+
+# -------------------------------------------------------------------------- the table
+#
+# One row per family (FAMILIES keeps this order), built by _recipe. Samples: sample 0 is
+# the simple one (batch=1 gets only it); sample 1 has several media with text before,
+# between and after them; a shorter/longer pair gives left padding.
+
+_SPECS: dict[str, _FamilySpec] = {
+    # LLaVA-1.5: CLIP (CLS dropped, 'default' strategy), 2-layer MLP projector, Llama.
+    # 56-pixel images: 4x4 patches -> 16 tokens per image.
+    "llava": _FamilySpec(
+        model_class="LlavaForConditionalGeneration",
+        inner_model_class="LlavaModel",
+        named_tokens={"image_token": "<image>"},
+        image_processor=_Part("CLIPImageProcessor", size={"shortest_edge": 56}, crop_size=_square(56)),
+        processor=_Part("LlavaProcessor", **_LLAVA_PROCESSOR),
+        config=_Part(
+            "LlavaConfig",
+            vision_config=_vision_config("CLIPVisionConfig", 56, projection_dim=HIDDEN),
+            **_LLAVA_CONFIG,
+            image_seq_length=(56 // PATCH) ** 2,
+        ),
+        placeholders={"image": "<image>"},
+        samples=_samples("<image>", (40, 60), ((56, 56), (70, 50))),
+    ),
+    # LLaVA-NeXT anyres: base tile + grid tiles, unpadded, with a newline per row.
+    # 28-pixel tiles (2x2 patches); grids of up to 2x2 tiles.
+    "llava_next": _FamilySpec(
+        model_class="LlavaNextForConditionalGeneration",
+        inner_model_class="LlavaNextModel",
+        named_tokens={"image_token": "<image>"},
+        image_processor=_Part(
+            "LlavaNextImageProcessor",
+            size={"shortest_edge": 28},
+            crop_size=_square(28),
+            image_grid_pinpoints=_LLAVA_NEXT_PINPOINTS,
+        ),
+        processor=_Part("LlavaNextProcessor", **_LLAVA_PROCESSOR),
+        config=_Part(
+            "LlavaNextConfig",
+            vision_config=_vision_config("CLIPVisionConfig", 28, projection_dim=HIDDEN),
+            **_LLAVA_CONFIG,
+            image_grid_pinpoints=_LLAVA_NEXT_PINPOINTS,
+            image_seq_length=(28 // PATCH) ** 2,
+        ),
+        placeholders={"image": "<image>"},
+        # wide, tall and square images pick different grids -> different token counts
+        samples=_samples("<image>", (30, 50), ((50, 24), (44, 44)), compare="larger"),
+    ),
+    # LLaVA-OneVision: SigLIP + Qwen2; anyres for a single image, base tile only for each
+    # image of a multi-image prompt, 2x2-pooled frames for video. 56-pixel tiles: 4x4
+    # patches = 16 tokens per tile.
+    "llava_onevision": _FamilySpec(
+        model_class="LlavaOnevisionForConditionalGeneration",
+        inner_model_class="LlavaOnevisionModel",
+        named_tokens={"image_token": "<image>", "video_token": "<video>"},
+        add_bos=False,
+        image_processor=_Part(
+            "LlavaOnevisionImageProcessor",
+            size=_square(56),
+            image_grid_pinpoints=_LLAVA_ONEVISION_PINPOINTS,
+        ),
+        unbuilt_processor=_UnbuiltProcessor(
+            "LlavaOnevisionProcessor",
+            "LlavaOnevisionVideoProcessor",
+            dict(
+                num_image_tokens=(56 // PATCH) ** 2,
+                vision_feature_select_strategy="full",
+                vision_aspect_ratio="anyres_max_9",
+                image_token="<image>",
+                video_token="<video>",
+            ),
+        ),
+        config=_Part(
+            "LlavaOnevisionConfig",
+            vision_config=_vision_config("SiglipVisionConfig", 56, vision_use_head=False),
+            text_config=_text_config("Qwen2Config"),
+            image_token_index=_TokenId("<image>"),
+            video_token_index=_TokenId("<video>"),
+            image_grid_pinpoints=_LLAVA_ONEVISION_PINPOINTS,
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+            vision_aspect_ratio="anyres_max_9",
+        ),
+        placeholders={"image": "<image>", "video": "<video>"},
+        samples=(
+            _Sample(
+                "user : <image> describe the image , then the clip <video> . assistant :",
+                image_sizes=((40, 90),),
+                videos=((4, 56, 56),),
+            ),
+            _Sample(
+                "user : compare <image> and <image> , which one is brighter ? assistant :",
+                ((56, 56), (70, 50)),
+            ),
+        ),
+        make_inputs=_llava_onevision_inputs,
+    ),
+    # Qwen2-VL / Qwen2.5-VL: see _qwen_vl for what they share.
+    "qwen2_vl": _qwen_vl("Qwen2VL", vision=dict(embed_dim=HIDDEN, hidden_size=HIDDEN, mlp_ratio=2)),
+    "qwen2_5_vl": _qwen_vl(
+        "Qwen2_5_VL",
+        # window_size 56 = 2x2 merged units per window, so window attention and the
+        # window reordering really happen; the last block attends fully.
+        vision=dict(
+            hidden_size=HIDDEN,
+            out_hidden_size=HIDDEN,
+            intermediate_size=INTERMEDIATE,
+            window_size=2 * PATCH * 2,
+            fullatt_block_indexes=[LAYERS - 1],
+            tokens_per_second=2,
+        ),
+    ),
+    # PaliGemma: SigLIP (no CLS), linear projector, Gemma with a bidirectional prefix.
+    "paligemma": _FamilySpec(
+        model_class="PaliGemmaForConditionalGeneration",
+        inner_model_class="PaliGemmaModel",
+        named_tokens={"image_token": "<image>"},
+        extra_words=_paligemma_extra_tokens,
+        add_bos=False,  # the processor writes BOS after the image tokens itself
+        image_processor=_Part("SiglipImageProcessor", size=_square(56), image_seq_length=(56 // PATCH) ** 2),
+        processor=_Part("PaliGemmaProcessor"),
+        config=_Part(
+            "PaliGemmaConfig",
+            vision_config=_vision_config("SiglipVisionConfig", 56, vision_use_head=False),
+            text_config=_text_config("GemmaConfig", head_dim=HEAD_DIM),
+            image_token_index=_TokenId("<image>"),
+            projection_dim=HIDDEN,
+            hidden_size=HIDDEN,
+            vocab_size=_TOKENIZER_LENGTH,
+        ),
+        placeholders={"image": "<image>"},
+        samples=(
+            # PaliGemma prompts are images first, then BOS and the prefix text
+            _Sample("<image> caption the image", ((40, 60),)),
+            _Sample(
+                "<image><image> answer : which one of these two pictures is brighter ?", ((56, 56), (70, 50))
+            ),
+        ),
+    ),
+    # Gemma 3: SigLIP, 2x2 average pooling to mm_tokens_per_image, soft image tokens between
+    # <start_of_image> / <end_of_image>, bidirectional attention inside an image.
+    # 112-pixel images: 8x8 patches, average-pooled 2x2 -> 16 tokens per image.
+    "gemma3": _FamilySpec(
+        model_class="Gemma3ForConditionalGeneration",
+        inner_model_class="Gemma3Model",
+        named_tokens={
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+            "image_token": "<image_soft_token>",
+        },
+        image_processor=_Part("Gemma3ImageProcessor", size=_square(112)),
+        processor=_Part("Gemma3Processor", image_seq_length=16),
+        config=_Part(
+            "Gemma3Config",
+            vision_config=_vision_config("SiglipVisionConfig", 112, vision_use_head=False),
+            text_config=_text_config(
+                "Gemma3TextConfig",
+                head_dim=HEAD_DIM,
+                query_pre_attn_scalar=HEAD_DIM,
+                # one local (sliding) and one global layer, the window shorter than the prompts
+                layer_types=["sliding_attention", "full_attention"],
+                sliding_window=32,
+            ),
+            mm_tokens_per_image=16,
+            boi_token_index=_TokenId("<start_of_image>"),
+            eoi_token_index=_TokenId("<end_of_image>"),
+            image_token_index=_TokenId("<image_soft_token>"),
+        ),
+        placeholders={"image": "<image_soft_token>"},
+        samples=_samples("<start_of_image>", (40, 60), ((56, 56), (70, 50))),
+        init_weights=_gemma3_projector_init,
+    ),
+    # Qwen2-Audio: Whisper-style encoder (two convs, stride 2, then 2x average pooling) over
+    # log-mel features padded to a fixed length, linear projector, Qwen2. 1-second windows:
+    # 100 mel frames -> 50 encoder positions -> at most 25 audio tokens.
+    "qwen2_audio": _FamilySpec(
+        model_class="Qwen2AudioForConditionalGeneration",
+        inner_model_class="Qwen2AudioModel",
+        named_tokens={
+            "audio_token": "<|AUDIO|>",
+            "audio_bos_token": "<|audio_bos|>",
+            "audio_eos_token": "<|audio_eos|>",
+        },
+        add_bos=False,
+        feature_extractor=_Part("WhisperFeatureExtractor", **_MEL_FEATURES),
+        processor=_Part("Qwen2AudioProcessor"),
+        config=_Part(
+            "Qwen2AudioConfig",
+            audio_config=_Part("Qwen2AudioEncoderConfig", **_WHISPER_ENCODER),
+            text_config=_text_config("Qwen2Config"),
+            audio_token_index=_TokenId("<|AUDIO|>"),
+        ),
+        placeholders={"audio": "<|AUDIO|>"},
+        samples=(
+            _Sample(
+                "user : <|audio_bos|><|AUDIO|><|audio_eos|> what is this sound ? assistant :", audio_seconds=(0.45,)
+            ),
+            _Sample(
+                "user : first <|audio_bos|><|AUDIO|><|audio_eos|> then <|audio_bos|><|AUDIO|><|audio_eos|> , "
+                "which one is larger ? assistant :",
+                audio_seconds=(0.8, 0.3),
+            ),
+        ),
+    ),
+    # Idefics3 (SmolVLM's architecture): SigLIP-like encoder over crops of a split image plus
+    # a global view, pixel shuffle by scale_factor, linear connector, Llama. 56-pixel crops:
+    # 4x4 patches, pixel-shuffled 2x2 -> 4 tokens per crop.
+    "idefics3": _FamilySpec(
+        model_class="Idefics3ForConditionalGeneration",
+        inner_model_class="Idefics3Model",
+        special_tokens=(
+            "<fake_token_around_image>",
+            "<end_of_utterance>",
+            "<global-img>",
+            *(f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)),
+        ),
+        named_tokens={"image_token": "<image>"},
+        image_processor=_Part(
+            "Idefics3ImageProcessor",
+            size={"longest_edge": 2 * 56},  # at most 2x2 crops plus the global view
+            max_image_size={"longest_edge": 56},
+        ),
+        processor=_Part("Idefics3Processor", image_seq_len=(56 // PATCH) ** 2 // 2**2),  # scale_factor 2, squared
+        config=_Part(
+            "Idefics3Config",
+            vision_config=_vision_config("Idefics3VisionConfig", 56),
+            text_config=_text_config("LlamaConfig"),
+            image_token_id=_TokenId("<image>"),
+            scale_factor=2,
+        ),
+        placeholders={"image": "<image>"},
+        samples=_samples("<image>", (40, 90), ((50, 50), (112, 70))),
+    ),
+    # BLIP-2: a ViT with a class row (``Blip2VisionEmbeddings``: conv with bias, class token,
+    # learned position table), a Q-Former whose ``num_query_tokens`` query outputs are
+    # projected into OPT's embedding space and replace as many ``<image>`` tokens in front of
+    # the text (before BOS), as ``Blip2Processor`` lays them out.
+    #
+    # ``Blip2Processor`` builds offline and expands the tokens; it pads the text *before* it
+    # prepends the query tokens (padding would land between the image tokens and the text),
+    # so each prompt goes through the processor alone and the rows are left-padded by
+    # _blip_2_inputs.
+    "blip_2": _FamilySpec(
+        model_class="Blip2ForConditionalGeneration",
+        inner_model_class="Blip2ForConditionalGeneration",
+        # <image> in the vocabulary but not as tokenizer.image_token: Blip2Processor adds it as an
+        # AddedToken itself (already there, so the vocabulary does not grow) and reads its
+        # .content, which a named token (a str) lacks.
+        special_tokens=("<image>",),
+        image_processor=_Part("BlipImageProcessor", size=_square(56)),  # 4x4 patches + the class row
+        processor=_Part("Blip2Processor", num_query_tokens=8),
+        config=_Part(
+            "Blip2Config",
+            vision_config=_vision_config("Blip2VisionConfig", 56),
+            qformer_config=_Part(
+                "Blip2QFormerConfig",
+                **_STACK_SIZES,
+                cross_attention_frequency=1,
+                encoder_hidden_size=HIDDEN,
+                vocab_size=VOCAB_SIZE,
+            ),
+            text_config=_Part(
+                "OPTConfig",
+                hidden_size=HIDDEN,
+                word_embed_proj_dim=HIDDEN,
+                ffn_dim=INTERMEDIATE,
+                num_hidden_layers=LAYERS,
+                num_attention_heads=HEADS,
+                max_position_embeddings=MAX_POSITIONS,
+                **_TEXT_TOKEN_IDS,
+            ),
+            num_query_tokens=8,
+            image_token_index=_TokenId("<image>"),
+        ),
+        placeholders={"image": "<image>"},
+        samples=(
+            # The processor puts the query tokens in front; prompts carry no <image>.
+            _Sample("question : what is in the picture ? answer :", ((40, 60),)),
+            _Sample("describe the image in more detail , please .", ((70, 50),)),
+        ),
+        make_inputs=_blip_2_inputs,
+    ),
+    # VisionEncoderDecoder (TrOCR / ViT-GPT2 captioning): a ViT encoder (``ViTEmbeddings``:
+    # conv with bias, class row, learned position table) and a GPT-2 decoder that reads it
+    # through cross-attention. No placeholder tokens: the decoder prompt
+    # (``decoder_input_ids``, left-padded) is text only; ``TrOCRProcessor`` pairs the image
+    # processor and the tokenizer.
+    "vision_encoder_decoder": _FamilySpec(
+        model_class="VisionEncoderDecoderModel",
+        inner_model_class="VisionEncoderDecoderModel",
+        image_processor=_Part("ViTImageProcessor", size=_square(56)),
+        processor=_Part("TrOCRProcessor"),
+        config=_vision_encoder_decoder_config,
+        samples=(
+            _Sample("a photo of", ((40, 60),)),
+            _Sample("the picture is a red car on the left and", ((70, 50),)),
+        ),
+        make_inputs=_vision_encoder_decoder_inputs,
+    ),
+    # Llama-3.2-Vision (Mllama): a tiled ViT (28-pixel tiles of 2x2 patches + a class row:
+    # 5 vision tokens per tile, up to 4 tiles per image, gated tile and position embeddings)
+    # whose hidden states the text model reads through gated cross-attention layers
+    # (layer 1 of 2), masked by the compact ``cross_attention_mask`` (B, S, images, tiles)
+    # that ``MllamaProcessor`` builds (it builds offline). Sample 1 has an image of 1 tile,
+    # text, then two images of 3 and 2 tiles back to back, so the tokens after them see both
+    # images with a padded tile between them; tokens before the first image see none.
+    #
+    # The cross-attention gates (``cross_attn_attn_gate`` / ``cross_attn_mlp_gate``) are
+    # zero-initialized by transformers, which would make the cross-attention layer inert in a
+    # random-init model; the row sets them to 0.5 and 0.8 (see :func:`_mllama_open_gates`).
+    "mllama": _FamilySpec(
+        model_class="MllamaForConditionalGeneration",
+        inner_model_class="MllamaModel",
+        named_tokens={"image_token": "<|image|>"},
+        image_processor=_Part("MllamaImageProcessor", size=_square(2 * PATCH), max_image_tiles=4),
+        processor=_Part("MllamaProcessor"),
+        config=_Part(
+            "MllamaConfig",
+            vision_config=_Part(
+                "MllamaVisionConfig",
+                hidden_size=HIDDEN,
+                intermediate_size=INTERMEDIATE,
+                num_hidden_layers=LAYERS,
+                num_global_layers=1,
+                attention_heads=HEADS,
+                image_size=2 * PATCH,
+                patch_size=PATCH,
+                max_num_tiles=4,
+                intermediate_layers_indices=[0],
+                vision_output_dim=2 * HIDDEN,  # hidden_size x (1 + len(intermediate_layers_indices))
+                supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]],
+            ),
+            # Layer 0 self-attention, layer 1 cross-attention to the image tiles.
+            text_config=_text_config("MllamaTextConfig", cross_attention_layers=[1]),
+            image_token_index=_TokenId("<|image|>"),
+        ),
+        placeholders={"image": "<|image|>"},
+        samples=(
+            _Sample("user : <|image|> describe the image . assistant :", ((40, 30),)),
+            _Sample(
+                "user : <|image|> is the first , then <|image|><|image|> compare these , which one is brighter ?",
+                ((28, 28), (28, 84), (56, 28)),
+            ),
+        ),
+        init_weights=_mllama_open_gates,
+    ),
+    # Whisper: an audio encoder (two convs, stride 2, over 1-second log-mel windows: 100
+    # frames -> 50 positions) and a decoder that reads it through cross-attention. No
+    # placeholder tokens: the decoder prompt (``decoder_input_ids``, left-padded) is text
+    # only, as for VisionEncoderDecoder; ``WhisperProcessor`` pairs the feature extractor and
+    # the tokenizer. ``generate`` here is Whisper's own (it needs no language or task tokens
+    # when the generation config names none).
+    "whisper": _FamilySpec(
+        model_class="WhisperForConditionalGeneration",
+        inner_model_class="WhisperModel",
+        feature_extractor=_Part("WhisperFeatureExtractor", **_MEL_FEATURES),
+        processor=_Part("WhisperProcessor"),
+        config=_Part(
+            "WhisperConfig",
+            **_WHISPER_ENCODER,
+            decoder_layers=LAYERS,
+            decoder_attention_heads=HEADS,
+            decoder_ffn_dim=INTERMEDIATE,
+            max_target_positions=64,
+            decoder_start_token_id=_TokenId(BOS),
+            begin_suppress_tokens=None,
+            suppress_tokens=None,
+            **_TEXT_TOKEN_IDS,
+        ),
+        samples=(
+            _Sample("what is", audio_seconds=(0.45,)),
+            _Sample("the sound is a dog and then a car on the left", audio_seconds=(0.8,)),
+        ),
+        make_inputs=_whisper_inputs,
+    ),
     # The generic merge rule's (no spec names them).
-    "internvl": _internvl,
-    "mistral3": _mistral3,
-    "aya_vision": lambda: _siglip_cohere("aya_vision"),
-    "cohere2_vision": lambda: _siglip_cohere("cohere2_vision"),
-    "qwen3_5": _qwen3_5,
-    "llama4": _llama4,
-    "janus": _janus,
+    #
+    # InternVL 3: InternViT, pixel-shuffle 0.5 (4x4 patches -> 4 tokens), MLP, Qwen2.
+    "internvl": _generic(
+        "InternVLForConditionalGeneration",
+        "InternVLModel",
+        # InternVLProcessor's names for its tokens (what a server builds the processor from).
+        named_tokens={"image_token": "<IMG_CONTEXT>", "context_image_token": "<IMG_CONTEXT>",
+                      "start_image_token": "<img>", "end_image_token": "</img>", "video_token": "<video>"},
+        add_bos=False,
+        config=_Part(
+            "InternVLConfig",
+            vision_config=_vision_config("InternVLVisionConfig", [56, 56], patch_size=[PATCH, PATCH]),
+            text_config=_text_config("Qwen2Config"),
+            image_token_id=_TokenId("<IMG_CONTEXT>"),
+            downsample_ratio=0.5,
+        ),
+    ),  # fmt: skip
+    # Mistral 3 (Small 3.1): Pixtral ViT, 2x2 patch merger, Mistral.
+    "mistral3": _generic(
+        "Mistral3ForConditionalGeneration",
+        "Mistral3Model",
+        named_tokens={"image_token": "[IMG]"},
+        config=_Part(
+            "Mistral3Config",
+            vision_config=_vision_config("PixtralVisionConfig", 56, head_dim=HEAD_DIM),
+            text_config=_text_config("MistralConfig", head_dim=HEAD_DIM),
+            image_token_index=_TokenId("[IMG]"),
+            spatial_merge_size=2,
+            vision_feature_layer=-1,
+        ),
+        extra=lambda n: {"image_sizes": torch.tensor([[56, 56]] * n)},
+    ),
+    "aya_vision": _siglip_cohere("AyaVision", "image_token_index"),
+    "cohere2_vision": _siglip_cohere("Cohere2Vision", "image_token_id"),
+    # Qwen3.5: natively multimodal; Qwen3-VL-style ViT over pre-flattened patches, 2x2
+    # merger, interleaved M-RoPE, hybrid linear / full attention text model.
+    "qwen3_5": _FamilySpec(
+        model_class="Qwen3_5ForConditionalGeneration",
+        inner_model_class="Qwen3_5Model",
+        **_QWEN_TOKENIZER,
+        config=_Part(
+            "Qwen3_5Config",
+            vision_config=_Part(
+                "Qwen3_5VisionConfig",
+                depth=LAYERS, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_heads=HEADS,
+                out_hidden_size=HIDDEN, patch_size=PATCH, temporal_patch_size=2, spatial_merge_size=2,
+                num_position_embeddings=16,
+            ),
+            text_config=_text_config(
+                "Qwen3_5TextConfig", head_dim=HEAD_DIM,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6],
+                                 "mrope_interleaved": True, "partial_rotary_factor": 1.0},
+                layer_types=["linear_attention", "full_attention"], linear_num_key_heads=HEADS,
+                linear_num_value_heads=HEADS,
+                linear_key_head_dim=128, linear_value_head_dim=128,  # what vLLM's CPU GDN kernel takes
+            ),
+            **_QWEN_TOKEN_IDS,
+        ),
+        placeholders={"image": "<|image_pad|>"},  # images only here (video: the same merge)
+        samples=_samples("<|vision_start|><|image_pad|><|vision_end|>"),
+        make_inputs=_qwen3_5_inputs,
+    ),  # fmt: skip
+    # Llama 4 (Scout / Maverick): unfold-linear ViT, pixel-shuffle 0.5 MLP, one Linear
+    # projector, MoE text model with chunked attention; merged in the ForConditionalGeneration.
+    "llama4": _generic(
+        "Llama4ForConditionalGeneration",
+        "Llama4ForConditionalGeneration",
+        named_tokens={"image_token": "<|patch|>"},
+        config=_Part(
+            "Llama4Config",
+            vision_config=_vision_config("Llama4VisionConfig", 56, intermediate_size=4 * HIDDEN,
+                                         vision_output_dim=HIDDEN, projector_input_dim=HIDDEN,
+                                         projector_output_dim=HIDDEN, pixel_shuffle_ratio=0.5),
+            text_config=_text_config("Llama4TextConfig", head_dim=HEAD_DIM, intermediate_size_mlp=INTERMEDIATE,
+                                     num_local_experts=2),
+            image_token_index=_TokenId("<|patch|>"),
+        ),
+    ),  # fmt: skip
+    # Janus: SigLIP-style ViT + aligner for understanding (what is merged), a VQ-VAE for
+    # image generation (built, not used by the forward), Llama.
+    "janus": _generic(
+        "JanusForConditionalGeneration",
+        "JanusModel",
+        named_tokens={"image_token": "<image_placeholder>"},
+        config=_Part(
+            "JanusConfig",
+            vision_config=_vision_config("JanusVisionConfig", 56, projection_dim=HIDDEN, mlp_ratio=2.0, depth=1,
+                                         num_image_tokens=(56 // PATCH) ** 2),
+            # The generation VQ-VAE at its smallest (GroupNorm needs 32 channels).
+            vq_config=_Part("JanusVQVAEConfig", embed_dim=8, num_embeddings=64, latent_channels=32, base_channels=32,
+                            channel_multiplier=[1, 1], num_res_blocks=1, num_patches=4, projection_dim=HIDDEN,
+                            image_token_embed_dim=HIDDEN, num_hidden_layers=1),
+            text_config=_text_config("LlamaConfig"),
+            image_token_id=_TokenId("<image_placeholder>"),
+        ),
+    ),  # fmt: skip
 }
 
-FAMILIES: tuple[str, ...] = tuple(_RECIPES)
-
-
-def _recipe(family: str) -> _Recipe:
-    try:
-        make = _RECIPES[family]
-    except KeyError:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}") from None
-    return make()
+FAMILIES: tuple[str, ...] = tuple(_SPECS)
