@@ -108,7 +108,7 @@ def encoder_attention_runs(plugin) -> dict:
     return runs
 
 
-def max_seqlen_facts(plugin) -> dict:
+def max_seqlen_facts(adapter) -> dict:
     """The launch's max_seqlen from what vision towers pass (cu_seqlens on the host, or on
     a device: "meta" here), per attention backend."""
     import types
@@ -120,11 +120,11 @@ def max_seqlen_facts(plugin) -> dict:
     flash = types.SimpleNamespace(attn_backend=AttentionBackendEnum.FLASH_ATTN)
     cu = torch.tensor([0, 5, 69, 70], dtype=torch.int32)
     return {
-        "host_cu_seqlens": plugin._max_seqlen(sdpa, cu, torch.tensor(0), 70),
-        "device_sdpa_placeholder": plugin._max_seqlen(sdpa, cu.to("meta"), torch.tensor(0), 70),
-        "device_sdpa_none": plugin._max_seqlen(sdpa, cu.to("meta"), None, 70),
-        "device_flash_host_scalar": plugin._max_seqlen(flash, cu.to("meta"), torch.tensor(64), 70),
-        "device_flash_int": plugin._max_seqlen(flash, cu.to("meta"), 64, 70),
+        "host_cu_seqlens": adapter._max_seqlen(sdpa, cu, torch.tensor(0), 70),
+        "device_sdpa_placeholder": adapter._max_seqlen(sdpa, cu.to("meta"), torch.tensor(0), 70),
+        "device_sdpa_none": adapter._max_seqlen(sdpa, cu.to("meta"), None, 70),
+        "device_flash_host_scalar": adapter._max_seqlen(flash, cu.to("meta"), torch.tensor(64), 70),
+        "device_flash_int": adapter._max_seqlen(flash, cu.to("meta"), 64, 70),
     }
 
 
@@ -134,8 +134,11 @@ def full_facts(plugin) -> dict:
     from vllm.model_executor.layers.conv import Conv2dLayer, Conv3dLayer
     from vllm.model_executor.models import utils as vllm_utils
 
+    from mmkernels.integrations.vllm import merge as merge_adapter
+    from mmkernels.integrations.vllm import patch_embed as patch_embed_adapter
+
     facts = registry_facts(plugin)
-    facts["register_again"] = plugin._register_patch_embed()  # guarded: vLLM would assert
+    facts["register_again"] = patch_embed_adapter.register()  # guarded: vLLM would assert
     torch.manual_seed(0)
     with set_current_vllm_config(VllmConfig()):
         layers = {
@@ -189,10 +192,10 @@ def full_facts(plugin) -> dict:
             return vllm_utils._merge_multimodal_embeddings(embeds, feats, mask)
 
     facts["shared_merge_equal"] = bool(torch.equal(ProbeModel().embed_input_ids(embeds.clone(), feats, mask), want))
-    got = plugin._merge(embeds.clone(), feats, mask, "probe")
+    got = merge_adapter._merge(embeds.clone(), feats, mask, "probe")
     facts["merge_equal"] = bool(torch.equal(got, want))
     errors = []
-    for fn in (vllm_merge, lambda *a: plugin._merge(*a, "probe")):
+    for fn in (vllm_merge, lambda *a: merge_adapter._merge(*a, "probe")):
         try:
             fn(embeds.clone(), [torch.randn(5, dim)], mask)
         except ValueError as e:
@@ -209,10 +212,12 @@ if __name__ == "__main__":
     if mode == "full":
         facts = full_facts(vllm_plugin)
     elif mode == "encoder_attention":
+        from mmkernels.integrations.vllm import encoder_attention as encoder_attention_adapter
+
         facts = {
             **registry_facts(vllm_plugin),
             "encoder_attention": encoder_attention_runs(vllm_plugin),
-            "max_seqlen": max_seqlen_facts(vllm_plugin),
+            "max_seqlen": max_seqlen_facts(encoder_attention_adapter),
         }
     else:
         facts = registry_facts(vllm_plugin)

@@ -14,6 +14,9 @@ import logs
 from conftest import HERE, vllm_env
 
 OURS = "mmkernels.integrations.vllm.plugin"
+# The adapter modules, where the classes the plugin registers are defined.
+OURS_PATCH_EMBED = "mmkernels.integrations.vllm.patch_embed"
+OURS_ENCODER_ATTENTION = "mmkernels.integrations.vllm.encoder_attention"
 VLLM_LLAVA = "vllm.model_executor.models.llava.LlavaForConditionalGeneration"
 VLLM_ENCODER_ATTENTION = "vllm.model_executor.layers.attention.mm_encoder_attention.MMEncoderAttention"
 
@@ -37,11 +40,11 @@ def test_replaced_layers_and_merge_match_vllm():
     assert facts["quantization_methods"] == ["mmkernels", "mmkernels-fp8", "mmkernels-w4a16", "mmkernels-w8a16"]
     assert len(logs.registered(text)) == 1  # one line per process, even when called twice
     assert facts["oot"] == {
-        "Conv2dLayer": f"{OURS}.MMKernelsConv2dLayer",
-        "Conv3dLayer": f"{OURS}.MMKernelsConv3dLayer",
-        "MMEncoderAttention": f"{OURS}.MMKernelsMMEncoderAttention",
+        "Conv2dLayer": f"{OURS_PATCH_EMBED}.MMKernelsConv2dLayer",
+        "Conv3dLayer": f"{OURS_PATCH_EMBED}.MMKernelsConv3dLayer",
+        "MMEncoderAttention": f"{OURS_ENCODER_ATTENTION}.MMKernelsMMEncoderAttention",
     }
-    assert facts["encoder_attention_class"] == f"{OURS}.MMKernelsMMEncoderAttention"
+    assert facts["encoder_attention_class"] == f"{OURS_ENCODER_ATTENTION}.MMKernelsMMEncoderAttention"
     assert facts["llava_class"] == VLLM_LLAVA  # vLLM's own class: the merge is replaced under it
     # vLLM's one shared merge function is replaced, wherever a model reaches it.
     assert all(facts["shared_merge"].values()), facts["shared_merge"]
@@ -72,7 +75,7 @@ def test_encoder_attention_matches_vllm():
     (SDPA per cu_seqlens chunk) on the same layer: packed sequences, GQA, CLIP's batched
     (B, S, H * D) call, cross lengths; what the op does not cover runs vLLM's path."""
     facts, text = _probe("encoder_attention")
-    assert facts["encoder_attention_class"] == f"{OURS}.MMKernelsMMEncoderAttention"
+    assert facts["encoder_attention_class"] == f"{OURS_ENCODER_ATTENTION}.MMKernelsMMEncoderAttention"
     runs = facts["encoder_attention"]
     for name, run in runs.items():
         assert run["shape"] == run["ref_shape"], name
@@ -126,8 +129,8 @@ def test_kernel_selection():
 
     facts, text = _probe("registry", MMKERNELS_KERNELS="encoder_attention")
     assert set(facts["returned"]) == {"encoder_attention"}
-    assert facts["oot"] == {"MMEncoderAttention": f"{OURS}.MMKernelsMMEncoderAttention"}
-    assert facts["encoder_attention_class"] == f"{OURS}.MMKernelsMMEncoderAttention"
+    assert facts["oot"] == {"MMEncoderAttention": f"{OURS_ENCODER_ATTENTION}.MMKernelsMMEncoderAttention"}
+    assert facts["encoder_attention_class"] == f"{OURS_ENCODER_ATTENTION}.MMKernelsMMEncoderAttention"
     assert not any(facts["shared_merge"].values()), facts["shared_merge"]  # vLLM's own merge
 
 

@@ -5,7 +5,7 @@ so run mmkernels' merge under the plugin), read from the installed vLLM.
     .venv-vllm/bin/python tools/vllm_merge_coverage.py [--markdown] [ARCH ...]
 
 The plugin replaces ``vllm.model_executor.models.utils._merge_multimodal_embeddings``
-(see ``mmkernels.integrations.vllm.plugin``). An architecture is covered when the
+(see ``mmkernels.integrations.vllm.merge``). An architecture is covered when the
 ``embed_input_ids`` its class resolves to is the interface default
 (``SupportsMultiModal.embed_input_ids``, which calls the shared function), a pure
 ``super().embed_input_ids(...)`` delegation to it, or a method of its own whose code
