@@ -13,10 +13,13 @@ timed is random, of the model's shapes). The cases:
   tower's image size, for each image count in ``--images``;
 * ``quantized_linear``: each projector Linear that ``quantize_projector`` would quantize,
   for each scheme in ``--schemes``, at the vision tokens of each image count;
+* ``varlen_attention``: the vision attention layers that ``mmkernels.patch`` gives
+  ``cu_seqlens`` (Qwen2-VL's and the towers that kept it), each image count's images
+  packed as sequences of the tower's patch count;
 * with ``--benchmark-shapes`` instead of MODEL: the benchmark shape set of all four ops
-  (the merge and varlen_attention too: their shapes come from how prompts and images
-  are batched, which a model's config does not say; ``MMKERNELS_AUTOTUNE=1`` tunes
-  them at the shapes a server meets).
+  (the merge and the text side's attention too: their shapes come from how prompts and
+  images are batched, which a model's config does not say; ``MMKERNELS_AUTOTUNE=1``
+  tunes them at the shapes a server meets).
 
 For each case every route that applies (:mod:`mmkernels.routes`: the op's Triton forms, its
 heuristic, the standard PyTorch path) is run once and compared with the op's reference;
@@ -328,6 +331,40 @@ def model_cases(model_or_path, *, device: torch.device, dtype: torch.dtype, imag
                             qw.group_size or 0, activation or "none")  # fmt: skip
 
                 cases.append(TuneCase(f"quantized_linear/{path}/{scheme}/m{m}", quantized_linear_module.OP, make))
+    cases += _vision_attention_cases(model, random, images, tokens_per_image)
+    return cases
+
+
+def _vision_attention_cases(model: torch.nn.Module, random: Callable, images: Sequence[int],
+                            tokens_per_image: int) -> list[TuneCase]:  # fmt: skip
+    """``varlen_attention`` at the vision attention layers ``mmkernels.patch`` gives
+    ``cu_seqlens`` (Qwen2-VL's layer and the towers that kept it): one case per distinct
+    (heads, head_dim), each image count's images of the tower's patch count packed as
+    sequences (the tower's full-attention layers; Qwen2.5-VL's windowed ones are shorter)."""
+    from mmkernels.integrations import hf_attention
+
+    attention_module = importlib.import_module("mmkernels.ops.varlen_attention")
+    classes = {spec.model_class for spec in hf_attention.ATTENTION_SPECS
+               if spec.route in (hf_attention.CU_SEQLENS, hf_attention.CU_SEQLENS_QK_NORM)}  # fmt: skip
+    seen, cases = set(), []
+    for path, module in model.named_modules():
+        qkv, heads = getattr(module, "qkv", None), getattr(module, "num_heads", None)
+        if type(module).__name__ not in classes or not isinstance(qkv, torch.nn.Linear) or not isinstance(heads, int):
+            continue
+        head_dim = qkv.out_features // 3 // heads
+        if (heads, head_dim) in seen:
+            continue
+        seen.add((heads, head_dim))
+        for n in images:
+            total = n * tokens_per_image
+
+            def make(n=n, total=total, heads=heads, head_dim=head_dim):
+                cu = torch.arange(0, total + 1, tokens_per_image, dtype=torch.int32)
+                q, k, v = (random(total, heads, head_dim) for _ in range(3))
+                cu = cu.to(q.device)
+                return (q, k, v, cu, cu, tokens_per_image, tokens_per_image, head_dim**-0.5, False, None)
+
+            cases.append(TuneCase(f"varlen_attention/{path}/x{n}", attention_module.OP, make))
     return cases
 
 

@@ -234,6 +234,29 @@ def test_tune_over_a_tiny_model_folder_end_to_end(tables, tmp_path, monkeypatch)
     assert (decision.route, decision.route_source) == ("torch", "measured")
 
 
+def test_tune_model_times_the_vision_attention_a_patch_gives_cu_seqlens(tables, tmp_path):
+    """A Qwen2-VL folder: varlen_attention cases at its vision attention (heads and head
+    dim from the layer, images of the tower's patch count packed along cu_seqlens), and
+    every route that applies agrees with the reference there."""
+    pytest.importorskip("transformers")
+    from mmkernels import zoo
+
+    folder = zoo.save("qwen2_vl", tmp_path / "tiny-qwen2-vl")
+    cases = tune.model_cases(str(folder), device=torch.device("cpu"), dtype=torch.float32, images=[1, 2],
+                             schemes=["w8a16"])  # fmt: skip
+    attention = [case for case in cases if case.op.name == "varlen_attention"]
+    # One layer shape (every block's attention is alike): one case per image count.
+    assert [case.name for case in attention] == [f"varlen_attention/model.visual.blocks.0.attn/x{n}" for n in (1, 2)]
+    q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, kv_ranges = attention[1].make_inputs()
+    per_image = max_q
+    assert q.shape == (2 * per_image, 2, 32) and cu_q.tolist() == [0, per_image, 2 * per_image] and not causal
+    small = tune.TuneCase("varlen_attention/small", attention[0].op, lambda: (
+        q[:96], k[:96], v[:96], torch.tensor([0, 40, 96], dtype=torch.int32), torch.tensor([0, 40, 96], dtype=torch.int32),
+        56, 56, scale, False, None))  # fmt: skip
+    (result,) = tune.tune([small], identity=STAND_IN, timer=lambda fn, capturable: (1.0, "eager"), table=tables[0])
+    assert result.rejected == {} and set(result.medians_ms) == {"heuristic", "torch"}
+
+
 def test_tune_rejects_a_route_that_disagrees_with_the_reference(tables, monkeypatch):
     case = tune.TuneCase("wrong", PATCH_EMBED.OP, lambda: (torch.randn(1, 3, 8, 8), torch.randn(16, 3, 4, 4), None,
                                                          None, None, None, None, None, None))  # fmt: skip
