@@ -32,7 +32,7 @@ from .engine import (
     unpatch_model,
 )
 from .hf_attention import ATTENTION_RULES, register_attention
-from .hf_merge import MergeRule
+from .hf_merge import LanguageModelInputsRule, MergeRule
 from .hf_merge_generic import GenericMergeRule, coverage_tables, installed_coverage
 from .hf_patch_embed import CONV_PATCH_SPECS, PATCH_EMBED_SPECS, ConvPatchRule, PatchEmbedRule, clear_position_caches
 from .hf_specs import MERGE_SPECS
@@ -46,6 +46,7 @@ KERNELS: tuple[str, ...] = ("merge", "patch_embed", "attention")
 _SPEC_MODEL_TYPES = frozenset(spec.model_type for spec in MERGE_SPECS)
 _RULES: tuple[Rule, ...] = (
     tuple(MergeRule(spec) for spec in MERGE_SPECS)
+    + tuple(LanguageModelInputsRule(spec) for spec in MERGE_SPECS if spec.language_model_inputs is not None)
     # After the specs, and never for a model_type one of them names.
     + (GenericMergeRule(_SPEC_MODEL_TYPES),)
     + tuple(PatchEmbedRule(spec) for spec in PATCH_EMBED_SPECS)

@@ -48,11 +48,17 @@ from torch.nn.modules import module as nn_module
 from mmkernels.ops.merge import CAPABILITIES as MERGE_CAPABILITIES
 from mmkernels.ops.merge import PlaceholderCountError
 
-from .engine import Call, PatchOptions, SpecRule, backend_note, bind_call, forward_signature, original_method
+from .engine import (ORIGINALS_ATTR, Call, PatchOptions, SpecRule, backend_note, bind_call, forward_signature,
+                     original_method)
 
-__all__ = ["Call", "Features", "MergeRule", "MergeSpec", "Modality", "placeholder_id"]
+__all__ = ["Call", "Features", "LANGUAGE_MODEL_KWARG", "LanguageModelInputs", "LanguageModelInputsRule", "MergeRule",
+           "MergeSpec", "Modality", "placeholder_id"]
 
 MERGE_OP = "merge_multimodal_embeddings"
+# The keyword that carries the language-model arguments the pre-step derived (Qwen3-VL's
+# deepstack inputs) through the inner model's ``**kwargs`` to its language model, whose
+# forward's replacement (:class:`LanguageModelInputsRule`) takes it out again.
+LANGUAGE_MODEL_KWARG = "mmkernels_language_model_inputs"
 
 # What an output field receives (the unpatched forward's value for it, by version):
 #   "encoder_output": what the feature method returned (transformers >= 5.24: image_outputs)
@@ -119,6 +125,22 @@ class Modality:
 
 
 @dataclasses.dataclass(frozen=True)
+class LanguageModelInputs:
+    """Arguments of the language model that the forward derives from the features besides
+    the merged embeddings (Qwen3-VL's deepstack: the visual positions and each level's
+    features). The pre-step derives them (``derive(model, modalities, features,
+    input_ids) -> {argument: value}``, or None: the original forward runs) and hands them to
+    the language model (the inner model's ``attribute``, governed by ``model_type``, of
+    class ``model_class``) through :data:`LANGUAGE_MODEL_KWARG`; the original forward,
+    given no media, passes None for them."""
+
+    attribute: str
+    model_type: str
+    model_class: str
+    derive: Callable[..., dict[str, Any] | None]
+
+
+@dataclasses.dataclass(frozen=True)
 class MergeSpec:
     """The merge patch for one family: which inner model, which media, and the few facts
     about its ``forward`` the pre-step must respect.
@@ -135,6 +157,11 @@ class MergeSpec:
     (other forms of precomputed features).
     ``needs_original(model, call) -> str | None``: a reason this call must run the original
     forward (a case dropping the media inputs would change), or None.
+    ``position_ids_method``: the model's own method the forward computes its position ids
+    with when none are given (M-RoPE reads ``input_ids``, but the forward refuses
+    ``input_ids`` next to ``inputs_embeds``): the pre-step calls it as the forward would,
+    with the merged embeddings, and passes the result as ``position_ids``.
+    ``language_model_inputs``: see :class:`LanguageModelInputs`.
     """
 
     family: str
@@ -146,6 +173,8 @@ class MergeSpec:
     encoder_outputs_input: str | None = "mm_encoder_outputs"
     original_inputs: tuple[str, ...] = ()
     needs_original: Callable[[torch.nn.Module, Call], str | None] | None = None
+    position_ids_method: str | None = None
+    language_model_inputs: LanguageModelInputs | None = None
 
 
 def placeholder_id(config: Any, fields: Sequence[str]) -> int | None:
@@ -271,6 +300,17 @@ class MergeRule(SpecRule):
                 reasons.append(f"no {m.feature_method}() ({m.kind})")
             if placeholder_id(module.config, m.placeholder_fields) is None:
                 reasons.append(f"config has none of {', '.join(m.placeholder_fields)} ({m.kind} placeholder id)")
+        if self.spec.position_ids_method is not None:
+            if not callable(getattr(module, self.spec.position_ids_method, None)):
+                reasons.append(f"no {self.spec.position_ids_method}() (position ids)")
+            if "position_ids" not in params:
+                reasons.append("forward has no 'position_ids' argument")
+        language_model = self.spec.language_model_inputs
+        if language_model is not None:
+            if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+                reasons.append(f"forward takes no **kwargs to hand {language_model.attribute} its inputs")
+            if not isinstance(getattr(module, language_model.attribute, None), torch.nn.Module):
+                reasons.append(f"no {language_model.attribute} submodule")
         return reasons
 
     def notes(self, module: torch.nn.Module, options: PatchOptions) -> list[str]:
@@ -317,7 +357,7 @@ class MergeRule(SpecRule):
             if call is None:
                 return original(*args, **kwargs)
             media = _media_to_merge(model, spec, covered, uncovered, call)
-            if not media:
+            if not media or not _language_model_takes_inputs(model, spec):
                 return original(*args, **kwargs)
             features = []
             for modality, encoded in media:
@@ -331,8 +371,15 @@ class MergeRule(SpecRule):
                     return original(*args, **kwargs)
                 features.append(found)
             present = [modality for modality, _ in media]
+            # The merge first: its count check raises Hugging Face's error before anything
+            # derived from the placeholder positions could fail on a mismatch.
             merged = _merge(model, present, features, call.get("input_ids"), check)
-            return _call_original(model, original, spec, present, features, call, merged)
+            derived = None
+            if spec.language_model_inputs is not None:
+                derived = spec.language_model_inputs.derive(model, present, features, call.get("input_ids"))
+                if derived is None:  # the derivation says: the original handles this call
+                    return original(*args, **kwargs)
+            return _call_original(model, original, spec, present, features, call, merged, derived)
 
         forward.__name__ = "forward"
         forward.__qualname__ = f"mmkernels_merge_forward[{spec.family}]"
@@ -341,6 +388,50 @@ class MergeRule(SpecRule):
             f"mmkernels.ops.{MERGE_OP} (check={check}); see mmkernels.integrations.hf_merge."
         )
         return forward
+
+
+class LanguageModelInputsRule(SpecRule):
+    """The other half of a :class:`MergeSpec` with :class:`LanguageModelInputs`: replaces
+    the language model's ``forward`` with one that takes the derived arguments out of
+    :data:`LANGUAGE_MODEL_KWARG` and passes them as the arguments they are (the original
+    forward, given no media, passed None for them). Any other call: the original."""
+
+    kernel = "merge"
+    method = "forward"
+    op = f"mmkernels.ops.{MERGE_OP}"
+
+    def __init__(self, spec: MergeSpec):
+        self.spec = spec
+        self.family = spec.family
+        self.model_type = spec.language_model_inputs.model_type
+        self.model_class = spec.language_model_inputs.model_class
+
+    def __repr__(self) -> str:
+        return f"LanguageModelInputsRule({self.family}: {self.model_class}.forward)"
+
+    def make_replacement(self, options: PatchOptions) -> Callable:
+        return _language_model_forward
+
+    def coverage_row(self) -> dict[str, str]:
+        row = super().coverage_row()
+        row["features"] = f"the inputs the {self.spec.model_class} pre-step derives"
+        return row
+
+
+def _language_model_forward(self, *args, **kwargs):
+    original = original_method(self, "forward")
+    derived = kwargs.pop(LANGUAGE_MODEL_KWARG, None)
+    if derived is None:
+        return original(*args, **kwargs)
+    call = bind_call(original, args, kwargs)
+    if call is None:
+        raise TypeError(f"mmkernels {type(self).__name__}.forward: the call does not bind to the original forward")
+    for name, value in derived.items():
+        if call.get(name) is not None:
+            raise ValueError(f"mmkernels {type(self).__name__}.forward: {name} came from the merge pre-step and "
+                             f"from the caller")  # fmt: skip
+        call.named[name] = value
+    return original(**call.named, **call.extra)
 
 
 def _media_to_merge(model, spec: MergeSpec, covered, uncovered, call: Call) -> list[tuple[Modality, Any]]:
@@ -453,9 +544,41 @@ def _text_embeds(embedding: torch.nn.Module, input_ids: torch.Tensor, ids: Seque
     return embedding(lookup_ids).to(device)
 
 
+def _language_model_takes_inputs(model, spec: MergeSpec) -> bool:
+    """The spec derives no language-model inputs, or the language model's forward is
+    replaced by the rule that takes them (else they would reach a forward that does not
+    know the keyword: the original runs instead)."""
+    if spec.language_model_inputs is None:
+        return True
+    language_model = getattr(model, spec.language_model_inputs.attribute, None)
+    swap = getattr(language_model, "__dict__", {}).get(ORIGINALS_ATTR, {}).get("forward")
+    return swap is not None and isinstance(swap.rule, LanguageModelInputsRule)
+
+
+def _position_ids(model, method_name: str, call: Call, merged: torch.Tensor) -> Any:
+    """The position ids the forward would compute with its own ``method_name`` (given by
+    name what the call passed, and the merged embeddings)."""
+    method = getattr(model, method_name)
+    signature, _ = forward_signature(method)
+    arguments = {}
+    for name, parameter in signature.parameters.items():
+        if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+            continue
+        value = merged if name == "inputs_embeds" else call.get(name)
+        if value is None and name == "cache":  # the deprecated name a caller may still pass
+            value = call.get("past_key_values")
+        arguments[name] = value
+    return method(**arguments)
+
+
 def _call_original(model, original: Callable, spec: MergeSpec, present: Sequence[Modality],
-                   features: Sequence[Features], call: Call, merged: torch.Tensor) -> Any:  # fmt: skip
+                   features: Sequence[Features], call: Call, merged: torch.Tensor,
+                   language_model_inputs: dict[str, Any] | None = None) -> Any:  # fmt: skip
     named, extra = dict(call.named), dict(call.extra)
+    if spec.position_ids_method is not None and call.get("position_ids") is None:
+        named["position_ids"] = _position_ids(model, spec.position_ids_method, call, merged)
+    if language_model_inputs is not None:
+        extra[LANGUAGE_MODEL_KWARG] = language_model_inputs
     named["inputs_embeds"] = merged
     if not spec.keeps_input_ids:
         named["input_ids"] = None

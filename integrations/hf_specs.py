@@ -19,6 +19,18 @@ Version facts that matter here:
   ``generate`` encodes the media before the prefill and passes them there: the pre-step
   merges those too (:attr:`MergeSpec.encoder_outputs_input`, on by default).
 
+Qwen3-VL (and its MoE) also adds each image's deepstack features (the vision tower's
+early layers, one tensor per level) to the text model's hidden states at the visual
+positions: :func:`qwen3_vl_deepstack_inputs` derives those inputs as its forward does, the
+pre-step hands them to the text model (:class:`~.hf_merge.LanguageModelInputs`), and the
+M-RoPE position ids come from the model's own ``compute_3d_position_ids`` (its forward
+refuses ``input_ids`` next to ``inputs_embeds``).
+
+GLM-4.1V, GLM-4.5V and GLM-OCR merge as Qwen2-VL does and take their position ids the same
+way as Qwen3-VL; their video frames take the IMAGE token (their ``get_placeholder_mask``
+says so), so a call holds images or a video; one with both runs the original forward,
+which decides what two kinds in the same rows mean.
+
 Qwen2-Audio has no feature method; :func:`qwen2_audio_features` is its short feature
 function, built from the model's own submodules, and decides the legacy (unexpanded audio
 tokens) path with the one host sync it needs anyway.
@@ -26,11 +38,13 @@ tokens) path with the one host sync it needs anyway.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
-from .hf_merge import Call, Features, MergeSpec, Modality, placeholder_id
+from .hf_merge import Call, Features, LanguageModelInputs, MergeSpec, Modality, placeholder_id
 
-__all__ = ["MERGE_SPECS", "qwen2_audio_features"]
+__all__ = ["MERGE_SPECS", "qwen2_audio_features", "qwen3_vl_deepstack_inputs"]
 
 IMAGE_TOKEN = ("image_token_id", "image_token_index")
 VIDEO_TOKEN = ("video_token_id", "video_token_index")
@@ -127,6 +141,69 @@ def qwen2_audio_features(model, call: Call) -> Features | None:
     return Features(rows=[audio_features[i, :n] for i, n in enumerate(lengths)])
 
 
+def qwen3_vl_deepstack_inputs(model, modalities, features: list[Features], input_ids: torch.Tensor) -> dict | None:
+    """``visual_pos_masks`` and ``deepstack_visual_embeds`` as ``Qwen3VLModel.forward``
+    derives them: the placeholder positions of the kinds present, and per deepstack level
+    the features of those positions in order (image and video both present: scattered into
+    one tensor by the joint masks, with the one host sync the forward makes there too).
+    None (the original forward runs) when an encoder output carries no deepstack features."""
+    masks, levels = [], []
+    for modality, found in zip(modalities, features):
+        deepstack = getattr(found.encoder_output, "deepstack_features", None)
+        if deepstack is None:
+            return None
+        masks.append(input_ids == placeholder_id(model.config, modality.placeholder_fields))
+        # 5.25: a list per level of per-image tensors; 5.17: one tensor per level.
+        levels.append([torch.cat(level, dim=0) if isinstance(level, (list, tuple)) else level for level in deepstack])
+    if len(masks) == 1:
+        return {"visual_pos_masks": masks[0], "deepstack_visual_embeds": levels[0]}
+    visual = masks[0] | masks[1]
+    joint_masks = [mask[visual] for mask in masks]
+    embeds = []
+    for per_kind in zip(*levels):
+        joint = per_kind[0].new_zeros(joint_masks[0].shape[0], per_kind[0].shape[-1])
+        for mask, embed in zip(joint_masks, per_kind):
+            joint[mask, :] = embed
+        embeds.append(joint)
+    return {"visual_pos_masks": visual, "deepstack_visual_embeds": embeds}
+
+
+def _qwen3_vl(family: str, model_type: str, model_class: str, text_model_type: str, text_model_class: str):
+    return MergeSpec(
+        family=family,
+        model_type=model_type,
+        model_class=model_class,
+        modalities=_qwen2_vl_modalities(),
+        position_ids_method="compute_3d_position_ids",
+        language_model_inputs=LanguageModelInputs("language_model", text_model_type, text_model_class,
+                                                  qwen3_vl_deepstack_inputs),  # fmt: skip
+    )
+
+
+def _glm4v_images_and_video(model, call: Call) -> str | None:
+    # Images and a video in one call: both kinds' placeholders are the image token rows, and
+    # what that means is the original forward's to decide (unpatched, the video's rows
+    # overwrite the image's where the counts agree): it runs.
+    if call.get("pixel_values") is not None and call.get("pixel_values_videos") is not None:
+        return "images and a video in one call (both use the image token)"
+    encoded = call.get("mm_encoder_outputs") or {}
+    if isinstance(encoded, dict) and encoded.get("image") is not None and encoded.get("video") is not None:
+        return "images and a video in one call (both use the image token)"
+    return None
+
+
+def _glm4v(family: str, model_type: str, model_class: str) -> MergeSpec:
+    image, video = _qwen2_vl_modalities()
+    return MergeSpec(
+        family=family,
+        model_type=model_type,
+        model_class=model_class,
+        modalities=(image, dataclasses.replace(video, placeholder_fields=("image_token_id",))),
+        position_ids_method="compute_3d_position_ids",
+        needs_original=_glm4v_images_and_video,
+    )
+
+
 MERGE_SPECS: tuple[MergeSpec, ...] = (
     MergeSpec(
         family="LLaVA",
@@ -190,6 +267,11 @@ MERGE_SPECS: tuple[MergeSpec, ...] = (
         modalities=_qwen2_vl_modalities(),
         keeps_input_ids=True,
     ),
+    _qwen3_vl("Qwen3-VL", "qwen3_vl", "Qwen3VLModel", "qwen3_vl_text", "Qwen3VLTextModel"),
+    _qwen3_vl("Qwen3-VL-MoE", "qwen3_vl_moe", "Qwen3VLMoeModel", "qwen3_vl_moe_text", "Qwen3VLMoeTextModel"),
+    _glm4v("GLM-4.1V", "glm4v", "Glm4vModel"),
+    _glm4v("GLM-4.5V", "glm4v_moe", "Glm4vMoeModel"),
+    _glm4v("GLM-OCR", "glm_ocr", "GlmOcrModel"),
     MergeSpec(
         family="PaliGemma",
         model_type="paligemma",

@@ -866,12 +866,21 @@ def _counted_image_inputs(image_size: int, extra: Callable[[int], dict] | None =
 
 def _qwen3_5_inputs(recipe: _Recipe, model, samples: list[_Sample], rng) -> dict:
     """Pre-flattened patches of 56x56 images (4x4 patches, 4 tokens after the 2x2 merge)
-    with their image_grid_thw, and mm_token_type_ids for M-RoPE, as the processor gives."""
+    with their image_grid_thw, and mm_token_type_ids for M-RoPE, as the processor gives;
+    videos likewise (56x56 frames, pairs of frames on the temporal axis) with video_grid_thw."""
     images = sum(len(sample.image_sizes) for sample in samples)
     grid = torch.tensor([[1, 4, 4]] * images)
     patches = torch.from_numpy(rng.standard_normal((int(grid.prod(-1).sum()), 3 * 2 * PATCH * PATCH)).astype(np.float32))
-    encoded = _tokenize_expanded(recipe, samples, {"image": [int(n) // 4 for n in grid.prod(-1)]})
-    return {**encoded, "pixel_values": patches, "image_grid_thw": grid}
+    counts = {"image": [int(n) // 4 for n in grid.prod(-1)]}
+    inputs = {"pixel_values": patches, "image_grid_thw": grid}
+    videos = [video for sample in samples for video in sample.videos]
+    if videos:
+        video_grid = torch.tensor([[frames // 2, 4, 4] for frames, _, _ in videos])
+        inputs["pixel_values_videos"] = torch.from_numpy(
+            rng.standard_normal((int(video_grid.prod(-1).sum()), 3 * 2 * PATCH * PATCH)).astype(np.float32))
+        inputs["video_grid_thw"] = video_grid
+        counts["video"] = [int(n) // 4 for n in video_grid.prod(-1)]
+    return {**_tokenize_expanded(recipe, samples, counts), **inputs}
 
 
 def _generic(
@@ -1373,6 +1382,75 @@ _SPECS: dict[str, _FamilySpec] = {
         ),
         placeholders={"image": "<|image_pad|>"},  # images only here (video: the same merge)
         samples=_samples("<|vision_start|><|image_pad|><|vision_end|>"),
+        make_inputs=_qwen3_5_inputs,
+    ),  # fmt: skip
+    # Qwen3-VL: Qwen3.5's ViT (learned position table interpolated, 2x2 merger) whose layer
+    # 0 also feeds a deepstack merger: its features are added to the text model's hidden
+    # states at the visual positions after decoder layer 0. Sample 2 holds two images and a
+    # video (2 frames: one temporal patch), so the batch takes the forward's joint
+    # image + video deepstack path.
+    "qwen3_vl": _FamilySpec(
+        model_class="Qwen3VLForConditionalGeneration",
+        inner_model_class="Qwen3VLModel",
+        **_QWEN_TOKENIZER,
+        config=_Part(
+            "Qwen3VLConfig",
+            vision_config=_Part(
+                "Qwen3VLVisionConfig",
+                depth=LAYERS, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_heads=HEADS,
+                out_hidden_size=HIDDEN, patch_size=PATCH, temporal_patch_size=2, spatial_merge_size=2,
+                num_position_embeddings=16, deepstack_visual_indexes=[0],
+            ),
+            text_config=_text_config(
+                "Qwen3VLTextConfig", head_dim=HEAD_DIM,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6],
+                                 "mrope_interleaved": True},
+            ),
+            **_QWEN_TOKEN_IDS,
+        ),
+        placeholders={"image": "<|image_pad|>", "video": "<|video_pad|>"},
+        samples=(
+            _Sample("user : <|vision_start|><|image_pad|><|vision_end|> describe the image . assistant :", ((56, 56),)),
+            _Sample("user : compare <|vision_start|><|image_pad|><|vision_end|> and "
+                    "<|vision_start|><|image_pad|><|vision_end|> with the clip "
+                    "<|vision_start|><|video_pad|><|vision_end|> , which one is brighter ? assistant :",
+                    ((56, 56), (56, 56)), videos=((2, 56, 56),)),
+        ),
+        make_inputs=_qwen3_5_inputs,
+    ),  # fmt: skip
+    # GLM-4.1V: Qwen2-VL's layout (pre-flattened patches, 2x2 merge, M-RoPE) with its own
+    # ViT (a learned position table interpolated to each image's grid, post-conv
+    # downsample), placeholders between begin / end tokens.
+    "glm4v": _FamilySpec(
+        model_class="Glm4vForConditionalGeneration",
+        inner_model_class="Glm4vModel",
+        special_tokens=("<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>"),
+        named_tokens={"image_token": "<|image|>", "video_token": "<|video|>"},
+        add_bos=False,
+        config=_Part(
+            "Glm4vConfig",
+            vision_config=_Part(
+                "Glm4vVisionConfig",
+                depth=LAYERS, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_heads=HEADS,
+                out_hidden_size=HIDDEN, patch_size=PATCH, temporal_patch_size=2, spatial_merge_size=2,
+                image_size=56,
+            ),
+            text_config=_text_config(
+                "Glm4vTextConfig", head_dim=HEAD_DIM,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                 "partial_rotary_factor": 0.5},
+            ),
+            image_token_id=_TokenId("<|image|>"),
+            video_token_id=_TokenId("<|video|>"),
+            image_start_token_id=_TokenId("<|begin_of_image|>"),
+            image_end_token_id=_TokenId("<|end_of_image|>"),
+            video_start_token_id=_TokenId("<|begin_of_video|>"),
+            video_end_token_id=_TokenId("<|end_of_video|>"),
+        ),
+        # Video frames take the image token too (the forward's own mask says so), so a call
+        # holds images or a video, never both: images here.
+        placeholders={"image": "<|image|>"},
+        samples=_samples("<|begin_of_image|><|image|><|end_of_image|>"),
         make_inputs=_qwen3_5_inputs,
     ),  # fmt: skip
     # Llama 4 (Scout / Maverick): unfold-linear ViT, pixel-shuffle 0.5 MLP, one Linear

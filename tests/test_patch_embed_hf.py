@@ -54,6 +54,8 @@ EXPECTED = {
     "aya_vision": [("model.vision_tower.embeddings", "SiglipVisionEmbeddings")],
     "cohere2_vision": [("model.vision_tower.embeddings", "SiglipVisionEmbeddings")],
     "qwen3_5": [("model.visual.patch_embed", "Qwen3_5VisionPatchEmbed")],
+    "qwen3_vl": [("model.visual.patch_embed", "Qwen3VLVisionPatchEmbed")],
+    "glm4v": [("model.visual.patch_embed", "Glm4vVisionPatchEmbed")],
     "janus": [("model.vision_model.embeddings", "JanusVisionEmbeddings")],
     "internvl": [("model.vision_tower.embeddings", "InternVLVisionEmbeddings")],
 }
@@ -142,8 +144,10 @@ def assert_same_instance_dicts(got: dict[str, dict], want: dict[str, dict]) -> N
 
 
 def merge_rules(tiny) -> list:
-    """The merge spec rules of the family (none for BLIP-2 and VisionEncoderDecoder)."""
-    return [r for r in integrations.rules() if r.kernel == "merge" and r.model_type == tiny.family]
+    """The merge spec rules of the family (none for BLIP-2 and VisionEncoderDecoder): its
+    inner model's, and the language model's where the spec hands it derived inputs."""
+    return [r for r in integrations.rules()
+            if r.kernel == "merge" and getattr(getattr(r, "spec", None), "model_type", None) == tiny.family]  # fmt: skip
 
 
 def generic_merge(tiny) -> bool:
@@ -246,7 +250,13 @@ def test_all_kernels_patch_merge_and_embeddings(baseline, embed_spy, monkeypatch
         replaced = [(r.module_path, r.class_name) for r in report.replaced if r.op != ATTENTION_OP]
         inner = [p for p, m in tiny.model.named_modules() if type(m).__name__ == tiny.inner_model_class]
         merged = [(inner[0], tiny.inner_model_class)] if merge_rules(tiny) or generic_merge(tiny) else []
-        assert replaced == merged + EXPECTED[tiny.family]
+        # A spec that hands its language model derived inputs (Qwen3-VL's deepstack)
+        # replaces that model's forward too.
+        merged += [(f"{inner[0]}.{rule.spec.language_model_inputs.attribute}", rule.model_class)
+                   for rule in merge_rules(tiny) if getattr(rule.spec, "language_model_inputs", None) is not None
+                   and rule.model_class == rule.spec.language_model_inputs.model_class]  # fmt: skip
+        order = [path for path, _ in tiny.model.named_modules()]
+        assert replaced == sorted(merged + EXPECTED[tiny.family], key=lambda entry: order.index(entry[0]))
         # Beside the attention rules' skips, the generic merge rule's refusal of a forward
         # that merges its own way (BLIP-2's language_model_inputs), with its reason.
         assert [s for s in report.skipped
@@ -255,7 +265,7 @@ def test_all_kernels_patch_merge_and_embeddings(baseline, embed_spy, monkeypatch
     if merge_rules(tiny):
         # The merge runs where it covers every medium in the inputs on this transformers
         # (LLaVA-OneVision video from 5.18); elsewhere its original forward does.
-        (merge_rule,) = merge_rules(tiny)
+        merge_rule = next(rule for rule in merge_rules(tiny) if rule.model_type == tiny.family)
         covered = merge_rule.covered_modalities()
         uncovered = [m for m in merge_rule.spec.modalities if m not in covered and m.trigger in tiny.inputs]
         assert merge_spy.calls == (0 if uncovered else 1)

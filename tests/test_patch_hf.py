@@ -108,6 +108,21 @@ def inner_paths(tiny) -> list[str]:
     return [path for path, m in tiny.model.named_modules() if type(m).__name__ == tiny.inner_model_class]
 
 
+def merge_replacements(tiny) -> list[tuple[str, str]]:
+    """(path, class) of every module patch(kernels=MERGE) replaces a method of: the inner
+    model, and where its spec hands the language model derived inputs (Qwen3-VL's
+    deepstack), that language model too."""
+    found = []
+    for path in inner_paths(tiny):
+        found.append((path, tiny.inner_model_class))
+        spec = next((r.spec for r in MERGE_RULES if r.model_class == tiny.inner_model_class
+                     and getattr(r.spec, "language_model_inputs", None) is not None), None)  # fmt: skip
+        if spec is not None:
+            lm = spec.language_model_inputs
+            found.append((f"{path}.{lm.attribute}", lm.model_class))
+    return found
+
+
 def drop_one_placeholder(tiny) -> dict:
     """The inputs with the first placeholder token replaced by a text token."""
     inputs = dict(tiny.inputs)
@@ -172,7 +187,7 @@ def test_zoo_families_with_a_spec():
 def test_forward_bit_identical(baseline, merge_spy, check):
     tiny = baseline.tiny
     with torch.no_grad(), patched(tiny.model, check_placeholders=check) as report:
-        assert [r.module_path for r in report.replaced] == inner_paths(tiny)
+        assert [(r.module_path, r.class_name) for r in report.replaced] == merge_replacements(tiny)
         output = tiny.model(**tiny.inputs)
     assert merge_spy.calls == 1, "the patched forward must merge with one op call"
     assert_same_output(output, baseline.output)
@@ -252,9 +267,9 @@ def test_report_names_every_patched_module(baseline):
     tiny = baseline.tiny
     with patched(tiny.model) as report:
         assert isinstance(report, PatchReport)
-        paths = inner_paths(tiny)
+        paths = [path for path, _ in merge_replacements(tiny)]
         assert [(r.module_path, r.class_name, r.method) for r in report.replaced] == [
-            (path, tiny.inner_model_class, "forward") for path in paths
+            (path, class_name, "forward") for path, class_name in merge_replacements(tiny)
         ]
         assert {s.code for s in report.skipped} <= {"not_requested"}  # the other kernels
         text = str(report)
@@ -660,3 +675,67 @@ def test_placeholder_id_outside_the_vocabulary(merge_spy):
             got = tiny.model(**inputs)
     assert merge_spy.calls == 1
     assert_same_output(got, want)
+
+
+@pytest.mark.skipif("glm4v" not in FAMILIES, reason="no GLM-4.1V tiny model")
+def test_glm4v_video_alone_merges_and_images_with_video_run_the_original(merge_spy):
+    """GLM-4.1V's video frames take the image token: a video alone is merged (bit-identical,
+    M-RoPE positions from the model's own compute_3d_position_ids); images and a video in
+    one call run the original forward."""
+    tiny = build_or_skip("glm4v", batch=1)
+    tokens = 4  # one temporal patch of a 4x4 grid, 2x2 merged
+    text = "user : <|begin_of_video|>" + "<|image|>" * tokens + "<|end_of_video|> describe the clip . assistant :"
+    encoded = tiny.tokenizer([text], return_tensors="pt")
+    ids = encoded["input_ids"]
+    video = {
+        "input_ids": ids,
+        "attention_mask": encoded["attention_mask"],
+        "mm_token_type_ids": (ids == tiny.placeholder_ids["image"]).long() * 2,
+        "pixel_values_videos": torch.randn(16, 3 * 2 * 14 * 14, generator=torch.Generator().manual_seed(0)),
+        "video_grid_thw": torch.tensor([[1, 4, 4]]),
+    }
+    with torch.no_grad():
+        want = tiny.model(**video)
+        with patched(tiny.model):
+            got = tiny.model(**video)
+    assert merge_spy.calls == 1
+    assert_same_output(got, want)
+
+    # Both kinds fill the same image-token rows: the original forward decides what that
+    # means (here its count checks pass and the video's rows overwrite the image's), and
+    # the patched model runs it unchanged.
+    both = {**video, "pixel_values": tiny.inputs["pixel_values"], "image_grid_thw": tiny.inputs["image_grid_thw"]}
+    with torch.no_grad():
+        want = tiny.model(**both)
+        with patched(tiny.model):
+            got = tiny.model(**both)
+    assert merge_spy.calls == 1  # the original ran
+    assert_same_output(got, want)
+
+
+@pytest.mark.parametrize(("sibling", "tested"), [
+    ("Qwen3VLMoeModel", "Qwen3VLModel"),  # no tiny model of its own: its forward is the tested one's
+    ("Glm4vMoeModel", "Glm4vModel"),
+    ("GlmOcrModel", "Glm4vModel"),
+])  # fmt: skip
+def test_spec_families_without_a_tiny_model_run_a_tested_forward(sibling, tested):
+    """A spec whose family has no zoo model is a claim about its forward: that it is the
+    forward of a family the zoo tests (the same code but for class names), in this
+    transformers; checked here, so a release that changes one fails instead of merging
+    wrongly."""
+    import inspect
+    import re
+
+    transformers = pytest.importorskip("transformers")
+    classes = [getattr(transformers, name, None) for name in (sibling, tested)]
+    if None in classes:
+        pytest.skip(f"transformers {transformers.__version__} lacks one of {sibling}, {tested}")
+
+    def normalized(cls, method):
+        prefix = cls.__name__.removesuffix("Model")
+        source = inspect.getsource(getattr(cls, method))
+        # The output class first: its name may start with the family's prefix.
+        return re.sub(rf"\b\w*ModelOutputWithPast\b|\b{prefix}(Moe)?(?=[A-Z_])", "X", source)
+
+    for method in ("forward", "get_placeholder_mask", "get_image_features", "get_video_features"):
+        assert normalized(classes[0], method) == normalized(classes[1], method), f"{sibling}.{method}"

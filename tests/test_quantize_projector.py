@@ -50,6 +50,8 @@ EXPECTED = {
     "aya_vision": (["model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2"], None),
     "cohere2_vision": (["model.multi_modal_projector.linear_1", "model.multi_modal_projector.linear_2"], None),
     "qwen3_5": (["model.visual.merger.linear_fc1", "model.visual.merger.linear_fc2"], "linear_fc1"),
+    # The main merger only: the deepstack mergers stay as they are.
+    "qwen3_vl": (["model.visual.merger.linear_fc1", "model.visual.merger.linear_fc2"], "linear_fc1"),
     "llama4": (["multi_modal_projector.linear_1"], None),
 }
 FAMILIES = [f for f in EXPECTED if f in zoo.FAMILIES]
