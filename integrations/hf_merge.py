@@ -162,6 +162,10 @@ class MergeSpec:
     ``input_ids`` next to ``inputs_embeds``): the pre-step calls it as the forward would,
     with the merged embeddings, and passes the result as ``position_ids``.
     ``language_model_inputs``: see :class:`LanguageModelInputs`.
+    ``adds_to_placeholder_embeddings``: the forward ADDS the features to the placeholder
+    tokens' own embeddings (Molmo2) instead of replacing them; every placeholder of a
+    kind embeds as its one token id, so the pre-step adds that embedding to each feature
+    row (same dtype promotion as the forward's sum) and the merge writes the sums.
     """
 
     family: str
@@ -175,6 +179,7 @@ class MergeSpec:
     needs_original: Callable[[torch.nn.Module, Call], str | None] | None = None
     position_ids_method: str | None = None
     language_model_inputs: LanguageModelInputs | None = None
+    adds_to_placeholder_embeddings: bool = False
 
 
 def placeholder_id(config: Any, fields: Sequence[str]) -> int | None:
@@ -371,6 +376,9 @@ class MergeRule(SpecRule):
                     return original(*args, **kwargs)
                 features.append(found)
             present = [modality for modality, _ in media]
+            if spec.adds_to_placeholder_embeddings:
+                features = [_added_to_placeholder_embedding(model, m, f, call.get("input_ids"))
+                            for m, f in zip(present, features)]  # fmt: skip
             # The merge first: its count check raises Hugging Face's error before anything
             # derived from the placeholder positions could fail on a mismatch.
             merged = _merge(model, present, features, call.get("input_ids"), check)
@@ -542,6 +550,16 @@ def _text_embeds(embedding: torch.nn.Module, input_ids: torch.Tensor, ids: Seque
             is_placeholder |= input_ids == i
         lookup_ids = input_ids.masked_fill(is_placeholder, 0)
     return embedding(lookup_ids).to(device)
+
+
+def _added_to_placeholder_embedding(model, modality: Modality, found: Features, input_ids: torch.Tensor) -> Features:
+    """``found`` with the placeholder token's own embedding added to every row (what a
+    forward that adds the features to the placeholders' embeddings writes there). The
+    embedding module runs on the one id, as the forward runs it on every token."""
+    # A fill on the device, not a host-to-device copy of a Python list.
+    token = torch.full((1,), placeholder_id(model.config, modality.placeholder_fields), device=input_ids.device)
+    own = model.get_input_embeddings()(token)[0]
+    return dataclasses.replace(found, rows=[row.to(own.device) + own for row in found.rows])
 
 
 def _language_model_takes_inputs(model, spec: MergeSpec) -> bool:

@@ -31,6 +31,15 @@ way as Qwen3-VL; their video frames take the IMAGE token (their ``get_placeholde
 says so), so a call holds images or a video; one with both runs the original forward,
 which decides what two kinds in the same rows mean.
 
+Kimi K2.5 merges as Qwen2-VL does; its forward embeds the placeholder ids as id 0 (they
+may lie past the table), which changes nothing the merge keeps: their rows are replaced
+(the op reads no table row for a placeholder).
+
+Molmo2 adds its image features to the placeholder tokens' own embeddings
+(:attr:`~.hf_merge.MergeSpec.adds_to_placeholder_embeddings`); its videos and a call whose
+cache already holds tokens (its forward then still treats the call as a prefill because
+images came, which dropping them would change) run the original.
+
 Qwen2-Audio has no feature method; :func:`qwen2_audio_features` is its short feature
 function, built from the model's own submodules, and decides the legacy (unexpanded audio
 tokens) path with the one host sync it needs anyway.
@@ -204,6 +213,17 @@ def _glm4v(family: str, model_type: str, model_class: str) -> MergeSpec:
     )
 
 
+def _molmo2_needs_original(model, call: Call) -> str | None:
+    if call.get("pixel_values_videos") is not None:
+        return "video: not covered (its frames take the image token, with their own pooling inputs)"
+    # The forward builds its image block mask when the cache is empty OR images came; with
+    # the images taken out, a call whose cache already holds tokens would lose it.
+    cache = call.get("cache", call.get("past_key_values"))
+    if cache is not None and getattr(cache, "is_initialized", False):
+        return "cache already holds tokens: the image block mask depends on the images being passed"
+    return None
+
+
 MERGE_SPECS: tuple[MergeSpec, ...] = (
     MergeSpec(
         family="LLaVA",
@@ -272,6 +292,22 @@ MERGE_SPECS: tuple[MergeSpec, ...] = (
     _glm4v("GLM-4.1V", "glm4v", "Glm4vModel"),
     _glm4v("GLM-4.5V", "glm4v_moe", "Glm4vMoeModel"),
     _glm4v("GLM-OCR", "glm_ocr", "GlmOcrModel"),
+    MergeSpec(family="Kimi K2.5", model_type="kimi_k25", model_class="Kimi_K25Model",
+              modalities=_qwen2_vl_modalities()),
+    MergeSpec(
+        family="Molmo2",
+        model_type="molmo2",
+        model_class="Molmo2Model",
+        modalities=(
+            _llava_like_image(
+                positional=("pixel_values", "image_token_pooling", "image_grids", "image_num_crops"),
+                keywords=(),
+                consumed=("pixel_values", "image_token_pooling", "image_grids", "image_num_crops"),
+            ),
+        ),
+        adds_to_placeholder_embeddings=True,
+        needs_original=_molmo2_needs_original,
+    ),
     MergeSpec(
         family="PaliGemma",
         model_type="paligemma",

@@ -883,6 +883,36 @@ def _qwen3_5_inputs(recipe: _Recipe, model, samples: list[_Sample], rng) -> dict
     return {**_tokenize_expanded(recipe, samples, counts), **inputs}
 
 
+def _kimi_k25_inputs(recipe: _Recipe, model, samples: list[_Sample], rng) -> dict:
+    """Kimi K2.5's MoonViT inputs for 56x56 images: 16 patches of (3, 14, 14) each, grid
+    (1, 4, 4), 4 tokens after the 2x2 merge (as its processor gives; the processor is not
+    built here)."""
+    images = sum(len(sample.image_sizes) for sample in samples)
+    grid = torch.tensor([[1, 4, 4]] * images)
+    patches = torch.from_numpy(rng.standard_normal((int(grid.prod(-1).sum()), 3, PATCH, PATCH)).astype(np.float32))
+    encoded = _tokenize_expanded(recipe, samples, {"image": [int(n) // 4 for n in grid.prod(-1)]})
+    encoded.pop("mm_token_type_ids")  # no M-RoPE: its forward takes none
+    return {**encoded, "pixel_values": patches, "image_grid_thw": grid}
+
+
+def _molmo2_inputs(recipe: _Recipe, model, samples: list[_Sample], rng) -> dict:
+    """What Molmo2's processor gives (it needs torchvision, so it is not built here) for
+    56x56 images of one crop each: 4x4 patches, pre-flattened; each 2x2 block of patches
+    pooled into one token (``image_token_pooling``: the block's patch indices within its
+    image), so 4 placeholders per image; ``image_grids`` rows ``(2, 2, 0, 0)`` (the pooled
+    grid, no low-resolution view); ``mm_token_type_ids`` 1 on the placeholders (image tokens
+    attend to each other both ways)."""
+    images = sum(len(sample.image_sizes) for sample in samples)
+    side = 56 // PATCH
+    pixels = torch.from_numpy(rng.standard_normal((images, side * side, 3 * PATCH * PATCH)).astype(np.float32))
+    blocks = [[(2 * i + di) * side + 2 * j + dj for di in (0, 1) for dj in (0, 1)] for i in range(side // 2)
+              for j in range(side // 2)]  # fmt: skip
+    pooling = torch.tensor(blocks * images)
+    encoded = _tokenize_expanded(recipe, samples, {"image": [len(blocks)] * images})
+    return {**encoded, "pixel_values": pixels, "image_token_pooling": pooling,
+            "image_grids": torch.tensor([[side // 2, side // 2, 0, 0]] * images), "image_num_crops": torch.ones(images, dtype=torch.long)}  # fmt: skip
+
+
 def _generic(
     model_class: str,
     inner_model_class: str,
@@ -1452,6 +1482,64 @@ _SPECS: dict[str, _FamilySpec] = {
         placeholders={"image": "<|image|>"},
         samples=_samples("<|begin_of_image|><|image|><|end_of_image|>"),
         make_inputs=_qwen3_5_inputs,
+    ),  # fmt: skip
+    # Molmo2: SigLIP-style ViT whose last two layers' features are pooled by an attention
+    # adapter over each token's block of patches (image_token_pooling), Qwen3-style text
+    # model; the image features are ADDED to the placeholder tokens' own embeddings.
+    "molmo2": _FamilySpec(
+        model_class="Molmo2ForConditionalGeneration",
+        inner_model_class="Molmo2Model",
+        special_tokens=("<im_start>", "<low_res_im_start>", "<im_end>", "<frame_start>", "<frame_end>"),
+        named_tokens={"image_token": "<im_patch>"},
+        config=_Part(
+            "Molmo2Config",
+            vision_config=_Part(
+                "Molmo2VisionConfig", **_STACK_SIZES, num_key_value_heads=HEADS, head_dim=HEAD_DIM, image_size=[56, 56],
+                patch_size=PATCH, num_position_embeddings=16,
+            ),
+            adapter_config=_Part(
+                "Molmo2AdapterConfig", vision_feature_layer=[-1, -2], hidden_size=HIDDEN, num_attention_heads=HEADS,
+                num_key_value_heads=HEADS, head_dim=HEAD_DIM, intermediate_size=INTERMEDIATE, text_hidden_size=HIDDEN,
+            ),
+            text_config=_text_config("Molmo2TextConfig", head_dim=HEAD_DIM),
+            image_start_token_id=_TokenId("<im_start>"),
+            low_res_image_start_token_id=_TokenId("<low_res_im_start>"),
+            image_end_token_id=_TokenId("<im_end>"),
+            image_patch_id=_TokenId("<im_patch>"),
+            frame_start_token_id=_TokenId("<frame_start>"),
+            frame_end_token_id=_TokenId("<frame_end>"),
+        ),
+        placeholders={"image": "<im_patch>"},
+        samples=_samples("<im_start><im_patch><im_end>"),
+        make_inputs=_molmo2_inputs,
+    ),  # fmt: skip
+    # Kimi K2.5: MoonViT (pre-flattened 14-pixel patches with image_grid_thw, learned
+    # 2-D position table, 2x2 merge in the projector), DeepSeek-V3 text model (MLA, MoE);
+    # placeholder ids are embedded as id 0 (they may lie past the table).
+    "kimi_k25": _FamilySpec(
+        model_class="Kimi_K25ForConditionalGeneration",
+        inner_model_class="Kimi_K25Model",
+        **_QWEN_TOKENIZER,
+        config=_Part(
+            "Kimi_K25Config",
+            vision_config=_Part(
+                "Kimi_K25VisionConfig", **_STACK_SIZES, patch_size=PATCH, pos_emb_height=8, pos_emb_width=8,
+                pos_emb_time=2,
+            ),
+            text_config=_text_config(
+                "DeepseekV3Config", num_key_value_heads=HEADS, n_routed_experts=4, num_experts_per_tok=2, kv_lora_rank=16, q_lora_rank=32,
+                qk_rope_head_dim=32, qk_nope_head_dim=32, v_head_dim=32, first_k_dense_replace=1,
+                moe_intermediate_size=INTERMEDIATE, n_group=1, topk_group=1,
+            ),
+            projection_hidden_size=HIDDEN,
+            # The experts as plain matmuls: torch's grouped_mm takes no float64 (the
+            # fidelity lane's exact model); the model passes its choice to the text config.
+            experts_implementation="eager",
+            **_QWEN_TOKEN_IDS,
+        ),
+        placeholders={"image": "<|image_pad|>"},
+        samples=_samples("<|vision_start|><|image_pad|><|vision_end|>"),
+        make_inputs=_kimi_k25_inputs,
     ),  # fmt: skip
     # Llama 4 (Scout / Maverick): unfold-linear ViT, pixel-shuffle 0.5 MLP, one Linear
     # projector, MoE text model with chunked attention; merged in the ForConditionalGeneration.

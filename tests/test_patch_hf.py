@@ -739,3 +739,23 @@ def test_spec_families_without_a_tiny_model_run_a_tested_forward(sibling, tested
 
     for method in ("forward", "get_placeholder_mask", "get_image_features", "get_video_features"):
         assert normalized(classes[0], method) == normalized(classes[1], method), f"{sibling}.{method}"
+
+
+@pytest.mark.skipif("molmo2" not in FAMILIES, reason="no Molmo2 tiny model")
+def test_molmo2_images_after_cached_tokens_run_the_original(merge_spy):
+    """Molmo2 adds its image features to the placeholders' embeddings (the merged prefill is
+    bit-identical: test_forward_bit_identical); a call with images whose cache already holds
+    tokens runs the original forward, which still builds the image block mask because the
+    images came (taken out, they would not)."""
+    tiny = build_or_skip("molmo2", batch=1)
+    model, inputs = tiny.model, tiny.inputs
+    with torch.no_grad():
+        first = model(**inputs, use_cache=True)
+        want = model(**inputs, cache=copy.deepcopy(first.past_key_values))
+        with patched(model):
+            calls = merge_spy.calls
+            got = model(**inputs, cache=copy.deepcopy(first.past_key_values))
+            assert merge_spy.calls == calls  # the original ran
+            model(**inputs)
+            assert merge_spy.calls == calls + 1  # a prefill merges
+    assert_same_output(got, want)
