@@ -32,6 +32,10 @@ sub-model that holds the projector attribute):
 * Llama 4: ``multi_modal_projector.linear_1``; InternVL: as LLaVA; Mistral 3: ``multi_modal_projector.patch_merger.merging_layer``,
   then as LLaVA; Aya Vision, Command A Vision: ``linear_1`` and ``linear_2`` (their
   SwiGLU takes half of ``linear_1``'s output, so it is not fused);
+* Kimi K2.5: ``mm_projector.in_proj`` (GELU ``act`` fused) and ``out_proj``; GLM-4.1V /
+  4.5V / OCR: the vision tower's ``merger.proj``, ``gate_proj``, ``up_proj``, ``down_proj``
+  (the LayerNorm + GELU after ``proj`` and the SwiGLU stay as they are); Molmo2:
+  ``multi_modal_projector.image_projector.{gate,up,down}_proj`` (its attention pooling stays);
 * PaliGemma: ``multi_modal_projector.linear``; Idefics3 / SmolVLM:
   ``connector.modality_projection.proj``; Mllama: ``multi_modal_projector`` (a Linear);
 * Gemma 3: ``multi_modal_projector.mm_input_projection_weight``, a bare ``(K, N)``
@@ -231,6 +235,7 @@ _GEMMA3 = MatmulWeight("mm_input_projection_weight", "mm_input_projection", _gem
 _LLAVA = (("linear_1", "act"), ("linear_2", None))
 _MERGER = (("mlp.0", "mlp.1"), ("mlp.2", None))
 _FC_MERGER = (("linear_fc1", "act_fn"), ("linear_fc2", None))  # Qwen3-VL / Qwen3.5 (deepstack mergers aside)
+_SWIGLU_MERGER = (("proj", None), ("gate_proj", None), ("up_proj", None), ("down_proj", None))  # GLM-4.xV
 PROJECTOR_SPECS: tuple[ProjectorSpec, ...] = (
     ProjectorSpec("LLaVA", "llava", "multi_modal_projector", _LLAVA),
     ProjectorSpec("LLaVA-NeXT", "llava_next", "multi_modal_projector", _LLAVA),
@@ -254,6 +259,16 @@ PROJECTOR_SPECS: tuple[ProjectorSpec, ...] = (
     *(ProjectorSpec(family, model_type, "merger", _FC_MERGER) for family, model_type in (
         ("Qwen3-VL", "qwen3_vl_vision"), ("Qwen3-VL-MoE", "qwen3_vl_moe_vision"),
         ("Qwen3.5", "qwen3_5_vision"), ("Qwen3.5-MoE", "qwen3_5_moe_vision"))),  # fmt: skip
+    # Kimi K2.5's projector: LayerNorm, in_proj, GELU (fused), out_proj.
+    ProjectorSpec("Kimi K2.5", "kimi_k25", "mm_projector", (("in_proj", "act"), ("out_proj", None))),
+    # GLM-4.xV's merger: proj, then LayerNorm and GELU (not fused: the norm is between),
+    # then a SwiGLU MLP (nothing fused: the activation's output is multiplied).
+    *(ProjectorSpec(family, model_type, "merger", _SWIGLU_MERGER) for family, model_type in (
+        ("GLM-4.1V", "glm4v_vision"), ("GLM-4.5V", "glm4v_moe_vision"), ("GLM-OCR", "glm_ocr_vision"))),  # fmt: skip
+    # Molmo2's adapter: attention pooling of each token's patches (left as is), then its
+    # SwiGLU image projector.
+    ProjectorSpec("Molmo2", "molmo2", "multi_modal_projector",
+                  tuple((f"image_projector.{name}", None) for name in ("gate_proj", "up_proj", "down_proj"))),  # fmt: skip
 )
 
 
