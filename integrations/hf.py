@@ -34,7 +34,8 @@ from .engine import (
 from .hf_attention import ATTENTION_RULES, register_attention
 from .hf_merge import LanguageModelInputsRule, MergeRule
 from .hf_merge_generic import GenericMergeRule, coverage_tables, installed_coverage
-from .hf_patch_embed import CONV_PATCH_SPECS, PATCH_EMBED_SPECS, ConvPatchRule, PatchEmbedRule, clear_position_caches
+from .hf_patch_embed import (CONV_PATCH_SPECS, PATCH_EMBED_SPECS, UNFOLD_PATCH_SPECS, ConvPatchRule, PatchEmbedRule,
+                             UnfoldPatchRule, clear_position_caches)
 from .hf_specs import MERGE_SPECS
 from . import hf_versions
 
@@ -51,6 +52,7 @@ _RULES: tuple[Rule, ...] = (
     + (GenericMergeRule(_SPEC_MODEL_TYPES),)
     + tuple(PatchEmbedRule(spec) for spec in PATCH_EMBED_SPECS)
     + tuple(ConvPatchRule(spec) for spec in CONV_PATCH_SPECS)
+    + tuple(UnfoldPatchRule(spec) for spec in UNFOLD_PATCH_SPECS)
     + ATTENTION_RULES
 )
 

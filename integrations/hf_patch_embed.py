@@ -42,6 +42,9 @@ Pixtral and Mllama add their positions in the tower's own ``forward`` (rotary, g
 tile tables), so only their bare patch ``Conv2d`` is replaced (:class:`ConvPatchRule`):
 the conv's ``forward`` returns the op's rows viewed in the conv's ``(B, D, H/P, W/P)``
 layout, which the tower's ``flatten(2).transpose(1, 2)`` turns back without a copy.
+Llama 4 writes its patch embedding as ``nn.Unfold`` + ``nn.Linear``
+(``Llama4UnfoldConvolution``): the same product, one op call with the Linear's weight viewed
+as a conv weight (:class:`UnfoldPatchRule`).
 
 Matching: CLIP, SigLIP and BLIP-2 embeddings carry their vision config
 (``clip_vision_model``, ``siglip_vision_model``, ``blip_2_vision_model``); ViT's embeddings
@@ -68,7 +71,8 @@ from mmkernels.ops.patch_embed import CAPABILITIES as PATCH_EMBED_CAPABILITIES
 from .engine import Call, PatchOptions, SpecRule, backend_note, bind_call, forward_signature, original_method
 
 __all__ = ["CONV_PATCH_SPECS", "ConvPatchRule", "ConvPatchSpec", "PATCH_EMBED_SPECS", "PatchEmbedRule", "PatchEmbedSpec",
-           "PositionTables", "clear_position_caches", "position_tables"]  # fmt: skip
+           "PositionTables", "UNFOLD_PATCH_SPECS", "UnfoldPatchRule", "UnfoldPatchSpec", "clear_position_caches",
+           "position_tables"]  # fmt: skip
 
 PATCH_EMBED_OP = "patch_embed"
 IMAGE_FORM = "image"  # (B, C, H, W) pixels, Conv2d
@@ -700,20 +704,11 @@ class ConvPatchRule(SpecRule):
             if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4:
                 return original(*args, **kwargs)
             weight, bias = conv.weight, conv.bias
-            if (_conv_reasons(conv, IMAGE_FORM, patched_self=True) or pixels.device != weight.device
-                    or pixels.shape[1] != weight.shape[1]):  # fmt: skip
+            if _conv_reasons(conv, IMAGE_FORM, patched_self=True):
                 return original(*args, **kwargs)
-            if bias is not None and bias.dtype != weight.dtype:
+            rows = _patch_rows(pixels, weight, bias, options)
+            if rows is None:
                 return original(*args, **kwargs)
-            found = dict(pixels=pixels, weight=weight, bias=bias)
-            norm = _normalization_tensors(options.pixel_normalization, weight.shape[1], weight.device)
-            if norm is not None and _pixel_dtype_ok(pixels):
-                found.update(norm)  # the tower cast raw pixels to the weight dtype: 0..255 survive exactly
-            elif options.pixel_normalization is not None or pixels.dtype != weight.dtype:
-                return original(*args, **kwargs)  # Conv2d raises on a dtype mix: let it
-            from mmkernels.ops import patch_embed
-
-            rows = patch_embed(**found)
             patch = weight.shape[-1]
             batch, height, width = pixels.shape[0], pixels.shape[2] // patch, pixels.shape[3] // patch
             # (B, N, D) rows in row-major patch order == conv(x).flatten(2).transpose(1, 2).
@@ -723,6 +718,103 @@ class ConvPatchRule(SpecRule):
         forward.__qualname__ = f"mmkernels_patch_conv_forward[{self.spec.family}]"
         forward.__doc__ = (
             "mmkernels: Conv2d.forward (stride == kernel) computed by mmkernels.ops.patch_embed; "
+            "see mmkernels.integrations.hf_patch_embed."
+        )
+        return forward
+
+
+def _patch_rows(pixels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                options: PatchOptions) -> torch.Tensor | None:  # fmt: skip
+    """The op's ``(B, N, D)`` rows of a bare patch projection with the ``(D, C, P, P)``
+    ``weight`` over ``(B, C, H, W)`` pixels (normalized in the kernel when the patch
+    asked for it), or None where the original must run (another device, channel count or
+    dtype: the original computes or raises as it does)."""
+    if pixels.device != weight.device or pixels.shape[1] != weight.shape[1]:
+        return None
+    if bias is not None and bias.dtype != weight.dtype:
+        return None
+    found = dict(pixels=pixels, weight=weight, bias=bias)
+    norm = _normalization_tensors(options.pixel_normalization, weight.shape[1], weight.device)
+    if norm is not None and _pixel_dtype_ok(pixels):
+        found.update(norm)  # the tower cast raw pixels to the weight dtype: 0..255 survive exactly
+    elif options.pixel_normalization is not None or pixels.dtype != weight.dtype:
+        return None  # the original raises on a dtype mix: let it
+    from mmkernels.ops import patch_embed
+
+    return patch_embed(**found)
+
+
+@dataclasses.dataclass(frozen=True)
+class UnfoldPatchSpec:
+    """A patch embedding written as ``nn.Unfold`` (stride == kernel) then an
+    ``nn.Linear`` over the ``C * P * P`` values of each patch (Llama 4's
+    ``Llama4UnfoldConvolution``): the same product as a patch conv whose weight is the
+    Linear's ``(D, C * P * P)`` viewed as ``(D, C, P, P)`` (Unfold orders a patch's values
+    channel, then row, then column, as a conv weight does). The module's ``forward`` is
+    replaced; it returns the op's ``(B, N, D)`` rows, which are the module's output."""
+
+    family: str
+    model_type: str
+    model_class: str
+    unfold: str = "unfold"
+    linear: str = "linear"
+
+
+def _unfold_reasons(module: torch.nn.Module, spec: UnfoldPatchSpec) -> list[str]:
+    unfold, linear = getattr(module, spec.unfold, None), getattr(module, spec.linear, None)
+    if type(unfold) is not torch.nn.Unfold or type(linear) is not torch.nn.Linear:
+        return [f"expected {spec.unfold} an nn.Unfold and {spec.linear} an nn.Linear, got "
+                f"{type(unfold).__name__} and {type(linear).__name__}"]  # fmt: skip
+    kernel, stride = (torch.nn.modules.utils._pair(v) for v in (unfold.kernel_size, unfold.stride))
+    reasons = []
+    if stride != kernel or kernel[0] != kernel[1]:
+        reasons.append(f"unfold kernel {kernel} / stride {stride}: not square patches without overlap")
+    if any(torch.nn.modules.utils._pair(unfold.padding)) or torch.nn.modules.utils._pair(unfold.dilation) != (1, 1):
+        reasons.append(f"unfold padding {unfold.padding} / dilation {unfold.dilation}")
+    if linear.in_features % (kernel[0] * kernel[1]):
+        reasons.append(f"linear in_features {linear.in_features} is not channels x {kernel[0]} x {kernel[1]}")
+    if unfold._forward_hooks or unfold._forward_pre_hooks or linear._forward_hooks or linear._forward_pre_hooks:
+        reasons.append("the unfold or the linear has forward hooks")
+    return reasons
+
+
+class UnfoldPatchRule(SpecRule):
+    """The patch-embed patch of an unfold + linear patch embedding (:class:`UnfoldPatchSpec`)."""
+
+    kernel = "patch_embed"
+    method = "forward"
+    op = f"mmkernels.ops.{PATCH_EMBED_OP}"
+
+    def not_applicable_reasons(self, module: torch.nn.Module) -> list[str]:
+        reasons = super().not_applicable_reasons(module)
+        if not reasons and _bind_signature(module) != ["hidden_states"]:
+            reasons.append("forward does not take (hidden_states) alone")
+        return reasons or _unfold_reasons(module, self.spec)
+
+    def notes(self, module: torch.nn.Module, options: PatchOptions) -> list[str]:
+        linear = getattr(module, self.spec.linear)
+        return [backend_note(PATCH_EMBED_CAPABILITIES, linear.weight, routed=True),
+                "unfold + linear as one patch GEMM (the tower adds its class and position embeddings)"]  # fmt: skip
+
+    def make_replacement(self, options: PatchOptions) -> Callable:
+        spec = self.spec
+
+        def forward(module, *args, **kwargs):
+            original = original_method(module, "forward")
+            call = bind_call(original, args, kwargs)
+            pixels = call.get("hidden_states") if call is not None else None
+            if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or _unfold_reasons(module, spec):
+                return original(*args, **kwargs)
+            linear = getattr(module, spec.linear)
+            patch = torch.nn.modules.utils._pair(getattr(module, spec.unfold).kernel_size)[0]
+            weight = linear.weight.view(linear.out_features, -1, patch, patch)  # a view: always the live weight
+            rows = _patch_rows(pixels, weight, linear.bias, options)
+            return original(*args, **kwargs) if rows is None else rows
+
+        forward.__name__ = "forward"
+        forward.__qualname__ = f"mmkernels_unfold_patch_forward[{spec.family}]"
+        forward.__doc__ = (
+            f"mmkernels: {spec.model_class}.forward (unfold + linear) computed by mmkernels.ops.patch_embed; "
             "see mmkernels.integrations.hf_patch_embed."
         )
         return forward
@@ -837,6 +929,11 @@ PATCH_EMBED_SPECS: tuple[PatchEmbedSpec, ...] = (
             ("GLM-OCR vision", "glm_ocr_vision", "GlmOcrVisionPatchEmbed"),
         )
     ),
+)
+
+# Patch embeddings written as unfold + linear.
+UNFOLD_PATCH_SPECS: tuple[UnfoldPatchSpec, ...] = (
+    UnfoldPatchSpec(family="Llama 4 vision", model_type="llama4_vision_model", model_class="Llama4UnfoldConvolution"),
 )
 
 # Towers whose patch conv is the only part the op can take over without a copied forward.

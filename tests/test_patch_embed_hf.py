@@ -56,6 +56,7 @@ EXPECTED = {
     "qwen3_5": [("model.visual.patch_embed", "Qwen3_5VisionPatchEmbed")],
     "qwen3_vl": [("model.visual.patch_embed", "Qwen3VLVisionPatchEmbed")],
     "glm4v": [("model.visual.patch_embed", "Glm4vVisionPatchEmbed")],
+    "llama4": [("vision_model.patch_embedding", "Llama4UnfoldConvolution")],  # unfold + linear
     "janus": [("model.vision_model.embeddings", "JanusVisionEmbeddings")],
     "internvl": [("model.vision_tower.embeddings", "InternVLVisionEmbeddings")],
 }
@@ -773,3 +774,42 @@ def test_patched_embeddings_from_eight_threads_equal_one_thread(llava):
     assert errors == [] and len(got) == 24
     for j, out in got.values():
         assert torch.equal(out, want[j])
+
+
+# --------------------------------------------------------------------------------------
+# Llama 4's unfold + linear patch embedding
+
+
+@pytest.mark.parametrize("size", [(56, 56), (70, 42), (63, 57)], ids=["same", "non-square", "ragged"])
+def test_unfold_linear_patch_matches_the_module_on_odd_inputs(size):
+    """Ragged sizes (the unfold drops the partial patches, the op too) and strided pixels;
+    a raw-pixel patch normalizes in the kernel as the conv rules do."""
+    tiny = build_or_skip("llama4", batch=1)
+    module = tiny.model.vision_model.patch_embedding
+    generator = torch.Generator().manual_seed(0)
+    strided = torch.randn(2, 3, 2 * size[0], size[1], generator=generator)[:, :, ::2]
+    with torch.no_grad():
+        want = module(strided)
+        with patched(tiny.model) as report:
+            assert [r.class_name for r in report.replaced] == ["Llama4UnfoldConvolution"]
+            got = module(strided)
+    assert got.shape == want.shape
+    assert relative_error(got, want) <= 1e-5
+
+    raw = torch.randint(0, 256, (1, 3, *size), generator=generator, dtype=torch.uint8)
+    mean, std, scale = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3), 1 / 255
+    normalized = (raw.float() * scale - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    with torch.no_grad():
+        want = module(normalized)
+        with patched(tiny.model, pixel_normalization=dict(mean=mean, std=std, scale=scale)):
+            got = module(raw)
+    assert relative_error(got, want) <= 1e-5
+
+
+def test_unfold_linear_patch_refuses_an_overlapping_unfold():
+    tiny = build_or_skip("llama4", batch=1)
+    module = tiny.model.vision_model.patch_embedding
+    module.unfold = torch.nn.Unfold(kernel_size=14, stride=7)
+    with patched(tiny.model) as report:
+        assert report.replaced == []
+        assert any("not square patches without overlap" in s.reason for s in report.skipped), str(report)
