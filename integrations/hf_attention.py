@@ -61,7 +61,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import functools
 import logging
 import sys
 import weakref
@@ -374,6 +373,10 @@ def _cu_seqlens_not_applicable(module: torch.nn.Module, qk_norm: bool = False) -
     return reasons
 
 
+def _cu_seqlens_qk_norm_not_applicable(module: torch.nn.Module) -> list[str]:
+    return _cu_seqlens_not_applicable(module, qk_norm=True)
+
+
 def _cu_seqlens_notes(module: torch.nn.Module) -> list[str]:
     return [backend_note(ATTENTION_CAPABILITIES, module.qkv.weight),
             "one varlen_attention call over cu_seqlens per layer (no per-image loop, no .tolist())"]  # fmt: skip
@@ -645,11 +648,9 @@ class AttentionRoute:
 CU_SEQLENS = AttentionRoute("cu_seqlens", _cu_seqlens_attention_forward, _cu_seqlens_not_applicable,
                             _cu_seqlens_notes, "cu_seqlens (and Qwen2.5-VL's cu_window_seqlens)")  # fmt: skip
 # The same layer with per-head q_norm / k_norm before the rotary embedding.
-CU_SEQLENS_QK_NORM = AttentionRoute(
-    "cu_seqlens, q/k norm", _cu_seqlens_qk_norm_attention_forward,
-    functools.partial(_cu_seqlens_not_applicable, qk_norm=True), _cu_seqlens_notes,
-    "cu_seqlens, q_norm / k_norm",
-)  # fmt: skip
+CU_SEQLENS_QK_NORM = AttentionRoute("cu_seqlens, q/k norm", _cu_seqlens_qk_norm_attention_forward,
+                                    _cu_seqlens_qk_norm_not_applicable, _cu_seqlens_notes,
+                                    "cu_seqlens, q_norm / k_norm")  # fmt: skip
 MLLAMA_COMPACT_MASK = AttentionRoute("Mllama compact mask", _mllama_model_forward, _mllama_not_applicable,
                                      _mllama_notes, "cross_attention_mask (B, S, images, tiles)")  # fmt: skip
 MLLAMA_TEXT_MASK = AttentionRoute("Mllama converted mask", _mllama_text_forward, _no_reasons, _no_notes,

@@ -108,3 +108,12 @@ def test_qk_norm_route_refuses_a_layer_without_the_norms():
     report = engine.patch_model(layer, ha.ATTENTION_RULES, kernels=["attention"], options=engine.PatchOptions())
     assert report.replaced == []
     assert any("has no module q_norm" in skip.reason for skip in report.skipped), str(report)
+
+
+def test_attention_specs_pickle_as_the_same_data():
+    """A patched model pickles its rules (engine: copies rebuild their replacements), so a
+    spec must come back equal: its route's functions travel by name."""
+    import pickle
+
+    for rule in ha.ATTENTION_RULES:
+        assert pickle.loads(pickle.dumps(rule)).spec == rule.spec, rule
