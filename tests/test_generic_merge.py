@@ -117,7 +117,9 @@ def _modality_calls(spec):
 def test_derived_calls_equal_the_hand_written_specs(spec):
     """Where a spec family's forward follows the pattern, the rule reads the same feature
     calls as the spec states (the spec's triggers and covered media)."""
-    cls = getattr(transformers, spec.model_class)
+    cls = getattr(transformers, spec.model_class, None)
+    if cls is None:  # a family newer than this transformers (Molmo2 on 5.17)
+        pytest.skip(f"transformers {transformers.__version__} has no {spec.model_class}")
     derivation = derive_merge_spec(cls)
     if derivation.spec is None:
         # The spec exists because this forward deviates: say where, never silently.

@@ -34,5 +34,6 @@ fi
 export TRITON_INTERPRET=1 HF_HUB_OFFLINE=1
 python -m pytest -n "${MMK_TEST_WORKERS:-auto}" -q tests/test_zoo.py tests/test_patch_hf.py tests/test_merge.py \
   tests/test_patch_embed_hf.py tests/test_patch_conv_hf.py tests/test_attention_hf.py tests/test_attention_mllama.py \
-  tests/test_attention_idefics.py tests/test_quantize_projector.py tests/test_generic_merge.py \
+  tests/test_attention_idefics.py tests/test_attention_vision_towers.py tests/test_quantize_projector.py \
+  tests/test_generic_merge.py \
   tests/test_coverage_versions.py "$@"
