@@ -155,6 +155,82 @@ def test_merge_feature_offsets_are_part_of_the_key():
     assert torch.equal(got, ops.merge_multimodal_embeddings_reference(ids, embeds, feats, 9, check=False))
 
 
+def test_lists_of_tensors_are_keyed_in_c_on_this_torch():
+    """The guarded description of a tensor list (``backend._tensor_list_key``) rests on
+    torch's private ``torch._C._dynamo.guards.TensorGuards``: fail loudly, naming the
+    version, if a torch this project supports moves it (the Python description would
+    silently take over at 0.6 us a tensor)."""
+    assert backend._TENSOR_LIST_GUARDS is not None, f"torch {torch.__version__}: TensorGuards is gone"
+    feats = list(torch.randn(12, 8).split(2))
+    key = backend._sequence_key(feats, False)
+    assert key is not None and backend._TENSOR_DATA_PTR is torch._C.TensorBase.data_ptr
+    assert isinstance(key, int), f"torch {torch.__version__}: a list of 6 tensors took the Python description"
+
+
+def _list_variants(feats: list[torch.Tensor]):
+    """(what, list): ``feats`` with its last tensor changed in one fact a key must hold."""
+    last = feats[-1]
+    yield "dtype", [*feats[:-1], last.double()]
+    yield "rows", [*feats[:-1], last[:1]]
+    yield "columns", [*feats[:-1], last[:, :4]]
+    yield "strides", [*feats[:-1], last.t().contiguous().t()]
+    yield "rank", [*feats[:-1], last[None]]
+    yield "offset", [*feats[:-1], torch.cat([feats[0], last])[2:]]
+    yield "device", [*feats[:-1], torch.empty_like(last, device="meta")]
+    yield "one more", [*feats, last.clone()]
+
+
+@pytest.mark.parametrize("count", [2, 6], ids=["python", "guarded"])
+def test_a_tensor_list_key_holds_every_fact_of_every_tensor(count):
+    """Both descriptions of a list (in Python below ``_GUARDED_LIST_LENGTH`` tensors, in
+    C from it): the same facts in new tensors give the same key; any fact of any tensor
+    changed gives another key (or none)."""
+    def fresh():
+        return list(torch.randn(2 * count, 8).split(2))
+
+    feats = fresh()
+    key = backend._sequence_key(feats, False)
+    assert key is not None
+    assert backend._sequence_key(fresh(), False) == key
+    assert backend._sequence_key(tuple(fresh()), False) == key
+    for what, other in _list_variants(feats):
+        other_key = backend._sequence_key(other, False)
+        assert other_key != key, what
+        assert backend._sequence_key(other, False) == other_key, what  # and stable
+    assert backend._sequence_key(feats, False) == key  # the first guard still matches
+    # Autograd: a tensor that requires grad has no key under grad mode; another without it.
+    grads = [*feats[:-1], feats[-1].clone().requires_grad_()]
+    assert backend._sequence_key(grads, True) is None
+    assert backend._sequence_key(grads, False) not in (None, key)
+    assert backend._sequence_key(feats, True) == key
+    # Items a key cannot hold: a subclass, an object; a scalar is described by value.
+    sub = type("Sub", (torch.Tensor,), {})
+    assert backend._sequence_key([*feats[:-1], feats[-1].as_subclass(sub)], False) is None
+    assert backend._sequence_key([*feats, object()], False) is None
+    mixed = backend._sequence_key([*feats, 3], False)
+    assert mixed is not None and mixed != backend._sequence_key([*feats, 4], False)
+    # One tensor twice: the guarded description refuses it (the plan could not tell the two apart).
+    if count >= backend._GUARDED_LIST_LENGTH:
+        assert backend._sequence_key([*feats, feats[0]], False) is None
+    # A Parameter stands in the list as a tensor does.
+    assert backend._sequence_key([*feats[:-1], torch.nn.Parameter(feats[-1], requires_grad=False)], False) is not None
+
+
+def test_a_replay_after_the_guard_table_was_cleared_records_again(monkeypatch):
+    """Offsets beyond the table's limit clear it: a list seen before then gets a new
+    number, so a new plan, and the right rows."""
+    monkeypatch.setattr(backend, "_TENSOR_LIST_LIMIT", 2)
+    ids = torch.full((1, 12), 9)
+    embeds = torch.randn(1, 12, 8)
+    pool = torch.randn(40, 8)
+    layouts = [[pool[i : i + 4], pool[i + 4 + g : i + 8 + g], pool[i + 8 + 2 * g : i + 12 + 2 * g]]
+               for i, g in ((0, 0), (1, 2), (3, 1), (0, 0))]  # fmt: skip
+    for feats in layouts:
+        got = ops.merge_multimodal_embeddings(ids, embeds, feats, 9, check=False)
+        assert torch.equal(got, ops.merge_multimodal_embeddings_reference(ids, embeds, feats, 9, check=False))
+    assert len(backend._TENSOR_LIST_DESCRIPTIONS) <= 2
+
+
 def test_merge_check_still_raises_on_a_replay():
     ids, embeds, feats = _merge_inputs()
     plans = PLANS["merge"]
@@ -254,7 +330,7 @@ def _random_call(rng, data):
         return torch.randn(*shape, generator=data).to(dtype)
 
     if op == "merge":
-        t, d, n_img = rng.choice([6, 9]), rng.choice([8, 24]), rng.choice([1, 2])
+        t, d, n_img = rng.choice([10, 13]), rng.choice([8, 24]), rng.choice([1, 2, 4])  # 4: a guarded list key
         ids = torch.arange(t) % 5 + 10
         rows = 2 * n_img
         ids[1 : 1 + rows] = 3
