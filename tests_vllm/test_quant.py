@@ -63,14 +63,27 @@ def _layer(kind: str, k: int, n: int, config, prefix: str, dtype: torch.dtype, b
     from vllm.config import VllmConfig, set_current_vllm_config
     from vllm.model_executor.layers import linear
 
-    cls = {"column": linear.ColumnParallelLinear, "row": linear.RowParallelLinear,
-           "replicated": linear.ReplicatedLinear}[kind]  # fmt: skip
     with set_current_vllm_config(VllmConfig()):
+        if kind == "merged":  # two layers stacked, as Molmo2's gate and up projections (n / 2 rows each)
+            return linear.MergedColumnParallelLinear(k, [n // 2, n - n // 2], bias=bias, quant_config=config,
+                                                     prefix=prefix, params_dtype=dtype)  # fmt: skip
+        cls = {"column": linear.ColumnParallelLinear, "row": linear.RowParallelLinear,
+               "replicated": linear.ReplicatedLinear}[kind]  # fmt: skip
         return cls(k, n, bias=bias, quant_config=config, prefix=prefix, params_dtype=dtype)
 
 
 def _load(layer, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-    """Through the layer's own weight loaders, as vLLM's model loader does."""
+    """Through the layer's own weight loaders, as vLLM's model loader does (a merged
+    layer: each stacked layer's rows by their shard id, as a checkpoint holds them)."""
+    from vllm.model_executor.layers.linear import MergedColumnParallelLinear
+
+    if isinstance(layer, MergedColumnParallelLinear):
+        sizes = layer.output_sizes
+        for shard, (w, b) in enumerate(zip(weight.split(sizes), bias.split(sizes) if bias is not None else [None] * 2)):
+            layer.weight.weight_loader(layer.weight, w, shard)
+            if b is not None:
+                layer.bias.weight_loader(layer.bias, b, shard)
+        return
     layer.weight.weight_loader(layer.weight, weight)
     if bias is not None:
         layer.bias.weight_loader(layer.bias, bias)
@@ -130,17 +143,46 @@ def test_layer_selection_by_prefix(dist):
 
     config = vllm_quant.W8A16ProjectorConfig()
     projector = ["multi_modal_projector.linear_1", "multi_modal_projector.linear_2", "visual.merger.mlp.0",
-                 "visual.merger.mlp.2", "model.connector.modality_projection.proj"]  # fmt: skip
+                 "visual.merger.mlp.2", "model.connector.modality_projection.proj",
+                 "visual.merger.linear_fc1",  # Qwen3-VL, Qwen3.5
+                 "visual.merger.proj", "visual.merger.gate_up_proj", "visual.merger.down_proj",  # GLM-4.xV
+                 "mm_projector.linear_1", "mm_projector.linear_2",  # Kimi K2.5
+                 "vision_backbone.image_projector.merged_linear", "vision_backbone.image_projector.down_proj",  # Molmo2
+                 ]  # fmt: skip
     others = ["language_model.model.layers.0.mlp.down_proj", "vision_tower.vision_model.encoder.layers.0.mlp.fc1",
-              "visual.blocks.0.mlp.fc1", "multi_modal_projector_extra.linear", "lm_head"]  # fmt: skip
+              "visual.blocks.0.mlp.fc1", "multi_modal_projector_extra.linear", "lm_head",
+              "visual.deepstack_merger_list.0.linear_fc1",  # Qwen3-VL's deepstack mergers: not the projector
+              "vision_tower.encoder.blocks.0.mlp.fc0",  # Kimi's MoonViT
+              "vision_backbone.image_vit.transformer.resblocks.0.attention.wq",  # Molmo2's ViT
+              "vision_backbone.image_pooling_2d.wq"]  # fmt: skip
     for prefix in projector:
         layer = _layer("replicated", 64, 32, config, prefix, torch.float32)
         assert type(layer.quant_method) is vllm_quant.ProjectorLinearMethod, prefix
     for prefix in others:
         layer = _layer("replicated", 64, 32, config, prefix, torch.float32)
         assert type(layer.quant_method) is UnquantizedLinearMethod, prefix
+    # A merged layer (Molmo2's gate and up projections, GLM's gate_up_proj) is one quantized layer.
+    layer = _layer("merged", 64, 32, config, "vision_backbone.image_projector.merged_linear", torch.float32)
+    assert type(layer.quant_method) is vllm_quant.ProjectorLinearMethod
     # Not a linear layer (embedding, attention, MoE): no method, vLLM's defaults apply.
     assert config.get_quant_method(torch.nn.Module(), "multi_modal_projector.norm") is None
+
+
+@pytest.mark.parametrize("module,cls", [
+    ("llava", "LlavaForConditionalGeneration"),
+    ("qwen2_vl", "Qwen2VLForConditionalGeneration"),
+    ("glm4_1v", "Glm4vForConditionalGeneration"),
+    ("molmo2", "Molmo2ForConditionalGeneration"),
+])  # fmt: skip
+def test_projector_prefixes_are_vllms_own_connector_names(module, cls):
+    """The projector of an architecture, as vLLM itself names it (``get_mm_mapping``'s
+    connector, what its LoRA support targets), is under a prefix of the table: the table
+    is read against the module names of the installed vLLM, not Hugging Face's."""
+    import importlib
+
+    model_class = getattr(importlib.import_module(f"vllm.model_executor.models.{module}"), cls)
+    connectors = model_class.get_mm_mapping(None).connector
+    assert connectors and all(vllm_quant.is_projector(c.rstrip(".") + ".layer") for c in connectors), connectors
 
 
 # --------------------------------------------------------------------------------------
@@ -155,6 +197,7 @@ def test_layer_selection_by_prefix(dist):
         ("w4a16", "column", torch.bfloat16),
         ("w4a16", "replicated", torch.float32),
         ("fp8", "row", torch.float32),
+        ("w4a16", "merged", torch.float32),  # Molmo2's image projector, GLM-4.xV's gate_up_proj
     ],
 )
 def test_projector_layer(scheme, kind, dtype, dist):

@@ -69,7 +69,14 @@ Projector prefixes (vLLM module names, not Hugging Face checkpoint names):
                            and stay unquantized; InternVL-Chat's ``mlp1`` is plain
                            ``nn.Linear`` in vLLM (no quantization method)
 ``model.connector.``       Idefics3, SmolVLM (``modality_projection.proj``)
+``mm_projector.``          Kimi K2.5 (``linear_1`` / ``linear_2``, vLLM's names for the
+                           checkpoint's ``proj.0`` / ``proj.2``; read against vLLM 0.32)
+``vision_backbone.``       Molmo2 (``merged_linear``, its gate and up projections as one
+``image_projector.``       layer, and ``down_proj``): vLLM's ``get_mm_mapping`` connector
 =========================  =================================================================
+
+GLM-4.1V / 4.5V's merger (``proj``, ``gate_up_proj``, ``down_proj``) is under
+``visual.merger.``, and Llama 4's ``multi_modal_projector.linear_1`` under the first row.
 
 A projector layer that the scheme cannot take stays unquantized, with the reason logged:
 w4a16 needs ``in_features`` (per tensor-parallel rank) divisible by the group size; when
@@ -139,6 +146,8 @@ PROJECTOR_PREFIXES: tuple[str, ...] = (
     "multi_modal_projector.",
     "visual.merger.",
     "model.connector.",
+    "mm_projector.",
+    "vision_backbone.image_projector.",
 )
 
 _DEFAULT_GROUP_SIZE = 128
