@@ -250,11 +250,14 @@ def test_tune_model_times_the_vision_attention_a_patch_gives_cu_seqlens(tables, 
     q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, kv_ranges = attention[1].make_inputs()
     per_image = max_q
     assert q.shape == (2 * per_image, 2, 32) and cu_q.tolist() == [0, per_image, 2 * per_image] and not causal
+    # In bf16 with a 66-token image, where every route applies (the tile routes: 64-query
+    # tiles where the heuristic takes 128, 128-key tiles for heads at most 64 wide).
+    cu = torch.tensor([0, 30, 96], dtype=torch.int32)
     small = tune.TuneCase("varlen_attention/small", attention[0].op, lambda: (
-        q[:96], k[:96], v[:96], torch.tensor([0, 40, 96], dtype=torch.int32), torch.tensor([0, 40, 96], dtype=torch.int32),
-        56, 56, scale, False, None))  # fmt: skip
+        q[:96].bfloat16(), k[:96].bfloat16(), v[:96].bfloat16(), cu, cu, 66, 66, scale, False, None))  # fmt: skip
     (result,) = tune.tune([small], identity=STAND_IN, timer=lambda fn, capturable: (1.0, "eager"), table=tables[0])
-    assert result.rejected == {} and set(result.medians_ms) == {"heuristic", "torch"}
+    assert result.rejected == {}
+    assert set(result.medians_ms) == {"heuristic", "torch", "triton-block_m64", "triton-block_n128"}
 
 
 def test_tune_rejects_a_route_that_disagrees_with_the_reference(tables, monkeypatch):
@@ -456,19 +459,38 @@ def test_the_merge_index_copy_never_takes_a_sync_free_call():
         ops.merge_multimodal_embeddings(ids, embeds, torch.randn(1, 8), 9, check=False)
 
 
-@pytest.mark.parametrize("route", ["heuristic", "torch"])
+@pytest.mark.parametrize("route", ["heuristic", "torch", "triton-block_m64", "triton-block_n128"])
 @pytest.mark.parametrize("mask", ["none", "causal", "ranges"])
 def test_every_varlen_route_matches_the_reference(route, mask):
+    """Each route on ragged sequences (an empty one, GQA, a head dim of two chunks); the
+    tile routes in bf16 with a sequence past 64 queries and 128 keys (where they apply:
+    their tiles then cover several query and key blocks, the last ones partial)."""
     gen = torch.Generator().manual_seed(5)
-    cu_q, cu_k = torch.tensor([0, 5, 5, 14], dtype=torch.int32), torch.tensor([0, 7, 10, 19], dtype=torch.int32)
-    q, k, v = torch.randn(16, 4, 24, generator=gen), torch.randn(19, 2, 24, generator=gen), torch.randn(19, 2, 24, generator=gen)
-    ranges = torch.randint(-2, 10, (16, 2), generator=gen, dtype=torch.int32) if mask == "ranges" else None
+    tiles = route.startswith("triton-block")
+    lengths_q, lengths_k = ([5, 0, 70], [7, 3, 150]) if tiles else ([5, 0, 9], [7, 3, 9])
+    cu_q = torch.tensor([0, *torch.tensor(lengths_q).cumsum(0).tolist()], dtype=torch.int32)
+    cu_k = torch.tensor([0, *torch.tensor(lengths_k).cumsum(0).tolist()], dtype=torch.int32)
+    total_q, total_k = int(cu_q[-1]) + 2, int(cu_k[-1])  # 2 rows past the last sequence
+    d = 40 if route == "triton-block_n128" else 24
+    dtype = torch.bfloat16 if tiles else torch.float32
+    q = torch.randn(total_q, 4, d, generator=gen).to(dtype)
+    k, v = (torch.randn(total_k, 2, d, generator=gen).to(dtype) for _ in range(2))
+    ranges = torch.randint(-2, 100, (total_q, 2), generator=gen, dtype=torch.int32) if mask == "ranges" else None
     kwargs = dict(causal=mask == "causal", kv_ranges=ranges)
+    max_q, max_k = max(lengths_q), max(lengths_k)
     with routes.force_route("varlen_attention", route), poison_outputs():
-        out = ops.varlen_attention(q, k, v, cu_q, cu_k, 9, 9, **kwargs)
+        out = ops.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs)
     assert backend.recent_decisions()[-1].route == route
-    assert_close(out, ops.varlen_attention_reference(q, k, v, cu_q, cu_k, 9, 9, **kwargs), reduction_length=9)
+    assert_close(out, ops.varlen_attention_reference(q, k, v, cu_q, cu_k, max_q, max_k, **kwargs), reduction_length=max_k)
     assert not out.isnan().any()
+
+
+def test_the_tile_routes_say_where_they_do_not_apply():
+    cu = torch.tensor([0, 40], dtype=torch.int32)
+    q = torch.randn(40, 2, 80)
+    for route, why in (("triton-block_m64", "already takes 64-query tiles"), ("triton-block_n128", "128-key tiles spill")):
+        with routes.force_route("varlen_attention", route), pytest.raises(ValueError, match=why):
+            ops.varlen_attention(q, q, q, cu, cu, 40, 40)
 
 
 def test_the_call_that_tunes_leaves_a_plan_of_what_it_ran(tables, autotune_on):

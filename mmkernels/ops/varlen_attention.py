@@ -15,6 +15,7 @@ precision PyTorch" yardstick, and the differentiable path of the backward), and
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -312,8 +313,9 @@ def _kernel_operand(name: str, t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _launch(args: _AttnArgs, out: torch.Tensor):
-    """(args, meta, grid) of the one launch; also used by the AOT report."""
+def _launch(args: _AttnArgs, out: torch.Tensor, variant=None):
+    """(args, meta, grid) of the one launch; also used by the AOT report. ``variant``: a
+    route's change to the heuristic tiles (``AttnConfig -> AttnConfig``)."""
     q, k, v = args.q, args.k, args.v
     # Each tensor's strides read once (every stride() call is a C call and a tuple).
     qs, ks, vs, os_ = q.stride(), k.stride(), v.stride(), out.stride()
@@ -337,6 +339,8 @@ def _launch(args: _AttnArgs, out: torch.Tensor):
     max_seqlen_q = min(args.max_seqlen_q, total_q)
     fp32 = q.dtype == torch.float32
     cfg = attn_config(max_seqlen_q, head_dim, q.element_size())
+    if variant is not None:
+        cfg = variant(cfg)
     n_slots = max(1, cdiv(max_seqlen_q, cfg.block_m))
     ranges = args.kv_ranges
     rs = ranges.stride() if ranges is not None else (0, 0)
@@ -380,14 +384,14 @@ _LOG2E = math.log2(math.e)
 _INTERPRETED = is_interpreted(kernels.varlen_attention_fwd_kernel)
 
 
-def _triton_impl(args: _AttnArgs) -> torch.Tensor:
+def _triton_impl(args: _AttnArgs, variant=None) -> torch.Tensor:
     out = empty_output(args.q.shape, args.q.dtype, args.q.device)
     if args.q.shape[0] == 0 or args.q.shape[1] == 0:
         return out
     if args.head_dim == 0:
         return out.zero_()
     plan_ok()  # an allocation and one launch (operand copies are temporaries a plan refuses)
-    launch_args, meta, grid = _launch(args, out)
+    launch_args, meta, grid = _launch(args, out, variant)
     launch(kernels.varlen_attention_fwd_kernel, grid, launch_args, meta)
     return out
 
@@ -480,6 +484,48 @@ def _torch_route_applies(args: _AttnArgs) -> str | None:
     return None
 
 
+def _heuristic_config(args: _AttnArgs) -> AttnConfig:
+    return attn_config(min(args.max_seqlen_q, args.q.shape[0]), args.head_dim, args.q.element_size())
+
+
+def _query_blocks_of_64(cfg: AttnConfig) -> AttnConfig:
+    """64-query tiles where the heuristic takes 128: twice the programs (more SMs busy for
+    a few short images, a small batch of heads), half the registers per program."""
+    return dataclasses.replace(cfg, block_m=64, num_warps=8 if cfg.head_pad >= 128 else 4,
+                               num_stages=3 if cfg.head_pad <= 64 else 2)  # fmt: skip
+
+
+def _query_blocks_of_64_apply(args: _AttnArgs) -> str | None:
+    return None if _heuristic_config(args).block_m == 128 else "the heuristic already takes 64-query tiles"
+
+
+def _key_blocks_of_128(cfg: AttnConfig) -> AttnConfig:
+    """128-key tiles for heads at most 64 wide (Whisper, BLIP-2, CLIP-B): half the trips
+    through the key loop, each with twice the score tile (flash-attention's forward tile
+    for d = 64); two stages keep the K and V buffers in shared memory."""
+    return dataclasses.replace(cfg, block_n=128, num_warps=max(cfg.num_warps, 4 if cfg.block_m == 64 else 8),
+                               num_stages=2)  # fmt: skip
+
+
+def _key_blocks_of_128_apply(args: _AttnArgs) -> str | None:
+    cfg = _heuristic_config(args)
+    if cfg.head_pad > 64 or args.q.element_size() > 2:
+        return f"heads {args.head_dim} wide in {str(args.q.dtype).removeprefix('torch.')}: 128-key tiles spill"
+    return None
+
+
+# Besides the launcher (its heuristic tiles: the route "heuristic"): the other query tile,
+# wider key tiles for narrow heads (both compiled ahead of time without spills: see
+# aot_cases), and the standard PyTorch path.
+ROUTES = (
+    Route("triton-block_m64", functools.partial(_triton_impl, variant=_query_blocks_of_64),
+          applies=_query_blocks_of_64_apply),  # fmt: skip
+    Route("triton-block_n128", functools.partial(_triton_impl, variant=_key_blocks_of_128),
+          applies=_key_blocks_of_128_apply),  # fmt: skip
+    Route("torch", _torch_route, standard=True, applies=_torch_route_applies),
+)
+
+
 def bucket(args: _AttnArgs) -> str:
     """The shape bucket of a call: sequences, the longest query and all keys as powers of
     two, heads, head dim, dtype, mask kind."""
@@ -503,7 +549,7 @@ OP = Op(
     fake=_fake,
     setup_context=_setup_context,
     backward=_backward,
-    routes=(Route("torch", _torch_route, standard=True, applies=_torch_route_applies),),
+    routes=ROUTES,
     bucket=bucket,
     reduction_length=lambda args: max(args.max_seqlen_k, 1),  # the keys each row sums over
 )
@@ -590,7 +636,8 @@ def aot_cases() -> list[AotCase]:
     sm_80 and sm_90 (made when asked, not when the module is imported)."""
     cases: list[AotCase] = []
 
-    def _aot_case(name, lengths_q, lengths_k, hq, hkv, d, *, causal=False, ranges=False, wide_heads=False):
+    def _aot_case(name, lengths_q, lengths_k, hq, hkv, d, *, causal=False, ranges=False, wide_heads=False,
+                  variant=None):  # fmt: skip
         def make_launch():
             cu_q = torch.tensor([0] + list(torch.tensor(lengths_q).cumsum(0)), dtype=torch.int32)
             cu_k = torch.tensor([0] + list(torch.tensor(lengths_k).cumsum(0)), dtype=torch.int32)
@@ -599,7 +646,7 @@ def aot_cases() -> list[AotCase]:
             kv_ranges = torch.zeros(q.shape[0], 2, dtype=torch.int32) if ranges else None
             args = _validate(q, k, torch.empty_like(k), cu_q, cu_k, max(lengths_q), max(lengths_k), None, causal, kv_ranges)
             out = torch.empty_like(q)
-            launch_args, meta, grid = _launch(args, out)
+            launch_args, meta, grid = _launch(args, out, variant)
             meta["UPCAST_DOT"] = False  # compiled for a GPU, never the interpreter
             meta["WIDE_HEADS"] = meta["WIDE_HEADS"] or wide_heads  # the real layout would need > 4 GB here
             return launch_args, meta, grid
@@ -627,4 +674,20 @@ def aot_cases() -> list[AotCase]:
     _aot_case("varlen_attention/qwen2-vl-7b-vision-wide-heads/bf16", [1024, 256], [1024, 256], 16, 16, 80, wide_heads=True)
     # Causal text self-attention with d=128 (decoder prefill through the same op).
     _aot_case("varlen_attention/causal-d128/bf16", [2048, 777], [2048, 777], 32, 8, 128, causal=True)
+    # The tile routes (mmkernels tune times them against the heuristic), at the shapes above
+    # where they apply: 64-query tiles for every head width the towers have, and 128-key
+    # tiles for 64-wide heads (long and short queries).
+    for name, lengths, hq, hkv, d, ranges in (
+        ("mllama-11b-cross", ([1024], [2 * 4 * 1601]), 32, 8, 128, True),
+        ("qwen2-vl-7b-vision", ([1024, 256], [1024, 256]), 16, 16, 80, False),
+        ("siglip-so400m-d72", ([729, 729], [729, 729]), 16, 16, 72, False),
+        ("d96", ([577, 257], [577, 257]), 16, 16, 96, False),
+        ("whisper-large-v3-cross", ([448], [1500]), 20, 20, 64, False),
+    ):
+        _aot_case(f"varlen_attention/{name}/block_m64/bf16", *lengths, hq, hkv, d, ranges=ranges,
+                  variant=_query_blocks_of_64)  # fmt: skip
+    _aot_case("varlen_attention/whisper-large-v3-cross/block_n128/bf16", [448], [1500], 20, 20, 64,
+              variant=_key_blocks_of_128)  # fmt: skip
+    _aot_case("varlen_attention/blip2-qformer-cross/block_n128/bf16", [32] * 8, [257] * 8, 12, 12, 64,
+              variant=_key_blocks_of_128)  # fmt: skip
     return cases
