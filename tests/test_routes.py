@@ -46,6 +46,9 @@ def _patch_embed_inputs() -> dict[str, tuple[tuple, dict]]:
                              dict(pixel_mean=torch.tensor([0.4, 0.5, 0.6]), pixel_std=torch.tensor([0.2, 0.25, 0.3]),
                                   pixel_scale=1 / 255)),
         "flat-conv3d": ((r(37, 3 * 2 * 4 * 4), r(20, 3, 2, 4, 4), r(20)), {}),
+        # channels_last pixels cropped out of a larger image, bf16, per-image position tables
+        "image-strided-bf16": ((r(2, 40, 33, 3).bfloat16().permute(0, 3, 1, 2)[:, :, 3:, 2:], r(16, 3, 5, 5).bfloat16(),
+                                r(16).bfloat16()), dict(position_embedding=r(2, 42, 16).bfloat16())),
     }  # fmt: skip
 
 
@@ -53,6 +56,10 @@ def _patch_embed_inputs() -> dict[str, tuple[tuple, dict]]:
 @pytest.mark.parametrize("case", list(_patch_embed_inputs()))
 def test_every_patch_embed_route_matches_the_reference(route, case):
     args, kwargs = _patch_embed_inputs()[case]
+    if route == "torch-unfold" and case.startswith("flat"):
+        with routes.force_route("patch_embed", route), pytest.raises(ValueError, match="already one cuBLAS GEMM"):
+            ops.patch_embed(*args, **kwargs)
+        return
     with routes.force_route("patch_embed", route), poison_outputs():
         out = ops.patch_embed(*args, **kwargs)
     decision = backend.recent_decisions()[-1]
@@ -223,7 +230,8 @@ def test_tune_over_a_tiny_model_folder_end_to_end(tables, tmp_path, monkeypatch)
     assert all(e.winner == ("torch" if e.op == "patch_embed" else "heuristic") for e in entries.values())
     assert all(bucket.endswith("-g32") for op, bucket in entries if op == "quantized_linear[w4a16]")  # --group-size
     patch_entry = next(e for (op, _), e in entries.items() if op == "patch_embed")
-    assert set(patch_entry.medians_ms) == {"heuristic", "torch", "triton-packed", "triton-gather", "triton-row_steps"}
+    assert set(patch_entry.medians_ms) == {"heuristic", "torch", "torch-unfold", "triton-packed", "triton-gather",
+                                           "triton-row_steps"}
     assert {"heuristic", "torch"} <= {route for _, route in timed}
     timed.clear()
     assert tune.main(argv, timer=timer, device=torch.device("cpu"), identity=STAND_IN) == 0

@@ -511,9 +511,8 @@ def _fake(pixels, weight, bias, class_embedding, position_embedding, pixel_mean,
     return weight.new_empty(args.out_shape)
 
 
-def _differentiable_forward(args: _EmbedArgs, weight, bias, class_embedding, position_embedding):
-    """The op's math in PyTorch, in the weight dtype, differentiable in the parameters: the
-    backward takes its gradients from here (training is not the kernel's hot path)."""
+def _normalized_pixels(args: _EmbedArgs, dtype: torch.dtype) -> torch.Tensor:
+    """The pixels as the GEMM reads them: normalized where the call asks, in ``dtype``."""
     x = args.pixels
     if args.norm is not None:
         scale, mean, std = args.norm
@@ -522,7 +521,13 @@ def _differentiable_forward(args: _EmbedArgs, weight, bias, class_embedding, pos
         else:
             x = x.to(torch.float32).view(args.patches, args.channels, -1)
             x = ((x * scale.view(-1, 1) - mean.view(-1, 1)) / std.view(-1, 1)).reshape(args.patches, -1)
-    x = x.to(weight.dtype)
+    return x.to(dtype)
+
+
+def _differentiable_forward(args: _EmbedArgs, weight, bias, class_embedding, position_embedding):
+    """The op's math in PyTorch, in the weight dtype, differentiable in the parameters: the
+    backward takes its gradients from here (training is not the kernel's hot path)."""
+    x = _normalized_pixels(args, weight.dtype)
     if not args.image_form:
         return torch.nn.functional.linear(x, weight.reshape(args.dim, -1), bias)
     out = torch.nn.functional.conv2d(x, weight, bias, stride=args.patch).flatten(2).transpose(1, 2)
@@ -571,12 +576,40 @@ def _torch_route_applies(args: _EmbedArgs) -> str | None:
     return "no patches or no output channels (the launcher's empty result)" if args.rows == 0 or args.dim == 0 else None
 
 
+def _unfold_route(args: _EmbedArgs) -> torch.Tensor:
+    """unfold + cuBLAS (how vLLM's and Llama 4's patch embeddings compute it): the patches
+    cut out as one ``(B*N, C*P*P)`` matrix (a copy), one GEMM with the bias, then the class
+    row and the position table. On the first H200 run it beat cuDNN's convolution by 2.8x
+    at CLIP-L/14-336 x 64 images, and the Triton kernel of then."""
+    no_plan()  # PyTorch ops, not launches a call plan can replay
+    weight = args.weight2d
+    p, n, d = args.patch, args.patches, args.dim
+    with torch.no_grad():
+        x = _normalized_pixels(args, weight.dtype)
+        h, w = n // args.patches_w, args.patches_w
+        x = x[:, :, : h * p, : w * p]  # the rows and columns a conv with stride P reads
+        cols = x.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(args.batch * n, -1)
+        out = torch.nn.functional.linear(cols, weight, args.bias).view(args.batch, n, d)
+        if args.class_embedding is not None:
+            out = torch.cat([args.class_embedding.to(out.dtype).expand(args.batch, 1, -1), out], dim=1)
+        if args.position_embedding is not None:
+            out = out + args.position_embedding
+    return out.to(weight.dtype).contiguous()
+
+
+def _unfold_route_applies(args: _EmbedArgs) -> str | None:
+    if not args.image_form:
+        return "pre-flattened patches: the standard route is already one cuBLAS GEMM"
+    return _torch_route_applies(args)
+
+
 def _a_source_route(a_source: str) -> Route:
     return Route(f"triton-{a_source}", functools.partial(_triton_impl, a_source=a_source))
 
 
 ROUTES = (
     *(_a_source_route(a_source) for a_source in A_SOURCES),
+    Route("torch-unfold", _unfold_route, applies=_unfold_route_applies),
     Route("torch", _torch_route, standard=True, applies=_torch_route_applies),
 )
 
