@@ -1274,8 +1274,8 @@ def _sequence_key(values, grad: bool):
     Tensors in a list are described with their address relative to the list's first
     tensor (and that one's alignment): stricter than alignment alone, and what an op that
     addresses a list through one base pointer (the merge's segment table) depends on.
-    A list of plain tensors takes :func:`_tensor_list_key` (the same facts, read in C)."""
-    if len(values) >= _GUARDED_LIST_LENGTH and _TENSOR_LIST_GUARDS is not None and type(values[0]) in _PLAIN_TENSORS:
+    A list of plain tensors takes :func:`_tensor_list_key` (the same facts, checked in C)."""
+    if len(values) >= _GUARDED_LIST_LENGTH and _TENSOR_GUARDS is not None and type(values[0]) in _PLAIN_TENSORS:
         key = _tensor_list_key(values, grad)
         if key is not _NOT_A_TENSOR_LIST:
             return key
@@ -1298,66 +1298,79 @@ def _sequence_key(values, grad: bool):
     return tuple(parts)
 
 
-# A list of tensors (the merge's features: one per image) described in Python costs about
-# 0.6 us per tensor (five attribute reads of 60-130 ns each, and a nested tuple to hash),
-# which made a 16-image merge 1.5x a 1-image one on the host. Its description here is
-# split in two: the addresses, read by one C-level map (70 ns a tensor), give the
-# relative offsets, which go into the key as they are; everything else the Python key
-# held (Python type, dtype, device, requires_grad, sizes and strides, exactly) is checked
-# by a Dynamo ``TensorGuards``, torch's own C++ check of a tensor list (about 80 ns a
-# tensor), made from the first list seen with those offsets. The key holds the number of
-# the guard that matched, never reused, and so standing for the offsets too (each guard
-# is kept under one). A list matching none of the guards recorded for its offsets gets a
-# new guard and number: a new key, so a new plan, as a new shape did.
+# Tensors described in C. A tensor described in Python costs about 0.6 us (five attribute
+# reads of 60-130 ns each, and a nested tuple to hash): 2.6 us of a patch embedding's key,
+# and 1.5x the host cost of a 1-image merge for a 16-image one (a feature tensor each).
+# So a call's tensors are described in two parts: what a guard cannot check is read in
+# Python and goes into the *lookup* (the 16-byte alignment of each top-level tensor, the
+# first one's shape, which of them are one tensor; for a list, each tensor's address
+# relative to the first, read by one C-level map at 70 ns a tensor); everything else the
+# Python description held (Python type, dtype, device, requires_grad, sizes and strides,
+# exactly) is checked by a Dynamo ``TensorGuards``, torch's own C++ check of a tensor list
+# (about 80 ns a tensor), made from the first call seen with that lookup. The key holds
+# the number of the guard that passed: never reused, and each guard is kept under one
+# lookup, so the number stands for the lookup too. Tensors passing none of the guards kept
+# for their lookup get a new guard and number: a new key, so a new plan, as a new shape
+# did. Without TensorGuards (no torch this project supports) the Python description runs.
 try:
-    from torch._C._dynamo.guards import TensorGuards as _TENSOR_LIST_GUARDS
-except ImportError:  # pragma: no cover - every torch this project supports has it (tests/test_call_plans.py)
-    _TENSOR_LIST_GUARDS = None
+    from torch._C._dynamo.guards import TensorGuards as _TENSOR_GUARDS
+except ImportError:  # pragma: no cover - every supported torch has it (tests/test_call_plans.py)
+    _TENSOR_GUARDS = None
 
 _NOT_A_TENSOR_LIST = object()
 _TENSOR_DATA_PTR = torch._C.TensorBase.data_ptr
-_TENSOR_LIST_NUMBERS = itertools.count()  # next() is atomic: two threads never share a number
-# (alignment of the first, offsets) -> [(guard, number, whether a tensor requires grad)]
-_TENSOR_LIST_DESCRIPTIONS: dict[tuple, list[tuple]] = {}
-_TENSOR_LIST_LIMIT = 1024  # offsets seen (cleared beyond: the plans of cleared numbers just miss)
-_GUARDS_PER_OFFSETS = 8
-# Shorter lists are described in Python: the guarded key's fixed cost (a dict lookup, the
-# guard call) is about 1 us, the Python description's 0.6 us a tensor.
+_GUARD_NUMBERS = itertools.count()  # next() is atomic: two threads never share a number
+_GUARDED: dict[tuple, list[tuple]] = {}  # lookup -> [(guard, number, whether a tensor requires grad)]
+_GUARDED_LIMIT = 4096  # lookups kept (cleared beyond: the plans of cleared numbers just miss)
+_GUARDS_PER_LOOKUP = 8
+# Shorter lists are described in Python: the guarded description's fixed cost (a dict
+# lookup, the guard call) is about 1 us, the Python description's 0.6 us a tensor.
 _GUARDED_LIST_LENGTH = 3
 
 
+def _guard_number(lookup: tuple, tensors: tuple, grad: bool) -> int | None:
+    """The number of the guard kept under ``lookup`` that ``tensors`` pass (a new guard if
+    none does), or None: a tensor requires grad under grad mode, or one is of a subclass
+    or given twice (a guard refuses a tensor twice; no plan could tell the two apart)."""
+    guards = _GUARDED.get(lookup)
+    if guards is not None:
+        for guard, number, requires_grad in guards:
+            if guard.check(*tensors):
+                return None if grad and requires_grad else number
+    for x in tensors:
+        tx = type(x)
+        if tx is not torch.Tensor and tx is not _PARAMETER:
+            return None  # a subclass: never keyed
+    if len(set(map(id, tensors))) != len(tensors):
+        return None
+    requires_grad = any(x.requires_grad for x in tensors)
+    entry = (_TENSOR_GUARDS(*tensors, dynamic_dims_sizes=None, dynamic_dims_strides=None), next(_GUARD_NUMBERS),
+             requires_grad)  # fmt: skip
+    if guards is None:
+        if len(_GUARDED) >= _GUARDED_LIMIT:
+            _GUARDED.clear()
+        guards = _GUARDED.setdefault(lookup, [])
+    elif len(guards) >= _GUARDS_PER_LOOKUP:
+        del guards[0]
+    guards.append(entry)
+    return None if grad and requires_grad else entry[1]
+
+
 def _tensor_list_key(values, grad: bool):
-    """The key part of a list of plain tensors (see the comment above), None where the
-    list cannot be keyed (a tensor requires grad under grad mode, a subclass), or
-    ``_NOT_A_TENSOR_LIST`` when an item is not a tensor (the caller describes it)."""
+    """The key part of a list of tensors (see the comment above): its guard's number, None
+    where the list cannot be keyed, or ``_NOT_A_TENSOR_LIST`` when an item is not a
+    tensor (the caller describes the list in Python)."""
     try:
         addresses = tuple(map(_TENSOR_DATA_PTR, values))
     except Exception:  # noqa: BLE001 - an int or None in the list, a tensor without storage
         return _NOT_A_TENSOR_LIST
     base = addresses[0]
-    offsets = (base & 15, *map(base.__rsub__, addresses))  # address - base, in C
-    guards = _TENSOR_LIST_DESCRIPTIONS.get(offsets)
-    if guards is not None:
-        for guard, number, requires_grad in guards:
-            if guard.check(*values):
-                return None if grad and requires_grad else number
-    for x in values:
-        tx = type(x)
-        if tx is not torch.Tensor and tx is not _PARAMETER:
-            return None  # a subclass: never keyed (as for a top-level input)
-    if len(set(map(id, values))) != len(values):
-        return None  # one tensor twice: a guard never matches it (no plan could either: _make_plan)
-    requires_grad = any(x.requires_grad for x in values)
-    entry = (_TENSOR_LIST_GUARDS(*values, dynamic_dims_sizes=None, dynamic_dims_strides=None),
-             next(_TENSOR_LIST_NUMBERS), requires_grad)  # fmt: skip
-    if guards is None:
-        if len(_TENSOR_LIST_DESCRIPTIONS) >= _TENSOR_LIST_LIMIT:
-            _TENSOR_LIST_DESCRIPTIONS.clear()
-        guards = _TENSOR_LIST_DESCRIPTIONS.setdefault(offsets, [])
-    elif len(guards) >= _GUARDS_PER_OFFSETS:
-        del guards[0]
-    guards.append(entry)
-    return None if grad and requires_grad else entry[1]
+    return _guard_number((base & 15, *map(base.__rsub__, addresses)), values, grad)  # address - base, in C
+
+
+def _distinct(tensors: tuple) -> tuple:
+    """``tensors`` without repeats (q is k is v), in order: what a guard can check."""
+    return tuple({id(t): t for t in tensors}.values())
 
 
 def _plan_key_function(types: tuple) -> Callable:
@@ -1365,10 +1378,11 @@ def _plan_key_function(types: tuple) -> Callable:
     generated once per types tuple (straight-line attribute reads: a loop with a type
     test per input cost twice as much). The key starts with the types tuple's number, so
     equal values of other types (1, 1.0, True) never share a key, and ends with the first
-    tensor's device (or None)."""
+    tensor's device (or None). Its tensors are described by a guard's number (see above)."""
     number = next(_PLAN_KEY_NUMBERS)
     names = [f"a{i}" for i in range(len(types))]
     parts, grads, sequences, first = [str(number)], [], [], None
+    guarded = _TENSOR_GUARDS is not None
     supported = True
     for i, (name, t) in enumerate(zip(names, types)):
         if t in _PLAIN_TENSORS:
@@ -1377,8 +1391,9 @@ def _plan_key_function(types: tuple) -> Callable:
             if first is None:
                 first = name
                 device = "device"
-            parts.append(f"({name}.shape, {name}.is_contiguous() or {name}.stride(), {name}.dtype, {device}, "
-                         f"{name}.data_ptr() & 15)")  # fmt: skip
+            if not guarded:
+                parts.append(f"({name}.shape, {name}.is_contiguous() or {name}.stride(), {name}.dtype, {device}, "
+                             f"{name}.data_ptr() & 15)")  # fmt: skip
         elif t is type(None):
             parts.append("None")
         elif t in _PLAN_SCALAR_TYPES or t is str:
@@ -1395,22 +1410,34 @@ def _plan_key_function(types: tuple) -> Callable:
     lines = ["def key(op_inputs, grad):"]
     lines.append(f"    {', '.join(names)}{',' if len(names) == 1 else ''} = op_inputs" if names else "    pass")
     tensors = [name for name, t in zip(names, types) if t in _PLAIN_TENSORS]
+    same = "True"
     if len(tensors) > 1:
         # Which top-level tensor inputs are one tensor (q is k is v): True when none are,
         # else every pair's identity (straight-line comparisons, no call).
         pairs = [f"{a} is {b}" for i, a in enumerate(tensors) for b in tensors[i + 1 :]]
-        parts.append(f"len({{{', '.join(f'id({n})' for n in tensors)}}}) == {len(tensors)} or ({', '.join(pairs)},)")
-    if grads:
-        lines.append(f"    if grad and ({' or '.join(grads)}): return None")
+        same = f"len({{{', '.join(f'id({n})' for n in tensors)}}}) == {len(tensors)} or ({', '.join(pairs)},)"
+    if guarded and tensors:
+        together = f"({', '.join(tensors)},)"
+        lookup = ", ".join([repr(str(number)), *(f"{n}.data_ptr() & 15" for n in tensors), f"{first}.shape", "same"])
+        lines.append(f"    same = {same}")
+        lines.append(f"    number = _guard_number(({lookup}), {together} if same is True else _distinct({together}), grad)")
+        lines.append("    if number is None: return None")
+        parts.insert(1, "number")
+    else:
+        if len(tensors) > 1:
+            parts.append(same)
+        if grads:
+            lines.append(f"    if grad and ({' or '.join(grads)}): return None")
     for i in sequences:
         lines.append(f"    s{i} = _sequence_key(a{i}, grad)")
         lines.append(f"    if s{i} is None: return None")
     if first is not None:
         lines.append(f"    device = {first}.device")
     lines.append(f"    return ({', '.join(parts)}, {'device' if first is not None else 'None'})")
-    namespace = {"_sequence_key": _sequence_key}
+    namespace = {"_sequence_key": _sequence_key, "_guard_number": _guard_number, "_distinct": _distinct}
     exec("\n".join(lines), namespace)  # noqa: S102 - generated from the input types only
     function = namespace["key"]
+    function.source = "\n".join(lines)  # for tests and debugging
     _PLAN_KEY_FUNCTIONS[types] = function
     return function
 

@@ -160,11 +160,38 @@ def test_lists_of_tensors_are_keyed_in_c_on_this_torch():
     torch's private ``torch._C._dynamo.guards.TensorGuards``: fail loudly, naming the
     version, if a torch this project supports moves it (the Python description would
     silently take over at 0.6 us a tensor)."""
-    assert backend._TENSOR_LIST_GUARDS is not None, f"torch {torch.__version__}: TensorGuards is gone"
+    assert backend._TENSOR_GUARDS is not None, f"torch {torch.__version__}: TensorGuards is gone"
     feats = list(torch.randn(12, 8).split(2))
     key = backend._sequence_key(feats, False)
     assert key is not None and backend._TENSOR_DATA_PTR is torch._C.TensorBase.data_ptr
     assert isinstance(key, int), f"torch {torch.__version__}: a list of 6 tensors took the Python description"
+    # Top-level tensors too: the key holds a guard's number, not the tensors' facts.
+    key = backend.plan_key((torch.randn(3, 4), 7, torch.randn(4)))
+    assert key is not None and isinstance(key[1], int) and len(key) == 4, key  # (types, guard, 7, device)
+
+
+def test_top_level_tensors_in_the_key():
+    """Every fact of every top-level tensor a plan depends on changes the key (or leaves
+    none); the same facts in new tensors give the same key."""
+    def inputs():
+        return (torch.randn(6, 8), torch.randn(8, 3), 2)
+
+    key = backend.plan_key(inputs())
+    assert backend.plan_key(inputs()) == key
+    x, w, n = inputs()
+    for what, other in _variants(w):
+        assert backend.plan_key((x, other, n)) not in (None, key), what
+    assert backend.plan_key((x, w, 3)) != key  # a scalar
+    assert backend.plan_key((x, x.view(8, 6)[:, :3], n)) not in (None, key)  # a view of the other input
+    assert backend.plan_key((x, w.clone().requires_grad_(), n)) is None  # autograd records: the dispatcher
+    with torch.no_grad():
+        assert backend.plan_key((x, w.clone().requires_grad_(), n)) not in (None, key)
+    assert backend.plan_key((x, torch.nn.Parameter(w.clone()), n)) is None
+    sub = type("Sub", (torch.Tensor,), {})
+    assert backend.plan_key((x, w.as_subclass(sub), n)) is None
+    # One tensor at two inputs is told apart from two equal tensors.
+    sq = torch.randn(8, 8)
+    assert backend.plan_key((sq, sq, n)) not in (None, backend.plan_key((sq, sq.clone(), n)))
 
 
 def _list_variants(feats: list[torch.Tensor]):
@@ -219,7 +246,7 @@ def test_a_tensor_list_key_holds_every_fact_of_every_tensor(count):
 def test_a_replay_after_the_guard_table_was_cleared_records_again(monkeypatch):
     """Offsets beyond the table's limit clear it: a list seen before then gets a new
     number, so a new plan, and the right rows."""
-    monkeypatch.setattr(backend, "_TENSOR_LIST_LIMIT", 2)
+    monkeypatch.setattr(backend, "_GUARDED_LIMIT", 2)
     ids = torch.full((1, 12), 9)
     embeds = torch.randn(1, 12, 8)
     pool = torch.randn(40, 8)
@@ -228,7 +255,7 @@ def test_a_replay_after_the_guard_table_was_cleared_records_again(monkeypatch):
     for feats in layouts:
         got = ops.merge_multimodal_embeddings(ids, embeds, feats, 9, check=False)
         assert torch.equal(got, ops.merge_multimodal_embeddings_reference(ids, embeds, feats, 9, check=False))
-    assert len(backend._TENSOR_LIST_DESCRIPTIONS) <= 2
+    assert len(backend._GUARDED) <= 2
 
 
 def test_merge_check_still_raises_on_a_replay():
