@@ -198,13 +198,27 @@ def tune(cases: Sequence[TuneCase], *, identity: DeviceIdentity, timer: Callable
         if budget_s is not None and time.monotonic() - started > budget_s:
             results.append(TuneResult(case.name, variant_op, bucket, None, {}, {}, "", "budget spent"))
             continue
+        case_started = time.monotonic()
         winner, medians, rejected, timing = measure(op, args, timer=timer, reduction_length=op.reduction_length(args))
         results.append(TuneResult(case.name, variant_op, bucket, winner, medians, rejected, timing))
+        print("    " + _progress_line(winner, medians, rejected, time.monotonic() - case_started,
+                                      time.monotonic() - started, number, len(cases)), file=progress, flush=True)  # fmt: skip
         if winner is not None:
             routes.write_entries(table, [TableEntry(identity.gpu, identity.cc, identity.torch, identity.triton,
                                                     variant_op, bucket, winner, medians, timing)])  # fmt: skip
             have.add(key)
     return results
+
+
+def _progress_line(winner, medians: dict, rejected: dict, case_s: float, elapsed_s: float, done: int,
+                   total: int) -> str:  # fmt: skip
+    """What a case found, and the time so far and left (cases left at the mean case time)."""
+    found = (f"{winner} won at {medians[winner] * 1000:.1f} us of {len(medians)} timed" if winner is not None
+             else "no route passed its check")  # fmt: skip
+    if rejected:
+        found += f", {len(rejected)} not taken"
+    left = elapsed_s / done * (total - done)
+    return f"{found}; {case_s:.1f} s, {elapsed_s:.0f} s so far, about {left:.0f} s left"
 
 
 def summary(results: Sequence[TuneResult], standard: dict[str, str]) -> str:

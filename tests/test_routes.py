@@ -263,9 +263,17 @@ def test_tune_model_times_the_vision_attention_a_patch_gives_cu_seqlens(tables, 
     cu = torch.tensor([0, 30, 96], dtype=torch.int32)
     small = tune.TuneCase("varlen_attention/small", attention[0].op, lambda: (
         q[:96].bfloat16(), k[:96].bfloat16(), v[:96].bfloat16(), cu, cu, 66, 66, scale, False, None))  # fmt: skip
-    (result,) = tune.tune([small], identity=STAND_IN, timer=lambda fn, capturable: (1.0, "eager"), table=tables[0])
+    import io
+
+    progress = io.StringIO()
+    (result,) = tune.tune([small], identity=STAND_IN, timer=lambda fn, capturable: (1.0, "eager"), table=tables[0],
+                          progress=progress)  # fmt: skip
     assert result.rejected == {}
     assert set(result.medians_ms) == {"heuristic", "torch", "triton-block_m64", "triton-block_n128"}
+    # Each case says what it found and how long is left.
+    lines = progress.getvalue().splitlines()
+    assert lines[0].startswith("[1/1] varlen_attention/small (varlen_attention b2-q128")
+    assert f"{result.winner} won at 1000.0 us of 4 timed" in lines[1] and "about 0 s left" in lines[1], lines
 
 
 def test_tune_rejects_a_route_that_disagrees_with_the_reference(tables, monkeypatch):
