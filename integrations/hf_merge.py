@@ -93,7 +93,9 @@ class Modality:
     ``image_grid_thw`` for M-RoPE, is not listed and stays).
     ``feature_method`` is called as ``method(*[call[a] for a in positional],
     **{k: call[k] for k in keywords}, return_dict=True, **forward_kwargs)``, the last only
-    with ``passes_forward_kwargs`` (mirroring what the Hugging Face forward passes).
+    with ``passes_forward_kwargs`` (mirroring what the Hugging Face forward passes);
+    ``feature_field``: the field of what it returns that the forward merges (``pooler_output``
+    for most; the Omni thinkers' audio: ``last_hidden_state``).
     ``feature_function(model, call) -> Features | None`` replaces that call when a family
     has no feature method; returning None sends the call to the original forward.
     ``output_fields``: (field of the forward's output, one of :data:`OUTPUT_VALUE_KINDS`),
@@ -110,6 +112,7 @@ class Modality:
     positional: tuple[str, ...] = ()
     keywords: tuple[str, ...] = ()
     passes_forward_kwargs: bool = False
+    feature_field: str = "pooler_output"
     feature_function: Callable[[torch.nn.Module, Call], Features | None] | None = None
     output_fields: tuple[tuple[str, str], ...] = ()
     transformers: str = ""
@@ -152,7 +155,8 @@ class MergeSpec:
     ``encoder_outputs_input``: the forward argument carrying already-computed encoder
     outputs as ``{kind: output}`` (``mm_encoder_outputs``; ``generate`` encodes the media
     before the prefill and passes them there since transformers 5.18); their
-    ``pooler_output`` is merged instead of calling the feature method.
+    ``pooler_output`` (the modality's ``feature_field``) is merged instead of calling the
+    feature method.
     ``original_inputs``: forward arguments whose presence sends the call to the original
     (other forms of precomputed features).
     ``needs_original(model, call) -> str | None``: a reason this call must run the original
@@ -236,12 +240,13 @@ def _rows(pooled: Any) -> list[torch.Tensor]:
     return [t if t.dim() == 2 else t.reshape(-1, t.shape[-1]) for t in pooled]
 
 
-def encoder_output_features(result: Any) -> Features:
-    """Features from what a feature method returned: an output with ``pooler_output``, or
-    (older getters) the features themselves."""
+def encoder_output_features(result: Any, field: str = "pooler_output") -> Features:
+    """Features from what a feature method returned: an output's ``field`` (its
+    ``pooler_output`` unless the modality says otherwise), or (older getters) the features
+    themselves."""
     if isinstance(result, (torch.Tensor, list, tuple)):
         return Features(rows=_rows(result), encoder_output=None, pooled=result)
-    pooled = result.pooler_output
+    pooled = getattr(result, field)
     return Features(rows=_rows(pooled), encoder_output=result, pooled=pooled)
 
 
@@ -253,7 +258,7 @@ def method_features(model: torch.nn.Module, modality: Modality, call: Call) -> F
     if modality.passes_forward_kwargs:
         kwargs.update(call.extra)
     kwargs["return_dict"] = True
-    return encoder_output_features(method(*args, **kwargs))
+    return encoder_output_features(method(*args, **kwargs), modality.feature_field)
 
 
 def _output_value(features: Features, value_kind: str, like: torch.Tensor) -> Any:
@@ -345,9 +350,10 @@ class MergeRule(SpecRule):
             for m in self.spec.modalities
         )
         row["features"] = "; ".join(
-            f"`{m.feature_method}`" if m.feature_method else f"`{m.feature_function.__name__}` (spec)"
+            (f"`{m.feature_method}`" + ("" if m.feature_field == "pooler_output" else f" (`{m.feature_field}`)"))
+            if m.feature_method else f"`{m.feature_function.__name__}` (spec)"
             for m in self.spec.modalities
-        )
+        )  # fmt: skip
         return row
 
     def make_replacement(self, options: PatchOptions) -> Callable:
@@ -367,7 +373,7 @@ class MergeRule(SpecRule):
             features = []
             for modality, encoded in media:
                 if encoded is not None:
-                    found = encoder_output_features(encoded)
+                    found = encoder_output_features(encoded, modality.feature_field)
                 elif modality.feature_function is not None:
                     found = modality.feature_function(model, call)
                 else:
@@ -530,12 +536,25 @@ def _merge(model, present: Sequence[Modality], features: Sequence[Features], inp
     embedding = model.get_input_embeddings()
     try:
         if _unfused_reason(embedding) is None and embedding.weight.device == device:
+            rows = _one_dtype(rows, embedding.weight.dtype)
             return merge_multimodal_embeddings(input_ids, None, rows, ids, embedding_weight=embedding.weight,
                                                check=check, padding_idx=embedding.padding_idx)  # fmt: skip
-        return merge_multimodal_embeddings(input_ids, _text_embeds(embedding, input_ids, ids, device), rows, ids,
+        text_embeds = _text_embeds(embedding, input_ids, ids, device)
+        return merge_multimodal_embeddings(input_ids, text_embeds, _one_dtype(rows, text_embeds.dtype), ids,
                                            check=check)  # fmt: skip
     except PlaceholderCountError as error:
         raise _hf_count_error(error, present) from error
+
+
+def _one_dtype(rows: list[list[torch.Tensor]], out_dtype: torch.dtype) -> list[list[torch.Tensor]]:
+    """The feature rows as the op takes them: in one dtype. Towers in different dtypes (an
+    Omni thinker's audio tower kept in float32 beside a bfloat16 vision tower) give rows of
+    several; the forward casts each to the embeddings' dtype before its scatter, and so do
+    these (the same rounding). Rows of one dtype are left to the op, which casts in the
+    kernel."""
+    if len({r.dtype for kind in rows for r in kind}) <= 1:
+        return rows
+    return [[r.to(out_dtype) for r in kind] for kind in rows]
 
 
 def _text_embeds(embedding: torch.nn.Module, input_ids: torch.Tensor, ids: Sequence[int], device) -> torch.Tensor:

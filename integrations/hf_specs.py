@@ -40,6 +40,19 @@ Molmo2 adds its image features to the placeholder tokens' own embeddings
 cache already holds tokens (its forward then still treats the call as a prefill because
 images came, which dropping them would change) run the original.
 
+Qwen2.5-Omni's thinker merges audio, images and videos in one forward: the audio from
+``get_audio_features(...).last_hidden_state`` (:attr:`~.hf_merge.Modality.feature_field`),
+images and videos as Qwen2-VL does; one op call takes all three. Its forward accepts
+``input_ids`` beside ``inputs_embeds`` and computes its M-RoPE positions from them (with
+``use_audio_in_video``, the audio lengths from ``feature_attention_mask``, the seconds
+per video grid), so those stay in the call and the original computes the positions. The
+placeholders of audio interleaved with video (``use_audio_in_video=True``) are still one
+token id per kind, filled in order as ``masked_scatter`` fills them: merged as any other
+call. Audio in ``mm_encoder_outputs`` (the forward ignores it) and pixels next to
+``mm_encoder_outputs`` (the forward raises) run the original. Qwen3-Omni-MoE's thinker
+merges the same way and also hands its images' and videos' deepstack features to its text
+model, as Qwen3-VL does (:func:`qwen3_omni_deepstack_inputs`: its audio has none).
+
 Qwen2-Audio has no feature method; :func:`qwen2_audio_features` is its short feature
 function, built from the model's own submodules, and decides the legacy (unexpanded audio
 tokens) path with the one host sync it needs anyway.
@@ -53,7 +66,7 @@ import torch
 
 from .hf_merge import Call, Features, LanguageModelInputs, MergeSpec, Modality, placeholder_id
 
-__all__ = ["MERGE_SPECS", "qwen2_audio_features", "qwen3_vl_deepstack_inputs"]
+__all__ = ["MERGE_SPECS", "qwen2_audio_features", "qwen3_omni_deepstack_inputs", "qwen3_vl_deepstack_inputs"]
 
 IMAGE_TOKEN = ("image_token_id", "image_token_index")
 VIDEO_TOKEN = ("video_token_id", "video_token_index")
@@ -224,6 +237,46 @@ def _molmo2_needs_original(model, call: Call) -> str | None:
     return None
 
 
+def _omni_modalities() -> tuple[Modality, ...]:
+    # In the forward's order: audio, then images and videos as Qwen2-VL's (their grids stay
+    # for M-RoPE). feature_attention_mask stays too: the forward turns it into the audio
+    # lengths of its M-RoPE positions (with input_features gone it merges no audio).
+    image, video = _qwen2_vl_modalities()
+    audio = Modality(
+        kind="audio",
+        placeholder_fields=AUDIO_TOKEN,
+        trigger="input_features",
+        consumed=("input_features",),
+        feature_method="get_audio_features",
+        positional=("input_features", "feature_attention_mask", "audio_feature_lengths"),
+        passes_forward_kwargs=True,
+        feature_field="last_hidden_state",
+    )
+    # The output carries the image encoder's output only (its video_outputs and
+    # audio_outputs stay None).
+    return (audio, image, dataclasses.replace(video, output_fields=()))
+
+
+def qwen3_omni_deepstack_inputs(model, modalities, features: list[Features], input_ids: torch.Tensor) -> dict | None:
+    """Qwen3-Omni-MoE's thinker: :func:`qwen3_vl_deepstack_inputs` of its images and videos
+    (its audio has no deepstack features); a call with audio alone hands the text model none,
+    as its forward does."""
+    visual = [(m, f) for m, f in zip(modalities, features) if m.kind != "audio"]
+    if not visual:
+        return {}
+    kinds, found = zip(*visual)
+    return qwen3_vl_deepstack_inputs(model, kinds, list(found), input_ids)
+
+
+def _omni_needs_original(model, call: Call) -> str | None:
+    encoded = call.get("mm_encoder_outputs")
+    if encoded is not None and (call.get("pixel_values") is not None or call.get("pixel_values_videos") is not None):
+        return "pixels and mm_encoder_outputs together (the forward raises its own error)"
+    if isinstance(encoded, dict) and encoded.get("audio") is not None:
+        return "audio in mm_encoder_outputs (the forward ignores it: its audio comes from input_features)"
+    return None
+
+
 MERGE_SPECS: tuple[MergeSpec, ...] = (
     MergeSpec(
         family="LLaVA",
@@ -348,6 +401,24 @@ MERGE_SPECS: tuple[MergeSpec, ...] = (
             ),
         ),
         media_ignored_on_single_token=True,
+    ),
+    MergeSpec(
+        family="Qwen2.5-Omni (thinker)",
+        model_type="qwen2_5_omni_thinker",
+        model_class="Qwen2_5OmniThinkerModel",
+        modalities=_omni_modalities(),
+        keeps_input_ids=True,
+        needs_original=_omni_needs_original,
+    ),
+    MergeSpec(
+        family="Qwen3-Omni-MoE (thinker)",
+        model_type="qwen3_omni_moe_thinker",
+        model_class="Qwen3OmniMoeThinkerModel",
+        modalities=_omni_modalities(),
+        keeps_input_ids=True,
+        needs_original=_omni_needs_original,
+        language_model_inputs=LanguageModelInputs("language_model", "qwen3_omni_moe_text",
+                                                  "Qwen3OmniMoeThinkerTextModel", qwen3_omni_deepstack_inputs),  # fmt: skip
     ),
     MergeSpec(
         family="Qwen2-Audio",

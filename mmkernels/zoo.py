@@ -17,9 +17,9 @@ different token counts in one sample.
 
 ``save(family, path)`` writes a folder that ``AutoConfig``, the model class's
 ``from_pretrained`` and ``AutoProcessor`` load offline. The processors of Qwen2-VL,
-Qwen2.5-VL and LLaVA-OneVision hold a video processor, which transformers builds only
-with torchvision; without it their folders load through ``AutoTokenizer`` and
-``AutoImageProcessor``.
+Qwen2.5-VL, LLaVA-OneVision and the Omni thinkers hold a video processor, which
+transformers builds only with torchvision; without it their folders load through
+``AutoTokenizer`` and ``AutoImageProcessor``.
 
 Aria is left out: its processor defaults to 980-pixel crops (4900 patches) whatever its
 image processor says, so a tiny Aria would need every caller to pass ``max_image_size``.
@@ -130,6 +130,14 @@ def _build(family: str, recipe: _Recipe, *, seed: int, dtype: torch.dtype, batch
         if spec.init_weights is not None:
             with torch.no_grad():
                 spec.init_weights(model)
+    if not any(type(module).__name__ == spec.inner_model_class for module in model.modules()):
+        import transformers
+
+        # The Omni thinkers where they have no *ThinkerModel yet (5.17): the ForConditionalGeneration merged.
+        raise FamilyUnavailable(
+            f"transformers {transformers.__version__}'s {spec.model_class} has no {spec.inner_model_class} "
+            "(the module the family's merge is patched on)"
+        )
     _set_generation_ids(model, recipe.tokenizer)
     samples = [spec.samples[i % len(spec.samples)] for i in range(batch)]
     inputs = spec.make_inputs(recipe, model, samples, np.random.default_rng(seed))
@@ -345,14 +353,19 @@ _VIDEO_PROCESSOR_KEYS = (
 )  # fmt: skip
 
 
-def _processor_config(processor_class: str, image_processor, video_processor_type: str, **options) -> dict:
+def _processor_config(processor_class: str, image_processor, video_processor_type: str, feature_extractor=None,
+                      **options) -> dict:  # fmt: skip
     """processor_config.json for a processor that cannot be built here (it needs torchvision
     for its video processor), in the nested form ``ProcessorMixin.save_pretrained`` writes;
-    the video processor resizes and normalizes as the image processor does."""
+    the video processor resizes and normalizes as the image processor does. The feature
+    extractor, where the processor has one (the Omni thinkers' audio), as it is."""
     image = json.loads(image_processor.to_json_string())
     video = {key: image[key] for key in _VIDEO_PROCESSOR_KEYS if key in image}
     video.update(video_processor_type=video_processor_type, do_sample_frames=False)
-    return {"processor_class": processor_class, **options, "image_processor": image, "video_processor": video}
+    config = {"processor_class": processor_class, **options, "image_processor": image, "video_processor": video}
+    if feature_extractor is not None:
+        config["feature_extractor"] = json.loads(feature_extractor.to_json_string())
+    return config
 
 
 def _expand(text: str, token: str, counts: Iterator[int]) -> str:
@@ -430,6 +443,7 @@ class _Recipe:
     model_class: type
     processor: Any = None  # the family's own processor, where it builds without torchvision
     image_processor: Any = None  # used directly where ``processor`` is None
+    feature_extractor: Any = None  # likewise
     processor_config: dict | None = None  # processor_config.json to save where ``processor`` is None
 
 
@@ -459,8 +473,9 @@ def _recipe(family: str) -> _Recipe:
     if spec.unbuilt_processor is not None:
         unbuilt = spec.unbuilt_processor
         processor_config = _processor_config(
-            unbuilt.processor_class, media["image_processor"], unbuilt.video_processor_type, **unbuilt.options
-        )
+            unbuilt.processor_class, media["image_processor"], unbuilt.video_processor_type,
+            media.get("feature_extractor"), **unbuilt.options,
+        )  # fmt: skip
     return _Recipe(
         spec=spec,
         tokenizer=tokenizer,
@@ -468,6 +483,7 @@ def _recipe(family: str) -> _Recipe:
         model_class=_transformers_class(spec.model_class),
         processor=processor,
         image_processor=media.get("image_processor"),
+        feature_extractor=media.get("feature_extractor"),
         processor_config=processor_config,
     )
 
@@ -520,6 +536,15 @@ def _qwen_vl_inputs(recipe: _Recipe, model, samples: list[_Sample], rng) -> dict
     (laid out as the video processor does: temporal pairs of frames per patch), and the
     placeholder counts are the processor's own formula, grid_t*grid_h*grid_w / merge**2.
     """
+    inputs, counts = _qwen_vision_inputs(recipe, samples, rng)
+    if "pixel_values_videos" in inputs and "second_per_grid_ts" in inspect.signature(model.forward).parameters:
+        # Qwen2.5-VL: seconds per temporal patch = temporal_patch_size / fps, here 2 frames at 2 fps
+        inputs["second_per_grid_ts"] = torch.ones(len(inputs["video_grid_thw"]))
+    return {**_tokenize_expanded(recipe, samples, counts), **inputs}
+
+
+def _qwen_vision_inputs(recipe: _Recipe, samples: list[_Sample], rng) -> tuple[dict, dict[str, list[int]]]:
+    """The image and video inputs of :func:`_qwen_vl_inputs` and their placeholder counts."""
     image_processor = recipe.image_processor
     merge_length = image_processor.merge_size**2
     inputs: dict[str, torch.Tensor] = {}
@@ -540,11 +565,7 @@ def _qwen_vl_inputs(recipe: _Recipe, model, samples: list[_Sample], rng) -> dict
         inputs["pixel_values_videos"] = torch.cat(patches)
         inputs["video_grid_thw"] = torch.tensor(grids, dtype=torch.long)
         counts["video"] = (inputs["video_grid_thw"].prod(-1) // merge_length).tolist()
-        if "second_per_grid_ts" in inspect.signature(model.forward).parameters:  # Qwen2.5-VL
-            # seconds per temporal patch = temporal_patch_size / fps, here 2 frames at 2 fps
-            inputs["second_per_grid_ts"] = torch.ones(len(videos))
-
-    return {**_tokenize_expanded(recipe, samples, counts), **inputs}
+    return inputs, counts
 
 
 def _qwen_video_patches(image_processor, shape: tuple[int, int, int], rng) -> tuple[torch.Tensor, list[int]]:
@@ -749,6 +770,29 @@ _QWEN_TOKEN_IDS = dict(
 )
 
 
+# Qwen2-VL's image processor (Qwen2.5-VL and the Omni thinkers ship the same): each 28x28
+# pixel unit is one token after the 2x2 merge, 4 to 16 tokens per image.
+_QWEN_IMAGE_PROCESSOR = _Part(
+    "Qwen2VLImageProcessor",
+    min_pixels=4 * (PATCH * 2) ** 2,
+    max_pixels=16 * (PATCH * 2) ** 2,
+    patch_size=PATCH,
+    temporal_patch_size=2,
+    merge_size=2,
+)
+# The Omni thinkers' tokens: audio, image and video pads, audio between audio_bos / eos,
+# images and videos between vision_bos / eos (the names their processors look up).
+_OMNI_TOKENS = {
+    "audio_token": "<|AUDIO|>",
+    "image_token": "<|IMAGE|>",
+    "video_token": "<|VIDEO|>",
+    "audio_bos_token": "<|audio_bos|>",
+    "audio_eos_token": "<|audio_eos|>",
+    "vision_bos_token": "<|vision_bos|>",
+    "vision_eos_token": "<|vision_eos|>",
+}
+
+
 def _qwen_vl(prefix: str, vision: dict[str, Any]) -> _FamilySpec:
     """Qwen2-VL / Qwen2.5-VL (transformers' class names start with ``prefix``):
     dynamic-resolution ViT over pre-flattened patches, 2x2 patch merger, multimodal RoPE
@@ -763,15 +807,7 @@ def _qwen_vl(prefix: str, vision: dict[str, Any]) -> _FamilySpec:
         model_class=f"{prefix}ForConditionalGeneration",
         inner_model_class=f"{prefix}Model",
         **_QWEN_TOKENIZER,
-        image_processor=_Part(
-            "Qwen2VLImageProcessor",  # Qwen2.5-VL ships the same image processor
-            # each 28x28 pixel unit is one token after the 2x2 merge: 4 to 16 tokens per image
-            min_pixels=4 * (PATCH * merge) ** 2,
-            max_pixels=16 * (PATCH * merge) ** 2,
-            patch_size=PATCH,
-            temporal_patch_size=2,
-            merge_size=merge,
-        ),
+        image_processor=_QWEN_IMAGE_PROCESSOR,
         unbuilt_processor=_UnbuiltProcessor(f"{prefix}Processor", "Qwen2VLVideoProcessor"),  # both versions use it
         config=_Part(
             f"{prefix}Config",
@@ -911,6 +947,88 @@ def _molmo2_inputs(recipe: _Recipe, model, samples: list[_Sample], rng) -> dict:
     encoded = _tokenize_expanded(recipe, samples, {"image": [len(blocks)] * images})
     return {**encoded, "pixel_values": pixels, "image_token_pooling": pooling,
             "image_grids": torch.tensor([[side // 2, side // 2, 0, 0]] * images), "image_num_crops": torch.ones(images, dtype=torch.long)}  # fmt: skip
+
+
+def _qwen_omni_inputs(seconds_per_temporal_patch: float):
+    """make_inputs: what an Omni processor gives (its video processor needs torchvision, so
+    it is not built here): images and video frames as for Qwen2-VL
+    (:func:`_qwen_vision_inputs`) with ``video_second_per_grid`` (the processor's
+    temporal_patch_size / fps); audio through the Whisper feature extractor padded to its
+    window, with the mask the processor renames ``feature_attention_mask``; each clip's
+    placeholders counted by the rows the model's own ``get_audio_features`` gives for it
+    (asked once per clip), so no recipe restates an audio encoder's length arithmetic."""
+
+    def make(recipe: _Recipe, model, samples: list[_Sample], rng) -> dict:
+        inputs, counts = _qwen_vision_inputs(recipe, samples, rng)
+        if "pixel_values_videos" in inputs:
+            inputs["video_second_per_grid"] = torch.full((len(inputs["video_grid_thw"]),), seconds_per_temporal_patch)
+        extractor = recipe.feature_extractor
+        rate = extractor.sampling_rate
+        clips = [(0.1 * rng.standard_normal(int(seconds * rate))).astype(np.float32)
+                 for sample in samples for seconds in sample.audio_seconds]  # fmt: skip
+        if clips:
+            audio = extractor(clips, sampling_rate=rate, padding="max_length", return_attention_mask=True,
+                              return_tensors="pt")  # fmt: skip
+            features, mask = audio["input_features"], audio["attention_mask"]
+            inputs["input_features"], inputs["feature_attention_mask"] = features, mask
+            inner = next(m for m in model.modules() if type(m).__name__ == recipe.spec.inner_model_class)
+            with torch.no_grad():
+                counts["audio"] = [
+                    inner.get_audio_features(features[i : i + 1], mask[i : i + 1]).last_hidden_state.shape[0]
+                    for i in range(len(clips))
+                ]
+        encoded = _tokenize_expanded(recipe, samples, counts)
+        encoded.pop("mm_token_type_ids")  # its forward takes none (M-RoPE reads the vision start tokens)
+        return {**encoded, **inputs}
+
+    return make
+
+
+def _qwen_omni(prefix: str, *, audio: dict, vision: dict, text: _Part, seconds_per_temporal_patch: float,
+               token_ids: dict, **config) -> _FamilySpec:  # fmt: skip
+    """An Omni thinker (transformers' class names start with ``prefix``): audio, images and
+    videos merged in one forward, M-RoPE over all three. ``audio`` / ``vision`` / ``text``:
+    the version's own encoder arguments and text config; ``token_ids``: the placeholder ids
+    under the version's argument names; ``config``: further thinker config arguments. Sample
+    0 holds a clip and an image; sample 1 two clips, an image and a video."""
+    clip = "<|audio_bos|><|AUDIO|><|audio_eos|>"
+    image = "<|vision_bos|><|IMAGE|><|vision_eos|>"
+    video = "<|vision_bos|><|VIDEO|><|vision_eos|>"
+    return _FamilySpec(
+        model_class=f"{prefix}ThinkerForConditionalGeneration",
+        inner_model_class=f"{prefix}ThinkerModel",
+        named_tokens=_OMNI_TOKENS,
+        add_bos=False,
+        image_processor=_QWEN_IMAGE_PROCESSOR,
+        feature_extractor=_Part("WhisperFeatureExtractor", **_MEL_FEATURES),
+        unbuilt_processor=_UnbuiltProcessor(f"{prefix}Processor", "Qwen2VLVideoProcessor"),
+        config=_Part(
+            f"{prefix}ThinkerConfig",
+            # n_window: the encoder attends within chunks of 2 * n_window mel frames, one window here.
+            audio_config=_Part(f"{prefix}AudioEncoderConfig", n_window=_MEL_POSITIONS, output_dim=HIDDEN, **audio),
+            vision_config=_Part(
+                f"{prefix}VisionEncoderConfig", depth=LAYERS, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE,
+                num_heads=HEADS, out_hidden_size=HIDDEN, patch_size=PATCH, spatial_merge_size=2,
+                temporal_patch_size=2, **vision,
+            ),
+            text_config=text,
+            audio_start_token_id=_TokenId("<|audio_bos|>"),
+            vision_start_token_id=_TokenId("<|vision_bos|>"),
+            vision_end_token_id=_TokenId("<|vision_eos|>"),
+            **token_ids,
+            **config,
+        ),
+        # Image first: the tests that drop one placeholder drop one of the first kind, whose
+        # count the forward checks (it checks no audio count).
+        placeholders={"image": "<|IMAGE|>", "video": "<|VIDEO|>", "audio": "<|AUDIO|>"},
+        samples=(
+            _Sample(f"user : {clip} what is this sound ? and {image} describe the image . assistant :",
+                    ((56, 56),), audio_seconds=(0.45,)),
+            _Sample(f"user : first {clip} then {clip} , with {image} and the clip {video} , which one is larger ? "
+                    "assistant :", ((50, 80),), videos=((4, 56, 56),), audio_seconds=(0.8, 0.3)),
+        ),
+        make_inputs=_qwen_omni_inputs(seconds_per_temporal_patch),
+    )  # fmt: skip
 
 
 def _generic(
@@ -1540,6 +1658,43 @@ _SPECS: dict[str, _FamilySpec] = {
         placeholders={"image": "<|image_pad|>"},
         samples=_samples("<|vision_start|><|image_pad|><|vision_end|>"),
         make_inputs=_kimi_k25_inputs,
+    ),  # fmt: skip
+    # Qwen2.5-Omni's thinker (what reads and writes text; the talker and token2wav that speak
+    # are not built): a Whisper-style audio encoder (two 1-D convs, 2x average pooling, a
+    # projection to the text width), Qwen2.5-VL's windowed ViT (window 56: 2x2 merged units),
+    # Qwen2.5's text model with M-RoPE over audio, image and video positions.
+    "qwen2_5_omni_thinker": _qwen_omni(
+        "Qwen2_5Omni",
+        audio=dict(**_WHISPER_ENCODER),
+        vision=dict(window_size=2 * PATCH * 2, fullatt_block_indexes=[LAYERS - 1]),
+        text=_text_config(
+            "Qwen2_5OmniTextConfig",
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+        ),
+        seconds_per_temporal_patch=1.0,  # its processor's 2 fps
+        token_ids=dict(audio_token_index=_TokenId("<|AUDIO|>"), image_token_index=_TokenId("<|IMAGE|>"),
+                       video_token_index=_TokenId("<|VIDEO|>"), audio_end_token_id=_TokenId("<|audio_eos|>")),
+    ),  # fmt: skip
+    # Qwen3-Omni's thinker: an audio encoder of three stride-2 2-D convs (13 positions per
+    # 100-frame window), Qwen3-VL's ViT whose layer 0 feeds deepstack features to the text
+    # model at the visual positions, a Qwen3 MoE text model (4 experts, 2 per token) with
+    # interleaved M-RoPE.
+    "qwen3_omni_moe_thinker": _qwen_omni(
+        "Qwen3OmniMoe",
+        audio=dict(**_WHISPER_ENCODER, downsample_hidden_size=32),  # the convs' channels (480 by default)
+        vision=dict(num_position_embeddings=16, deepstack_visual_indexes=[0]),
+        text=_text_config(
+            "Qwen3OmniMoeTextConfig", head_dim=HEAD_DIM, moe_intermediate_size=INTERMEDIATE, num_experts=4,
+            num_experts_per_tok=2,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6],
+                             "interleaved": True},
+        ),
+        seconds_per_temporal_patch=2.0,  # its processor's 1 fps
+        token_ids=dict(audio_token_id=_TokenId("<|AUDIO|>"), image_token_id=_TokenId("<|IMAGE|>"),
+                       video_token_id=_TokenId("<|VIDEO|>")),
+        # The experts as plain matmuls: torch's grouped_mm takes no float64 (the fidelity
+        # lane's exact model); the model passes its choice to the text config.
+        experts_implementation="eager",
     ),  # fmt: skip
     # Llama 4 (Scout / Maverick): unfold-linear ViT, pixel-shuffle 0.5 MLP, one Linear
     # projector, MoE text model with chunked attention; merged in the ForConditionalGeneration.
