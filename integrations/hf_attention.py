@@ -359,9 +359,15 @@ def _is_flash(config) -> bool:
     return isinstance(implementation, str) and "flash" in implementation
 
 
+def _projections(module: torch.nn.Module) -> tuple[str, ...]:
+    """The layer's input projections: one fused ``qkv`` (Qwen2-VL's layer), or ``q``, ``k``
+    and ``v`` (Qwen2.5-Omni's tower)."""
+    return ("qkv",) if hasattr(module, "qkv") or not hasattr(module, "q") else ("q", "k", "v")
+
+
 def _cu_seqlens_not_applicable(module: torch.nn.Module, qk_norm: bool = False) -> list[str]:
     name = type(module).__name__
-    reasons = [f"{name}.{attr} is not a plain nn.Linear" for attr in ("qkv", "proj")
+    reasons = [f"{name}.{attr} is not a plain nn.Linear" for attr in (*_projections(module), "proj")
                if not isinstance(getattr(module, attr, None), torch.nn.Linear)]  # fmt: skip
     if qk_norm:
         reasons += [f"{name} has no module {attr}" for attr in ("q_norm", "k_norm")
@@ -378,7 +384,7 @@ def _cu_seqlens_qk_norm_not_applicable(module: torch.nn.Module) -> list[str]:
 
 
 def _cu_seqlens_notes(module: torch.nn.Module) -> list[str]:
-    return [backend_note(ATTENTION_CAPABILITIES, module.qkv.weight),
+    return [backend_note(ATTENTION_CAPABILITIES, getattr(module, _projections(module)[0]).weight),
             "one varlen_attention call over cu_seqlens per layer (no per-image loop, no .tolist())"]  # fmt: skip
 
 
@@ -420,7 +426,10 @@ def _cu_seqlens_attention(self, qk_norm, hidden_states, cu_seqlens, position_emb
     from mmkernels.ops import varlen_attention
 
     n = hidden_states.shape[0]
-    q, k, v = self.qkv(hidden_states).reshape(n, 3, self.num_heads, -1).unbind(1)
+    if "qkv" in self._modules:
+        q, k, v = self.qkv(hidden_states).reshape(n, 3, self.num_heads, -1).unbind(1)
+    else:
+        q, k, v = (projection(hidden_states).reshape(n, self.num_heads, -1) for projection in (self.q, self.k, self.v))
     if qk_norm:
         q, k = self.q_norm(q), self.k_norm(k)
     cos, sin = position_embeddings
@@ -643,8 +652,8 @@ class AttentionRoute:
     features: str
 
 
-# Vision towers that call their attention layer with cu_seqlens (Qwen2-VL's layer: qkv,
-# the module's apply_rotary_pos_emb_vision, attention per image, proj).
+# Vision towers that call their attention layer with cu_seqlens (Qwen2-VL's layer: qkv, or
+# q, k and v, the module's apply_rotary_pos_emb_vision, attention per image, proj).
 CU_SEQLENS = AttentionRoute("cu_seqlens", _cu_seqlens_attention_forward, _cu_seqlens_not_applicable,
                             _cu_seqlens_notes, "cu_seqlens (and Qwen2.5-VL's cu_window_seqlens)")  # fmt: skip
 # The same layer with per-head q_norm / k_norm before the rotary embedding.
@@ -702,6 +711,7 @@ ATTENTION_SPECS: tuple[AttentionSpec, ...] = (
             ("Qwen3-VL-MoE", "qwen3_vl_moe_vision", "Qwen3VLMoeVisionAttention"),
             ("Qwen3.5", "qwen3_5_vision", "Qwen3_5VisionAttention"),
             ("Qwen3.5-MoE", "qwen3_5_moe_vision", "Qwen3_5MoeVisionAttention"),
+            ("Qwen2.5-Omni", "qwen2_5_omni_vision_encoder", "Qwen2_5OmniVisionAttention"),  # q, k, v apart
             ("Qwen3-Omni-MoE", "qwen3_omni_moe_vision_encoder", "Qwen3OmniMoeVisionAttention"),
             ("GLM-4.1V", "glm4v_vision", "Glm4vVisionAttention"),
             ("GLM-4.5V", "glm4v_moe_vision", "Glm4vMoeVisionAttention"),

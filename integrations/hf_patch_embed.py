@@ -39,7 +39,10 @@ takes ``bool_masked_pos`` (mask tokens: the original runs) and ends with a dropo
 runs while it is the identity).
 
 Pixtral and Mllama add their positions in the tower's own ``forward`` (rotary, gated
-tile tables), so only their bare patch ``Conv2d`` is replaced (:class:`ConvPatchRule`):
+tile tables), and so do the NaViT-style towers (Idefics2/3, SmolVLM, Phi-4-multimodal,
+MiniCPM-V, Ovis2: positions bucketed per image) and the towers fed pre-cut patches (Kimi
+K2.5's MoonViT, PaddleOCR-VL, LLaVA-OneVision-1.5 and others: ``CONV_PATCH_SPECS``), so
+only their bare patch ``Conv2d`` is replaced (:class:`ConvPatchRule`):
 the conv's ``forward`` returns the op's rows viewed in the conv's ``(B, D, H/P, W/P)``
 layout, which the tower's ``flatten(2).transpose(1, 2)`` turns back without a copy.
 Llama 4 writes its patch embedding as ``nn.Unfold`` + ``nn.Linear``
@@ -52,7 +55,8 @@ and Qwen2-VL's ``PatchEmbed`` have none and are matched under their tower's (``v
 ``qwen2_vl_vision``), see :mod:`.engine`.
 
 Read against ``transformers/models/{clip,siglip,blip_2,vit,qwen2_vl,qwen2_5_vl}/modeling_*.py``,
-versions 5.17 to 5.24 (the forwards are the same in that range).
+versions 5.17 to 5.24 (the forwards are the same in that range); the newer towers against
+5.25 (each table row says which release first has it: ``coverage_versions.json``).
 """
 
 from __future__ import annotations
@@ -669,7 +673,11 @@ class ConvPatchSpec:
     tower's ``forward`` (Pixtral adds rotary positions later; Mllama adds gated tile and
     position embeddings inline in ``MllamaVisionModel.forward``). The conv module's own
     ``forward`` is replaced: one op call returning the conv's ``(B, D, H/P, W/P)`` layout
-    as a view of the op's ``(B, N, D)`` rows."""
+    as a view of the op's ``(B, N, D)`` rows.
+
+    The spec names no path: every ``Conv2d`` its ``model_type`` governs is matched, so a
+    tower is listed only where :func:`_conv_reasons` refuses its other convs (a 1x1 neck
+    conv or a stride == kernel patch merger would be replaced too: GOT-OCR2, HunYuan-VL)."""
 
     family: str
     model_type: str
@@ -927,6 +935,8 @@ PATCH_EMBED_SPECS: tuple[PatchEmbedSpec, ...] = (
             ("GLM-4.1V vision", "glm4v_vision", "Glm4vVisionPatchEmbed"),
             ("GLM-4.5V vision", "glm4v_moe_vision", "Glm4vMoeVisionPatchEmbed"),
             ("GLM-OCR vision", "glm_ocr_vision", "GlmOcrVisionPatchEmbed"),
+            ("Qwen2.5-Omni vision", "qwen2_5_omni_vision_encoder", "Qwen2_5_VisionPatchEmbed"),
+            ("Qwen3-Omni-MoE vision", "qwen3_omni_moe_vision_encoder", "Qwen3OmniMoeVisionPatchEmbed"),
         )
     ),
 )
@@ -936,8 +946,31 @@ UNFOLD_PATCH_SPECS: tuple[UnfoldPatchSpec, ...] = (
     UnfoldPatchSpec(family="Llama 4 vision", model_type="llama4_vision_model", model_class="Llama4UnfoldConvolution"),
 )
 
-# Towers whose patch conv is the only part the op can take over without a copied forward.
+# Towers whose patch conv is the only part the op can take over without a copied forward
+# (read against transformers 5.25; ConvPatchSpec says which towers may be listed).
 CONV_PATCH_SPECS: tuple[ConvPatchSpec, ...] = (
     ConvPatchSpec(family="Pixtral vision (patch conv)", model_type="pixtral"),
     ConvPatchSpec(family="Mllama vision (patch conv)", model_type="mllama_vision_model"),
+    # NaViT-style positions bucketed from patch_attention_mask (embeddings.patch_embedding).
+    ConvPatchSpec(family="Idefics2 vision (patch conv)", model_type="idefics2_vision"),
+    ConvPatchSpec(family="Idefics3 vision (patch conv)", model_type="idefics3_vision"),
+    ConvPatchSpec(family="SmolVLM vision (patch conv)", model_type="smolvlm_vision"),
+    ConvPatchSpec(family="Phi-4-multimodal vision (patch conv)", model_type="phi4_multimodal_vision"),
+    # Nearest-bucket positions from target_sizes over patches laid in one row (embeddings.patch_embedding).
+    ConvPatchSpec(family="MiniCPM-V 4.6 vision (patch conv)", model_type="minicpmv4_6_vision"),
+    ConvPatchSpec(family="MiniCPM-V 4.7 vision (patch conv)", model_type="minicpmv4_7_vision"),
+    ConvPatchSpec(family="MiniCPM-OCR vision (patch conv)", model_type="minicpm_ocr_vision"),
+    # An RMSNorm between the conv and the position table (transformer.embeddings.patch_embedding).
+    ConvPatchSpec(family="Ovis2 vision (patch conv)", model_type="ovis2_vision"),
+    # Patches already cut to (L, C, P, P): H == W == P, one row per patch; positions interpolated
+    # per grid_thw, rotary, or none (Kimi patch_embed.proj, Ovis2.5 and PaddleOCR-VL
+    # [vision_model.]embeddings.patch_embedding, LLaVA-OV-1.5 / GLM-Image / dots3-note patch_embed.proj,
+    # VideoLLaMA3 embeddings.patch_embedding).
+    ConvPatchSpec(family="Kimi K2.5 vision (patch conv)", model_type="kimi_k25_vision"),
+    ConvPatchSpec(family="Ovis2.5 vision (patch conv)", model_type="ovis2_5_vision"),
+    ConvPatchSpec(family="PaddleOCR-VL vision (patch conv)", model_type="paddleocr_vl_vision"),
+    ConvPatchSpec(family="LLaVA-OneVision-1.5 vision (patch conv)", model_type="llava_onevision1_5_vision"),
+    ConvPatchSpec(family="VideoLLaMA3 vision (patch conv)", model_type="video_llama_3_vision"),
+    ConvPatchSpec(family="GLM-Image vision (patch conv)", model_type="glm_image_vision"),
+    ConvPatchSpec(family="dots3-note vision (patch conv)", model_type="dots3_note_vision_encoder"),
 )

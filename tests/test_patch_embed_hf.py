@@ -59,11 +59,15 @@ EXPECTED = {
     "llama4": [("vision_model.patch_embedding", "Llama4UnfoldConvolution")],  # unfold + linear
     "janus": [("model.vision_model.embeddings", "JanusVisionEmbeddings")],
     "internvl": [("model.vision_tower.embeddings", "InternVLVisionEmbeddings")],
+    "idefics3": [("model.vision_model.embeddings.patch_embedding", "Conv2d")],  # the bare patch conv
+    "kimi_k25": [("model.vision_tower.patch_embed.proj", "Conv2d")],  # the bare conv over pre-cut patches
+    "qwen2_5_omni_thinker": [("model.visual.patch_embed", "Qwen2_5_VisionPatchEmbed")],
+    "qwen3_omni_moe_thinker": [("model.visual.patch_embed", "Qwen3OmniMoeVisionPatchEmbed")],
 }
 ATTENTION_OP = f"mmkernels.ops.{ATTENTION_OP_NAME}"
 ATTENTION_CLASSES = {rule.model_class for rule in integrations.rules() if rule.kernel == "attention"}
 FAMILIES = [family for family in zoo.FAMILIES if family in EXPECTED]
-UNWIRED = [family for family in zoo.FAMILIES if family not in EXPECTED]  # Idefics3: its own embeddings
+UNWIRED = [family for family in zoo.FAMILIES if family not in EXPECTED]
 
 
 # --------------------------------------------------------------------------------------
