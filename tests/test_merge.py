@@ -378,3 +378,44 @@ def test_inplace_layouts_reference_autograd_and_compile():
     assert_bitwise_equal(target, want)
     with pytest.raises(ValueError, match="inplace=True"):
         merge(ids, None, feats, IMAGE, embedding_weight=torch.randn(100, 8), inplace=True)
+
+
+@pytest.mark.parametrize("form", ["out-of-place", "inplace", "fused"])
+def test_one_launch_form_writes_what_the_two_launch_form_writes(form, monkeypatch):
+    """check=False up to ``_SCAN_PREFIX_MAX_TOKENS`` tokens is one launch whose programs
+    count the placeholders before their block themselves: bit for bit what the count
+    launch + cumsum form writes, across several scan steps (2500 tokens, 1024 ids a step),
+    three kinds (one of them id 0, the value masked loads return), strided ids, surplus
+    placeholders (NaN rows) and surplus feature rows."""
+    import mmkernels.ops.merge as merge_module
+
+    gen = torch.Generator().manual_seed(11)
+    T, D = 2500, 8
+    ids = torch.randint(5, 50, (2 * T,), generator=gen)[::2]  # strided
+    kinds = [0, 3, 4]
+    where = torch.randperm(T, generator=gen)
+    for k, kind in enumerate(kinds):
+        ids[where[k * 300 : (k + 1) * 300]] = kind
+    ids[where[900:910]] = 3  # ten more kind-3 placeholders than rows: NaN rows
+    rows = {0: [70, 230], 3: [300], 4: [150, 160]}  # kind 4: ten rows too many
+    features = [[torch.randn(n, D, generator=gen) for n in rows[kind]] for kind in kinds]
+    table = torch.randn(64, D, generator=gen)
+    embeds = table[ids.clamp(0, 63)].clone()
+
+    def run(max_tokens):
+        monkeypatch.setattr(merge_module, "_SCAN_PREFIX_MAX_TOKENS", max_tokens)
+        if form == "fused":
+            return merge(ids, None, features, kinds, embedding_weight=table, check=False)
+        target = embeds.clone()
+        out = merge(ids, target, features, kinds, check=False, inplace=form == "inplace")
+        return out
+
+    launched = []
+    real_launch = merge_module.backend_launch
+    monkeypatch.setattr(merge_module, "backend_launch", lambda kernel, *a: launched.append(kernel.__name__) or real_launch(kernel, *a))
+    one = run(4096)
+    assert launched == ["merge_rows_kernel"]
+    two = run(0)
+    assert launched[1:] == ["merge_count_kernel", "merge_rows_kernel"]
+    assert torch.equal(one.nan_to_num(7.0), two.nan_to_num(7.0))
+    assert one.isnan().any(dim=-1).sum() == 10  # the surplus kind-3 placeholders

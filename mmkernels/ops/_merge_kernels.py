@@ -1,10 +1,13 @@
 """Triton bodies of the multimodal token merge (see :mod:`mmkernels.ops.merge`).
 
-Two launches, no host sync:
+Two launches, no host sync (one for short sequences without the count check):
 
 1. ``merge_count_kernel``: per block of ``BLOCK_T`` tokens, how many positions hold each
    placeholder id (and, for the fused lookup, how many text ids fall outside the table).
    The launcher takes its cumulative sum over blocks on the device (one torch.cumsum).
+   With ``SCAN_PREFIX`` (short sequences, no count check) neither runs: each program of
+   the rows kernel counts the placeholders before its block itself, re-reading at most
+   the sequence's ids (a few KB from L2) instead of two more device operations.
 2. ``merge_rows_kernel``: each program owns ``BLOCK_T`` output rows x ``BLOCK_D``
    columns and writes every element exactly once: placeholder rows from the features
    (rank = block prefix + in-block cumsum, then a binary search over the feature
@@ -89,6 +92,8 @@ def merge_rows_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     WRITE_TEXT: tl.constexpr = True,  # False: in place, out is inputs_embeds; only placeholder rows are written
+    SCAN_PREFIX: tl.constexpr = False,  # count the placeholders before the block here (counts_ptr unused)
+    SCAN_T: tl.constexpr = 1024,  # ids per step of that count
 ):
     block = tl.program_id(0)
     # Masks in int32 (T < 2^31), every address from int64 rows: with int64 masks too the
@@ -104,10 +109,21 @@ def merge_rows_kernel(
     is_placeholder = tl.zeros([BLOCK_T], dtype=tl.int1)
     feat_index = tl.full([BLOCK_T], -1, dtype=tl.int64)
     for k in tl.static_range(NUM_KINDS):
-        hit = (ids == tl.load(kind_ids_ptr + k)) & row_ok
-        before = tl.load(block_cumsum_ptr + block * (NUM_KINDS + 1) + k).to(tl.int64) - tl.load(
-            counts_ptr + block * (NUM_KINDS + 1) + k
-        ).to(tl.int64)
+        kind_id = tl.load(kind_ids_ptr + k)
+        hit = (ids == kind_id) & row_ok
+        if SCAN_PREFIX:
+            # Placeholders of this kind in the rows before the block, counted here.
+            first_row = block * BLOCK_T
+            before = tl.zeros([], dtype=tl.int64)
+            for start in range(0, first_row, SCAN_T):
+                prior32 = start + tl.arange(0, SCAN_T)
+                prior_ok = prior32 < first_row
+                prior = tl.load(ids_ptr + prior32.to(tl.int64) * ids_stride, mask=prior_ok, other=0).to(tl.int64)
+                before += tl.sum(((prior == kind_id) & prior_ok).to(tl.int64), axis=0)
+        else:
+            before = tl.load(block_cumsum_ptr + block * (NUM_KINDS + 1) + k).to(tl.int64) - tl.load(
+                counts_ptr + block * (NUM_KINDS + 1) + k
+            ).to(tl.int64)
         rank = before + tl.cumsum(hit.to(tl.int64), axis=0) - 1
         has_feature = hit & (rank < tl.load(kind_rows_ptr + k))
         feat_index = tl.where(has_feature, tl.load(kind_first_row_ptr + k) + rank, feat_index)

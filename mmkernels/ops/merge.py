@@ -331,6 +331,14 @@ def merge_config(dim: int, element_size: int) -> MergeConfig:
 
 # Position of block_cumsum in merge_rows_kernel's arguments (filled in after the count launch).
 _BLOCK_CUMSUM_ARG = 6
+# Up to this many tokens a call without the count check is one launch: each rows program
+# counts the placeholders before its block itself (SCAN_PREFIX), so the count launch and
+# the cumsum between the launches go. Their host cost (a launch, a torch call, an
+# allocation: about 10 us of the 36 of a 1-image LLaVA merge in tools/host_overhead.py)
+# and their two device operations are what a short call waits on. The rows re-read, per
+# program, at most this many ids (16 KB of int64 from L2), so above it the extra reads
+# (quadratic in the token count) would grow past the launches saved.
+_SCAN_PREFIX_MAX_TOKENS = 2048
 
 
 @dataclass
@@ -431,10 +439,13 @@ def _source_layout(args: _MergeArgs) -> tuple[torch.Tensor, int, int, int, int]:
     return src, src.stride(0), src.stride(1), col_stride, S
 
 
-def _build_launch(args: _MergeArgs, out: torch.Tensor, inplace: bool = False) -> tuple[_Launch, list[torch.Tensor]]:
+def _build_launch(args: _MergeArgs, out: torch.Tensor, inplace: bool = False,
+                  scan_prefix: bool = False) -> tuple[_Launch, list[torch.Tensor]]:  # fmt: skip
     """The launches for ``args``, and the feature tensors whose addresses the segment
     table holds (the caller keeps them alive until the kernel has run). ``inplace``:
-    ``out`` is ``inputs_embeds`` as (T, D) rows, and only placeholder rows are written."""
+    ``out`` is ``inputs_embeds`` as (T, D) rows, and only placeholder rows are written.
+    ``scan_prefix``: one launch, the rows kernel counting the placeholders before each
+    block itself (no count launch, no counts allocated)."""
     device = args.ids.device
     T, D = args.ids.shape[0], args.dim
     cfg = merge_config(D, out.element_size())
@@ -445,7 +456,8 @@ def _build_launch(args: _MergeArgs, out: torch.Tensor, inplace: bool = False) ->
     fused = args.table is not None
     src, src_stride_0, src_stride_1, src_col_stride, src_seq = _source_layout(args)
     vocab = args.table.shape[0] if fused else 0
-    counts = empty_output((num_blocks, len(args.kind_ids) + 1), torch.int32, device)
+    # scan_prefix: the kernel reads no counts (any int pointer stands in, never read).
+    counts = kind[1] if scan_prefix else empty_output((num_blocks, len(args.kind_ids) + 1), torch.int32, device)
     feat_base = feats[0] if feats else out
     # One id per row: a stride of 1 where the ids are contiguous (specialized by the JIT),
     # any other (a strided or expanded view) read as is.
@@ -473,6 +485,9 @@ def _build_launch(args: _MergeArgs, out: torch.Tensor, inplace: bool = False) ->
     )
     if inplace:
         rows_meta["WRITE_TEXT"] = False  # absent otherwise: the default, one compiled variant
+    if scan_prefix:
+        rows_meta["SCAN_PREFIX"] = True
+        rows_args = (*rows_args[:_BLOCK_CUMSUM_ARG], counts, *rows_args[_BLOCK_CUMSUM_ARG + 1 :])
     grid_rows = (num_blocks, cdiv(D, cfg.block_d))
     return _Launch(count_args, count_meta, rows_args, rows_meta, num_blocks, grid_rows, kind[1]), feats
 
@@ -509,6 +524,12 @@ def _triton_impl(args: _MergeArgs, check: bool, inplace: bool = False) -> torch.
     plan_ok()
     if not inplace:
         out2d = out.view(T, args.dim)
+    if not check and T <= _SCAN_PREFIX_MAX_TOKENS:
+        if args.dim == 0:
+            return out
+        launch, _keepalive = _build_launch(args, out2d, inplace, scan_prefix=True)
+        backend_launch(kernels.merge_rows_kernel, launch.grid_rows, launch.rows_args, launch.rows_meta)
+        return out
     launch, _keepalive = _build_launch(args, out2d, inplace)
     counts = launch.count_args[3]
     backend_launch(kernels.merge_count_kernel, (launch.num_blocks,), launch.count_args, launch.count_meta)
@@ -823,7 +844,7 @@ def aot_cases() -> list[AotCase]:
     cases: list[AotCase] = []
 
     def _aot_case(name: str, tokens: int, images: int, tokens_per_image: int, dim: int, dtype, fused: bool, rows: bool,
-                  inplace: bool = False):  # fmt: skip
+                  inplace: bool = False, scan_prefix: bool = False):  # fmt: skip
         def make_launch():
             n_feat = images * tokens_per_image
             ids = torch.zeros(tokens, dtype=torch.int64)
@@ -834,11 +855,12 @@ def aot_cases() -> list[AotCase]:
             else:
                 args = _validate(ids, torch.empty(tokens, dim, dtype=dtype), feats, 7, None)
             out = args.embeds if inplace else torch.empty(tokens, dim, dtype=dtype)
-            launch, keep = _build_launch(args, out, inplace)
+            launch, keep = _build_launch(args, out, inplace, scan_prefix)
             if not rows:
                 return launch.count_args, launch.count_meta, (launch.num_blocks,)
             rows_args = list(launch.rows_args)
-            rows_args[_BLOCK_CUMSUM_ARG] = launch.count_args[3]
+            if not scan_prefix:
+                rows_args[_BLOCK_CUMSUM_ARG] = launch.count_args[3]
             # Keep the feature tensors referenced: the segment table holds their addresses.
             make_launch.keep = keep
             return tuple(rows_args), launch.rows_meta, launch.grid_rows
@@ -856,4 +878,12 @@ def aot_cases() -> list[AotCase]:
     # Qwen2-VL-7B: D=3584, three images of 700 tokens, fp16.
     _aot_case("merge.rows/qwen2-vl-7b/fp16", 3000, 3, 700, 3584, torch.float16, fused=False, rows=True)
     _aot_case("merge.count/llava-1.5-7b", 9472, 16, 576, 4096, torch.bfloat16, fused=False, rows=False)
+    # One launch (check=False, up to _SCAN_PREFIX_MAX_TOKENS): LLaVA-1.5-7B, one 640-token
+    # prompt with its image, out of place and in place; the fused lookup at the limit.
+    _aot_case("merge.rows-scan/llava-1.5-7b-1img/bf16", 640, 1, 576, 4096, torch.bfloat16, fused=False, rows=True,
+              scan_prefix=True)  # fmt: skip
+    _aot_case("merge.rows-scan-inplace/llava-1.5-7b-1img/bf16", 640, 1, 576, 4096, torch.bfloat16, fused=False,
+              rows=True, inplace=True, scan_prefix=True)  # fmt: skip
+    _aot_case("merge.rows-scan-fused/2048-tokens/bf16", 2048, 3, 576, 4096, torch.bfloat16, fused=True, rows=True,
+              scan_prefix=True)  # fmt: skip
     return cases
