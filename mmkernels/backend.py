@@ -544,7 +544,9 @@ class Op:
       ``reduction_length(args)``: a per-GPU table (:mod:`mmkernels.routes`, written by
       ``mmkernels tune``, or at a bucket's first call under ``MMKERNELS_AUTOTUNE=1``) may
       choose one of them for a bucket; without an entry the launcher runs (the route
-      "heuristic").
+      "heuristic"), or the route ``default_route(args)`` names for the call: where the
+      op knows its launcher to be slower than one of its routes (quantized_linear's
+      dequantize + cuBLAS from 2048 rows) until a table says otherwise.
 
     From these this makes the custom op with its fake and autograd registrations, the
     body the custom op runs (the public function's validation if it was handed over for
@@ -557,7 +559,7 @@ class Op:
                  capabilities, reference: Callable, launch: Callable, fake: Callable,
                  setup_context: Callable | None = None, backward: Callable | None = None, routes: tuple = (),
                  bucket: Callable[[Any], str] | None = None, reduction_length: Callable[[Any], int] | None = None,
-                 decision_name: str | None = None):  # fmt: skip
+                 decision_name: str | None = None, default_route: Callable[[Any], str | None] | None = None):  # fmt: skip
         if routes and (bucket is None or reduction_length is None):
             raise ValueError(f"{name}: an op with routes states its shape bucket and reduction length "
                              f"(bucket=, reduction_length=)")  # fmt: skip
@@ -570,6 +572,7 @@ class Op:
         # reduction_length(args): the length of the sums behind each output (K), which
         # scales the tolerance a route is checked with when it is tuned.
         self.routes = {route.name: route for route in routes}
+        self.default_route = default_route
         self.bucket = bucket
         self.reduction_length = reduction_length
         self.validate = validate
@@ -627,6 +630,9 @@ class Op:
             # The timed runs are not this call's plan; what runs after them is.
             with _no_recording():
                 chosen = _routes.autotune(self, args, variant_op, bucket, device)
+        if chosen is None and self.default_route is not None:
+            name = self.default_route(args)
+            chosen = (name, "default") if name is not None else None
         if chosen is None or chosen[0] == _routes.HEURISTIC:
             return None, chosen
         name, source = chosen

@@ -9,7 +9,10 @@ buckets). Which route runs for a CUDA call is, in this order:
    (``$MMKERNELS_CACHE_DIR/routes.json``, default ``~/.cache/mmkernels/routes.json``);
 2. the table shipped inside the package (``mmkernels/tables/routes.json``), written by
    the project's GPU suite;
-3. the op's heuristic (its launcher's own choice of tiles and forms).
+3. the route the op names as its default for the call, where it states one (quantized_linear:
+   dequantize + cuBLAS from 2048 rows, where the H200 run found its kernels slower than
+   cuBLAS alone);
+4. the op's heuristic (its launcher's own choice of tiles and forms).
 
 An entry holds the GPU (name and compute capability), the torch and triton versions it
 was measured with, the op (with its variant: ``quantized_linear[w4a16]``), the bucket,
@@ -21,7 +24,8 @@ with ``MMKERNELS_AUTOTUNE=1`` a call whose bucket no table holds tunes it first
 traces or a CUDA graph is captured.
 
 What ran, and why, is on the backend decision (:func:`mmkernels.backend.recent_decisions`:
-``route`` and ``route_source``: "measured" for the user's table, "shipped", "forced").
+``route`` and ``route_source``: "measured" for the user's table, "shipped", "default",
+"forced").
 """
 
 from __future__ import annotations

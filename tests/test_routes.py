@@ -91,6 +91,33 @@ def test_every_quantized_linear_route_matches_the_reference(route, scheme, m):
     assert not out.isnan().any()
 
 
+def test_large_weight_only_calls_default_to_the_standard_route_until_a_table_says_otherwise(tables, monkeypatch):
+    """From _STANDARD_FROM_ROWS rows a w8a16/w4a16 call takes dequantize + cuBLAS by
+    default (the decision says "default"); fp8 (no weight-only PyTorch path) and smaller
+    calls keep the launcher; a table entry for the bucket wins over the default."""
+    monkeypatch.setattr(QUANTIZED_LINEAR, "_STANDARD_FROM_ROWS", 64)  # the rule at interpreter sizes
+    user, _ = tables
+    gen = torch.Generator().manual_seed(4)
+    for scheme in ("w8a16", "w4a16", "fp8"):
+        qw = quantize(torch.randn(48, 64, generator=gen), scheme, **({"group_size": 32} if scheme == "w4a16" else {}))
+        small, large = torch.randn(63, 64, generator=gen), torch.randn(64, 64, generator=gen)
+        ops.quantized_linear(small, qw)
+        assert backend.recent_decisions()[-1].route is None, scheme
+        out = ops.quantized_linear(large, qw)
+        decision = backend.recent_decisions()[-1]
+        want = (None, None) if scheme == "fp8" else ("torch", "default")
+        assert (decision.route, decision.route_source) == want, scheme
+        assert_close(out, ops.quantized_linear_reference(large, qw), reduction_length=64)
+    qw = quantize(torch.randn(48, 64, generator=gen), "w8a16")
+    large = torch.randn(64, 64, generator=gen)
+    args = QUANTIZED_LINEAR.OP.validate(large, qw.packed, qw.scales, qw.zeros, None, "w8a16", 0, "none")
+    routes.write_entries(user, [_entry("quantized_linear[w8a16]", QUANTIZED_LINEAR.bucket(args), "heuristic",
+                                       heuristic=1.0, torch=2.0)])  # fmt: skip
+    ops.quantized_linear(large, qw)
+    decision = backend.recent_decisions()[-1]
+    assert (decision.route, decision.route_source) == ("heuristic", "measured")
+
+
 def test_forcing_a_route_that_cannot_take_the_call_names_why():
     qw = quantize(torch.randn(16, 32), "fp8")
     with routes.force_route("quantized_linear", "torch"), pytest.raises(ValueError, match="fp8 quantizes the activations"):

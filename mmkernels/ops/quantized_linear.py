@@ -549,6 +549,21 @@ def _unsplit_applies(args: _LinearArgs) -> str | None:
     return None if _heuristic_config(args).split_k > 1 else "the heuristic does not split K here"
 
 
+# From this many rows a weight-only call takes the standard route (dequantize + cuBLAS)
+# until a route table says otherwise: the GEMM is compute-bound there, and on the H200 run
+# (benchmarks/results/H200-2026-12-01-9359c97, Qwen2-VL-7B's merger at M = 2304) the
+# kernels ran at 0.61x (w8a16) and 0.37x (w4a16) of cuBLAS on the bf16 weight alone, while
+# dequantizing adds about a fifth of the GEMM's time there (3 bytes moved per weight
+# element against 2 * M FLOPs). vLLM's AWQ takes the same route from 256 tokens.
+_STANDARD_FROM_ROWS = 2048
+
+
+def _default_route(args: _LinearArgs) -> str | None:
+    if args.x2d.shape[0] >= _STANDARD_FROM_ROWS and _torch_route_applies(args) is None:
+        return "torch"
+    return None
+
+
 # Besides the launcher (its heuristic tiles, split-K and TMA forms: the route "heuristic"):
 # the other tile layout (linear_config's swap_ab, chosen from instruction counts, untimed),
 # K unsplit where the heuristic splits it, and the standard PyTorch path.
@@ -584,6 +599,7 @@ OP = Op(
     routes=ROUTES,
     bucket=bucket,
     reduction_length=lambda args: args.qweight.in_features,  # K
+    default_route=_default_route,
 )
 
 
