@@ -152,6 +152,14 @@ class Rule:
             cls.__name__ == self.model_class for cls in type(module).__mro__
         )
 
+    def located_at(self, below: tuple[str, ...]) -> bool:
+        """Whether a matching module is at a place this rule covers. ``below``: its paths
+        relative to each enclosing module whose own config has the governing model_type
+        (``patch_embed.projection`` below a vision tower; a block inside the tower that
+        holds the tower's config too adds its own). Every place, unless a rule names one (a
+        tower's patch conv, not its neck's)."""
+        return True
+
     def not_applicable_reasons(self, module: torch.nn.Module) -> list[str]:
         """Why this rule cannot patch this (matching) instance; empty when it can."""
         if not callable(getattr(module, self.method, None)):
@@ -497,16 +505,24 @@ def _model_type(module: torch.nn.Module) -> str | None:
     return model_type if isinstance(model_type, str) and model_type else None
 
 
-def _modules_with_model_type(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module, str, bool]]:
-    """(path, module, governing model_type, whether it is the module's own) for every module
-    governed by a model_type: its own config's, else its nearest ancestor's."""
-    governing: dict[str, str | None] = {}
+def _modules_with_model_type(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module, str, bool, tuple]]:
+    """(path, module, governing model_type, whether it is the module's own, its paths below
+    the enclosing modules whose own config has that model_type, outermost first) for every
+    module governed by a model_type: its own config's, else its nearest ancestor's."""
+    # path -> (model_type, paths of the consecutive enclosing modules carrying its config:
+    # a tower, and a block inside it that holds the tower's config too)
+    governing: dict[str, tuple[str | None, tuple[str, ...]]] = {}
     for path, module in model.named_modules():  # parents come before their children
         own = _model_type(module)
-        model_type = own if own is not None else governing.get(path.rpartition(".")[0]) if path else None
-        governing[path] = model_type
+        parent_type, parent_roots = governing.get(path.rpartition(".")[0], (None, ())) if path else (None, ())
+        if own is not None:
+            model_type, roots = own, ((*parent_roots, path) if own == parent_type else (path,))
+        else:
+            model_type, roots = parent_type, parent_roots
+        governing[path] = (model_type, roots)
         if model_type is not None:
-            yield path, module, model_type, own is not None
+            below = tuple("" if path == root else path[len(root) + 1 :] if root else path for root in roots)
+            yield path, module, model_type, own is not None, below
 
 
 def patch_model(model: torch.nn.Module, rules: Sequence[Rule], *, kernels: Iterable[str],
@@ -521,11 +537,11 @@ def patch_model(model: torch.nn.Module, rules: Sequence[Rule], *, kernels: Itera
     skipped: list[Skip] = []
     seen_types: list[str] = []
     matched_any = False
-    for path, module, model_type, own in _modules_with_model_type(model):
+    for path, module, model_type, own, below in _modules_with_model_type(model):
         if own and model_type not in seen_types:
             seen_types.append(model_type)
         for rule in rules:
-            if not rule.matches(module, model_type):
+            if not rule.matches(module, model_type) or not rule.located_at(below):
                 continue
             matched_any = True
             cls_name = type(module).__name__

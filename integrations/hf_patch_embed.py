@@ -40,11 +40,16 @@ runs while it is the identity).
 
 Pixtral and Mllama add their positions in the tower's own ``forward`` (rotary, gated
 tile tables), and so do the NaViT-style towers (Idefics2/3, SmolVLM, Phi-4-multimodal,
-MiniCPM-V, Ovis2: positions bucketed per image) and the towers fed pre-cut patches (Kimi
-K2.5's MoonViT, PaddleOCR-VL, LLaVA-OneVision-1.5 and others: ``CONV_PATCH_SPECS``), so
-only their bare patch ``Conv2d`` is replaced (:class:`ConvPatchRule`):
+MiniCPM-V, Ovis2: positions bucketed per image), the towers fed pre-cut patches (Kimi
+K2.5's MoonViT, PaddleOCR-VL, LLaVA-OneVision-1.5, HunYuan-VL and others) and the
+SAM-style encoders (GOT-OCR2, PP-FormulaNet, the SAM towers of DeepSeek-OCR2,
+Unlimited-OCR and DeepSeek-VL-hybrid: a position grid added to the conv's
+``(B, H/P, W/P, D)`` output): ``CONV_PATCH_SPECS``. Only their bare patch ``Conv2d`` is
+replaced (:class:`ConvPatchRule`; where the tower has other convs the conv checks would
+accept, a 1x1 neck conv or a patch merger's, the spec names the patch conv's path):
 the conv's ``forward`` returns the op's rows viewed in the conv's ``(B, D, H/P, W/P)``
-layout, which the tower's ``flatten(2).transpose(1, 2)`` turns back without a copy.
+layout, which the tower's ``flatten(2).transpose(1, 2)`` (SAM's ``permute(0, 2, 3, 1)``)
+turns back without a copy.
 Llama 4 writes its patch embedding as ``nn.Unfold`` + ``nn.Linear``
 (``Llama4UnfoldConvolution``): the same product, one op call with the Linear's weight viewed
 as a conv weight (:class:`UnfoldPatchRule`).
@@ -53,6 +58,10 @@ Matching: CLIP, SigLIP and BLIP-2 embeddings carry their vision config
 (``clip_vision_model``, ``siglip_vision_model``, ``blip_2_vision_model``); ViT's embeddings
 and Qwen2-VL's ``PatchEmbed`` have none and are matched under their tower's (``vit``,
 ``qwen2_vl_vision``), see :mod:`.engine`.
+
+GIT's and Kosmos-2's embeddings are CLIP's, Granite Docling's SigLIP's, InstructBLIP's and
+InstructBLIP-Video's BLIP-2's, Qianfan-OCR's InternViT's: the same source under other names
+(compared apart from the names, 5.17 to 5.25), listed as copies of those specs.
 
 Read against ``transformers/models/{clip,siglip,blip_2,vit,qwen2_vl,qwen2_5_vl}/modeling_*.py``,
 versions 5.17 to 5.24 (the forwards are the same in that range); the newer towers against
@@ -675,21 +684,38 @@ class ConvPatchSpec:
     ``forward`` is replaced: one op call returning the conv's ``(B, D, H/P, W/P)`` layout
     as a view of the op's ``(B, N, D)`` rows.
 
-    The spec names no path: every ``Conv2d`` its ``model_type`` governs is matched, so a
-    tower is listed only where :func:`_conv_reasons` refuses its other convs (a 1x1 neck
-    conv or a stride == kernel patch merger would be replaced too: GOT-OCR2, HunYuan-VL)."""
+    ``conv``: the patch conv's dotted attribute path below a module whose own
+    ``config.model_type`` is ``model_type`` (the tower: ``patch_embed.projection`` below
+    GOT-OCR2's ``GotOcr2VisionEncoder``); only the ``Conv2d`` found there matches, so a tower
+    whose other convs :func:`_conv_reasons` would accept too (a 1x1 stride-1 neck conv, a
+    stride == kernel patch merger) can be listed. None: every ``Conv2d`` the ``model_type``
+    governs matches, so such a spec is listed only where the patch conv is the only one
+    ``_conv_reasons`` accepts (see :class:`ConvPatchRule` for how the path is checked)."""
 
     family: str
     model_type: str
     model_class: str = "Conv2d"
+    conv: str | None = None
+
+    def __post_init__(self):
+        if self.conv is not None and (not self.conv or any(not part.isidentifier() for part in self.conv.split("."))):
+            raise ValueError(f"{self.family}: conv {self.conv!r} is not a dotted attribute path")
 
 
 class ConvPatchRule(SpecRule):
-    """The patch-embed patch of a bare patch ``Conv2d`` (:class:`ConvPatchSpec`)."""
+    """The patch-embed patch of a bare patch ``Conv2d`` (:class:`ConvPatchSpec`).
+
+    A spec with a ``conv`` path covers a ``Conv2d`` only where it sits at that path below
+    the module whose own config has the spec's ``model_type`` (:meth:`located_at`, from the
+    path the engine walks): a 1x1 neck conv or a patch merger's conv is neither matched nor
+    reported."""
 
     kernel = "patch_embed"
     method = "forward"
     op = f"mmkernels.ops.{PATCH_EMBED_OP}"
+
+    def located_at(self, below: tuple[str, ...]) -> bool:
+        return self.spec.conv is None or self.spec.conv in below
 
     def not_applicable_reasons(self, module: torch.nn.Module) -> list[str]:
         reasons = super().not_applicable_reasons(module)
@@ -842,6 +868,20 @@ def _bind_signature(module: torch.nn.Module) -> list[str] | None:
 # The specs
 
 
+_CLIP = PatchEmbedSpec(
+    family="CLIP vision",
+    model_type="clip_vision_model",
+    model_class="CLIPVisionEmbeddings",
+    form=IMAGE_FORM,
+    pixels="pixel_values",
+    flag_arguments=("interpolate_pos_encoding",),
+    projection="patch_embedding",
+    class_embedding="class_embedding",
+    position_embedding="position_embedding",
+    position_ids="position_ids",
+    interpolation="interpolate_pos_encoding",
+    image_size="image_size",
+)
 _SIGLIP = PatchEmbedSpec(
     family="SigLIP vision",
     model_type="siglip_vision_model",
@@ -852,6 +892,19 @@ _SIGLIP = PatchEmbedSpec(
     projection="patch_embedding",
     position_embedding="position_embedding",
     position_ids="position_ids",
+    interpolation="interpolate_pos_encoding",
+)
+_BLIP_2 = PatchEmbedSpec(
+    family="BLIP-2 vision",
+    model_type="blip_2_vision_model",
+    model_class="Blip2VisionEmbeddings",
+    form=IMAGE_FORM,
+    pixels="pixel_values",
+    flag_arguments=("interpolate_pos_encoding",),
+    projection="patch_embedding",
+    class_embedding="class_embedding",
+    position_table="position_embedding",
+    position_prefix=True,
     interpolation="interpolate_pos_encoding",
 )
 _VIT = PatchEmbedSpec(
@@ -869,38 +922,32 @@ _VIT = PatchEmbedSpec(
     image_size="image_size",
     dropout="dropout",
 )
+# InternViT (InternVL): ViT's embeddings without the flag and the size check: the table
+# always comes from its interpolate_pos_encoding (the stored one where the grid fits).
+_INTERNVL = dataclasses.replace(_VIT, family="InternVL vision", model_type="internvl_vision",
+                                model_class="InternVLVisionEmbeddings", flag_arguments=(), image_size=None,
+                                always_interpolates=True)  # fmt: skip
+
+
+def _copy(spec: PatchEmbedSpec, family: str, model_type: str, model_class: str) -> PatchEmbedSpec:
+    """``spec`` for a class whose source is ``spec``'s own apart from the names (transformers
+    ``# Copied from`` / modular copies: each read against its model_type's config, 5.17 to 5.25)."""
+    return dataclasses.replace(spec, family=family, model_type=model_type, model_class=model_class)
+
+
 PATCH_EMBED_SPECS: tuple[PatchEmbedSpec, ...] = (
-    PatchEmbedSpec(
-        family="CLIP vision",
-        model_type="clip_vision_model",
-        model_class="CLIPVisionEmbeddings",
-        form=IMAGE_FORM,
-        pixels="pixel_values",
-        flag_arguments=("interpolate_pos_encoding",),
-        projection="patch_embedding",
-        class_embedding="class_embedding",
-        position_embedding="position_embedding",
-        position_ids="position_ids",
-        interpolation="interpolate_pos_encoding",
-        image_size="image_size",
-    ),
+    _CLIP,
+    # CLIP's embeddings under GIT's and Kosmos-2's own classes and vision configs.
+    _copy(_CLIP, "GIT vision", "git_vision_model", "GitVisionEmbeddings"),
+    _copy(_CLIP, "Kosmos-2 vision", "kosmos_2_vision_model", "Kosmos2VisionEmbeddings"),
     _SIGLIP,
-    # SigLIP's embeddings, under Janus's own class.
-    dataclasses.replace(_SIGLIP, family="Janus vision", model_type="janus_vision_model",
-                        model_class="JanusVisionEmbeddings"),  # fmt: skip
-    PatchEmbedSpec(
-        family="BLIP-2 vision",
-        model_type="blip_2_vision_model",
-        model_class="Blip2VisionEmbeddings",
-        form=IMAGE_FORM,
-        pixels="pixel_values",
-        flag_arguments=("interpolate_pos_encoding",),
-        projection="patch_embedding",
-        class_embedding="class_embedding",
-        position_table="position_embedding",
-        position_prefix=True,
-        interpolation="interpolate_pos_encoding",
-    ),
+    # SigLIP's embeddings, under Janus's and Granite Docling's own classes.
+    _copy(_SIGLIP, "Janus vision", "janus_vision_model", "JanusVisionEmbeddings"),
+    _copy(_SIGLIP, "Granite Docling vision", "granite_docling_vision", "GraniteDoclingVisionEmbeddings"),
+    _BLIP_2,
+    # BLIP-2's embeddings under InstructBLIP's and InstructBLIP-Video's.
+    _copy(_BLIP_2, "InstructBLIP vision", "instructblip_vision_model", "InstructBlipVisionEmbeddings"),
+    _copy(_BLIP_2, "InstructBLIP-Video vision", "instructblipvideo_vision_model", "InstructBlipVideoVisionEmbeddings"),
     _VIT,
     PatchEmbedSpec(
         family="Qwen2-VL vision",
@@ -918,11 +965,9 @@ PATCH_EMBED_SPECS: tuple[PatchEmbedSpec, ...] = (
         pixels="hidden_states",
         projection="proj",
     ),
-    # InternViT (InternVL): ViT's embeddings without the flag and the size check: the table
-    # always comes from its interpolate_pos_encoding (the stored one where the grid fits).
-    dataclasses.replace(_VIT, family="InternVL vision", model_type="internvl_vision",
-                        model_class="InternVLVisionEmbeddings", flag_arguments=(), image_size=None,
-                        always_interpolates=True),  # fmt: skip
+    _INTERNVL,
+    # InternViT's embeddings (and patch embeddings) under Qianfan-OCR's classes.
+    _copy(_INTERNVL, "Qianfan-OCR vision", "qianfan_ocr_vision", "QianfanOCRVisionEmbeddings"),
     # The towers that kept Qwen2-VL's patch embed (a biased Conv3d over flattened patches).
     *(
         PatchEmbedSpec(family=family, model_type=model_type, model_class=model_class, form=FLAT_FORM,
@@ -973,4 +1018,25 @@ CONV_PATCH_SPECS: tuple[ConvPatchSpec, ...] = (
     ConvPatchSpec(family="VideoLLaMA3 vision (patch conv)", model_type="video_llama_3_vision"),
     ConvPatchSpec(family="GLM-Image vision (patch conv)", model_type="glm_image_vision"),
     ConvPatchSpec(family="dots3-note vision (patch conv)", model_type="dots3_note_vision_encoder"),
+    # Named by path: towers with other convs _conv_reasons accepts. SAM-style encoders (the patch
+    # conv's (B, H/P, W/P, D) output plus a pos_embed grid in the encoder's forward) with a 1x1
+    # stride-1 neck conv1: GOT-OCR2, the SAM towers of DeepSeek-OCR2 and Unlimited-OCR (and their
+    # stride-2 padded downsampling convs), PP-FormulaNet, SAM itself (DeepSeek-VL-hybrid's
+    # high-res tower, whose own DeepseekVLSamVisionNeck carries the same config).
+    *(
+        ConvPatchSpec(family=family, model_type=model_type, conv="patch_embed.projection")
+        for family, model_type in (
+            ("GOT-OCR2 vision (patch conv)", "got_ocr2_vision"),
+            ("DeepSeek-OCR2 SAM vision (patch conv)", "deepseek_ocr2_sam_vision_model"),
+            ("Unlimited-OCR SAM vision (patch conv)", "unlimited_ocr_sam_vision_model"),
+            ("PP-FormulaNet vision (patch conv)", "pp_formulanet_vision"),
+            ("SAM vision (patch conv)", "sam_vision_model"),
+        )
+    ),
+    # Flat (L, C * P * P) patches, positions interpolated per grid_thw in the patch embed's forward;
+    # the patch merger's proj_conv (stride == kernel == the merge size) and 1x1 proj_out come after.
+    ConvPatchSpec(family="HunYuan-VL vision (patch conv)", model_type="hunyuan_vl_vision",
+                  conv="embeddings.patch_embedding"),  # fmt: skip
+    ConvPatchSpec(family="HY-V4-VL vision (patch conv)", model_type="hy_v4_vl_vision",
+                  conv="embeddings.patch_embedding"),  # fmt: skip
 )

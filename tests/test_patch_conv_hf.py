@@ -4,8 +4,13 @@ position embeddings inline), the NaViT-style towers that bucket positions from a
 (Idefics2, Idefics3, SmolVLM, Phi-4-multimodal) or from target sizes (MiniCPM-V 4.6 / 4.7,
 MiniCPM-OCR), Ovis2 (an RMSNorm before the positions), and the towers fed patches already
 cut to ``(L, C, P, P)`` (Kimi K2.5, Ovis2.5, PaddleOCR-VL, LLaVA-OneVision-1.5, VideoLLaMA3,
-GLM-Image, dots3-note). Tiny random-init towers built from their real config classes; a
-family this transformers lacks (those newer than 5.17, the lowest lane) is skipped by name.
+GLM-Image, dots3-note, HunYuan-VL, HY-V4-VL). Then the towers whose specs name the conv's
+path because other convs in them pass the conv checks too: the SAM-style encoders (GOT-OCR2,
+PP-FormulaNet, the SAM towers of DeepSeek-OCR2, Unlimited-OCR and DeepSeek-VL-hybrid: a 1x1
+neck conv) and HunYuan-VL / HY-V4-VL (a stride == kernel patch merger and a 1x1 conv after
+it); those convs are neither replaced nor reported. Tiny random-init towers built from their
+real config classes; a family this transformers lacks (those newer than 5.17, the lowest
+lane) is skipped by name.
 
 Patched vs unpatched: fp32 outputs within 1e-5 relative (the GEMM sums in another order),
 the report names the conv and its spec, the op runs once per forward, ``state_dict``
@@ -25,8 +30,9 @@ transformers = pytest.importorskip("transformers")
 import mmkernels  # noqa: E402
 import mmkernels.ops  # noqa: E402
 from mmkernels.backend import Backend, decision_mark, decisions_since  # noqa: E402
-from mmkernels.integrations.engine import ORIGINALS_ATTR  # noqa: E402
-from mmkernels.integrations.hf_patch_embed import CONV_PATCH_SPECS  # noqa: E402
+from mmkernels.integrations.engine import ORIGINALS_ATTR, PatchOptions, patch_model, unpatch_model  # noqa: E402
+from mmkernels.integrations.hf_patch_embed import (CONV_PATCH_SPECS, IMAGE_FORM, ConvPatchRule,  # noqa: E402
+                                                   ConvPatchSpec, _conv_reasons)  # fmt: skip
 from mmkernels.testing import relative_error  # noqa: E402
 
 RTOL = 1e-5
@@ -55,7 +61,10 @@ class Tower:
     path; ``model_type``: the ``CONV_PATCH_SPECS`` entry that must match it; ``flat``: the tower
     takes each ``(3, P, P)`` patch as one row of ``3 * P * P`` values; ``float_pixels``: its
     model casts the pixels to its dtype before the tower, whose forward reads their dtype
-    (transformers 5.17's Idefics buckets positions in it), so raw pixels come as 0..255 floats."""
+    (transformers 5.17's Idefics buckets positions in it), so raw pixels come as 0..255 floats.
+    ``others``: convs beside the patch conv that the conv checks alone accept (a 1x1 neck conv,
+    a patch merger's): only the spec's ``conv`` path keeps them out. ``outputs``: the output
+    fields compared (a merger's or projector's result is the ``pooler_output``)."""
 
     build: Callable[[], torch.nn.Module]
     inputs: Callable[..., tuple[torch.Tensor, dict]]
@@ -63,6 +72,8 @@ class Tower:
     model_type: str
     flat: bool = False
     float_pixels: bool = False
+    others: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ("last_hidden_state",)
 
 
 def pixtral_tower():
@@ -199,6 +210,66 @@ def dots3_tower():
                         adapter_out_dim=64)).eval()  # fmt: skip
 
 
+def own_model_type(config, model_type: str):
+    """``config`` (a config class) when its ``model_type`` is ``model_type``; else the test
+    skips: before transformers 5.20 GOT-OCR2's and PP-FormulaNet's vision configs have none of
+    their own and the tower falls under its parent's."""
+    if config.model_type != model_type:
+        pytest.skip(f"transformers {transformers.__version__}: {config.__name__} has no model_type of its own "
+                    f"({config.model_type!r}), not {model_type!r}")  # fmt: skip
+    return config
+
+
+# SAM-style encoders: 8 x 8 patches of 7 pixels, windows of 4 patches in the first layer,
+# global attention in the second; initializer_range 0.02 (SAM's 1e-10 makes every weight ~0).
+SAM = dict(hidden_size=64, output_channels=32, num_hidden_layers=2, num_attention_heads=2, image_size=56,
+           patch_size=PATCH, mlp_dim=96, window_size=4, global_attn_indexes=[1], initializer_range=0.02)  # fmt: skip
+
+
+def sam_inputs(raw=None):
+    return (torch.randint(0, 256, (2, 3, 56, 56), dtype=torch.uint8) if raw is None else raw), {}
+
+
+def got_ocr2_tower():
+    config, model = classes("got_ocr2", "GotOcr2VisionConfig", "GotOcr2VisionEncoder")
+    return model(own_model_type(config, "got_ocr2_vision")(**SAM)).eval()
+
+
+def deepseek_ocr2_sam_tower():
+    config, model = classes("deepseek_ocr2", "DeepseekOcr2SamVisionConfig", "DeepseekOcr2SamVisionEncoder")
+    return model(config(**SAM, downsample_channels=[48, 64])).eval()
+
+
+def unlimited_ocr_sam_tower():
+    config, model = classes("unlimited_ocr", "UnlimitedOcrSamVisionConfig", "UnlimitedOcrSamVisionEncoder")
+    return model(config(**SAM, downsample_channels=[48, 64])).eval()
+
+
+def pp_formulanet_tower():
+    config, model = classes("pp_formulanet", "PPFormulaNetVisionConfig", "PPFormulaNetVisionModel")
+    config = own_model_type(config, "pp_formulanet_vision")
+    return model(config(**SAM, post_conv_in_channels=32, post_conv_mid_channels=48, post_conv_out_channels=64,
+                        decoder_hidden_size=32)).eval()  # fmt: skip
+
+
+def sam_tower():
+    config, model = classes("sam", "SamVisionConfig", "SamVisionModel")
+    return model(config(**SAM)).eval()
+
+
+def hunyuan_tower(family: str, prefix: str, model_name: str, **extra):
+    """HunYuan-VL / HY-V4-VL: flat patches with ``grid_thw``; the merger (2 x 2) needs both
+    sides above 1, as both images have."""
+
+    def build():
+        config, model = classes(family, f"{prefix}VisionConfig", model_name)
+        return model(config(**SMALL, patch_size=PATCH, max_image_size=56, spatial_merge_size=2, **extra)).eval()
+
+    return build
+
+
+MERGER = ("patch_merger.proj_conv", "patch_merger.proj_out")
+
 TOWERS = {
     "pixtral": Tower(pixtral_tower, pixtral_inputs, "patch_conv", "pixtral"),
     "mllama": Tower(mllama_tower, mllama_inputs, "patch_embedding", "mllama_vision_model"),
@@ -226,6 +297,23 @@ TOWERS = {
                            "video_llama_3_vision", flat=True),  # fmt: skip
     "glm_image": Tower(glm_image_tower, patch_rows(), "patch_embed.proj", "glm_image_vision", flat=True),
     "dots3_note": Tower(dots3_tower, patch_rows(), "patch_embed.proj", "dots3_note_vision_encoder", flat=True),
+    # Specs with a conv path: the 1x1 neck conv1 (and the merger's convs) pass the conv checks too.
+    "got_ocr2": Tower(got_ocr2_tower, sam_inputs, "patch_embed.projection", "got_ocr2_vision",
+                      others=("neck.conv1",)),  # fmt: skip
+    "deepseek_ocr2_sam": Tower(deepseek_ocr2_sam_tower, sam_inputs, "patch_embed.projection",
+                               "deepseek_ocr2_sam_vision_model", others=("neck.conv1",)),  # fmt: skip
+    "unlimited_ocr_sam": Tower(unlimited_ocr_sam_tower, sam_inputs, "patch_embed.projection",
+                               "unlimited_ocr_sam_vision_model", others=("neck.conv1",)),  # fmt: skip
+    "pp_formulanet": Tower(pp_formulanet_tower, sam_inputs, "patch_embed.projection", "pp_formulanet_vision",
+                           others=("neck.conv1",), outputs=("last_hidden_state", "pooler_output")),  # fmt: skip
+    "sam": Tower(sam_tower, sam_inputs, "vision_encoder.patch_embed.projection", "sam_vision_model",
+                 others=("vision_encoder.neck.conv1",)),  # fmt: skip
+    "hunyuan_vl": Tower(hunyuan_tower("hunyuan_vl", "HunYuanVL", "HunYuanVLVisionTransformer", text_hidden_size=64),
+                        patch_rows(), "embeddings.patch_embedding", "hunyuan_vl_vision", flat=True, others=MERGER,
+                        outputs=("last_hidden_state", "pooler_output")),  # fmt: skip
+    "hy_v4_vl": Tower(hunyuan_tower("hy_v4_vl", "HYV4VL", "HYV4VLVisionModel", out_hidden_size=64), patch_rows(),
+                      "embeddings.patch_embedding", "hy_v4_vl_vision", flat=True, others=MERGER,
+                      outputs=("last_hidden_state", "pooler_output")),  # fmt: skip
 }
 
 
@@ -236,11 +324,22 @@ def normalized(raw: torch.Tensor) -> torch.Tensor:
     return (raw.float() / 255 - mean) / std
 
 
-def output(tower, model, pixels, extra):
+def output(tower, model, pixels, extra) -> tuple[torch.Tensor, ...]:
     if tower.flat:
         pixels = pixels.flatten(-3)
     with torch.no_grad():
-        return model(pixel_values=pixels, **extra).last_hidden_state
+        out = model(pixel_values=pixels, **extra)
+    return tuple(out[name] for name in tower.outputs)
+
+
+def error(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) -> float:
+    """The largest relative error over the compared outputs."""
+    assert len(got) == len(want)
+    return max(relative_error(g, w) for g, w in zip(got, want))
+
+
+def conv_paths(model) -> list[str]:
+    return [path for path, module in model.named_modules() if isinstance(module, torch.nn.Conv2d)]
 
 
 @pytest.mark.parametrize("name", list(TOWERS))
@@ -255,6 +354,12 @@ def test_patched_conv_matches_and_unpatch_restores(name, monkeypatch):
     assert [(r.module_path, r.class_name) for r in report.replaced] == [(tower.conv, "Conv2d")]
     family = next(spec.family for spec in CONV_PATCH_SPECS if spec.model_type == tower.model_type)
     assert report.replaced[0].family == family
+    # The other convs: the conv checks alone accept those in `others`; none is replaced or reported.
+    assert all(not _conv_reasons(model.get_submodule(path), IMAGE_FORM) for path in tower.others)
+    others = [path for path in conv_paths(model) if path != tower.conv]
+    assert set(tower.others) <= set(others)
+    assert not [s for s in report.skipped if s.module_path in others]
+    assert not [p for p in others if {"forward", ORIGINALS_ATTR} & model.get_submodule(p).__dict__.keys()]
     calls = []
     real = mmkernels.ops.patch_embed
     monkeypatch.setattr(mmkernels.ops, "patch_embed", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -263,7 +368,7 @@ def test_patched_conv_matches_and_unpatch_restores(name, monkeypatch):
     assert len(calls) == 1
     ran = [d for d in decisions_since(mark) if d.op == "patch_embed"]
     assert ran and all(d.backend is Backend.INTERPRETER for d in ran)
-    assert relative_error(after, before) <= RTOL
+    assert error(after, before) <= RTOL
     assert model.state_dict().keys() == state.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     mmkernels.unpatch(model)
@@ -282,7 +387,7 @@ def test_raw_uint8_pixels_normalized_in_the_kernel(name):
     mmkernels.patch(model, kernels=["patch_embed"], pixel_normalization=dict(mean=MEAN, std=STD))
     # The towers pass pixels to the conv as they come or cast to the weight dtype: 0..255 survive exactly.
     pixels = raw.float() if tower.float_pixels else raw
-    assert relative_error(output(tower, model, pixels, extra), expected) <= RTOL
+    assert error(output(tower, model, pixels, extra), expected) <= RTOL
 
 
 def test_calls_the_op_does_not_cover_run_the_original(monkeypatch):
@@ -342,3 +447,118 @@ def test_phi4_audio_convs_beside_the_vision_tower_are_left_alone():
         ("image_embed.img_processor.embeddings.patch_embedding", "Phi-4-multimodal vision (patch conv)")]
     assert not any(s.module_path in audio for s in report.skipped)
     assert not any("forward" in m.__dict__ or ORIGINALS_ATTR in m.__dict__ for m in audio.values())
+
+
+# --------------------------------------------------------------------------------------
+# Specs that name their conv's path
+
+
+def sam_spec() -> ConvPatchSpec:
+    return next(spec for spec in CONV_PATCH_SPECS if spec.model_type == "sam_vision_model")
+
+
+def test_without_its_path_the_spec_would_take_the_neck_conv_too():
+    """SAM's 1x1 stride-1 neck conv passes every conv check: the spec's path is what keeps
+    it out (the same spec without a path replaces it too)."""
+    model = sam_tower()
+    options = PatchOptions()
+    report = patch_model(model, [ConvPatchRule(dataclasses.replace(sam_spec(), conv=None))], kernels=["patch_embed"],
+                         options=options)  # fmt: skip
+    assert [r.module_path for r in report.replaced] == ["vision_encoder.patch_embed.projection",
+                                                        "vision_encoder.neck.conv1"]  # fmt: skip
+    unpatch_model(model)
+    report = patch_model(model, [ConvPatchRule(sam_spec())], kernels=["patch_embed"], options=options)
+    assert [r.module_path for r in report.replaced] == ["vision_encoder.patch_embed.projection"]
+    assert [s.code for s in report.skipped] == []
+
+
+def test_the_conv_matched_is_the_one_at_the_path_now():
+    """A conv replaced at the path: the new one is patched; the old one, still in the tower
+    under the same model_type but elsewhere, is neither patched nor reported."""
+    model = sam_tower()
+    patch_embed = model.vision_encoder.patch_embed
+    old = patch_embed.projection
+    mmkernels.patch(model, kernels=["patch_embed"])
+    mmkernels.unpatch(model)
+    new = torch.nn.Conv2d(3, old.out_channels, PATCH, stride=PATCH)
+    patch_embed.projection, patch_embed.previous = new, old
+    report = mmkernels.patch(model, kernels=["patch_embed"])
+    assert [r.module_path for r in report.replaced] == ["vision_encoder.patch_embed.projection"]
+    assert "forward" in new.__dict__ and "forward" not in old.__dict__
+    assert not [s for s in report.skipped if s.module_path == "vision_encoder.patch_embed.previous"]
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_patched_tower_with_a_conv_path_copies_and_pickles(how):
+    """Copies rebuild the conv's replacement from its rule (whose notes of convs start empty)."""
+    import copy
+    import pickle
+
+    tower = TOWERS["sam"]
+    model = tower.build()
+    raw, extra = tower.inputs()
+    pixels = normalized(raw)
+    before = output(tower, model, pixels, extra)
+    mmkernels.patch(model, kernels=["patch_embed"])
+    want = output(tower, model, pixels, extra)
+    other = copy.deepcopy(model) if how == "deepcopy" else pickle.loads(pickle.dumps(model))
+    conv = other.get_submodule(tower.conv)
+    assert "forward" in conv.__dict__
+    torch.testing.assert_close(output(tower, other, pixels, extra), want, rtol=0, atol=0)
+    mmkernels.unpatch(other)
+    assert "forward" not in conv.__dict__
+    torch.testing.assert_close(output(tower, other, pixels, extra), before, rtol=0, atol=0)
+    report = mmkernels.patch(other, kernels=["patch_embed"])
+    assert [r.module_path for r in report.replaced] == [tower.conv]
+
+
+def test_deepseek_vl_hybrid_patches_the_sam_patch_conv_and_siglip_not_the_necks(monkeypatch):
+    """DeepSeek-VL-hybrid: a SigLIP tower and a SAM tower (sam_vision_model) whose neck, and a
+    second neck of the model's own (DeepseekVLSamVisionNeck carries the SAM config too), each
+    start with a 1x1 conv. The SigLIP embeddings and the SAM patch conv are replaced, no neck
+    conv is replaced or reported; the image features agree."""
+    config_class, model_class = classes("deepseek_vl_hybrid", "DeepseekVLHybridConfig", "DeepseekVLHybridModel")
+    config = config_class(
+        vision_config=dict(model_type="siglip_vision_model", hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                           num_attention_heads=2, image_size=28, patch_size=PATCH),
+        high_res_vision_config=dict(model_type="sam_vision_model", **SAM),
+        text_config=dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, vocab_size=128),
+    )  # fmt: skip
+    model = model_class(config).eval()
+    with torch.no_grad():
+        model.high_res_vision_alpha.fill_(1.0)  # zero at init: the neck's branch would not count
+    pixels = normalized(torch.randint(0, 256, (2, 3, 28, 28), dtype=torch.uint8))
+    high_res = normalized(torch.randint(0, 256, (2, 3, 56, 56), dtype=torch.uint8))
+
+    def features():
+        with torch.no_grad():
+            out = model.get_image_features(pixels, high_res)
+        return out.pooler_output, out.last_hidden_state, out.high_res_vision_last_hidden_state
+
+    before = features()
+    conv = "high_res_vision_model.vision_encoder.patch_embed.projection"
+    necks = ["high_res_vision_model.vision_encoder.neck.conv1", "high_res_vision_neck.conv1"]
+    assert all(not _conv_reasons(model.get_submodule(path), IMAGE_FORM) for path in necks)
+    report = mmkernels.patch(model, kernels=["patch_embed"])
+    assert [(r.module_path, r.family) for r in report.replaced] == [
+        (conv, "SAM vision (patch conv)"),
+        ("vision_model.embeddings", "SigLIP vision"),
+    ]
+    others = [path for path in conv_paths(model) if path not in (conv, "vision_model.embeddings.patch_embedding")]
+    assert set(necks) <= set(others)
+    assert not [s for s in report.skipped if s.module_path in others]
+    calls = []
+    real = mmkernels.ops.patch_embed
+    monkeypatch.setattr(mmkernels.ops, "patch_embed", lambda *a, **k: calls.append(1) or real(*a, **k))
+    after = features()
+    assert len(calls) == 2
+    assert error(after, before) <= RTOL
+    mmkernels.unpatch(model)
+    torch.testing.assert_close(features(), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("conv", ["", "patch_embed..projection", "patch_embed.0x"])
+def test_a_conv_path_must_be_dotted_attribute_names(conv):
+    with pytest.raises(ValueError, match="dotted attribute path"):
+        ConvPatchSpec(family="x", model_type="x_vision", conv=conv)

@@ -12,7 +12,9 @@ same tokens, ``state_dict`` is unchanged, ``unpatch`` restores the instance exac
 Then the cases the patched forward leaves to the original (gradients, a wrong image size,
 a hooked projection, unknown arguments, other input shapes), interpolated position
 embeddings, bf16, and the engine's matching of config-less modules (Qwen2-VL's
-``PatchEmbed``) under their vision tower's ``model_type`` only.
+``PatchEmbed``) under their vision tower's ``model_type`` only. Last, the towers whose
+embeddings are copies of a covered class (GIT, Kosmos-2, Granite Docling, InstructBLIP,
+InstructBLIP-Video, Qianfan-OCR), each built tiny from its own config class.
 """
 
 import copy  # noqa: E402
@@ -61,6 +63,8 @@ EXPECTED = {
     "internvl": [("model.vision_tower.embeddings", "InternVLVisionEmbeddings")],
     "idefics3": [("model.vision_model.embeddings.patch_embedding", "Conv2d")],  # the bare patch conv
     "kimi_k25": [("model.vision_tower.patch_embed.proj", "Conv2d")],  # the bare conv over pre-cut patches
+    "minicpmv4_6": [("model.vision_tower.embeddings.patch_embedding", "Conv2d")],  # the bare patch conv
+    "minicpmv4_7": [("model.vision_tower.embeddings.patch_embedding", "Conv2d")],
     "qwen2_5_omni_thinker": [("model.visual.patch_embed", "Qwen2_5_VisionPatchEmbed")],
     "qwen3_omni_moe_thinker": [("model.visual.patch_embed", "Qwen3OmniMoeVisionPatchEmbed")],
 }
@@ -817,3 +821,109 @@ def test_unfold_linear_patch_refuses_an_overlapping_unfold():
     with patched(tiny.model) as report:
         assert report.replaced == []
         assert any("not square patches without overlap" in s.reason for s in report.skipped), str(report)
+
+
+# --------------------------------------------------------------------------------------
+# Towers whose embeddings are copies of a covered class (the same source under other names)
+
+
+@dataclasses.dataclass(frozen=True)
+class CopyTower:
+    """A vision tower built tiny from its real config class: ``model`` in
+    ``transformers.models.<package>``, its embeddings at ``embeddings``, covered by the
+    ``PATCH_EMBED_SPECS`` row of ``family``; ``flag``: its forward takes
+    ``interpolate_pos_encoding`` (CLIP's and BLIP-2's copies), ``always_interpolates``: it takes
+    any size (InternViT's copy); ``extra``: config fields beyond the common small sizes."""
+
+    package: str
+    config: str
+    model: str
+    embeddings: str
+    family: str
+    flag: bool = False
+    always_interpolates: bool = False
+    extra: tuple = ()
+
+
+SMALL_TOWER = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=2, image_size=56,
+                   patch_size=7)  # fmt: skip
+COPY_TOWERS = {
+    "git": CopyTower("git", "GitVisionConfig", "GitVisionModel", "vision_model.embeddings", "GIT vision", flag=True),
+    "kosmos2": CopyTower("kosmos2", "Kosmos2VisionConfig", "Kosmos2VisionModel", "model.embeddings", "Kosmos-2 vision",
+                         flag=True),  # fmt: skip
+    "granite_docling": CopyTower("granite_docling", "GraniteDoclingVisionConfig", "GraniteDoclingVisionModel",
+                                 "embeddings", "Granite Docling vision",
+                                 extra=(("deepstack_visual_indexes", [0, 1]), ("out_hidden_size", 64))),  # fmt: skip
+    # BLIP-2's initializer_range (1e-10) leaves the conv ~0 next to the tables: 0.02 makes it count.
+    "instructblip": CopyTower("instructblip", "InstructBlipVisionConfig", "InstructBlipVisionModel", "embeddings",
+                              "InstructBLIP vision", flag=True, extra=(("initializer_range", 0.02),)),  # fmt: skip
+    "instructblipvideo": CopyTower("instructblipvideo", "InstructBlipVideoVisionConfig", "InstructBlipVideoVisionModel",
+                                   "embeddings", "InstructBLIP-Video vision", flag=True,
+                                   extra=(("initializer_range", 0.02),)),  # fmt: skip
+    "qianfan_ocr": CopyTower("qianfan_ocr", "QianfanOCRVisionConfig", "QianfanOCRVisionModel", "embeddings",
+                             "Qianfan-OCR vision", always_interpolates=True),  # fmt: skip
+}
+
+
+def copy_tower(tower: CopyTower) -> torch.nn.Module:
+    """The tower in eval mode; a family this transformers lacks skips by name."""
+    found = []
+    for kind, name in (("configuration", tower.config), ("modeling", tower.model)):
+        reason = f"transformers {transformers.__version__} has no {tower.package}"
+        module = pytest.importorskip(f"transformers.models.{tower.package}.{kind}_{tower.package}", reason=reason)
+        found.append(getattr(module, name))
+    config_class, model_class = found
+    model = model_class(config_class(**SMALL_TOWER, **dict(tower.extra))).eval()
+    with torch.no_grad():  # tables some towers initialise to zeros (InternViT's): a zero table hides a wrong add
+        generator = torch.Generator().manual_seed(5)
+        for parameter in model.get_submodule(tower.embeddings).parameters():
+            if not parameter.any():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+def tower_outputs(model, x, **kwargs) -> list[torch.Tensor]:
+    with torch.no_grad():
+        out = model(pixel_values=x, **kwargs)
+    fields = (out.get("last_hidden_state"), out.get("pooler_output"))
+    return [value for value in fields if isinstance(value, torch.Tensor)]
+
+
+@pytest.mark.parametrize("name", list(COPY_TOWERS))
+def test_copied_embeddings_patch_like_their_source(name, embed_spy):
+    """Patched vs unpatched tower outputs within fp32 rounding at the configured size, and at
+    another size where the tower interpolates (the flag, or always); the op runs once per
+    forward; the report names the embeddings under the copy's own row; ``state_dict``
+    unchanged; ``unpatch`` restores every instance ``__dict__`` and the outputs exactly."""
+    tower = COPY_TOWERS[name]
+    model = copy_tower(tower)
+    module = model.get_submodule(tower.embeddings)
+    from mmkernels.integrations.hf_patch_embed import PATCH_EMBED_SPECS
+
+    spec = next(spec for spec in PATCH_EMBED_SPECS if spec.family == tower.family)
+    assert type(module).__name__ == spec.model_class
+    calls = [(pixels((2, 3, 56, 56)), {})]
+    if tower.flag:
+        calls.append((pixels((2, 3, 70, 42), seed=2), dict(interpolate_pos_encoding=True)))
+    if tower.always_interpolates:
+        calls.append((pixels((2, 3, 70, 42), seed=2), {}))
+    before = instance_dicts(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    want = [tower_outputs(model, x, **kwargs) for x, kwargs in calls]
+    with patched(model) as report:
+        assert [(r.module_path, r.class_name, r.family) for r in report.replaced] == [
+            (tower.embeddings, spec.model_class, tower.family)]
+        got = [tower_outputs(model, x, **kwargs) for x, kwargs in calls]
+        assert embed_spy.calls == len(calls)
+        assert model.state_dict().keys() == state.keys()
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    for got_outputs, want_outputs in zip(got, want):
+        assert len(got_outputs) == len(want_outputs)
+        for g, w in zip(got_outputs, want_outputs):
+            assert g.shape == w.shape
+            assert relative_error(g, w) <= RTOL
+    assert_same_instance_dicts(instance_dicts(model), before)
+    for (x, kwargs), want_outputs in zip(calls, want):
+        for g, w in zip(tower_outputs(model, x, **kwargs), want_outputs):
+            assert torch.equal(g, w)
+    assert embed_spy.calls == len(calls)
