@@ -25,7 +25,7 @@ What the patched ``forward`` does, when ``input_ids`` and media inputs are given
    embedding, ``max_norm``, ``scale_grad_by_freq``, ``sparse``, hooks on the module) runs
    the module first. A placeholder count mismatch raises Hugging Face's own
    ``ValueError`` text (``Image features and image tokens do not match, tokens: ..,
-   features: ..``);
+   features: ..``, or the family's own words: ``MergeSpec.count_mismatch_message``);
 4. calls the original ``forward`` with ``inputs_embeds=merged`` and the media inputs
    removed, so everything after the merge (position ids, masks, the language model, the
    output class) is the model's own code; then fills the output fields that carry the
@@ -67,6 +67,13 @@ LANGUAGE_MODEL_KWARG = "mmkernels_language_model_inputs"
 #   "flat_features":  the same, reshaped to (N, D)
 OUTPUT_VALUE_KINDS = ("encoder_output", "features", "flat_features")
 
+# Hugging Face's count check message, word for word (the get_placeholder_mask of every
+# covered family but MiniCPM-V's, whose spec states its own, and Qwen2-Audio's forward, in
+# transformers 5.25), so code that catches the unpatched error by its text keeps working.
+# "features" is the row count: LLaVA's own message prints rows x D there (shape[0] *
+# shape[1] of its (N, D) features).
+HF_COUNT_MISMATCH = "{Kind} features and {kind} tokens do not match, tokens: {tokens}, features: {features}"
+
 
 @dataclasses.dataclass
 class Features:
@@ -102,6 +109,15 @@ class Modality:
     filled where the output class has the field.
     ``transformers``: the versions this kind is covered on (a PEP 440 specifier, "" = all);
     elsewhere a call carrying it goes to the original forward.
+    ``first_row``: the forward hands the feature method only the first row of ``trigger``
+    (MiniCPM-V's ``pixel_values[:1]``: its processor packs every image of a call into one
+    row of NaViT patches, ``(1, C, P, L)``); the feature method gets ``call[trigger][:1]``
+    too, and any further rows are ignored as the forward ignores them.
+    ``first_row_repeated``: the versions (a PEP 440 specifier; None: none) on which the
+    forward then repeats the features once per row of ``trigger`` (MiniCPM-V on 5.17:
+    generate's beam expansion copies the packed row once per beam, and the forward encodes
+    one and tiles its features, ``.repeat(rows, 1)``): the rows are repeated as a list, in
+    the same order, nothing concatenated.
     """
 
     kind: str
@@ -116,10 +132,17 @@ class Modality:
     feature_function: Callable[[torch.nn.Module, Call], Features | None] | None = None
     output_fields: tuple[tuple[str, str], ...] = ()
     transformers: str = ""
+    first_row: bool = False
+    first_row_repeated: str | None = None
 
     def __post_init__(self):
         if (self.feature_method is None) == (self.feature_function is None):
             raise ValueError(f"{self.kind}: give exactly one of feature_method and feature_function")
+        if self.first_row and self.feature_method is None:
+            raise ValueError(f"{self.kind}: first_row slices the feature method's input (a feature_function slices "
+                             "its own)")  # fmt: skip
+        if self.first_row_repeated is not None and not self.first_row:
+            raise ValueError(f"{self.kind}: first_row_repeated repeats the features of the first row: set first_row")
         for field, value_kind in self.output_fields:
             if value_kind not in OUTPUT_VALUE_KINDS:
                 raise ValueError(
@@ -170,6 +193,11 @@ class MergeSpec:
     tokens' own embeddings (Molmo2) instead of replacing them; every placeholder of a
     kind embeds as its one token id, so the pre-step adds that embedding to each feature
     row (same dtype promotion as the forward's sum) and the merge writes the sums.
+    ``count_mismatch_message``: the ValueError text of the forward's placeholder count check,
+    with ``{Kind}`` / ``{kind}`` (the first kind that mismatches, in the order of
+    ``modalities``), ``{tokens}`` and ``{features}`` (its placeholder and feature row
+    counts): Hugging Face's usual words unless the family words it otherwise (MiniCPM-V:
+    ``Multimodal features and tokens do not match, ...``).
     """
 
     family: str
@@ -184,6 +212,7 @@ class MergeSpec:
     position_ids_method: str | None = None
     language_model_inputs: LanguageModelInputs | None = None
     adds_to_placeholder_embeddings: bool = False
+    count_mismatch_message: str = HF_COUNT_MISMATCH
 
 
 def placeholder_id(config: Any, fields: Sequence[str]) -> int | None:
@@ -251,14 +280,25 @@ def encoder_output_features(result: Any, field: str = "pooler_output") -> Featur
 
 
 def method_features(model: torch.nn.Module, modality: Modality, call: Call) -> Features:
-    """Call the model's own feature method as its forward would."""
+    """Call the model's own feature method as its forward would (the trigger's first row
+    only, where the modality says the forward slices it; see :attr:`Modality.first_row`)."""
     method = getattr(model, modality.feature_method)
-    args = [call.get(name) for name in modality.positional]
-    kwargs = {name: call.get(name) for name in modality.keywords}
+
+    def argument(name: str) -> Any:
+        value = call.get(name)
+        return value[:1] if modality.first_row and name == modality.trigger else value
+
+    args = [argument(name) for name in modality.positional]
+    kwargs = {name: argument(name) for name in modality.keywords}
     if modality.passes_forward_kwargs:
         kwargs.update(call.extra)
     kwargs["return_dict"] = True
-    return encoder_output_features(method(*args, **kwargs), modality.feature_field)
+    found = encoder_output_features(method(*args, **kwargs), modality.feature_field)
+    if modality.first_row_repeated is not None and _version_covered(modality.first_row_repeated):
+        copies = call.get(modality.trigger).shape[0]  # a shape: no host sync
+        if copies > 1:
+            found = dataclasses.replace(found, rows=found.rows * copies)
+    return found
 
 
 def _output_value(features: Features, value_kind: str, like: torch.Tensor) -> Any:
@@ -387,7 +427,7 @@ class MergeRule(SpecRule):
                             for m, f in zip(present, features)]  # fmt: skip
             # The merge first: its count check raises Hugging Face's error before anything
             # derived from the placeholder positions could fail on a mismatch.
-            merged = _merge(model, present, features, call.get("input_ids"), check)
+            merged = _merge(model, present, features, call.get("input_ids"), check, spec.count_mismatch_message)
             derived = None
             if spec.language_model_inputs is not None:
                 derived = spec.language_model_inputs.derive(model, present, features, call.get("input_ids"))
@@ -507,27 +547,21 @@ def _unfused_reason(embedding: torch.nn.Module) -> str | None:
     return None
 
 
-# Hugging Face's count check message, word for word (every covered family's
-# get_placeholder_mask, and Qwen2-Audio's forward, in transformers 5.25), so code that
-# catches the unpatched error by its text keeps working. "features" is the row count:
-# LLaVA's own message prints rows x D there (shape[0] * shape[1] of its (N, D) features).
-HF_COUNT_MISMATCH = "{Kind} features and {kind} tokens do not match, tokens: {tokens}, features: {features}"
-
-
-def _hf_count_error(error: PlaceholderCountError, present: Sequence[Modality]) -> ValueError:
-    """The op's count error restated as the unpatched forward words it: the first kind
-    that mismatches, in the order the forward checks them (its modalities' order)."""
+def _hf_count_error(error: PlaceholderCountError, present: Sequence[Modality],
+                    message: str = HF_COUNT_MISMATCH) -> ValueError:  # fmt: skip
+    """The op's count error restated as the unpatched forward words it (``message``: the
+    spec's :attr:`MergeSpec.count_mismatch_message`): the first kind that mismatches, in
+    the order the forward checks them (its modalities' order)."""
     kind_of = {pid: m.kind for pid, m in zip(error.kind_ids, present)}
     for pid, tokens, rows in zip(error.kind_ids, error.placeholders, error.rows):
         if tokens != rows:
             kind = kind_of[pid]
-            message = HF_COUNT_MISMATCH.format(Kind=kind.capitalize(), kind=kind, tokens=tokens, features=rows)
-            return ValueError(message)
+            return ValueError(message.format(Kind=kind.capitalize(), kind=kind, tokens=tokens, features=rows))
     return ValueError(str(error))
 
 
 def _merge(model, present: Sequence[Modality], features: Sequence[Features], input_ids: torch.Tensor,
-           check: bool) -> torch.Tensor:  # fmt: skip
+           check: bool, count_mismatch_message: str = HF_COUNT_MISMATCH) -> torch.Tensor:  # fmt: skip
     from mmkernels.ops import merge_multimodal_embeddings
 
     ids = [placeholder_id(model.config, m.placeholder_fields) for m in present]
@@ -543,7 +577,7 @@ def _merge(model, present: Sequence[Modality], features: Sequence[Features], inp
         return merge_multimodal_embeddings(input_ids, text_embeds, _one_dtype(rows, text_embeds.dtype), ids,
                                            check=check)  # fmt: skip
     except PlaceholderCountError as error:
-        raise _hf_count_error(error, present) from error
+        raise _hf_count_error(error, present, count_mismatch_message) from error
 
 
 def _one_dtype(rows: list[list[torch.Tensor]], out_dtype: torch.dtype) -> list[list[torch.Tensor]]:

@@ -53,6 +53,21 @@ call. Audio in ``mm_encoder_outputs`` (the forward ignores it) and pixels next t
 merges the same way and also hands its images' and videos' deepstack features to its text
 model, as Qwen3-VL does (:func:`qwen3_omni_deepstack_inputs`: its audio has none).
 
+MiniCPM-V 4.6 and 4.7 (and MiniCPM-OCR, whose forward is 4.6's) merge images and videos in
+one forward, each from its feature method given ``pixel_values[:1]`` /
+``pixel_values_videos[:1]``: the processors pack every crop and frame of a call into ONE row
+of NaViT patches, ``(1, C, P, L)``, with ``target_sizes`` per crop, so the slice is a no-op
+on a processor's output; the spec says the same (:attr:`~.hf_merge.Modality.first_row`),
+so a tensor of more rows is encoded from its first row as the forward does. On 5.17 the
+4.6 forward also tiles the features once per row (generate's beam expansion copies the row
+per beam): :attr:`~.hf_merge.Modality.first_row_repeated`. The features are a list of
+per-crop tensors (one per thumbnail, slice or frame), merged as they come; the count check
+words its error "Multimodal features and tokens do not match"
+(:attr:`~.hf_merge.MergeSpec.count_mismatch_message`). 4.7 computes canvas M-RoPE positions
+from ``input_ids``, ``mm_token_type_ids`` and both kinds' ``target_sizes`` and accepts
+``input_ids`` beside ``inputs_embeds``, so those stay and the original computes the
+positions. Pixels next to ``mm_encoder_outputs`` (the forward raises) run the original.
+
 Qwen2-Audio has no feature method; :func:`qwen2_audio_features` is its short feature
 function, built from the model's own submodules, and decides the legacy (unexpanded audio
 tokens) path with the one host sync it needs anyway.
@@ -268,13 +283,64 @@ def qwen3_omni_deepstack_inputs(model, modalities, features: list[Features], inp
     return qwen3_vl_deepstack_inputs(model, kinds, list(found), input_ids)
 
 
-def _omni_needs_original(model, call: Call) -> str | None:
-    encoded = call.get("mm_encoder_outputs")
-    if encoded is not None and (call.get("pixel_values") is not None or call.get("pixel_values_videos") is not None):
+def _pixels_beside_encoder_outputs(model, call: Call) -> str | None:
+    # The forward raises when pixels come with mm_encoder_outputs, even an empty dict or one
+    # holding no encoder output of their kind; the pre-step would merge them: it runs instead.
+    if call.get("mm_encoder_outputs") is not None and (
+        call.get("pixel_values") is not None or call.get("pixel_values_videos") is not None
+    ):
         return "pixels and mm_encoder_outputs together (the forward raises its own error)"
+    return None
+
+
+def _omni_needs_original(model, call: Call) -> str | None:
+    reason = _pixels_beside_encoder_outputs(model, call)
+    if reason is not None:
+        return reason
+    encoded = call.get("mm_encoder_outputs")
     if isinstance(encoded, dict) and encoded.get("audio") is not None:
         return "audio in mm_encoder_outputs (the forward ignores it: its audio comes from input_features)"
     return None
+
+
+# MiniCPM-V's count check, word for word (one message for both kinds).
+_MINICPMV_COUNT_MISMATCH = "Multimodal features and tokens do not match, tokens: {tokens}, features: {features}"
+
+
+def _minicpmv(family: str, model_type: str, model_class: str, *, sizes_for_positions: bool) -> MergeSpec:
+    """MiniCPM-V: images, then videos, each from its feature method as the forward calls it,
+    ``get_image_features(pixel_values[:1], target_sizes, downsample_mode=...)``.
+    ``sizes_for_positions``: the forward also reads ``target_sizes`` /
+    ``target_sizes_videos`` (4.7's M-RoPE positions, from ``input_ids``), so they stay in
+    the call with ``input_ids``; else the feature step consumes them."""
+
+    def kind(kind: str, pixels: str, sizes: str, placeholder_fields: tuple[str, ...]) -> Modality:
+        return Modality(
+            kind=kind,
+            placeholder_fields=placeholder_fields,
+            trigger=pixels,
+            consumed=(pixels,) if sizes_for_positions else (pixels, sizes),
+            feature_method=f"get_{kind}_features",
+            positional=(pixels, sizes),
+            keywords=("downsample_mode",),
+            first_row=True,
+            first_row_repeated="<5.18",  # 5.17: .repeat(pixel_values.shape[0], 1)
+            output_fields=((f"{kind}_outputs", "encoder_output"),),  # 5.17's output has neither
+        )
+
+    return MergeSpec(
+        family=family,
+        model_type=model_type,
+        model_class=model_class,
+        modalities=(
+            # The forward reads image_token_id / video_token_id only.
+            kind("image", "pixel_values", "target_sizes", ("image_token_id",)),
+            kind("video", "pixel_values_videos", "target_sizes_videos", ("video_token_id",)),
+        ),
+        keeps_input_ids=sizes_for_positions,
+        needs_original=_pixels_beside_encoder_outputs,
+        count_mismatch_message=_MINICPMV_COUNT_MISMATCH,
+    )
 
 
 MERGE_SPECS: tuple[MergeSpec, ...] = (
@@ -420,6 +486,9 @@ MERGE_SPECS: tuple[MergeSpec, ...] = (
         language_model_inputs=LanguageModelInputs("language_model", "qwen3_omni_moe_text",
                                                   "Qwen3OmniMoeThinkerTextModel", qwen3_omni_deepstack_inputs),  # fmt: skip
     ),
+    _minicpmv("MiniCPM-V 4.6", "minicpmv4_6", "MiniCPMV4_6Model", sizes_for_positions=False),
+    _minicpmv("MiniCPM-V 4.7", "minicpmv4_7", "MiniCPMV4_7Model", sizes_for_positions=True),
+    _minicpmv("MiniCPM-OCR", "minicpm_ocr", "MiniCPMOcrModel", sizes_for_positions=False),
     MergeSpec(
         family="Qwen2-Audio",
         model_type="qwen2_audio",

@@ -17,7 +17,7 @@ different token counts in one sample.
 
 ``save(family, path)`` writes a folder that ``AutoConfig``, the model class's
 ``from_pretrained`` and ``AutoProcessor`` load offline. The processors of Qwen2-VL,
-Qwen2.5-VL, LLaVA-OneVision and the Omni thinkers hold a video processor, which
+Qwen2.5-VL, LLaVA-OneVision, the Omni thinkers and MiniCPM-V hold a video processor, which
 transformers builds only with torchvision; without it their folders load through
 ``AutoTokenizer`` and ``AutoImageProcessor``.
 
@@ -346,10 +346,12 @@ def _processor_inputs(recipe: _Recipe, model, samples: list[_Sample], rng) -> di
     return _as_tensors(recipe.processor(**call, padding=True, return_tensors="np"))
 
 
-# What the video processors of Qwen2-VL and LLaVA-OneVision share with their image processor.
+# What the video processors of Qwen2-VL, LLaVA-OneVision and MiniCPM-V share with their
+# image processor.
 _VIDEO_PROCESSOR_KEYS = (
     "do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean",
     "image_std", "do_convert_rgb", "patch_size", "temporal_patch_size", "merge_size",
+    "scale_resolution", "max_slice_nums", "slice_mode", "downsample_mode", "use_image_id",
 )  # fmt: skip
 
 
@@ -389,12 +391,19 @@ def _tokenize_expanded(recipe: _Recipe, samples, counts: dict[str, list[int]]) -
             text = _expand(text, placeholders[modality], iterator)
         texts.append(text)
     encoded = recipe.tokenizer(texts, padding=True, return_tensors="pt")
-    type_ids = torch.zeros_like(encoded["input_ids"])
+    return {**encoded, "mm_token_type_ids": _mm_token_type_ids(recipe, encoded["input_ids"])}
+
+
+def _mm_token_type_ids(recipe: _Recipe, input_ids: torch.Tensor) -> torch.Tensor:
+    """0 text, 1 image, 2 video placeholder, as ``ProcessorMixin.create_mm_token_type_ids``
+    gives them."""
+    placeholders = recipe.spec.placeholders
+    type_ids = torch.zeros_like(input_ids)
     for type_id, modality in ((1, "image"), (2, "video")):
         if modality in placeholders:
             placeholder = recipe.tokenizer.convert_tokens_to_ids(placeholders[modality])
-            type_ids[encoded["input_ids"] == placeholder] = type_id
-    return {**encoded, "mm_token_type_ids": type_ids}
+            type_ids[input_ids == placeholder] = type_id
+    return type_ids
 
 
 # ------------------------------------------------------------- one row, one builder
@@ -1074,6 +1083,137 @@ def _siglip_cohere(prefix: str, token_argument: str) -> _FamilySpec:
     )
 
 
+# Qwen3.5's text model (MiniCPM-V 4.6 / 4.7 use it too): hybrid linear / full attention,
+# interleaved M-RoPE.
+_QWEN3_5_TEXT = _text_config(
+    "Qwen3_5TextConfig", head_dim=HEAD_DIM,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6],
+                     "mrope_interleaved": True, "partial_rotary_factor": 1.0},
+    layer_types=["linear_attention", "full_attention"], linear_num_key_heads=HEADS, linear_num_value_heads=HEADS,
+    linear_key_head_dim=128, linear_value_head_dim=128,  # what vLLM's CPU GDN kernel takes
+)  # fmt: skip
+
+# MiniCPM-V's tokens: image and video pads; each crop (a thumbnail or a frame) between
+# <image> / </image>, each slice between <slice> / </slice>, an image's (and on 4.6 a
+# video's) local index between <image_id> / </image_id> (the names its processor looks up).
+_MINICPMV_TOKENS = {
+    "image_token": "<|image_pad|>",
+    "video_token": "<|video_pad|>",
+    "image_start_token": "<image>",
+    "image_end_token": "</image>",
+    "slice_start_token": "<slice>",
+    "slice_end_token": "</slice>",
+    "image_id_start_token": "<image_id>",
+    "image_id_end_token": "</image_id>",
+}
+
+
+def _minicpmv_inputs(*, video_ids: bool):
+    """make_inputs: what MiniCPM-V's processor gives (its video processor needs torchvision,
+    so it is not built here). Images through the real image processor: each image a
+    thumbnail, and above 112x112 pixels also a row of slices, every crop's patches packed
+    into ONE row, ``pixel_values`` ``(1, 3, 14, L)``, with ``target_sizes`` per crop; video
+    frames through it too with slicing off (the video processor resizes a frame as an
+    unsliced image and packs the frames the same way), ``pixel_values_videos`` and
+    ``target_sizes_videos``. The prompt text as the processor lays it out: per crop
+    ``<image>`` + pads + ``</image>``, per slice ``<slice>`` + pads + ``</slice>``, pads =
+    the crop's patches / 16 (the 16x merge), each image (and with ``video_ids``, 4.6's,
+    each video) prefixed by its index in the sample; ``mm_token_type_ids`` (1 image, 2
+    video) where the forward takes them (4.7's M-RoPE)."""
+
+    def crops(recipe: _Recipe, kind: str, sizes: torch.Tensor, grids, per_item) -> Iterator[str]:
+        """Each image's (or frame's) text: its thumbnail, then its one row of slices."""
+        tokens = recipe.spec.named_tokens
+        pad = tokens[f"{kind}_token"]
+        counts = iter((sizes.prod(-1) // 16).tolist())
+        for (rows, cols), n in zip(grids, per_item):
+            if rows > 1:
+                raise ValueError("a tiny MiniCPM-V image slices into one row (the vocabulary has no newline)")
+            thumbnail, *slices = [next(counts) for _ in range(n)]
+            crop = tokens["image_start_token"] + pad * thumbnail + tokens["image_end_token"]
+            yield crop + "".join(tokens["slice_start_token"] + pad * k + tokens["slice_end_token"] for k in slices)
+
+    def make(recipe: _Recipe, model, samples: list[_Sample], rng) -> dict:
+        tokens = recipe.spec.named_tokens
+        inputs: dict[str, torch.Tensor] = {}
+        texts = [sample.text for sample in samples]
+        images = [image for per_sample in _images(samples, rng) for image in per_sample]
+        if images:
+            processed = recipe.image_processor(images, return_tensors="pt")
+            inputs["pixel_values"], inputs["target_sizes"] = processed["pixel_values"], processed["target_sizes"]
+            replacements = crops(recipe, "image", processed["target_sizes"], processed["grids"],
+                                 processed["num_patches_per_image"])  # fmt: skip
+            texts = [_replace_each(text, tokens["image_token"], replacements, tokens) for text in texts]
+        videos = [video for sample in samples for video in sample.videos]
+        if videos:
+            frames = [_random_image(rng, h, w) for n, h, w in videos for _ in range(n)]
+            processed = recipe.image_processor(frames, slice_mode=False, return_tensors="pt")
+            inputs["pixel_values_videos"] = processed["pixel_values"]
+            inputs["target_sizes_videos"] = processed["target_sizes"]
+            per_frame = iter(crops(recipe, "video", processed["target_sizes"], [(0, 0)] * len(frames),
+                                   [1] * len(frames)))  # fmt: skip
+            replacements = ("".join(next(per_frame) for _ in range(n)) for n, _, _ in videos)
+            texts = [_replace_each(text, tokens["video_token"], replacements, tokens if video_ids else None)
+                     for text in texts]  # fmt: skip
+        encoded = recipe.tokenizer(texts, padding=True, return_tensors="pt")
+        if "mm_token_type_ids" in inspect.signature(model.model.forward).parameters:
+            encoded["mm_token_type_ids"] = _mm_token_type_ids(recipe, encoded["input_ids"])
+        return {**encoded, **inputs}
+
+    return make
+
+
+def _replace_each(text: str, token: str, replacements: Iterator[str], id_tokens: dict[str, str] | None) -> str:
+    """``text`` with each ``token`` replaced by the next replacement, prefixed by its index
+    in ``text`` between ``<image_id>`` / ``</image_id>`` where ``id_tokens`` are given."""
+    head, *rest = text.split(token)
+    pieces = [head]
+    for i, tail in enumerate(rest):
+        if id_tokens is not None:
+            pieces.append(f"{id_tokens['image_id_start_token']}{i}{id_tokens['image_id_end_token']}")
+        pieces += [next(replacements), tail]
+    return "".join(pieces)
+
+
+def _minicpmv(prefix: str, *, video_ids: bool, **config) -> _FamilySpec:
+    """MiniCPM-V (transformers' class names start with ``prefix``): a SigLIP-style ViT over
+    NaViT-packed crops whose window-attention merger (2x2, after layer 0 here) and MLP
+    merger (2x2) make one token per 4x4 patches, Qwen3.5's text model; images (thumbnail
+    plus slices) and videos (one crop per frame). ``video_ids``: its processor prefixes each
+    video by its index (4.6); ``config``: further config arguments (4.7's canvas markers).
+    Sample 0 holds one sliced image (a thumbnail and two slices); sample 1 two unsliced
+    images and a 2-frame video. Every crop is 112x112 pixels (8x8 patches, 4 tokens):
+    5.17's window merger takes crops of one size only (tests/test_minicpmv_hf.py merges
+    crops of several sizes where the forward takes them)."""
+    image, video = "<|image_pad|>", "<|video_pad|>"
+    return _FamilySpec(
+        model_class=f"{prefix}ForConditionalGeneration",
+        inner_model_class=f"{prefix}Model",
+        named_tokens=_MINICPMV_TOKENS,
+        add_bos=False,
+        extra_words=lambda: ("0", "1"),  # the image ids of a sample
+        # 112-pixel crops: up to 8x8 patches, 4 tokens; larger images slice into 112-pixel tiles.
+        image_processor=_Part("MiniCPMV4_6ImageProcessor", scale_resolution=112, patch_size=PATCH, max_slice_nums=2),
+        unbuilt_processor=_UnbuiltProcessor(f"{prefix}Processor", "MiniCPMV4_6VideoProcessor"),
+        config=_Part(
+            f"{prefix}Config",
+            vision_config=_vision_config(f"{prefix}VisionConfig", 112),
+            text_config=_QWEN3_5_TEXT,
+            insert_layer_id=0,
+            image_token_id=_TokenId(image),
+            video_token_id=_TokenId(video),
+            **config,
+        ),
+        placeholders={"image": image, "video": video},
+        samples=(
+            _Sample(f"user : {image} describe the image . assistant :", ((104, 144),)),
+            _Sample(f"user : compare {image} and {image} with the clip {video} , which one is brighter ? assistant :",
+                    ((56, 56), (96, 96)), videos=((2, 56, 56),)),
+        ),
+        make_inputs=_minicpmv_inputs(video_ids=video_ids),
+    )  # fmt: skip
+
+
 # LLaVA-1.5's and LLaVA-NeXT's processor and config arguments: CLIP's second-to-last layer
 # without its CLS token (the 'default' strategy), Llama.
 _LLAVA_PROCESSOR = dict(
@@ -1518,14 +1658,7 @@ _SPECS: dict[str, _FamilySpec] = {
                 out_hidden_size=HIDDEN, patch_size=PATCH, temporal_patch_size=2, spatial_merge_size=2,
                 num_position_embeddings=16,
             ),
-            text_config=_text_config(
-                "Qwen3_5TextConfig", head_dim=HEAD_DIM,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6],
-                                 "mrope_interleaved": True, "partial_rotary_factor": 1.0},
-                layer_types=["linear_attention", "full_attention"], linear_num_key_heads=HEADS,
-                linear_num_value_heads=HEADS,
-                linear_key_head_dim=128, linear_value_head_dim=128,  # what vLLM's CPU GDN kernel takes
-            ),
+            text_config=_QWEN3_5_TEXT,
             **_QWEN_TOKEN_IDS,
         ),
         placeholders={"image": "<|image_pad|>"},  # images only here (video: the same merge)
@@ -1696,6 +1829,15 @@ _SPECS: dict[str, _FamilySpec] = {
         # lane's exact model); the model passes its choice to the text config.
         experts_implementation="eager",
     ),  # fmt: skip
+    # MiniCPM-V 4.6: NaViT-packed crops of every image (and every video frame) in one row of
+    # pixel_values, which its forward slices as pixel_values[:1].
+    "minicpmv4_6": _minicpmv("MiniCPMV4_6", video_ids=True),
+    # MiniCPM-V 4.7: 4.6 with canvas M-RoPE: each image's thumbnail and slices laid on one
+    # canvas, located by the marker tokens' ids in its config and by mm_token_type_ids.
+    "minicpmv4_7": _minicpmv(
+        "MiniCPMV4_7", video_ids=False, image_start_id=_TokenId("<image>"), image_end_id=_TokenId("</image>"),
+        slice_start_id=_TokenId("<slice>"), slice_end_id=_TokenId("</slice>"),
+    ),
     # Llama 4 (Scout / Maverick): unfold-linear ViT, pixel-shuffle 0.5 MLP, one Linear
     # projector, MoE text model with chunked attention; merged in the ForConditionalGeneration.
     "llama4": _generic(

@@ -13,7 +13,9 @@ from mmkernels import zoo  # noqa: E402
 from zoo_helpers import build_or_skip  # noqa: E402
 
 # Keyword names under which the merge methods take each modality's features; a
-# positional argument after (input_ids, inputs_embeds) is the image features.
+# positional argument after (input_ids, inputs_embeds) is the image features, or the
+# features of the kind whose placeholder id follows them (MiniCPM-V's
+# get_placeholder_mask(input_ids, inputs_embeds, features, token_id), once per kind).
 FEATURE_ARGUMENTS = {"image": ("image_features", "image_hidden_states"), "video": ("video_features",)}
 MERGE_METHODS = ("get_placeholder_mask", "inputs_merger")  # Idefics3 merges in inputs_merger
 # Families whose media come first in the prompt, before BOS and the text (their processors' layout).
@@ -152,11 +154,15 @@ def test_placeholders_match_features(tiny, monkeypatch):
 
         monkeypatch.setattr(inner, "get_audio_features", recording_audio)
     original = getattr(inner, merge)
+    kind_of = {placeholder: modality for modality, placeholder in tiny.placeholder_ids.items()}
 
     def recording(input_ids, inputs_embeds, *args, **kwargs):
+        positional = "image"
+        if len(args) > 1 and isinstance(args[1], int) and args[1] in kind_of:
+            positional = kind_of[args[1]]
         for modality, names in FEATURE_ARGUMENTS.items():
             given = [kwargs[name] for name in names if kwargs.get(name) is not None]
-            if modality == "image" and args and args[0] is not None:
+            if modality == positional and args and args[0] is not None:
                 given.append(args[0])
             for features in given:
                 seen[modality] = features.numel() // inputs_embeds.shape[-1]
