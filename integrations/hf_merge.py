@@ -488,6 +488,10 @@ def _language_model_forward(self, *args, **kwargs):
     return original(**call.named, **call.extra)
 
 
+# The arguments the forwards name in their "not both pixels and mm_encoder_outputs" check.
+_PIXELS = ("pixel_values", "pixel_values_videos")
+
+
 def _media_to_merge(model, spec: MergeSpec, covered, uncovered, call: Call) -> list[tuple[Modality, Any]]:
     """The modalities the pre-step merges for this call, each with its precomputed encoder
     output (None: compute the features). Empty sends the call to the original."""
@@ -497,6 +501,12 @@ def _media_to_merge(model, spec: MergeSpec, covered, uncovered, call: Call) -> l
     if any(call.get(name) is not None for name in spec.original_inputs):
         return []
     encoded = call.get(spec.encoder_outputs_input) if spec.encoder_outputs_input else None
+    if encoded is not None and any(call.get(name) is not None for name in _PIXELS):
+        # Pixels beside encoder outputs (even an empty dict, or another kind's): 83 of the 89
+        # forwards of transformers 5.25 that take mm_encoder_outputs raise their own error
+        # then; the original runs, which raises it, or merges as it does where it takes both.
+        # (Raw audio beside encoded images is the Omni thinkers' usual call: merged.)
+        return []
     if encoded is None:
         encoded = {}
     elif not isinstance(encoded, dict) or any(

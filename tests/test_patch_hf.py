@@ -16,6 +16,7 @@ and the Qwen2-Audio legacy input format.
 
 import copy  # noqa: E402
 import dataclasses  # noqa: E402
+import inspect  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
 import pickle  # noqa: E402
@@ -364,6 +365,29 @@ def test_text_model_strict_raises_and_lenient_reports_why(text_model):
     text = str(report)
     assert "no sub-model matches a spec" in text and "llama" in text
     assert all(ORIGINALS_ATTR not in m.__dict__ for m in text_model.modules())
+
+
+@pytest.mark.parametrize("encoded", ["empty", "image"])
+def test_pixels_beside_encoder_outputs_run_the_original(llava, encoded):
+    """Pixels and mm_encoder_outputs in one call (an empty dict, or the image's own output):
+    the forward raises its error, and the patched model raises the same (the original runs)."""
+    if "mm_encoder_outputs" not in inspect.signature(type(llava.model.model).forward).parameters:
+        pytest.skip("this transformers' LLaVA forward takes no mm_encoder_outputs")
+    model, inputs = llava.model, dict(llava.inputs)
+    outputs = {} if encoded == "empty" else {"image": model.model.get_image_features(inputs["pixel_values"],
+                                                                                     return_dict=True)}  # fmt: skip
+    errors = []
+    for patched in (False, True):
+        if patched:
+            patch(model, kernels=["merge"])
+        try:
+            with pytest.raises(ValueError) as excinfo, torch.no_grad():
+                model(**inputs, mm_encoder_outputs=dict(outputs))
+            errors.append(str(excinfo.value))
+        finally:
+            if patched:
+                unpatch(model)
+    assert errors[0] == errors[1] and "mm_encoder_outputs" in errors[0]
 
 
 def test_kernels_argument(llava):
