@@ -13,7 +13,6 @@ must change the logits (so the bit-identical checks can fail).
 """
 
 import dataclasses
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -25,57 +24,15 @@ import mmkernels.ops  # noqa: E402
 from mmkernels.integrations.engine import ORIGINALS_ATTR, PatchOptions, patch_model  # noqa: E402
 from mmkernels.integrations.hf_merge import Call, Features, LanguageModelInputsRule, MergeRule  # noqa: E402
 from mmkernels.integrations.hf_specs import MERGE_SPECS  # noqa: E402
-from zoo_helpers import assert_same_output, build_or_skip  # noqa: E402
+from zoo_helpers import MergeSpy, assert_same_output, build_or_skip, patched, unpatched_and_patched  # noqa: E402
 
 FAMILIES = ["qwen2_5_omni_thinker", "qwen3_omni_moe_thinker"]
 NEW_TOKENS = 4
 
 
-class MergeSpy:
-    """Counts calls of ``mmkernels.ops.merge_multimodal_embeddings`` and keeps the last one's
-    arguments (the patched forward imports the op at call time)."""
-
-    def __init__(self, monkeypatch):
-        self.calls = 0
-        self.last = None
-        self._op = mmkernels.ops.merge_multimodal_embeddings
-        monkeypatch.setattr(mmkernels.ops, "merge_multimodal_embeddings", self)
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        self.last = (args, kwargs)
-        return self._op(*args, **kwargs)
-
-    def placeholder_ids(self) -> list[int]:
-        args, _ = self.last
-        return list(args[3])
-
-    def features(self) -> list[list[torch.Tensor]]:
-        args, _ = self.last
-        return args[2]
-
-
 @pytest.fixture
 def merge_spy(monkeypatch):
     return MergeSpy(monkeypatch)
-
-
-@contextmanager
-def patched(model, **options):
-    options.setdefault("kernels", ["merge"])
-    report = mmkernels.patch(model, **options)
-    try:
-        yield report
-    finally:
-        mmkernels.unpatch(model)
-
-
-def unpatched_and_patched(model, inputs, **options):
-    with torch.no_grad():
-        want = model(**inputs)
-        with patched(model, **options):
-            got = model(**inputs)
-    return got, want
 
 
 def ids_of(tiny, *kinds) -> list[int]:

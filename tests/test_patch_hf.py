@@ -22,7 +22,6 @@ import json  # noqa: E402
 import pickle  # noqa: E402
 import re  # noqa: E402
 import types  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
 from typing import Any  # noqa: E402
 
 import pytest  # noqa: E402
@@ -37,7 +36,7 @@ from mmkernels import patch, supported_models, unpatch  # noqa: E402  (the front
 from mmkernels.integrations import PatchReport  # noqa: E402
 from mmkernels.integrations.engine import ORIGINALS_ATTR, original_method  # noqa: E402
 from mmkernels.testing import HostSyncCounter  # noqa: E402
-from zoo_helpers import assert_same_output, build_or_skip  # noqa: E402
+from zoo_helpers import MergeSpy, assert_same_output, build_or_skip, patched  # noqa: E402
 
 RULES = integrations.rules()
 # The merge's rules; this file tests patch(kernels=MERGE) (test_patch_embed_hf.py the rest).
@@ -51,36 +50,6 @@ NEW_TOKENS = 4
 
 # --------------------------------------------------------------------------------------
 # Helpers
-
-
-@contextmanager
-def patched(model, **options):
-    options.setdefault("kernels", MERGE)
-    report = patch(model, **options)
-    try:
-        yield report
-    finally:
-        unpatch(model)
-
-
-class MergeSpy:
-    """Counts calls of ``mmkernels.ops.merge_multimodal_embeddings`` (the patch imports it
-    from there at call time) and keeps the arguments of the last one."""
-
-    def __init__(self, monkeypatch):
-        self.calls = 0
-        self.last: tuple[tuple, dict] | None = None
-        self._op = mmkernels.ops.merge_multimodal_embeddings
-        monkeypatch.setattr(mmkernels.ops, "merge_multimodal_embeddings", self)
-
-    def __call__(self, *args, **kwargs):
-        self.calls += 1
-        self.last = (args, kwargs)
-        return self._op(*args, **kwargs)
-
-    def reset(self):
-        self.calls = 0
-        self.last = None
 
 
 @pytest.fixture

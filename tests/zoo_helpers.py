@@ -1,14 +1,67 @@
 """Shared by the model-level tests: build a zoo family, or skip where this transformers
 cannot build it offline (5.17 declares Idefics3's PIL image processor torchvision-only;
 ``zoo.FamilyUnavailable``: Llama 4's 5.17 feature method);
-compare two forwards' outputs bit for bit."""
+compare two forwards' outputs bit for bit; patch for a block; spy on the merge op."""
 
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
 import torch
 
+import mmkernels
+import mmkernels.ops
 from mmkernels import zoo
+
+
+class MergeSpy:
+    """Counts calls of ``mmkernels.ops.merge_multimodal_embeddings`` (the patch imports it
+    from there at call time) and keeps the arguments of the last one."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        self.last: tuple[tuple, dict] | None = None
+        self._op = mmkernels.ops.merge_multimodal_embeddings
+        monkeypatch.setattr(mmkernels.ops, "merge_multimodal_embeddings", self)
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        self.last = (args, kwargs)
+        return self._op(*args, **kwargs)
+
+    def reset(self):
+        self.calls = 0
+        self.last = None
+
+    def placeholder_ids(self) -> list[int]:
+        """The placeholder ids of the last call, one per kind."""
+        args, _ = self.last
+        return list(args[3])
+
+    def features(self) -> list[list[torch.Tensor]]:
+        """The feature tensors of the last call, per kind."""
+        args, _ = self.last
+        return args[2]
+
+
+@contextmanager
+def patched(model, **options):
+    """``model`` patched (the merge only, unless ``kernels`` says otherwise) for the block."""
+    options.setdefault("kernels", ["merge"])
+    report = mmkernels.patch(model, **options)
+    try:
+        yield report
+    finally:
+        mmkernels.unpatch(model)
+
+
+def unpatched_and_patched(model, inputs, **options):
+    """(patched output, unpatched output) of ``model(**inputs)`` under no_grad."""
+    with torch.no_grad():
+        want = model(**inputs)
+        with patched(model, **options):
+            got = model(**inputs)
+    return got, want
 
 
 def build_or_skip(family: str, **kwargs) -> zoo.TinyModel:
