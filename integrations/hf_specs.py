@@ -48,8 +48,8 @@ images and videos as Qwen2-VL does; one op call takes all three. Its forward acc
 per video grid), so those stay in the call and the original computes the positions. The
 placeholders of audio interleaved with video (``use_audio_in_video=True``) are still one
 token id per kind, filled in order as ``masked_scatter`` fills them: merged as any other
-call. Audio in ``mm_encoder_outputs`` (the forward ignores it) and pixels next to
-``mm_encoder_outputs`` (the forward raises) run the original. Qwen3-Omni-MoE's thinker
+call. Audio in ``mm_encoder_outputs`` (the forward ignores it) runs the original, as pixels
+next to ``mm_encoder_outputs`` do for every family (the forward raises). Qwen3-Omni-MoE's thinker
 merges the same way and also hands its images' and videos' deepstack features to its text
 model, as Qwen3-VL does (:func:`qwen3_omni_deepstack_inputs`: its audio has none).
 
@@ -283,20 +283,8 @@ def qwen3_omni_deepstack_inputs(model, modalities, features: list[Features], inp
     return qwen3_vl_deepstack_inputs(model, kinds, list(found), input_ids)
 
 
-def _pixels_beside_encoder_outputs(model, call: Call) -> str | None:
-    # The forward raises when pixels come with mm_encoder_outputs, even an empty dict or one
-    # holding no encoder output of their kind; the pre-step would merge them: it runs instead.
-    if call.get("mm_encoder_outputs") is not None and (
-        call.get("pixel_values") is not None or call.get("pixel_values_videos") is not None
-    ):
-        return "pixels and mm_encoder_outputs together (the forward raises its own error)"
-    return None
-
-
 def _omni_needs_original(model, call: Call) -> str | None:
-    reason = _pixels_beside_encoder_outputs(model, call)
-    if reason is not None:
-        return reason
+    # (Pixels beside mm_encoder_outputs run the original for every family: hf_merge.)
     encoded = call.get("mm_encoder_outputs")
     if isinstance(encoded, dict) and encoded.get("audio") is not None:
         return "audio in mm_encoder_outputs (the forward ignores it: its audio comes from input_features)"
@@ -338,7 +326,6 @@ def _minicpmv(family: str, model_type: str, model_class: str, *, sizes_for_posit
             kind("video", "pixel_values_videos", "target_sizes_videos", ("video_token_id",)),
         ),
         keeps_input_ids=sizes_for_positions,
-        needs_original=_pixels_beside_encoder_outputs,
         count_mismatch_message=_MINICPMV_COUNT_MISMATCH,
     )
 
