@@ -55,3 +55,12 @@ def merge_calls(monkeypatch):
 
     monkeypatch.setattr(mmkernels.ops, "merge_multimodal_embeddings", spy)
     return calls
+
+
+@pytest.fixture
+def merge_spy(monkeypatch):
+    """A ``zoo_helpers.MergeSpy`` on ``mmkernels.ops.merge_multimodal_embeddings``: the
+    count of calls and the last one's arguments."""
+    from zoo_helpers import MergeSpy
+
+    return MergeSpy(monkeypatch)

@@ -27,15 +27,10 @@ import mmkernels.ops  # noqa: E402
 from mmkernels.integrations.engine import ORIGINALS_ATTR, PatchOptions, patch_model  # noqa: E402
 from mmkernels.integrations.hf_merge import Features, MergeRule, _version_covered  # noqa: E402
 from mmkernels.integrations.hf_specs import MERGE_SPECS  # noqa: E402
-from zoo_helpers import MergeSpy, assert_same_output, build_or_skip, patched, unpatched_and_patched  # noqa: E402
+from zoo_helpers import assert_same_output, build_or_skip, patched, unpatched_and_patched  # noqa: E402
 
 FAMILIES = ["minicpmv4_6", "minicpmv4_7"]
 NEW_TOKENS = 4
-
-
-@pytest.fixture
-def merge_spy(monkeypatch):
-    return MergeSpy(monkeypatch)
 
 
 def raised_unpatched_and_patched(model, inputs) -> tuple[str, str]:
@@ -204,6 +199,16 @@ def test_rows_past_the_first_are_what_the_forward_makes_of_them(tiny, merge_spy)
         assert_same_output(got.logits, model(**tiny.inputs).logits)
 
 
+def encoded_media(model, inputs: dict) -> dict:
+    """The image and video encoder outputs of ``inputs`` (their pixels popped), as generate
+    hands them over in ``mm_encoder_outputs``."""
+    with torch.no_grad():
+        return {
+            "image": model.model.get_image_features(inputs.pop("pixel_values"), inputs["target_sizes"]),
+            "video": model.model.get_video_features(inputs.pop("pixel_values_videos"), inputs["target_sizes_videos"]),
+        }
+
+
 def test_encoder_outputs_from_the_caller_are_merged(tiny, merge_spy):
     """Images and videos encoded by the caller (mm_encoder_outputs, as generate passes them):
     merged in one call, and the output carries the caller's encoder outputs."""
@@ -211,11 +216,7 @@ def test_encoder_outputs_from_the_caller_are_merged(tiny, merge_spy):
     if not takes_encoder_outputs(model):
         pytest.skip(f"transformers {transformers.__version__}: the forward takes no mm_encoder_outputs")
     inputs = dict(tiny.inputs)
-    with torch.no_grad():
-        encoded = {
-            "image": model.model.get_image_features(inputs.pop("pixel_values"), inputs["target_sizes"]),
-            "video": model.model.get_video_features(inputs.pop("pixel_values_videos"), inputs["target_sizes_videos"]),
-        }
+    encoded = encoded_media(model, inputs)
     got, want = unpatched_and_patched(model, {**inputs, "mm_encoder_outputs": encoded})
     assert merge_spy.calls == 1 and merge_spy.placeholder_ids() == ids_of(tiny, "image", "video")
     assert_same_output(got, want)
@@ -265,12 +266,7 @@ def test_an_encoder_output_of_another_kind_runs_the_original(tiny, merge_spy):
     if not takes_encoder_outputs(model):
         pytest.skip(f"transformers {transformers.__version__}: the forward takes no mm_encoder_outputs")
     inputs = dict(tiny.inputs)
-    with torch.no_grad():
-        encoded = {
-            "image": model.model.get_image_features(inputs.pop("pixel_values"), inputs["target_sizes"]),
-            "video": model.model.get_video_features(inputs.pop("pixel_values_videos"), inputs["target_sizes_videos"]),
-            "audio": torch.zeros(1),
-        }
+    encoded = {**encoded_media(model, inputs), "audio": torch.zeros(1)}
     got, want = unpatched_and_patched(model, {**inputs, "mm_encoder_outputs": encoded})
     assert merge_spy.calls == 0
     assert_same_output(got, want)

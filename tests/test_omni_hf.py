@@ -24,15 +24,10 @@ import mmkernels.ops  # noqa: E402
 from mmkernels.integrations.engine import ORIGINALS_ATTR, PatchOptions, patch_model  # noqa: E402
 from mmkernels.integrations.hf_merge import Call, Features, LanguageModelInputsRule, MergeRule  # noqa: E402
 from mmkernels.integrations.hf_specs import MERGE_SPECS  # noqa: E402
-from zoo_helpers import MergeSpy, assert_same_output, build_or_skip, patched, unpatched_and_patched  # noqa: E402
+from zoo_helpers import assert_same_output, build_or_skip, patched, unpatched_and_patched  # noqa: E402
 
 FAMILIES = ["qwen2_5_omni_thinker", "qwen3_omni_moe_thinker"]
 NEW_TOKENS = 4
-
-
-@pytest.fixture
-def merge_spy(monkeypatch):
-    return MergeSpy(monkeypatch)
 
 
 def ids_of(tiny, *kinds) -> list[int]:

@@ -36,7 +36,7 @@ from mmkernels import patch, supported_models, unpatch  # noqa: E402  (the front
 from mmkernels.integrations import PatchReport  # noqa: E402
 from mmkernels.integrations.engine import ORIGINALS_ATTR, original_method  # noqa: E402
 from mmkernels.testing import HostSyncCounter  # noqa: E402
-from zoo_helpers import MergeSpy, assert_same_output, build_or_skip, patched  # noqa: E402
+from zoo_helpers import assert_same_output, build_or_skip, patched  # noqa: E402
 
 RULES = integrations.rules()
 # The merge's rules; this file tests patch(kernels=MERGE) (test_patch_embed_hf.py the rest).
@@ -50,11 +50,6 @@ NEW_TOKENS = 4
 
 # --------------------------------------------------------------------------------------
 # Helpers
-
-
-@pytest.fixture
-def merge_spy(monkeypatch):
-    return MergeSpy(monkeypatch)
 
 
 def generate(tiny) -> torch.Tensor:
