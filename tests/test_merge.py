@@ -380,8 +380,9 @@ def test_inplace_layouts_reference_autograd_and_compile():
         merge(ids, None, feats, IMAGE, embedding_weight=torch.randn(100, 8), inplace=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("form", ["out-of-place", "inplace", "fused"])
-def test_one_launch_form_writes_what_the_two_launch_form_writes(form, monkeypatch):
+def test_one_launch_form_writes_what_the_two_launch_form_writes(form, dtype, monkeypatch):
     """check=False up to ``_SCAN_PREFIX_MAX_TOKENS`` tokens is one launch whose programs
     count the placeholders before their block themselves: bit for bit what the count
     launch + cumsum form writes, across several scan steps (2500 tokens, 1024 ids a step),
@@ -398,8 +399,8 @@ def test_one_launch_form_writes_what_the_two_launch_form_writes(form, monkeypatc
         ids[where[k * 300 : (k + 1) * 300]] = kind
     ids[where[900:910]] = 3  # ten more kind-3 placeholders than rows: NaN rows
     rows = {0: [70, 230], 3: [300], 4: [150, 160]}  # kind 4: ten rows too many
-    features = [[torch.randn(n, D, generator=gen) for n in rows[kind]] for kind in kinds]
-    table = torch.randn(64, D, generator=gen)
+    features = [[torch.randn(n, D, generator=gen, dtype=dtype) for n in rows[kind]] for kind in kinds]
+    table = torch.randn(64, D, generator=gen, dtype=dtype)
     embeds = table[ids.clamp(0, 63)].clone()
 
     def run(max_tokens):
@@ -419,3 +420,8 @@ def test_one_launch_form_writes_what_the_two_launch_form_writes(form, monkeypatc
     assert launched[1:] == ["merge_count_kernel", "merge_rows_kernel"]
     assert torch.equal(one.nan_to_num(7.0), two.nan_to_num(7.0))
     assert one.isnan().any(dim=-1).sum() == 10  # the surplus kind-3 placeholders
+    if form == "fused":
+        want = reference(ids, None, features, kinds, embedding_weight=table, check=False)
+    else:
+        want = reference(ids, embeds, features, kinds, check=False)
+    assert torch.equal(one.nan_to_num(7.0), want.reshape(one.shape).nan_to_num(7.0))
