@@ -425,3 +425,112 @@ def test_one_launch_form_writes_what_the_two_launch_form_writes(form, dtype, mon
     else:
         want = reference(ids, embeds, features, kinds, check=False)
     assert torch.equal(one.nan_to_num(7.0), want.reshape(one.shape).nan_to_num(7.0))
+
+
+INDICATORS = (93, 94, 95)  # Ovis2-style visual indicator ids: one learned row each
+
+
+def _indicator_call(dtype=torch.float64, seed=3):
+    """Images plus three broadcast kinds: one indicator twice per row, one once, one absent."""
+    ids = make_ids([40, 40], [[(1, 1, 93), (2, 6, IMAGE), (8, 1, 94), (20, 1, 93)],
+                              [(0, 1, 93), (5, 9, IMAGE), (15, 1, 93)]], seed=seed)  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    embeds = torch.randn(2, 40, 24, generator=gen, dtype=dtype)
+    image = [torch.randn(6, 24, generator=gen, dtype=dtype), torch.randn(9, 24, generator=gen, dtype=dtype)]
+    vectors = torch.randn(len(INDICATORS), 24, generator=gen, dtype=dtype)
+    features = [image] + [vectors[i : i + 1] for i in range(len(INDICATORS))]
+    return ids, embeds, features, [IMAGE, *INDICATORS]
+
+
+def _loop_with_indicators(ids, embeds, features):
+    expected = loop_merge(ids, embeds, {IMAGE: torch.cat(features[0])})
+    flat_ids, flat = ids.reshape(-1), expected.reshape(-1, expected.shape[-1])
+    for kid, row in zip(INDICATORS, features[1:]):
+        flat[flat_ids == kid] = row.to(flat.dtype)
+    return expected
+
+
+@pytest.mark.parametrize("check", [True, False])
+@pytest.mark.parametrize("form", ["out-of-place", "inplace", "fused", "two-launch"])
+def test_broadcast_kinds_give_every_placeholder_their_one_row(form, check, monkeypatch):
+    """``broadcast_ids``: each placeholder of such an id takes its kind's one row (any count,
+    none included), beside counted kinds; against an independent loop and the reference,
+    in float64, in both launch forms (check=False is one launch here; ``two-launch`` forces
+    the count launch), in place and fused."""
+    import mmkernels.ops.merge as merge_module
+
+    if form == "two-launch":
+        monkeypatch.setattr(merge_module, "_SCAN_PREFIX_MAX_TOKENS", 0)
+    ids, embeds, features, kinds = _indicator_call()
+    if form == "fused":
+        table = torch.randn(VOCAB, 24, dtype=torch.float64)
+        embeds = table[ids.clamp(max=VOCAB - 1)]
+        out = run_kernel(ids, None, features, kinds, embedding_weight=table, check=check, broadcast_ids=INDICATORS)
+        want = reference(ids, None, features, kinds, embedding_weight=table, check=check, broadcast_ids=INDICATORS)
+    else:
+        target = embeds.clone()
+        out = run_kernel(ids, target, features, kinds, check=check, inplace=form == "inplace", broadcast_ids=INDICATORS)
+        want = reference(ids, embeds, features, kinds, check=check, broadcast_ids=INDICATORS)
+        if form == "inplace":
+            assert out is target
+    assert_bitwise_equal(out, _loop_with_indicators(ids, embeds, features))
+    assert_bitwise_equal(out, want)
+    assert not out.isnan().any()
+
+
+def test_broadcast_kinds_gradients_sum_over_their_placeholders():
+    ids, embeds, features, kinds = _indicator_call()
+    embeds.requires_grad_(True)
+    leaves = [f.clone().requires_grad_(True) for f in [*features[0], *features[1:]]]
+    upstream = torch.randn(2, 40, 24, dtype=torch.float64)
+
+    def grads(fn):
+        out = fn(ids, embeds, [leaves[:2], *leaves[2:]], kinds, broadcast_ids=INDICATORS)
+        return torch.autograd.grad((out * upstream).sum(), [embeds, *leaves])
+
+    got, want = grads(merge), grads(reference)
+    for g, w in zip(got, want):
+        assert_bitwise_equal(g, w, name="gradient")
+    flat_ids, flat_up = ids.reshape(-1), upstream.reshape(-1, 24)
+    assert torch.allclose(got[3], flat_up[flat_ids == 93].sum(0, keepdim=True))  # four placeholders
+    assert torch.equal(got[5], torch.zeros(1, 24, dtype=torch.float64))  # id 95: none in the text
+
+
+@pytest.mark.parametrize("fn", [merge, reference], ids=["op", "reference"])
+def test_broadcast_kinds_keep_the_other_kinds_checked(fn):
+    ids, embeds, features, kinds = _indicator_call()
+    short = [[features[0][0], features[0][1][:8]], *features[1:]]
+    with pytest.raises(PlaceholderCountError) as err:
+        fn(ids, embeds, short, kinds, broadcast_ids=INDICATORS)
+    assert (err.value.placeholders, err.value.rows) == ([15, 4, 1, 0], [14, 4, 1, 0])
+    assert str(err.value) == f"features: count mismatch: placeholder id {IMAGE}: 15 placeholder tokens in input_ids but 14 feature rows"
+
+
+@pytest.mark.parametrize("fn", [merge, reference], ids=["op", "reference"])
+@pytest.mark.parametrize("broadcast_ids,features_of_94,error,message", [
+    ([96], None, ValueError, "broadcast_ids[0]: 96 is not one of placeholder_id"),
+    ([93, 93], None, ValueError, "broadcast_ids: ids must be distinct"),
+    (93, None, TypeError, "broadcast_ids: expected a sequence of ints, got int"),
+    ([93.0], None, TypeError, "broadcast_ids[0]: expected an int, got float"),
+    ([94], 2, ValueError, "features[2]: placeholder id 94 is in broadcast_ids, so its features must be one row"),
+    ([94], 0, ValueError, "features[2]: placeholder id 94 is in broadcast_ids, so its features must be one row"),
+])  # fmt: skip
+def test_broadcast_ids_bad_inputs_name_the_argument(fn, broadcast_ids, features_of_94, error, message):
+    ids, embeds, features, kinds = _indicator_call()
+    if features_of_94 is not None:
+        features[2] = torch.randn(features_of_94, 24, dtype=torch.float64)
+    with pytest.raises(error) as err:
+        fn(ids, embeds, features, kinds, broadcast_ids=broadcast_ids)
+    assert message in str(err.value)
+
+
+def test_broadcast_kinds_under_torch_compile_fullgraph():
+    ids, embeds, features, kinds = _indicator_call(dtype=torch.float32)
+
+    def f(ids, embeds, image, vectors):
+        feats = [image, *[vectors[i : i + 1] for i in range(len(INDICATORS))]]
+        return merge(ids, embeds, feats, kinds, check=False, broadcast_ids=INDICATORS) * 2
+
+    vectors = torch.cat(features[1:])
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    assert_bitwise_equal(compiled(ids, embeds, features[0], vectors), f(ids, embeds, features[0], vectors))

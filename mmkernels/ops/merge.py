@@ -77,6 +77,12 @@ class _MergeArgs:
     feat_dtype: torch.dtype | None = None  # the one dtype of every feature tensor (None: no features)
     check: bool = True  # the call's check (see merge_multimodal_embeddings)
     inplace: bool = False  # write the placeholder rows into embeds
+    broadcast_ids: tuple[int, ...] = ()  # kinds whose one row goes to each of their placeholders
+
+    @property
+    def broadcast_kinds(self) -> int:
+        """The broadcast kinds as a bit mask over kind indices (the kernel's BROADCAST_KINDS)."""
+        return sum(1 << k for k, kid in enumerate(self.kind_ids) if kid in self.broadcast_ids)
 
     @property
     def flat_embeds(self) -> torch.Tensor:
@@ -135,7 +141,7 @@ def _feature_name(name: str, feats: list, i: int) -> str:
 
 
 def _validate(input_ids, inputs_embeds, features, placeholder_id, embedding_weight, padding_idx=None, *, check=True,
-              inplace=False) -> _MergeArgs:
+              inplace=False, broadcast_ids=()) -> _MergeArgs:
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids: expected a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dtype not in _ID_DTYPES:
@@ -204,6 +210,8 @@ def _validate(input_ids, inputs_embeds, features, placeholder_id, embedding_weig
             if f.device != device:
                 raise ValueError(f"{_feature_name(name, feats, i)}: expected device {device} (that of input_ids), "
                                  f"got {f.device}")  # fmt: skip
+    if broadcast_ids:
+        broadcast_ids = _validate_broadcast(broadcast_ids, kind_ids, kind_features)
 
     return _MergeArgs(
         ids=input_ids.reshape(-1),
@@ -218,7 +226,29 @@ def _validate(input_ids, inputs_embeds, features, placeholder_id, embedding_weig
         feat_dtype=feat_dtype,
         check=check,
         inplace=inplace,
+        broadcast_ids=tuple(broadcast_ids),
     )
+
+
+def _validate_broadcast(broadcast_ids, kind_ids: list[int], kind_features: list[list[torch.Tensor]]) -> tuple[int, ...]:
+    """``broadcast_ids``: distinct ids of ``placeholder_id``, each with exactly one feature row."""
+    if isinstance(broadcast_ids, (int, torch.Tensor)) or not isinstance(broadcast_ids, (list, tuple)):
+        raise TypeError(f"broadcast_ids: expected a sequence of ints, got {type(broadcast_ids).__name__}")
+    for i, kid in enumerate(broadcast_ids):
+        if isinstance(kid, bool) or not isinstance(kid, int):
+            raise TypeError(f"broadcast_ids[{i}]: expected an int, got {type(kid).__name__}")
+        if kid not in kind_ids:
+            raise ValueError(f"broadcast_ids[{i}]: {kid} is not one of placeholder_id {kind_ids}")
+    if len(set(broadcast_ids)) != len(broadcast_ids):
+        raise ValueError(f"broadcast_ids: ids must be distinct, got {list(broadcast_ids)}")
+    for kid in broadcast_ids:
+        k = kind_ids.index(kid)
+        rows = sum(f.shape[0] for f in kind_features[k])
+        if rows != 1:
+            name = "features" if len(kind_ids) == 1 else f"features[{k}]"
+            raise ValueError(f"{name}: placeholder id {kid} is in broadcast_ids, so its features must be one row "
+                             f"(1, D) for every placeholder of it; got {rows} rows")  # fmt: skip
+    return tuple(broadcast_ids)
 
 
 class PlaceholderCountError(ValueError):
@@ -264,6 +294,7 @@ def merge_multimodal_embeddings_reference(
     embedding_weight: torch.Tensor | None = None,
     check: bool = True,
     padding_idx: int | None = None,
+    broadcast_ids: Sequence[int] = (),
 ) -> torch.Tensor:
     """PyTorch reference of :func:`merge_multimodal_embeddings`; it defines the op.
 
@@ -271,7 +302,8 @@ def merge_multimodal_embeddings_reference(
     given features, and (fused lookup) text ids outside the table, become NaN rows.
     Its autograd defines the op's gradients (``padding_idx`` as in ``F.embedding``).
     """
-    args = _validate(input_ids, inputs_embeds, features, placeholder_id, embedding_weight, padding_idx, check=check)
+    args = _validate(input_ids, inputs_embeds, features, placeholder_id, embedding_weight, padding_idx, check=check,
+                     broadcast_ids=broadcast_ids)  # fmt: skip
     return _reference_impl(args, check)
 
 
@@ -295,11 +327,14 @@ def _reference_impl(args: _MergeArgs, check: bool) -> torch.Tensor:
     else:
         out = args.flat_embeds.clone()
     placeholders = [int((ids == kid).sum()) for kid in args.kind_ids]
-    if check and placeholders != args.kind_rows:
-        raise PlaceholderCountError(args.kind_ids, placeholders, args.kind_rows)
+    expected = _expected_counts(args.kind_ids, args.kind_rows, args.broadcast_ids, placeholders)
+    if check and placeholders != expected:
+        raise PlaceholderCountError(args.kind_ids, placeholders, expected)
     for kid, feats in zip(args.kind_ids, args.kind_features):
         positions = (ids == kid).nonzero().flatten()
         rows = torch.cat([f.to(args.out_dtype) for f in feats]) if feats else out.new_empty(0, args.dim)
+        if kid in args.broadcast_ids:
+            rows = rows.expand(len(positions), args.dim)
         n = min(len(positions), rows.shape[0])
         out[positions[:n]] = rows[:n]
         out[positions[n:]] = nan
@@ -485,6 +520,8 @@ def _build_launch(args: _MergeArgs, out: torch.Tensor, inplace: bool = False,
     )
     if inplace:
         rows_meta["WRITE_TEXT"] = False  # absent otherwise: the default, one compiled variant
+    if args.broadcast_kinds:
+        rows_meta["BROADCAST_KINDS"] = args.broadcast_kinds  # likewise
     if scan_prefix:
         rows_meta["SCAN_PREFIX"] = True
         rows_args = (*rows_args[:_BLOCK_CUMSUM_ARG], counts, *rows_args[_BLOCK_CUMSUM_ARG + 1 :])
@@ -517,7 +554,8 @@ def _triton_impl(args: _MergeArgs, check: bool, inplace: bool = False) -> torch.
     vocab = args.table.shape[0] if args.table is not None else 0
     if T == 0:
         if check:
-            _check_totals(args.kind_ids, args.kind_rows, vocab, torch.zeros(len(args.kind_ids) + 1, dtype=torch.int64))
+            _check_totals(args.kind_ids, args.kind_rows, vocab, torch.zeros(len(args.kind_ids) + 1, dtype=torch.int64),
+                          args.broadcast_ids)  # fmt: skip
         plan_ok()  # nothing to launch; the check passed for counts the key fixes
         return out
     # Allocations, launches and plan steps from here (see mmkernels.backend.CallPlans).
@@ -537,8 +575,8 @@ def _triton_impl(args: _MergeArgs, check: bool, inplace: bool = False) -> torch.
     if check:
         # The one host sync of check=True: placeholder counts per kind and out-of-table text
         # ids, compared on the device with the expected counts (the kind table is there).
-        plan_step(functools.partial(_check_on_device, args.kind_ids, args.kind_rows, vocab, launch.kind_rows),
-                  block_cumsum)  # fmt: skip
+        plan_step(functools.partial(_check_on_device, args.kind_ids, args.kind_rows, vocab, launch.kind_rows,
+                                    args.broadcast_ids), block_cumsum)  # fmt: skip
     if args.dim == 0:
         return out  # nothing to write; the counts were still checked (D = 0 is a valid empty hidden dim)
     rows_args = list(launch.rows_args)
@@ -552,20 +590,31 @@ def _block_cumsum(counts: torch.Tensor) -> torch.Tensor:
 
 
 def _check_on_device(kind_ids: list[int], kind_rows: list[int], vocab: int, kind_rows_on_device: torch.Tensor,
-                     block_cumsum: torch.Tensor) -> None:  # fmt: skip
+                     broadcast_ids: tuple[int, ...], block_cumsum: torch.Tensor) -> None:  # fmt: skip
     """check=True: compare the totals with the expected counts on the device, and read them
-    on the host (the sync) only to raise."""
+    on the host (the sync) only to raise (with broadcast kinds, whose counts are free, read
+    them on the host: the same one sync)."""
     totals = block_cumsum[-1].to(torch.int64)
-    if not torch.equal(totals, torch.nn.functional.pad(kind_rows_on_device, (0, 1))):
-        _check_totals(kind_ids, kind_rows, vocab, totals)
+    if broadcast_ids or not torch.equal(totals, torch.nn.functional.pad(kind_rows_on_device, (0, 1))):
+        _check_totals(kind_ids, kind_rows, vocab, totals, broadcast_ids)
 
 
-def _check_totals(kind_ids: list[int], kind_rows: list[int], vocab: int, totals: torch.Tensor) -> None:
+def _expected_counts(kind_ids: list[int], kind_rows: list[int], broadcast_ids: tuple[int, ...],
+                     placeholders: list[int]) -> list[int]:  # fmt: skip
+    """Placeholders expected per kind: its feature rows; a broadcast kind any number (its own count)."""
+    if not broadcast_ids:
+        return kind_rows
+    return [n if kid in broadcast_ids else r for kid, r, n in zip(kind_ids, kind_rows, placeholders)]
+
+
+def _check_totals(kind_ids: list[int], kind_rows: list[int], vocab: int, totals: torch.Tensor,
+                  broadcast_ids: tuple[int, ...] = ()) -> None:  # fmt: skip
     """Raise the error ``totals`` (placeholders per kind, then bad text ids) implies, if any."""
     totals = totals.tolist()
     placeholders, bad_text = totals[:-1], totals[-1]
-    if placeholders != kind_rows:
-        raise PlaceholderCountError(kind_ids, placeholders, kind_rows)
+    expected = _expected_counts(kind_ids, kind_rows, broadcast_ids, placeholders)
+    if placeholders != expected:
+        raise PlaceholderCountError(kind_ids, placeholders, expected)
     if bad_text:
         raise _out_of_table_error(bad_text, vocab)
 
@@ -584,15 +633,15 @@ def _per_kind(features: list[torch.Tensor], features_per_kind: list[int]) -> lis
 
 
 def _validate_op_inputs(input_ids, inputs_embeds, features, features_per_kind, placeholder_ids, embedding_weight,
-                        check, padding_idx=None) -> _MergeArgs:  # fmt: skip
+                        check, padding_idx=None, broadcast_ids=()) -> _MergeArgs:  # fmt: skip
     return _validate(input_ids, inputs_embeds, _per_kind(features, features_per_kind), placeholder_ids,
-                     embedding_weight, padding_idx, check=check)  # fmt: skip
+                     embedding_weight, padding_idx, check=check, broadcast_ids=broadcast_ids)  # fmt: skip
 
 
 def _validate_inplace_op_inputs(input_ids, inputs_embeds, features, features_per_kind, placeholder_ids,
-                                check) -> _MergeArgs:  # fmt: skip
+                                check, broadcast_ids=()) -> _MergeArgs:  # fmt: skip
     return _validate(input_ids, inputs_embeds, _per_kind(features, features_per_kind), placeholder_ids, None,
-                     check=check, inplace=True)  # fmt: skip
+                     check=check, inplace=True, broadcast_ids=broadcast_ids)  # fmt: skip
 
 
 def _needs(args: _MergeArgs) -> Needs:
@@ -611,15 +660,16 @@ def _triton_run(args: _MergeArgs) -> torch.Tensor:
 
 
 def _fake(input_ids, inputs_embeds, features, features_per_kind, placeholder_ids, embedding_weight, check,
-          padding_idx=None):  # fmt: skip
+          padding_idx=None, broadcast_ids=()):  # fmt: skip
     base = inputs_embeds if inputs_embeds is not None else embedding_weight
     return base.new_empty(tuple(input_ids.shape) + (base.shape[-1],))
 
 
 def _setup_context(ctx, inputs, output):
     input_ids, inputs_embeds, features, features_per_kind, placeholder_ids, embedding_weight, _check, padding_idx = (
-        inputs
+        inputs[:8]
     )
+    ctx.broadcast_ids = tuple(inputs[8]) if len(inputs) > 8 else ()
     ctx.features_per_kind = features_per_kind
     ctx.placeholder_ids = placeholder_ids
     ctx.feature_rows = [f.shape[0] for f in features]
@@ -636,7 +686,7 @@ def _backward(ctx, grad_out):
     Text rows flow to ``inputs_embeds`` (or are scattered into the table's rows, except
     ``padding_idx``'s row, which gets none, as in ``F.embedding``), placeholder rows to the
     feature rows they came from; rows written as NaN (unfilled placeholders, out-of-table
-    ids) pass no gradient."""
+    ids) pass no gradient; a broadcast kind's one row gets the sum over its placeholders."""
     (input_ids,) = ctx.saved_tensors
     ids = input_ids.reshape(-1).long()
     grad = grad_out.reshape(ids.shape[0], grad_out.shape[-1])
@@ -655,12 +705,15 @@ def _backward(ctx, grad_out):
     for kid, n_tensors in zip(ctx.placeholder_ids, ctx.features_per_kind):
         rows = ctx.feature_rows[start : start + n_tensors]
         positions = (ids == kid).nonzero().flatten()
-        given = grad.new_zeros(sum(rows), grad.shape[1])
-        n = min(len(positions), given.shape[0])
-        given[:n] = grad[positions[:n]]
+        if kid in ctx.broadcast_ids:
+            given = grad[positions].sum(0, keepdim=True)
+        else:
+            given = grad.new_zeros(sum(rows), grad.shape[1])
+            n = min(len(positions), given.shape[0])
+            given[:n] = grad[positions[:n]]
         grad_features += list(given.split(rows))
         start += n_tensors
-    return None, grad_embeds, grad_features, None, None, grad_weight, None, None
+    return None, grad_embeds, grad_features, None, None, grad_weight, None, None, None
 
 
 def _index_copy_route(args: _MergeArgs) -> torch.Tensor:
@@ -681,7 +734,8 @@ def bucket(args: _MergeArgs) -> str:
     """The shape bucket of a call: tokens and feature tensors as powers of two, D, dtype,
     kinds, and the form (fused lookup, in place)."""
     features = sum(len(feats) for feats in args.kind_features)
-    form = ("-fused" if args.table is not None else "") + ("-inplace" if args.inplace else "")
+    form = ("-fused" if args.table is not None else "") + ("-inplace" if args.inplace else "") + (
+        f"-broadcast{len(args.broadcast_ids)}" if args.broadcast_ids else "")
     return (f"t{next_power_of_2(max(args.ids.shape[0], 1))}-n{next_power_of_2(max(features, 1))}-d{args.dim}-"
             f"{str(args.out_dtype).removeprefix('torch.')}-kinds{len(args.kind_ids)}{form}")  # fmt: skip
 
@@ -692,7 +746,8 @@ _ROUTES = (Route("torch", _index_copy_route, standard=True, applies=_index_copy_
 OP = Op(
     OP_NAME,
     schema="(Tensor input_ids, Tensor? inputs_embeds, Tensor[] features, SymInt[] features_per_kind, "
-    "SymInt[] placeholder_ids, Tensor? embedding_weight, bool check, SymInt? padding_idx=None) -> Tensor",
+    "SymInt[] placeholder_ids, Tensor? embedding_weight, bool check, SymInt? padding_idx=None, "
+    "SymInt[] broadcast_ids=[]) -> Tensor",
     validate=_validate_op_inputs,
     needs=_needs,
     kernel=kernels.merge_rows_kernel,
@@ -711,7 +766,7 @@ OP = Op(
 OP_INPLACE = Op(
     OP_NAME + "_",
     schema="(Tensor input_ids, Tensor(a1!) inputs_embeds, Tensor[] features, SymInt[] features_per_kind, "
-    "SymInt[] placeholder_ids, bool check) -> ()",
+    "SymInt[] placeholder_ids, bool check, SymInt[] broadcast_ids=[]) -> ()",
     validate=_validate_inplace_op_inputs,
     needs=_needs,
     kernel=kernels.merge_rows_kernel,
@@ -736,6 +791,7 @@ def merge_multimodal_embeddings(
     check: bool | None = True,
     padding_idx: int | None = None,
     inplace: bool = False,
+    broadcast_ids: Sequence[int] = (),
 ) -> torch.Tensor:
     """Place multimodal features at the placeholder tokens of a text sequence.
 
@@ -778,6 +834,10 @@ def merge_multimodal_embeddings(
             ``check=True`` a mismatch raises before anything is written). Layouts whose
             rows do not flatten to one stride are merged out of place and copied back;
             with autograd recording, the out-of-place result is copied in (``copy_``).
+        broadcast_ids: ids of ``placeholder_id`` whose features are one ``(1, D)`` row that
+            every placeholder of that id receives, however many there are (none included):
+            Ovis2's visual indicator tokens, one learned vector per indicator id. Their
+            counts are not checked; their row's gradient is the sum over its placeholders.
 
     Returns:
         A new contiguous tensor of shape ``input_ids.shape + (D,)`` with the dtype of
@@ -792,7 +852,7 @@ def merge_multimodal_embeddings(
     # Validated here too: with a tensor on another device the dispatcher would route the
     # op by that device (a meta tensor reaches the fake kernel) before the body could check.
     op_inputs = key = None
-    if type(placeholder_id) is int:
+    if type(placeholder_id) is int and not broadcast_ids:
         # The common forms (one placeholder id; a tensor or a list of them) are keyed for a
         # call plan before any validation: a call seen before replays its launches.
         feats = [features] if type(features) is torch.Tensor else list(features) if type(features) in (list, tuple) else None
@@ -809,12 +869,14 @@ def merge_multimodal_embeddings(
             if out is not MISS:
                 return inputs_embeds if inplace else out
     args = _validate(input_ids, inputs_embeds, features, placeholder_id, embedding_weight, padding_idx, check=check,
-                     inplace=inplace)  # fmt: skip
+                     inplace=inplace, broadcast_ids=broadcast_ids)  # fmt: skip
     if inplace:
         return _merge_inplace(input_ids, args, check, op_inputs, key)
     if op_inputs is None:
         op_inputs = (input_ids, inputs_embeds, args.all_features, [len(feats) for feats in args.kind_features],
                      args.kind_ids, embedding_weight, check, padding_idx)  # fmt: skip
+        if args.broadcast_ids:
+            op_inputs += (list(args.broadcast_ids),)
     return OP.call(op_inputs, args, key)
 
 
@@ -825,11 +887,13 @@ def _merge_inplace(input_ids: torch.Tensor, args: _MergeArgs, check: bool, op_in
     if torch.is_grad_enabled() and (embeds.requires_grad or any(f.requires_grad for f in args.all_features)):
         # Autograd records: the differentiable out-of-place op, copied in (copy_ is tracked).
         op_inputs = (input_ids, embeds, args.all_features, [len(feats) for feats in args.kind_features],
-                     args.kind_ids, None, check, None)  # fmt: skip
+                     args.kind_ids, None, check, None, list(args.broadcast_ids))  # fmt: skip
         return embeds.copy_(OP.op(*op_inputs))
     if op_inputs is None:
         op_inputs = (input_ids, embeds, args.all_features, [len(feats) for feats in args.kind_features], args.kind_ids,
                      check)  # fmt: skip
+        if args.broadcast_ids:
+            op_inputs += (list(args.broadcast_ids),)
     OP_INPLACE.call(op_inputs, args, key)
     return embeds
 
@@ -844,16 +908,20 @@ def aot_cases() -> list[AotCase]:
     cases: list[AotCase] = []
 
     def _aot_case(name: str, tokens: int, images: int, tokens_per_image: int, dim: int, dtype, fused: bool, rows: bool,
-                  inplace: bool = False, scan_prefix: bool = False):  # fmt: skip
+                  inplace: bool = False, scan_prefix: bool = False, indicators: int = 0):  # fmt: skip
         def make_launch():
             n_feat = images * tokens_per_image
             ids = torch.zeros(tokens, dtype=torch.int64)
             ids[:n_feat] = 7
             feats = [torch.empty(tokens_per_image, dim, dtype=dtype) for _ in range(images)]
+            kinds, broadcast = 7, ()
+            if indicators:  # Ovis2: one broadcast row per visual indicator id
+                broadcast = tuple(range(8, 8 + indicators))
+                kinds, feats = [7, *broadcast], [feats, *[torch.empty(1, dim, dtype=dtype) for _ in broadcast]]
             if fused:
-                args = _validate(ids, None, feats, 7, torch.empty(32000, dim, dtype=dtype))
+                args = _validate(ids, None, feats, kinds, torch.empty(32000, dim, dtype=dtype), broadcast_ids=broadcast)
             else:
-                args = _validate(ids, torch.empty(tokens, dim, dtype=dtype), feats, 7, None)
+                args = _validate(ids, torch.empty(tokens, dim, dtype=dtype), feats, kinds, None, broadcast_ids=broadcast)
             out = args.embeds if inplace else torch.empty(tokens, dim, dtype=dtype)
             launch, keep = _build_launch(args, out, inplace, scan_prefix)
             if not rows:
@@ -886,4 +954,7 @@ def aot_cases() -> list[AotCase]:
               rows=True, inplace=True, scan_prefix=True)  # fmt: skip
     _aot_case("merge.rows-scan-fused/2048-tokens/bf16", 2048, 3, 576, 4096, torch.bfloat16, fused=True, rows=True,
               scan_prefix=True)  # fmt: skip
+    # Ovis2-2B (D=1536): two 256-token crops and its five visual indicators (broadcast kinds).
+    _aot_case("merge.rows-scan-broadcast/ovis2-2b/bf16", 640, 2, 256, 1536, torch.bfloat16, fused=False, rows=True,
+              scan_prefix=True, indicators=5)  # fmt: skip
     return cases
