@@ -251,6 +251,10 @@ def _unsupported(module, query, key, value, attention_mask, dropout, kwargs) -> 
         return "output_attentions=True (no weights from a fused kernel)"
     if query.dim() != 4 or key.dim() != 4 or value.shape != key.shape:
         return f"query/key/value shapes {tuple(query.shape)}/{tuple(key.shape)}/{tuple(value.shape)}"
+    if query.shape[0] != key.shape[0]:
+        # SDPA broadcasts one batch over the other (Granite Speech's Q-Former: its learned
+        # queries, batch 1, attend to every window of the audio); the op takes one batch.
+        return f"query batch {query.shape[0]} broadcast against key batch {key.shape[0]}"
     if query.shape[-1] != key.shape[-1]:
         return "query and key head dims differ"
     if key.shape[1] == 0 or query.shape[1] % key.shape[1]:

@@ -318,6 +318,20 @@ def test_cases_the_op_does_not_cover_run_sdpa():
         assert reason in next(iter(routes))
 
 
+def test_a_query_batch_broadcast_against_the_keys_runs_sdpa():
+    """One query batch against several key batches (Granite Speech's Q-Former: its learned
+    queries attend to every audio window) is SDPA's broadcast, which the op does not do:
+    SDPA runs, with the reason, and the output has the keys' batch."""
+    q, _, _ = _qkv(1, 2, 2, 3, 15)
+    _, k, v = _qkv(9, 2, 2, 3, 15)
+    layer = _Layer(groups=1, is_causal=False)
+    with ha.record_routes() as routes:
+        got, _ = ha.mmkernels_attention_forward(layer, q, k, v, None)
+    assert "broadcast" in next(iter(routes)) and next(iter(routes)).startswith("sdpa: ")
+    want = _sdpa(layer, q, k, v, None)
+    assert got.shape == want.shape == (9, 3, 2, 32) and torch.equal(got, want)
+
+
 # --------------------------------------------------------------------------------------
 # Qwen2-VL / Qwen2.5-VL vision attention (engine rule)
 
