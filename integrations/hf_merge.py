@@ -52,7 +52,7 @@ from .engine import (ORIGINALS_ATTR, Call, PatchOptions, SpecRule, backend_note,
                      original_method)
 
 __all__ = ["Call", "Features", "LANGUAGE_MODEL_KWARG", "LanguageModelInputs", "LanguageModelInputsRule", "MergeRule",
-           "MergeSpec", "Modality", "placeholder_id"]
+           "MergeSpec", "Modality", "config_value", "placeholder_id", "placeholders_looked_up_as"]
 
 MERGE_OP = "merge_multimodal_embeddings"
 # The keyword that carries the language-model arguments the pre-step derived (Qwen3-VL's
@@ -106,7 +106,10 @@ class Modality:
     ``feature_function(model, call) -> Features | None`` replaces that call when a family
     has no feature method; returning None sends the call to the original forward.
     ``output_fields``: (field of the forward's output, one of :data:`OUTPUT_VALUE_KINDS`),
-    filled where the output class has the field.
+    filled where the output class has the field; a third item, a PEP 440 specifier, limits
+    the filling to the versions whose forward fills that field (PerceptionLM's
+    ``video_hidden_states``: filled up to 5.23, left None from 5.24 on, where the output
+    class still has it).
     ``transformers``: the versions this kind is covered on (a PEP 440 specifier, "" = all);
     elsewhere a call carrying it goes to the original forward.
     ``first_row``: the forward hands the feature method only the first row of ``trigger``
@@ -118,6 +121,19 @@ class Modality:
     generate's beam expansion copies the packed row once per beam, and the forward encodes
     one and tiles its features, ``.repeat(rows, 1)``): the rows are repeated as a list, in
     the same order, nothing concatenated.
+    ``broadcast_field`` / ``broadcast_ids_field``: the forward also writes one vector at
+    every occurrence of each of several token ids (Ovis2's visual indicators: a learned
+    row per indicator id, ``inputs_embeds[input_ids == id] = vectors[i]``, a host sync
+    each): the encoder output's field holding those rows ``(n, D)`` and the config's field
+    listing the ``n`` ids. They are merged in the same op call as broadcast kinds (any
+    count, unchecked, as the forward leaves them).
+    ``count_mismatch_features(pooled) -> int``: the number the forward's count check prints
+    as ``{features}`` for this kind, from the pooled features as the feature method returned
+    them (:attr:`Features.pooled`), where that is not the row count (None: the row count).
+    LLaVA-NeXT-Video's videos: its forward flattens the first two dimensions of each element
+    of the pooler output and prints the first dimension of their concatenation, which is
+    rows x width where that output is one ``(videos, rows, D)`` tensor (5.25) and the rows
+    where it is a tuple of ``(frames, tokens, D)`` (5.17).
     """
 
     kind: str
@@ -130,10 +146,13 @@ class Modality:
     passes_forward_kwargs: bool = False
     feature_field: str = "pooler_output"
     feature_function: Callable[[torch.nn.Module, Call], Features | None] | None = None
-    output_fields: tuple[tuple[str, str], ...] = ()
+    output_fields: tuple[tuple[str, str] | tuple[str, str, str], ...] = ()
     transformers: str = ""
     first_row: bool = False
     first_row_repeated: str | None = None
+    broadcast_field: str | None = None
+    broadcast_ids_field: str | None = None
+    count_mismatch_features: Callable[[Any], int] | None = None
 
     def __post_init__(self):
         if (self.feature_method is None) == (self.feature_function is None):
@@ -141,20 +160,31 @@ class Modality:
         if self.first_row and self.feature_method is None:
             raise ValueError(f"{self.kind}: first_row slices the feature method's input (a feature_function slices "
                              "its own)")  # fmt: skip
+        if (self.broadcast_field is None) != (self.broadcast_ids_field is None):
+            raise ValueError(f"{self.kind}: broadcast_field and broadcast_ids_field go together")
         if self.first_row_repeated is not None and not self.first_row:
             raise ValueError(f"{self.kind}: first_row_repeated repeats the features of the first row: set first_row")
-        for field, value_kind in self.output_fields:
+        for entry in self.output_fields:
+            if len(entry) not in (2, 3):
+                raise ValueError(f"{self.kind}: output field {entry!r}: expected (field, value kind[, versions])")
+            field, value_kind = entry[:2]
             if value_kind not in OUTPUT_VALUE_KINDS:
                 raise ValueError(
                     f"{self.kind}: output field {field!r}: value kind {value_kind!r} not in {OUTPUT_VALUE_KINDS}"
                 )
+
+    def filled_output_fields(self) -> list[tuple[str, str]]:
+        """(field, value kind) of the output fields the forward fills on this transformers."""
+        return [(entry[0], entry[1]) for entry in self.output_fields if len(entry) == 2 or _version_covered(entry[2])]
 
 
 @dataclasses.dataclass(frozen=True)
 class LanguageModelInputs:
     """Arguments of the language model that the forward derives from the features besides
     the merged embeddings (Qwen3-VL's deepstack: the visual positions and each level's
-    features). The pre-step derives them (``derive(model, modalities, features,
+    features; Gemma 3n's ``per_layer_inputs``, looked up from ``input_ids``, which its
+    forward drops beside ``inputs_embeds`` on every version and cannot take at all on 5.17).
+    The pre-step derives them (``derive(model, modalities, features,
     input_ids) -> {argument: value}``, or None: the original forward runs) and hands them to
     the language model (the inner model's ``attribute``, governed by ``model_type``, of
     class ``model_class``) through :data:`LANGUAGE_MODEL_KWARG`; the original forward,
@@ -179,7 +209,14 @@ class MergeSpec:
     outputs as ``{kind: output}`` (``mm_encoder_outputs``; ``generate`` encodes the media
     before the prefill and passes them there since transformers 5.18); their
     ``pooler_output`` (the modality's ``feature_field``) is merged instead of calling the
-    feature method.
+    feature method. Only where the forward names that parameter (5.18 on): an older
+    forward's ``**kwargs`` hand it to the language model unread, and so does the pre-step.
+    ``pixels_beside_encoder_outputs``: the forward takes its pixel inputs beside
+    ``mm_encoder_outputs`` and encodes from them each kind the dict lacks (PerceptionLM:
+    ``generate`` encodes its images with ``get_image_features`` and, as it has no
+    ``get_video_features``, passes the videos raw next to them); such a call is merged,
+    each kind from the dict or else from its pixels (otherwise the original runs: most
+    forwards raise there).
     ``original_inputs``: forward arguments whose presence sends the call to the original
     (other forms of precomputed features).
     ``needs_original(model, call) -> str | None``: a reason this call must run the original
@@ -193,11 +230,32 @@ class MergeSpec:
     tokens' own embeddings (Molmo2) instead of replacing them; every placeholder of a
     kind embeds as its one token id, so the pre-step adds that embedding to each feature
     row (same dtype promotion as the forward's sum) and the merge writes the sums.
+    ``token_range_embedders``: submodules of the inner model (attribute names, by increasing
+    ``vocab_offset``) that embed the ids of their own range of the vocabulary in place of
+    the input embedding, as the forward does before it merges (Gemma 3n's ``embed_vision``
+    and ``embed_audio``: its image and audio markers and soft tokens). Module i takes the
+    ids from its ``vocab_offset`` up to the next module's (the last: every id from its own
+    up); it runs as ``module(input_ids=...)`` on the whole ``input_ids``, the ids outside its
+    range replaced by its last id (``vocab_offset + vocab_size - 1``), and its rows replace
+    the text rows where the range holds (``torch.where``), module after module: the text
+    rows the merge keeps are the forward's, bit for bit (the lookup is then never fused).
+    ``placeholders_looked_up_as``: the config field (a dotted path) of the token id the
+    forward embeds EVERY placeholder as before its text lookup, of the kinds in the call or
+    not (Gemma 4: ``text_config.pad_token_id``); the placeholders of the kinds the call does
+    not carry keep that id's embedding, and the pre-step looks them up the same way (those
+    of the kinds it merges are overwritten either way).
+    ``forward_inputs(model, modalities, features, input_ids) -> {argument: value}``: arguments
+    of the inner model's OWN forward that it derives from ``input_ids`` (which the pre-step
+    does not pass) and takes beside ``inputs_embeds``: the pre-step derives them as the
+    forward does and passes them (Gemma 4's ``per_layer_inputs``, which its forward would
+    otherwise recover from ``inputs_embeds`` by reversing the embedding, which merged rows do
+    not match); None: the original runs.
     ``count_mismatch_message``: the ValueError text of the forward's placeholder count check,
     with ``{Kind}`` / ``{kind}`` (the first kind that mismatches, in the order of
     ``modalities``), ``{tokens}`` and ``{features}`` (its placeholder and feature row
-    counts): Hugging Face's usual words unless the family words it otherwise (MiniCPM-V:
-    ``Multimodal features and tokens do not match, ...``).
+    counts; ``{feature_values}``: the feature rows times their width, which PaddleOCR-VL
+    prints as its feature count): Hugging Face's usual words unless the family words it
+    otherwise (MiniCPM-V: ``Multimodal features and tokens do not match, ...``).
     """
 
     family: str
@@ -207,11 +265,15 @@ class MergeSpec:
     keeps_input_ids: bool = False
     media_ignored_on_single_token: bool = False
     encoder_outputs_input: str | None = "mm_encoder_outputs"
+    pixels_beside_encoder_outputs: bool = False
     original_inputs: tuple[str, ...] = ()
     needs_original: Callable[[torch.nn.Module, Call], str | None] | None = None
     position_ids_method: str | None = None
     language_model_inputs: LanguageModelInputs | None = None
     adds_to_placeholder_embeddings: bool = False
+    token_range_embedders: tuple[str, ...] = ()
+    placeholders_looked_up_as: str | None = None
+    forward_inputs: Callable[..., dict[str, Any] | None] | None = None
     count_mismatch_message: str = HF_COUNT_MISMATCH
 
 
@@ -355,6 +417,13 @@ class MergeRule(SpecRule):
                 reasons.append(f"no {self.spec.position_ids_method}() (position ids)")
             if "position_ids" not in params:
                 reasons.append("forward has no 'position_ids' argument")
+        for name in self.spec.token_range_embedders:
+            embedder = getattr(module, name, None)
+            if not all(isinstance(getattr(embedder, a, None), int) for a in ("vocab_offset", "vocab_size")):
+                reasons.append(f"no {name} submodule with an int vocab_offset and vocab_size (its id range)")
+        looked_up_as = self.spec.placeholders_looked_up_as
+        if looked_up_as is not None and not isinstance(config_value(module.config, looked_up_as), int):
+            reasons.append(f"config has no int {looked_up_as} (the id its placeholders are looked up as)")
         language_model = self.spec.language_model_inputs
         if language_model is not None:
             if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
@@ -371,6 +440,9 @@ class MergeRule(SpecRule):
         ]
         embedding = module.get_input_embeddings()
         unfused = _unfused_reason(embedding)
+        if self.spec.token_range_embedders:
+            unfused = (f"{type(embedding).__name__} runs first, then {', '.join(self.spec.token_range_embedders)} "
+                       "embed their id ranges")  # fmt: skip
         notes.append("embedding lookup fused" if unfused is None else unfused)
         weight = getattr(embedding, "weight", None)
         if isinstance(weight, torch.Tensor):
@@ -427,12 +499,21 @@ class MergeRule(SpecRule):
                             for m, f in zip(present, features)]  # fmt: skip
             # The merge first: its count check raises Hugging Face's error before anything
             # derived from the placeholder positions could fail on a mismatch.
-            merged = _merge(model, present, features, call.get("input_ids"), check, spec.count_mismatch_message)
+            merge_ids = call.get("input_ids")
+            if spec.placeholders_looked_up_as is not None:
+                merge_ids = _absent_placeholders_looked_up_as(model, spec, present, merge_ids)
+            merged = _merge(model, present, features, merge_ids, check, spec.count_mismatch_message,
+                            spec.token_range_embedders)  # fmt: skip
             derived = None
             if spec.language_model_inputs is not None:
                 derived = spec.language_model_inputs.derive(model, present, features, call.get("input_ids"))
                 if derived is None:  # the derivation says: the original handles this call
                     return original(*args, **kwargs)
+            if spec.forward_inputs is not None:
+                own = spec.forward_inputs(model, present, features, call.get("input_ids"))
+                if own is None:  # the derivation says: the original handles this call
+                    return original(*args, **kwargs)
+                call = Call({**call.named, **own}, call.extra)
             return _call_original(model, original, spec, present, features, call, merged, derived)
 
         forward.__name__ = "forward"
@@ -500,12 +581,17 @@ def _media_to_merge(model, spec: MergeSpec, covered, uncovered, call: Call) -> l
         return []
     if any(call.get(name) is not None for name in spec.original_inputs):
         return []
-    encoded = call.get(spec.encoder_outputs_input) if spec.encoder_outputs_input else None
-    if encoded is not None and any(call.get(name) is not None for name in _PIXELS):
+    # Only a parameter the forward names: before 5.18 the forwards take none, and a
+    # mm_encoder_outputs in their **kwargs goes on to the language model, unread.
+    encoded = call.named.get(spec.encoder_outputs_input) if spec.encoder_outputs_input else None
+    if encoded is not None and not spec.pixels_beside_encoder_outputs and any(
+        call.get(name) is not None for name in _PIXELS
+    ):
         # Pixels beside encoder outputs (even an empty dict, or another kind's): 83 of the 89
         # forwards of transformers 5.25 that take mm_encoder_outputs raise their own error
         # then; the original runs, which raises it, or merges as it does where it takes both.
-        # (Raw audio beside encoded images is the Omni thinkers' usual call: merged.)
+        # (Raw audio beside encoded images is the Omni thinkers' usual call: merged; so is a
+        # raw video beside encoded images where the spec says the forward takes both.)
         return []
     if encoded is None:
         encoded = {}
@@ -558,36 +644,73 @@ def _unfused_reason(embedding: torch.nn.Module) -> str | None:
 
 
 def _hf_count_error(error: PlaceholderCountError, present: Sequence[Modality],
-                    message: str = HF_COUNT_MISMATCH) -> ValueError:  # fmt: skip
+                    message: str = HF_COUNT_MISMATCH, width: int = 0,
+                    features: Sequence[Features] = ()) -> ValueError:  # fmt: skip
     """The op's count error restated as the unpatched forward words it (``message``: the
     spec's :attr:`MergeSpec.count_mismatch_message`): the first kind that mismatches, in
-    the order the forward checks them (its modalities' order)."""
-    kind_of = {pid: m.kind for pid, m in zip(error.kind_ids, present)}
+    the order the forward checks them (its modalities' order); ``width``: the features'
+    last dimension (for ``{feature_values}``); ``features``: each present kind's, for its
+    :attr:`Modality.count_mismatch_features`."""
+    index_of = {pid: i for i, pid in enumerate(error.kind_ids[: len(present)])}
     for pid, tokens, rows in zip(error.kind_ids, error.placeholders, error.rows):
-        if tokens != rows:
-            kind = kind_of[pid]
-            return ValueError(message.format(Kind=kind.capitalize(), kind=kind, tokens=tokens, features=rows))
+        if tokens != rows and pid in index_of:  # (broadcast kinds, unchecked, come after)
+            modality = present[index_of[pid]]
+            printed = rows
+            if modality.count_mismatch_features is not None and features:
+                printed = modality.count_mismatch_features(features[index_of[pid]].pooled)
+            kind = modality.kind
+            return ValueError(message.format(Kind=kind.capitalize(), kind=kind, tokens=tokens, features=printed,
+                                             feature_values=rows * width))  # fmt: skip
     return ValueError(str(error))
 
 
 def _merge(model, present: Sequence[Modality], features: Sequence[Features], input_ids: torch.Tensor,
-           check: bool, count_mismatch_message: str = HF_COUNT_MISMATCH) -> torch.Tensor:  # fmt: skip
+           check: bool, count_mismatch_message: str = HF_COUNT_MISMATCH,
+           token_range_embedders: Sequence[str] = ()) -> torch.Tensor:  # fmt: skip
     from mmkernels.ops import merge_multimodal_embeddings
 
     ids = [placeholder_id(model.config, m.placeholder_fields) for m in present]
     device = input_ids.device
     rows = [[r if r.device == device else r.to(device) for r in f.rows] for f in features]
+    broadcast_ids = _add_broadcast_kinds(model, present, features, ids, rows, device)
     embedding = model.get_input_embeddings()
     try:
-        if _unfused_reason(embedding) is None and embedding.weight.device == device:
+        if not token_range_embedders and _unfused_reason(embedding) is None and embedding.weight.device == device:
             rows = _one_dtype(rows, embedding.weight.dtype)
             return merge_multimodal_embeddings(input_ids, None, rows, ids, embedding_weight=embedding.weight,
-                                               check=check, padding_idx=embedding.padding_idx)  # fmt: skip
+                                               check=check, padding_idx=embedding.padding_idx,
+                                               broadcast_ids=broadcast_ids)  # fmt: skip
         text_embeds = _text_embeds(embedding, input_ids, ids, device)
+        if token_range_embedders:
+            text_embeds = _range_embedded(model, token_range_embedders, input_ids, text_embeds)
         return merge_multimodal_embeddings(input_ids, text_embeds, _one_dtype(rows, text_embeds.dtype), ids,
-                                           check=check)  # fmt: skip
+                                           check=check, broadcast_ids=broadcast_ids)  # fmt: skip
     except PlaceholderCountError as error:
-        raise _hf_count_error(error, present, count_mismatch_message) from error
+        width = next((r.shape[-1] for kind in rows for r in kind), 0)
+        raise _hf_count_error(error, present, count_mismatch_message, width, features) from error
+
+
+def _add_broadcast_kinds(model, present: Sequence[Modality], features: Sequence[Features], ids: list[int],
+                         rows: list[list[torch.Tensor]], device: torch.device) -> list[int]:  # fmt: skip
+    """Append each present modality's broadcast kinds (:attr:`Modality.broadcast_field`) to
+    ``ids`` and ``rows``: id ``i`` of the config's list, row ``i`` of the encoder output's
+    field. Returns their ids (the op's ``broadcast_ids``)."""
+    broadcast_ids = []
+    for modality, found in zip(present, features):
+        if modality.broadcast_field is None:
+            continue
+        vectors = getattr(found.encoder_output, modality.broadcast_field, None)
+        kind_ids = list(getattr(model.config, modality.broadcast_ids_field))
+        if not isinstance(vectors, torch.Tensor) or vectors.dim() != 2 or vectors.shape[0] != len(kind_ids):
+            raise ValueError(f"{modality.kind} encoder output: expected {modality.broadcast_field} of shape "
+                             f"({len(kind_ids)}, D), one row per id of config.{modality.broadcast_ids_field}, got "
+                             f"{tuple(vectors.shape) if isinstance(vectors, torch.Tensor) else type(vectors).__name__}")  # fmt: skip
+        vectors = vectors.to(device)
+        for i, kind_id in enumerate(kind_ids):
+            ids.append(kind_id)
+            rows.append([vectors[i : i + 1]])
+            broadcast_ids.append(kind_id)
+    return broadcast_ids
 
 
 def _one_dtype(rows: list[list[torch.Tensor]], out_dtype: torch.dtype) -> list[list[torch.Tensor]]:
@@ -613,6 +736,51 @@ def _text_embeds(embedding: torch.nn.Module, input_ids: torch.Tensor, ids: Seque
             is_placeholder |= input_ids == i
         lookup_ids = input_ids.masked_fill(is_placeholder, 0)
     return embedding(lookup_ids).to(device)
+
+
+def _range_embedded(model, names: Sequence[str], input_ids: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+    """``text_embeds`` with the ids of each :attr:`MergeSpec.token_range_embedders` range
+    embedded by its own module, as the forward builds them (see there)."""
+    modules = [getattr(model, name) for name in names]
+    for i, module in enumerate(modules):
+        in_range = input_ids >= module.vocab_offset
+        if i + 1 < len(modules):
+            in_range = torch.logical_and(in_range, input_ids < modules[i + 1].vocab_offset)
+        outside = module.vocab_offset + module.vocab_size - 1  # an id of the range: its rows are dropped
+        rows = module(input_ids=torch.where(in_range, input_ids, outside).to(text_embeds.device))
+        rows = rows.to(text_embeds.device, text_embeds.dtype)
+        text_embeds = torch.where(in_range.unsqueeze(-1).to(text_embeds.device), rows, text_embeds)
+    return text_embeds
+
+
+def config_value(config: Any, path: str) -> Any:
+    """The config's field at the dotted ``path`` (``text_config.pad_token_id``), or None."""
+    value = config
+    for name in path.split("."):
+        value = getattr(value, name, None)
+    return value
+
+
+def placeholders_looked_up_as(input_ids: torch.Tensor, placeholder_ids: Sequence[int], token_id: int) -> torch.Tensor:
+    """``input_ids`` with every id of ``placeholder_ids`` replaced by ``token_id``: what a
+    forward that embeds its placeholders as another id (Gemma 4: the text pad id) looks up."""
+    is_placeholder = torch.zeros_like(input_ids, dtype=torch.bool)
+    for i in placeholder_ids:
+        is_placeholder |= input_ids == i
+    return torch.where(is_placeholder, token_id, input_ids)
+
+
+def _absent_placeholders_looked_up_as(model, spec: MergeSpec, present: Sequence[Modality],
+                                      input_ids: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """The ids the merge reads (see :attr:`MergeSpec.placeholders_looked_up_as`): the
+    placeholders of the kinds the call does not carry replaced by the spec's id, those of
+    the kinds it merges kept (the op finds its positions by them)."""
+    merged = {placeholder_id(model.config, m.placeholder_fields) for m in present}
+    absent = {placeholder_id(model.config, m.placeholder_fields) for m in spec.modalities} - merged - {None}
+    if not absent:
+        return input_ids
+    token = config_value(model.config, spec.placeholders_looked_up_as)
+    return placeholders_looked_up_as(input_ids, sorted(absent), token)
 
 
 def _added_to_placeholder_embedding(model, modality: Modality, found: Features, input_ids: torch.Tensor) -> Features:
@@ -672,7 +840,7 @@ def _call_original(model, original: Callable, spec: MergeSpec, present: Sequence
             else:
                 extra.pop(name, None)
 
-    fills = [(field, kind, f) for m, f in zip(present, features) for field, kind in m.output_fields]
+    fills = [(field, kind, f) for m, f in zip(present, features) for field, kind in m.filled_output_fields()]
     if not fills:
         return original(**named, **extra)
 

@@ -31,6 +31,7 @@ image processor says, so a tiny Aria would need every caller to pass ``max_image
 from __future__ import annotations
 
 import copy
+import importlib.util
 import inspect
 import itertools
 import json
@@ -219,25 +220,30 @@ def _tokenizer(
     add_bos: bool = True,
     extra_words: Sequence[str] = (),
     vocab_size: int = VOCAB_SIZE,
+    trailing_tokens: Sequence[str] = (),
 ):
-    """A WordLevel tokenizer: special tokens first, then words, filled to ``vocab_size``.
+    """A WordLevel tokenizer: special tokens first, then words, filled to ``vocab_size``,
+    then ``trailing_tokens`` (special too) as the last ids, in order.
 
     ``named_tokens`` become tokenizer attributes (``image_token`` -> ``tokenizer.image_token``
-    and ``tokenizer.image_token_id``), which the families' processors look up.
+    and ``tokenizer.image_token_id``), which the families' processors look up; a named token
+    listed in ``trailing_tokens`` takes its id there.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     named_tokens = named_tokens or {}
-    specials = list(dict.fromkeys([PAD, BOS, EOS, UNK, *special_tokens, *named_tokens.values()]))
+    trailing = list(dict.fromkeys(trailing_tokens))
+    specials = [t for t in dict.fromkeys([PAD, BOS, EOS, UNK, *special_tokens, *named_tokens.values()])
+                if t not in trailing]  # fmt: skip
     words = list(dict.fromkeys([*_PUNCTUATION, *_WORDS, *extra_words]))
     fillers = [f"w{i}" for i in range(max(0, vocab_size - len(specials) - len(words)))]
-    vocab = {token: i for i, token in enumerate(specials + words + fillers)}
+    vocab = {token: i for i, token in enumerate(specials + words + fillers + trailing)}
 
     backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    backend.add_special_tokens(specials)  # matched before splitting, even when repeated back to back
+    backend.add_special_tokens(specials + trailing)  # matched before splitting, even when repeated back to back
     if add_bos:
         backend.post_processor = processors.TemplateProcessing(
             single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, vocab[BOS])]
@@ -335,6 +341,9 @@ def _processor_inputs(recipe: _Recipe, model, samples: list[_Sample], rng) -> di
     call: dict[str, Any] = {"text": [sample.text for sample in samples]}
     if any(sample.image_sizes for sample in samples):
         call["images"] = _images(samples, rng)
+    if any(sample.videos for sample in samples):
+        call["videos"] = [rng.integers(0, 256, size=(frames, height, width, 3), dtype=np.uint8)
+                          for sample in samples for frames, height, width in sample.videos]  # fmt: skip
     if any(sample.audio_seconds for sample in samples):
         rate = call["sampling_rate"] = recipe.processor.feature_extractor.sampling_rate
         call["audio"] = [
@@ -426,6 +435,9 @@ class _FamilySpec:
     special_tokens: tuple[str, ...] = ()
     named_tokens: dict[str, str] = field(default_factory=dict)
     add_bos: bool = True
+    # Special tokens given the last ids, in order (Gemma 3n embeds the ids from its image
+    # and audio offsets up with their own embedders: its soft tokens top the vocabulary).
+    trailing_tokens: tuple[str, ...] = ()
     # Words beyond the VOCAB_SIZE ones, from a function: they come from transformers, which
     # is imported when the family is built, not with this module.
     extra_words: Callable[[], Sequence[str]] | None = None
@@ -439,6 +451,9 @@ class _FamilySpec:
     # Fills weights that transformers initialises to zero and that would hide the images
     # (seeded with the model's weights).
     init_weights: Callable[[Any], None] | None = None
+    # Python packages the family needs besides transformers (timm for a TimmWrapperModel
+    # tower): where one is missing, building it raises FamilyUnavailable naming it.
+    needs: tuple[str, ...] = ()
 
 
 @dataclass
@@ -463,6 +478,9 @@ def _recipe(family: str) -> _Recipe:
         spec = _SPECS[family]
     except KeyError:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}") from None
+    missing = [package for package in spec.needs if importlib.util.find_spec(package) is None]
+    if missing:
+        raise FamilyUnavailable(f"{family} needs {', '.join(missing)}, not installed")
     extra_words = tuple(spec.extra_words()) if spec.extra_words is not None else ()
     tokenizer = _tokenizer(
         spec.special_tokens,
@@ -470,6 +488,7 @@ def _recipe(family: str) -> _Recipe:
         add_bos=spec.add_bos,
         extra_words=extra_words,
         vocab_size=VOCAB_SIZE + len(extra_words),
+        trailing_tokens=spec.trailing_tokens,
     )
     media = {}  # the processor's image processor or feature extractor
     if spec.image_processor is not None:
@@ -525,6 +544,8 @@ def _arguments(part: _Part, tokenizer) -> dict[str, Any]:
             return tokenizer.convert_tokens_to_ids(value.token)
         if isinstance(value, _TokenizerLength):
             return len(tokenizer)
+        if isinstance(value, list) and any(isinstance(item, _TokenId) for item in value):
+            return [argument(item) for item in value]  # Ovis2's visual indicator ids
         return copy.deepcopy(value)
 
     return {name: argument(value) for name, value in part.kwargs.items()}
@@ -600,6 +621,91 @@ def _gemma3_projector_init(model) -> None:
     unseen. Random, scaled like a Linear's."""
     weight = model.model.multi_modal_projector.mm_input_projection_weight
     weight.normal_(0.0, weight.shape[0] ** -0.5)
+
+
+def _blip_2_query_init(model) -> None:
+    """transformers initialises BLIP-2's learned ``query_tokens`` to zeros: the 8 query rows
+    are then one row repeated through the whole Q-Former (every feature row the same, so a
+    merge writing them in the wrong order goes unseen, and the gradients of its attention's
+    query and key projections are exactly zero: only rounding noise to compare). Random,
+    as the other weights."""
+    model.query_tokens.normal_(0.0, model.config.initializer_range)
+
+
+def _gemma3n_init(model) -> None:
+    """Two of Gemma 3n's init-time zeros that a trained checkpoint replaces:
+
+    * each decoder layer's ``altup.correct_output_scale``, which zeroes the product with
+      that layer's per-layer input: the per-layer inputs (looked up from the token ids)
+      would change nothing, and a merge that lost them would go unseen. Around 1 here;
+    * the text table's padding row (``nn.Embedding`` zeroes it at init only; a checkpoint
+      loads its own): on a left-padded batch the AltUp magnitude ``sqrt(mean(x**2))`` of a
+      zero row has an infinite derivative, and every gradient of a training step is NaN,
+      patched or not. Random, like the other rows.
+    """
+    text = model.model.language_model
+    for layer in text.layers:
+        layer.altup.correct_output_scale.uniform_(0.5, 1.5)
+    table = text.embed_tokens
+    table.weight[table.padding_idx].normal_(0.0, table.weight.std().item())
+
+
+def _gemma4_init(model) -> None:
+    """The padding rows of Gemma 4's text tables (``nn.Embedding`` zeroes them at init only;
+    a checkpoint loads its own): its forward embeds every placeholder as the pad id, in the
+    text table and (Gemma 4, not Unified) the per-layer one, so with zero rows a merge that
+    wrote zeros at the placeholders of a kind the call lacks (or lost their per-layer
+    inputs) would go unseen. Random, like the other rows."""
+    text = model.model.language_model
+    for table in (text.embed_tokens, getattr(text, "embed_tokens_per_layer", None)):
+        if table is not None:
+            table.weight[table.padding_idx].normal_(0.0, table.weight.std().item())
+
+
+def _gemma4(prefix: str, inner_model_class: str, *, text: dict, vision: dict, audio: dict, image_processor: dict,
+            feature_extractor: dict) -> _FamilySpec:  # fmt: skip
+    """Gemma 4 and Gemma 4 Unified: the same processor layout, tokens and prompts; the
+    ``text`` / ``vision`` / ``audio`` config arguments and the processors' own beside them."""
+    video = dict(patch_size=PATCH, max_soft_tokens=70, pooling_kernel_size=2, do_sample_frames=False)
+    return _FamilySpec(
+        model_class=f"{prefix}ForConditionalGeneration",
+        inner_model_class=inner_model_class,
+        needs=("torchvision",),  # the video processor
+        special_tokens=("<|video|>",),
+        named_tokens={"image_token": "<|image|>", "boi_token": "<|image>", "eoi_token": "<image|>",
+                      "audio_token": "<|audio|>", "boa_token": "<|audio>", "eoa_token": "<audio|>"},
+        extra_words=lambda: ("00",),  # the frames' timestamps (00:00)
+        image_processor=_Part(f"{prefix}ImageProcessor", patch_size=PATCH, max_soft_tokens=70, pooling_kernel_size=2,
+                              **image_processor),
+        feature_extractor=_Part(f"{prefix}AudioFeatureExtractor", **feature_extractor),
+        processor=_Part(f"{prefix}Processor", video_processor=_Part(f"{prefix}VideoProcessor", **video)),
+        config=_Part(
+            f"{prefix}Config",
+            text_config=_text_config(
+                f"{prefix}TextConfig", head_dim=HEAD_DIM, global_head_dim=HEAD_DIM,
+                layer_types=["sliding_attention", "full_attention"], sliding_window=32,
+                use_bidirectional_attention="vision", **text,
+            ),
+            vision_config=_Part(f"{prefix}VisionConfig", patch_size=PATCH, pooling_kernel_size=2, **vision),
+            audio_config=_Part(f"{prefix}AudioConfig", **audio),
+            image_token_id=_TokenId("<|image|>"),
+            video_token_id=_TokenId("<|video|>"),
+            audio_token_id=_TokenId("<|audio|>"),
+            boi_token_id=_TokenId("<|image>"),
+            eoi_token_id=_TokenId("<image|>"),
+            boa_token_id=_TokenId("<|audio>"),
+            eoa_token_index=_TokenId("<audio|>"),
+        ),
+        # Image first: the tests that drop one placeholder drop one of the first kind.
+        placeholders={"image": "<|image|>", "video": "<|video|>", "audio": "<|audio|>"},
+        samples=(
+            _Sample("user : <|image|> describe the image and <|audio|> what is this sound ? assistant :",
+                    ((40, 60),), audio_seconds=(0.3,)),
+            _Sample("user : first <|audio|> then <|audio|> , with <|image|> and the clip <|video|> , which one is "
+                    "larger ? assistant :", ((70, 50),), videos=((2, 50, 70),), audio_seconds=(0.5, 0.25)),
+        ),
+        init_weights=_gemma4_init,
+    )  # fmt: skip
 
 
 def _llava_onevision_inputs(recipe: _Recipe, model, samples: list[_Sample], rng) -> dict:
@@ -714,6 +820,69 @@ def _whisper_inputs(recipe: _Recipe, model, samples: list[_Sample], rng) -> dict
         "decoder_input_ids": encoded["input_ids"],
         "decoder_attention_mask": encoded["attention_mask"],
     }
+
+
+# Granite Speech's feature extractor: 16 kHz audio, a mel frame every 160 samples.
+_GRANITE_SPEECH_RATE, _GRANITE_SPEECH_HOP = 16000, 160
+
+
+def _granite_speech_inputs(recipe: _Recipe, model, samples: list[_Sample], rng) -> dict:
+    """What ``GraniteSpeechProcessor`` gives (its feature extractor needs torchaudio, so it
+    is not built here): every clip of the batch in one ``input_features`` tensor, padded to
+    the longest clip, of log-mel-like values (random: the model does not care how they
+    were made), each frame two stacked mel frames (``torchaudio``'s centred spectrogram
+    makes ``samples // hop + 1`` of them, the extractor drops an odd last one); each
+    clip's placeholder count the rows the model's own ``get_audio_features`` gives for its
+    frames alone (the projector's windows of that clip: what the extractor's
+    ``audio_embed_sizes`` count), and ``input_features_mask`` as the extractor builds it
+    from those counts (``arange(max) < count`` per clip), which selects each clip's rows of
+    the padded batch's features."""
+    width = model.config.encoder_config.input_dim
+    frames = [(int(seconds * _GRANITE_SPEECH_RATE) // _GRANITE_SPEECH_HOP + 1) // 2
+              for sample in samples for seconds in sample.audio_seconds]  # fmt: skip
+    features = torch.from_numpy(rng.standard_normal((len(frames), max(frames), width)).astype(np.float32))
+    inner = next(m for m in model.modules() if type(m).__name__ == recipe.spec.inner_model_class)
+    with torch.no_grad():
+        counts = [inner.get_audio_features(features[i : i + 1, :n]).pooler_output.shape[1]
+                  for i, n in enumerate(frames)]  # fmt: skip
+    mask = torch.arange(max(counts)).view(1, -1) < torch.tensor(counts).view(-1, 1)
+    encoded = _tokenize_expanded(recipe, samples, {"audio": counts})
+    encoded.pop("mm_token_type_ids")  # not a Granite Speech input
+    return {**encoded, "input_features": features, "input_features_mask": mask}
+
+
+def _granite_speech(prefix: str, **encoder) -> _FamilySpec:
+    """Granite Speech (``prefix`` "GraniteSpeech") and Granite Speech Plus, whose encoder
+    also hands the projector the hidden states of its ``cat_hidden_layers`` (``encoder``),
+    concatenated: the projector reads ``hidden_dim`` times one more than their number."""
+    concatenated = len(encoder.get("cat_hidden_layers") or ()) + 1
+    return _FamilySpec(
+        model_class=f"{prefix}ForConditionalGeneration",
+        inner_model_class=f"{prefix}Model",
+        named_tokens={"audio_token": "<|audio|>"},
+        config=_Part(
+            f"{prefix}Config",
+            text_config=_text_config("GraniteConfig"),
+            encoder_config=_Part(
+                f"{prefix}EncoderConfig", input_dim=32, num_layers=LAYERS, hidden_dim=HIDDEN, feedforward_mult=2,
+                num_heads=HEADS, dim_head=HEAD_DIM, output_dim=8, context_size=16, max_pos_emb=16,
+                conv_kernel_size=5, **encoder,
+            ),
+            projector_config=_Part("Blip2QFormerConfig", **_STACK_SIZES, encoder_hidden_size=HIDDEN * concatenated,
+                                   cross_attention_frequency=1),
+            window_size=15,
+            downsample_rate=5,
+            audio_token_index=_TokenId("<|audio|>"),
+            has_lora_adapter=False,  # no LoRA in a random model (peft would be asked for)
+        ),
+        placeholders={"audio": "<|audio|>"},
+        samples=(
+            _Sample("user : <|audio|> what is this sound ? assistant :", audio_seconds=(0.45,)),
+            _Sample("user : first <|audio|> then <|audio|> , which one is larger ? assistant :",
+                    audio_seconds=(0.8, 0.3)),
+        ),
+        make_inputs=_granite_speech_inputs,
+    )  # fmt: skip
 
 
 def _paligemma_extra_tokens() -> Sequence[str]:
@@ -1040,6 +1209,68 @@ def _qwen_omni(prefix: str, *, audio: dict, vision: dict, text: _Part, seconds_p
     )  # fmt: skip
 
 
+def _smolvlm_inputs(recipe: _Recipe, model, samples: list[_Sample], rng) -> dict:
+    """What SmolVLMProcessor gives (it needs num2words for its video prompts, so it is not
+    built here): the images through the real image processor (crops plus a global view,
+    images padded per prompt with all-zero ones, ``pixel_attention_mask``), each ``<image>``
+    of a prompt expanded by the processor module's own ``get_image_prompt_string`` for that
+    image's rows and columns of crops."""
+    from transformers.models.smolvlm.processing_smolvlm import get_image_prompt_string
+
+    processed = recipe.image_processor(images=_images(samples, rng), return_row_col_info=True, return_tensors="pt")
+    image_seq_len = (model.config.vision_config.image_size // PATCH) ** 2 // model.config.scale_factor**2
+    texts = []
+    for sample, rows, cols in zip(samples, processed["rows"], processed["cols"], strict=True):
+        head, *tails = sample.text.split("<image>")
+        prompts = [get_image_prompt_string(r, c, image_seq_len, fake_token_around_image="<fake_token_around_image>",
+                                           image_token="<image>", global_image_token="<global-img>")
+                   for r, c in zip(rows, cols, strict=True)]  # fmt: skip
+        texts.append(head + "".join(prompt + tail for prompt, tail in zip(prompts, tails, strict=True)))
+    encoded = recipe.tokenizer(texts, padding=True, return_tensors="pt")
+    return {**encoded, "pixel_values": processed["pixel_values"],
+            "pixel_attention_mask": processed["pixel_attention_mask"]}  # fmt: skip
+
+
+def _glm4v_family(prefix: str) -> _FamilySpec:
+    """GLM-4.1V and GLM-4.6V (transformers' class names start with ``prefix``; 4.6V's config
+    holds 4.1V's vision and text configs, its model builds their towers): Qwen2-VL's layout
+    (pre-flattened patches, 2x2 merge, M-RoPE) with its own ViT (a learned position table
+    interpolated to each image's grid, post-conv downsample), placeholders between begin /
+    end tokens."""
+    return _FamilySpec(
+        model_class=f"{prefix}ForConditionalGeneration",
+        inner_model_class=f"{prefix}Model",
+        special_tokens=("<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>"),
+        named_tokens={"image_token": "<|image|>", "video_token": "<|video|>"},
+        add_bos=False,
+        config=_Part(
+            f"{prefix}Config",
+            vision_config=_Part(
+                "Glm4vVisionConfig",
+                depth=LAYERS, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_heads=HEADS,
+                out_hidden_size=HIDDEN, patch_size=PATCH, temporal_patch_size=2, spatial_merge_size=2,
+                image_size=56,
+            ),
+            text_config=_text_config(
+                "Glm4vTextConfig", head_dim=HEAD_DIM,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                 "partial_rotary_factor": 0.5},
+            ),
+            image_token_id=_TokenId("<|image|>"),
+            video_token_id=_TokenId("<|video|>"),
+            image_start_token_id=_TokenId("<|begin_of_image|>"),
+            image_end_token_id=_TokenId("<|end_of_image|>"),
+            video_start_token_id=_TokenId("<|begin_of_video|>"),
+            video_end_token_id=_TokenId("<|end_of_video|>"),
+        ),
+        # Video frames take the image token too (the forward's own mask says so), so a call
+        # holds images or a video, never both: images here.
+        placeholders={"image": "<|image|>"},
+        samples=_samples("<|begin_of_image|><|image|><|end_of_image|>"),
+        make_inputs=_qwen3_5_inputs,
+    )  # fmt: skip
+
+
 def _generic(
     model_class: str,
     inner_model_class: str,
@@ -1228,6 +1459,9 @@ _LLAVA_CONFIG = dict(
     vision_feature_select_strategy="default",
 )
 
+# Ovis2's visual indicator tokens, in its config's order.
+_OVIS2_INDICATORS = ("<IMG_START>", "<IMG_GRID>", "<IMG_COL>", "<IMG_ROW>", "<IMG_END>")
+
 # The anyres grids (height, width in pixels) of LLaVA-NeXT's 28-pixel and LLaVA-OneVision's
 # 56-pixel tiles: the image processor picks from them and the model unpads by them.
 _LLAVA_NEXT_PINPOINTS = [[28, 56], [56, 28], [56, 56]]
@@ -1282,6 +1516,38 @@ _SPECS: dict[str, _FamilySpec] = {
         # wide, tall and square images pick different grids -> different token counts
         samples=_samples("<image>", (30, 50), ((50, 24), (44, 44)), compare="larger"),
     ),
+    # LLaVA-NeXT-Video: LLaVA-NeXT's anyres images, and video frames through the same tower,
+    # 2x2 average-pooled. 56-pixel tiles and frames (the tower's one image size): 16 tokens
+    # per tile, 4 per frame.
+    "llava_next_video": _FamilySpec(
+        model_class="LlavaNextVideoForConditionalGeneration",
+        inner_model_class="LlavaNextVideoModel",
+        needs=("torchvision",),  # the video processor
+        named_tokens={"image_token": "<image>", "video_token": "<video>"},
+        image_processor=_Part(
+            "LlavaNextImageProcessor", size={"shortest_edge": 56}, crop_size=_square(56),
+            image_grid_pinpoints=_LLAVA_ONEVISION_PINPOINTS,
+        ),
+        processor=_Part(
+            "LlavaNextVideoProcessor", **_LLAVA_PROCESSOR,
+            video_processor=_Part("LlavaNextVideoVideoProcessor", size={"shortest_edge": 56}, crop_size=_square(56)),
+        ),
+        config=_Part(
+            "LlavaNextVideoConfig",
+            vision_config=_vision_config("CLIPVisionConfig", 56, projection_dim=HIDDEN),
+            **_LLAVA_CONFIG,
+            video_token_index=_TokenId("<video>"),
+            image_grid_pinpoints=_LLAVA_ONEVISION_PINPOINTS,
+            image_seq_length=(56 // PATCH) ** 2,
+            video_seq_length=(56 // PATCH // 2) ** 2,
+        ),
+        placeholders={"image": "<image>", "video": "<video>"},
+        samples=(
+            _Sample("user : <image> describe the image , then the clip <video> . assistant :", ((40, 70),),
+                    videos=((3, 50, 60),)),
+            _Sample("user : compare <image> and <image> , which one is larger ? assistant :", ((70, 40), (56, 56))),
+        ),
+    ),  # fmt: skip
     # LLaVA-OneVision: SigLIP + Qwen2; anyres for a single image, base tile only for each
     # image of a multi-image prompt, 2x2-pooled frames for video. 56-pixel tiles: 4x4
     # patches = 16 tokens per tile.
@@ -1406,6 +1672,114 @@ _SPECS: dict[str, _FamilySpec] = {
         samples=_samples("<start_of_image>", (40, 60), ((56, 56), (70, 50))),
         init_weights=_gemma3_projector_init,
     ),
+    # Gemma 3n: a timm CNN through TimmWrapperModel (timm's test ConvNeXt: stride 32, 64
+    # channels, so a 96-pixel image is a 3x3 grid, 9 soft tokens; Gemma 3n's own is a
+    # MobileNetV5 with a 16x16 grid), a conformer audio encoder over log-mel frames (4x
+    # subsampled by two convs, then every 4th frame kept: 77 frames, 5 rows for 0.8 s), each
+    # tower's rows normalized and projected by its embedder; AltUp / Laurel text model with
+    # per-layer inputs looked up from the token ids (made to count: see _gemma3n_init). The
+    # processor writes a fixed count of placeholders per image (9) and per clip (8); the
+    # forward pads each clip's rows to 8 with the embedding of the last audio id (the
+    # shorter clips of the batch from their end: 3 and 4 rows of 5). Its image and audio
+    # markers and soft tokens top the vocabulary (trailing_tokens), each range of three ids
+    # (marker, soft token, an unused last id) embedded by its tower's embedder, as Gemma
+    # 3n's ranges of 128 ids are.
+    "gemma3n": _FamilySpec(
+        model_class="Gemma3nForConditionalGeneration",
+        inner_model_class="Gemma3nModel",
+        needs=("timm",),
+        named_tokens={
+            "boi_token": "<start_of_image>",
+            "eoi_token": "<end_of_image>",
+            "image_token": "<image_soft_token>",
+            "boa_token": "<start_of_audio>",
+            "eoa_token": "<end_of_audio>",
+            "audio_token": "<audio_soft_token>",
+        },
+        trailing_tokens=("<end_of_image>", "<image_soft_token>", "<image_unused>",
+                         "<end_of_audio>", "<audio_soft_token>", "<audio_unused>"),  # fmt: skip
+        image_processor=_Part("SiglipImageProcessor", size=_square(96)),
+        feature_extractor=_Part("Gemma3nAudioFeatureExtractor", feature_size=16),
+        processor=_Part("Gemma3nProcessor", image_seq_length=9, audio_seq_length=8),
+        config=_Part(
+            "Gemma3nConfig",
+            text_config=_text_config(
+                "Gemma3nTextConfig", head_dim=HEAD_DIM, layer_types=["sliding_attention", "full_attention"],
+                sliding_window=32, hidden_size_per_layer_input=16, laurel_rank=8, num_kv_shared_layers=0,
+                vocab_size_per_layer_input=_TokenId("<end_of_image>"),  # the text ids: below the image range
+            ),
+            vision_config=_Part("Gemma3nVisionConfig", architecture="test_convnext", hidden_size=HIDDEN,
+                                vocab_size=3, vocab_offset=_TokenId("<end_of_image>")),
+            audio_config=_Part(
+                "Gemma3nAudioConfig", input_feat_size=16, hidden_size=HIDDEN, conf_num_attention_heads=HEADS,
+                conf_num_hidden_layers=LAYERS, sscp_conv_channel_size=[8, 8], vocab_size=3,
+                vocab_offset=_TokenId("<end_of_audio>"),
+            ),
+            vision_soft_tokens_per_image=9,
+            audio_soft_tokens_per_image=8,
+            boi_token_id=_TokenId("<start_of_image>"),
+            eoi_token_id=_TokenId("<end_of_image>"),
+            image_token_id=_TokenId("<image_soft_token>"),
+            boa_token_id=_TokenId("<start_of_audio>"),
+            eoa_token_id=_TokenId("<end_of_audio>"),
+            audio_token_id=_TokenId("<audio_soft_token>"),
+        ),
+        # Image first: the tests that drop one placeholder drop one of the first kind.
+        placeholders={"image": "<image_soft_token>", "audio": "<audio_soft_token>"},
+        # Clips of 0.45 to 0.8 s: with one much shorter than the longest (0.3 s), some of
+        # the conformer's padded queries see no valid key, and in float64 (the fidelity
+        # lane's reference) its masked softmax then gives NaN gradients (its mask value,
+        # float64's min, becomes -inf in its float32 softmax).
+        samples=(
+            _Sample("user : <image_soft_token> describe the image and <audio_soft_token> what is this sound ? "
+                    "assistant :", ((40, 60),), audio_seconds=(0.45,)),
+            _Sample("user : first <audio_soft_token> then <audio_soft_token> , with <image_soft_token> and "
+                    "<image_soft_token> , which one is larger ? assistant :", ((56, 56), (70, 50)),
+                    audio_seconds=(0.8, 0.5)),
+        ),
+        init_weights=_gemma3n_init,
+    ),  # fmt: skip
+    # Gemma 4: a ViT over pre-cut 14-pixel patches with 2-D positions, average-pooled 2x2 by
+    # position (its processor resizes each image to fill a budget of 280 patches, the smallest
+    # it takes: 63 to 70 soft tokens), video frames through the same tower (70 tokens each,
+    # after a timestamp), a conformer audio encoder over log-mel frames (4x subsampled by two
+    # convs: 8 rows for 0.3 s), each tower's rows normalized and projected by its embedder; a
+    # text model with per-layer inputs looked up from the ids, every placeholder as the pad id
+    # (its pad rows made to count: see _gemma4_init), and a bidirectional mask over each
+    # image's and frame's tokens (from the processor's mm_token_type_ids).
+    "gemma4": _gemma4(
+        "Gemma4", "Gemma4Model",
+        text=dict(hidden_size_per_layer_input=16, vocab_size_per_layer_input=_TOKENIZER_LENGTH),
+        vision=dict(**_STACK_SIZES, num_key_value_heads=HEADS, head_dim=HEAD_DIM, position_embedding_size=128),
+        audio=dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                   subsampling_conv_channels=[16, 8], output_proj_dims=HIDDEN),
+        image_processor={},
+        feature_extractor=dict(feature_size=16),
+    ),  # fmt: skip
+    # Gemma 4 Unified: no towers. Each image's 14-pixel patches, grouped 2x2 by position,
+    # through a patch embedder (LayerNorms, a Dense, factorized 2-D positions) to one token
+    # per group (63 to 70 per image and per frame, as Gemma 4's); each audio token a raw
+    # frame of 640 samples (40 ms) through an RMSNorm and a projection (8 for 0.3 s); the
+    # same text model without per-layer inputs, the same prompts, every placeholder as the
+    # pad id (its pad row made to count).
+    "gemma4_unified": _gemma4(
+        "Gemma4Unified", "Gemma4UnifiedModel",
+        text={},
+        vision=dict(mm_embed_dim=HIDDEN, mm_posemb_size=128, output_proj_dims=HIDDEN),
+        audio=dict(audio_embed_dim=640),
+        image_processor={},
+        feature_extractor={},
+    ),  # fmt: skip
+    # Granite Speech: a conformer CTC encoder (Shaw relative positions in blocks of 16
+    # frames, a mid-stack CTC head fed back) over stacked log-mel frames (50 a second), a
+    # Q-Former projector that reads each window of 15 frames with 3 queries, Granite. The
+    # clips of a batch are padded to the longest (0.8 s: 40 frames, 3 windows, 9 rows) and
+    # input_features_mask keeps each clip's own rows (0.45 s: 6, 0.3 s: 3); built without
+    # its processor, whose feature extractor needs torchaudio (see _granite_speech_inputs).
+    "granite_speech": _granite_speech("GraniteSpeech"),
+    # Granite Speech Plus: the same, its encoder's input layer output concatenated to its
+    # last layer's for the projector.
+    "granite_speech_plus": _granite_speech("GraniteSpeechPlus", cat_hidden_layers=[0]),
     # Qwen2-Audio: Whisper-style encoder (two convs, stride 2, then 2x average pooling) over
     # log-mel features padded to a fixed length, linear projector, Qwen2. 1-second windows:
     # 100 mel frames -> 50 encoder positions -> at most 25 audio tokens.
@@ -1467,6 +1841,32 @@ _SPECS: dict[str, _FamilySpec] = {
         placeholders={"image": "<image>"},
         samples=_samples("<image>", (40, 90), ((50, 50), (112, 70))),
     ),
+    # SmolVLM (2): Idefics3's design under its own classes (crops plus a global view, pixel
+    # shuffle 2, linear connector, Llama); its videos are frames laid out as images, merged
+    # as images. Same sizes as the idefics3 row.
+    "smolvlm": _FamilySpec(
+        model_class="SmolVLMForConditionalGeneration",
+        inner_model_class="SmolVLMModel",
+        special_tokens=(
+            "<fake_token_around_image>",
+            "<end_of_utterance>",
+            "<global-img>",
+            *(f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)),
+        ),
+        named_tokens={"image_token": "<image>"},
+        image_processor=_Part("SmolVLMImageProcessor", size={"longest_edge": 2 * 56},
+                              max_image_size={"longest_edge": 56}),
+        config=_Part(
+            "SmolVLMConfig",
+            vision_config=_vision_config("SmolVLMVisionConfig", 56),
+            text_config=_text_config("LlamaConfig"),
+            image_token_id=_TokenId("<image>"),
+            scale_factor=2,
+        ),
+        placeholders={"image": "<image>"},
+        samples=_samples("<image>", (40, 90), ((50, 50), (112, 70))),
+        make_inputs=_smolvlm_inputs,
+    ),  # fmt: skip
     # BLIP-2: a ViT with a class row (``Blip2VisionEmbeddings``: conv with bias, class token,
     # learned position table), a Q-Former whose ``num_query_tokens`` query outputs are
     # projected into OPT's embedding space and replace as many ``<image>`` tokens in front of
@@ -1508,6 +1908,7 @@ _SPECS: dict[str, _FamilySpec] = {
             num_query_tokens=8,
             image_token_index=_TokenId("<image>"),
         ),
+        init_weights=_blip_2_query_init,
         placeholders={"image": "<image>"},
         samples=(
             # The processor puts the query tokens in front; prompts carry no <image>.
@@ -1699,41 +2100,10 @@ _SPECS: dict[str, _FamilySpec] = {
         ),
         make_inputs=_qwen3_5_inputs,
     ),  # fmt: skip
-    # GLM-4.1V: Qwen2-VL's layout (pre-flattened patches, 2x2 merge, M-RoPE) with its own
-    # ViT (a learned position table interpolated to each image's grid, post-conv
-    # downsample), placeholders between begin / end tokens.
-    "glm4v": _FamilySpec(
-        model_class="Glm4vForConditionalGeneration",
-        inner_model_class="Glm4vModel",
-        special_tokens=("<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>", "<|end_of_video|>"),
-        named_tokens={"image_token": "<|image|>", "video_token": "<|video|>"},
-        add_bos=False,
-        config=_Part(
-            "Glm4vConfig",
-            vision_config=_Part(
-                "Glm4vVisionConfig",
-                depth=LAYERS, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_heads=HEADS,
-                out_hidden_size=HIDDEN, patch_size=PATCH, temporal_patch_size=2, spatial_merge_size=2,
-                image_size=56,
-            ),
-            text_config=_text_config(
-                "Glm4vTextConfig", head_dim=HEAD_DIM,
-                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
-                                 "partial_rotary_factor": 0.5},
-            ),
-            image_token_id=_TokenId("<|image|>"),
-            video_token_id=_TokenId("<|video|>"),
-            image_start_token_id=_TokenId("<|begin_of_image|>"),
-            image_end_token_id=_TokenId("<|end_of_image|>"),
-            video_start_token_id=_TokenId("<|begin_of_video|>"),
-            video_end_token_id=_TokenId("<|end_of_video|>"),
-        ),
-        # Video frames take the image token too (the forward's own mask says so), so a call
-        # holds images or a video, never both: images here.
-        placeholders={"image": "<|image|>"},
-        samples=_samples("<|begin_of_image|><|image|><|end_of_image|>"),
-        make_inputs=_qwen3_5_inputs,
-    ),  # fmt: skip
+    # GLM-4.1V (see _glm4v_family).
+    "glm4v": _glm4v_family("Glm4v"),
+    # GLM-4.6V: GLM-4.1V's towers under its own config and model classes.
+    "glm46v": _glm4v_family("Glm46V"),
     # Molmo2: SigLIP-style ViT whose last two layers' features are pooled by an attention
     # adapter over each token's block of patches (image_token_pooling), Qwen3-style text
     # model; the image features are ADDED to the placeholder tokens' own embeddings.
@@ -1838,6 +2208,64 @@ _SPECS: dict[str, _FamilySpec] = {
         "MiniCPMV4_7", video_ids=False, image_start_id=_TokenId("<image>"), image_end_id=_TokenId("</image>"),
         slice_start_id=_TokenId("<slice>"), slice_end_id=_TokenId("</slice>"),
     ),
+    # PerceptionLM: a Perception Encoder ViT (timm's Eva through TimmWrapperModel: 2-D
+    # rotary positions, a class token the model drops), a GELU MLP projector with 2x2
+    # average pooling, Llama. 56-pixel tiles: 4x4 patches pooled to 4 tokens. Each image is a
+    # thumbnail and up to 2 tiles (3 for these non-square images: the processor stacks the
+    # images of a batch, so they share one tile count); each video frame is one tile.
+    "perception_lm": _FamilySpec(
+        model_class="PerceptionLMForConditionalGeneration",
+        inner_model_class="PerceptionLMModel",
+        needs=("timm", "torchvision"),  # the tower; the image and video processors
+        named_tokens={"image_token": "<|image|>", "video_token": "<|video|>"},
+        image_processor=_Part("PerceptionLMImageProcessor", tile_size=56, max_num_tiles=2),
+        processor=_Part("PerceptionLMProcessor", video_processor=_Part("PerceptionLMVideoProcessor", size=_square(56)),
+                        patch_size=PATCH, pooling_ratio=2),
+        config=_Part(
+            "PerceptionLMConfig",
+            vision_config=_Part(
+                "TimmWrapperConfig", architecture="vit_pe_core_large_patch14_336",
+                model_args=dict(embed_dim=HIDDEN, depth=LAYERS, num_heads=HEADS, img_size=(56, 56),
+                                ref_feat_shape=(56 // PATCH, 56 // PATCH), global_pool="",
+                                use_post_transformer_norm=False, init_values=0.1),
+            ),
+            text_config=_text_config("LlamaConfig"),
+            projector_pooling_ratio=2,
+            image_token_id=_TokenId("<|image|>"),
+            video_token_id=_TokenId("<|video|>"),
+        ),
+        placeholders={"image": "<|image|>", "video": "<|video|>"},
+        samples=(
+            _Sample("user : <|image|> describe the image . assistant :", ((40, 60),)),
+            _Sample("user : compare <|image|> and <|image|> , then the clip <|video|> . assistant :",
+                    ((70, 50), (30, 100)), videos=((3, 50, 70),)),
+        ),
+    ),  # fmt: skip
+    # PaddleOCR-VL: a SigLIP-style NaViT (pre-cut 14-pixel patches with image_grid_thw, 2-D
+    # rotary positions), a 2x2 merging projector, an Ernie-4.5-style text model with M-RoPE
+    # (from input_ids, the grids and mm_token_type_ids, which its processor gives). Images
+    # resized to 56x56 ... 112x112 pixels (4x4 to 8x8 patches: 4 to 16 tokens each).
+    "paddleocr_vl": _FamilySpec(
+        model_class="PaddleOCRVLForConditionalGeneration",
+        inner_model_class="PaddleOCRVLModel",
+        special_tokens=("<|IMAGE_START|>", "<|IMAGE_END|>"),
+        named_tokens={"image_token": "<|IMAGE_PLACEHOLDER|>"},
+        image_processor=_Part("PaddleOCRVLImageProcessor", size={"shortest_edge": 56 * 56, "longest_edge": 112 * 112},
+                              patch_size=PATCH, merge_size=2),
+        processor=_Part("PaddleOCRVLProcessor"),
+        config=_Part(
+            "PaddleOCRVLConfig",
+            vision_config=_vision_config("PaddleOCRVisionConfig", 56, spatial_merge_size=2),
+            text_config=_text_config("PaddleOCRTextConfig", head_dim=HEAD_DIM,
+                                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                      "mrope_section": [4, 6, 6]}),
+            image_token_id=_TokenId("<|IMAGE_PLACEHOLDER|>"),
+            vision_start_token_id=_TokenId("<|IMAGE_START|>"),
+            vision_end_token_id=_TokenId("<|IMAGE_END|>"),
+        ),
+        placeholders={"image": "<|IMAGE_PLACEHOLDER|>"},
+        samples=_samples("<|IMAGE_START|><|IMAGE_PLACEHOLDER|><|IMAGE_END|>", (40, 60), ((56, 56), (90, 60))),
+    ),  # fmt: skip
     # Llama 4 (Scout / Maverick): unfold-linear ViT, pixel-shuffle 0.5 MLP, one Linear
     # projector, MoE text model with chunked attention; merged in the ForConditionalGeneration.
     "llama4": _generic(
@@ -1872,6 +2300,30 @@ _SPECS: dict[str, _FamilySpec] = {
             image_token_id=_TokenId("<image_placeholder>"),
         ),
     ),  # fmt: skip
+    # Ovis2: its ViT with a 2x2 hidden stride (4 tokens per 56x56 image), a visual
+    # vocabulary (a softmax over 64 visual words, then their embedding table), Qwen2. After
+    # the image scatter its forward writes one learned vector at each visual indicator id
+    # (its processor's <IMG_START>, <IMG_GRID>, <IMG_COL>, <IMG_ROW>, <IMG_END>): the merge's
+    # broadcast kinds. A one-crop image is <IMG_START> atoms <IMG_GRID> <IMG_END>, so the
+    # column and row separators never occur (a kind with no placeholder).
+    "ovis2": _FamilySpec(
+        model_class="Ovis2ForConditionalGeneration",
+        inner_model_class="Ovis2Model",
+        named_tokens={"image_token": "<image>"},
+        special_tokens=_OVIS2_INDICATORS,
+        config=_Part(
+            "Ovis2Config",
+            vision_config=_vision_config("Ovis2VisionConfig", 56, vocab_size=64, hidden_stride=2),
+            text_config=_text_config("Qwen2Config"),
+            image_token_id=_TokenId("<image>"),
+            visual_indicator_token_ids=[_TokenId(token) for token in _OVIS2_INDICATORS],
+            vocab_size=_TOKENIZER_LENGTH,
+            hidden_size=HIDDEN,
+        ),
+        placeholders={"image": "<image>"},
+        samples=_samples("<IMG_START> <image> <IMG_GRID> <IMG_END>"),
+        make_inputs=_counted_image_inputs(56),
+    ),
 }
 
 FAMILIES: tuple[str, ...] = tuple(_SPECS)

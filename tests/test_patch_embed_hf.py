@@ -65,9 +65,17 @@ EXPECTED = {
     "kimi_k25": [("model.vision_tower.patch_embed.proj", "Conv2d")],  # the bare conv over pre-cut patches
     "minicpmv4_6": [("model.vision_tower.embeddings.patch_embedding", "Conv2d")],  # the bare patch conv
     "minicpmv4_7": [("model.vision_tower.embeddings.patch_embedding", "Conv2d")],
+    "paddleocr_vl": [("model.visual.vision_model.embeddings.patch_embedding", "Conv2d")],  # the bare patch conv
     "qwen2_5_omni_thinker": [("model.visual.patch_embed", "Qwen2_5_VisionPatchEmbed")],
     "qwen3_omni_moe_thinker": [("model.visual.patch_embed", "Qwen3OmniMoeVisionPatchEmbed")],
+    "glm46v": [("model.visual.patch_embed", "Glm4vVisionPatchEmbed")],  # GLM-4.1V's tower
+    "smolvlm": [("model.vision_model.embeddings.patch_embedding", "Conv2d")],  # Idefics3's bare patch conv
+    "llava_next_video": [("model.vision_tower.embeddings", "CLIPVisionEmbeddings")],
 }
+# Ovis2's bare patch conv: its rule is for the tower's own model_type, which releases before
+# 5.20.2 do not give it (the tower falls under its parent's 'ovis2': nothing to patch there).
+if getattr(getattr(transformers, "Ovis2VisionConfig", None), "model_type", "") == "ovis2_vision":
+    EXPECTED["ovis2"] = [("model.vision_tower.transformer.embeddings.patch_embedding", "Conv2d")]
 ATTENTION_OP = f"mmkernels.ops.{ATTENTION_OP_NAME}"
 ATTENTION_CLASSES = {rule.model_class for rule in integrations.rules() if rule.kernel == "attention"}
 FAMILIES = [family for family in zoo.FAMILIES if family in EXPECTED]

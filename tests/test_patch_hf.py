@@ -283,7 +283,7 @@ def test_host_syncs(baseline, merge_spy, record_property):
 def count_mismatch_pattern(message: str) -> str:
     """A regular expression of a spec's count mismatch message: its words as they are, the
     kind and the counts as fields."""
-    fields = {"Kind": r"\w+", "kind": r"\w+", "tokens": r"\d+", "features": r"\d+"}
+    fields = {"Kind": r"\w+", "kind": r"\w+", "tokens": r"\d+", "features": r"\d+", "feature_values": r"\d+"}
     parts = re.split(r"\{(\w+)\}", message)  # text, field, text, ...
     return "^" + "".join(fields[part] if i % 2 else re.escape(part) for i, part in enumerate(parts)) + "$"
 
@@ -675,12 +675,14 @@ def test_placeholder_id_outside_the_vocabulary(merge_spy):
     assert_same_output(got, want)
 
 
-@pytest.mark.skipif("glm4v" not in FAMILIES, reason="no GLM-4.1V tiny model")
-def test_glm4v_video_alone_merges_and_images_with_video_run_the_original(merge_spy):
-    """GLM-4.1V's video frames take the image token: a video alone is merged (bit-identical,
-    M-RoPE positions from the model's own compute_3d_position_ids); images and a video in
-    one call run the original forward."""
-    tiny = build_or_skip("glm4v", batch=1)
+@pytest.mark.parametrize("family", ["glm4v", "glm46v"])
+def test_glm4v_video_alone_merges_and_images_with_video_run_the_original(family, merge_spy):
+    """GLM-4.1V's and GLM-4.6V's video frames take the image token: a video alone is merged
+    (bit-identical, M-RoPE positions from the model's own compute_3d_position_ids); images
+    and a video in one call run the original forward."""
+    if family not in FAMILIES:
+        pytest.skip(f"no {family} tiny model with a spec")
+    tiny = build_or_skip(family, batch=1)
     tokens = 4  # one temporal patch of a 4x4 grid, 2x2 merged
     text = "user : <|begin_of_video|>" + "<|image|>" * tokens + "<|end_of_video|> describe the clip . assistant :"
     encoded = tiny.tokenizer([text], return_tensors="pt")
