@@ -25,10 +25,10 @@ transformers = pytest.importorskip("transformers")
 
 import mmkernels  # noqa: E402
 import mmkernels.ops  # noqa: E402
-from mmkernels.integrations.engine import ORIGINALS_ATTR, PatchOptions, patch_model  # noqa: E402
-from mmkernels.integrations.hf_merge import Call, Features, LanguageModelInputsRule, MergeRule  # noqa: E402
+from mmkernels.integrations.engine import ORIGINALS_ATTR  # noqa: E402
+from mmkernels.integrations.hf_merge import Call, Features  # noqa: E402
 from mmkernels.integrations.hf_specs import MERGE_SPECS, gemma3n_audio_features, gemma3n_per_layer_inputs  # noqa: E402
-from zoo_helpers import assert_same_output, build_or_skip, patched, unpatched_and_patched  # noqa: E402
+from zoo_helpers import assert_same_output, build_or_skip, patched, patched_by_spec, unpatched_and_patched  # noqa: E402
 
 FAMILY = "gemma3n"
 NEW_TOKENS = 4
@@ -337,13 +337,8 @@ def test_a_wrong_merge_changes_the_logits(tiny, merge_spy, wrong):
     spec = WRONG_SPECS[wrong](SPEC)
     with torch.no_grad():
         want = model(**inputs).logits
-        rules = (MergeRule(spec),) + ((LanguageModelInputsRule(spec),) if spec.language_model_inputs else ())
-        report = patch_model(model, rules, kernels=("merge",), options=PatchOptions())
-        try:
-            assert report.replaced and report.replaced[0].module_path == "model"
+        with patched_by_spec(model, spec):
             got = model(**inputs).logits
-        finally:
-            mmkernels.unpatch(model)
     assert merge_spy.calls == 1
     assert not torch.equal(got, want)
     if wrong == "images-swapped":

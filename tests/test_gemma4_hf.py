@@ -24,11 +24,11 @@ transformers = pytest.importorskip("transformers")
 
 import mmkernels  # noqa: E402
 import mmkernels.ops  # noqa: E402
-from mmkernels.integrations.engine import ORIGINALS_ATTR, PatchOptions, patch_model  # noqa: E402
-from mmkernels.integrations.hf_merge import Call, Features, MergeRule  # noqa: E402
+from mmkernels.integrations.engine import ORIGINALS_ATTR  # noqa: E402
+from mmkernels.integrations.hf_merge import Call, Features  # noqa: E402
 from mmkernels.integrations.hf_specs import (MERGE_SPECS, gemma4_audio_features, gemma4_per_layer_inputs,  # noqa: E402
                                              gemma4_video_features)  # fmt: skip
-from zoo_helpers import assert_same_output, build_or_skip, patched, unpatched_and_patched  # noqa: E402
+from zoo_helpers import assert_same_output, build_or_skip, patched, patched_by_spec, unpatched_and_patched  # noqa: E402
 
 FAMILIES = ("gemma4", "gemma4_unified")
 NEW_TOKENS = 4
@@ -404,11 +404,8 @@ def test_a_wrong_merge_changes_the_logits(tiny, merge_spy, wrong):
     model, inputs = tiny.model, tiny.inputs if with_video else without_video(tiny.inputs)
     with torch.no_grad():
         want = model(**inputs).logits
-        report = patch_model(model, (MergeRule(make(spec)),), kernels=("merge",), options=PatchOptions())
-        try:
+        with patched_by_spec(model, make(spec)) as report:
             assert [r.module_path for r in report.replaced] == ["model"]
             got = model(**inputs).logits
-        finally:
-            mmkernels.unpatch(model)
     assert merge_spy.calls == 1
     assert not torch.equal(got, want)

@@ -20,12 +20,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import mmkernels  # noqa: E402
-from mmkernels.integrations.engine import PatchOptions, patch_model  # noqa: E402
-from mmkernels.integrations.hf_merge import Call, MergeRule  # noqa: E402
+from mmkernels.integrations.hf_merge import Call  # noqa: E402
 from mmkernels.integrations.hf_specs import MERGE_SPECS, granite_speech_audio_features  # noqa: E402
 from mmkernels.testing import HostSyncCounter  # noqa: E402
-from zoo_helpers import assert_same_output, build_or_skip, patched, unpatched_and_patched  # noqa: E402
+from zoo_helpers import assert_same_output, build_or_skip, patched, patched_by_spec, unpatched_and_patched  # noqa: E402
 
 FAMILIES = ("granite_speech", "granite_speech_plus")
 SPECS = {s.model_type: s for s in MERGE_SPECS if s.model_type in FAMILIES}
@@ -221,12 +219,9 @@ def test_a_spec_that_forgets_the_selection_changes_the_logits(tiny, merge_spy):
     model, inputs = tiny.model, tiny.inputs
     with torch.no_grad():
         want = model(**inputs).logits
-        report = patch_model(model, (MergeRule(wrong),), kernels=("merge",), options=PatchOptions())
-        try:
+        with patched_by_spec(model, wrong) as report:
             assert [(r.module_path, r.class_name) for r in report.replaced] == [("model", spec.model_class)]
             got = model(**inputs).logits
-        finally:
-            mmkernels.unpatch(model)
     assert merge_spy.calls == 1
     assert torch.equal(got[0], want[0])
     first = int((inputs["input_ids"][1] == audio_id(tiny)).nonzero()[0])

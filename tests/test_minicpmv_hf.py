@@ -22,12 +22,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import mmkernels  # noqa: E402
-import mmkernels.ops  # noqa: E402
-from mmkernels.integrations.engine import ORIGINALS_ATTR, PatchOptions, patch_model  # noqa: E402
-from mmkernels.integrations.hf_merge import Features, MergeRule, _version_covered  # noqa: E402
+from mmkernels.integrations.engine import ORIGINALS_ATTR  # noqa: E402
+from mmkernels.integrations.hf_merge import Features, _version_covered  # noqa: E402
 from mmkernels.integrations.hf_specs import MERGE_SPECS  # noqa: E402
-from zoo_helpers import assert_same_output, build_or_skip, patched, unpatched_and_patched  # noqa: E402
+from zoo_helpers import assert_same_output, build_or_skip, patched, patched_by_spec, unpatched_and_patched  # noqa: E402
 
 FAMILIES = ["minicpmv4_6", "minicpmv4_7"]
 NEW_TOKENS = 4
@@ -315,12 +313,8 @@ def test_a_wrong_image_merge_changes_the_logits(tiny, merge_spy, wrong_images):
     ))  # fmt: skip
     with torch.no_grad():
         want = model(**inputs).logits
-        report = patch_model(model, (MergeRule(wrong),), kernels=("merge",), options=PatchOptions())
-        try:
-            assert report.replaced and report.replaced[0].module_path == "model"
+        with patched_by_spec(model, wrong):
             got = model(**inputs).logits
-        finally:
-            mmkernels.unpatch(model)
     assert merge_spy.calls == 1
     assert not torch.equal(got, want)
     # Only the rows after the first image can change: the text before it is the same.

@@ -19,12 +19,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import mmkernels  # noqa: E402
-import mmkernels.ops  # noqa: E402
-from mmkernels.integrations.engine import ORIGINALS_ATTR, PatchOptions, patch_model  # noqa: E402
-from mmkernels.integrations.hf_merge import Call, Features, LanguageModelInputsRule, MergeRule  # noqa: E402
+from mmkernels.integrations.engine import ORIGINALS_ATTR  # noqa: E402
+from mmkernels.integrations.hf_merge import Call, Features  # noqa: E402
 from mmkernels.integrations.hf_specs import MERGE_SPECS  # noqa: E402
-from zoo_helpers import assert_same_output, build_or_skip, patched, unpatched_and_patched  # noqa: E402
+from zoo_helpers import assert_same_output, build_or_skip, patched, patched_by_spec, unpatched_and_patched  # noqa: E402
 
 FAMILIES = ["qwen2_5_omni_thinker", "qwen3_omni_moe_thinker"]
 NEW_TOKENS = 4
@@ -254,13 +252,8 @@ def test_a_wrong_audio_merge_changes_the_logits(family, omni, merge_spy, wrong_a
     ))  # fmt: skip
     with torch.no_grad():
         want = model(**inputs).logits
-        rules = (MergeRule(wrong),) + ((LanguageModelInputsRule(wrong),) if wrong.language_model_inputs else ())
-        report = patch_model(model, rules, kernels=("merge",), options=PatchOptions())
-        try:
-            assert report.replaced and report.replaced[0].module_path == "model"
+        with patched_by_spec(model, wrong):
             got = model(**inputs).logits
-        finally:
-            mmkernels.unpatch(model)
     assert merge_spy.calls == 1
     assert not torch.equal(got, want)
     # Only the rows after the audio can change: the text before the first clip is the same.

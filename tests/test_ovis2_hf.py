@@ -19,12 +19,9 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-import mmkernels  # noqa: E402
-from mmkernels.integrations.engine import PatchOptions, patch_model  # noqa: E402
-from mmkernels.integrations.hf_merge import MergeRule  # noqa: E402
 from mmkernels.integrations.hf_specs import MERGE_SPECS  # noqa: E402
 from mmkernels.testing import HostSyncCounter  # noqa: E402
-from zoo_helpers import assert_same_output, build_or_skip, patched, unpatched_and_patched  # noqa: E402
+from zoo_helpers import assert_same_output, build_or_skip, patched, patched_by_spec, unpatched_and_patched  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -120,12 +117,8 @@ def test_a_spec_without_the_indicators_changes_the_logits(ovis2, merge_spy):
     model, inputs = ovis2.model, ovis2.inputs
     with torch.no_grad():
         want = model(**inputs).logits
-        report = patch_model(model, (MergeRule(wrong),), kernels=("merge",), options=PatchOptions())
-        try:
-            assert report.replaced and report.replaced[0].module_path == "model"
+        with patched_by_spec(model, wrong):
             got = model(**inputs).logits
-        finally:
-            mmkernels.unpatch(model)
     assert merge_spy.calls == 1
     assert not torch.equal(got, want)
     first = int((inputs["input_ids"][1] == indicator_ids(ovis2)[0]).nonzero()[0])

@@ -24,12 +24,12 @@ transformers = pytest.importorskip("transformers")
 
 import mmkernels  # noqa: E402
 import mmkernels.ops  # noqa: E402
-from mmkernels.integrations.engine import ORIGINALS_ATTR, PatchOptions, patch_model  # noqa: E402
-from mmkernels.integrations.hf_merge import Features, MergeRule  # noqa: E402
+from mmkernels.integrations.engine import ORIGINALS_ATTR  # noqa: E402
+from mmkernels.integrations.hf_merge import Features  # noqa: E402
 from mmkernels.integrations.hf_merge_generic import derive_merge_spec  # noqa: E402
 from mmkernels.integrations.hf_specs import MERGE_SPECS  # noqa: E402
 from mmkernels.testing import relative_error  # noqa: E402
-from zoo_helpers import assert_same_output, build_or_skip, patched, unpatched_and_patched  # noqa: E402
+from zoo_helpers import assert_same_output, build_or_skip, patched, patched_by_spec, unpatched_and_patched  # noqa: E402
 
 FAMILY = "paddleocr_vl"
 NEW_TOKENS = 4
@@ -229,12 +229,8 @@ def test_a_wrong_merge_changes_the_logits(tiny, merge_spy, wrong):
     ))  # fmt: skip
     with torch.no_grad():
         want = model(**inputs).logits
-        report = patch_model(model, (MergeRule(wrong_spec),), kernels=("merge",), options=PatchOptions())
-        try:
-            assert report.replaced and report.replaced[0].module_path == "model"
+        with patched_by_spec(model, wrong_spec):
             got = model(**inputs).logits
-        finally:
-            mmkernels.unpatch(model)
     assert merge_spy.calls == 1
     assert not torch.equal(got, want)
     # Only the rows from the first image of sample 1 on can change.

@@ -55,6 +55,23 @@ def patched(model, **options):
         mmkernels.unpatch(model)
 
 
+@contextmanager
+def patched_by_spec(model, spec):
+    """``model``'s merge patched by ``spec`` alone (a deliberately wrong spec, in the tests
+    that check a wrong merge changes the logits) for the block; the inner model is the
+    module replaced first. Yields the patch report."""
+    from mmkernels.integrations.engine import PatchOptions, patch_model
+    from mmkernels.integrations.hf_merge import LanguageModelInputsRule, MergeRule
+
+    rules = (MergeRule(spec),) + ((LanguageModelInputsRule(spec),) if spec.language_model_inputs else ())
+    report = patch_model(model, rules, kernels=("merge",), options=PatchOptions())
+    try:
+        assert report.replaced and report.replaced[0].module_path == "model", report
+        yield report
+    finally:
+        mmkernels.unpatch(model)
+
+
 def unpatched_and_patched(model, inputs, **options):
     """(patched output, unpatched output) of ``model(**inputs)`` under no_grad."""
     with torch.no_grad():

@@ -36,5 +36,5 @@ python -m pytest -n "${MMK_TEST_WORKERS:-auto}" -q tests/test_zoo.py tests/test_
   tests/test_patch_embed_hf.py tests/test_patch_conv_hf.py tests/test_attention_hf.py tests/test_attention_mllama.py \
   tests/test_attention_idefics.py tests/test_attention_vision_towers.py tests/test_quantize_projector.py \
   tests/test_generic_merge.py tests/test_perception_lm_hf.py tests/test_paddleocr_vl_hf.py tests/test_gemma3n_hf.py \
-  tests/test_granite_speech_hf.py tests/test_gemma4_hf.py \
+  tests/test_granite_speech_hf.py tests/test_gemma4_hf.py tests/test_ovis2_hf.py tests/test_llava_next_video_hf.py \
   tests/test_coverage_versions.py "$@"
